@@ -1,0 +1,6 @@
+"""Triton kernels of arpo_fast, each beside its pure-PyTorch reference.
+
+Installed as ``arpo_fast.kernels``. A public function runs its Triton kernel on CUDA tensors and its
+PyTorch reference on CPU tensors, unless ``TRITON_INTERPRET=1`` asks for the kernel on the CPU
+(that is how the tests exercise the kernels without a GPU).
+"""

@@ -1,0 +1,17 @@
+"""Device dispatch shared by the kernels: Triton on CUDA, the PyTorch reference elsewhere."""
+
+import os
+
+import torch
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (tests only)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether a kernel should run its Triton path for a tensor on this device."""
+    if t.is_cuda:
+        return True
+    return interpret_mode() and t.device.type == "cpu"

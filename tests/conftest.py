@@ -1,0 +1,44 @@
+"""Test setup shared by the whole suite.
+
+Triton reads TRITON_INTERPRET when a kernel is *defined*, so it must be set before anything imports
+``arpo_fast.kernels``: on a machine without CUDA the kernels then run under the interpreter.
+"""
+
+import os
+import random
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    torch = None
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    if torch is not None:
+        torch.manual_seed(0)
+    try:
+        import numpy as np
+
+        np.random.seed(0)
+    except ImportError:  # pragma: no cover
+        pass
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
