@@ -1,0 +1,72 @@
+"""Every GPU check and comparison of the project, in one call, printed as one table.
+
+    python benchmarks/gpu_report.py            # on a CUDA machine: full sizes
+    python benchmarks/gpu_report.py --smoke    # tiny sizes, any machine: checks the script runs
+
+Each section lives in ``benchmarks/gpu_<part>.py`` and exposes ``rows(smoke: bool) -> list[Row]``.
+A section that fails prints its error and the report goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import platform
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SECTIONS = ["gpu_sampling", "gpu_logprob_entropy", "gpu_engine", "gpu_forker"]
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on any machine")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these sections")
+    args = parser.parse_args()
+    if args.smoke:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    from report import markdown
+
+    import torch
+
+    print(f"# arpo_fast GPU report\n\ndevice: {device_name()}; torch {torch.__version__}; "
+          f"date {datetime.date.today()}; command: python benchmarks/gpu_report.py"
+          f"{' --smoke' if args.smoke else ''}\n")
+    rows, failures = [], 0
+    for name in args.only or SECTIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                print(f"(section {name}: not present)")
+                continue
+            raise
+        try:
+            rows.extend(module.rows(args.smoke))
+        except Exception:
+            failures += 1
+            print(f"section {name} failed:\n{traceback.format_exc()}")
+    print(markdown(rows))
+    missed = [r for r in rows if r.ok is False]
+    print(f"\n{len(rows)} rows, {len(missed)} targets missed, {failures} sections failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

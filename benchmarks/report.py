@@ -1,0 +1,77 @@
+"""Shared pieces of the GPU report: one row type and the timing helpers every section uses."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Row:
+    """One line of the report: what was measured, our figure, the peer's figure and the target."""
+
+    section: str
+    case: str
+    metric: str
+    ours: float
+    peer: str = ""
+    peer_value: Optional[float] = None
+    target: str = ""
+    ok: Optional[bool] = None
+
+    def cells(self) -> list[str]:
+        ratio = ""
+        if self.peer_value is not None and self.ours:
+            ratio = f"{self.peer_value / self.ours:.2f}x"
+        verdict = "" if self.ok is None else ("yes" if self.ok else "NO")
+        peer_value = "" if self.peer_value is None else f"{self.peer_value:.4g}"
+        return [self.section, self.case, self.metric, f"{self.ours:.4g}", self.peer, peer_value,
+                ratio, self.target, verdict]
+
+
+HEADER = ["section", "case", "metric", "ours", "peer", "peer value", "peer/ours", "target", "met"]
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def bench_us(fn: Callable[[], object], warmup: int = 5, reps: int = 50) -> float:
+    """Median wall time of ``fn`` in microseconds, synchronising the device around each call."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        try:
+            import triton.testing
+
+            return 1000.0 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        except Exception:  # fall back to wall-clock timing below
+            pass
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second), in GB/s."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        nbytes = min(nbytes, 1 << 26)
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    us = bench_us(lambda: dst.copy_(src))
+    return 2 * nbytes / us / 1e3
