@@ -4,3 +4,7 @@ Installed as ``arpo_fast.kernels``. A public function runs its Triton kernel on 
 PyTorch reference on CPU tensors, unless ``TRITON_INTERPRET=1`` asks for the kernel on the CPU
 (that is how the tests exercise the kernels without a GPU).
 """
+
+from .logprob_entropy import logprob_entropy, logprob_entropy_ref  # noqa: E402,F401
+
+from .sampling import SampleOutput, sample, sample_ref  # noqa: E402,F401

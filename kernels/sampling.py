@@ -1,0 +1,475 @@
+"""Fused sampler: one read of the logits gives the sampled token, its log-prob and the entropy.
+
+The usual path (softmax, multinomial, an entropy reduction, a gather) reads the logits four or more
+times and draws one random number per vocabulary entry. Here no entry gets a random number. The
+exact two-step scheme:
+
+1. ``_sample_stats_kernel``, grid (B, tiles): each program reads one vocabulary tile of one row
+   once and writes its max ``m`` (raw logit units), ``s = sum 2^d`` and ``w = sum 2^d * d`` with
+   ``d = (x - m) * log2(e) / T``. Splitting the vocabulary keeps small batches spread over the GPU.
+2. ``_sample_finish_kernel``, one program per row: merges the tile stats into log Z and the entropy
+   ``H = ln S - ln 2 * W / S``, then inverts the CDF of the whole row with a single uniform
+   ``u`` in [0, 1): ``u * S`` picks a tile by cumulative tile mass and a token inside it by
+   cumulative mass within the tile (it re-reads that one tile).
+
+The uniform has 53 bits (two 32-bit hashes of (seed, position, stream)), and the cumulative sums are
+taken in float64, so a token 12 nats (or 30) below the top is drawn at its true rate: an fp32
+uniform would only resolve masses above about 6e-8, and fp32 Gumbel noise caps near 16 nats.
+The token is the inverse CDF of one uniform that depends only on (seed, position), so it does not
+depend on the batch, on B, or on the tile size (the last only up to float rounding of the
+cumulative sums: a uniform landing within about 1e-7 of a token boundary can move by one token).
+
+Greedy rows (temperature <= 0) take the argmax (ties to the lowest index) and report log-prob and
+entropy of the untempered distribution. Top-k/top-p take a second path: a per-row logit threshold
+(``_truncation_threshold``, PyTorch, sorting) and then the same two kernels with entries below the
+threshold treated as -inf.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import use_triton
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_M32 = 0xFFFFFFFF
+
+TensorOrFloat = Union[torch.Tensor, float]
+TensorOrInt = Union[torch.Tensor, int]
+
+
+class SampleOutput(NamedTuple):
+    """What ``sample`` returns; every field has shape [B].
+
+    tokens:   int64, the sampled token (-1 where ``valid`` is False).
+    logprobs: float32, log-prob of the token under the distribution sampled from (tempered, and
+              truncated and renormalised when top-k/top-p is set); NaN where ``valid`` is False.
+    entropy:  float32, entropy in nats of that same distribution; NaN where ``valid`` is False.
+    valid:    bool, False for rows with a NaN or +inf entry, or with every entry -inf.
+    """
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    valid: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# Counter-based uniforms, written identically in Triton and in PyTorch.
+# All values stay in [0, 2^32) inside int64; a 32-bit multiply is split into 16-bit halves so no
+# intermediate overflows int64 (wrap-around on overflow is not something to rely on in either).
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mul32(h, c: tl.constexpr):
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+@triton.jit
+def _fmix32(h):
+    # MurmurHash3's finaliser: a bijection on 32 bits with full avalanche.
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _hash32(seed, pos, stream: tl.constexpr):
+    h = _fmix32(_mul32(tl.full([], stream, tl.int64), 0x9E3779B9))
+    h = _fmix32(h ^ (seed & 0xFFFFFFFF))
+    h = _fmix32(h ^ ((seed >> 32) & 0xFFFFFFFF))
+    h = _fmix32(h ^ (pos & 0xFFFFFFFF))
+    return _fmix32(h ^ ((pos >> 32) & 0xFFFFFFFF))
+
+
+@triton.jit
+def _uniform53(seed, pos):
+    """A float64 uniform in [0, 1) with 53 random bits, a function of (seed, position) only."""
+    a = _hash32(seed, pos, 1)
+    b = _hash32(seed, pos, 2)
+    bits = (a >> 5) * 67108864 + (b >> 6)  # 27 + 26 bits
+    return bits.to(tl.float64) * 1.1102230246251565e-16  # 2^-53
+
+
+def _mul32_ref(h: torch.Tensor, c: int) -> torch.Tensor:
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32_ref(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32_ref(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32_ref(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _hash32_ref(seed: torch.Tensor, pos: torch.Tensor, stream: int) -> torch.Tensor:
+    h = _fmix32_ref(_mul32_ref(torch.full_like(seed, stream), 0x9E3779B9))
+    h = _fmix32_ref(h ^ (seed & _M32))
+    h = _fmix32_ref(h ^ ((seed >> 32) & _M32))
+    h = _fmix32_ref(h ^ (pos & _M32))
+    return _fmix32_ref(h ^ ((pos >> 32) & _M32))
+
+
+def uniform53_ref(seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The sampler's uniforms. seed, pos: int64 [B]. Returns float64 [B] in [0, 1)."""
+    a = _hash32_ref(seed, pos, 1)
+    b = _hash32_ref(seed, pos, 2)
+    return ((a >> 5) * 67108864 + (b >> 6)).to(torch.float64) * 2.0**-53
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_scale(temp_ptr, temp_scalar, row, PER_ROW_TEMP: tl.constexpr):
+    """log2(e) / T for this row, and the greedy flag; greedy rows use T = 1 for their stats."""
+    if PER_ROW_TEMP:
+        t = tl.load(temp_ptr + row)
+    else:
+        t = temp_scalar
+    greedy = t <= 0.0
+    scale = tl.where(greedy, 1.4426950408889634, 1.4426950408889634 / tl.where(greedy, 1.0, t))
+    return scale, greedy
+
+
+@triton.jit
+def _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V,
+               TILE: tl.constexpr, HAS_LO: tl.constexpr):
+    """One vocabulary tile of one row as fp32 [TILE]; padding and truncated entries are -inf."""
+    offs = tile * TILE + tl.arange(0, TILE)
+    ptrs = logits_ptr + row.to(tl.int64) * stride_b + offs.to(tl.int64) * stride_v
+    x = tl.load(ptrs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    if HAS_LO:
+        # `x < lo` is False for NaN, so a NaN survives and still marks the row invalid.
+        x = tl.where(x < tl.load(lo_ptr + row), float("-inf"), x)
+    return x
+
+
+@triton.jit
+def _tile_mass(x, m, scale):
+    """2^((x - m) * scale) as fp32, and the exponent; subtracting before scaling keeps
+    (x - m) exact near the max even for |x| ~ 1e4 and T ~ 1e-3."""
+    d = (x - m) * scale
+    return tl.exp2(d), d
+
+
+@triton.jit
+def _sample_stats_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
+                         m_ptr, s_ptr, w_ptr, V, NT,
+                         TILE: tl.constexpr, PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr):
+    row = tl.program_id(0)
+    tile = tl.program_id(1)
+    scale, greedy = _row_scale(temp_ptr, temp_scalar, row, PER_ROW_TEMP)
+    x = _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V, TILE, HAS_LO)
+    m = tl.max(x, 0)
+    # An all -inf tile gets s = w = 0 (not NaN from -inf - -inf); NaN or +inf entries make s NaN.
+    e, d = _tile_mass(x, tl.where(m == float("-inf"), 0.0, m), scale)
+    # max(d, -1000) turns 0 * -inf into 0 for masked entries without a branch (2^-1000 == 0).
+    w = tl.sum(e * tl.maximum(d, -1000.0), 0)
+    s = tl.sum(e, 0)
+    out = row.to(tl.int64) * NT + tile
+    tl.store(m_ptr + out, m)
+    tl.store(s_ptr + out, s)
+    tl.store(w_ptr + out, w)
+
+
+@triton.jit
+def _pick(values, idx, which):
+    """values[which] for a 1-D block (a masked sum; exact since one term is non-zero)."""
+    return tl.sum(tl.where(idx == which, values, 0), 0)
+
+
+@triton.jit
+def _sample_finish_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
+                          seed_ptr, seed_scalar, pos_ptr, m_ptr, s_ptr, w_ptr,
+                          tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NT,
+                          TILE: tl.constexpr, BLOCK_NT: tl.constexpr,
+                          PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr,
+                          PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr):
+    row = tl.program_id(0)
+    scale, greedy = _row_scale(temp_ptr, temp_scalar, row, PER_ROW_TEMP)
+
+    # Merge the tile stats: M = max m_t, tile mass S_t = s_t 2^delta_t, S = sum S_t,
+    # W = sum 2^delta_t (w_t + delta_t s_t) with delta_t = (m_t - M) * scale <= 0.
+    t_idx = tl.arange(0, BLOCK_NT)
+    t_ok = t_idx < NT
+    base = row.to(tl.int64) * NT
+    m_t = tl.load(m_ptr + base + t_idx, mask=t_ok, other=float("-inf"))
+    s_t = tl.load(s_ptr + base + t_idx, mask=t_ok, other=0.0)
+    w_t = tl.load(w_ptr + base + t_idx, mask=t_ok, other=0.0)
+    big_m = tl.max(m_t, 0)
+    r_t, delta = _tile_mass(m_t, tl.where(big_m == float("-inf"), 0.0, big_m), scale)
+    mass = s_t * r_t
+    total = tl.sum(mass, 0)
+    w_all = tl.sum(r_t * (w_t + tl.maximum(delta, -1000.0) * s_t), 0)
+    valid = (total > 0.0) & (total < float("inf"))  # False for NaN too
+    entropy = tl.log(total) - 0.6931471805599453 * w_all / total
+
+    # Inverse CDF over the whole row with one 53-bit uniform, cumulative sums in float64.
+    if PER_ROW_SEED:
+        seed = tl.load(seed_ptr + row)
+    else:
+        seed = seed_scalar.to(tl.int64)
+    if HAS_POS:
+        pos = tl.load(pos_ptr + row)
+    else:
+        pos = tl.zeros([], tl.int64)
+    mass64 = mass.to(tl.float64)
+    cum = tl.cumsum(mass64, 0)
+    target = _uniform53(seed.to(tl.int64), pos.to(tl.int64)) * tl.max(cum, 0)
+    tile_s = tl.sum((cum <= target).to(tl.int32), 0)
+    # Rounding can leave target at or past the last boundary: fall back to the last tile with mass.
+    tile_s = tl.minimum(tile_s, tl.max(tl.where(mass > 0.0, t_idx, -1), 0))
+    frac = (target - _pick(cum - mass64, t_idx, tile_s)) / _pick(mass64, t_idx, tile_s)
+    tile_g = tl.min(tl.where(m_t == big_m, t_idx, BLOCK_NT), 0)  # first tile holding the max
+    tile = tl.where(greedy, tile_g, tile_s)
+    tile = tl.where(valid, tile, 0)
+
+    # Re-read the chosen tile and find the token inside it.
+    x = _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V, TILE, HAS_LO)
+    idx = tl.arange(0, TILE)
+    e, d = _tile_mass(x, _pick(m_t, t_idx, tile), scale)
+    e64 = e.to(tl.float64)
+    cum_in = tl.cumsum(e64, 0)
+    r = frac * tl.sum(e64, 0)
+    tok_s = tl.sum((cum_in <= r).to(tl.int32), 0)
+    tok_s = tl.minimum(tok_s, tl.max(tl.where(e > 0.0, idx, -1), 0))
+    tok_in = tl.where(greedy, tl.argmax(x, 0), tok_s)
+    x_tok = _pick(x, idx, tok_in)
+    logp = (x_tok - big_m) * (scale * 0.6931471805599453) - tl.log(total)
+
+    token = tl.where(valid, tile.to(tl.int64) * TILE + tok_in, -1)
+    tl.store(tok_ptr + row, token)
+    tl.store(logp_ptr + row, tl.where(valid, logp, float("nan")))
+    tl.store(ent_ptr + row, tl.where(valid, entropy, float("nan")))
+    tl.store(valid_ptr + row, valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _tile_size(V: int) -> int:
+    """Vocabulary tile of the streaming pass. A function of V only (never of B), so a row's
+    arithmetic, and so its token, is the same in any batch. 2048 bf16 entries = 16 per thread at
+    4 warps; V = 151936 gives 75 tiles, enough programs to spread B = 1 over the GPU."""
+    return 2048 if V >= 2048 else max(16, triton.next_power_of_2(V))
+
+
+def _as_row_tensor(value, B: int, dtype: torch.dtype, device: torch.device, name: str):
+    """(tensor [B] of dtype, None) for a per-row tensor, or (None, scalar) for a Python number."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(B)
+        if value.shape != (B,):
+            raise ValueError(f"{name} must be a scalar or have shape [{B}], got {tuple(value.shape)}")
+        return value.to(device=device, dtype=dtype).contiguous(), None
+    return None, value
+
+
+def _launch(logits: torch.Tensor, temperature, seed, position, lo, tile: Optional[int]) -> SampleOutput:
+    """Run the two kernels on logits [B, V] (any strides); lo: fp32 [B] threshold or None."""
+    B, V = logits.shape
+    dev = logits.device
+    tile = tile or _tile_size(V)
+    nt = triton.cdiv(V, tile)
+    temp_t, temp_s = _as_row_tensor(temperature, B, torch.float32, dev, "temperature")
+    seed_t, seed_s = _as_row_tensor(seed, B, torch.int64, dev, "seed")
+    pos_t = None if position is None else _as_row_tensor(position, B, torch.int64, dev, "position")[0]
+    m = torch.empty((B, nt), dtype=torch.float32, device=dev)
+    s, w = torch.empty_like(m), torch.empty_like(m)
+    out = SampleOutput(torch.empty(B, dtype=torch.int64, device=dev),
+                       torch.empty(B, dtype=torch.float32, device=dev),
+                       torch.empty(B, dtype=torch.float32, device=dev),
+                       torch.empty(B, dtype=torch.bool, device=dev))
+    if B == 0:
+        return out
+    dummy = m  # stands in for absent optional pointers; never read
+    temp_arg = temp_t if temp_t is not None else dummy
+    temp_scalar = 0.0 if temp_t is not None else float(temp_s)
+    lo_arg = lo if lo is not None else dummy
+    warps = 4 if tile >= 1024 else 1
+    _sample_stats_kernel[(B, nt)](
+        logits, logits.stride(0), logits.stride(1), temp_arg, temp_scalar, lo_arg, m, s, w, V, nt,
+        TILE=tile, PER_ROW_TEMP=temp_t is not None, HAS_LO=lo is not None, num_warps=warps)
+    _sample_finish_kernel[(B,)](
+        logits, logits.stride(0), logits.stride(1), temp_arg, temp_scalar, lo_arg,
+        seed_t if seed_t is not None else dummy, 0 if seed_t is not None else int(seed_s),
+        pos_t if pos_t is not None else dummy, m, s, w, *out, V, nt,
+        TILE=tile, BLOCK_NT=max(16, triton.next_power_of_2(nt)),
+        PER_ROW_TEMP=temp_t is not None, HAS_LO=lo is not None,
+        PER_ROW_SEED=seed_t is not None, HAS_POS=pos_t is not None, num_warps=warps)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k / top-p threshold (second path, PyTorch)
+# ----------------------------------------------------------------------------------------------
+
+
+def _row_values(value, B: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype).reshape(-1).expand(B)
+    return torch.full((B,), value, dtype=dtype, device=device)
+
+
+def _truncation_threshold(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
+    """Per-row logit threshold for top-k then top-p: entries below it are dropped.
+
+    logits: [B, V] any float dtype. temperature: float or [B] (<= 0: greedy, judged at T = 1).
+    top_k: int or int [B] (<= 0 or >= V: off). top_p: float or [B] (>= 1: off).
+    Returns fp32 [B]. Ties at the threshold are all kept. No host syncs.
+    """
+    B, V = logits.shape
+    dev = logits.device
+    x = logits.float()
+    if top_k is not None and not isinstance(top_k, torch.Tensor) and 0 < top_k < V:
+        # One k for all rows: top-k candidates suffice, far cheaper than a full sort.
+        cand = torch.topk(x, int(top_k), dim=1, sorted=True).values
+    else:
+        cand = torch.sort(x, dim=1, descending=True).values
+    n = cand.shape[1]
+    neg_inf = torch.full((B,), float("-inf"), device=dev)
+    lo = neg_inf
+    if top_k is not None:
+        k = _row_values(top_k, B, torch.int64, dev)
+        kth = cand.gather(1, (k.clamp(1, n) - 1)[:, None])[:, 0]
+        lo = torch.where((k > 0) & (k < V), kth, neg_inf)
+    if top_p is not None:
+        p = _row_values(top_p, B, torch.float32, dev)
+        t = _row_values(temperature, B, torch.float32, dev)
+        t = torch.where(t > 0, t, torch.ones_like(t))
+        top = cand[:, :1]
+        z = torch.where(cand < lo[:, None], float("-inf"), (cand - top) / t[:, None])
+        probs = torch.softmax(z, dim=1)
+        before = torch.cumsum(probs.double(), dim=1) - probs.double()  # mass strictly above
+        n_keep = (before < p[:, None].double()).sum(1).clamp(1, n)
+        lo_p = cand.gather(1, (n_keep - 1)[:, None])[:, 0]
+        lo = torch.where(p < 1, torch.maximum(lo, lo_p), lo)
+    return lo.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.shape[1] == 0:
+        raise ValueError("logits must have at least one vocabulary entry")
+
+
+def _raise_if_invalid(out: SampleOutput) -> None:
+    """Host sync: only with check=True."""
+    bad = (~out.valid).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(map(str, bad[:20])) + (" ..." if len(bad) > 20 else "")
+        raise ValueError(f"sample: {len(bad)} row(s) of logits have a NaN or +inf entry or are "
+                         f"entirely -inf: rows {shown}")
+
+
+def _sample_triton(logits, temperature=1.0, seed=0, position=None, top_k=None, top_p=None,
+                   tile: Optional[int] = None) -> SampleOutput:
+    """The Triton path; ``tile`` overrides the vocabulary tile (tests of split invariance)."""
+    lo = None
+    if top_k is not None or top_p is not None:
+        lo = _truncation_threshold(logits, temperature, top_k, top_p)
+    return _launch(logits, temperature, seed, position, lo, tile)
+
+
+def sample(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorOrInt = 0,
+           position: Optional[torch.Tensor] = None, top_k: Optional[TensorOrInt] = None,
+           top_p: Optional[TensorOrFloat] = None, *, check: bool = False) -> SampleOutput:
+    """Sample one token per row, with its log-prob and the distribution's entropy.
+
+    Args:
+        logits: [B, V] float32, bfloat16 or float16; any strides (a view of a larger buffer works).
+        temperature: float, or float32 [B]. 0 (or below) means greedy: the argmax, ties to the lowest
+            index, with log-prob and entropy of the untempered (T = 1) distribution.
+        seed: int, or int64 [B]. position: int64 [B], or None for zeros. The noise is a function of
+            (seed, position) only: a row's token does not depend on its batch. Pass tensors under
+            CUDA-graph capture, or every replay reuses the captured numbers.
+        top_k: None (off), int, or int64 [B]; k <= 0 or k >= V is off for that row.
+        top_p: None (off), float, or float32 [B]; p >= 1 is off for that row. Applied after top-k.
+            Either one takes the second path (a sort or top-k in PyTorch, then the kernels).
+        check: raise a ValueError naming the invalid rows (a host sync).
+
+    Returns:
+        SampleOutput(tokens int64 [B], logprobs float32 [B], entropy float32 [B], valid bool [B]).
+        Log-prob and entropy are of the distribution actually sampled from. Rows with a NaN or +inf
+        entry, or all -inf, get valid False, token -1 and NaN log-prob and entropy.
+
+    CUDA tensors run the Triton kernels; CPU tensors run ``sample_ref`` unless TRITON_INTERPRET=1.
+    The default path (no top-k/top-p) makes no host syncs and is CUDA-graph capturable.
+    """
+    _check_logits(logits)
+    if isinstance(temperature, (int, float)) and math.isnan(temperature):
+        raise ValueError("temperature is NaN")
+    if use_triton(logits):
+        out = _sample_triton(logits, temperature, seed, position, top_k, top_p)
+    else:
+        out = sample_ref(logits, temperature, seed, position, top_k, top_p)
+    if check:
+        _raise_if_invalid(out)
+    return out
+
+
+def sample_ref(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorOrInt = 0,
+               position: Optional[torch.Tensor] = None, top_k: Optional[TensorOrInt] = None,
+               top_p: Optional[TensorOrFloat] = None, *, check: bool = False) -> SampleOutput:
+    """Pure-PyTorch reference of ``sample``: same signature, same rule, same uniforms.
+
+    Log-prob and entropy come from fp32 ``log_softmax`` of ``(x - max) / T``; the token is the
+    inverse CDF of the same 53-bit uniform over fp32 masses accumulated in float64, so it equals
+    the kernel's token except where the uniform lands within float rounding of a boundary.
+    """
+    _check_logits(logits)
+    B, V = logits.shape
+    dev = logits.device
+    x = logits.float()
+    if top_k is not None or top_p is not None:
+        lo = _truncation_threshold(logits, temperature, top_k, top_p)
+        x = torch.where(x < lo[:, None], float("-inf"), x)
+    t = _row_values(temperature, B, torch.float32, dev)
+    greedy = t <= 0
+    t = torch.where(greedy, torch.ones_like(t), t)
+    big_m = x.max(dim=1, keepdim=True).values
+    z = (x - torch.where(big_m == float("-inf"), 0.0, big_m)) / t[:, None]
+    logp_all = torch.log_softmax(z, dim=1)
+    entropy = -torch.where(z > float("-inf"), logp_all.exp() * logp_all, 0.0).sum(1)
+    total = torch.exp(z).sum(1)
+    valid = (total > 0) & (total < float("inf"))  # False for NaN and +inf rows too
+
+    u = uniform53_ref(_row_values(seed, B, torch.int64, dev),
+                      _row_values(0 if position is None else position, B, torch.int64, dev))
+    mass = torch.exp(z).double()
+    cum = torch.cumsum(mass, dim=1)
+    target = u * cum[:, -1]
+    tok = (cum <= target[:, None]).sum(1)
+    last = torch.where(mass > 0, torch.arange(V, device=dev), -1).max(1).values
+    tok = torch.minimum(tok, last)
+    tok = torch.where(greedy, torch.argmax(x, dim=1), tok)
+    tok = torch.where(valid, tok, -1)
+    logp = logp_all.gather(1, tok.clamp(min=0)[:, None])[:, 0]
+    nan = torch.full_like(logp, float("nan"))
+    out = SampleOutput(tok, torch.where(valid, logp, nan), torch.where(valid, entropy, nan), valid)
+    if check:
+        _raise_if_invalid(out)
+    return out
