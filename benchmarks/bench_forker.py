@@ -1,0 +1,143 @@
+"""Forker benchmarks: fork cost against prefix length, and prepare_step against batch size.
+
+    python benchmarks/bench_forker.py              # prints the table recorded in RESULTS.md
+    python -m pytest benchmarks/bench_forker.py    # the same cases under pytest-benchmark
+
+Peers measured in the same run: the pure-Python reference forker, and a dense copy of the prefix's
+KV (torch ``clone`` of a Qwen2.5-7B layout: 28 layers, 4 KV heads, head dim 128, bf16), which is
+what a branch costs without paged sharing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+import arpo_fast
+from arpo_fast.engine.forker_ref import PyKVForker
+
+BLOCK = 16
+QWEN7B_KV = dict(layers=28, kv_heads=4, head_dim=128)
+
+
+def _median_us(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
+def fork_us(impl, prefix_tokens: int, reps: int = 200) -> float:
+    """Median time of one fork(seq, 1) of a sequence holding prefix_tokens tokens."""
+    f = impl(prefix_tokens // BLOCK + 8, BLOCK)
+    parent = f.new_sequence()
+    f.append(parent, prefix_tokens)
+    children = []
+    us = _median_us(lambda: children.append(f.fork(parent, 1)), reps)
+    for c in children:
+        f.free(c[0])
+    return us
+
+
+def dense_copy_us(prefix_tokens: int, reps: int = 3) -> float:
+    """Median time to clone one prefix's K and V over all layers (bf16, [layers, 2, tokens, heads, dim])."""
+    shape = (QWEN7B_KV["layers"], 2, prefix_tokens, QWEN7B_KV["kv_heads"], QWEN7B_KV["head_dim"])
+    kv = torch.empty(shape, dtype=torch.bfloat16)
+    kv.normal_()
+    us = _median_us(lambda: kv.clone(), reps)
+    del kv
+    return us
+
+
+def prepare_step_us(impl, batch: int, context: int = 4096, reps: int = 30) -> float:
+    """Median time of one decode step's prepare_step (one new token each) for batch sequences."""
+    per_seq = (context + reps + 2 * BLOCK) // BLOCK
+    f = impl(batch * per_seq, BLOCK)
+    seqs = np.array([f.new_sequence() for _ in range(batch)], dtype=np.int64)
+    for s in seqs:
+        f.append(int(s), context - 1)
+    ones = np.ones(batch, dtype=np.int64)
+    return _median_us(lambda: f.prepare_step(seqs, ones), reps)
+
+
+def report(prefixes, batches, dense_max: int) -> list[str]:
+    native = arpo_fast.native().KVForker
+    lines = ["| prefix tokens | blocks | C++ fork (us) | target 5 us + 50 ns/block | Python fork (us) | dense KV clone (us) | clone / C++ fork |",
+             "|---|---|---|---|---|---|---|"]
+    for n in prefixes:
+        blocks = n // BLOCK
+        ours, ref = fork_us(native, n), fork_us(PyKVForker, n, reps=50)
+        target = 5 + 0.05 * blocks
+        dense = dense_copy_us(n) if n <= dense_max else float("nan")
+        lines.append(f"| {n} | {blocks} | {ours:.2f} | {target:.1f} ({'met' if ours <= target else 'MISSED'}) "
+                     f"| {ref:.1f} | {dense:.0f} | {dense / ours:.0f}x |")
+    lines += ["", "| B (x 4k tokens) | C++ prepare_step (us) | Python reference (us) | speed-up | target |",
+              "|---|---|---|---|---|"]
+    for b in batches:
+        ours, ref = prepare_step_us(native, b), prepare_step_us(PyKVForker, b, reps=5)
+        goal = "<= 200 us and >= 20x" if b == 1024 else ">= 20x"
+        met = ref / ours >= 20 and (b != 1024 or ours <= 200)
+        lines.append(f"| {b} | {ours:.1f} | {ref:.0f} | {ref / ours:.0f}x | {goal} ({'met' if met else 'MISSED'}) |")
+    return lines
+
+
+# -- pytest-benchmark entry points ---------------------------------------------------------------
+
+def _fork_case(benchmark, impl, prefix_tokens):
+    f = impl(prefix_tokens // BLOCK + 8, BLOCK)
+    parent = f.new_sequence()
+    f.append(parent, prefix_tokens)
+    benchmark(lambda: f.fork(parent, 1))
+
+
+def test_fork_native_16k(benchmark):
+    _fork_case(benchmark, arpo_fast.native().KVForker, 16384)
+
+
+def test_fork_python_16k(benchmark):
+    _fork_case(benchmark, PyKVForker, 16384)
+
+
+def test_dense_clone_4k(benchmark):
+    kv = torch.randn(QWEN7B_KV["layers"], 2, 4096, QWEN7B_KV["kv_heads"], QWEN7B_KV["head_dim"]).bfloat16()
+    benchmark(kv.clone)
+
+
+def _step_case(benchmark, impl, batch):
+    reps = 40
+    f = impl(batch * ((4096 + reps * 4) // BLOCK + 2), BLOCK)
+    seqs = np.array([f.new_sequence() for _ in range(batch)], dtype=np.int64)
+    for s in seqs:
+        f.append(int(s), 4095)
+    ones = np.ones(batch, dtype=np.int64)
+    benchmark.pedantic(f.prepare_step, args=(seqs, ones), rounds=reps, iterations=1)
+
+
+def test_prepare_step_native_1024(benchmark):
+    _step_case(benchmark, arpo_fast.native().KVForker, 1024)
+
+
+def test_prepare_step_python_256(benchmark):
+    _step_case(benchmark, PyKVForker, 256)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prefixes", type=int, nargs="*", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--batches", type=int, nargs="*", default=[64, 256, 1024])
+    parser.add_argument("--dense-max", type=int, default=65536, help="largest prefix for the dense clone")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print("\n".join(report(args.prefixes, args.batches, args.dense_max)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
