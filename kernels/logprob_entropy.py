@@ -149,7 +149,7 @@ def _fold_block_triton(block, col0, tgt, m, s, w, zt, inv_temp):
     rows, n = block.shape
     if rows == 0:
         return
-    blk = min(4096, triton.next_power_of_2(n))
+    blk = min(4096, max(16, triton.next_power_of_2(n)))
     _logprob_entropy_fwd_kernel[(rows,)](
         block, block.stride(0), n, col0, tgt, m, s, w, zt, inv_temp,
         BLOCK=blk, num_warps=8 if blk >= 2048 else 4)
@@ -160,7 +160,7 @@ def _grad_block_triton(block, col0, tgt, logz, ent, glp, gent, inv_temp):
     rows, n = block.shape
     if rows == 0:
         return
-    blk = min(2048, triton.next_power_of_2(n))
+    blk = min(2048, max(16, triton.next_power_of_2(n)))
     grid = (rows, triton.cdiv(n, blk))
     _logprob_entropy_bwd_kernel[grid](
         block, block.stride(0), n, col0, tgt, logz, ent, glp, gent, inv_temp,
@@ -245,6 +245,7 @@ def _backward_grads(hidden, weight, tgt, logz, ent, glp, gent, inv_temp, chunk, 
             # fp32 accumulation over blocks; each block's product is rounded once to the input
             # dtype (PyTorch has no portable mixed-dtype addmm).
             acc.add_(torch.matmul(block, weight[v0:v1], out=part))
+    del buf, part  # before the final cast, which briefly holds acc and its copy
     grad_hidden = acc.to(hidden.dtype) if need_hidden else None
     return grad_hidden, grad_weight
 
