@@ -13,8 +13,10 @@ exact two-step scheme:
    cumulative mass within the tile (it re-reads that one tile).
 
 The uniform has 53 bits (two 32-bit hashes of (seed, position, stream)), and the cumulative sums are
-taken in float64, so a token 12 nats (or 30) below the top is drawn at its true rate: an fp32
-uniform would only resolve masses above about 6e-8, and fp32 Gumbel noise caps near 16 nats.
+taken in float64, so tokens far below the top (12 nats and more) are drawn at their true rate: an
+fp32 uniform would only resolve masses above about 6e-8, and fp32 Gumbel noise caps near 16 nats.
+Constants such as log2(e) = 1.4426950408889634 and ln 2 = 0.6931471805599453 appear as literals in
+the kernels.
 The token is the inverse CDF of one uniform that depends only on (seed, position), so it does not
 depend on the batch, on B, or on the tile size (the last only up to float rounding of the
 cumulative sums: a uniform landing within about 1e-7 of a token boundary can move by one token).
@@ -28,7 +30,7 @@ threshold treated as -inf.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 import triton
@@ -36,12 +38,10 @@ import triton.language as tl
 
 from ._dispatch import use_triton
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 _M32 = 0xFFFFFFFF
 
-TensorOrFloat = Union[torch.Tensor, float]
-TensorOrInt = Union[torch.Tensor, int]
+TensorOrFloat = torch.Tensor | float
+TensorOrInt = torch.Tensor | int
 
 
 class SampleOutput(NamedTuple):
@@ -68,34 +68,36 @@ class SampleOutput(NamedTuple):
 
 
 @triton.jit
-def _mul32(h, c: tl.constexpr):
-    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
-
-
-@triton.jit
-def _fmix32(h):
-    # MurmurHash3's finaliser: a bijection on 32 bits with full avalanche.
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-@triton.jit
-def _hash32(seed, pos, stream: tl.constexpr):
-    h = _fmix32(_mul32(tl.full([], stream, tl.int64), 0x9E3779B9))
-    h = _fmix32(h ^ (seed & 0xFFFFFFFF))
-    h = _fmix32(h ^ ((seed >> 32) & 0xFFFFFFFF))
-    h = _fmix32(h ^ (pos & 0xFFFFFFFF))
-    return _fmix32(h ^ ((pos >> 32) & 0xFFFFFFFF))
-
-
-@triton.jit
 def _uniform53(seed, pos):
-    """A float64 uniform in [0, 1) with 53 random bits, a function of (seed, position) only."""
-    a = _hash32(seed, pos, 1)
-    b = _hash32(seed, pos, 2)
+    """A float64 uniform in [0, 1) with 53 random bits, a function of (seed, position) only.
+
+    Two 32-bit hashes (streams 1 and 2, computed side by side in a [2] block) of the words
+    (stream, seed lo, seed hi, pos lo, pos hi), each word xor-ed in and followed by MurmurHash3's
+    finaliser (a bijection on 32 bits with full avalanche). Written inline, without helper calls:
+    Triton's interpreter pays milliseconds per nested jit call, and this runs once per row.
+    """
+    lane = tl.arange(0, 2)
+    h = ((lane + 1).to(tl.int64) * 0x9E3779B9) & 0xFFFFFFFF
+    for r in tl.static_range(5):
+        if r == 0:
+            word = 0
+        elif r == 1:
+            word = seed & 0xFFFFFFFF
+        elif r == 2:
+            word = (seed >> 32) & 0xFFFFFFFF
+        elif r == 3:
+            word = pos & 0xFFFFFFFF
+        else:
+            word = (pos >> 32) & 0xFFFFFFFF
+        h = h ^ word
+        h = h ^ (h >> 16)
+        # h * 0x85EBCA6B mod 2^32, split in 16-bit halves so nothing overflows int64.
+        h = (h * 0xCA6B + (((h * 0x85EB) & 0xFFFF) << 16)) & 0xFFFFFFFF
+        h = h ^ (h >> 13)
+        h = (h * 0xAE35 + (((h * 0xC2B2) & 0xFFFF) << 16)) & 0xFFFFFFFF
+        h = h ^ (h >> 16)
+    a = tl.sum(tl.where(lane == 0, h, 0), 0)
+    b = tl.sum(tl.where(lane == 1, h, 0), 0)
     bits = (a >> 5) * 67108864 + (b >> 6)  # 27 + 26 bits
     return bits.to(tl.float64) * 1.1102230246251565e-16  # 2^-53
 
@@ -113,11 +115,10 @@ def _fmix32_ref(h: torch.Tensor) -> torch.Tensor:
 
 
 def _hash32_ref(seed: torch.Tensor, pos: torch.Tensor, stream: int) -> torch.Tensor:
-    h = _fmix32_ref(_mul32_ref(torch.full_like(seed, stream), 0x9E3779B9))
-    h = _fmix32_ref(h ^ (seed & _M32))
-    h = _fmix32_ref(h ^ ((seed >> 32) & _M32))
-    h = _fmix32_ref(h ^ (pos & _M32))
-    return _fmix32_ref(h ^ ((pos >> 32) & _M32))
+    h = torch.full_like(seed, (stream * 0x9E3779B9) & _M32)
+    for word in (0, seed & _M32, (seed >> 32) & _M32, pos & _M32, (pos >> 32) & _M32):
+        h = _fmix32_ref(h ^ word)
+    return h
 
 
 def uniform53_ref(seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -133,23 +134,13 @@ def uniform53_ref(seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _row_scale(temp_ptr, temp_scalar, row, PER_ROW_TEMP: tl.constexpr):
-    """log2(e) / T for this row, and the greedy flag; greedy rows use T = 1 for their stats."""
-    if PER_ROW_TEMP:
-        t = tl.load(temp_ptr + row)
-    else:
-        t = temp_scalar
-    greedy = t <= 0.0
-    scale = tl.where(greedy, 1.4426950408889634, 1.4426950408889634 / tl.where(greedy, 1.0, t))
-    return scale, greedy
-
-
-@triton.jit
 def _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V,
                TILE: tl.constexpr, HAS_LO: tl.constexpr):
     """One vocabulary tile of one row as fp32 [TILE]; padding and truncated entries are -inf."""
     offs = tile * TILE + tl.arange(0, TILE)
-    ptrs = logits_ptr + row.to(tl.int64) * stride_b + offs.to(tl.int64) * stride_v
+    # int64 row offset; int32 column offsets (the launcher guarantees V * stride_v < 2^31), which
+    # keep Triton's contiguity analysis intact so stride_v == 1 gives vector loads.
+    ptrs = logits_ptr + row.to(tl.int64) * stride_b + offs * stride_v
     x = tl.load(ptrs, mask=offs < V, other=float("-inf")).to(tl.float32)
     if HAS_LO:
         # `x < lo` is False for NaN, so a NaN survives and still marks the row invalid.
@@ -157,25 +148,30 @@ def _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V,
     return x
 
 
-@triton.jit
-def _tile_mass(x, m, scale):
-    """2^((x - m) * scale) as fp32, and the exponent; subtracting before scaling keeps
-    (x - m) exact near the max even for |x| ~ 1e4 and T ~ 1e-3."""
-    d = (x - m) * scale
-    return tl.exp2(d), d
+# The kernels below are written out without small helper calls on purpose: Triton's interpreter,
+# which runs the CPU tests, pays milliseconds per nested jit call per program.
+# Temperature: scale = log2(e) / T, so p ~ 2^((x - m) * scale); greedy rows (T <= 0) use T = 1.
+# Subtracting before scaling keeps (x - m) exact near the max even for |x| ~ 1e4 and T ~ 1e-3.
 
 
 @triton.jit
 def _sample_stats_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
                          m_ptr, s_ptr, w_ptr, V, NT,
                          TILE: tl.constexpr, PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr):
+    """Per-(row, tile) stats. Writes m (max, raw logit units), s = sum 2^d, w = sum 2^d * d,
+    with d = (x - m) * log2(e) / T, into fp32 [B, NT] buffers."""
     row = tl.program_id(0)
     tile = tl.program_id(1)
-    scale, greedy = _row_scale(temp_ptr, temp_scalar, row, PER_ROW_TEMP)
+    if PER_ROW_TEMP:
+        t = tl.load(temp_ptr + row)
+    else:
+        t = temp_scalar
+    scale = 1.4426950408889634 / tl.where(t > 0.0, t, 1.0)
     x = _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V, TILE, HAS_LO)
     m = tl.max(x, 0)
     # An all -inf tile gets s = w = 0 (not NaN from -inf - -inf); NaN or +inf entries make s NaN.
-    e, d = _tile_mass(x, tl.where(m == float("-inf"), 0.0, m), scale)
+    d = (x - tl.where(m == float("-inf"), 0.0, m)) * scale
+    e = tl.exp2(d)
     # max(d, -1000) turns 0 * -inf into 0 for masked entries without a branch (2^-1000 == 0).
     w = tl.sum(e * tl.maximum(d, -1000.0), 0)
     s = tl.sum(e, 0)
@@ -185,24 +181,24 @@ def _sample_stats_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, 
     tl.store(w_ptr + out, w)
 
 
-@triton.jit
-def _pick(values, idx, which):
-    """values[which] for a 1-D block (a masked sum; exact since one term is non-zero)."""
-    return tl.sum(tl.where(idx == which, values, 0), 0)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["seed_scalar"])  # a seed of 1 must not become a constexpr
 def _sample_finish_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
                           seed_ptr, seed_scalar, pos_ptr, m_ptr, s_ptr, w_ptr,
                           tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NT,
                           TILE: tl.constexpr, BLOCK_NT: tl.constexpr,
                           PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr,
                           PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr):
+    """Per row: merge the tile stats, draw the token, write token/log-prob/entropy/valid [B]."""
     row = tl.program_id(0)
-    scale, greedy = _row_scale(temp_ptr, temp_scalar, row, PER_ROW_TEMP)
+    if PER_ROW_TEMP:
+        t = tl.load(temp_ptr + row)
+    else:
+        t = temp_scalar
+    greedy = t <= 0.0
+    scale = 1.4426950408889634 / tl.where(greedy, 1.0, t)
 
-    # Merge the tile stats: M = max m_t, tile mass S_t = s_t 2^delta_t, S = sum S_t,
-    # W = sum 2^delta_t (w_t + delta_t s_t) with delta_t = (m_t - M) * scale <= 0.
+    # Merge: M = max m_t, tile mass S_t = s_t 2^delta_t with delta_t = (m_t - M) * scale <= 0,
+    # S = sum S_t, W = sum 2^delta_t (w_t + delta_t s_t); H = ln S - ln 2 * W / S.
     t_idx = tl.arange(0, BLOCK_NT)
     t_ok = t_idx < NT
     base = row.to(tl.int64) * NT
@@ -210,44 +206,46 @@ def _sample_finish_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar,
     s_t = tl.load(s_ptr + base + t_idx, mask=t_ok, other=0.0)
     w_t = tl.load(w_ptr + base + t_idx, mask=t_ok, other=0.0)
     big_m = tl.max(m_t, 0)
-    r_t, delta = _tile_mass(m_t, tl.where(big_m == float("-inf"), 0.0, big_m), scale)
+    delta = (m_t - tl.where(big_m == float("-inf"), 0.0, big_m)) * scale
+    r_t = tl.exp2(delta)
     mass = s_t * r_t
     total = tl.sum(mass, 0)
     w_all = tl.sum(r_t * (w_t + tl.maximum(delta, -1000.0) * s_t), 0)
     valid = (total > 0.0) & (total < float("inf"))  # False for NaN too
     entropy = tl.log(total) - 0.6931471805599453 * w_all / total
 
-    # Inverse CDF over the whole row with one 53-bit uniform, cumulative sums in float64.
+    # Inverse CDF over the whole row with one 53-bit uniform; cumulative sums in float64.
     if PER_ROW_SEED:
-        seed = tl.load(seed_ptr + row)
+        seed = tl.load(seed_ptr + row).to(tl.int64)
     else:
         seed = seed_scalar.to(tl.int64)
     if HAS_POS:
-        pos = tl.load(pos_ptr + row)
+        pos = tl.load(pos_ptr + row).to(tl.int64)
     else:
-        pos = tl.zeros([], tl.int64)
+        pos = seed * 0
     mass64 = mass.to(tl.float64)
     cum = tl.cumsum(mass64, 0)
-    target = _uniform53(seed.to(tl.int64), pos.to(tl.int64)) * tl.max(cum, 0)
+    target = _uniform53(seed, pos) * tl.max(cum, 0)
     tile_s = tl.sum((cum <= target).to(tl.int32), 0)
-    # Rounding can leave target at or past the last boundary: fall back to the last tile with mass.
+    # Rounding can leave target at or past the last boundary: take the last tile with mass.
     tile_s = tl.minimum(tile_s, tl.max(tl.where(mass > 0.0, t_idx, -1), 0))
-    frac = (target - _pick(cum - mass64, t_idx, tile_s)) / _pick(mass64, t_idx, tile_s)
+    sel = t_idx == tile_s
+    frac = tl.sum(tl.where(sel, target - (cum - mass64), 0.0), 0) / tl.sum(tl.where(sel, mass64, 0.0), 0)
     tile_g = tl.min(tl.where(m_t == big_m, t_idx, BLOCK_NT), 0)  # first tile holding the max
     tile = tl.where(greedy, tile_g, tile_s)
     tile = tl.where(valid, tile, 0)
 
-    # Re-read the chosen tile and find the token inside it.
+    # Re-read the chosen tile; the same arithmetic as the stats pass gives the same masses.
     x = _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V, TILE, HAS_LO)
     idx = tl.arange(0, TILE)
-    e, d = _tile_mass(x, _pick(m_t, t_idx, tile), scale)
+    m_tile = tl.sum(tl.where(t_idx == tile, m_t, 0.0), 0)
+    e = tl.exp2((x - tl.where(m_tile == float("-inf"), 0.0, m_tile)) * scale)
     e64 = e.to(tl.float64)
     cum_in = tl.cumsum(e64, 0)
-    r = frac * tl.sum(e64, 0)
-    tok_s = tl.sum((cum_in <= r).to(tl.int32), 0)
+    tok_s = tl.sum((cum_in <= frac * tl.sum(e64, 0)).to(tl.int32), 0)
     tok_s = tl.minimum(tok_s, tl.max(tl.where(e > 0.0, idx, -1), 0))
     tok_in = tl.where(greedy, tl.argmax(x, 0), tok_s)
-    x_tok = _pick(x, idx, tok_in)
+    x_tok = tl.max(tl.where(idx == tok_in, x, float("-inf")), 0)
     logp = (x_tok - big_m) * (scale * 0.6931471805599453) - tl.log(total)
 
     token = tl.where(valid, tile.to(tl.int64) * TILE + tok_in, -1)
@@ -263,34 +261,37 @@ def _sample_finish_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar,
 
 
 def _tile_size(V: int) -> int:
-    """Vocabulary tile of the streaming pass. A function of V only (never of B), so a row's
-    arithmetic, and so its token, is the same in any batch. 2048 bf16 entries = 16 per thread at
-    4 warps; V = 151936 gives 75 tiles, enough programs to spread B = 1 over the GPU."""
-    return 2048 if V >= 2048 else max(16, triton.next_power_of_2(V))
+    """Vocabulary tile of the streaming pass: a function of V only (never of B), so a row's
+    arithmetic, and so its token, is the same in any batch. 4096 entries at 4 warps is 32 per
+    thread (four 16-byte loads of bf16 in flight) and amortises the three block reductions per
+    tile; V = 151936 gives 38 tiles, so even B = 1 spreads over 38 SMs. Not yet tuned on a GPU."""
+    return 4096 if V >= 4096 else max(16, triton.next_power_of_2(V))
 
 
-def _as_row_tensor(value, B: int, dtype: torch.dtype, device: torch.device, name: str):
+def _as_row_tensor(value, B: int, dtype: torch.dtype, device: torch.device):
     """(tensor [B] of dtype, None) for a per-row tensor, or (None, scalar) for a Python number."""
     if isinstance(value, torch.Tensor):
         if value.dim() == 0:
             value = value.reshape(1).expand(B)
-        if value.shape != (B,):
-            raise ValueError(f"{name} must be a scalar or have shape [{B}], got {tuple(value.shape)}")
         return value.to(device=device, dtype=dtype).contiguous(), None
     return None, value
 
 
-def _launch(logits: torch.Tensor, temperature, seed, position, lo, tile: Optional[int]) -> SampleOutput:
-    """Run the two kernels on logits [B, V] (any strides); lo: fp32 [B] threshold or None."""
+def _launch(logits: torch.Tensor, temperature, seed, position, lo, tile: int | None,
+            finish: bool = True) -> SampleOutput:
+    """Run the two kernels on logits [B, V] (any strides); lo: fp32 [B] threshold or None.
+    ``finish=False`` runs the streaming pass alone (benchmarks time it separately); the outputs
+    are then left unwritten."""
+    if (logits.shape[1] - 1) * abs(logits.stride(1)) >= 2**31:
+        logits = logits.contiguous()  # the kernels index columns in int32
     B, V = logits.shape
     dev = logits.device
     tile = tile or _tile_size(V)
     nt = triton.cdiv(V, tile)
-    temp_t, temp_s = _as_row_tensor(temperature, B, torch.float32, dev, "temperature")
-    seed_t, seed_s = _as_row_tensor(seed, B, torch.int64, dev, "seed")
-    pos_t = None if position is None else _as_row_tensor(position, B, torch.int64, dev, "position")[0]
-    m = torch.empty((B, nt), dtype=torch.float32, device=dev)
-    s, w = torch.empty_like(m), torch.empty_like(m)
+    temp_t, temp_s = _as_row_tensor(temperature, B, torch.float32, dev)
+    seed_t, seed_s = _as_row_tensor(seed, B, torch.int64, dev)
+    pos_t = None if position is None else _as_row_tensor(position, B, torch.int64, dev)[0]
+    m, s, w = torch.empty((3, B, nt), dtype=torch.float32, device=dev).unbind(0)  # one allocation
     out = SampleOutput(torch.empty(B, dtype=torch.int64, device=dev),
                        torch.empty(B, dtype=torch.float32, device=dev),
                        torch.empty(B, dtype=torch.float32, device=dev),
@@ -301,17 +302,22 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo, tile: Optiona
     temp_arg = temp_t if temp_t is not None else dummy
     temp_scalar = 0.0 if temp_t is not None else float(temp_s)
     lo_arg = lo if lo is not None else dummy
-    warps = 4 if tile >= 1024 else 1
+    warps = 4 if tile >= 1024 else 1  # tiny vocabularies: one warp is plenty
+    # The finish step holds a whole tile in float64 for its scan: at 4 warps ptxas needs all 255
+    # registers per thread, at 8 about 135 (sm_90). Not yet tuned on a GPU.
+    finish_warps = 8 if tile >= 4096 else warps
     _sample_stats_kernel[(B, nt)](
         logits, logits.stride(0), logits.stride(1), temp_arg, temp_scalar, lo_arg, m, s, w, V, nt,
         TILE=tile, PER_ROW_TEMP=temp_t is not None, HAS_LO=lo is not None, num_warps=warps)
+    if not finish:
+        return out
     _sample_finish_kernel[(B,)](
         logits, logits.stride(0), logits.stride(1), temp_arg, temp_scalar, lo_arg,
         seed_t if seed_t is not None else dummy, 0 if seed_t is not None else int(seed_s),
         pos_t if pos_t is not None else dummy, m, s, w, *out, V, nt,
         TILE=tile, BLOCK_NT=max(16, triton.next_power_of_2(nt)),
         PER_ROW_TEMP=temp_t is not None, HAS_LO=lo is not None,
-        PER_ROW_SEED=seed_t is not None, HAS_POS=pos_t is not None, num_warps=warps)
+        PER_ROW_SEED=seed_t is not None, HAS_POS=pos_t is not None, num_warps=finish_warps)
     return out
 
 
@@ -321,9 +327,17 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo, tile: Optiona
 
 
 def _row_values(value, B: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-row tensor [B] of dtype from a scalar or a [B] (or 0-d) tensor."""
     if isinstance(value, torch.Tensor):
         return value.to(device=device, dtype=dtype).reshape(-1).expand(B)
     return torch.full((B,), value, dtype=dtype, device=device)
+
+
+def _seed_int64(seed):
+    """Python int seeds wrap into int64, as int64 seed tensors hold them."""
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return (int(seed) + 2**63) % 2**64 - 2**63
 
 
 def _truncation_threshold(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
@@ -367,6 +381,17 @@ def _truncation_threshold(logits: torch.Tensor, temperature, top_k, top_p) -> to
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_args(logits: torch.Tensor, **per_row) -> None:
+    """Shapes and dtypes, checked without reading any device value (no host sync)."""
+    _check_logits(logits)
+    B = logits.shape[0]
+    for name, value in per_row.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != (B,):
+            raise ValueError(f"{name} must be a scalar or have shape [{B}], got {tuple(value.shape)}")
+    if isinstance(per_row.get("temperature"), float) and math.isnan(per_row["temperature"]):
+        raise ValueError("temperature is NaN")
+
+
 def _check_logits(logits: torch.Tensor) -> None:
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
@@ -386,17 +411,17 @@ def _raise_if_invalid(out: SampleOutput) -> None:
 
 
 def _sample_triton(logits, temperature=1.0, seed=0, position=None, top_k=None, top_p=None,
-                   tile: Optional[int] = None) -> SampleOutput:
+                   tile: int | None = None) -> SampleOutput:
     """The Triton path; ``tile`` overrides the vocabulary tile (tests of split invariance)."""
     lo = None
     if top_k is not None or top_p is not None:
         lo = _truncation_threshold(logits, temperature, top_k, top_p)
-    return _launch(logits, temperature, seed, position, lo, tile)
+    return _launch(logits, temperature, _seed_int64(seed), position, lo, tile)
 
 
 def sample(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorOrInt = 0,
-           position: Optional[torch.Tensor] = None, top_k: Optional[TensorOrInt] = None,
-           top_p: Optional[TensorOrFloat] = None, *, check: bool = False) -> SampleOutput:
+           position: torch.Tensor | None = None, top_k: TensorOrInt | None = None,
+           top_p: TensorOrFloat | None = None, *, check: bool = False) -> SampleOutput:
     """Sample one token per row, with its log-prob and the distribution's entropy.
 
     Args:
@@ -404,8 +429,10 @@ def sample(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorO
         temperature: float, or float32 [B]. 0 (or below) means greedy: the argmax, ties to the lowest
             index, with log-prob and entropy of the untempered (T = 1) distribution.
         seed: int, or int64 [B]. position: int64 [B], or None for zeros. The noise is a function of
-            (seed, position) only: a row's token does not depend on its batch. Pass tensors under
-            CUDA-graph capture, or every replay reuses the captured numbers.
+            (seed, position) only: a row's token does not depend on its batch, and rows sharing
+            (seed, position) share their uniform, so give each row its own pair for independent
+            draws (a trajectory's seed and its token position). Pass tensors under CUDA-graph
+            capture, or every replay reuses the captured numbers.
         top_k: None (off), int, or int64 [B]; k <= 0 or k >= V is off for that row.
         top_p: None (off), float, or float32 [B]; p >= 1 is off for that row. Applied after top-k.
             Either one takes the second path (a sort or top-k in PyTorch, then the kernels).
@@ -419,9 +446,7 @@ def sample(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorO
     CUDA tensors run the Triton kernels; CPU tensors run ``sample_ref`` unless TRITON_INTERPRET=1.
     The default path (no top-k/top-p) makes no host syncs and is CUDA-graph capturable.
     """
-    _check_logits(logits)
-    if isinstance(temperature, (int, float)) and math.isnan(temperature):
-        raise ValueError("temperature is NaN")
+    _check_args(logits, temperature=temperature, seed=seed, position=position, top_k=top_k, top_p=top_p)
     if use_triton(logits):
         out = _sample_triton(logits, temperature, seed, position, top_k, top_p)
     else:
@@ -431,16 +456,28 @@ def sample(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorO
     return out
 
 
+def _inverse_cdf_ref(mass: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """First index whose cumulative mass exceeds u * total: mass fp32 [B, V] (>= 0), u fp64 [B].
+    Returns int64 [B]; never an index of zero mass (when rounding puts u * total at the very end,
+    the last entry with mass)."""
+    cum = torch.cumsum(mass.double(), dim=1)
+    tok = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0]
+    last = torch.searchsorted(cum, cum[:, -1:].contiguous(), right=False)[:, 0]
+    return torch.minimum(tok, last)
+
+
 def sample_ref(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorOrInt = 0,
-               position: Optional[torch.Tensor] = None, top_k: Optional[TensorOrInt] = None,
-               top_p: Optional[TensorOrFloat] = None, *, check: bool = False) -> SampleOutput:
+               position: torch.Tensor | None = None, top_k: TensorOrInt | None = None,
+               top_p: TensorOrFloat | None = None, *, check: bool = False) -> SampleOutput:
     """Pure-PyTorch reference of ``sample``: same signature, same rule, same uniforms.
 
-    Log-prob and entropy come from fp32 ``log_softmax`` of ``(x - max) / T``; the token is the
-    inverse CDF of the same 53-bit uniform over fp32 masses accumulated in float64, so it equals
-    the kernel's token except where the uniform lands within float rounding of a boundary.
+    In fp32 like the kernel: z = (x - max) / T, S = sum exp(z), log-prob = z_tok - log S and
+    entropy = log S - sum exp(z) z / S. The token is the inverse CDF of the same 53-bit uniform over
+    the fp32 masses accumulated in float64, so it equals the kernel's token except where the
+    uniform lands within float rounding of a token boundary. This is also what ``sample`` runs on
+    CPU tensors.
     """
-    _check_logits(logits)
+    _check_args(logits, temperature=temperature, seed=seed, position=position, top_k=top_k, top_p=top_p)
     B, V = logits.shape
     dev = logits.device
     x = logits.float()
@@ -452,22 +489,18 @@ def sample_ref(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: Ten
     t = torch.where(greedy, torch.ones_like(t), t)
     big_m = x.max(dim=1, keepdim=True).values
     z = (x - torch.where(big_m == float("-inf"), 0.0, big_m)) / t[:, None]
-    logp_all = torch.log_softmax(z, dim=1)
-    entropy = -torch.where(z > float("-inf"), logp_all.exp() * logp_all, 0.0).sum(1)
-    total = torch.exp(z).sum(1)
+    mass = torch.exp(z)
+    total = mass.sum(1)
+    log_total = torch.log(total)
+    # where(): 0 * -inf is NaN for masked entries; their contribution is 0.
+    entropy = log_total - torch.where(mass > 0, mass * z, 0.0).sum(1) / total
     valid = (total > 0) & (total < float("inf"))  # False for NaN and +inf rows too
 
-    u = uniform53_ref(_row_values(seed, B, torch.int64, dev),
+    u = uniform53_ref(_row_values(_seed_int64(seed), B, torch.int64, dev),
                       _row_values(0 if position is None else position, B, torch.int64, dev))
-    mass = torch.exp(z).double()
-    cum = torch.cumsum(mass, dim=1)
-    target = u * cum[:, -1]
-    tok = (cum <= target[:, None]).sum(1)
-    last = torch.where(mass > 0, torch.arange(V, device=dev), -1).max(1).values
-    tok = torch.minimum(tok, last)
-    tok = torch.where(greedy, torch.argmax(x, dim=1), tok)
+    tok = torch.where(greedy, torch.argmax(x, dim=1), _inverse_cdf_ref(mass, u))
     tok = torch.where(valid, tok, -1)
-    logp = logp_all.gather(1, tok.clamp(min=0)[:, None])[:, 0]
+    logp = z.gather(1, tok.clamp(0, V - 1)[:, None])[:, 0] - log_total
     nan = torch.full_like(logp, float("nan"))
     out = SampleOutput(tok, torch.where(valid, logp, nan), torch.where(valid, entropy, nan), valid)
     if check:

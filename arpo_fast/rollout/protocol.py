@@ -116,7 +116,10 @@ def _body_problem(before: str, body: str, config: ProtocolConfig) -> Optional[st
 def format_result(output: str, config: ProtocolConfig = ProtocolConfig()) -> str:
     """The text appended after a call: `` <result>\\n{output}\\n</result>``."""
     # a tool may hand back lone surrogates (undecodable bytes); the tokenizer needs real text
-    output = output.encode("utf-8", "replace").decode("utf-8")
+    try:
+        output = output.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # surrogates that never were bytes
+        output = output.encode("utf-8", "replace").decode("utf-8")
     return f" {config.open_tag(config.result_tag)}\n{output}\n{config.close_tag(config.result_tag)}"
 
 

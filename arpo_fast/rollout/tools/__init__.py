@@ -12,6 +12,7 @@ from typing import Any, Callable
 from arpo_fast.rollout.tools.base import Tool, ToolResult
 
 _FACTORIES: dict[str, Callable[..., Tool]] = {}
+_BUILTINS_DONE = False
 
 
 def register_tool(name: str, factory: Callable[..., Tool], *, replace: bool = False) -> None:
@@ -36,8 +37,10 @@ def create_tool(name: str, **settings: Any) -> Tool:
 
 def _register_builtins() -> None:
     # imported lazily: the search backends pull in numpy/bm25s, which a python-only setup never needs
-    if "python" in _FACTORIES:
+    global _BUILTINS_DONE
+    if _BUILTINS_DONE:
         return
+    _BUILTINS_DONE = True
     from arpo_fast.rollout.tools.http_search import HttpSearch, HttpSearchConfig
     from arpo_fast.rollout.tools.python_tool import PythonTool, PythonToolConfig
     from arpo_fast.rollout.tools.search import BM25Search, SearchConfig

@@ -22,8 +22,8 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import threading
+import time
 from functools import lru_cache
 from typing import Optional
 
@@ -48,6 +48,12 @@ if cfg["uid"] is not None:
     os.setgid(cfg["uid"])
     os.setuid(cfg["uid"])
 os.chdir(cfg["cwd"])
+if cfg["shield"]:
+    # the code's parent is this throw-away process, not the caller: killing it ends only this run
+    pid = os.fork()
+    if pid:
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        os._exit(code if code >= 0 else 128 - code)
 del json, resource, cfg
 sys.argv = ["main.py"]
 sys.path.insert(0, os.getcwd())
@@ -128,25 +134,31 @@ class UidPool:
     PER_PROCESS = 512
 
     def __init__(self):
-        self._free = list(range(self.PER_PROCESS))
         self._cond = threading.Condition()
-        self._base = self.BASE + (os.getpid() % 4_194_304) * self.PER_PROCESS
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._free = list(range(self.PER_PROCESS))
+        self._base = self.BASE + (self._pid % 4_194_304) * self.PER_PROCESS
         self._fits = _uid_map_allows(self._base + self.PER_PROCESS)
 
     def acquire(self) -> int:
-        if not self._fits:  # a container whose uid map is narrow: share "nobody"
-            return 65534
         with self._cond:
+            if os.getpid() != self._pid:  # a forked worker must not reuse its parent's uids
+                self._reset()
+            if not self._fits:  # a container whose uid map is narrow: share "nobody"
+                return 65534
             while not self._free:
                 self._cond.wait()
-            return self._base + self._free.pop()
+            # oldest released first: a uid rests as long as possible between runs
+            return self._base + self._free.pop(0)
 
     def release(self, uid: int) -> None:
-        if uid == 65534 and not self._fits:
-            return
         with self._cond:
-            self._free.append(uid - self._base)
-            self._cond.notify()
+            if self._base <= uid < self._base + self.PER_PROCESS:
+                self._free.append(uid - self._base)
+                self._cond.notify()
 
 
 def _uid_map_allows(uid: int) -> bool:
@@ -178,18 +190,47 @@ def tasks_of_uid(uid: int) -> int:
     return count
 
 
-def sweep_uid(uid: int) -> None:
-    """Kill every process left running as ``uid`` (children that escaped the process group)."""
-    if tasks_of_uid(uid) == 0:
-        return
-    kill = shutil.which("kill")
-    cmd = [kill, "-KILL", "-1"] if kill else [sys.executable, "-S", "-c",
-                                                "import os, signal; os.kill(-1, signal.SIGKILL)"]
-    subprocess.run(cmd, user=uid, group=uid, extra_groups=[], stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False)
+_KILL = shutil.which("kill") or "/bin/kill"
+
+
+def has_processes(uid: int) -> bool:
+    """Whether any process runs as ``uid`` (one stat per process: cheap enough for every call)."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    return True
+            except OSError:  # the process ended while we looked
+                continue
+    return False
+
+
+def sweep_uid(uid: int, wait_s: float = 2.0) -> bool:
+    """Kill every process left running as ``uid`` (children that escaped the process group) and
+    wait for them to be gone; True when none is left. Zombies still count against RLIMIT_NPROC
+    until reaped, so a uid is reused only once it is clean."""
+    if not has_processes(uid):
+        return True
+    try:  # `kill -KILL -1` run as uid signals every process of that uid except itself
+        subprocess.run([_KILL, "-KILL", "-1"], user=uid, group=uid, extra_groups=[],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("could not sweep leftover processes of uid %d: %s", uid, exc)
+    deadline = time.monotonic() + wait_s
+    while has_processes(uid):
+        if time.monotonic() > deadline:
+            log.warning("processes of uid %d outlived the sweep; that uid is retired", uid)
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def launcher_args(limits: list[tuple[str, int]], cwd: str, uid: Optional[int],
-                  unshare_net: bool) -> list[str]:
-    cfg = {"limits": limits, "cwd": cwd, "uid": uid, "unshare_net": CLONE_NEWNET if unshare_net else 0}
-    return ["-I", "-c", LAUNCHER, json.dumps(cfg)]
+                  unshare_net: bool, shield: bool) -> list[str]:
+    """Interpreter arguments that run the launcher; ``shield`` puts a throw-away parent process
+    between the caller and the code (used when they share a uid and no PID namespace)."""
+    cfg = {"limits": limits, "cwd": cwd, "uid": uid, "shield": shield,
+           "unshare_net": CLONE_NEWNET if unshare_net else 0}
+    # -u: what was printed before a timeout or a crash still reaches the model
+    return ["-I", "-u", "-c", LAUNCHER, json.dumps(cfg)]
