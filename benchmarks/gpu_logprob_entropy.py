@@ -12,30 +12,14 @@ from __future__ import annotations
 
 import gc
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-from report import Row, bench_us
+from report import Row, load_kernels as _kernels, bench_us
 
 SECTION = "logprob_entropy"
-ROOT = Path(__file__).resolve().parent.parent
 TEMPERATURE = 0.7
 
-
-def _kernels():
-    """``arpo_fast.kernels``, also from a source checkout that was never pip-installed."""
-    try:
-        from arpo_fast import kernels
-    except ImportError:
-        # setup.py maps kernels/ to arpo_fast.kernels; without an install, do the same mapping here.
-        sys.path.insert(0, str(ROOT))
-        import arpo_fast
-
-        arpo_fast.__path__.append(str(ROOT))
-        from arpo_fast import kernels
-    return kernels
 
 
 def _inputs(T, H, V, dtype, device):

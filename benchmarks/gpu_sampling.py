@@ -16,30 +16,14 @@ that the script works; its numbers mean nothing.
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import torch
-from report import Row, bench_us, copy_bandwidth_gbs
+from report import Row, load_kernels as _kernels, bench_us, copy_bandwidth_gbs
 
 SECTION = "sampling"
-ROOT = Path(__file__).resolve().parent.parent
 V_FULL = 151936
 TOP_K, TOP_P = 50, 0.9
 
-
-def _kernels():
-    """``arpo_fast.kernels``, also from a source checkout that was never pip-installed."""
-    try:
-        from arpo_fast import kernels
-    except ImportError:
-        # setup.py maps kernels/ to arpo_fast.kernels; without an install, do the same mapping here.
-        sys.path.insert(0, str(ROOT))
-        import arpo_fast
-
-        arpo_fast.__path__.append(str(ROOT))
-        from arpo_fast import kernels
-    return kernels
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_kernels():
+    """``arpo_fast.kernels``, also from a source checkout that was never pip-installed."""
+    try:
+        from arpo_fast import kernels
+    except ImportError:
+        # setup.py maps kernels/ to arpo_fast.kernels; without an install, do the same mapping here.
+        sys.path.insert(0, str(ROOT))
+        import arpo_fast
+
+        arpo_fast.__path__.append(str(ROOT))
+        from arpo_fast import kernels
+    return kernels
 
 
 @dataclass
