@@ -232,3 +232,15 @@ def test_missing_bwrap_falls_back(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(python_tool, "_PROBED", {})
     with pytest.raises(RuntimeError, match="bwrap"):
         _ = PythonTool(PythonToolConfig(sandbox="bwrap", tmp_root=str(tmp_path))).mode
+
+
+def test_sweep_never_signals_a_shared_uid(monkeypatch):
+    """A uid outside the private pool range (e.g. "nobody") may belong to other programs: no sweep."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("sweep tried to signal processes of a shared uid")
+
+    monkeypatch.setattr(sandbox, "has_processes", lambda uid: True)
+    monkeypatch.setattr(sandbox.subprocess, "run", refuse)
+    assert sandbox.sweep_uid(65534) is True
+    assert not sandbox.UidPool.is_private(65534)
+    assert sandbox.UidPool.is_private(sandbox.UidPool.BASE)

@@ -154,6 +154,11 @@ class UidPool:
             # oldest released first: a uid rests as long as possible between runs
             return self._base + self._free.pop(0)
 
+    @classmethod
+    def is_private(cls, uid: int) -> bool:
+        """Whether ``uid`` lies in the range only these pools hand out."""
+        return uid >= cls.BASE
+
     def release(self, uid: int) -> None:
         with self._cond:
             if self._base <= uid < self._base + self.PER_PROCESS:
@@ -208,7 +213,12 @@ def has_processes(uid: int) -> bool:
 def sweep_uid(uid: int, wait_s: float = 2.0) -> bool:
     """Kill every process left running as ``uid`` (children that escaped the process group) and
     wait for them to be gone; True when none is left. Zombies still count against RLIMIT_NPROC
-    until reaped, so a uid is reused only once it is clean."""
+    until reaped, so a uid is reused only once it is clean.
+
+    Only the pool's private uids are swept: a shared uid such as "nobody" (used where the uid map is
+    too narrow) may own processes of other programs on the host, which must never be signalled."""
+    if not UidPool.is_private(uid):
+        return True
     if not has_processes(uid):
         return True
     try:  # `kill -KILL -1` run as uid signals every process of that uid except itself
