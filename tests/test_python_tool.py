@@ -244,3 +244,19 @@ def test_sweep_never_signals_a_shared_uid(monkeypatch):
     assert sandbox.sweep_uid(65534) is True
     assert not sandbox.UidPool.is_private(65534)
     assert sandbox.UidPool.is_private(sandbox.UidPool.BASE)
+
+
+@pytest.mark.skipif(not _bwrap_works(), reason="bwrap unusable")
+def test_bwrap_runs_an_interpreter_that_lives_under_tmp():
+    """A virtualenv under /tmp (a CI checkout, say) must stay visible beside the private /tmp."""
+    import venv
+
+    root = tempfile.mkdtemp(prefix="arpo_venv_under_tmp_")
+    try:
+        os.chmod(root, 0o755)
+        venv.create(os.path.join(root, "venv"), symlinks=True, with_pip=False)
+        python = os.path.join(root, "venv", "bin", "python")
+        result = PythonTool(PythonToolConfig(sandbox="bwrap", timeout_s=10, python=python))("print(6 * 7)")
+        assert result.text.strip() == "42", result
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

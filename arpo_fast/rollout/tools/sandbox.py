@@ -102,6 +102,9 @@ def bwrap_command(python: str, workdir: str, extra_ro: tuple[str, ...] = ()) -> 
            "--unshare-cgroup-try", "--die-with-parent", "--new-session"]
     if not is_root():
         cmd.append("--unshare-user")  # unprivileged bwrap needs a user namespace
+    # The private /tmp comes first: an interpreter or venv that lives under /tmp is bound on top of it
+    # below (mounts are made in argument order), instead of being hidden by it.
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     cmd += ["--ro-bind", "/usr", "/usr"]
     for top in ("bin", "lib", "lib64", "lib32", "sbin"):
         path = "/" + top
@@ -109,7 +112,7 @@ def bwrap_command(python: str, workdir: str, extra_ro: tuple[str, ...] = ()) -> 
             cmd += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             cmd += ["--ro-bind", path, path]
-    made = {"/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin"}
+    made = {"/usr", "/bin", "/lib", "/lib64", "/lib32", "/sbin", "/tmp"}
     for root in (*interpreter_roots(python), *extra_ro):
         for parent in _ancestors(root):
             if parent not in made:  # bwrap would create parents 0700: unreadable after setuid
@@ -118,8 +121,7 @@ def bwrap_command(python: str, workdir: str, extra_ro: tuple[str, ...] = ()) -> 
         if root not in made:
             cmd += ["--ro-bind", root, root]
             made.add(root)
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-            "--bind", workdir, WORKDIR_IN_SANDBOX, "--chdir", WORKDIR_IN_SANDBOX]
+    cmd += ["--bind", workdir, WORKDIR_IN_SANDBOX, "--chdir", WORKDIR_IN_SANDBOX]
     return cmd
 
 
