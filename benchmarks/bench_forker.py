@@ -134,7 +134,6 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="*", default=[64, 256, 1024])
     parser.add_argument("--dense-max", type=int, default=65536, help="largest prefix for the dense clone")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print("\n".join(report(args.prefixes, args.batches, args.dense_max)))
     return 0
 
