@@ -2,6 +2,9 @@
 
     python benchmarks/gpu_report.py            # on a CUDA machine: full sizes
     python benchmarks/gpu_report.py --smoke    # tiny sizes, any machine: checks the script runs
+    python benchmarks/gpu_report.py --out report.md   # also write the table (and progress) there
+
+Each row is printed the moment it is measured, so a run cut short still shows what it measured.
 
 Each section lives in ``benchmarks/gpu_<part>.py`` and exposes ``rows(smoke: bool) -> list[Row]``.
 A section that fails prints its error and the report goes on with the next one.
@@ -15,12 +18,14 @@ import importlib
 import os
 import platform
 import sys
+import time
 import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SECTIONS = ["gpu_sampling", "gpu_logprob_entropy", "gpu_engine", "gpu_forker"]
+# Shortest first: a run cut short by a time limit loses the fewest rows.
+SECTIONS = ["gpu_forker", "gpu_sampling", "gpu_logprob_entropy", "gpu_engine"]
 
 
 def device_name() -> str:
@@ -35,21 +40,35 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on any machine")
     parser.add_argument("--only", nargs="*", default=None, help="run only these sections")
+    parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     args = parser.parse_args()
     if args.smoke:
         import torch
 
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")
-    from report import markdown
+    import report
+    from report import markdown, markdown_line
 
     import torch
+    import triton
 
-    print(f"# arpo_fast GPU report\n\ndevice: {device_name()}; torch {torch.__version__}; "
-          f"date {datetime.date.today()}; command: python benchmarks/gpu_report.py"
-          f"{' --smoke' if args.smoke else ''}\n")
+    def emit(text: str) -> None:
+        print(text, flush=True)
+        if args.out is not None:
+            with args.out.open("a") as f:
+                f.write(text + "\n")
+
+    if args.out is not None:
+        args.out.write_text("")
+    report.ON_ROW.append(lambda row: emit("row: " + markdown_line(row)))
+    head = (f"# arpo_fast GPU report\n\ndevice: {device_name()}; torch {torch.__version__}; "
+            f"triton {triton.__version__}; date {datetime.date.today()}; "
+            f"command: python benchmarks/gpu_report.py{' --smoke' if args.smoke else ''}\n")
+    emit(head)
     rows, failures = [], 0
     for name in args.only or SECTIONS:
+        start = time.perf_counter()
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -61,10 +80,11 @@ def main() -> int:
             rows.extend(module.rows(args.smoke))
         except Exception:
             failures += 1
-            print(f"section {name} failed:\n{traceback.format_exc()}")
-    print(markdown(rows))
+            emit(f"section {name} failed:\n{traceback.format_exc()}")
+        emit(f"(section {name}: {time.perf_counter() - start:.1f} s)")
     missed = [r for r in rows if r.ok is False]
-    print(f"\n{len(rows)} rows, {len(missed)} targets missed, {failures} sections failed")
+    emit("\n" + head + "\n" + markdown(rows))
+    emit(f"\n{len(rows)} rows, {len(missed)} targets missed, {failures} sections failed")
     return 1 if failures else 0
 
 

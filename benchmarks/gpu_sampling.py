@@ -139,6 +139,31 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
     return rows
 
 
+def _tuning_rows(k, B, V, device, bw_gbs, tiles=(2048, 4096, 8192, 16384)) -> list[Row]:
+    """The launch choices the defaults were picked from: vocabulary tile x warps of the streaming
+    pass, whole sampler in a CUDA graph, % of the floor. (A tile is part of the sampled arithmetic,
+    so changing the default tile changes which token a given seed draws, never the distribution.)"""
+    gen = torch.Generator(device=device).manual_seed(B)
+    logits = (torch.randn(B, V, device=device, generator=gen) * 3).to(torch.bfloat16)
+    temps = torch.full((B,), 0.8, device=device)
+    seeds = torch.arange(B, device=device) + 1000
+    pos = torch.zeros(B, dtype=torch.int64, device=device)
+    floor = B * V * logits.element_size() / (bw_gbs * 1e3)
+    default = k.sampling._tile_size(V)
+    rows = []
+    timer = _graph_us if device == "cuda" else (lambda fn: bench_us(fn, warmup=1, reps=2))
+    for tile in tiles:
+        for warps in (4, 8):
+            finish_warps = 8 if tile >= 4096 else 4
+            run = lambda: k.sampling._launch(logits, temps, seeds, pos, None, tile,  # noqa: E731
+                                             num_warps=(warps, finish_warps))
+            us = timer(run)
+            mark = " (default)" if tile == default and warps == 4 else ""
+            rows.append(Row(SECTION, f"tuning B={B} V={V} bf16: tile {tile}, {warps} warps{mark}",
+                            "us CUDA graph (peer/ours = fraction of floor)", us, "floor us", floor))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Correctness
 # ----------------------------------------------------------------------------------------------
@@ -244,12 +269,15 @@ def rows(smoke: bool) -> list[Row]:
         out += _value_rows(k, 4, 1000, torch.bfloat16, device)
         out += _chi2_rows(k, 120, device)
         out += _far_tail_rows(k, 64, 2.0, 100, 1, device)
+        out += _tuning_rows(k, 2, 5000, device, bw, tiles=(2048, 4096))
         return out
     out += _value_rows(k, 64, V_FULL, torch.bfloat16, device)
     out += _value_rows(k, 32, V_FULL, torch.float32, device)
     out += _chi2_rows(k, 2_000_000, device)
-    out += _far_tail_rows(k, V_FULL, 12.0, 1 << 20, 32, device)
+    out += _far_tail_rows(k, V_FULL, 12.0, 1 << 20, 16, device)
     for B in (1, 16, 64, 256, 1024):
         out += _speed_rows(k, B, V_FULL, torch.bfloat16, device, bw, compiled, smoke)
         torch.cuda.empty_cache()
+    for B in (256, 1024):
+        out += _tuning_rows(k, B, V_FULL, device, bw)
     return out

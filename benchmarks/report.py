@@ -29,6 +29,9 @@ def load_kernels():
     return kernels
 
 
+ON_ROW: list[Callable[["Row"], None]] = []
+
+
 @dataclass
 class Row:
     """One line of the report: what was measured, our figure, the peer's figure and the target."""
@@ -41,6 +44,10 @@ class Row:
     peer_value: Optional[float] = None
     target: str = ""
     ok: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        for hook in ON_ROW:  # the report prints each row as it is made: a run cut short keeps them
+            hook(self)
 
     def cells(self) -> list[str]:
         ratio = ""
@@ -55,9 +62,13 @@ class Row:
 HEADER = ["section", "case", "metric", "ours", "peer", "peer value", "peer/ours", "target", "met"]
 
 
+def markdown_line(row: Row) -> str:
+    return "| " + " | ".join(row.cells()) + " |"
+
+
 def markdown(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    lines += [markdown_line(r) for r in rows]
     return "\n".join(lines)
 
 

@@ -278,10 +278,11 @@ def _as_row_tensor(value, B: int, dtype: torch.dtype, device: torch.device):
 
 
 def _launch(logits: torch.Tensor, temperature, seed, position, lo, tile: int | None,
-            finish: bool = True) -> SampleOutput:
+            finish: bool = True, num_warps: tuple[int, int] | None = None) -> SampleOutput:
     """Run the two kernels on logits [B, V] (any strides); lo: fp32 [B] threshold or None.
     ``finish=False`` runs the streaming pass alone (benchmarks time it separately); the outputs
-    are then left unwritten."""
+    are then left unwritten. ``num_warps``: (streaming pass, finish step) warp counts, for tuning;
+    None picks them from the tile size."""
     if (logits.shape[1] - 1) * abs(logits.stride(1)) >= 2**31:
         logits = logits.contiguous()  # the kernels index columns in int32
     B, V = logits.shape
@@ -306,6 +307,8 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo, tile: int | N
     # The finish step holds a whole tile in float64 for its scan: at 4 warps ptxas needs all 255
     # registers per thread, at 8 about 135 (sm_90). Not yet tuned on a GPU.
     finish_warps = 8 if tile >= 4096 else warps
+    if num_warps is not None:
+        warps, finish_warps = num_warps
     _sample_stats_kernel[(B, nt)](
         logits, logits.stride(0), logits.stride(1), temp_arg, temp_scalar, lo_arg, m, s, w, V, nt,
         TILE=tile, PER_ROW_TEMP=temp_t is not None, HAS_LO=lo is not None, num_warps=warps)
