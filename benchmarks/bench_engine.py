@@ -85,7 +85,9 @@ def branching(model, prompts: int, branches: int, prefix: int, new_tokens: int, 
     params = SamplingParams(temperature=1.0)
     result = {}
     for mode in ("fork", "reprefill"):
-        engine = Engine(model, block_size=block_size, num_blocks=num_blocks)
+        # Eager steps in both modes: the comparison is about prefill work, and a first graph
+        # capture (the default on CUDA) would be charged to whichever mode decodes first.
+        engine = Engine(model, block_size=block_size, num_blocks=num_blocks, cuda_graphs=False)
         _sync(engine.model.device)
         t0 = time.perf_counter()
         if mode == "fork":

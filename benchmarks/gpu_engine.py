@@ -75,19 +75,19 @@ def decode_rows(smoke: bool, device: str) -> list[Row]:
     limit = 1e-4 if smoke else 5e-2  # fp32 on the CPU; bf16 on the GPU (different reduction orders)
     rows.append(Row(SECTION, f"prompt logits vs HF forward ({model.dtype})", "max rel err", err,
                     target=f"<= {limit:g}", ok=err <= limit))
-    configs = [("eager", {})]
-    if device == "cuda":
-        configs.append(("CUDA graphs", {"cuda_graphs": True, "max_graph_batch": B,
-                                        "max_seq_len": prompt_len + new + 16}))
+    configs = [("eager", {"cuda_graphs": False})]
+    if device == "cuda":  # the default on CUDA
+        configs.append(("CUDA graphs (default)", {"max_graph_batch": B, "max_seq_len": prompt_len + new + 16}))
     hf = hf_generate_tps(model, prompts, hf_new)
     for name, kw in configs:
         engine = Engine(model, **kw)
         ours = engine_generate_tps(engine, prompts, new)
         captured = engine._graphs is not None and bool(engine._graphs.graphs)
+        judged = not smoke and name != "eager"  # the target is for the default (graphs) path
         label = name if captured or name == "eager" else f"{name} (capture failed: eager)"
         rows.append(Row(SECTION, f"decode {B} seqs x {new} new tokens, {label}", "tokens/s", ours,
                         peer=f"HF generate ({hf_new} new tokens)", peer_value=hf,
-                        target=">= 5x HF" if not smoke else "", ok=None if smoke else ours >= 5 * hf))
+                        target=">= 5x HF" if judged else "", ok=ours >= 5 * hf if judged else None))
         del engine
         _release()
     del model

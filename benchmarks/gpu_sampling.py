@@ -139,28 +139,44 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
     return rows
 
 
-def _tuning_rows(k, B, V, device, bw_gbs, tiles=(2048, 4096, 8192, 16384)) -> list[Row]:
-    """The launch choices the defaults were picked from: vocabulary tile x warps of the streaming
-    pass, whole sampler in a CUDA graph, % of the floor. (A tile is part of the sampled arithmetic,
-    so changing the default tile changes which token a given seed draws, never the distribution.)"""
+STATS_CHOICES = [(per, warps) for per in (1, 2, 4) for warps in (4, 8)]  # tiles per program, warps
+FINISH_CHOICES = [(warps, chunk) for warps in (4, 8, 16) for chunk in (0, 128)]  # warps, in-tile chunk
+
+
+def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
+    """The launch choices the default is picked from, each timed in a CUDA graph against the floor:
+    first the streaming pass alone (tiles per program x warps), then the whole sampler with the
+    best streaming pass and each finish-step choice (warps x flat or two-level in-tile search).
+    Tokens are the same for all of them (up to float rounding for the two-level search)."""
     gen = torch.Generator(device=device).manual_seed(B)
     logits = (torch.randn(B, V, device=device, generator=gen) * 3).to(torch.bfloat16)
     temps = torch.full((B,), 0.8, device=device)
     seeds = torch.arange(B, device=device) + 1000
     pos = torch.zeros(B, dtype=torch.int64, device=device)
     floor = B * V * logits.element_size() / (bw_gbs * 1e3)
-    default = k.sampling._tile_size(V)
-    rows = []
     timer = _graph_us if device == "cuda" else (lambda fn: bench_us(fn, warmup=1, reps=2))
-    for tile in tiles:
-        for warps in (4, 8):
-            finish_warps = 8 if tile >= 4096 else 4
-            run = lambda: k.sampling._launch(logits, temps, seeds, pos, None, tile,  # noqa: E731
-                                             num_warps=(warps, finish_warps))
-            us = timer(run)
-            mark = " (default)" if tile == default and warps == 4 else ""
-            rows.append(Row(SECTION, f"tuning B={B} V={V} bf16: tile {tile}, {warps} warps{mark}",
-                            "us CUDA graph (peer/ours = fraction of floor)", us, "floor us", floor))
+    base = k.sampling._default_config(V)
+
+    def timed(config, finish):
+        return timer(lambda: k.sampling._launch(logits, temps, seeds, pos, None, None,
+                                                finish=finish, config=config))
+
+    rows, stats_us, whole_us = [], {}, {}
+    case = f"tuning B={B} V={V} bf16"
+    for per, warps in STATS_CHOICES:
+        config = base._replace(tiles_per_program=per, stats_warps=warps)
+        stats_us[config] = timed(config, False)
+        rows.append(Row(SECTION, f"{case}: streaming pass, {per} tiles/program, {warps} warps",
+                        "us CUDA graph (peer/ours = fraction of floor)", stats_us[config], "floor us", floor))
+    best = min(stats_us, key=stats_us.get)
+    for warps, chunk in FINISH_CHOICES:
+        config = best._replace(finish_warps=warps, chunk=chunk)
+        whole_us[config] = timed(config, True)
+        rows.append(Row(SECTION, f"{case}: whole sampler, best pass + finish {warps} warps, chunk {chunk}",
+                        "us CUDA graph (peer/ours = fraction of floor)", whole_us[config], "floor us", floor))
+    best = min(whole_us, key=whole_us.get)
+    rows.append(Row(SECTION, f"{case}: fastest {tuple(best)} (default {tuple(base)})",
+                    "% of floor (CUDA graph)", 100 * floor / whole_us[best]))
     return rows
 
 
@@ -269,7 +285,7 @@ def rows(smoke: bool) -> list[Row]:
         out += _value_rows(k, 4, 1000, torch.bfloat16, device)
         out += _chi2_rows(k, 120, device)
         out += _far_tail_rows(k, 64, 2.0, 100, 1, device)
-        out += _tuning_rows(k, 2, 5000, device, bw, tiles=(2048, 4096))
+        out += _tuning_rows(k, 2, 9000, device, bw)
         return out
     out += _value_rows(k, 64, V_FULL, torch.bfloat16, device)
     out += _value_rows(k, 32, V_FULL, torch.float32, device)

@@ -9,8 +9,8 @@ the cache's lifetime), so they never touch a real sequence's KV. Graphs see the 
 by address: in-place optimizer steps are picked up, replacing a parameter tensor is not (rebuild
 the engine then). Only plain sampling (no top-k/top-p) is captured; other steps run eagerly.
 
-This path needs CUDA and is off by default (``EngineConfig.cuda_graphs``); the eager path is the one
-the CPU test suite checks, and a GPU test compares the two.
+This path needs CUDA and is on by default for CUDA models (``EngineConfig.cuda_graphs``); the eager
+path is the one the CPU test suite checks, and a GPU test compares the two.
 """
 
 from __future__ import annotations

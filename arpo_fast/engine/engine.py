@@ -59,6 +59,8 @@ class Engine:
         m = self.model
         if self.config.cuda_graphs and m.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a model on a CUDA device, not {m.device}")
+        if self.config.cuda_graphs is None:
+            self.config.cuda_graphs = m.device.type == "cuda"
         # With graphs, one extra block is the padding rows' trash block (see cuda_graphs.py).
         extra = 1 if self.config.cuda_graphs else 0
         self.cache = PagedKVCache(m.num_layers, self._pool_blocks() + extra, self.config.block_size,

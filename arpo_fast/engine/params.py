@@ -60,8 +60,9 @@ class EngineConfig:
     """"native" (C++) or "python" (the reference forker)."""
     max_prefill_tokens: int = 32768
     """``generate`` prefills prompts in groups of at most this many tokens (a longer prompt alone)."""
-    cuda_graphs: bool = False
-    """Replay decode steps from CUDA graphs (CUDA models only; see ``cuda_graphs.py``)."""
+    cuda_graphs: bool | None = None
+    """Replay decode steps from CUDA graphs (see ``cuda_graphs.py``). None: on for a model on a CUDA
+    device (the steps are captured at the first plain decode step), off elsewhere; True needs CUDA."""
     max_graph_batch: int = 256
     """Largest decode batch captured; bigger batches run eagerly."""
     max_seq_len: int | None = None
