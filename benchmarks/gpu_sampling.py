@@ -139,15 +139,16 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
     return rows
 
 
-STATS_CHOICES = [(per, warps) for per in (1, 2, 4) for warps in (4, 8)]  # tiles per program, warps
-FINISH_CHOICES = [(warps, chunk) for warps in (4, 8, 16) for chunk in (0, 128)]  # warps, in-tile chunk
+TILES = (2048, 4096, 8192)
+STATS_WARPS = (4, 8)
+FINISH_WARPS = (4, 8, 16)
 
 
 def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
     """The launch choices the default is picked from, each timed in a CUDA graph against the floor:
-    first the streaming pass alone (tiles per program x warps), then the whole sampler with the
-    best streaming pass and each finish-step choice (warps x flat or two-level in-tile search).
-    Tokens are the same for all of them (up to float rounding for the two-level search)."""
+    the streaming pass alone for each tile x warps, then the whole sampler with the best of those
+    and each finish-step warp count. (The tile is part of the sampled arithmetic: another default
+    tile would move a token only where its uniform lands within rounding of a boundary.)"""
     gen = torch.Generator(device=device).manual_seed(B)
     logits = (torch.randn(B, V, device=device, generator=gen) * 3).to(torch.bfloat16)
     temps = torch.full((B,), 0.8, device=device)
@@ -155,7 +156,7 @@ def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
     pos = torch.zeros(B, dtype=torch.int64, device=device)
     floor = B * V * logits.element_size() / (bw_gbs * 1e3)
     timer = _graph_us if device == "cuda" else (lambda fn: bench_us(fn, warmup=1, reps=2))
-    base = k.sampling._default_config(V)
+    LaunchConfig = k.sampling.LaunchConfig
 
     def timed(config, finish):
         return timer(lambda: k.sampling._launch(logits, temps, seeds, pos, None, None,
@@ -163,19 +164,21 @@ def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
 
     rows, stats_us, whole_us = [], {}, {}
     case = f"tuning B={B} V={V} bf16"
-    for per, warps in STATS_CHOICES:
-        config = base._replace(tiles_per_program=per, stats_warps=warps)
-        stats_us[config] = timed(config, False)
-        rows.append(Row(SECTION, f"{case}: streaming pass, {per} tiles/program, {warps} warps",
-                        "us CUDA graph (peer/ours = fraction of floor)", stats_us[config], "floor us", floor))
+    metric = "us CUDA graph (ratio: fraction of floor)"
+    for tile in TILES:
+        for warps in STATS_WARPS:
+            config = LaunchConfig(tile, warps)
+            stats_us[config] = timed(config, False)
+            rows.append(Row(SECTION, f"{case}: streaming pass, tile {tile}, {warps} warps", metric,
+                            stats_us[config], "floor us", floor))
     best = min(stats_us, key=stats_us.get)
-    for warps, chunk in FINISH_CHOICES:
-        config = best._replace(finish_warps=warps, chunk=chunk)
+    for warps in FINISH_WARPS:
+        config = best._replace(finish_warps=warps)
         whole_us[config] = timed(config, True)
-        rows.append(Row(SECTION, f"{case}: whole sampler, best pass + finish {warps} warps, chunk {chunk}",
-                        "us CUDA graph (peer/ours = fraction of floor)", whole_us[config], "floor us", floor))
+        rows.append(Row(SECTION, f"{case}: whole sampler, tile {best.tile}, {best.stats_warps} + "
+                        f"{warps} warps", metric, whole_us[config], "floor us", floor))
     best = min(whole_us, key=whole_us.get)
-    rows.append(Row(SECTION, f"{case}: fastest {tuple(best)} (default {tuple(base)})",
+    rows.append(Row(SECTION, f"{case}: fastest {tuple(best)} (default {tuple(k.sampling._default_config(V))})",
                     "% of floor (CUDA graph)", 100 * floor / whole_us[best]))
     return rows
 

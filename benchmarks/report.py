@@ -49,17 +49,27 @@ class Row:
         for hook in ON_ROW:  # the report prints each row as it is made: a run cut short keeps them
             hook(self)
 
+    @property
+    def higher_is_better(self) -> Optional[bool]:
+        """From the metric: rates are better high, times, memory and errors low; None where a
+        ratio to the peer's figure means nothing (counts checked against an expectation)."""
+        if self.metric in ("hits", "chi2 statistic"):
+            return None
+        return "/s" in self.metric
+
     def cells(self) -> list[str]:
         ratio = ""
-        if self.peer_value is not None and self.ours:
-            ratio = f"{self.peer_value / self.ours:.2f}x"
+        higher = self.higher_is_better
+        if self.peer_value and self.ours and higher is not None:
+            ratio = f"{(self.ours / self.peer_value) if higher else (self.peer_value / self.ours):.2f}x"
         verdict = "" if self.ok is None else ("yes" if self.ok else "NO")
         peer_value = "" if self.peer_value is None else f"{self.peer_value:.4g}"
         return [self.section, self.case, self.metric, f"{self.ours:.4g}", self.peer, peer_value,
                 ratio, self.target, verdict]
 
 
-HEADER = ["section", "case", "metric", "ours", "peer", "peer value", "peer/ours", "target", "met"]
+# "ours vs peer": how many times better our figure is (> 1: ours is better), by the metric's sense.
+HEADER = ["section", "case", "metric", "ours", "peer", "peer value", "ours vs peer", "target", "met"]
 
 
 def markdown_line(row: Row) -> str:

@@ -157,44 +157,38 @@ def _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V,
 @triton.jit
 def _sample_stats_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
                          m_ptr, s_ptr, w_ptr, V, NT,
-                         TILE: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr,
-                         PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr):
+                         TILE: tl.constexpr, PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr):
     """Per-(row, tile) stats. Writes m (max, raw logit units), s = sum 2^d, w = sum 2^d * d,
-    with d = (x - m) * log2(e) / T, into fp32 [B, NT] buffers. A program handles
-    TILES_PER_PROGRAM consecutive tiles (the same arithmetic per tile whatever that number is)."""
+    with d = (x - m) * log2(e) / T, into fp32 [B, NT] buffers."""
     row = tl.program_id(0)
+    tile = tl.program_id(1)
     if PER_ROW_TEMP:
         t = tl.load(temp_ptr + row)
     else:
         t = temp_scalar
     scale = 1.4426950408889634 / tl.where(t > 0.0, t, 1.0)
-    for j in tl.static_range(TILES_PER_PROGRAM):
-        tile = tl.program_id(1) * TILES_PER_PROGRAM + j  # past the last tile: all -inf, not stored
-        x = _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V, TILE, HAS_LO)
-        m = tl.max(x, 0)
-        # An all -inf tile gets s = w = 0 (not NaN from -inf - -inf); NaN or +inf entries make s NaN.
-        d = (x - tl.where(m == float("-inf"), 0.0, m)) * scale
-        e = tl.exp2(d)
-        # max(d, -1000) turns 0 * -inf into 0 for masked entries without a branch (2^-1000 == 0).
-        w = tl.sum(e * tl.maximum(d, -1000.0), 0)
-        s = tl.sum(e, 0)
-        out = row.to(tl.int64) * NT + tile
-        ok = tile < NT
-        tl.store(m_ptr + out, m, mask=ok)
-        tl.store(s_ptr + out, s, mask=ok)
-        tl.store(w_ptr + out, w, mask=ok)
+    x = _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V, TILE, HAS_LO)
+    m = tl.max(x, 0)
+    # An all -inf tile gets s = w = 0 (not NaN from -inf - -inf); NaN or +inf entries make s NaN.
+    d = (x - tl.where(m == float("-inf"), 0.0, m)) * scale
+    e = tl.exp2(d)
+    # max(d, -1000) turns 0 * -inf into 0 for masked entries without a branch (2^-1000 == 0).
+    w = tl.sum(e * tl.maximum(d, -1000.0), 0)
+    s = tl.sum(e, 0)
+    out = row.to(tl.int64) * NT + tile
+    tl.store(m_ptr + out, m)
+    tl.store(s_ptr + out, s)
+    tl.store(w_ptr + out, w)
 
 
 @triton.jit(do_not_specialize=["seed_scalar"])  # a seed of 1 must not become a constexpr
 def _sample_finish_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
                           seed_ptr, seed_scalar, pos_ptr, m_ptr, s_ptr, w_ptr,
                           tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NT,
-                          TILE: tl.constexpr, BLOCK_NT: tl.constexpr, CHUNK: tl.constexpr,
+                          TILE: tl.constexpr, BLOCK_NT: tl.constexpr,
                           PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr,
                           PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr):
-    """Per row: merge the tile stats, draw the token, write token/log-prob/entropy/valid [B].
-    Inside the chosen tile the search is flat (a float64 scan of the whole tile, CHUNK == 0) or
-    two-level: float64 chunk sums pick a chunk of CHUNK entries, then a scan of that chunk."""
+    """Per row: merge the tile stats, draw the token, write token/log-prob/entropy/valid [B]."""
     row = tl.program_id(0)
     if PER_ROW_TEMP:
         t = tl.load(temp_ptr + row)
@@ -246,25 +240,9 @@ def _sample_finish_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar,
     idx = tl.arange(0, TILE)
     m_tile = tl.sum(tl.where(t_idx == tile, m_t, 0.0), 0)
     e = tl.exp2((x - tl.where(m_tile == float("-inf"), 0.0, m_tile)) * scale)
-    if CHUNK == 0:
-        e64 = e.to(tl.float64)
-        cum_in = tl.cumsum(e64, 0)
-        tok_s = tl.sum((cum_in <= frac * tl.sum(e64, 0)).to(tl.int32), 0)
-    else:
-        e2 = tl.reshape(e, (TILE // CHUNK, CHUNK))
-        c_idx = tl.arange(0, TILE // CHUNK)
-        c_mass = tl.sum(e2.to(tl.float64), 1)
-        c_cum = tl.cumsum(c_mass, 0)
-        goal = frac * tl.sum(c_mass, 0)
-        c_sel = tl.sum((c_cum <= goal).to(tl.int32), 0)
-        c_sel = tl.minimum(c_sel, tl.max(tl.where(c_mass > 0.0, c_idx, -1), 0))
-        # The chosen chunk's entries (one nonzero term per column: exact) and the mass before it.
-        part = tl.sum(tl.where(c_idx[:, None] == c_sel, e2, 0.0), 0)
-        rest = goal - tl.sum(tl.where(c_idx == c_sel, c_cum - c_mass, 0.0), 0)
-        in_chunk = tl.sum((tl.cumsum(part.to(tl.float64), 0) <= rest).to(tl.int32), 0)
-        # Rounding can put `rest` at or past the chunk's end: stay on its last entry with mass.
-        last_in_chunk = tl.max(tl.where(part > 0.0, tl.arange(0, CHUNK), -1), 0)
-        tok_s = c_sel * CHUNK + tl.minimum(in_chunk, last_in_chunk)
+    e64 = e.to(tl.float64)
+    cum_in = tl.cumsum(e64, 0)
+    tok_s = tl.sum((cum_in <= frac * tl.sum(e64, 0)).to(tl.int32), 0)
     tok_s = tl.minimum(tok_s, tl.max(tl.where(e > 0.0, idx, -1), 0))
     tok_in = tl.where(greedy, tl.argmax(x, 0), tok_s)
     x_tok = tl.max(tl.where(idx == tok_in, x, float("-inf")), 0)
@@ -283,14 +261,12 @@ def _sample_finish_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar,
 
 
 class LaunchConfig(NamedTuple):
-    """How the sampler's two kernels are launched. Only ``tile`` and ``chunk`` enter the sampled
-    arithmetic (and then only at float-rounding level); the rest are speed choices."""
+    """How the sampler's two kernels are launched. Only ``tile`` enters the sampled arithmetic (and
+    then only at float-rounding level); the warp counts are speed choices."""
 
     tile: int
-    tiles_per_program: int = 1
     stats_warps: int = 4
     finish_warps: int = 8
-    chunk: int = 0
 
 
 def _default_config(V: int) -> LaunchConfig:
@@ -300,17 +276,20 @@ def _default_config(V: int) -> LaunchConfig:
 
 def _config_for_tile(tile: int) -> LaunchConfig:
     if tile < 1024:  # tiny vocabularies: one warp is plenty
-        return LaunchConfig(tile, 1, 1, 1, 0)
-    # The flat finish step holds a whole tile in float64 for its scan: at 4 warps ptxas needs all
-    # 255 registers per thread, at 8 about 135 (sm_90).
-    return LaunchConfig(tile, 1, 4, 8 if tile >= 4096 else 4, 0)
+        return LaunchConfig(tile, 1, 1)
+    # The finish step holds a whole tile in float64 for its scan: at 4 warps ptxas needs all 255
+    # registers per thread, at 8 it needs 128 (sm_90). Timed on an H200 (benchmarks/RESULTS.md):
+    # 4 and 8 finish warps tie; 8 warps in the streaming pass, or 2 and 4 tiles per program, or a
+    # two-level search inside the tile, were all slower or no faster.
+    return LaunchConfig(tile, 4, 8 if tile >= 4096 else 4)
 
 
 def _tile_size(V: int) -> int:
     """Vocabulary tile of the streaming pass: a function of V only (never of B), so a row's
     arithmetic, and so its token, is the same in any batch. 4096 entries at 4 warps is 32 per
     thread (four 16-byte loads of bf16 in flight) and amortises the three block reductions per
-    tile; V = 151936 gives 38 tiles, so even B = 1 spreads over 38 SMs. Not yet tuned on a GPU."""
+    tile; V = 151936 gives 38 tiles, so even B = 1 spreads over 38 SMs. On an H200 at V = 151936,
+    tiles of 2048 and 4096 time the same, 8192 is 10-15% slower and 16384 four times slower."""
     return 4096 if V >= 4096 else max(16, triton.next_power_of_2(V))
 
 
@@ -336,8 +315,8 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo, tile: int | N
     if config is None:
         config = _config_for_tile(tile) if tile else _default_config(V)
     tile = config.tile
-    if config.chunk and (tile % config.chunk or config.chunk & (config.chunk - 1)):
-        raise ValueError(f"chunk {config.chunk} must be a power of two dividing the tile {tile}")
+    if tile < 16 or tile & (tile - 1):
+        raise ValueError(f"the vocabulary tile must be a power of two >= 16, got {tile}")
     nt = triton.cdiv(V, tile)
     temp_t, temp_s = _as_row_tensor(temperature, B, torch.float32, dev)
     seed_t, seed_s = _as_row_tensor(seed, B, torch.int64, dev)
@@ -353,10 +332,9 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo, tile: int | N
     temp_arg = temp_t if temp_t is not None else dummy
     temp_scalar = 0.0 if temp_t is not None else float(temp_s)
     lo_arg = lo if lo is not None else dummy
-    per = config.tiles_per_program
-    _sample_stats_kernel[(B, triton.cdiv(nt, per))](
+    _sample_stats_kernel[(B, nt)](
         logits, logits.stride(0), logits.stride(1), temp_arg, temp_scalar, lo_arg, m, s, w, V, nt,
-        TILE=tile, TILES_PER_PROGRAM=per, PER_ROW_TEMP=temp_t is not None, HAS_LO=lo is not None,
+        TILE=tile, PER_ROW_TEMP=temp_t is not None, HAS_LO=lo is not None,
         num_warps=config.stats_warps)
     if not finish:
         return out
@@ -364,7 +342,7 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo, tile: int | N
         logits, logits.stride(0), logits.stride(1), temp_arg, temp_scalar, lo_arg,
         seed_t if seed_t is not None else dummy, 0 if seed_t is not None else int(seed_s),
         pos_t if pos_t is not None else dummy, m, s, w, *out, V, nt,
-        TILE=tile, BLOCK_NT=max(16, triton.next_power_of_2(nt)), CHUNK=config.chunk,
+        TILE=tile, BLOCK_NT=max(16, triton.next_power_of_2(nt)),
         PER_ROW_TEMP=temp_t is not None, HAS_LO=lo is not None,
         PER_ROW_SEED=seed_t is not None, HAS_POS=pos_t is not None, num_warps=config.finish_warps)
     return out

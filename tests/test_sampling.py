@@ -294,21 +294,17 @@ def test_kernel_token_independent_of_tile_size():
     assert torch.equal(tokens[0], sample_ref(logits, 1.0, seeds, pos).tokens)
 
 
-@pytest.mark.parametrize("config", [
-    LaunchConfig(64, tiles_per_program=3), LaunchConfig(64, 2, 2, 4, chunk=16),
-    LaunchConfig(64, 1, 1, 1, chunk=64), LaunchConfig(64, 4, 4, 4, chunk=8),
-], ids=str)
+@pytest.mark.parametrize("config", [LaunchConfig(64, 2, 4), LaunchConfig(64, 1, 2), LaunchConfig(128, 4, 1)],
+                         ids=str)
 def test_launch_configs_give_the_same_samples(config):
-    """Programs covering several tiles, warp counts and the two-level search inside a tile: same
-    log-prob and entropy bit for bit, same tokens (as the reference), masked rows and greedy rows
-    included. V = 300 leaves a partial last tile and, with 3 or 4 tiles per program, a partial
-    last program."""
+    """Warp counts change nothing computed: same tokens (as the reference), log-prob and entropy bit
+    for bit, masked rows and greedy rows included (V = 300: a partial last tile)."""
     B, V = 6, 300
     logits = _logits(B, V)
     logits[1, ::3] = float("-inf")
     temps = torch.tensor([1.0, 0.7, 0.0, 2.0, 1e-3, 1.0])
     seeds, pos = torch.arange(B) * 7, torch.arange(B)
-    base = _sample_triton(logits, temps, seeds, pos, tile=64)
+    base = _sample_triton(logits, temps, seeds, pos, tile=config.tile)
     out = _sample_triton(logits, temps, seeds, pos, config=config)
     assert torch.equal(out.tokens, sample_ref(logits, temps, seeds, pos).tokens)
     assert torch.equal(out.tokens, base.tokens)
@@ -316,8 +312,8 @@ def test_launch_configs_give_the_same_samples(config):
 
 
 def test_bad_launch_config_is_refused():
-    with pytest.raises(ValueError, match="power of two dividing the tile"):
-        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, chunk=48))
+    with pytest.raises(ValueError, match="tile must be a power of two"):
+        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(48))
 
 
 def test_same_inputs_same_tokens_and_seeds_matter():
@@ -485,14 +481,10 @@ def test_gpu_values_and_tokens(V, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [
-    LaunchConfig(4096, 2, 4, 8, 0), LaunchConfig(4096, 4, 8, 8, 0), LaunchConfig(4096, 1, 4, 16, 0),
-    LaunchConfig(4096, 1, 4, 4, 128), LaunchConfig(4096, 1, 4, 8, 128), LaunchConfig(4096, 1, 4, 16, 128),
-], ids=str)
+@pytest.mark.parametrize("config", [LaunchConfig(4096, 8, 8), LaunchConfig(4096, 4, 4),
+                                    LaunchConfig(4096, 4, 16)], ids=str)
 def test_gpu_launch_configs_agree_with_the_default(config):
-    """The configurations the GPU report's tuning rows time: same values as the default launch;
-    same tokens (exactly, unless the in-tile search differs, which may move a token whose
-    uniform lands within rounding of a boundary)."""
+    """The warp counts the GPU report's tuning rows time: same tokens and values as the default."""
     B, V = 256, 151936
     logits = (torch.randn(B, V, device="cuda") * 4).bfloat16()
     logits[::7, ::3] = float("-inf")
@@ -501,9 +493,8 @@ def test_gpu_launch_configs_agree_with_the_default(config):
     seeds, pos = torch.arange(B, device="cuda") * 13, torch.arange(B, device="cuda")
     base = sample(logits, temps, seeds, pos)
     out = _sample_triton(logits, temps, seeds, pos, config=config)
-    same = (out.tokens == base.tokens).float().mean().item()
-    assert same == 1.0 if config.chunk == 0 else same >= 0.99
-    _assert_close64(out, logits, temps)
+    assert torch.equal(out.tokens, base.tokens)
+    assert torch.equal(out.logprobs, base.logprobs) and torch.equal(out.entropy, base.entropy)
 
 
 @pytest.mark.gpu
