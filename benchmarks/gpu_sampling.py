@@ -139,16 +139,17 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
     return rows
 
 
-TILES = (2048, 4096, 8192)
+TILES = (2048, 4096)
 STATS_WARPS = (4, 8)
-FINISH_WARPS = (4, 8, 16)
+FINISH = [(warps, sub) for warps in (1, 2, 4) for sub in (128, 256, 512)]  # finish warps, run length
 
 
 def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
     """The launch choices the default is picked from, each timed in a CUDA graph against the floor:
     the streaming pass alone for each tile x warps, then the whole sampler with the best of those
-    and each finish-step warp count. (The tile is part of the sampled arithmetic: another default
-    tile would move a token only where its uniform lands within rounding of a boundary.)"""
+    and each finish-step warp count x run length. (Tile and run length are part of the sampled
+    arithmetic: other defaults would move a token only where its uniform lands within rounding of
+    a boundary.)"""
     gen = torch.Generator(device=device).manual_seed(B)
     logits = (torch.randn(B, V, device=device, generator=gen) * 3).to(torch.bfloat16)
     temps = torch.full((B,), 0.8, device=device)
@@ -172,11 +173,11 @@ def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
             rows.append(Row(SECTION, f"{case}: streaming pass, tile {tile}, {warps} warps", metric,
                             stats_us[config], "floor us", floor))
     best = min(stats_us, key=stats_us.get)
-    for warps in FINISH_WARPS:
-        config = best._replace(finish_warps=warps)
+    for warps, sub in FINISH:
+        config = best._replace(finish_warps=warps, sub=sub)
         whole_us[config] = timed(config, True)
         rows.append(Row(SECTION, f"{case}: whole sampler, tile {best.tile}, {best.stats_warps} + "
-                        f"{warps} warps", metric, whole_us[config], "floor us", floor))
+                        f"{warps} warps, runs of {sub}", metric, whole_us[config], "floor us", floor))
     best = min(whole_us, key=whole_us.get)
     rows.append(Row(SECTION, f"{case}: fastest {tuple(best)} (default {tuple(k.sampling._default_config(V))})",
                     "% of floor (CUDA graph)", 100 * floor / whole_us[best]))

@@ -6,11 +6,13 @@ exact two-step scheme:
 
 1. ``_sample_stats_kernel``, grid (B, tiles): each program reads one vocabulary tile of one row
    once and writes its max ``m`` (raw logit units), ``s = sum 2^d`` and ``w = sum 2^d * d`` with
-   ``d = (x - m) * log2(e) / T``. Splitting the vocabulary keeps small batches spread over the GPU.
+   ``d = (x - m) * log2(e) / T``, and the sums of ``2^d`` over runs of 256 entries (a map of the
+   tile, 1/64 of its size). Splitting the vocabulary keeps small batches spread over the GPU.
 2. ``_sample_finish_kernel``, one program per row: merges the tile stats into log Z and the entropy
    ``H = ln S - ln 2 * W / S``, then inverts the CDF of the whole row with a single uniform
-   ``u`` in [0, 1): ``u * S`` picks a tile by cumulative tile mass and a token inside it by
-   cumulative mass within the tile (it re-reads that one tile).
+   ``u`` in [0, 1): ``u * S`` picks a tile by cumulative tile mass, a run inside it by cumulative
+   run mass, and a token inside the run by cumulative mass within it (it re-reads those 256
+   entries only).
 
 The uniform has 53 bits (two 32-bit hashes of (seed, position, stream)), and the cumulative sums are
 taken in float64, so tokens far below the top (12 nats and more) are drawn at their true rate: an
@@ -134,10 +136,10 @@ def uniform53_ref(seed: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V,
-               TILE: tl.constexpr, HAS_LO: tl.constexpr):
-    """One vocabulary tile of one row as fp32 [TILE]; padding and truncated entries are -inf."""
-    offs = tile * TILE + tl.arange(0, TILE)
+def _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, start, V,
+               N: tl.constexpr, HAS_LO: tl.constexpr):
+    """Entries [start, start + N) of one row as fp32 [N]; padding and truncated entries are -inf."""
+    offs = start + tl.arange(0, N)
     # int64 row offset; int32 column offsets (the launcher guarantees V * stride_v < 2^31), which
     # keep Triton's contiguity analysis intact so stride_v == 1 gives vector loads.
     ptrs = logits_ptr + row.to(tl.int64) * stride_b + offs * stride_v
@@ -156,10 +158,12 @@ def _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V,
 
 @triton.jit
 def _sample_stats_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
-                         m_ptr, s_ptr, w_ptr, V, NT,
-                         TILE: tl.constexpr, PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr):
+                         m_ptr, s_ptr, w_ptr, c_ptr, V, NT,
+                         TILE: tl.constexpr, SUB: tl.constexpr,
+                         PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr):
     """Per-(row, tile) stats. Writes m (max, raw logit units), s = sum 2^d, w = sum 2^d * d,
-    with d = (x - m) * log2(e) / T, into fp32 [B, NT] buffers."""
+    with d = (x - m) * log2(e) / T, into fp32 [B, NT] buffers, and the sums of 2^d over each
+    run of SUB entries into fp32 [B, NT, TILE // SUB] (the finish step's map of the tile)."""
     row = tl.program_id(0)
     tile = tl.program_id(1)
     if PER_ROW_TEMP:
@@ -167,28 +171,33 @@ def _sample_stats_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, 
     else:
         t = temp_scalar
     scale = 1.4426950408889634 / tl.where(t > 0.0, t, 1.0)
-    x = _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V, TILE, HAS_LO)
+    x = _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, tile * TILE, V, TILE, HAS_LO)
     m = tl.max(x, 0)
     # An all -inf tile gets s = w = 0 (not NaN from -inf - -inf); NaN or +inf entries make s NaN.
     d = (x - tl.where(m == float("-inf"), 0.0, m)) * scale
     e = tl.exp2(d)
     # max(d, -1000) turns 0 * -inf into 0 for masked entries without a branch (2^-1000 == 0).
     w = tl.sum(e * tl.maximum(d, -1000.0), 0)
-    s = tl.sum(e, 0)
+    c = tl.sum(tl.reshape(e, (TILE // SUB, SUB)), 1)
+    s = tl.sum(c, 0)
     out = row.to(tl.int64) * NT + tile
     tl.store(m_ptr + out, m)
     tl.store(s_ptr + out, s)
     tl.store(w_ptr + out, w)
+    tl.store(c_ptr + out * (TILE // SUB) + tl.arange(0, TILE // SUB), c)
 
 
 @triton.jit(do_not_specialize=["seed_scalar"])  # a seed of 1 must not become a constexpr
 def _sample_finish_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
-                          seed_ptr, seed_scalar, pos_ptr, m_ptr, s_ptr, w_ptr,
+                          seed_ptr, seed_scalar, pos_ptr, m_ptr, s_ptr, w_ptr, c_ptr,
                           tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NT,
-                          TILE: tl.constexpr, BLOCK_NT: tl.constexpr,
+                          TILE: tl.constexpr, SUB: tl.constexpr, BLOCK_NT: tl.constexpr,
                           PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr,
                           PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr):
-    """Per row: merge the tile stats, draw the token, write token/log-prob/entropy/valid [B]."""
+    """Per row: merge the tile stats, draw the token, write token/log-prob/entropy/valid [B].
+    A sampled token is found in three steps, each a float64 cumulative sum: the tile (from the
+    tile masses), the run of SUB entries inside it (from the stats pass's run sums), and the entry
+    inside that run (re-read: SUB entries of the logits). Greedy rows re-read the tile's argmax."""
     row = tl.program_id(0)
     if PER_ROW_TEMP:
         t = tl.load(temp_ptr + row)
@@ -235,17 +244,33 @@ def _sample_finish_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar,
     tile = tl.where(greedy, tile_g, tile_s)
     tile = tl.where(valid, tile, 0)
 
-    # Re-read the chosen tile; the same arithmetic as the stats pass gives the same masses.
-    x = _load_tile(logits_ptr, stride_b, stride_v, lo_ptr, row, tile, V, TILE, HAS_LO)
-    idx = tl.arange(0, TILE)
     m_tile = tl.sum(tl.where(t_idx == tile, m_t, 0.0), 0)
-    e = tl.exp2((x - tl.where(m_tile == float("-inf"), 0.0, m_tile)) * scale)
-    e64 = e.to(tl.float64)
-    cum_in = tl.cumsum(e64, 0)
-    tok_s = tl.sum((cum_in <= frac * tl.sum(e64, 0)).to(tl.int32), 0)
-    tok_s = tl.minimum(tok_s, tl.max(tl.where(e > 0.0, idx, -1), 0))
-    tok_in = tl.where(greedy, tl.argmax(x, 0), tok_s)
-    x_tok = tl.max(tl.where(idx == tok_in, x, float("-inf")), 0)
+    if greedy:
+        # The first entry of the first tile holding the max; its logit is that max.
+        # (Names differ between the branches: the compiler wants a name's type the same in both.)
+        x_all = _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, tile * TILE, V, TILE, HAS_LO)
+        tok_in = tl.argmax(x_all, 0)
+        x_tok = m_tile
+    else:
+        # The run of SUB entries holding the target, from the run sums of the stats pass.
+        NC: tl.constexpr = TILE // SUB
+        c_idx = tl.arange(0, NC)
+        c = tl.load(c_ptr + (base + tile) * NC + c_idx).to(tl.float64)
+        c_cum = tl.cumsum(c, 0)
+        goal = frac * tl.sum(c, 0)
+        run = tl.sum((c_cum <= goal).to(tl.int32), 0)
+        run = tl.minimum(run, tl.max(tl.where(c > 0.0, c_idx, -1), 0))
+        rest = goal - tl.sum(tl.where(c_idx == run, c_cum - c, 0.0), 0)
+        # Re-read that run; the same arithmetic as the stats pass gives the same masses.
+        x = _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, tile * TILE + run * SUB, V,
+                       SUB, HAS_LO)
+        e = tl.exp2((x - tl.where(m_tile == float("-inf"), 0.0, m_tile)) * scale)
+        idx = tl.arange(0, SUB)
+        k = tl.sum((tl.cumsum(e.to(tl.float64), 0) <= rest).to(tl.int32), 0)
+        # Rounding can put `rest` at or past the run's end: stay on its last entry with mass.
+        k = tl.minimum(k, tl.max(tl.where(e > 0.0, idx, -1), 0))
+        tok_in = run * SUB + k
+        x_tok = tl.max(tl.where(idx == k, x, float("-inf")), 0)
     logp = (x_tok - big_m) * (scale * 0.6931471805599453) - tl.log(total)
 
     token = tl.where(valid, tile.to(tl.int64) * TILE + tok_in, -1)
@@ -261,12 +286,14 @@ def _sample_finish_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar,
 
 
 class LaunchConfig(NamedTuple):
-    """How the sampler's two kernels are launched. Only ``tile`` enters the sampled arithmetic (and
-    then only at float-rounding level); the warp counts are speed choices."""
+    """How the sampler's two kernels are launched. ``tile`` and ``sub`` (the finish step's run
+    length, a power of two dividing the tile) enter the sampled arithmetic, and then only at
+    float-rounding level; the warp counts are speed choices."""
 
     tile: int
     stats_warps: int = 4
-    finish_warps: int = 8
+    finish_warps: int = 2
+    sub: int = 256
 
 
 def _default_config(V: int) -> LaunchConfig:
@@ -276,12 +303,8 @@ def _default_config(V: int) -> LaunchConfig:
 
 def _config_for_tile(tile: int) -> LaunchConfig:
     if tile < 1024:  # tiny vocabularies: one warp is plenty
-        return LaunchConfig(tile, 1, 1)
-    # The finish step holds a whole tile in float64 for its scan: at 4 warps ptxas needs all 255
-    # registers per thread, at 8 it needs 128 (sm_90). Timed on an H200 (benchmarks/RESULTS.md):
-    # 4 and 8 finish warps tie; 8 warps in the streaming pass, or 2 and 4 tiles per program, or a
-    # two-level search inside the tile, were all slower or no faster.
-    return LaunchConfig(tile, 4, 8 if tile >= 4096 else 4)
+        return LaunchConfig(tile, 1, 1, min(tile, 256))
+    return LaunchConfig(tile, 4, 2, 256)
 
 
 def _tile_size(V: int) -> int:
@@ -314,14 +337,19 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo, tile: int | N
     dev = logits.device
     if config is None:
         config = _config_for_tile(tile) if tile else _default_config(V)
-    tile = config.tile
+    tile, sub = config.tile, config.sub
     if tile < 16 or tile & (tile - 1):
         raise ValueError(f"the vocabulary tile must be a power of two >= 16, got {tile}")
+    if sub < 1 or sub & (sub - 1) or sub > tile:
+        raise ValueError(f"the run length must be a power of two <= the tile {tile}, got {sub}")
     nt = triton.cdiv(V, tile)
     temp_t, temp_s = _as_row_tensor(temperature, B, torch.float32, dev)
     seed_t, seed_s = _as_row_tensor(seed, B, torch.int64, dev)
     pos_t = None if position is None else _as_row_tensor(position, B, torch.int64, dev)[0]
-    m, s, w = torch.empty((3, B, nt), dtype=torch.float32, device=dev).unbind(0)  # one allocation
+    # One allocation: tile stats m, s, w [B, nt] each, then run sums c [B, nt, tile // sub].
+    buf = torch.empty((3 + tile // sub) * B * nt, dtype=torch.float32, device=dev)
+    m, s, w = buf[:3 * B * nt].view(3, B, nt).unbind(0)
+    c = buf[3 * B * nt:]
     out = SampleOutput(torch.empty(B, dtype=torch.int64, device=dev),
                        torch.empty(B, dtype=torch.float32, device=dev),
                        torch.empty(B, dtype=torch.float32, device=dev),
@@ -333,16 +361,16 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo, tile: int | N
     temp_scalar = 0.0 if temp_t is not None else float(temp_s)
     lo_arg = lo if lo is not None else dummy
     _sample_stats_kernel[(B, nt)](
-        logits, logits.stride(0), logits.stride(1), temp_arg, temp_scalar, lo_arg, m, s, w, V, nt,
-        TILE=tile, PER_ROW_TEMP=temp_t is not None, HAS_LO=lo is not None,
+        logits, logits.stride(0), logits.stride(1), temp_arg, temp_scalar, lo_arg, m, s, w, c, V, nt,
+        TILE=tile, SUB=sub, PER_ROW_TEMP=temp_t is not None, HAS_LO=lo is not None,
         num_warps=config.stats_warps)
     if not finish:
         return out
     _sample_finish_kernel[(B,)](
         logits, logits.stride(0), logits.stride(1), temp_arg, temp_scalar, lo_arg,
         seed_t if seed_t is not None else dummy, 0 if seed_t is not None else int(seed_s),
-        pos_t if pos_t is not None else dummy, m, s, w, *out, V, nt,
-        TILE=tile, BLOCK_NT=max(16, triton.next_power_of_2(nt)),
+        pos_t if pos_t is not None else dummy, m, s, w, c, *out, V, nt,
+        TILE=tile, SUB=sub, BLOCK_NT=max(16, triton.next_power_of_2(nt)),
         PER_ROW_TEMP=temp_t is not None, HAS_LO=lo is not None,
         PER_ROW_SEED=seed_t is not None, HAS_POS=pos_t is not None, num_warps=config.finish_warps)
     return out

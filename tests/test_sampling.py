@@ -294,11 +294,12 @@ def test_kernel_token_independent_of_tile_size():
     assert torch.equal(tokens[0], sample_ref(logits, 1.0, seeds, pos).tokens)
 
 
-@pytest.mark.parametrize("config", [LaunchConfig(64, 2, 4), LaunchConfig(64, 1, 2), LaunchConfig(128, 4, 1)],
-                         ids=str)
+@pytest.mark.parametrize("config", [LaunchConfig(64, 2, 4, 64), LaunchConfig(64, 1, 2, 16),
+                                    LaunchConfig(128, 4, 1, 128), LaunchConfig(64, 4, 1, 1)], ids=str)
 def test_launch_configs_give_the_same_samples(config):
-    """Warp counts change nothing computed: same tokens (as the reference), log-prob and entropy bit
-    for bit, masked rows and greedy rows included (V = 300: a partial last tile)."""
+    """Warp counts change nothing computed; the run length of the finish step's search changes sums
+    only at rounding level. Same tokens as the reference, masked rows and greedy rows included
+    (V = 300: a partial last tile)."""
     B, V = 6, 300
     logits = _logits(B, V)
     logits[1, ::3] = float("-inf")
@@ -308,12 +309,15 @@ def test_launch_configs_give_the_same_samples(config):
     out = _sample_triton(logits, temps, seeds, pos, config=config)
     assert torch.equal(out.tokens, sample_ref(logits, temps, seeds, pos).tokens)
     assert torch.equal(out.tokens, base.tokens)
-    assert torch.equal(out.logprobs, base.logprobs) and torch.equal(out.entropy, base.entropy)
+    torch.testing.assert_close(out.logprobs, base.logprobs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.entropy, base.entropy, rtol=1e-6, atol=1e-7)
 
 
 def test_bad_launch_config_is_refused():
     with pytest.raises(ValueError, match="tile must be a power of two"):
         _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(48))
+    with pytest.raises(ValueError, match="run length must be a power of two"):
+        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, sub=128))
 
 
 def test_same_inputs_same_tokens_and_seeds_matter():
@@ -481,10 +485,13 @@ def test_gpu_values_and_tokens(V, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [LaunchConfig(4096, 8, 8), LaunchConfig(4096, 4, 4),
-                                    LaunchConfig(4096, 4, 16)], ids=str)
+@pytest.mark.parametrize("config", [LaunchConfig(4096, 8, 2, 256), LaunchConfig(4096, 4, 1, 256),
+                                    LaunchConfig(4096, 4, 4, 256), LaunchConfig(4096, 4, 2, 128),
+                                    LaunchConfig(4096, 4, 2, 512), LaunchConfig(2048, 4, 2, 256)], ids=str)
 def test_gpu_launch_configs_agree_with_the_default(config):
-    """The warp counts the GPU report's tuning rows time: same tokens and values as the default."""
+    """The launches the GPU report's tuning rows time: with the default tile and run length, the
+    same tokens and values as the default launch; otherwise the same up to float rounding (a
+    uniform within rounding of a boundary may move a token)."""
     B, V = 256, 151936
     logits = (torch.randn(B, V, device="cuda") * 4).bfloat16()
     logits[::7, ::3] = float("-inf")
@@ -493,8 +500,12 @@ def test_gpu_launch_configs_agree_with_the_default(config):
     seeds, pos = torch.arange(B, device="cuda") * 13, torch.arange(B, device="cuda")
     base = sample(logits, temps, seeds, pos)
     out = _sample_triton(logits, temps, seeds, pos, config=config)
-    assert torch.equal(out.tokens, base.tokens)
-    assert torch.equal(out.logprobs, base.logprobs) and torch.equal(out.entropy, base.entropy)
+    if (config.tile, config.sub) == (4096, 256):
+        assert torch.equal(out.tokens, base.tokens)
+        assert torch.equal(out.logprobs, base.logprobs) and torch.equal(out.entropy, base.entropy)
+    else:
+        assert (out.tokens == base.tokens).float().mean() >= 0.99
+    _assert_close64(out, logits, temps)
 
 
 @pytest.mark.gpu
