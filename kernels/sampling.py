@@ -304,6 +304,9 @@ def _default_config(V: int) -> LaunchConfig:
 def _config_for_tile(tile: int) -> LaunchConfig:
     if tile < 1024:  # tiny vocabularies: one warp is plenty
         return LaunchConfig(tile, 1, 1, min(tile, 256))
+    # Timed on an H200 at V = 151936 (benchmarks/RESULTS.md): 8 warps in the streaming pass are
+    # 10-19% slower; 1, 2 and 4 finish warps and runs of 128 or 256 are within 2%, runs of 512
+    # 7% slower. The finish step needs 40 registers per thread at 2 warps (sm_90).
     return LaunchConfig(tile, 4, 2, 256)
 
 
@@ -311,8 +314,9 @@ def _tile_size(V: int) -> int:
     """Vocabulary tile of the streaming pass: a function of V only (never of B), so a row's
     arithmetic, and so its token, is the same in any batch. 4096 entries at 4 warps is 32 per
     thread (four 16-byte loads of bf16 in flight) and amortises the three block reductions per
-    tile; V = 151936 gives 38 tiles, so even B = 1 spreads over 38 SMs. On an H200 at V = 151936,
-    tiles of 2048 and 4096 time the same, 8192 is 10-15% slower and 16384 four times slower."""
+    tile; V = 151936 gives 38 tiles, so even B = 1 spreads over 38 SMs. On an H200 at V = 151936
+    4096 was the fastest tile measured: 2048 is up to 14% slower, 8192 10-15% slower and 16384
+    four times slower (benchmarks/RESULTS.md)."""
     return 4096 if V >= 4096 else max(16, triton.next_power_of_2(V))
 
 

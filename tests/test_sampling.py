@@ -489,9 +489,9 @@ def test_gpu_values_and_tokens(V, dtype):
                                     LaunchConfig(4096, 4, 4, 256), LaunchConfig(4096, 4, 2, 128),
                                     LaunchConfig(4096, 4, 2, 512), LaunchConfig(2048, 4, 2, 256)], ids=str)
 def test_gpu_launch_configs_agree_with_the_default(config):
-    """The launches the GPU report's tuning rows time: with the default tile and run length, the
-    same tokens and values as the default launch; otherwise the same up to float rounding (a
-    uniform within rounding of a boundary may move a token)."""
+    """The launches the GPU report's tuning rows time agree with the default launch. Not bit for
+    bit: on a GPU the warp count changes the order of a block's float reductions, and the tile and
+    run length change the sums; a uniform within rounding of a boundary may move a token."""
     B, V = 256, 151936
     logits = (torch.randn(B, V, device="cuda") * 4).bfloat16()
     logits[::7, ::3] = float("-inf")
@@ -500,11 +500,7 @@ def test_gpu_launch_configs_agree_with_the_default(config):
     seeds, pos = torch.arange(B, device="cuda") * 13, torch.arange(B, device="cuda")
     base = sample(logits, temps, seeds, pos)
     out = _sample_triton(logits, temps, seeds, pos, config=config)
-    if (config.tile, config.sub) == (4096, 256):
-        assert torch.equal(out.tokens, base.tokens)
-        assert torch.equal(out.logprobs, base.logprobs) and torch.equal(out.entropy, base.entropy)
-    else:
-        assert (out.tokens == base.tokens).float().mean() >= 0.99
+    assert (out.tokens == base.tokens).float().mean() >= 0.99
     _assert_close64(out, logits, temps)
 
 
