@@ -260,14 +260,20 @@ def _sample_finish_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar,
         goal = frac * tl.sum(c, 0)
         run = tl.sum((c_cum <= goal).to(tl.int32), 0)
         run = tl.minimum(run, tl.max(tl.where(c > 0.0, c_idx, -1), 0))
-        rest = goal - tl.sum(tl.where(c_idx == run, c_cum - c, 0.0), 0)
+        on_run = c_idx == run
+        # Where the target falls inside the run, as a fraction of the run's mass: the entry is
+        # then picked in proportion to its float64 share of the run, so a run sum's fp32 rounding
+        # changes each entry's probability by a relative ~1e-7 at most (as for a tile's sum).
+        before = tl.sum(tl.where(on_run, c_cum - c, 0.0), 0)
+        frac_run = (goal - before) / tl.sum(tl.where(on_run, c, 0.0), 0)
         # Re-read that run; the same arithmetic as the stats pass gives the same masses.
         x = _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, tile * TILE + run * SUB, V,
                        SUB, HAS_LO)
         e = tl.exp2((x - tl.where(m_tile == float("-inf"), 0.0, m_tile)) * scale)
         idx = tl.arange(0, SUB)
-        k = tl.sum((tl.cumsum(e.to(tl.float64), 0) <= rest).to(tl.int32), 0)
-        # Rounding can put `rest` at or past the run's end: stay on its last entry with mass.
+        e64 = e.to(tl.float64)
+        k = tl.sum((tl.cumsum(e64, 0) <= frac_run * tl.sum(e64, 0)).to(tl.int32), 0)
+        # Rounding can put the target at or past the run's end: stay on its last entry with mass.
         k = tl.minimum(k, tl.max(tl.where(e > 0.0, idx, -1), 0))
         tok_in = run * SUB + k
         x_tok = tl.max(tl.where(idx == k, x, float("-inf")), 0)
