@@ -297,8 +297,8 @@ def test_kernel_token_independent_of_tile_size():
 @pytest.mark.parametrize("config", [LaunchConfig(64, 2, 4, 64), LaunchConfig(64, 1, 2, 16),
                                     LaunchConfig(128, 4, 1, 128), LaunchConfig(64, 4, 1, 1)], ids=str)
 def test_launch_configs_give_the_same_samples(config):
-    """Warp counts change nothing computed; the run length of the finish step's search changes sums
-    only at rounding level. Same tokens as the reference, masked rows and greedy rows included
+    """Under the interpreter warp counts change nothing computed; the run length of the finish
+    step's search changes sums only at rounding level. Same tokens as the reference, masked rows and greedy rows included
     (V = 300: a partial last tile)."""
     B, V = 6, 300
     logits = _logits(B, V)
