@@ -95,12 +95,23 @@ def _graph_us(fn, **kw):
     return bench_us(graph.replay, **kw)
 
 
-def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
+def _speed_inputs(B, V, dtype, device):
+    """The timed workload: logits [B, V] of dtype (N(0, 9)), temperature 0.8, distinct seeds."""
     gen = torch.Generator(device=device).manual_seed(B)
     logits = (torch.randn(B, V, device=device, generator=gen) * 3).to(dtype)
     temps = torch.full((B,), 0.8, device=device)
     seeds = torch.arange(B, device=device) + 1000
     pos = torch.zeros(B, dtype=torch.int64, device=device)
+    return logits, temps, seeds, pos
+
+
+def _floor_us(logits, bw_gbs) -> float:
+    """Reading the logits once at the measured copy bandwidth, in microseconds."""
+    return logits.numel() * logits.element_size() / (bw_gbs * 1e3)
+
+
+def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
+    logits, temps, seeds, pos = _speed_inputs(B, V, dtype, device)
     kw = dict(warmup=1, reps=3) if smoke else {}
     case = f"B={B} V={V} {str(dtype).replace('torch.', '')}"
     fails: dict[str, str] = {}
@@ -116,7 +127,7 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
     rows = [Row(SECTION, case, "us eager", ours, name, us) for name, us in peers.items() if us]
     rows += [Row(SECTION, case, f"({name} failed: {why[:60]})", ours) for name, why in fails.items()]
 
-    floor = B * V * logits.element_size() / (bw_gbs * 1e3)
+    floor = _floor_us(logits, bw_gbs)
     rows.append(Row(SECTION, case, "floor us (B*V*bytes / copy bandwidth)", floor))
     rows.append(Row(SECTION, case, "% of floor (eager)", 100 * floor / ours))
     if device == "cuda":
@@ -150,12 +161,8 @@ def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
     and each finish-step warp count x run length. (Tile and run length are part of the sampled
     arithmetic: other defaults would move a token only where its uniform lands within rounding of
     a boundary.)"""
-    gen = torch.Generator(device=device).manual_seed(B)
-    logits = (torch.randn(B, V, device=device, generator=gen) * 3).to(torch.bfloat16)
-    temps = torch.full((B,), 0.8, device=device)
-    seeds = torch.arange(B, device=device) + 1000
-    pos = torch.zeros(B, dtype=torch.int64, device=device)
-    floor = B * V * logits.element_size() / (bw_gbs * 1e3)
+    logits, temps, seeds, pos = _speed_inputs(B, V, torch.bfloat16, device)
+    floor = _floor_us(logits, bw_gbs)
     timer = _graph_us if device == "cuda" else (lambda fn: bench_us(fn, warmup=1, reps=2))
     LaunchConfig = k.sampling.LaunchConfig
 
