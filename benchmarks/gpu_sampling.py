@@ -138,8 +138,16 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
         pct = 100 * floor / graph
         rows.append(Row(SECTION, case, "% of floor (CUDA graph)", pct, "", None,
                         ">= 70%" if large else "", (pct >= 70.0) if large else None))
+        if large:
+            # Inside an engine's decode graph the sampler shares the graph's launch: 20 calls in
+            # one graph, over 4 logits buffers in turn (each evicted from L2 by the next three).
+            bufs = [logits] + [torch.randn_like(logits) for _ in range(3)]
+            many = _graph_us(lambda: [k.sample(bufs[i % 4], temps, seeds, pos) for i in range(20)]) / 20
+            rows.append(Row(SECTION, case, "us per call, 20 calls in one CUDA graph", many,
+                            "floor us", floor))
+            del bufs
         # The streaming pass alone: what the finish step (one row each) adds is the difference.
-        stats = _graph_us(lambda: k.sampling._launch(logits, temps, seeds, pos, None, None, finish=False))
+        stats = _graph_us(lambda: k.sampling._launch(logits, temps, seeds, pos, None, finish=False))
         rows.append(Row(SECTION, case, "us CUDA graph, streaming pass alone", stats, "floor us", floor))
 
     topkp = bench_us(lambda: k.sample(logits, temps, seeds, pos, top_k=TOP_K, top_p=TOP_P), **kw)
@@ -150,41 +158,42 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
     return rows
 
 
-TILES = (2048, 4096)
-STATS_WARPS = (4, 8)
-FINISH = [(warps, sub) for warps in (1, 2, 4) for sub in (128, 256, 512)]  # finish warps, run length
+CHUNKS = (512, 1024, 2048)
+WARPS = (1, 2, 4)  # chunks per program of the streaming pass, one warp each
+FINISH = [(True, 2, 256), (True, 2, 128), (False, 2, 256), (False, 4, 256)]  # fused, warps, run
 
 
 def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
     """The launch choices the default is picked from, each timed in a CUDA graph against the floor:
-    the streaming pass alone for each tile x warps, then the whole sampler with the best of those
-    and each finish-step warp count x run length. (Tile and run length are part of the sampled
-    arithmetic: other defaults would move a token only where its uniform lands within rounding of
-    a boundary.)"""
+    the streaming pass alone for each chunk x warps, then the whole sampler with the best of those,
+    its finish step fused into the pass or a kernel of its own, and two run lengths. (Chunk and
+    run length are part of the sampled arithmetic: other defaults would move a token only where its
+    uniform lands within rounding of a boundary.)"""
     logits, temps, seeds, pos = _speed_inputs(B, V, torch.bfloat16, device)
     floor = _floor_us(logits, bw_gbs)
     timer = _graph_us if device == "cuda" else (lambda fn: bench_us(fn, warmup=1, reps=2))
     LaunchConfig = k.sampling.LaunchConfig
 
     def timed(config, finish):
-        return timer(lambda: k.sampling._launch(logits, temps, seeds, pos, None, None,
-                                                finish=finish, config=config))
+        return timer(lambda: k.sampling._launch(logits, temps, seeds, pos, None, config=config,
+                                                finish=finish))
 
     rows, stats_us, whole_us = [], {}, {}
     case = f"tuning B={B} V={V} bf16"
     metric = "us CUDA graph (ratio: fraction of floor)"
-    for tile in TILES:
-        for warps in STATS_WARPS:
-            config = LaunchConfig(tile, warps)
+    for chunk in CHUNKS:
+        for warps in WARPS:
+            config = LaunchConfig(chunk, warps)
             stats_us[config] = timed(config, False)
-            rows.append(Row(SECTION, f"{case}: streaming pass, tile {tile}, {warps} warps", metric,
-                            stats_us[config], "floor us", floor))
+            rows.append(Row(SECTION, f"{case}: streaming pass, chunk {chunk}, {warps} per program",
+                            metric, stats_us[config], "floor us", floor))
     best = min(stats_us, key=stats_us.get)
-    for warps, sub in FINISH:
-        config = best._replace(finish_warps=warps, sub=sub)
+    for fused, warps, run in FINISH:
+        config = best._replace(fused=fused, finish_warps=warps, run=run)
         whole_us[config] = timed(config, True)
-        rows.append(Row(SECTION, f"{case}: whole sampler, tile {best.tile}, {best.stats_warps} + "
-                        f"{warps} warps, runs of {sub}", metric, whole_us[config], "floor us", floor))
+        how = "finish fused" if fused else f"finish kernel of {warps} warps"
+        rows.append(Row(SECTION, f"{case}: whole sampler, chunk {best.chunk}, {best.warps} per "
+                        f"program, {how}, runs of {run}", metric, whole_us[config], "floor us", floor))
     best = min(whole_us, key=whole_us.get)
     rows.append(Row(SECTION, f"{case}: fastest {tuple(best)} (default {tuple(k.sampling._default_config(V))})",
                     "% of floor (CUDA graph)", 100 * floor / whole_us[best]))

@@ -19,7 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arpo_fast.kernels import SampleOutput, sample, sample_ref
-from arpo_fast.kernels.sampling import LaunchConfig, _sample_triton, _truncation_threshold, uniform53_ref
+from arpo_fast.kernels import sampling
+from arpo_fast.kernels.counter_rng import uniform53_ref
+from arpo_fast.kernels.sampling import LaunchConfig, _sample_triton
+from arpo_fast.kernels.sampling_ref import truncation_threshold
 
 RTOL, ATOL = 1e-4, 1e-7
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -196,9 +199,9 @@ def test_public_sample_dispatches_to_kernel_under_interpreter():
 def test_greedy_is_argmax_with_ties_to_lowest_index(impl):
     B, V = 3, 200
     logits = _logits(B, V)
-    logits[0, [150, 20, 90]] = 50.0  # ties within a tile and across tiles (tile = 16 below)
+    logits[0, [150, 20, 90]] = 50.0  # ties within a chunk and across chunks (chunk = 16 below)
     logits[1, [199, 5]] = 50.0
-    run = (lambda *a: _sample_triton(*a, tile=16)) if impl == "kernel" else sample_ref
+    run = (lambda *a: _sample_triton(*a, config=LaunchConfig(16))) if impl == "kernel" else sample_ref
     out = run(logits, 0.0, 1, torch.arange(B))
     assert out.tokens.tolist() == [20, 5, int(logits[2].argmax())]
     # log-prob and entropy of the untempered distribution
@@ -282,30 +285,32 @@ def test_reference_row_token_independent_of_batch_of_1000():
         assert batch.tokens[r] == alone.tokens[0]
 
 
-def test_kernel_token_independent_of_tile_size():
-    """Tiles of 16, 64 and 256 entries over V = 200: the token is the inverse CDF of one uniform
+def test_kernel_token_independent_of_chunk_size():
+    """Chunks of 16, 64 and 256 entries over V = 200: the token is the inverse CDF of one uniform
     over the whole row, so it may differ only where the uniform lands within float rounding of a
     token boundary (probability ~1e-6 per row here). Rows: 24, all must agree."""
     B, V = 24, 200
     logits = _logits(B, V)
     seeds, pos = torch.arange(B) * 31, torch.arange(B)
-    tokens = [_sample_triton(logits, 1.0, seeds, pos, tile=t).tokens for t in (16, 64, 256)]
+    tokens = [_sample_triton(logits, 1.0, seeds, pos, config=LaunchConfig(c)).tokens for c in (16, 64, 256)]
     assert torch.equal(tokens[0], tokens[1]) and torch.equal(tokens[0], tokens[2])
     assert torch.equal(tokens[0], sample_ref(logits, 1.0, seeds, pos).tokens)
 
 
-@pytest.mark.parametrize("config", [LaunchConfig(64, 2, 4, 64), LaunchConfig(64, 1, 2, 16),
-                                    LaunchConfig(128, 4, 1, 128), LaunchConfig(64, 4, 1, 1)], ids=str)
+@pytest.mark.parametrize("config", [LaunchConfig(64, 2, 4, 64, True), LaunchConfig(64, 1, 2, 16, False),
+                                    LaunchConfig(128, 4, 1, 128, False), LaunchConfig(64, 4, 1, 1, True),
+                                    LaunchConfig(32, 8, 1, 32, True)], ids=str)
 def test_launch_configs_give_the_same_samples(config):
-    """Under the interpreter warp counts change nothing computed; the run length of the finish
-    step's search changes sums only at rounding level. Same tokens as the reference, masked rows and greedy rows included
-    (V = 300: a partial last tile)."""
+    """Under the interpreter the warp count and fusing the finish step change nothing computed;
+    the run length changes sums only at rounding level. Same tokens as the reference, masked rows
+    and greedy rows included (V = 300: a partial last chunk, and with 8 chunks per program at
+    chunk 32, a program with chunks past the end)."""
     B, V = 6, 300
     logits = _logits(B, V)
     logits[1, ::3] = float("-inf")
     temps = torch.tensor([1.0, 0.7, 0.0, 2.0, 1e-3, 1.0])
     seeds, pos = torch.arange(B) * 7, torch.arange(B)
-    base = _sample_triton(logits, temps, seeds, pos, tile=config.tile)
+    base = _sample_triton(logits, temps, seeds, pos, config=LaunchConfig(config.chunk, fused=False))
     out = _sample_triton(logits, temps, seeds, pos, config=config)
     assert torch.equal(out.tokens, sample_ref(logits, temps, seeds, pos).tokens)
     assert torch.equal(out.tokens, base.tokens)
@@ -313,11 +318,43 @@ def test_launch_configs_give_the_same_samples(config):
     torch.testing.assert_close(out.entropy, base.entropy, rtol=1e-6, atol=1e-7)
 
 
+def test_fused_finish_leaves_its_row_counters_at_zero():
+    """The last program of a row resets the row's arrival counter, so the next call (or a CUDA
+    graph replay) starts from zero and gives the same result."""
+    B, V = 5, 700
+    logits = _logits(B, V)
+    config = LaunchConfig(64, 2)
+    first = _sample_triton(logits, 0.8, 9, torch.arange(B), config=config)
+    counters = sampling._row_counters(logits.device, B)
+    assert int(counters.abs().sum()) == 0
+    again = _sample_triton(logits, 0.8, 9, torch.arange(B), config=config)
+    assert torch.equal(first.tokens, again.tokens) and torch.equal(first.logprobs, again.logprobs)
+
+
+def test_batches_past_the_grid_limit_are_launched_in_slices(monkeypatch):
+    """CUDA grids hold at most 65535 rows in their second dimension; larger batches go in slices
+    (here the limit is lowered to 4 so the interpreter stays quick)."""
+    B, V = 10, 100
+    logits = _logits(B, V)
+    temps = torch.linspace(0.0, 2.0, B)
+    whole = _sample_triton(logits, temps, 3, torch.arange(B))
+    monkeypatch.setattr(sampling, "_MAX_GRID_ROWS", 4)
+    for seed in (3, torch.full((B,), 3)):
+        sliced = _sample_triton(logits, temps, seed, torch.arange(B), top_k=None)
+        for got, want in zip(sliced, whole):
+            assert torch.equal(got, want)
+    topk = _sample_triton(logits, 1.0, 3, torch.arange(B), top_k=5)
+    monkeypatch.setattr(sampling, "_MAX_GRID_ROWS", 65535)
+    assert torch.equal(topk.tokens, _sample_triton(logits, 1.0, 3, torch.arange(B), top_k=5).tokens)
+
+
 def test_bad_launch_config_is_refused():
-    with pytest.raises(ValueError, match="tile must be a power of two"):
+    with pytest.raises(ValueError, match="chunk must be a power of two"):
         _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(48))
     with pytest.raises(ValueError, match="run length must be a power of two"):
-        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, sub=128))
+        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, run=128))
+    with pytest.raises(ValueError, match="warps must be a power of two"):
+        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, warps=3))
 
 
 def test_same_inputs_same_tokens_and_seeds_matter():
@@ -434,7 +471,7 @@ def test_kernel_resolves_a_token_12_nats_down():
 def test_truncation_threshold_keeps_the_right_set(top_k, top_p):
     B, V = 6, 300
     logits = _logits(B, V)
-    lo = _truncation_threshold(logits, 0.8, top_k, top_p)
+    lo = truncation_threshold(logits, 0.8, top_k, top_p)
     assert torch.equal(logits >= lo[:, None], _kept(logits, 0.8, top_k, top_p))
 
 
@@ -443,7 +480,7 @@ def test_truncation_per_row_tensors():
     logits = _logits(B, V)
     k = torch.tensor([0, 3, 100, 10])
     p = torch.tensor([1.0, 0.5, 0.9, 1.0])
-    lo = _truncation_threshold(logits, 1.0, k, p)
+    lo = truncation_threshold(logits, 1.0, k, p)
     for b in range(B):
         kb = int(k[b]) if 0 < k[b] < V else None
         want = _kept(logits[b:b + 1], 1.0, kb, float(p[b]))[0]
@@ -485,13 +522,13 @@ def test_gpu_values_and_tokens(V, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [LaunchConfig(4096, 8, 2, 256), LaunchConfig(4096, 4, 1, 256),
-                                    LaunchConfig(4096, 4, 4, 256), LaunchConfig(4096, 4, 2, 128),
-                                    LaunchConfig(4096, 4, 2, 512), LaunchConfig(2048, 4, 2, 256)], ids=str)
+@pytest.mark.parametrize("config", [LaunchConfig(1024, 1, 2, 256, False), LaunchConfig(1024, 2),
+                                    LaunchConfig(1024, 4), LaunchConfig(1024, 8, 4, 128, False),
+                                    LaunchConfig(2048, 1, 2, 512), LaunchConfig(512, 1)], ids=str)
 def test_gpu_launch_configs_agree_with_the_default(config):
     """The launches the GPU report's tuning rows time agree with the default launch. Not bit for
-    bit: on a GPU the warp count changes the order of a block's float reductions, and the tile and
-    run length change the sums; a uniform within rounding of a boundary may move a token."""
+    bit: the chunk and run length change the sums; a uniform within rounding of a boundary may
+    move a token."""
     B, V = 256, 151936
     logits = (torch.randn(B, V, device="cuda") * 4).bfloat16()
     logits[::7, ::3] = float("-inf")
@@ -514,7 +551,7 @@ def test_gpu_invariance_batch_of_1000():
     for r in (0, 17, 999):
         alone = sample(logits[r:r + 1], 1.0, seeds[r:r + 1], pos[r:r + 1])
         assert batch.tokens[r] == alone.tokens[0] and batch.logprobs[r] == alone.logprobs[0]
-    other = _sample_triton(logits[:200], 1.0, seeds[:200], pos[:200], tile=8192)
+    other = _sample_triton(logits[:200], 1.0, seeds[:200], pos[:200], config=LaunchConfig(4096))
     assert (other.tokens == batch.tokens[:200]).float().mean() >= 0.99
 
 
