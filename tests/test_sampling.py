@@ -603,6 +603,35 @@ def test_gpu_cuda_graph_capture_and_replay():
         assert torch.equal(out.tokens, want.tokens)
 
 
+@pytest.mark.gpu
+def test_gpu_fused_finish_is_stable_across_calls_and_graphs():
+    """The fused finish step reads the row's chunk stats written by other programs (ordered by an
+    acquire-release counter): repeated calls, graphs of two batch sizes (the counters grow between
+    captures) and eager calls in between must all give the separate finish kernel's results."""
+    V = 151936
+    logits = (torch.randn(1024, V, device="cuda") * 3).bfloat16()
+    temps = torch.rand(1024, device="cuda") + 0.5
+    seeds, pos = torch.arange(1024, device="cuda") * 7, torch.arange(1024, device="cuda")
+    unfused = _sample_triton(logits, temps, seeds, pos, config=LaunchConfig(1024, fused=False))
+    for _ in range(20):
+        out = sample(logits, temps, seeds, pos)
+        assert torch.equal(out.tokens, unfused.tokens)
+        assert torch.equal(out.logprobs, unfused.logprobs) and torch.equal(out.entropy, unfused.entropy)
+    graphs, outs = [], []
+    for B in (64, 1024):
+        sample(logits[:B], temps[:B], seeds[:B], pos[:B])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs.append(sample(logits[:B], temps[:B], seeds[:B], pos[:B]))
+        graphs.append(graph)
+    for _ in range(5):
+        for graph, out in zip(graphs, outs):
+            graph.replay()
+            sample(logits[:300], temps[:300], seeds[:300], pos[:300])
+            torch.cuda.synchronize()
+            assert torch.equal(out.tokens, unfused.tokens[:len(out.tokens)])
+
+
 def test_large_python_seeds_wrap_like_int64_tensors():
     logits = _logits(3, 40)
     big = 2**64 - 5  # the same 64 bits as the int64 -5
