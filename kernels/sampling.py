@@ -279,10 +279,10 @@ def _default_config(V: int) -> LaunchConfig:
 
     1024 entries per chunk and one warp per program: 32 entries per thread (four 16-byte loads of
     bf16 in flight), and every reduction inside the warp. Not yet timed on a GPU: an sm_90 build
-    of this streaming pass runs about 400 instructions per thread per 32 bf16 entries (a full
-    chunk: no masks) and no barrier,
-    against 484 and ten barriers for the 4096-entry, 4-warp tiles it replaced (whose pass was at
-    58-73% of the copy-bandwidth floor on an H200, close to the SM's instruction issue rate)."""
+    of this streaming pass runs about 400 instructions per thread per 32 bf16 entries of a full
+    chunk, with no barrier, against 484 and ten barriers for the 4096-entry, 4-warp tiles it
+    replaced (whose pass was at 58-73% of the copy-bandwidth floor on an H200, close to the SM's
+    instruction issue rate)."""
     chunk = 1024 if V >= 1024 else max(16, triton.next_power_of_2(V))
     return LaunchConfig(chunk, 1, 2, None, True)
 
