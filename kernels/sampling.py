@@ -6,8 +6,9 @@ exact two-step scheme:
 
 1. The streaming pass, grid (chunk groups, B): each warp reads one chunk of 1024 entries of one row
    once and writes its max ``m`` (raw logit units), ``s = sum 2^d`` and ``w = sum 2^d * d`` with
-   ``d = (x - m) * log2(e) / T``, and the sums of ``2^d`` over its runs of 256 entries (the finish step's map of the chunk). A warp's
-   reductions stay inside the warp: no shared memory and no block barrier.
+   ``d = (x - m) * log2(e) / T``, and the sums of ``2^d`` over its runs of 256 entries (the finish
+   step's map of the chunk). A warp's reductions stay inside the warp: no shared memory and no
+   block barrier.
 2. The finish step, once per row: merges the chunk stats into log Z and the entropy
    ``H = ln S - ln 2 * W / S``, then inverts the CDF of the whole row with a single uniform
    ``u`` in [0, 1): ``u * S`` picks a chunk by cumulative chunk mass, a run inside it by cumulative
@@ -41,7 +42,7 @@ import triton.language as tl
 
 from ._dispatch import use_triton
 from .counter_rng import uniform53
-from .sampling_ref import (  # noqa: F401  (SampleOutput and sample_ref are re-exported)
+from .sampling_ref import (
     SampleOutput,
     TensorOrFloat,
     TensorOrInt,

@@ -18,8 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arpo_fast.kernels import SampleOutput, sample, sample_ref
-from arpo_fast.kernels import sampling
+from arpo_fast.kernels import SampleOutput, sample, sample_ref, sampling
 from arpo_fast.kernels.counter_rng import uniform53_ref
 from arpo_fast.kernels.sampling import LaunchConfig, _sample_triton
 from arpo_fast.kernels.sampling_ref import truncation_threshold
