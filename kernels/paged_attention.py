@@ -42,6 +42,30 @@ def _load_kv_tile(ptr, tables_ptr, stride_tb, b, t, tmask, kvh, s_blk, s_tok, s_
 
 
 @triton.jit
+def _attend_tile(q, acc, m_i, l_i, visible, k_ptr, v_ptr, tables_ptr, stride_tb, b, t, tmask, kvh,
+                 sk_blk, sk_tok, sk_h, sv_blk, sv_tok, sv_h, d, dmask, qk_scale,
+                 PAGE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of the online softmax: scores of q [rows, BLOCK_D] against keys t, masked to
+    ``visible`` ([rows or 1, BLOCK_N]), folded into (acc, m_i, l_i), which it returns updated."""
+    k = _load_kv_tile(k_ptr, tables_ptr, stride_tb, b, t, tmask, kvh, sk_blk, sk_tok, sk_h,
+                      d, dmask, PAGE)
+    if UPCAST:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_kv_tile(v_ptr, tables_ptr, stride_tb, b, t, tmask, kvh, sv_blk, sv_tok, sv_h,
+                      d, dmask, PAGE)
+    if UPCAST:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, tables_ptr, lens_ptr,
                          sq_b, sq_h, sk_blk, sk_tok, sk_h, sv_blk, sv_tok, sv_h, so_b, so_h, so_s,
                          stride_tb, qk_scale, num_splits,
@@ -73,22 +97,9 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, tables_ptr,
     for start in range(lo, hi, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
         tmask = t < hi
-        k = _load_kv_tile(k_ptr, tables_ptr, stride_tb, b, t, tmask, kvh, sk_blk, sk_tok, sk_h,
-                          d, dmask, PAGE)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(tmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(v_ptr, tables_ptr, stride_tb, b, t, tmask, kvh, sv_blk, sv_tok, sv_h,
-                          d, dmask, PAGE)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, tmask[None, :], k_ptr, v_ptr, tables_ptr,
+                                     stride_tb, b, t, tmask, kvh, sk_blk, sk_tok, sk_h, sv_blk,
+                                     sv_tok, sv_h, d, dmask, qk_scale, PAGE, PRECISION, UPCAST)
 
     omask = gmask[:, None] & dmask[None, :]
     if SPLIT:
@@ -137,23 +148,11 @@ def _paged_extend_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, cu_
     for start in range(0, end, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
         tmask = t < end
-        k = _load_kv_tile(k_ptr, tables_ptr, stride_tb, b, t, tmask, kvh, sk_blk, sk_tok, sk_h,
-                          d, dmask, PAGE)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(tmask[None, :] & (t[None, :] <= qpos[:, None]), s, float("-inf"))
-        # Key 0 is visible to every row, so m_new is finite after the first tile.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(v_ptr, tables_ptr, stride_tb, b, t, tmask, kvh, sv_blk, sv_tok, sv_h,
-                          d, dmask, PAGE)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        # Key 0 is visible to every row, so the running max is finite after the first tile.
+        visible = tmask[None, :] & (t[None, :] <= qpos[:, None])
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, visible, k_ptr, v_ptr, tables_ptr,
+                                     stride_tb, b, t, tmask, kvh, sk_blk, sk_tok, sk_h, sv_blk,
+                                     sv_tok, sv_h, d, dmask, qk_scale, PAGE, PRECISION, UPCAST)
     out = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * so_t + h * so_h + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
