@@ -85,11 +85,13 @@ def _sample_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr
                    seed_ptr, seed_scalar, pos_ptr, m_ptr, s_ptr, w_ptr, c_ptr, count_ptr,
                    tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NC,
                    RUNS: tl.constexpr, G: tl.constexpr, I: tl.constexpr, W: tl.constexpr,
-                   BLOCK_NC: tl.constexpr, PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr,
-                   PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr, FUSED: tl.constexpr):
-    """The streaming pass over chunks [pid * W, pid * W + W) of one row, one warp per chunk.
-    Writes m, s, w into fp32 [B, NC] and the run sums into fp32 [B, NC, RUNS]. With FUSED, the
-    last program of the row to get here also runs the finish step for it."""
+                   LOOP: tl.constexpr, BLOCK_NC: tl.constexpr, PER_ROW_TEMP: tl.constexpr,
+                   HAS_LO: tl.constexpr, PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr,
+                   FUSED: tl.constexpr):
+    """The streaming pass over chunks [pid * W * LOOP, (pid + 1) * W * LOOP) of one row: W warps,
+    each reading LOOP chunks. Writes m, s, w into fp32 [B, NC] and the run sums into fp32
+    [B, NC, RUNS]. With FUSED, the last program of the row to get here also runs the finish step
+    for it."""
     pid = tl.program_id(0)
     row = tl.program_id(1)
     if PER_ROW_TEMP:
@@ -98,36 +100,38 @@ def _sample_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr
         t = temp_scalar
     scale = 1.4426950408889634 / tl.where(t > 0.0, t, 1.0)
 
-    # The chunk as [RUNS, W, G, I]: entry (a, w, g, i) is chunk (pid * W + w), run a, entry
-    # g * I + i of the run. Triton puts the lanes on i and then on a (the registers on g), so a
+    # The chunk as [RUNS, W, G, I]: entry (a, w, g, i) is run a, entry g * I + i of the run, of
+    # the chunk warp w reads. Triton puts the lanes on i and then on a (the registers on g), so a
     # run's sum, and every reduction over a chunk, stays inside one warp.
     RUN: tl.constexpr = G * I
     CHUNK: tl.constexpr = RUNS * RUN
     a = tl.arange(0, RUNS)[:, None, None, None]
-    chunk = pid * W + tl.arange(0, W)[None, :, None, None]
-    offs = (chunk * CHUNK + a * RUN + tl.arange(0, G)[None, None, :, None] * I
-            + tl.arange(0, I)[None, None, None, :])
-    ptrs = logits_ptr + row.to(tl.int64) * stride_b + offs * stride_v
-    if (pid + 1) * (W * CHUNK) <= V:  # all but a row's last program: no masks to build
-        x = tl.load(ptrs).to(tl.float32)
-    else:
-        x = tl.load(ptrs, mask=offs < V, other=float("-inf")).to(tl.float32)
-    if HAS_LO:
-        x = tl.where(x < tl.load(lo_ptr + row), float("-inf"), x)
-    # Reduce over the registers (g) first, then the lanes: each reduction is one shuffle tree.
-    m = tl.max(tl.max(tl.max(x, 2, keep_dims=True), 3, keep_dims=True), 0, keep_dims=True)
-    # An all -inf chunk gets s = w = 0 (not NaN from -inf - -inf); NaN or +inf entries make s NaN.
-    d = (x - tl.where(m == float("-inf"), 0.0, m)) * scale
-    e = tl.exp2(d)
-    c = tl.sum(tl.sum(e, 2, keep_dims=True), 3, keep_dims=True)
-    # max(d, -1000) turns 0 * -inf into 0 for masked entries without a branch (2^-1000 == 0).
-    wd = tl.sum(tl.sum(e * tl.maximum(d, -1000.0), 2, keep_dims=True), 3, keep_dims=True)
-    out = row.to(tl.int64) * NC + chunk
-    ok = chunk < NC
-    tl.store(m_ptr + out, m, mask=ok)
-    tl.store(s_ptr + out, tl.sum(c, 0, keep_dims=True), mask=ok)
-    tl.store(w_ptr + out, tl.sum(wd, 0, keep_dims=True), mask=ok)
-    tl.store(c_ptr + out * RUNS + a, c, mask=ok)
+    inner = a * RUN + tl.arange(0, G)[None, None, :, None] * I + tl.arange(0, I)[None, None, None, :]
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_b
+    for k in range(LOOP):  # each warp reads LOOP chunks, one after another
+        first = (pid * LOOP + k) * W
+        chunk = first + tl.arange(0, W)[None, :, None, None]
+        offs = chunk * CHUNK + inner
+        if (first + W) * CHUNK <= V:  # all but a row's last chunks: no masks to build
+            x = tl.load(row_ptr + offs * stride_v).to(tl.float32)
+        else:
+            x = tl.load(row_ptr + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32)
+        if HAS_LO:
+            x = tl.where(x < tl.load(lo_ptr + row), float("-inf"), x)
+        # Reduce over the registers (g) first, then the lanes: each reduction is one shuffle tree.
+        m = tl.max(tl.max(tl.max(x, 2, keep_dims=True), 3, keep_dims=True), 0, keep_dims=True)
+        # An all -inf chunk gets s = w = 0 (not NaN from -inf - -inf); NaN or +inf entries make s NaN.
+        d = (x - tl.where(m == float("-inf"), 0.0, m)) * scale
+        e = tl.exp2(d)
+        c = tl.sum(tl.sum(e, 2, keep_dims=True), 3, keep_dims=True)
+        # max(d, -1000) turns 0 * -inf into 0 for masked entries without a branch (2^-1000 == 0).
+        wd = tl.sum(tl.sum(e * tl.maximum(d, -1000.0), 2, keep_dims=True), 3, keep_dims=True)
+        out = row.to(tl.int64) * NC + chunk
+        ok = chunk < NC
+        tl.store(m_ptr + out, m, mask=ok)
+        tl.store(s_ptr + out, tl.sum(c, 0, keep_dims=True), mask=ok)
+        tl.store(w_ptr + out, tl.sum(wd, 0, keep_dims=True), mask=ok)
+        tl.store(c_ptr + out * RUNS + a, c, mask=ok)
 
     if FUSED:
         # Every warp's stores come before the release below; the acquire makes all the row's
@@ -264,15 +268,17 @@ class LaunchConfig(NamedTuple):
 
     ``chunk`` (entries per record of the streaming pass) and ``run`` (entries per run sum, which
     the finish step re-reads; divides the chunk; None: min(chunk, 256)) are powers of two and enter the sampled
-    arithmetic, then only at float-rounding level. The rest are speed choices: ``warps`` (chunks
-    per program of the streaming pass, one warp each), ``finish_warps`` (of the separate finish
-    kernel) and ``fused`` (the last program of each row finishes it, so there is one kernel)."""
+    arithmetic, then only at float-rounding level. The rest are speed choices: ``warps`` (warps
+    per program of the streaming pass, each reading its own chunks), ``loop`` (chunks each warp
+    reads, one after another), ``finish_warps`` (of the separate finish kernel) and ``fused`` (the
+    last program of each row finishes it, so there is one kernel)."""
 
     chunk: int
     warps: int = 1
     finish_warps: int = 2
     run: int | None = None
     fused: bool = True
+    loop: int = 1
 
 
 def _default_config(V: int) -> LaunchConfig:
@@ -298,6 +304,8 @@ def _resolved(config: LaunchConfig) -> LaunchConfig:
         raise ValueError(f"the run length must be a power of two <= the chunk {chunk}, got {run}")
     if config.warps < 1 or config.warps & (config.warps - 1):
         raise ValueError(f"warps must be a power of two, got {config.warps}")
+    if config.loop < 1:
+        raise ValueError(f"loop must be at least 1, got {config.loop}")
     return config._replace(run=run)
 
 
@@ -376,9 +384,10 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
                  HAS_LO=lo is not None, PER_ROW_SEED=seed_t is not None, HAS_POS=pos_t is not None)
     # maxnreg: the finish step inside the fused kernel would take it to 79 registers on sm_90;
     # capped at 64 (no spills) one-warp programs fill the 32 blocks an SM can hold.
-    _sample_kernel[(triton.cdiv(nc, W), B)](
+    _sample_kernel[(triton.cdiv(nc, W * config.loop), B)](
         *args, _row_counters(dev, B) if fused else dummy, *out, V, nc,
-        RUNS=runs, G=run // inner, I=inner, W=W, FUSED=fused, **flags, num_warps=W, maxnreg=64)
+        RUNS=runs, G=run // inner, I=inner, W=W, LOOP=config.loop, FUSED=fused, **flags,
+        num_warps=W, maxnreg=64)
     if finish and not fused:
         _sample_finish_kernel[(B,)](*args, *out, V, nc, RUNS=runs, RUN=run, **flags,
                                     num_warps=config.finish_warps)
