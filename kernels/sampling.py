@@ -284,14 +284,17 @@ class LaunchConfig(NamedTuple):
 def _default_config(V: int) -> LaunchConfig:
     """A function of V only (never of B), so a row's token is the same in any batch.
 
-    1024 entries per chunk and one warp per program: 32 entries per thread (four 16-byte loads of
-    bf16 in flight), and every reduction inside the warp. Not yet timed on a GPU: an sm_90 build
-    of this streaming pass runs about 400 instructions per thread per 32 bf16 entries of a full
-    chunk, with no barrier, against 484 and ten barriers for the 4096-entry, 4-warp tiles it
-    replaced (whose pass was at 58-73% of the copy-bandwidth floor on an H200, close to the SM's
-    instruction issue rate)."""
+    1024 entries per chunk, 32 per thread (four 16-byte loads of bf16 in flight), every reduction
+    inside the warp; four warps per program (fewer if the row has fewer chunks), so a program
+    covers 4096 entries as the measured tiles before it did and the grid keeps their shape. Not
+    yet timed on a GPU: an sm_90 build of this streaming pass runs about 440 instructions per
+    thread per 32 bf16 entries of a full chunk, with seven block barriers (layout changes for the
+    stores), against 484 and ten barriers for the 4096-entry tiles it replaced, whose pass was at
+    58-73% of the copy-bandwidth floor on an H200, close to the SM's instruction issue rate. (One
+    warp per program: about 400 and no barrier, but four times the programs.)"""
     chunk = 1024 if V >= 1024 else max(16, triton.next_power_of_2(V))
-    return LaunchConfig(chunk, 1, 2, None, True)
+    warps = min(4, triton.next_power_of_2(triton.cdiv(V, chunk)))
+    return LaunchConfig(chunk, warps, 2, None, True)
 
 
 def _resolved(config: LaunchConfig) -> LaunchConfig:
