@@ -95,6 +95,16 @@ def test_error_returns_the_last_lines(tool):
     assert 'File "main.py", line 2' in result.text
 
 
+def test_limit_hints_see_past_interleaved_tracebacks(tool):
+    """Forked processes failing together interleave their tracebacks, so the error line may sit
+    above the last lines kept; the limit hint still comes."""
+    code = ("import sys\nsys.stderr.write('BlockingIOError: [Errno 11] Resource temporarily unavailable\\n'"
+            " + 'Traceback (most recent call last):\\n' * 10)\nsys.exit(1)")
+    result = tool(code)
+    assert result.status == "error"
+    assert result.text.splitlines()[-1] == f"(The limit is {tool.config.max_processes} processes and threads.)"
+
+
 def test_syntax_error_and_empty_code(tool):
     assert "SyntaxError" in tool("def f(:\n  pass").text
     assert tool("   ").status == "bad_input"

@@ -241,9 +241,11 @@ class _Run:
                                f"{_signal_hint(signum, self.config)}.")
         elif not text:
             text = f"The program exited with status {rc}."
-        if "MemoryError" in text:
+        # The hints look at the whole captured tail, not only the last lines kept: when many forked
+        # processes fail at once, their tracebacks interleave and the error line may sit higher up.
+        if "MemoryError" in err:
             text += f"\n(The memory limit is {self.config.memory_mb} MB.)"
-        if "BlockingIOError" in text or "Resource temporarily unavailable" in text:
+        if "BlockingIOError" in err or "Resource temporarily unavailable" in err:
             text += f"\n(The limit is {self.config.max_processes} processes and threads.)"
         return text
 
