@@ -470,10 +470,12 @@ def test_kernel_resolves_a_token_12_nats_down():
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("top_k,top_p", [(5, None), (None, 0.6), (20, 0.9), (1, None), (None, 1.0)])
-def test_truncation_threshold_keeps_the_right_set(top_k, top_p):
+def test_truncation_threshold_keeps_the_right_set(top_k, top_p, dtype):
+    """The threshold selects and sorts in the logits' own dtype (bf16 here has many ties)."""
     B, V = 6, 300
-    logits = _logits(B, V)
+    logits = _logits(B, V, dtype)
     lo = truncation_threshold(logits, 0.8, top_k, top_p)
     assert torch.equal(logits >= lo[:, None], _kept(logits, 0.8, top_k, top_p))
 
