@@ -558,7 +558,7 @@ def test_gpu_invariance_batch_of_1000():
     for r in (0, 17, 999):
         alone = sample(logits[r:r + 1], 1.0, seeds[r:r + 1], pos[r:r + 1])
         assert batch.tokens[r] == alone.tokens[0] and batch.logprobs[r] == alone.logprobs[0]
-    other = _sample_triton(logits[:200], 1.0, seeds[:200], pos[:200], config=LaunchConfig(4096))
+    other = _sample_triton(logits[:200], 1.0, seeds[:200], pos[:200], config=LaunchConfig(512))
     assert (other.tokens == batch.tokens[:200]).float().mean() >= 0.99
 
 
