@@ -6,8 +6,8 @@ exact two-step scheme:
 
 1. The streaming pass, grid (chunk groups, B): each warp reads one chunk of 1024 entries of one row
    once and writes its max ``m`` (raw logit units), ``s = sum 2^d`` and ``w = sum 2^d * d`` with
-   ``d = (x - m) * log2(e) / T``, and the sums of ``2^d`` over its runs of 256 entries (the finish
-   step's map of the chunk). A warp's reductions stay inside the warp: no shared memory and no
+   ``d = x * scale - r``, ``scale = log2(e) / T`` and the chunk's reference ``r = m * scale``, and
+   the sums of ``2^d`` over its runs of 256 entries (the finish step's map of the chunk). A warp's reductions stay inside the warp: no shared memory and no
    block barrier.
 2. The finish step, once per row: merges the chunk stats into log Z and the entropy
    ``H = ln S - ln 2 * W / S``, then inverts the CDF of the whole row with a single uniform
@@ -16,6 +16,13 @@ exact two-step scheme:
    entries only). By default the last program of a row to finish its chunks does this (it counts
    arrivals in a per-row counter that it then resets), so the sampler is one kernel launch;
    ``LaunchConfig(fused=False)`` runs it as a second kernel instead.
+
+``d`` is one fused multiply-add per entry. Its product ``x * scale`` is exact inside the FMA, so
+``d`` is accurate to fp32 rounding even for logits of 1e4 at T = 1e-3 (where ``x * scale`` is
+about 1.4e7); the reference ``r`` rounds, so the max entry has ``d = rho``, the rounding residual
+of ``m * scale``, not 0. The finish step works relative to that entry (log-prob as
+``ln e_tok - ln S``, entropy from ``S / e_max`` and ``W - rho S``), so a one-hot row still gets
+log-prob and entropy exactly 0.
 
 The uniform has 53 bits (``counter_rng``), and the cumulative sums are taken in float64, so
 tokens far below the top (12 nats and more) are drawn at their true rate: an fp32 uniform would
@@ -73,9 +80,7 @@ def _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, start, V,
     return x
 
 
-# Temperature: scale = log2(e) / T, so p ~ 2^((x - m) * scale); greedy rows (T <= 0) use T = 1.
-# Subtracting before scaling keeps (x - m) exact near the max even for |x| ~ 1e4 and T ~ 1e-3, and
-# makes the max entry's d exactly 0 (a one-hot row gets log-prob and entropy exactly 0).
+# Temperature: scale = log2(e) / T, so p ~ 2^(x * scale - r); greedy rows (T <= 0) use T = 1.
 # The streaming kernel is written out without small helper calls on purpose: Triton's interpreter,
 # which runs the CPU tests, pays milliseconds per nested jit call per program.
 
@@ -121,7 +126,7 @@ def _sample_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr
         # Reduce over the registers (g) first, then the lanes: each reduction is one shuffle tree.
         m = tl.max(tl.max(tl.max(x, 2, keep_dims=True), 3, keep_dims=True), 0, keep_dims=True)
         # An all -inf chunk gets s = w = 0 (not NaN from -inf - -inf); NaN or +inf entries make s NaN.
-        d = (x - tl.where(m == float("-inf"), 0.0, m)) * scale
+        d = tl.fma(x, scale, -(tl.where(m == float("-inf"), 0.0, m) * scale))
         e = tl.exp2(d)
         c = tl.sum(tl.sum(e, 2, keep_dims=True), 3, keep_dims=True)
         # max(d, -1000) turns 0 * -inf into 0 for masked entries without a branch (2^-1000 == 0).
@@ -184,8 +189,11 @@ def _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_p
     scale = 1.4426950408889634 / tl.where(greedy, 1.0, t)
     CHUNK: tl.constexpr = RUNS * RUN
 
-    # Merge: M = max m_t, chunk mass S_t = s_t 2^delta_t with delta_t = (m_t - M) * scale <= 0,
-    # S = sum S_t, W = sum 2^delta_t (w_t + delta_t s_t); H = ln S - ln 2 * W / S.
+    # Merge, relative to R = r_t of the max chunk: chunk mass S_t = s_t 2^delta_t with
+    # delta_t = r_t - R <= 0, S = sum S_t, W = sum 2^delta_t (w_t + delta_t s_t). The max entry
+    # has d = rho (the residual of M * scale) and mass e_max = 2^rho, bit for bit as the streaming
+    # pass made it; H = ln(S / e_max) - ln 2 * (W - rho S) / S is ln S - ln 2 * W / S taken
+    # relative to that entry, and exactly 0 for a one-hot row (S == e_max, W == rho S).
     idx = tl.arange(0, BLOCK_NC)
     ok = idx < NC
     base = row.to(tl.int64) * NC
@@ -194,13 +202,22 @@ def _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_p
     s_t = tl.load(rec + 1, mask=ok, other=0.0, cache_modifier=".cg")
     w_t = tl.load(rec + 2, mask=ok, other=0.0, cache_modifier=".cg")
     big_m = tl.max(m_t, 0)
-    delta = (m_t - tl.where(big_m == float("-inf"), 0.0, big_m)) * scale
+    m_ref = tl.where(big_m == float("-inf"), 0.0, big_m)
+    big_r = m_ref * scale
+    # An all -inf chunk has no mass (and no reference): delta -inf, not 0 - R.
+    delta = tl.where(m_t == float("-inf"), float("-inf"), m_t * scale - big_r)
     r_t = tl.exp2(delta)
     mass = s_t * r_t
     total = tl.sum(mass, 0)
     w_all = tl.sum(r_t * (w_t + tl.maximum(delta, -1000.0) * s_t), 0)
     valid = (total > 0.0) & (total < float("inf"))  # False for NaN too
-    entropy = tl.log(total) - 0.6931471805599453 * w_all / total
+    rho = tl.fma(m_ref, scale, -big_r)
+    e_max = tl.exp2(rho)
+    # fma(rho, S, 0) rounds rho * S once, as the streaming pass rounded e_max * rho into W; a plain
+    # product could be fused with the subtraction, and ln S - ln e_max (not ln(S / e_max), whose
+    # division is approximate) is exactly 0 when S == e_max.
+    entropy = (tl.log(total) - tl.log(e_max)
+               - 0.6931471805599453 * (w_all - tl.fma(rho, total, 0.0)) / total)
 
     # Inverse CDF over the whole row with one 53-bit uniform; cumulative sums in float64.
     if PER_ROW_SEED:
@@ -225,11 +242,11 @@ def _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_p
 
     m_ch = tl.sum(tl.where(idx == ch, m_t, 0.0), 0)
     if greedy:
-        # The first entry of the first chunk holding the max; its logit is that max.
+        # The first entry of the first chunk holding the max; its mass is e_max.
         # (Names differ between the branches: the compiler wants a name's type the same in both.)
         x_all = _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, ch * CHUNK, V, CHUNK, HAS_LO)
         tok_in = tl.argmax(x_all, 0)
-        x_tok = m_ch
+        e_tok = e_max
     else:
         # The run holding the target, from the run sums of the streaming pass.
         c_idx = tl.arange(0, RUNS)
@@ -247,15 +264,18 @@ def _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_p
         # Re-read that run; the same arithmetic as the streaming pass gives the same masses.
         x = _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, ch * CHUNK + run * RUN, V,
                        RUN, HAS_LO)
-        e = tl.exp2((x - tl.where(m_ch == float("-inf"), 0.0, m_ch)) * scale)
+        e = tl.exp2(tl.fma(x, scale, -(tl.where(m_ch == float("-inf"), 0.0, m_ch) * scale)))
         e_idx = tl.arange(0, RUN)
         e64 = e.to(tl.float64)
         k = tl.sum((tl.cumsum(e64, 0) <= frac_run * tl.sum(e64, 0)).to(tl.int32), 0)
         # Rounding can put the target at or past the run's end: stay on its last entry with mass.
         k = tl.minimum(k, tl.max(tl.where(e > 0.0, e_idx, -1), 0))
         tok_in = run * RUN + k
-        x_tok = tl.max(tl.where(e_idx == k, x, float("-inf")), 0)
-    logp = (x_tok - big_m) * (scale * 0.6931471805599453) - tl.log(total)
+        e_tok = tl.sum(tl.where(e_idx == k, e, 0.0), 0)
+    # The token's mass relative to R is e_tok 2^delta_ch; taking the log of e_tok itself (not of
+    # its d) lets e_tok's own rounding cancel against the same term inside S.
+    delta_ch = tl.sum(tl.where(idx == ch, delta, 0.0), 0)
+    logp = tl.log(e_tok) - tl.log(total) + 0.6931471805599453 * delta_ch
 
     token = tl.where(valid, ch.to(tl.int64) * CHUNK + tok_in, -1)
     tl.store(tok_ptr + row, token)
@@ -293,11 +313,11 @@ def _default_config(V: int) -> LaunchConfig:
     1024 entries per chunk, 32 per thread (four 16-byte loads of bf16 in flight), every reduction
     inside the warp; four warps per program (fewer if the row has fewer chunks), so a program
     covers 4096 entries as the measured tiles before it did and the grid keeps their shape. Not
-    yet timed on a GPU: an sm_90 build of this streaming pass runs about 415 instructions per
+    yet timed on a GPU: an sm_90 build of this streaming pass runs about 400 instructions per
     thread per 32 bf16 entries of a full chunk, with three block barriers (layout changes for the
     stores), against 484 and ten barriers for the 4096-entry tiles it replaced, whose pass was at
     58-73% of the copy-bandwidth floor on an H200, close to the SM's instruction issue rate. (One
-    warp per program: about 395 and no barrier, but four times the programs.)"""
+    warp per program: about 370 and no barrier, but four times the programs.)"""
     chunk = 1024 if V >= 1024 else max(16, triton.next_power_of_2(V))
     warps = min(4, triton.next_power_of_2(triton.cdiv(V, chunk)))
     return LaunchConfig(chunk, warps, 2, None, True)
