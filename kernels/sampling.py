@@ -7,8 +7,8 @@ exact two-step scheme:
 1. The streaming pass, grid (chunk groups, B): each warp reads one chunk of 1024 entries of one row
    once and writes its max ``m`` (raw logit units), ``s = sum 2^d`` and ``w = sum 2^d * d`` with
    ``d = x * scale - r``, ``scale = log2(e) / T`` and the chunk's reference ``r = m * scale``, and
-   the sums of ``2^d`` over its runs of 256 entries (the finish step's map of the chunk). A warp's reductions stay inside the warp: no shared memory and no
-   block barrier.
+   the sums of ``2^d`` over its runs of 256 entries (the finish step's map of the chunk). A warp's
+   reductions stay inside the warp.
 2. The finish step, once per row: merges the chunk stats into log Z and the entropy
    ``H = ln S - ln 2 * W / S``, then inverts the CDF of the whole row with a single uniform
    ``u`` in [0, 1): ``u * S`` picks a chunk by cumulative chunk mass, a run inside it by cumulative
@@ -20,9 +20,9 @@ exact two-step scheme:
 ``d`` is one fused multiply-add per entry. Its product ``x * scale`` is exact inside the FMA, so
 ``d`` is accurate to fp32 rounding even for logits of 1e4 at T = 1e-3 (where ``x * scale`` is
 about 1.4e7); the reference ``r`` rounds, so the max entry has ``d = rho``, the rounding residual
-of ``m * scale``, not 0. The finish step works relative to that entry (log-prob as
-``ln e_tok - ln S``, entropy from ``S / e_max`` and ``W - rho S``), so a one-hot row still gets
-log-prob and entropy exactly 0.
+of ``m * scale``, not 0. The finish step works relative to that entry (log-prob from
+``ln e_tok - ln S``, entropy from ``ln S - ln e_max`` and ``W - rho S``), so a one-hot row still
+gets log-prob and entropy exactly 0.
 
 The uniform has 53 bits (``counter_rng``), and the cumulative sums are taken in float64, so
 tokens far below the top (12 nats and more) are drawn at their true rate: an fp32 uniform would
