@@ -95,8 +95,8 @@ def _sample_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr
                    FUSED: tl.constexpr):
     """The streaming pass over chunks [pid * W * LOOP, (pid + 1) * W * LOOP) of one row: W warps,
     each reading LOOP chunks. Writes each chunk's record (m, s, w, m) into fp32 [B, NC, 4] and
-    its run sums into fp32 [B, NC, RUNS]. With FUSED, the last program of the row to get here also runs the finish step
-    for it."""
+    its run sums into fp32 [B, NC, RUNS]. With FUSED, the last program of the row to get here
+    also runs the finish step for it."""
     pid = tl.program_id(0)
     row = tl.program_id(1)
     if PER_ROW_TEMP:
@@ -293,11 +293,11 @@ class LaunchConfig(NamedTuple):
     """How the sampler is launched.
 
     ``chunk`` (entries per record of the streaming pass) and ``run`` (entries per run sum, which
-    the finish step re-reads; divides the chunk; None: min(chunk, 256)) are powers of two and enter the sampled
-    arithmetic, then only at float-rounding level. The rest are speed choices: ``warps`` (warps
-    per program of the streaming pass, each reading its own chunks), ``loop`` (chunks each warp
-    reads, one after another), ``finish_warps`` (of the separate finish kernel) and ``fused`` (the
-    last program of each row finishes it, so there is one kernel)."""
+    the finish step re-reads; divides the chunk; None: min(chunk, 256)) are powers of two and
+    enter the sampled arithmetic, then only at float-rounding level. The rest are speed choices:
+    ``warps`` (warps per program of the streaming pass, each reading its own chunks), ``loop``
+    (chunks each warp reads, one after another), ``finish_warps`` (of the separate finish kernel)
+    and ``fused`` (the last program of each row finishes it, so there is one kernel)."""
 
     chunk: int
     warps: int = 1
