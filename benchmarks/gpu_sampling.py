@@ -158,15 +158,15 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
     return rows
 
 
-CHUNKS = (512, 1024)  # 2048 would need 64 entries per thread: spills under the 64-register cap
-WARPS = (1, 2, 4)  # warps per program of the streaming pass, each reading its own chunks
-LOOPS = (1, 4)  # chunks each warp reads, one after another
+# Streaming-pass launches timed: (chunk, warps per program, chunks each warp reads in turn).
+# Chunks of 2048 would need 64 entries per thread: they spill under the 64-register cap.
+STREAM = [(1024, warps, loop) for warps in (1, 2, 4) for loop in (1, 4)] + [(512, 4, 1), (512, 4, 4)]
 FINISH = [(True, 2, 256), (True, 2, 128), (False, 2, 256), (False, 4, 256)]  # fused, warps, run
 
 
 def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
     """The launch choices the default is picked from, each timed in a CUDA graph against the floor:
-    the streaming pass alone for each chunk x warps x chunks per warp, then the whole sampler with
+    the streaming pass alone for each (chunk, warps, chunks per warp), then the whole sampler with
     the best of those, its finish step fused into the pass or a kernel of its own, and two run
     lengths. (Chunk and run length are part of the sampled arithmetic: other defaults would move a
     token only where its uniform lands within rounding of a boundary.)"""
@@ -182,13 +182,11 @@ def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
     rows, stats_us, whole_us = [], {}, {}
     case = f"tuning B={B} V={V} bf16"
     metric = "us CUDA graph (ratio: fraction of floor)"
-    for chunk in CHUNKS:
-        for warps in WARPS:
-            for loop in LOOPS:
-                config = LaunchConfig(chunk, warps, loop=loop)
-                stats_us[config] = timed(config, False)
-                rows.append(Row(SECTION, f"{case}: streaming pass, chunk {chunk}, {warps} warps x "
-                                f"{loop} chunks", metric, stats_us[config], "floor us", floor))
+    for chunk, warps, loop in STREAM:
+        config = LaunchConfig(chunk, warps, loop=loop)
+        stats_us[config] = timed(config, False)
+        rows.append(Row(SECTION, f"{case}: streaming pass, chunk {chunk}, {warps} warps x {loop} "
+                        f"chunks", metric, stats_us[config], "floor us", floor))
     best = min(stats_us, key=stats_us.get)
     for fused, warps, run in FINISH:
         config = best._replace(fused=fused, finish_warps=warps, run=run)
