@@ -158,9 +158,12 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
     return rows
 
 
-# Streaming-pass launches timed: (chunk, warps per program, chunks each warp reads in turn).
-# Chunks of 2048 would need 64 entries per thread: they spill under the 64-register cap.
-STREAM = [(1024, warps, loop) for warps in (1, 2, 4) for loop in (1, 4)] + [(512, 4, 1), (512, 4, 4)]
+# Streaming-pass launches timed: (chunk, warps per program, chunks each warp reads in turn,
+# pipeline stages). Chunks of 2048 would need 64 entries per thread: they spill under the
+# 64-register cap.
+STREAM = ([(1024, warps, loop, 1) for warps in (1, 2, 4) for loop in (1, 4)]
+          + [(512, 4, 1, 1), (512, 4, 4, 1)]
+          + [(1024, 1, 4, 2), (1024, 4, 4, 2), (1024, 1, 8, 3)])
 FINISH = [(True, 2, 256), (True, 2, 128), (False, 2, 256), (False, 4, 256)]  # fused, warps, run
 
 
@@ -182,19 +185,19 @@ def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
     rows, stats_us, whole_us = [], {}, {}
     case = f"tuning B={B} V={V} bf16"
     metric = "us CUDA graph (ratio: fraction of floor)"
-    for chunk, warps, loop in STREAM:
-        config = LaunchConfig(chunk, warps, loop=loop)
+    for chunk, warps, loop, stages in STREAM:
+        config = LaunchConfig(chunk, warps, loop=loop, stages=stages)
         stats_us[config] = timed(config, False)
         rows.append(Row(SECTION, f"{case}: streaming pass, chunk {chunk}, {warps} warps x {loop} "
-                        f"chunks", metric, stats_us[config], "floor us", floor))
+                        f"chunks, {stages} stages", metric, stats_us[config], "floor us", floor))
     best = min(stats_us, key=stats_us.get)
     for fused, warps, run in FINISH:
         config = best._replace(fused=fused, finish_warps=warps, run=run)
         whole_us[config] = timed(config, True)
         how = "finish fused" if fused else f"finish kernel of {warps} warps"
         rows.append(Row(SECTION, f"{case}: whole sampler, chunk {best.chunk}, {best.warps} warps x "
-                        f"{best.loop} chunks, {how}, runs of {run}", metric, whole_us[config],
-                        "floor us", floor))
+                        f"{best.loop} chunks, {best.stages} stages, {how}, runs of {run}", metric,
+                        whole_us[config], "floor us", floor))
     best = min(whole_us, key=whole_us.get)
     rows.append(Row(SECTION, f"{case}: fastest {tuple(best)} (default {tuple(k.sampling._default_config(V))})",
                     "% of floor (CUDA graph)", 100 * floor / whole_us[best]))

@@ -15,3 +15,13 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.is_cuda:
         return True
     return interpret_mode() and t.device.type == "cpu"
+
+
+# Launch arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are constexpr
+# functions whose host-side call costs microseconds each, which adds up on every eager launch.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

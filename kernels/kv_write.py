@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import next_power_of_2, use_triton
 
 
 @triton.jit
@@ -129,6 +129,6 @@ def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         q, k, v, cos, sin, out, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         out.stride(0), out.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        H=H, HK=HK, HALF=half, BLOCK_H=triton.next_power_of_2(max(H, HK)),
-        BLOCK_HALF=triton.next_power_of_2(half), PAGE=page, num_warps=1 if H * D <= 2048 else 4)
+        H=H, HK=HK, HALF=half, BLOCK_H=next_power_of_2(max(H, HK)),
+        BLOCK_HALF=next_power_of_2(half), PAGE=page, num_warps=1 if H * D <= 2048 else 4)
     return out

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import cdiv, next_power_of_2, use_triton
 
 __all__ = ["logprob_entropy", "logprob_entropy_ref", "default_chunk_size"]
 
@@ -149,7 +149,7 @@ def _fold_block_triton(block, col0, tgt, m, s, w, zt, inv_temp):
     rows, n = block.shape
     if rows == 0:
         return
-    blk = min(4096, max(16, triton.next_power_of_2(n)))
+    blk = min(4096, max(16, next_power_of_2(n)))
     _logprob_entropy_fwd_kernel[(rows,)](
         block, block.stride(0), n, col0, tgt, m, s, w, zt, inv_temp,
         BLOCK=blk, num_warps=8 if blk >= 2048 else 4)
@@ -160,8 +160,8 @@ def _grad_block_triton(block, col0, tgt, logz, ent, glp, gent, inv_temp):
     rows, n = block.shape
     if rows == 0:
         return
-    blk = min(2048, max(16, triton.next_power_of_2(n)))
-    grid = (rows, triton.cdiv(n, blk))
+    blk = min(2048, max(16, next_power_of_2(n)))
+    grid = (rows, cdiv(n, blk))
     _logprob_entropy_bwd_kernel[grid](
         block, block.stride(0), n, col0, tgt, logz, ent, glp, gent, inv_temp,
         BLOCK=blk, num_warps=4)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpret_mode, use_triton
+from ._dispatch import cdiv, interpret_mode, next_power_of_2, use_triton
 
 LOG2E = 1.4426950408889634
 
@@ -221,8 +221,8 @@ def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     G, kv_heads, D = _check(q, k_cache, v_cache, block_tables, context_lens)
     B, H, _ = q.shape
     page = k_cache.shape[1]
-    block_d = max(16, triton.next_power_of_2(D))
-    block_g = max(16, triton.next_power_of_2(G))  # tl.dot wants M >= 16
+    block_d = max(16, next_power_of_2(D))
+    block_g = max(16, next_power_of_2(G))  # tl.dot wants M >= 16
     if num_splits is None:
         num_splits = _default_splits(B, kv_heads, block_tables.shape[1] * page, 64)
     out = torch.empty_like(q)
@@ -257,13 +257,13 @@ def _extend_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q
     N, H, _ = q.shape
     B = context_lens.shape[0]
     page = k_cache.shape[1]
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     block_m = 64 if max_seqlen_q > 32 else 16
     block_n = 64 if block_d <= 64 else 32
     out = torch.empty_like(q)
     if N == 0 or B == 0:
         return out
-    grid = (triton.cdiv(max_seqlen_q, block_m), B, H)
+    grid = (cdiv(max_seqlen_q, block_m), B, H)
     _paged_extend_kernel[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],

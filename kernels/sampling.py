@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import cdiv, next_power_of_2, use_triton
 from .counter_rng import uniform53
 from .sampling_ref import (
     SampleOutput,
@@ -80,9 +80,38 @@ def _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, start, V,
     return x
 
 
+@triton.jit
+def _chunk_stats(x, chunk, a, row, lo, rec_ptr, c_ptr, NC, scale,
+                 RUNS: tl.constexpr, HAS_LO: tl.constexpr):
+    """The stats of W chunks, one per warp: x fp32 [RUNS, W, G, I], chunk int [1, W, 1, 1].
+    Writes each chunk's record (m, s, w, m) and its run sums (chunks past NC are not written)."""
+    if HAS_LO:
+        # `x < lo` is False for NaN, so a NaN survives and still marks the row invalid.
+        x = tl.where(x < lo, float("-inf"), x)
+    # Reduce over the registers (g) first, then the lanes: each reduction is one shuffle tree.
+    m = tl.max(tl.max(tl.max(x, 2, keep_dims=True), 3, keep_dims=True), 0, keep_dims=True)
+    # An all -inf chunk gets s = w = 0 (not NaN from -inf - -inf); NaN or +inf entries make s NaN.
+    d = tl.fma(x, scale, -(tl.where(m == float("-inf"), 0.0, m) * scale))
+    e = tl.exp2(d)
+    c = tl.sum(tl.sum(e, 2, keep_dims=True), 3, keep_dims=True)
+    # max(d, -1000) turns 0 * -inf into 0 for masked entries without a branch (2^-1000 == 0).
+    wd = tl.sum(tl.sum(e * tl.maximum(d, -1000.0), 2, keep_dims=True), 3, keep_dims=True)
+    out = row.to(tl.int64) * NC + chunk
+    ok = chunk < NC
+    # One record (m, s, w, m) per chunk: with several warps per program, each store changes
+    # the layout through shared memory, so one store for the three saves barriers.
+    rec = tl.join(tl.join(m, tl.sum(c, 0, keep_dims=True)),
+                  tl.join(tl.sum(wd, 0, keep_dims=True), m))
+    field = tl.arange(0, 2)  # join puts its new dim last: rec[..., i, j] is field 2j + i
+    rec_off = (out[:, :, :, :, None, None] * 4 + field[None, None, None, None, :, None]
+               + field[None, None, None, None, None, :] * 2)
+    tl.store(rec_ptr + rec_off, rec, mask=ok[:, :, :, :, None, None])
+    tl.store(c_ptr + out * RUNS + a, c, mask=ok)
+
+
 # Temperature: scale = log2(e) / T, so p ~ 2^(x * scale - r); greedy rows (T <= 0) use T = 1.
-# The streaming kernel is written out without small helper calls on purpose: Triton's interpreter,
-# which runs the CPU tests, pays milliseconds per nested jit call per program.
+# Small helper calls are kept few: Triton's interpreter, which runs the CPU tests, pays
+# milliseconds per nested jit call per program.
 
 
 @triton.jit(do_not_specialize=["seed_scalar"])  # a seed of 1 must not become a constexpr
@@ -92,7 +121,7 @@ def _sample_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr
                    RUNS: tl.constexpr, G: tl.constexpr, I: tl.constexpr, W: tl.constexpr,
                    LOOP: tl.constexpr, BLOCK_NC: tl.constexpr, PER_ROW_TEMP: tl.constexpr,
                    HAS_LO: tl.constexpr, PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr,
-                   FUSED: tl.constexpr):
+                   FUSED: tl.constexpr, STAGES: tl.constexpr):
     """The streaming pass over chunks [pid * W * LOOP, (pid + 1) * W * LOOP) of one row: W warps,
     each reading LOOP chunks. Writes each chunk's record (m, s, w, m) into fp32 [B, NC, 4] and
     its run sums into fp32 [B, NC, RUNS]. With FUSED, the last program of the row to get here
@@ -113,35 +142,25 @@ def _sample_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr
     a = tl.arange(0, RUNS)[:, None, None, None]
     inner = a * RUN + tl.arange(0, G)[None, None, :, None] * I + tl.arange(0, I)[None, None, None, :]
     row_ptr = logits_ptr + row.to(tl.int64) * stride_b
-    for k in range(LOOP):  # each warp reads LOOP chunks, one after another
-        first = (pid * LOOP + k) * W
-        chunk = first + tl.arange(0, W)[None, :, None, None]
+    if HAS_LO:
+        lo = tl.load(lo_ptr + row)
+    else:
+        lo = 0.0
+    warp_chunk = tl.arange(0, W)[None, :, None, None]
+    # Each warp reads LOOP chunks, one after another. Full chunks (all but a row's last ones) load
+    # without masks, in a loop of their own: its address arithmetic is hoisted out of the loop, and
+    # with STAGES > 1 Triton pipelines it (the next chunks are copied into shared memory while a
+    # warp works on one).
+    n_full = tl.minimum(tl.maximum(V // (W * CHUNK) - pid * LOOP, 0), LOOP)
+    for k in tl.range(0, n_full, num_stages=STAGES):
+        chunk = (pid * LOOP + k) * W + warp_chunk
+        x = tl.load(row_ptr + (chunk * CHUNK + inner) * stride_v).to(tl.float32)
+        _chunk_stats(x, chunk, a, row, lo, rec_ptr, c_ptr, NC, scale, RUNS, HAS_LO)
+    for k in range(n_full, LOOP):
+        chunk = (pid * LOOP + k) * W + warp_chunk
         offs = chunk * CHUNK + inner
-        if (first + W) * CHUNK <= V:  # all but a row's last chunks: no masks to build
-            x = tl.load(row_ptr + offs * stride_v).to(tl.float32)
-        else:
-            x = tl.load(row_ptr + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32)
-        if HAS_LO:
-            x = tl.where(x < tl.load(lo_ptr + row), float("-inf"), x)
-        # Reduce over the registers (g) first, then the lanes: each reduction is one shuffle tree.
-        m = tl.max(tl.max(tl.max(x, 2, keep_dims=True), 3, keep_dims=True), 0, keep_dims=True)
-        # An all -inf chunk gets s = w = 0 (not NaN from -inf - -inf); NaN or +inf entries make s NaN.
-        d = tl.fma(x, scale, -(tl.where(m == float("-inf"), 0.0, m) * scale))
-        e = tl.exp2(d)
-        c = tl.sum(tl.sum(e, 2, keep_dims=True), 3, keep_dims=True)
-        # max(d, -1000) turns 0 * -inf into 0 for masked entries without a branch (2^-1000 == 0).
-        wd = tl.sum(tl.sum(e * tl.maximum(d, -1000.0), 2, keep_dims=True), 3, keep_dims=True)
-        out = row.to(tl.int64) * NC + chunk
-        ok = chunk < NC
-        # One record (m, s, w, m) per chunk: with several warps per program, each store changes
-        # the layout through shared memory, so one store for the three saves barriers.
-        rec = tl.join(tl.join(m, tl.sum(c, 0, keep_dims=True)),
-                      tl.join(tl.sum(wd, 0, keep_dims=True), m))
-        field = tl.arange(0, 2)  # join puts its new dim last: rec[..., i, j] is field 2j + i
-        rec_off = (out[:, :, :, :, None, None] * 4 + field[None, None, None, None, :, None]
-                   + field[None, None, None, None, None, :] * 2)
-        tl.store(rec_ptr + rec_off, rec, mask=ok[:, :, :, :, None, None])
-        tl.store(c_ptr + out * RUNS + a, c, mask=ok)
+        x = tl.load(row_ptr + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32)
+        _chunk_stats(x, chunk, a, row, lo, rec_ptr, c_ptr, NC, scale, RUNS, HAS_LO)
 
     if FUSED:
         # Every warp's stores come before the release below; the acquire makes all the row's
@@ -296,8 +315,10 @@ class LaunchConfig(NamedTuple):
     the finish step re-reads; divides the chunk; None: min(chunk, 256)) are powers of two and
     enter the sampled arithmetic, then only at float-rounding level. The rest are speed choices:
     ``warps`` (warps per program of the streaming pass, each reading its own chunks), ``loop``
-    (chunks each warp reads, one after another), ``finish_warps`` (of the separate finish kernel)
-    and ``fused`` (the last program of each row finishes it, so there is one kernel)."""
+    (chunks each warp reads, one after another), ``stages`` (above 1: Triton pipelines a warp's
+    full chunks, copying the next ones into shared memory while it works on one; needs ``loop``
+    above 1 to matter), ``finish_warps`` (of the separate finish kernel) and ``fused`` (the last
+    program of each row finishes it, so there is one kernel)."""
 
     chunk: int
     warps: int = 1
@@ -305,6 +326,7 @@ class LaunchConfig(NamedTuple):
     run: int | None = None
     fused: bool = True
     loop: int = 1
+    stages: int = 1
 
 
 def _default_config(V: int) -> LaunchConfig:
@@ -313,13 +335,15 @@ def _default_config(V: int) -> LaunchConfig:
     1024 entries per chunk, 32 per thread (four 16-byte loads of bf16 in flight), every reduction
     inside the warp; four warps per program (fewer if the row has fewer chunks), so a program
     covers 4096 entries as the measured tiles before it did and the grid keeps their shape. Not
-    yet timed on a GPU: an sm_90 build of this streaming pass runs about 400 instructions per
-    thread per 32 bf16 entries of a full chunk, with three block barriers (layout changes for the
-    stores), against 484 and ten barriers for the 4096-entry tiles it replaced, whose pass was at
-    58-73% of the copy-bandwidth floor on an H200, close to the SM's instruction issue rate. (One
-    warp per program: about 370 and no barrier, but four times the programs.)"""
-    chunk = 1024 if V >= 1024 else max(16, triton.next_power_of_2(V))
-    warps = min(4, triton.next_power_of_2(triton.cdiv(V, chunk)))
+    yet timed on a GPU. In an sm_90 build a program of this streaming pass runs about 390
+    instructions per thread per 32 bf16 entries of a full chunk, setup included, with three block
+    barriers (layout changes for the stores), against 484 and ten barriers for the 4096-entry
+    tiles it replaced, whose pass was at 58-73% of the copy-bandwidth floor on an H200. One warp
+    per program: about 370 and no barrier, but four times the programs. A warp that reads 4
+    chunks in turn (``loop=4``) spends about 320 per chunk (the setup is paid once), or about 335
+    with ``stages=2``, whose loads of the next chunk overlap the work on this one."""
+    chunk = 1024 if V >= 1024 else max(16, next_power_of_2(V))
+    warps = min(4, next_power_of_2(cdiv(V, chunk)))
     return LaunchConfig(chunk, warps, 2, None, True)
 
 
@@ -335,6 +359,8 @@ def _resolved(config: LaunchConfig) -> LaunchConfig:
         raise ValueError(f"warps must be a power of two, got {config.warps}")
     if config.loop < 1:
         raise ValueError(f"loop must be at least 1, got {config.loop}")
+    if config.stages < 1:
+        raise ValueError(f"stages must be at least 1, got {config.stages}")
     return config._replace(run=run)
 
 
@@ -387,7 +413,7 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
         return SampleOutput(*(torch.cat(field) for field in zip(*parts)))
 
     chunk, run, W = config.chunk, config.run, config.warps
-    nc = triton.cdiv(V, chunk)
+    nc = cdiv(V, chunk)
     runs = chunk // run
     # A run as [G, I]: I entries are 8 lanes x 16 bytes (64 bf16 or 32 fp32), so 8 lanes share a
     # run; this only shapes the layout, never the arithmetic.
@@ -408,13 +434,13 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
             lo if lo is not None else dummy,
             seed_t if seed_t is not None else dummy, 0 if seed_t is not None else int(seed_s),
             pos_t if pos_t is not None else dummy, rec, c)
-    flags = dict(BLOCK_NC=max(16, triton.next_power_of_2(nc)), PER_ROW_TEMP=temp_t is not None,
+    flags = dict(BLOCK_NC=max(16, next_power_of_2(nc)), PER_ROW_TEMP=temp_t is not None,
                  HAS_LO=lo is not None, PER_ROW_SEED=seed_t is not None, HAS_POS=pos_t is not None)
     # maxnreg: the finish step inside the fused kernel would take it to 79 registers on sm_90;
     # capped at 64 (no spills) one-warp programs fill the 32 blocks an SM can hold.
-    _sample_kernel[(triton.cdiv(nc, W * config.loop), B)](
+    _sample_kernel[(cdiv(nc, W * config.loop), B)](
         *args, _row_counters(dev, B) if fused else dummy, *out, V, nc,
-        RUNS=runs, G=run // inner, I=inner, W=W, LOOP=config.loop, FUSED=fused, **flags,
+        RUNS=runs, G=run // inner, I=inner, W=W, LOOP=config.loop, FUSED=fused, STAGES=config.stages, **flags,
         num_warps=W, maxnreg=64)
     if finish and not fused:
         _sample_finish_kernel[(B,)](*args, *out, V, nc, RUNS=runs, RUN=run, **flags,

@@ -299,13 +299,14 @@ def test_kernel_token_independent_of_chunk_size():
 @pytest.mark.parametrize("config", [LaunchConfig(64, 2, 4, 64, True), LaunchConfig(64, 1, 2, 16, False),
                                     LaunchConfig(128, 4, 1, 128, False), LaunchConfig(64, 4, 1, 1, True),
                                     LaunchConfig(32, 8, 1, 32, True),
-                                    LaunchConfig(32, 2, 1, 16, True, 3), LaunchConfig(64, 1, 2, 64, False, 4)],
+                                    LaunchConfig(32, 2, 1, 16, True, 3), LaunchConfig(64, 1, 2, 64, False, 4),
+                                    LaunchConfig(16, 1, 2, 16, True, 4, 2), LaunchConfig(32, 2, 1, 8, True, 2, 3)],
                          ids=str)
 def test_launch_configs_give_the_same_samples(config):
-    """Under the interpreter the warp count, the chunks per warp and fusing the finish step change
-    nothing computed; the run length changes sums only at rounding level. Same tokens as the
-    reference, masked rows and greedy rows included (V = 300: a partial last chunk, and programs
-    whose last chunks lie past the end)."""
+    """Under the interpreter the warp count, the chunks per warp, the pipeline stages and fusing
+    the finish step change nothing computed; the run length changes sums only at rounding level.
+    Same tokens as the reference, masked rows, greedy rows and top-k included (V = 300: a partial
+    last chunk, and programs whose last chunks lie past the end)."""
     B, V = 6, 300
     logits = _logits(B, V)
     logits[1, ::3] = float("-inf")
@@ -317,6 +318,8 @@ def test_launch_configs_give_the_same_samples(config):
     assert torch.equal(out.tokens, base.tokens)
     torch.testing.assert_close(out.logprobs, base.logprobs, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out.entropy, base.entropy, rtol=1e-6, atol=1e-7)
+    top = _sample_triton(logits, temps, seeds, pos, top_k=5, config=config)
+    assert torch.equal(top.tokens, sample_ref(logits, temps, seeds, pos, top_k=5).tokens)
 
 
 def test_fused_finish_leaves_its_row_counters_at_zero():
@@ -358,6 +361,8 @@ def test_bad_launch_config_is_refused():
         _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, warps=3))
     with pytest.raises(ValueError, match="loop must be at least 1"):
         _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, loop=0))
+    with pytest.raises(ValueError, match="stages must be at least 1"):
+        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, stages=0))
 
 
 def test_same_inputs_same_tokens_and_seeds_matter():
@@ -530,7 +535,9 @@ def test_gpu_values_and_tokens(V, dtype):
 @pytest.mark.parametrize("config", [LaunchConfig(1024, 1, 2, 256, False), LaunchConfig(1024, 2),
                                     LaunchConfig(1024, 4), LaunchConfig(1024, 8, 4, 128, False),
                                     LaunchConfig(2048, 1, 2, 512), LaunchConfig(512, 1),
-                                    LaunchConfig(1024, 1, loop=4), LaunchConfig(1024, 2, loop=3)],
+                                    LaunchConfig(1024, 1, loop=4), LaunchConfig(1024, 2, loop=3),
+                                    LaunchConfig(1024, 1, loop=4, stages=2),
+                                    LaunchConfig(1024, 4, loop=4, stages=3)],
                          ids=str)
 def test_gpu_launch_configs_agree_with_the_default(config):
     """The launches the GPU report's tuning rows time agree with the default launch. Not bit for
