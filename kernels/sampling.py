@@ -53,6 +53,7 @@ from .sampling_ref import (
     SampleOutput,
     TensorOrFloat,
     TensorOrInt,
+    active_truncation,
     check_args,
     raise_if_invalid,
     sample_ref,
@@ -478,7 +479,8 @@ def sample(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorO
             capture, or every replay reuses the captured numbers.
         top_k: None (off), int, or int64 [B]; k <= 0 or k >= V is off for that row.
         top_p: None (off), float, or float32 [B]; p >= 1 is off for that row. Applied after top-k.
-            Either one takes the second path (a sort or top-k in PyTorch, then the kernels).
+            Either one takes the second path (a sort or top-k in PyTorch, then the kernels),
+            unless it is a number that is off (top_k=-1, top_p=1.0): then nothing is sorted.
         check: raise a ValueError naming the invalid rows (a host sync).
 
     Returns:
@@ -490,6 +492,7 @@ def sample(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorO
     The default path (no top-k/top-p) makes no host syncs and is CUDA-graph capturable.
     """
     check_args(logits, temperature=temperature, seed=seed, position=position, top_k=top_k, top_p=top_p)
+    top_k, top_p = active_truncation(top_k, top_p, logits.shape[1])
     if use_triton(logits):
         out = _sample_triton(logits, temperature, seed, position, top_k, top_p)
     else:

@@ -73,6 +73,17 @@ def seed_int64(seed):
     return (int(seed) + 2**63) % 2**64 - 2**63
 
 
+def active_truncation(top_k, top_p, V: int):
+    """(top_k, top_p) with a scalar setting that keeps every entry (k <= 0, k >= V, p >= 1) made
+    None, so it takes the one-pass path: top_k=-1 and top_p=1.0, common "off" values, cost no
+    sort. Per-row tensors are kept as they are."""
+    if top_k is not None and not isinstance(top_k, torch.Tensor) and not 0 < top_k < V:
+        top_k = None
+    if top_p is not None and not isinstance(top_p, torch.Tensor) and top_p >= 1:
+        top_p = None
+    return top_k, top_p
+
+
 def truncation_threshold(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
     """Per-row logit threshold for top-k then top-p: entries below it are dropped.
 
@@ -134,6 +145,7 @@ def sample_ref(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: Ten
     check_args(logits, temperature=temperature, seed=seed, position=position, top_k=top_k, top_p=top_p)
     B, V = logits.shape
     dev = logits.device
+    top_k, top_p = active_truncation(top_k, top_p, V)
     x = logits.float()
     if top_k is not None or top_p is not None:
         lo = truncation_threshold(logits, temperature, top_k, top_p)

@@ -110,6 +110,25 @@ def test_sampling_is_reproducible_and_independent_of_the_batch():
     torch.testing.assert_close(torch.tensor(alone[0].logprobs), torch.tensor(batched[0].logprobs))
 
 
+def test_top_k_and_top_p_reach_the_sampler_as_numbers_when_rows_share_them(monkeypatch):
+    """A value every row shares goes to the sampler as a number (top-k then selects k candidates
+    per row instead of sorting whole rows); k <= 0 and p >= 1 are off; mixed values go per row."""
+    from arpo_fast.engine import engine as engine_module
+
+    seen = []
+    monkeypatch.setattr(engine_module, "sample", lambda *args: seen.append(args[4:]))
+    logits, temp, seeds, pos = torch.zeros(2, VOCAB), torch.ones(2), torch.arange(2), torch.arange(2)
+
+    def sampled_with(*params):
+        Engine._sample(logits, list(params), temp, seeds, pos)
+        return seen.pop()
+
+    assert sampled_with(SamplingParams(top_k=40, top_p=0.9), SamplingParams(top_k=40, top_p=0.9)) == (40, 0.9)
+    assert sampled_with(SamplingParams(top_k=-1, top_p=1.0), SamplingParams(top_k=0)) == (None, None)
+    top_k, top_p = sampled_with(SamplingParams(top_k=40), SamplingParams(top_k=-1, top_p=0.5))
+    assert top_k.tolist() == [40, -1] and top_p.tolist() == [1.0, 0.5]
+
+
 def test_forked_children_get_distinct_seeds():
     model = tiny_model("qwen2")
     engine = Engine(model, num_blocks=64)

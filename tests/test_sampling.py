@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from arpo_fast.kernels import SampleOutput, sample, sample_ref, sampling
+from arpo_fast.kernels import SampleOutput, sample, sample_ref, sampling, sampling_ref
 from arpo_fast.kernels.counter_rng import uniform53_ref
 from arpo_fast.kernels.sampling import LaunchConfig, _sample_triton
 from arpo_fast.kernels.sampling_ref import truncation_threshold
@@ -495,6 +495,27 @@ def test_truncation_per_row_tensors():
         kb = int(k[b]) if 0 < k[b] < V else None
         want = _kept(logits[b:b + 1], 1.0, kb, float(p[b]))[0]
         assert torch.equal(logits[b] >= lo[b], want)
+
+
+def test_truncation_values_that_keep_everything_take_the_one_pass_path(monkeypatch):
+    """top_k=-1/0/V and top_p=1.0 (common ways to say "off") sort nothing and give the
+    untruncated result bit for bit, kernel and reference alike."""
+    B, V = 3, 300
+    logits = _logits(B, V)
+    temps, seeds, pos = torch.tensor([1.0, 0.5, 0.0]), torch.arange(B), torch.arange(B)
+    want = [sample(logits, temps, seeds, pos), sample_ref(logits, temps, seeds, pos)]
+
+    def no_threshold(*args):
+        raise AssertionError("a truncation that keeps every entry computed a threshold")
+
+    monkeypatch.setattr(sampling, "truncation_threshold", no_threshold)
+    monkeypatch.setattr(sampling_ref, "truncation_threshold", no_threshold)
+    for top_k, top_p in ((-1, 1.0), (0, None), (V, None), (None, 1.0), (V + 5, 1.5)):
+        got = [sample(logits, temps, seeds, pos, top_k, top_p),
+               sample_ref(logits, temps, seeds, pos, top_k, top_p)]
+        for out, ref in zip(got, want):
+            for a, b in zip(out, ref):
+                assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("top_k,top_p,temperature", [(5, None, 1.0), (None, 0.6, 0.7), (40, 0.9, 0.0)])

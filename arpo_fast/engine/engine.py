@@ -44,6 +44,11 @@ class StepOutput(NamedTuple):
     ran: torch.Tensor
 
 
+def _truncates(p: SamplingParams) -> bool:
+    """Whether a sequence's top-k/top-p can drop tokens (k <= 0 and p >= 1 keep them all)."""
+    return (p.top_k is not None and p.top_k > 0) or (p.top_p is not None and p.top_p < 1)
+
+
 class Engine:
     """Generation engine over a ``transformers`` Llama / Qwen2 / Qwen3 causal LM (its parameters are
     used in place). Extra keyword arguments go to ``EngineConfig``; ``tokenizer`` (anything with
@@ -322,7 +327,7 @@ class Engine:
             return False
         if any(s.pending != 1 for s in running):
             return False
-        if any(p.top_k or (p.top_p is not None and p.top_p < 1) for p in params):
+        if any(_truncates(p) for p in params):
             return False
         if not self._graphs.graphs:
             try:
@@ -335,12 +340,17 @@ class Engine:
 
     @staticmethod
     def _sample(logits, params, temp, seeds, positions):
-        dev = logits.device
+        # One value shared by every row goes as a number: top-k then selects k candidates per
+        # row instead of sorting whole rows. Settings that keep every token count as off.
+        ks = {p.top_k if p.top_k is not None and p.top_k > 0 else 0 for p in params}
+        ps = {p.top_p if p.top_p is not None and p.top_p < 1 else 1.0 for p in params}
         top_k = top_p = None
-        if any(p.top_k for p in params):
-            top_k = torch.tensor([p.top_k or 0 for p in params], dtype=torch.int64).to(dev)
-        if any(p.top_p is not None and p.top_p < 1 for p in params):
-            top_p = torch.tensor([p.top_p or 1.0 for p in params], dtype=torch.float32).to(dev)
+        if ks != {0}:
+            top_k = ks.pop() if len(ks) == 1 else torch.tensor(
+                [p.top_k or 0 for p in params], dtype=torch.int64).to(logits.device)
+        if ps != {1.0}:
+            top_p = ps.pop() if len(ps) == 1 else torch.tensor(
+                [p.top_p or 1.0 for p in params], dtype=torch.float32).to(logits.device)
         return sample(logits, temp, seeds, positions, top_k, top_p)
 
     @staticmethod
