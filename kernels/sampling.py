@@ -441,8 +441,8 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
     # capped at 64 (no spills) one-warp programs fill the 32 blocks an SM can hold.
     _sample_kernel[(cdiv(nc, W * config.loop), B)](
         *args, _row_counters(dev, B) if fused else dummy, *out, V, nc,
-        RUNS=runs, G=run // inner, I=inner, W=W, LOOP=config.loop, FUSED=fused, STAGES=config.stages, **flags,
-        num_warps=W, maxnreg=64)
+        RUNS=runs, G=run // inner, I=inner, W=W, LOOP=config.loop, FUSED=fused,
+        STAGES=config.stages, **flags, num_warps=W, maxnreg=64)
     if finish and not fused:
         _sample_finish_kernel[(B,)](*args, *out, V, nc, RUNS=runs, RUN=run, **flags,
                                     num_warps=config.finish_warps)

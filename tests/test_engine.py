@@ -123,7 +123,8 @@ def test_top_k_and_top_p_reach_the_sampler_as_numbers_when_rows_share_them(monke
         Engine._sample(logits, list(params), temp, seeds, pos)
         return seen.pop()
 
-    assert sampled_with(SamplingParams(top_k=40, top_p=0.9), SamplingParams(top_k=40, top_p=0.9)) == (40, 0.9)
+    shared = SamplingParams(top_k=40, top_p=0.9)
+    assert sampled_with(shared, shared) == (40, 0.9)
     assert sampled_with(SamplingParams(top_k=-1, top_p=1.0), SamplingParams(top_k=0)) == (None, None)
     top_k, top_p = sampled_with(SamplingParams(top_k=40), SamplingParams(top_k=-1, top_p=0.5))
     assert top_k.tolist() == [40, -1] and top_p.tolist() == [1.0, 0.5]

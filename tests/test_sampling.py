@@ -300,7 +300,8 @@ def test_kernel_token_independent_of_chunk_size():
                                     LaunchConfig(128, 4, 1, 128, False), LaunchConfig(64, 4, 1, 1, True),
                                     LaunchConfig(32, 8, 1, 32, True),
                                     LaunchConfig(32, 2, 1, 16, True, 3), LaunchConfig(64, 1, 2, 64, False, 4),
-                                    LaunchConfig(16, 1, 2, 16, True, 4, 2), LaunchConfig(32, 2, 1, 8, True, 2, 3)],
+                                    LaunchConfig(16, 1, 2, 16, True, 4, 2),
+                                    LaunchConfig(32, 2, 1, 8, True, 2, 3)],
                          ids=str)
 def test_launch_configs_give_the_same_samples(config):
     """Under the interpreter the warp count, the chunks per warp, the pipeline stages and fusing
