@@ -50,12 +50,13 @@ def exp_race(logits, temperature):
     return tok, logp.gather(1, tok[:, None])[:, 0], entropy
 
 
-def torch_top_k_top_p(logits, temperature, k: int, p: float):
+def torch_top_k_top_p(logits, temperature, k: int | None, p: float):
     """Sort-based top-k then top-p in PyTorch, then sample; log-prob and entropy of the truncated
-    distribution. logits [B, V], temperature [B]."""
+    distribution. logits [B, V], temperature [B]; k None: top-p alone."""
     x = logits.float() / temperature[:, None]
     vals, idx = torch.sort(x, dim=-1, descending=True)
-    vals[:, k:] = float("-inf")
+    if k is not None:
+        vals[:, k:] = float("-inf")
     probs = torch.softmax(vals, dim=-1)
     drop = (torch.cumsum(probs, dim=-1) - probs) >= p
     vals = vals.masked_fill(drop, float("-inf"))
@@ -155,6 +156,19 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
                    fails, **kw)
     rows.append(Row(SECTION, case, f"us eager, top-k {TOP_K} top-p {TOP_P}", topkp,
                     "PyTorch sort top-k/top-p", peer))
+    if device == "cuda" and B <= 16:  # the path has no host syncs: it can sit in a decode graph
+        try:
+            graph = _graph_us(lambda: k.sample(logits, temps, seeds, pos, top_k=TOP_K, top_p=TOP_P))
+            rows.append(Row(SECTION, case, f"us CUDA graph, top-k {TOP_K} top-p {TOP_P}", graph,
+                            "PyTorch sort top-k/top-p (eager)", peer))
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60] if str(exc) else ''}"
+            print(f"(sampling: top-k/top-p in a CUDA graph failed: {why})")
+            rows.append(Row(SECTION, case, f"(top-k/top-p in a CUDA graph failed: {why})", topkp))
+    top_p = bench_us(lambda: k.sample(logits, temps, seeds, pos, top_p=TOP_P), **kw)
+    peer = _try_us("PyTorch top-p", lambda: torch_top_k_top_p(logits, temps, None, TOP_P), fails, **kw)
+    rows.append(Row(SECTION, case, f"us eager, top-p {TOP_P} (whole rows sorted)", top_p,
+                    "PyTorch sort top-p", peer))
     return rows
 
 

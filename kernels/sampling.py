@@ -35,8 +35,8 @@ by one token).
 
 Greedy rows (temperature <= 0) take the argmax (ties to the lowest index) and report log-prob and
 entropy of the untempered distribution. Top-k/top-p take a second path: a per-row logit threshold
-(``truncation_threshold``, PyTorch) and then the same kernels with entries below the threshold
-treated as -inf.
+(``truncation.py``: candidates from ``torch.topk`` or ``torch.sort``, then one kernel) and then the
+same kernels with entries below the threshold treated as -inf.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ from .sampling_ref import (
     raise_if_invalid,
     sample_ref,
     seed_int64,
-    truncation_threshold,
 )
+from .truncation import truncation_threshold_triton
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -459,7 +459,7 @@ def _sample_triton(logits, temperature=1.0, seed=0, position=None, top_k=None, t
     """The Triton path; ``config`` overrides the launch (tests, tuning)."""
     lo = None
     if top_k is not None or top_p is not None:
-        lo = truncation_threshold(logits, temperature, top_k, top_p)
+        lo = truncation_threshold_triton(logits, temperature, top_k, top_p)
     return _launch(logits, temperature, seed_int64(seed), position, lo, config)
 
 

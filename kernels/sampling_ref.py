@@ -84,6 +84,17 @@ def active_truncation(top_k, top_p, V: int):
     return top_k, top_p
 
 
+def truncation_candidates(logits: torch.Tensor, top_k) -> torch.Tensor:
+    """Each row's entries that top-k/top-p can keep, sorted descending, in the logits' dtype:
+    the top k for one k shared by all rows, else the whole row. [B, n]."""
+    # Selection and sorting run on the logits' own dtype (half the bytes of fp32 for bf16, and no
+    # fp32 copy of the whole row).
+    if top_k is not None and not isinstance(top_k, torch.Tensor) and 0 < top_k < logits.shape[1]:
+        # One k for all rows: top-k candidates suffice, far cheaper than a full sort.
+        return torch.topk(logits, int(top_k), dim=1, sorted=True).values
+    return torch.sort(logits, dim=1, descending=True).values
+
+
 def truncation_threshold(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
     """Per-row logit threshold for top-k then top-p: entries below it are dropped.
 
@@ -93,13 +104,7 @@ def truncation_threshold(logits: torch.Tensor, temperature, top_k, top_p) -> tor
     """
     B, V = logits.shape
     dev = logits.device
-    # Selection and sorting run on the logits' own dtype (half the bytes of fp32 for bf16, and no
-    # fp32 copy of the whole row); only the candidates are converted, exactly.
-    if top_k is not None and not isinstance(top_k, torch.Tensor) and 0 < top_k < V:
-        # One k for all rows: top-k candidates suffice, far cheaper than a full sort.
-        cand = torch.topk(logits, int(top_k), dim=1, sorted=True).values.float()
-    else:
-        cand = torch.sort(logits, dim=1, descending=True).values.float()
+    cand = truncation_candidates(logits, top_k).float()  # converted exactly
     n = cand.shape[1]
     neg_inf = torch.full((B,), float("-inf"), device=dev)
     lo = neg_inf
@@ -113,9 +118,10 @@ def truncation_threshold(logits: torch.Tensor, temperature, top_k, top_p) -> tor
         t = torch.where(t > 0, t, torch.ones_like(t))
         top = cand[:, :1]
         z = torch.where(cand < lo[:, None], float("-inf"), (cand - top) / t[:, None])
-        probs = torch.softmax(z, dim=1)
-        before = torch.cumsum(probs.double(), dim=1) - probs.double()  # mass strictly above
-        n_keep = (before < p[:, None].double()).sum(1).clamp(1, n)
+        # fp32 exponentials, float64 sums: the mass strictly above each entry against p * S.
+        e = torch.exp(z).double()
+        before = torch.cumsum(e, dim=1) - e
+        n_keep = (before < p[:, None].double() * e.sum(1, keepdim=True)).sum(1).clamp(1, n)
         lo_p = cand.gather(1, (n_keep - 1)[:, None])[:, 0]
         lo = torch.where(p < 1, torch.maximum(lo, lo_p), lo)
     return lo.contiguous()

@@ -509,7 +509,7 @@ def test_truncation_values_that_keep_everything_take_the_one_pass_path(monkeypat
     def no_threshold(*args):
         raise AssertionError("a truncation that keeps every entry computed a threshold")
 
-    monkeypatch.setattr(sampling, "truncation_threshold", no_threshold)
+    monkeypatch.setattr(sampling, "truncation_threshold_triton", no_threshold)
     monkeypatch.setattr(sampling_ref, "truncation_threshold", no_threshold)
     for top_k, top_p in ((-1, 1.0), (0, None), (V, None), (None, 1.0), (V + 5, 1.5)):
         got = [sample(logits, temps, seeds, pos, top_k, top_p),
