@@ -1,0 +1,247 @@
+"""The fused sampler's Triton kernels: the streaming pass over the logits and the per-row finish
+step. ``sampling.py`` explains the scheme and launches them."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .counter_rng import uniform53
+
+
+@triton.jit
+def _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, start, V,
+               N: tl.constexpr, HAS_LO: tl.constexpr):
+    """Entries [start, start + N) of one row as fp32 [N]; padding and truncated entries are -inf."""
+    offs = start + tl.arange(0, N)
+    # int64 row offset; int32 column offsets (the launcher guarantees V * stride_v < 2^31), which
+    # keep Triton's contiguity analysis intact so stride_v == 1 gives vector loads.
+    ptrs = logits_ptr + row.to(tl.int64) * stride_b + offs * stride_v
+    x = tl.load(ptrs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    if HAS_LO:
+        # `x < lo` is False for NaN, so a NaN survives and still marks the row invalid.
+        x = tl.where(x < tl.load(lo_ptr + row), float("-inf"), x)
+    return x
+
+
+@triton.jit
+def _chunk_stats(x, chunk, a, row, lo, rec_ptr, c_ptr, NC, scale,
+                 RUNS: tl.constexpr, HAS_LO: tl.constexpr):
+    """The stats of W chunks, one per warp: x fp32 [RUNS, W, G, I], chunk int [1, W, 1, 1].
+    Writes each chunk's record (m, s, w, m) and its run sums (chunks past NC are not written)."""
+    if HAS_LO:
+        # `x < lo` is False for NaN, so a NaN survives and still marks the row invalid.
+        x = tl.where(x < lo, float("-inf"), x)
+    # Reduce over the registers (g) first, then the lanes: each reduction is one shuffle tree.
+    m = tl.max(tl.max(tl.max(x, 2, keep_dims=True), 3, keep_dims=True), 0, keep_dims=True)
+    # An all -inf chunk gets s = w = 0 (not NaN from -inf - -inf); NaN or +inf entries make s NaN.
+    d = tl.fma(x, scale, -(tl.where(m == float("-inf"), 0.0, m) * scale))
+    e = tl.exp2(d)
+    c = tl.sum(tl.sum(e, 2, keep_dims=True), 3, keep_dims=True)
+    # max(d, -1000) turns 0 * -inf into 0 for masked entries without a branch (2^-1000 == 0).
+    wd = tl.sum(tl.sum(e * tl.maximum(d, -1000.0), 2, keep_dims=True), 3, keep_dims=True)
+    out = row.to(tl.int64) * NC + chunk
+    ok = chunk < NC
+    # One record (m, s, w, m) per chunk: with several warps per program, each store changes
+    # the layout through shared memory, so one store for the three saves barriers.
+    rec = tl.join(tl.join(m, tl.sum(c, 0, keep_dims=True)),
+                  tl.join(tl.sum(wd, 0, keep_dims=True), m))
+    field = tl.arange(0, 2)  # join puts its new dim last: rec[..., i, j] is field 2j + i
+    rec_off = (out[:, :, :, :, None, None] * 4 + field[None, None, None, None, :, None]
+               + field[None, None, None, None, None, :] * 2)
+    tl.store(rec_ptr + rec_off, rec, mask=ok[:, :, :, :, None, None])
+    tl.store(c_ptr + out * RUNS + a, c, mask=ok)
+
+
+# Temperature: scale = log2(e) / T, so p ~ 2^(x * scale - r); greedy rows (T <= 0) use T = 1.
+# Small helper calls are kept few: Triton's interpreter, which runs the CPU tests, pays
+# milliseconds per nested jit call per program.
+
+
+@triton.jit(do_not_specialize=["seed_scalar"])  # a seed of 1 must not become a constexpr
+def _sample_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
+                   seed_ptr, seed_scalar, pos_ptr, rec_ptr, c_ptr, count_ptr,
+                   tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NC,
+                   RUNS: tl.constexpr, G: tl.constexpr, I: tl.constexpr, W: tl.constexpr,
+                   LOOP: tl.constexpr, BLOCK_NC: tl.constexpr, PER_ROW_TEMP: tl.constexpr,
+                   HAS_LO: tl.constexpr, PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr,
+                   FUSED: tl.constexpr, STAGES: tl.constexpr):
+    """The streaming pass over chunks [pid * W * LOOP, (pid + 1) * W * LOOP) of one row: W warps,
+    each reading LOOP chunks. Writes each chunk's record (m, s, w, m) into fp32 [B, NC, 4] and
+    its run sums into fp32 [B, NC, RUNS]. With FUSED, the last program of the row to get here
+    also runs the finish step for it."""
+    pid = tl.program_id(0)
+    row = tl.program_id(1)
+    if PER_ROW_TEMP:
+        t = tl.load(temp_ptr + row)
+    else:
+        t = temp_scalar
+    scale = 1.4426950408889634 / tl.where(t > 0.0, t, 1.0)
+
+    # The chunk as [RUNS, W, G, I]: entry (a, w, g, i) is run a, entry g * I + i of the run, of
+    # the chunk warp w reads. Triton puts the lanes on i and then on a (the registers on g), so a
+    # run's sum, and every reduction over a chunk, stays inside one warp.
+    RUN: tl.constexpr = G * I
+    CHUNK: tl.constexpr = RUNS * RUN
+    a = tl.arange(0, RUNS)[:, None, None, None]
+    inner = a * RUN + tl.arange(0, G)[None, None, :, None] * I + tl.arange(0, I)[None, None, None, :]
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_b
+    if HAS_LO:
+        lo = tl.load(lo_ptr + row)
+    else:
+        lo = 0.0
+    warp_chunk = tl.arange(0, W)[None, :, None, None]
+    # Each warp reads LOOP chunks, one after another. Full chunks (all but a row's last ones) load
+    # without masks, in a loop of their own: its address arithmetic is hoisted out of the loop, and
+    # with STAGES > 1 Triton pipelines it (the next chunks are copied into shared memory while a
+    # warp works on one).
+    n_full = tl.minimum(tl.maximum(V // (W * CHUNK) - pid * LOOP, 0), LOOP)
+    for k in tl.range(0, n_full, num_stages=STAGES):
+        chunk = (pid * LOOP + k) * W + warp_chunk
+        x = tl.load(row_ptr + (chunk * CHUNK + inner) * stride_v).to(tl.float32)
+        _chunk_stats(x, chunk, a, row, lo, rec_ptr, c_ptr, NC, scale, RUNS, HAS_LO)
+    for k in range(n_full, LOOP):
+        chunk = (pid * LOOP + k) * W + warp_chunk
+        offs = chunk * CHUNK + inner
+        x = tl.load(row_ptr + offs * stride_v, mask=offs < V, other=float("-inf")).to(tl.float32)
+        _chunk_stats(x, chunk, a, row, lo, rec_ptr, c_ptr, NC, scale, RUNS, HAS_LO)
+
+    if FUSED:
+        # Every warp's stores come before the release below; the acquire makes all the row's
+        # stores visible to the last program, which reads them through L2 (cache_modifier .cg).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(0) - 1:
+            tl.store(count_ptr + row, 0)  # ready for the next call
+            _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
+                        seed_ptr, seed_scalar, pos_ptr, rec_ptr, c_ptr,
+                        tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NC, RUNS, RUN, BLOCK_NC,
+                        PER_ROW_TEMP, HAS_LO, PER_ROW_SEED, HAS_POS)
+
+
+@triton.jit(do_not_specialize=["seed_scalar"])
+def _sample_finish_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
+                          seed_ptr, seed_scalar, pos_ptr, rec_ptr, c_ptr,
+                          tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NC,
+                          RUNS: tl.constexpr, RUN: tl.constexpr, BLOCK_NC: tl.constexpr,
+                          PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr,
+                          PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr):
+    """The finish step as its own kernel (LaunchConfig.fused False): one program per row."""
+    _finish_row(tl.program_id(0), logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
+                seed_ptr, seed_scalar, pos_ptr, rec_ptr, c_ptr,
+                tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NC, RUNS, RUN, BLOCK_NC,
+                PER_ROW_TEMP, HAS_LO, PER_ROW_SEED, HAS_POS)
+
+
+@triton.jit
+def _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
+                seed_ptr, seed_scalar, pos_ptr, rec_ptr, c_ptr,
+                tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NC,
+                RUNS: tl.constexpr, RUN: tl.constexpr, BLOCK_NC: tl.constexpr,
+                PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr,
+                PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr):
+    """One row: merge the chunk stats, draw the token, write token/log-prob/entropy/valid.
+    A sampled token is found in three steps, each a float64 cumulative sum: the chunk (from the
+    chunk masses), the run inside it (from the streaming pass's run sums), and the entry inside
+    that run (re-read: RUN entries of the logits). Greedy rows re-read the chunk's argmax."""
+    if PER_ROW_TEMP:
+        t = tl.load(temp_ptr + row)
+    else:
+        t = temp_scalar
+    greedy = t <= 0.0
+    scale = 1.4426950408889634 / tl.where(greedy, 1.0, t)
+    CHUNK: tl.constexpr = RUNS * RUN
+
+    # Merge, relative to R = r_t of the max chunk: chunk mass S_t = s_t 2^delta_t with
+    # delta_t = r_t - R <= 0, S = sum S_t, W = sum 2^delta_t (w_t + delta_t s_t). The max entry
+    # has d = rho (the residual of M * scale) and mass e_max = 2^rho, bit for bit as the streaming
+    # pass made it; H = ln(S / e_max) - ln 2 * (W - rho S) / S is ln S - ln 2 * W / S taken
+    # relative to that entry, and exactly 0 for a one-hot row (S == e_max, W == rho S).
+    idx = tl.arange(0, BLOCK_NC)
+    ok = idx < NC
+    base = row.to(tl.int64) * NC
+    rec = rec_ptr + (base + idx) * 4
+    m_t = tl.load(rec, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    s_t = tl.load(rec + 1, mask=ok, other=0.0, cache_modifier=".cg")
+    w_t = tl.load(rec + 2, mask=ok, other=0.0, cache_modifier=".cg")
+    big_m = tl.max(m_t, 0)
+    m_ref = tl.where(big_m == float("-inf"), 0.0, big_m)
+    big_r = m_ref * scale
+    # An all -inf chunk has no mass (and no reference): delta -inf, not 0 - R.
+    delta = tl.where(m_t == float("-inf"), float("-inf"), m_t * scale - big_r)
+    r_t = tl.exp2(delta)
+    mass = s_t * r_t
+    total = tl.sum(mass, 0)
+    w_all = tl.sum(r_t * (w_t + tl.maximum(delta, -1000.0) * s_t), 0)
+    valid = (total > 0.0) & (total < float("inf"))  # False for NaN too
+    rho = tl.fma(m_ref, scale, -big_r)
+    e_max = tl.exp2(rho)
+    # fma(rho, S, 0) rounds rho * S once, as the streaming pass rounded e_max * rho into W; a plain
+    # product could be fused with the subtraction, and ln S - ln e_max (not ln(S / e_max), whose
+    # division is approximate) is exactly 0 when S == e_max.
+    entropy = (tl.log(total) - tl.log(e_max)
+               - 0.6931471805599453 * (w_all - tl.fma(rho, total, 0.0)) / total)
+
+    # Inverse CDF over the whole row with one 53-bit uniform; cumulative sums in float64.
+    if PER_ROW_SEED:
+        seed = tl.load(seed_ptr + row).to(tl.int64)
+    else:
+        seed = seed_scalar.to(tl.int64)
+    if HAS_POS:
+        pos = tl.load(pos_ptr + row).to(tl.int64)
+    else:
+        pos = seed * 0
+    mass64 = mass.to(tl.float64)
+    cum = tl.cumsum(mass64, 0)
+    target = uniform53(seed, pos) * tl.max(cum, 0)
+    pick = tl.sum((cum <= target).to(tl.int32), 0)
+    # Rounding can leave target at or past the last boundary: take the last chunk with mass.
+    pick = tl.minimum(pick, tl.max(tl.where(mass > 0.0, idx, -1), 0))
+    sel = idx == pick
+    frac = tl.sum(tl.where(sel, target - (cum - mass64), 0.0), 0) / tl.sum(tl.where(sel, mass64, 0.0), 0)
+    first_max = tl.min(tl.where(m_t == big_m, idx, BLOCK_NC), 0)
+    ch = tl.where(greedy, first_max, pick)
+    ch = tl.where(valid, ch, 0)
+
+    m_ch = tl.sum(tl.where(idx == ch, m_t, 0.0), 0)
+    if greedy:
+        # The first entry of the first chunk holding the max; its mass is e_max.
+        # (Names differ between the branches: the compiler wants a name's type the same in both.)
+        x_all = _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, ch * CHUNK, V, CHUNK, HAS_LO)
+        tok_in = tl.argmax(x_all, 0)
+        e_tok = e_max
+    else:
+        # The run holding the target, from the run sums of the streaming pass.
+        c_idx = tl.arange(0, RUNS)
+        c = tl.load(c_ptr + (base + ch) * RUNS + c_idx, cache_modifier=".cg").to(tl.float64)
+        c_cum = tl.cumsum(c, 0)
+        goal = frac * tl.sum(c, 0)
+        run = tl.sum((c_cum <= goal).to(tl.int32), 0)
+        run = tl.minimum(run, tl.max(tl.where(c > 0.0, c_idx, -1), 0))
+        on_run = c_idx == run
+        # Where the target falls inside the run, as a fraction of the run's mass: the entry is
+        # then picked in proportion to its float64 share of the run, so a run sum's fp32 rounding
+        # changes each entry's probability by a relative ~1e-7 at most (as for a chunk's sum).
+        before = tl.sum(tl.where(on_run, c_cum - c, 0.0), 0)
+        frac_run = (goal - before) / tl.sum(tl.where(on_run, c, 0.0), 0)
+        # Re-read that run; the same arithmetic as the streaming pass gives the same masses.
+        x = _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, ch * CHUNK + run * RUN, V,
+                       RUN, HAS_LO)
+        e = tl.exp2(tl.fma(x, scale, -(tl.where(m_ch == float("-inf"), 0.0, m_ch) * scale)))
+        e_idx = tl.arange(0, RUN)
+        e64 = e.to(tl.float64)
+        k = tl.sum((tl.cumsum(e64, 0) <= frac_run * tl.sum(e64, 0)).to(tl.int32), 0)
+        # Rounding can put the target at or past the run's end: stay on its last entry with mass.
+        k = tl.minimum(k, tl.max(tl.where(e > 0.0, e_idx, -1), 0))
+        tok_in = run * RUN + k
+        e_tok = tl.sum(tl.where(e_idx == k, e, 0.0), 0)
+    # The token's mass relative to R is e_tok 2^delta_ch; taking the log of e_tok itself (not of
+    # its d) lets e_tok's own rounding cancel against the same term inside S.
+    delta_ch = tl.sum(tl.where(idx == ch, delta, 0.0), 0)
+    logp = tl.log(e_tok) - tl.log(total) + 0.6931471805599453 * delta_ch
+
+    token = tl.where(valid, ch.to(tl.int64) * CHUNK + tok_in, -1)
+    tl.store(tok_ptr + row, token)
+    tl.store(logp_ptr + row, tl.where(valid, logp, float("nan")))
+    tl.store(ent_ptr + row, tl.where(valid, entropy, float("nan")))
+    tl.store(valid_ptr + row, valid)
