@@ -173,19 +173,19 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
 
 
 # Streaming-pass launches timed: (chunk, warps per program, chunks each warp reads in turn,
-# pipeline stages). Chunks of 2048 would need 64 entries per thread: they spill under the
-# 64-register cap.
-STREAM = ([(1024, warps, loop, 1) for warps in (1, 2, 4) for loop in (1, 4)]
-          + [(512, 4, 1, 1), (512, 4, 4, 1)]
-          + [(1024, 1, 4, 2), (1024, 4, 4, 2), (1024, 1, 8, 3)])
+# pipeline stages, persistent programs per SM or 0). Chunks of 2048 would need 64 entries per
+# thread: they spill under the 64-register cap.
+STREAM = ([(1024, warps, loop, 1, 0) for warps in (1, 2, 4) for loop in (1, 4)]
+          + [(512, 4, 1, 1, 0), (512, 4, 4, 1, 0)]
+          + [(1024, 1, 4, 2, 0), (1024, 4, 4, 2, 0), (1024, 1, 8, 3, 0)]
+          + [(1024, 1, 1, 1, 32), (1024, 1, 1, 2, 16), (1024, 4, 1, 2, 8)])
 FINISH = [(True, 2, 256), (True, 2, 128), (False, 2, 256), (False, 4, 256)]  # fused, warps, run
 
 
 def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
     """The launch choices the default is picked from, each timed in a CUDA graph against the floor:
-    the streaming pass alone for each (chunk, warps, chunks per warp), then the whole sampler with
-    the best of those, its finish step fused into the pass or a kernel of its own, and two run
-    lengths. (Chunk and run length are part of the sampled arithmetic: other defaults would move a
+    the streaming pass alone for each launch in STREAM, then the whole sampler with the best of
+    those, its finish step fused into the pass or a kernel of its own, and two run lengths. (Chunk and run length are part of the sampled arithmetic: other defaults would move a
     token only where its uniform lands within rounding of a boundary.)"""
     logits, temps, seeds, pos = _speed_inputs(B, V, torch.bfloat16, device)
     floor = _floor_us(logits, bw_gbs)
@@ -199,19 +199,22 @@ def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
     rows, stats_us, whole_us = [], {}, {}
     case = f"tuning B={B} V={V} bf16"
     metric = "us CUDA graph (ratio: fraction of floor)"
-    for chunk, warps, loop, stages in STREAM:
-        config = LaunchConfig(chunk, warps, loop=loop, stages=stages)
+    for chunk, warps, loop, stages, persistent in STREAM:
+        config = LaunchConfig(chunk, warps, loop=loop, stages=stages, fused=not persistent,
+                              persistent=persistent)
         stats_us[config] = timed(config, False)
-        rows.append(Row(SECTION, f"{case}: streaming pass, chunk {chunk}, {warps} warps x {loop} "
-                        f"chunks, {stages} stages", metric, stats_us[config], "floor us", floor))
+        how = f", {persistent} persistent programs per SM" if persistent else f" x {loop} chunks"
+        rows.append(Row(SECTION, f"{case}: streaming pass, chunk {chunk}, {warps} warps{how}, "
+                        f"{stages} stages", metric, stats_us[config], "floor us", floor))
     best = min(stats_us, key=stats_us.get)
     for fused, warps, run in FINISH:
+        if fused and best.persistent:  # persistent programs finish in a kernel of its own
+            continue
         config = best._replace(fused=fused, finish_warps=warps, run=run)
         whole_us[config] = timed(config, True)
         how = "finish fused" if fused else f"finish kernel of {warps} warps"
-        rows.append(Row(SECTION, f"{case}: whole sampler, chunk {best.chunk}, {best.warps} warps x "
-                        f"{best.loop} chunks, {best.stages} stages, {how}, runs of {run}", metric,
-                        whole_us[config], "floor us", floor))
+        rows.append(Row(SECTION, f"{case}: whole sampler, {tuple(config)}: {how}, runs of {run}",
+                        metric, whole_us[config], "floor us", floor))
     best = min(whole_us, key=whole_us.get)
     rows.append(Row(SECTION, f"{case}: fastest {tuple(best)} (default {tuple(k.sampling._default_config(V))})",
                     "% of floor (CUDA graph)", 100 * floor / whole_us[best]))

@@ -46,7 +46,7 @@ from typing import NamedTuple
 import torch
 
 from ._dispatch import cdiv, next_power_of_2, use_triton
-from .sampling_kernels import _sample_finish_kernel, _sample_kernel
+from .sampling_kernels import _sample_finish_kernel, _sample_kernel, _sample_persistent_kernel
 from .sampling_ref import (
     SampleOutput,
     TensorOrFloat,
@@ -73,8 +73,10 @@ class LaunchConfig(NamedTuple):
     ``warps`` (warps per program of the streaming pass, each reading its own chunks), ``loop``
     (chunks each warp reads, one after another), ``stages`` (above 1: Triton pipelines a warp's
     full chunks, copying the next ones into shared memory while it works on one; needs ``loop``
-    above 1 to matter), ``finish_warps`` (of the separate finish kernel) and ``fused`` (the last
-    program of each row finishes it, so there is one kernel)."""
+    above 1 to matter), ``finish_warps`` (of the separate finish kernel), ``fused`` (the last
+    program of each row finishes it, so there is one kernel) and ``persistent`` (above 0: that
+    many streaming programs per SM, each taking an equal share of the batch's chunks across rows,
+    in place of a grid over rows; ``loop`` is then unused, and it needs ``fused=False``)."""
 
     chunk: int
     warps: int = 1
@@ -83,6 +85,7 @@ class LaunchConfig(NamedTuple):
     fused: bool = True
     loop: int = 1
     stages: int = 1
+    persistent: int = 0
 
 
 def _default_config(V: int) -> LaunchConfig:
@@ -117,6 +120,11 @@ def _resolved(config: LaunchConfig) -> LaunchConfig:
         raise ValueError(f"loop must be at least 1, got {config.loop}")
     if config.stages < 1:
         raise ValueError(f"stages must be at least 1, got {config.stages}")
+    if config.persistent < 0:
+        raise ValueError(f"persistent must be at least 0, got {config.persistent}")
+    if config.persistent and config.fused:
+        raise ValueError("a persistent streaming pass leaves the finish step to its own kernel: "
+                         "set fused=False")
     return config._replace(run=run)
 
 
@@ -144,6 +152,18 @@ def _as_row_tensor(value, B: int, dtype: torch.dtype, device: torch.device):
 
 
 _MAX_GRID_ROWS = 65535  # CUDA's limit on the grid's second dimension
+_SM_COUNTS: dict[str, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter runs programs in
+    turn)."""
+    if device.type != "cuda":
+        return 1
+    key = str(device)
+    if key not in _SM_COUNTS:
+        _SM_COUNTS[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNTS[key]
 
 
 def _launch(logits: torch.Tensor, temperature, seed, position, lo,
@@ -194,10 +214,19 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
                  HAS_LO=lo is not None, PER_ROW_SEED=seed_t is not None, HAS_POS=pos_t is not None)
     # maxnreg: the finish step inside the fused kernel would take it to 79 registers on sm_90;
     # capped at 64 (no spills) one-warp programs fill the 32 blocks an SM can hold.
-    _sample_kernel[(cdiv(nc, W * config.loop), B)](
-        *args, _row_counters(dev, B) if fused else dummy, *out, V, nc,
-        RUNS=runs, G=run // inner, I=inner, W=W, LOOP=config.loop, FUSED=fused,
-        STAGES=config.stages, **flags, num_warps=W, maxnreg=64)
+    ncf = V // chunk  # full chunks per row
+    if config.persistent and W <= ncf and B * ncf < 2**31:
+        steps = cdiv(B * ncf, W)
+        per_program = cdiv(steps, min(steps, config.persistent * _sm_count(dev)))
+        _sample_persistent_kernel[(cdiv(steps, per_program),)](
+            *args[:6], rec, c, B, V, nc, ncf, per_program, steps, RUNS=runs, G=run // inner,
+            I=inner, W=W, PER_ROW_TEMP=temp_t is not None, HAS_LO=lo is not None,
+            STAGES=config.stages, num_warps=W, maxnreg=64)
+    else:  # (persistent programs need W <= ncf, and int32 chunk counts)
+        _sample_kernel[(cdiv(nc, W * config.loop), B)](
+            *args, _row_counters(dev, B) if fused else dummy, *out, V, nc,
+            RUNS=runs, G=run // inner, I=inner, W=W, LOOP=config.loop, FUSED=fused,
+            STAGES=config.stages, **flags, num_warps=W, maxnreg=64)
     if finish and not fused:
         _sample_finish_kernel[(B,)](*args, *out, V, nc, RUNS=runs, RUN=run, **flags,
                                     num_warps=config.finish_warps)

@@ -301,7 +301,9 @@ def test_kernel_token_independent_of_chunk_size():
                                     LaunchConfig(32, 8, 1, 32, True),
                                     LaunchConfig(32, 2, 1, 16, True, 3), LaunchConfig(64, 1, 2, 64, False, 4),
                                     LaunchConfig(16, 1, 2, 16, True, 4, 2),
-                                    LaunchConfig(32, 2, 1, 8, True, 2, 3)],
+                                    LaunchConfig(32, 2, 1, 8, True, 2, 3),
+                                    LaunchConfig(16, 1, 2, 16, False, stages=2, persistent=3),
+                                    LaunchConfig(32, 4, 1, 32, False, persistent=5)],
                          ids=str)
 def test_launch_configs_give_the_same_samples(config):
     """Under the interpreter the warp count, the chunks per warp, the pipeline stages and fusing
@@ -321,6 +323,26 @@ def test_launch_configs_give_the_same_samples(config):
     torch.testing.assert_close(out.entropy, base.entropy, rtol=1e-6, atol=1e-7)
     top = _sample_triton(logits, temps, seeds, pos, top_k=5, config=config)
     assert torch.equal(top.tokens, sample_ref(logits, temps, seeds, pos, top_k=5).tokens)
+
+
+@pytest.mark.parametrize("warps,persistent", [(1, 3), (2, 1), (4, 5), (8, 2)])
+def test_persistent_streaming_pass_writes_the_same_records(warps, persistent):
+    """A grid sized to the GPU, with programs crossing rows (and warps past the batch's last
+    chunk on its last step), gives the row-grid launch's results bit for bit. V = 300 with chunks
+    of 32: 9 full chunks per row and a partial one; with 8 warps per program (more than the full
+    chunks of a row at V = 200) the launcher falls back to the row grid."""
+    B = 7
+    for V in (300, 200):
+        logits = _logits(B, V)
+        logits[2, ::5] = float("-inf")
+        temps = torch.tensor([1.0, 0.6, 0.0, 1.7, 1e-3, 1.0, 0.9])
+        seeds, pos = torch.arange(B) * 3, torch.arange(B)
+        rows = LaunchConfig(32, warps, 1, 16, False)
+        want = _sample_triton(logits, temps, seeds, pos, top_k=40, config=rows)
+        got = _sample_triton(logits, temps, seeds, pos, top_k=40,
+                             config=rows._replace(persistent=persistent))
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
 
 
 def test_fused_finish_leaves_its_row_counters_at_zero():
@@ -364,6 +386,10 @@ def test_bad_launch_config_is_refused():
         _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, loop=0))
     with pytest.raises(ValueError, match="stages must be at least 1"):
         _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, stages=0))
+    with pytest.raises(ValueError, match="persistent must be at least 0"):
+        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, fused=False, persistent=-1))
+    with pytest.raises(ValueError, match="set fused=False"):
+        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, persistent=4))
 
 
 def test_same_inputs_same_tokens_and_seeds_matter():
@@ -559,7 +585,9 @@ def test_gpu_values_and_tokens(V, dtype):
                                     LaunchConfig(2048, 1, 2, 512), LaunchConfig(512, 1),
                                     LaunchConfig(1024, 1, loop=4), LaunchConfig(1024, 2, loop=3),
                                     LaunchConfig(1024, 1, loop=4, stages=2),
-                                    LaunchConfig(1024, 4, loop=4, stages=3)],
+                                    LaunchConfig(1024, 4, loop=4, stages=3),
+                                    LaunchConfig(1024, 1, fused=False, stages=2, persistent=16),
+                                    LaunchConfig(1024, 4, fused=False, persistent=8)],
                          ids=str)
 def test_gpu_launch_configs_agree_with_the_default(config):
     """The launches the GPU report's tuning rows time agree with the default launch. Not bit for
