@@ -306,8 +306,9 @@ def test_kernel_token_independent_of_chunk_size():
                                     LaunchConfig(32, 4, 1, 32, False, persistent=5)],
                          ids=str)
 def test_launch_configs_give_the_same_samples(config):
-    """Under the interpreter the warp count, the chunks per warp, the pipeline stages and fusing
-    the finish step change nothing computed; the run length changes sums only at rounding level.
+    """Under the interpreter the warp count, the chunks per warp, the pipeline stages, a
+    persistent grid and fusing the finish step change nothing computed; the run length changes
+    sums only at rounding level.
     Same tokens as the reference, masked rows, greedy rows and top-k included (V = 300: a partial
     last chunk, and programs whose last chunks lie past the end)."""
     B, V = 6, 300
@@ -387,7 +388,8 @@ def test_bad_launch_config_is_refused():
     with pytest.raises(ValueError, match="stages must be at least 1"):
         _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, stages=0))
     with pytest.raises(ValueError, match="persistent must be at least 0"):
-        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, fused=False, persistent=-1))
+        _sample_triton(_logits(1, 100), 1.0, 0, None,
+                       config=LaunchConfig(64, fused=False, persistent=-1))
     with pytest.raises(ValueError, match="set fused=False"):
         _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, persistent=4))
 
