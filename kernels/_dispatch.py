@@ -25,3 +25,11 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def row_arg(value, B: int, dtype: torch.dtype, device: torch.device):
+    """A per-row kernel argument: (contiguous tensor [B] of dtype, None) for a tensor of shape [B]
+    or [] (broadcast), or (None, value) for a Python number, passed as a scalar."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype).reshape(-1).expand(B).contiguous(), None
+    return None, value

@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._dispatch import cdiv, next_power_of_2, use_triton
+from ._dispatch import cdiv, next_power_of_2, row_arg, use_triton
 from .sampling_kernels import _sample_finish_kernel, _sample_kernel, _sample_persistent_kernel
 from .sampling_ref import (
     SampleOutput,
@@ -142,15 +142,6 @@ def _row_counters(device: torch.device, B: int) -> torch.Tensor:
     return kept[-1]
 
 
-def _as_row_tensor(value, B: int, dtype: torch.dtype, device: torch.device):
-    """(tensor [B] of dtype, None) for a per-row tensor, or (None, scalar) for a Python number."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
-            value = value.reshape(1).expand(B)
-        return value.to(device=device, dtype=dtype).contiguous(), None
-    return None, value
-
-
 _MAX_GRID_ROWS = 65535  # CUDA's limit on the grid's second dimension
 _SM_COUNTS: dict[str, int] = {}
 
@@ -176,9 +167,9 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
     B, V = logits.shape
     dev = logits.device
     config = _resolved(config or _default_config(V))
-    temp_t, temp_s = _as_row_tensor(temperature, B, torch.float32, dev)
-    seed_t, seed_s = _as_row_tensor(seed, B, torch.int64, dev)
-    pos_t = None if position is None else _as_row_tensor(position, B, torch.int64, dev)[0]
+    temp_t, temp_s = row_arg(temperature, B, torch.float32, dev)
+    seed_t, seed_s = row_arg(seed, B, torch.int64, dev)
+    pos_t = None if position is None else row_arg(position, B, torch.int64, dev)[0]
     if B > _MAX_GRID_ROWS:  # rows are independent: launch slices of them
         def rows(v, i):
             return v[i:i + _MAX_GRID_ROWS] if isinstance(v, torch.Tensor) else v

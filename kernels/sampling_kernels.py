@@ -52,6 +52,23 @@ def _chunk_stats(x, out, ok, a, lo, rec_ptr, c_ptr, scale,
     tl.store(c_ptr + out * RUNS + a, c, mask=ok)
 
 
+@triton.jit
+def _row_scale_lo(row, temp_ptr, temp_scalar, lo_ptr,
+                  PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr):
+    """(scale, lo) of rows ``row`` (any shape): scale = log2(e) / T (T <= 0: 1), lo the top-k/top-p
+    threshold (0.0, unused, without one)."""
+    if PER_ROW_TEMP:
+        t = tl.load(temp_ptr + row)
+    else:
+        t = temp_scalar
+    scale = 1.4426950408889634 / tl.where(t > 0.0, t, 1.0)
+    if HAS_LO:
+        lo = tl.load(lo_ptr + row)
+    else:
+        lo = 0.0
+    return scale, lo
+
+
 # Temperature: scale = log2(e) / T, so p ~ 2^(x * scale - r); greedy rows (T <= 0) use T = 1.
 # Small helper calls are kept few: Triton's interpreter, which runs the CPU tests, pays
 # milliseconds per nested jit call per program.
@@ -71,11 +88,7 @@ def _sample_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr
     also runs the finish step for it."""
     pid = tl.program_id(0)
     row = tl.program_id(1)
-    if PER_ROW_TEMP:
-        t = tl.load(temp_ptr + row)
-    else:
-        t = temp_scalar
-    scale = 1.4426950408889634 / tl.where(t > 0.0, t, 1.0)
+    scale, lo = _row_scale_lo(row, temp_ptr, temp_scalar, lo_ptr, PER_ROW_TEMP, HAS_LO)
 
     # The chunk as [RUNS, W, G, I]: entry (a, w, g, i) is run a, entry g * I + i of the run, of
     # the chunk warp w reads. Triton puts the lanes on i and then on a (the registers on g), so a
@@ -85,10 +98,6 @@ def _sample_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr
     a = tl.arange(0, RUNS)[:, None, None, None]
     inner = a * RUN + tl.arange(0, G)[None, None, :, None] * I + tl.arange(0, I)[None, None, None, :]
     row_ptr = logits_ptr + row.to(tl.int64) * stride_b
-    if HAS_LO:
-        lo = tl.load(lo_ptr + row)
-    else:
-        lo = 0.0
     warp_chunk = tl.arange(0, W)[None, :, None, None]
     row_rec = row.to(tl.int64) * NC  # record index of the row's first chunk
     # Each warp reads LOOP chunks, one after another. Full chunks (all but a row's last ones) load
@@ -120,23 +129,6 @@ def _sample_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr
 
 
 @triton.jit
-def _row_scale_lo(row, temp_ptr, scale0, lo_ptr,
-                  PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr):
-    """(scale, lo) of rows ``row`` (any shape): scale = log2(e) / T (T <= 0: 1), or scale0 for
-    one temperature; lo the top-k/top-p threshold (0.0, unused, without one)."""
-    if PER_ROW_TEMP:
-        t = tl.load(temp_ptr + row)
-        scale = 1.4426950408889634 / tl.where(t > 0.0, t, 1.0)
-    else:
-        scale = scale0
-    if HAS_LO:
-        lo = tl.load(lo_ptr + row)
-    else:
-        lo = 0.0
-    return scale, lo
-
-
-@triton.jit
 def _sample_persistent_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
                               rec_ptr, c_ptr, B, V, NC, NCF, steps_per_program, steps,
                               RUNS: tl.constexpr, G: tl.constexpr, I: tl.constexpr,
@@ -163,12 +155,12 @@ def _sample_persistent_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_sca
     at = row.to(tl.int64) * stride_b + chunk * (CHUNK * stride_v)
     out = row.to(tl.int64) * NC + chunk
     next_row = stride_b - (NCF * CHUNK * stride_v).to(tl.int64)  # < V * stride_v < 2^31
-    scale0 = 1.4426950408889634 / tl.where(temp_scalar > 0.0, temp_scalar, 1.0)  # one T
-    # (Names set inside the loops only: a name set before a loop and in it must keep its type.)
+    # (scale and lo are set inside the loops only: a name set before a loop and in it must keep
+    # its type. With one temperature the compiler hoists the division out of the loop.)
     for _ in tl.range(first, tl.minimum(first + steps_per_program, steps), num_stages=STAGES):
         live = row < B  # the last step's warps may run past the batch: they read row 0
         x = tl.load(logits_ptr + tl.where(live, at, 0) + inner * stride_v)
-        scale, lo = _row_scale_lo(tl.where(live, row, 0), temp_ptr, scale0, lo_ptr,
+        scale, lo = _row_scale_lo(tl.where(live, row, 0), temp_ptr, temp_scalar, lo_ptr,
                                   PER_ROW_TEMP, HAS_LO)
         _chunk_stats(x.to(tl.float32), out, live, a, lo, rec_ptr, c_ptr, scale, RUNS, HAS_LO)
         chunk += W  # the launcher makes sure W <= NCF, so a step crosses at most one row end
@@ -186,7 +178,7 @@ def _sample_persistent_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_sca
             offs = NCF * CHUNK + inner
             x = tl.load(logits_ptr + r.to(tl.int64) * stride_b + offs * stride_v, mask=offs < V,
                         other=float("-inf"))
-            scale_r, lo_r = _row_scale_lo(r, temp_ptr, scale0, lo_ptr, PER_ROW_TEMP, HAS_LO)
+            scale_r, lo_r = _row_scale_lo(r, temp_ptr, temp_scalar, lo_ptr, PER_ROW_TEMP, HAS_LO)
             _chunk_stats(x.to(tl.float32), r.to(tl.int64) * NC + NCF, last < B, a, lo_r, rec_ptr,
                          c_ptr, scale_r, RUNS, HAS_LO)
 

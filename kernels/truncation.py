@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import next_power_of_2
+from ._dispatch import next_power_of_2, row_arg
 from .sampling_ref import truncation_candidates
 
 
@@ -75,13 +75,6 @@ def _truncation_threshold_kernel(cand_ptr, stride_c, n, V, k_ptr, k_scalar, p_pt
     tl.store(lo_ptr + row, lo)
 
 
-def _per_row(value, B: int, dtype: torch.dtype, device: torch.device):
-    """(tensor [B] of dtype, None) for a tensor, or (None, number) for a Python number."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=dtype).reshape(-1).expand(B).contiguous(), None
-    return None, value
-
-
 def truncation_threshold_triton(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
     """The Triton path of ``sampling_ref.truncation_threshold``, with the same arguments:
     logits [B, V] (fp32, bf16 or fp16), temperature float or [B], top_k None, int or int [B],
@@ -92,9 +85,9 @@ def truncation_threshold_triton(logits: torch.Tensor, temperature, top_k, top_p)
     lo = torch.empty(B, dtype=torch.float32, device=dev)
     if B == 0:
         return lo
-    k_t, k_s = _per_row(top_k, B, torch.int64, dev) if top_k is not None else (None, 0)
-    p_t, p_s = _per_row(top_p, B, torch.float32, dev) if top_p is not None else (None, 1.0)
-    t_t, t_s = _per_row(temperature, B, torch.float32, dev)
+    k_t, k_s = row_arg(top_k, B, torch.int64, dev) if top_k is not None else (None, 0)
+    p_t, p_s = row_arg(top_p, B, torch.float32, dev) if top_p is not None else (None, 1.0)
+    t_t, t_s = row_arg(temperature, B, torch.float32, dev)
     n = cand.shape[1]
     block = min(1024, max(16, next_power_of_2(n)))
     _truncation_threshold_kernel[(B,)](
