@@ -211,7 +211,7 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
         per_program = cdiv(steps, min(steps, config.persistent * _sm_count(dev)))
         _sample_persistent_kernel[(cdiv(steps, per_program),)](
             *args[:6], rec, c, B, V, nc, ncf, per_program, steps, RUNS=runs, G=run // inner,
-            I=inner, W=W, PER_ROW_TEMP=temp_t is not None, HAS_LO=lo is not None,
+            I=inner, W=W, PER_ROW_TEMP=flags["PER_ROW_TEMP"], HAS_LO=flags["HAS_LO"],
             STAGES=config.stages, num_warps=W, maxnreg=64)
     else:  # (persistent programs need W <= ncf, and int32 chunk counts)
         _sample_kernel[(cdiv(nc, W * config.loop), B)](

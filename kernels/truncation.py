@@ -23,6 +23,14 @@ from ._dispatch import next_power_of_2, row_arg
 from .sampling_ref import truncation_candidates
 
 
+@triton.jit
+def _kept_mass(base, start, offs, n, lo, top, t):
+    """float64 masses exp((c - top) / T) of candidates [start, start + BLOCK), 0 below lo and past
+    n. Both passes take their masses from here, so p * S and the running sums see the same values."""
+    c = tl.load(base + start + offs, mask=start + offs < n, other=float("-inf")).to(tl.float32)
+    return tl.where(c < lo, 0.0, tl.exp((c - top) / t)).to(tl.float64)
+
+
 @triton.jit(do_not_specialize=["k_scalar"])  # a k of 1 must not become a constexpr
 def _truncation_threshold_kernel(cand_ptr, stride_c, n, V, k_ptr, k_scalar, p_ptr, p_scalar,
                                  temp_ptr, temp_scalar, lo_ptr,
@@ -57,15 +65,13 @@ def _truncation_threshold_kernel(cand_ptr, stride_c, n, V, k_ptr, k_scalar, p_pt
         # stall the sums, and p * S and the cumulative masses round alike.
         acc = tl.zeros([BLOCK], tl.float64)
         for start in range(0, n, BLOCK):
-            c = tl.load(base + start + offs, mask=start + offs < n, other=float("-inf")).to(tl.float32)
-            acc += tl.where(c < lo, 0.0, tl.exp((c - top) / t)).to(tl.float64)
+            acc += _kept_mass(base, start, offs, n, lo, top, t)
         goal = p.to(tl.float64) * tl.sum(acc, 0)
         # Pass 2: keep entry j while the mass strictly above it is below p * S.
         above = tl.zeros([1], tl.float64)
         keep = tl.zeros([1], tl.int32)
         for start in range(0, n, BLOCK):
-            c = tl.load(base + start + offs, mask=start + offs < n, other=float("-inf")).to(tl.float32)
-            e = tl.where(c < lo, 0.0, tl.exp((c - top) / t)).to(tl.float64)
+            e = _kept_mass(base, start, offs, n, lo, top, t)
             cum = tl.cumsum(e, 0)
             keep += tl.sum(((above + cum - e < goal) & (start + offs < n)).to(tl.int32), 0)
             above += tl.sum(e, 0)
