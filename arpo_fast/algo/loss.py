@@ -1,0 +1,147 @@
+"""Clipped policy-gradient loss (PPO/GRPO with dual clip), token-mean over model-written tokens.
+
+Tokens the model did not write (tool results, the prompt, padding) carry mask 0 and take no part in
+the loss, its gradient or the metrics; whatever values they hold (NaN or -inf log-probs included)
+cannot leak into the result.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# exp() of a log-ratio past this overflows fp32 long before it matters: beyond it the token is
+# clipped anyway, and clamping keeps inf * 0 = NaN out of the backward pass.
+MAX_LOG_RATIO = 20.0
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean: the sum of ``values`` where ``mask`` is set, over the number of such tokens.
+
+    ``values`` and ``mask`` share a shape; ``mask`` is bool or numeric (nonzero counts). An empty
+    mask gives 0, with a zero (not NaN) gradient.
+    """
+    m = mask if mask.dtype == torch.bool else mask != 0
+    total = torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+    return total / m.sum().clamp_min(1)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = 3.0,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate loss of a batch of responses, with dual clip for negative advantages.
+
+    Per token, with ``ratio = exp(logprobs - old_logprobs)``::
+
+        loss = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high))
+        loss = min(loss, -A * dual_clip)            # only where A < 0, when dual_clip is set
+
+    then the token-mean over ``mask``, minus ``entropy_coef`` times the token-mean of ``entropy``.
+    The log-ratio is clamped to +-``MAX_LOG_RATIO`` (20) first, for the loss and the metrics alike.
+
+    Args:
+        logprobs: [B, T] float, log-probabilities of the taken tokens under the current policy;
+            the gradient flows into it.
+        old_logprobs: [B, T] float, the same under the policy that sampled them (treated as constant).
+        advantages: [B, T] or [B] float (a [B] tensor applies to every token of its row; treated as
+            constant).
+        mask: [B, T] bool or numeric, nonzero where the token is model-written and counts.
+        clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high]; 0 <= clip_low < 1,
+            clip_high >= 0.
+        dual_clip: the cap c > 1 on the loss of a token with A < 0, as a multiple of -A; None turns
+            it off.
+        entropy: [B, T] float, per-token entropy of the current policy; needed when entropy_coef != 0.
+        entropy_coef: weight of the entropy bonus (positive rewards higher entropy).
+
+    Returns:
+        ``(loss, metrics)``: loss is a 0-d tensor in float32 (float64 for float64 inputs; bf16 and
+        fp16 inputs are upcast). metrics holds python floats, all token-means over ``mask``:
+        ``clip_fraction`` (the clamped branch is the larger one), ``dual_clip_fraction``,
+        ``approx_kl`` (k1 estimator, mean of old - new log-prob, what the reference logs as ppo_kl),
+        ``approx_kl_k3`` (mean of ratio - 1 - log ratio: >= 0, lower variance), ``ratio_mean``,
+        ``entropy`` (when given) and ``tokens`` (the count). With an empty mask the loss is 0 with a
+        zero gradient and every metric is 0.
+    """
+    _check_shapes(logprobs, old_logprobs, advantages, mask, entropy)
+    _check_params(clip_low, clip_high, dual_clip, entropy is not None, entropy_coef)
+    m = mask if mask.dtype == torch.bool else mask != 0
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    lp = logprobs.to(dtype)
+    old = old_logprobs.detach().to(dtype)
+    adv = advantages.detach().to(dtype)
+    adv = adv.unsqueeze(-1).expand_as(lp) if adv.dim() == 1 else adv
+    zero = torch.zeros((), dtype=dtype, device=lp.device)
+    # Masked tokens may hold anything; zero their inputs so their ratio is 1 and gradients are clean.
+    log_ratio = torch.where(m, lp - old, zero).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    adv = torch.where(m, adv, zero)
+    ratio = torch.exp(log_ratio)
+
+    unclipped = -adv * ratio
+    clamped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clamped)
+    dual_active = torch.zeros_like(m)
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        dual_active = (adv < 0) & (per_token > cap)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    loss = aggregate(per_token, m)
+
+    stats = {
+        "clip_fraction": clamped > unclipped,
+        "dual_clip_fraction": dual_active,
+        "approx_kl": -log_ratio,
+        "approx_kl_k3": ratio - 1.0 - log_ratio,
+        "ratio_mean": ratio,
+    }
+    if entropy is not None:
+        ent = entropy.to(dtype)
+        if entropy_coef != 0:
+            loss = loss - entropy_coef * aggregate(ent, m)
+        stats["entropy"] = ent
+    metrics = _metrics(stats, m)
+    return loss, metrics
+
+
+def _metrics(stats: dict[str, torch.Tensor], m: torch.Tensor) -> dict[str, float]:
+    """Token-means of each statistic, fetched from the device in one transfer."""
+    with torch.no_grad():
+        means = [aggregate(v.detach().to(torch.float64), m) for v in stats.values()]
+        values = torch.stack([*means, m.sum().to(torch.float64)]).tolist()
+    return dict(zip([*stats, "tokens"], values))
+
+
+def _check_shapes(logprobs, old_logprobs, advantages, mask, entropy) -> None:
+    if not isinstance(logprobs, torch.Tensor) or logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be a 2-D tensor [B, T]; got {_shape(logprobs)}")
+    if not logprobs.dtype.is_floating_point:
+        raise ValueError(f"logprobs must be floating point; got {logprobs.dtype}")
+    shape = tuple(logprobs.shape)
+    for name, x in (("old_logprobs", old_logprobs), ("mask", mask)):
+        if _shape(x) != shape:
+            raise ValueError(f"{name} must have the shape of logprobs {shape}; got {_shape(x)}")
+    if _shape(advantages) not in (shape, shape[:1]):
+        raise ValueError(f"advantages must have shape {shape} or {shape[:1]}; got {_shape(advantages)}")
+    if entropy is not None and _shape(entropy) != shape:
+        raise ValueError(f"entropy must have the shape of logprobs {shape}; got {_shape(entropy)}")
+
+
+def _check_params(clip_low, clip_high, dual_clip, has_entropy: bool, entropy_coef) -> None:
+    if entropy_coef != 0 and not has_entropy:
+        raise ValueError(f"entropy_coef is {entropy_coef} but no entropy was given")
+    if not 0 <= clip_low < 1:
+        raise ValueError(f"clip_low must be in [0, 1); got {clip_low}")
+    if not clip_high >= 0:
+        raise ValueError(f"clip_high must be >= 0; got {clip_high}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1 or None; got {dual_clip}")
+
+
+def _shape(x) -> tuple[int, ...] | str:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

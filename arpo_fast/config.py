@@ -1,0 +1,163 @@
+"""The training run's settings as one dataclass, and the command line built from it.
+
+Every field is a ``--kebab-case`` flag whose help text is the field's docstring; the defaults are
+the built-in demo's (see ``demo.py``), with the reference's algorithm settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import math
+from dataclasses import MISSING, dataclass, fields
+from typing import Optional
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on
+    model: str = "demo"
+    """'demo' (a tiny random Qwen2 and its tokenizer) or a local Hugging Face model directory."""
+    data: str = "demo"
+    """'demo' (built-in arithmetic problems) or a JSONL file: prompt, ground_truth, data_source."""
+    demo_warm_start: int = 300
+    """Supervised warm-up steps of the demo model on well-formed solutions (0: start random)."""
+    tools: str = "python"
+    """Comma-separated tools the model may call (python, search, http_search); '' for none."""
+    tool_settings: str = ""
+    """JSON object of each tool's settings, e.g. '{"search": {"corpus_path": "wiki.jsonl"}}'."""
+    max_calls: int = 3
+    """Tool calls allowed per trajectory (the reference: 3 for reasoning, 6 for deep search)."""
+    # --- the run
+    steps: int = 3
+    """Training steps (each: rollout, reward, advantage, update)."""
+    prompts_per_step: int = 2
+    """Prompts rolled out per step; each becomes a tree of `rollouts` trajectories."""
+    seed: int = 0
+    """Seeds the data order, the model's initialisation (demo) and every sampling draw."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
+    dtype: str = "auto"
+    """'auto' (bf16 on CUDA, fp32 on the CPU), 'bf16', 'fp16' or 'fp32'."""
+    out: str = "runs/arpo"
+    """Directory for metrics.jsonl and checkpoints."""
+    save_every: int = 0
+    """Save a checkpoint every this many steps (0: only after the last step)."""
+    resume: bool = False
+    """Continue from the checkpoint in `out`, if there is one."""
+    # --- rollout
+    rollouts: int = 16
+    """M: trajectories per prompt, branches included (the group size of the advantage)."""
+    initial: int = 8
+    """N: trajectories started per prompt before branching."""
+    branches: int = 2
+    """Z: paths after a branch point."""
+    entropy_tokens: int = 20
+    """k: tokens whose mean entropy is compared after each tool result."""
+    threshold: float = 0.5
+    """tau: branch probability when the entropy did not change."""
+    entropy_weight: float = 0.2
+    """beta: weight of the normalised entropy change in the branch probability."""
+    max_response_tokens: int = 64
+    """Tokens after the prompt, tool results included (the reference: 4096 for reasoning)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollout (and of the log-probs the update uses); > 0."""
+    top_p: float = 1.0
+    """Nucleus sampling for the rollout (1: off)."""
+    top_k: int = 0
+    """Top-k sampling for the rollout (0: off)."""
+    kv_memory_mb: int = 0
+    """KV-cache pool size in MiB (0: the engine's default share of free memory)."""
+    # --- update
+    advantage: str = "soft"
+    """'soft' (GRPO on the leaves, the reference's default) or 'hard' (shared tokens get the mean)."""
+    lr: float = 1e-6
+    """AdamW learning rate."""
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    """Clip the gradient's global norm to this (0: no clipping)."""
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 3.0
+    """Bound on the loss of a negative-advantage token (0: no dual clip)."""
+    entropy_coef: float = 0.0
+    mini_batches: int = 1
+    """Optimizer steps per training step; the trajectories are split between them."""
+    micro_batch_tokens: int = 16384
+    """Most tokens (prompt and response, padded) in one forward/backward of the update."""
+
+    def __post_init__(self):
+        positive = ("steps", "prompts_per_step", "rollouts", "initial", "branches", "entropy_tokens",
+                    "max_response_tokens", "mini_batches", "micro_batch_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("demo_warm_start", "max_calls", "save_every", "top_k", "kv_memory_mb", "weight_decay", "grad_clip",
+                     "clip_low", "clip_high", "entropy_coef", "dual_clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0 (the update needs the sampled distribution's "
+                             f"log-probs), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.advantage not in ("soft", "hard"):
+            raise ValueError(f"advantage must be 'soft' or 'hard', got {self.advantage!r}")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.dual_clip and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (or 0 for off), got {self.dual_clip}")
+        if self.clip_low >= 1:
+            raise ValueError(f"clip_low must be < 1, got {self.clip_low}")
+        if self.initial > self.rollouts:
+            raise ValueError(f"initial ({self.initial}) must be <= rollouts ({self.rollouts})")
+
+    @property
+    def tool_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.tools.split(",") if t.strip())
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Each field's docstring (the string literal right after its annotation)."""
+    docs, body = {}, ast.parse(inspect.getsource(cls)).body[0].body
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m arpo_fast.train",
+                                     description="Train a tool-using agent with ARPO.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs = _field_docs(TrainConfig)
+    for f in fields(TrainConfig):
+        kind = _parse_bool if f.type in ("bool", bool) else {"int": int, "float": float}.get(f.type, str)
+        default = None if f.default is MISSING else f.default
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
+                            metavar=f.name.upper() if kind is not _parse_bool else "{true,false}",
+                            help=docs.get(f.name, " "))
+    return parser
+
+
+def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
+    """The config from command-line flags; a bad value exits with the field's message."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return TrainConfig(**vars(args))
+    except ValueError as exc:
+        parser.error(str(exc))

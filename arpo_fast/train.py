@@ -1,0 +1,189 @@
+"""Train a tool-using agent with ARPO. ``python -m arpo_fast.train --help`` lists every setting.
+
+Each step: pick ``prompts_per_step`` prompts; roll each out as an ARPO tree of ``rollouts``
+trajectories on the paged-KV engine, which runs on the model's own weights (``rollout/tree.py``);
+score every trajectory (``rollout/rewards.py``); turn rewards into GRPO advantages within each
+prompt's group and attribute them to tokens, soft or hard (``algo/advantages.py``); apply the clipped
+policy-gradient update, token-mean over the model-written tokens (``policy.py``, ``algo/loss.py``);
+log; save a checkpoint. Dropout stays off (the model is in eval mode), so the rollout and the update
+see the same policy.
+
+Without arguments this is the built-in demo (``demo.py``): a tiny random model on arithmetic
+problems, a minute on a CPU. A real run: ``--model DIR --data FILE.jsonl --max-response-tokens 4096``.
+
+Known limits: the weights are updated in the model's own dtype (no fp32 master copy, so bf16 loses
+small updates), there is no reference-model KL term (the reference's coefficient is 0), and a
+shared prefix is recomputed once per trajectory in the update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from arpo_fast.algo import group_advantages, token_advantages
+from arpo_fast.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
+from arpo_fast.config import TrainConfig, parse_config
+from arpo_fast.data import load_examples, step_batch
+from arpo_fast.engine import Engine, SamplingParams
+from arpo_fast.engine.sequence import child_seed
+from arpo_fast.policy import UpdateConfig, update
+from arpo_fast.rollout import Protocol, ProtocolConfig, compute_reward
+from arpo_fast.rollout.tools import create_tool
+from arpo_fast.rollout.tools.executor import ToolExecutor
+from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout
+
+log = logging.getLogger("arpo_fast.train")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} asked for, but torch sees no CUDA device")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return device, DTYPES[dtype]
+
+
+def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype):
+    """The policy and its tokenizer: from the checkpoint when resuming, else the demo or ``--model``."""
+    if checkpoint is None and cfg.model == "demo":
+        from arpo_fast.demo import demo_model, demo_tokenizer, warm_start
+
+        tokenizer = demo_tokenizer()
+        model = demo_model(tokenizer, seed=cfg.seed).to(device, dtype)
+        if cfg.demo_warm_start:
+            t0 = time.perf_counter()
+            loss = warm_start(model, tokenizer, cfg.demo_warm_start, seed=cfg.seed)
+            print(f"demo warm start: {cfg.demo_warm_start} supervised steps, loss {loss:.3f}, "
+                  f"{time.perf_counter() - t0:.1f}s", flush=True)
+        return model.eval(), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = checkpoint / "model" if checkpoint is not None else Path(cfg.model)
+    if not path.is_dir():
+        raise ValueError(f"--model {cfg.model!r}: not 'demo' and not a local model directory")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def make_executor(cfg: TrainConfig) -> Optional[ToolExecutor]:
+    settings = json.loads(cfg.tool_settings) if cfg.tool_settings else {}
+    if not isinstance(settings, dict):
+        raise ValueError("--tool-settings must be a JSON object: {tool name: {setting: value}}")
+    tools = [create_tool(name, **settings.get(name, {})) for name in cfg.tool_names]
+    return ToolExecutor({t.name: t for t in tools}) if tools else None
+
+
+def score(trajectories, examples, tokenizer) -> list:
+    """The reward of each trajectory, chosen by its example's ``data_source``."""
+    return [compute_reward(examples[t.prompt_index].data_source, tokenizer.decode(t.response_ids),
+                           examples[t.prompt_index].ground_truth, eos_token=tokenizer.eos_token)
+            for t in trajectories]
+
+
+def step_metrics(step: int, rollout, rewards, update_metrics: dict, times: dict) -> dict:
+    trajs = rollout.trajectories
+    n = len(trajs)
+    total = sum(len(t.response_ids) for t in trajs)
+    unique = sum(rollout.node_tokens.values())
+    return {"step": step, "reward": sum(r.score for r in rewards) / n,
+            "correct": sum(r.correctness > 0 for r in rewards) / n,
+            "format_ok": sum(r.score > -1 for r in rewards) / n,
+            "trajectories": n, "tool_calls": rollout.stats["tool_calls"],
+            "branch_points": rollout.stats["branch_points"], "fills": rollout.stats["fills"],
+            "response_tokens": total, "shared_tokens": total - unique,
+            **{k: round(v, 6) for k, v in update_metrics.items()},
+            **{f"{k}_s": round(v, 3) for k, v in times.items()}}
+
+
+def _line(m: dict, steps: int) -> str:
+    return (f"step {m['step']}/{steps}  reward {m['reward']:+.3f}  correct {m['correct']:.2f}  "
+            f"format {m['format_ok']:.2f}  traj {m['trajectories']}  calls {m['tool_calls']}  "
+            f"branches {m['branch_points']}  tokens {m['response_tokens']} "
+            f"(shared {m['shared_tokens']})  loss {m['loss']:+.4f}  clip {m['clip_fraction']:.3f}  "
+            f"grad {m['grad_norm']:.3f}  rollout {m['rollout_s']:.1f}s  update {m['update_s']:.1f}s")
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run the training loop; returns each step's metrics (also appended to ``out/metrics.jsonl``)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = find_checkpoint(cfg.out) if cfg.resume else None
+    state = load_trainer_state(checkpoint) if checkpoint is not None else None
+    device, dtype = resolve_device(cfg)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg, checkpoint, device, dtype)
+    examples = load_examples(cfg.data, tokenizer, model.config.max_position_embeddings - 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        log.info("resumed from %s after step %d", checkpoint, start)
+    kv = {"kv_memory": cfg.kv_memory_mb << 20} if cfg.kv_memory_mb else {}
+    engine = Engine(model, tokenizer=tokenizer, on_pool_exhausted="preempt", **kv)
+    protocol = Protocol(tokenizer, ProtocolConfig(max_calls=cfg.max_calls),
+                        eos_token_ids=engine.eos_token_ids, available_tools=cfg.tool_names)
+    arpo = ARPOConfig(cfg.rollouts, cfg.initial, cfg.branches, cfg.entropy_tokens, cfg.threshold,
+                      cfg.entropy_weight, cfg.max_response_tokens)
+    sampling = SamplingParams(cfg.temperature, top_k=cfg.top_k or None,
+                              top_p=cfg.top_p if cfg.top_p < 1 else None)
+    upd = UpdateConfig(cfg.temperature, cfg.clip_low, cfg.clip_high, cfg.dual_clip or None,
+                       cfg.entropy_coef, cfg.grad_clip, cfg.mini_batches, cfg.micro_batch_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    executor = make_executor(cfg)
+    history = []
+    try:
+        for step in range(start, cfg.steps):
+            batch = [examples[i] for i in step_batch(len(examples), cfg.prompts_per_step, step, cfg.seed)]
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                rollout = arpo_rollout(engine, protocol, [e.prompt_ids for e in batch], arpo, sampling,
+                                       executor, seed=child_seed(cfg.seed, step))
+            if executor is not None:
+                executor.new_step()
+            t1 = time.perf_counter()
+            rewards = score(rollout.trajectories, batch, tokenizer)
+            seq_adv = group_advantages([r.score for r in rewards],
+                                       [t.prompt_index for t in rollout.trajectories])
+            advantages = token_advantages(seq_adv, rollout.paths(), cfg.advantage)
+            t2 = time.perf_counter()
+            metrics = update(model, optimizer, rollout.trajectories, advantages, upd, pad_id)
+            t3 = time.perf_counter()
+            row = step_metrics(step + 1, rollout, rewards, metrics,
+                               {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2})
+            history.append(row)
+            print(_line(row, cfg.steps), flush=True)
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                save_checkpoint(cfg.out, model, tokenizer, optimizer, step + 1, dataclasses.asdict(cfg))
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=False)
+    return history
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    cfg = parse_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
+    train(cfg)
+    print(f"checkpoint and metrics in {cfg.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

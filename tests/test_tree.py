@@ -1,0 +1,298 @@
+"""ARPO tree rollout: tool calls, result tokens, branching, budget, fills, limits, determinism.
+
+Most tests drive the rollout with a scripted engine: each sequence writes a planned text, one segment
+per tool round, with entropies the test chooses, so every branch decision is known in advance
+(threshold 1 always branches, threshold 0 with a falling entropy never does). The last tests run the
+real paged engine on a tiny random model.
+"""
+
+import random
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from arpo_fast.demo import demo_model, demo_tokenizer
+from arpo_fast.engine import Engine, StepOutput
+from arpo_fast.engine.sequence import child_seed
+from arpo_fast.rollout import Protocol, ProtocolConfig
+from arpo_fast.rollout.tools.base import ToolResult
+from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout
+
+CALL = "<python>print(1+1)</python>"
+ANSWER = "<answer>\\boxed{2}</answer>"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return demo_tokenizer()
+
+
+class ScriptedEngine:
+    """Engine stand-in. A sequence writes ``plan(seed)[r]`` in tool round r (then EOS), with
+    entropy ``entropy(seed, r, i)`` at its i-th token of the round; it records what it was given."""
+
+    def __init__(self, tok, plan, entropy=lambda seed, r, i: 1.0, fail_at_step=None):
+        self.tok, self.plan, self.entropy = tok, plan, entropy
+        self.model = type("M", (), {"vocab_size": len(tok)})()
+        self.seqs, self.next_id, self.steps, self.fail_at_step = {}, 0, 0, fail_at_step
+        self.finished = {}  # seq -> tokens at free time
+
+    def _new(self, seed, tokens, marks):
+        self.seqs[self.next_id] = {"seed": seed, "tokens": tokens, "marks": marks, "forks": 0}
+        self.next_id += 1
+        return self.next_id - 1
+
+    def add(self, prompt, seed=0):
+        return self._new(seed, list(prompt), ["p"] * len(prompt))
+
+    def extend(self, seq, ids):
+        s = self.seqs[seq]
+        s["tokens"] += ids
+        s["marks"] += ["x"] * len(ids)
+
+    def fork(self, seq, n, at=None):
+        s = self.seqs[seq]
+        at = len(s["tokens"]) if at is None else at
+        kids = [self._new(child_seed(s["seed"], s["forks"] + j), s["tokens"][:at], s["marks"][:at])
+                for j in range(n)]
+        s["forks"] += n
+        return kids
+
+    def free(self, seq):
+        self.finished[seq] = self.seqs.pop(seq)["tokens"]
+
+    def _next(self, s):
+        marks = s["marks"]
+        rounds = sum(1 for a, b in zip(marks, marks[1:]) if a == "m" and b == "x")
+        i = 0  # model tokens since the last tool result (or the prompt)
+        while i < len(marks) and marks[-1 - i] == "m":
+            i += 1
+        plan = self.plan(s["seed"])
+        ids = self.tok.encode(plan[rounds]) + [self.tok.eos_token_id] if rounds < len(plan) else []
+        token = ids[i] if i < len(ids) else self.tok.eos_token_id
+        return token, self.entropy(s["seed"], rounds, i)
+
+    def step(self, seqs, params=None):
+        self.steps += 1
+        if self.fail_at_step == self.steps:
+            raise RuntimeError("scripted failure")
+        tokens, ents = [], []
+        for seq in seqs:
+            s = self.seqs[seq]
+            token, ent = self._next(s)
+            s["tokens"].append(token)
+            s["marks"].append("m")
+            tokens.append(token)
+            ents.append(ent)
+        n = len(seqs)
+        return StepOutput(torch.tensor(tokens), torch.full((n,), -0.5), torch.tensor(ents),
+                          torch.ones(n, dtype=torch.bool))
+
+
+class Tools:
+    """Executor stand-in: answers ``print(...)`` with the evaluated expression, after a delay."""
+
+    def __init__(self, delay=lambda: 0.0):
+        self.calls, self.delay = [], delay
+
+    def submit(self, name, query):
+        self.calls.append((name, query))
+        future = Future()
+        text = str(eval(query.strip()[len("print("):-1]))  # noqa: S307 - the test's own strings
+
+        def finish():
+            time.sleep(self.delay())
+            future.set_result(ToolResult(text))
+
+        threading.Thread(target=finish).start()
+        return future
+
+
+def _run(tok, plan, config, entropy=lambda seed, r, i: 1.0, tools=None, seed=0, prompts=None,
+         max_calls=3, **engine_kw):
+    engine = ScriptedEngine(tok, plan, entropy, **engine_kw)
+    protocol = Protocol(tok, ProtocolConfig(max_calls=max_calls), eos_token_ids=[tok.eos_token_id])
+    prompts = prompts or [tok.encode("Problem: what is 1 + 1?\n"), tok.encode("Problem: 2?\n")]
+    out = arpo_rollout(engine, protocol, prompts, config, executor=tools or Tools(), seed=seed)
+    return out, engine, prompts
+
+
+def _text(tok, ids):
+    return tok.decode(ids)
+
+
+def test_answers_without_tools_then_fill_the_budget(tok):
+    out, engine, prompts = _run(tok, lambda s: [ANSWER], ARPOConfig(rollouts=5, initial=2))
+    assert len(out.trajectories) == 10
+    for p in range(2):
+        kinds = [t.kind for t in out.trajectories if t.prompt_index == p]
+        assert kinds == ["initial"] * 2 + ["fill"] * 3
+    for t in out.trajectories:
+        assert t.finish_reason == "answer" and t.loss_mask == [1] * len(t.response_ids)
+        assert _text(tok, t.response_ids) == ANSWER
+        assert len(t.path) == 1 and out.node_tokens[t.path[0]] == len(t.response_ids)
+    assert out.stats["fills"] == 6 and out.stats["branch_points"] == 0
+    assert not engine.seqs  # everything freed
+
+
+def test_tool_result_is_appended_with_mask_zero(tok):
+    tools = Tools()
+    out, engine, prompts = _run(tok, lambda s: [CALL, ANSWER], ARPOConfig(rollouts=1, initial=1),
+                                tools=tools, prompts=[tok.encode("Problem: 1 + 1\n")])
+    (t,) = out.trajectories
+    result = tok.encode(" <result>\n2\n</result>")
+    call = tok.encode(CALL)
+    assert t.response_ids == call + result + tok.encode(ANSWER)
+    assert t.loss_mask == [1] * len(call) + [0] * len(result) + [1] * len(tok.encode(ANSWER))
+    assert t.logprobs[len(call):len(call) + len(result)] == [0.0] * len(result)
+    assert t.tool_calls == 1 and tools.calls == [("python", "print(1+1)")]
+    # the engine saw exactly prompt + response
+    assert engine.finished[0] == tok.encode("Problem: 1 + 1\n") + t.response_ids
+    assert out.stats["tool_tokens"] == len(result)
+
+
+def test_branch_forks_right_after_the_tool_result_and_shares_the_prefix(tok):
+    cfg = ARPOConfig(rollouts=4, initial=2, branches=2, entropy_tokens=3, threshold=1.0)
+    out, engine, prompts = _run(tok, lambda s: [CALL, ANSWER], cfg, prompts=[tok.encode("Q\n")])
+    trajs = out.trajectories
+    assert [t.kind for t in trajs].count("branch") == 2 and len(trajs) == 4
+    assert out.stats["branch_points"] == 2 and out.stats["fills"] == 0
+    prefix = len(tok.encode(CALL + " <result>\n2\n</result>"))
+    for t in trajs:
+        if t.kind == "branch":
+            parent = trajs[t.parent]
+            assert t.response_ids[:prefix] == parent.response_ids[:prefix]
+            assert t.loss_mask[:prefix] == parent.loss_mask[:prefix]
+            assert t.path[0] == parent.path[0] and t.path[1] != parent.path[1]
+            assert out.node_tokens[t.path[0]] == prefix
+            assert t.tool_calls == 1  # the call before the branch point counts for the copy too
+        assert _text(tok, t.response_ids).endswith(ANSWER)
+    paths = out.paths()
+    for t, path in zip(trajs, paths):
+        assert sum(n for _, n in path) == len(t.response_ids)
+    assert not engine.seqs
+
+
+def test_branch_budget_is_never_exceeded(tok):
+    cfg = ARPOConfig(rollouts=3, initial=2, branches=4, entropy_tokens=2, threshold=1.0)
+    out, _, _ = _run(tok, lambda s: [CALL, CALL, ANSWER], cfg)
+    for p in range(2):
+        assert sum(t.prompt_index == p for t in out.trajectories) == 3
+
+
+def test_falling_entropy_never_branches_at_threshold_zero(tok):
+    cfg = ARPOConfig(rollouts=4, initial=2, entropy_tokens=2, threshold=0.0, entropy_weight=1.0)
+    entropy = lambda seed, r, i: 3.0 if r == 0 else 1.0  # noqa: E731 - lower after every result
+    out, _, _ = _run(tok, lambda s: [CALL, ANSWER], cfg, entropy=entropy)
+    assert out.stats["branch_points"] == 0
+    assert [t.kind for t in out.trajectories].count("fill") == 4
+
+
+def test_rising_entropy_raises_the_branch_rate(tok):
+    """P(branch) = clip(threshold + weight * dH / ln V): measured over 400 decisions."""
+    import math
+
+    log_v = math.log(len(tok))
+    prompts = [tok.encode(f"P{i}\n") for i in range(200)]
+    rates = {}
+    for rise in (0.0, 0.25):
+        # room for both initial trajectories to branch; fills come only after they finish
+        cfg = ARPOConfig(rollouts=4, initial=2, entropy_tokens=2, threshold=0.3, entropy_weight=1.0)
+        entropy = lambda seed, r, i, d=rise: 1.0 + (d * log_v if r > 0 else 0.0)  # noqa: E731
+        out, _, _ = _run(tok, lambda s: [CALL, ANSWER], cfg, entropy=entropy, prompts=prompts)
+        trajs = out.trajectories
+        parents = {t.parent for t in trajs if t.kind == "branch"}
+        initial = [i for i, t in enumerate(trajs) if t.kind == "initial"]
+        rates[rise] = len(parents & set(initial)) / len(initial)
+    assert abs(rates[0.0] - 0.3) < 0.08 and abs(rates[0.25] - 0.55) < 0.08
+
+
+def test_response_limit_ends_trajectories_and_truncates_results(tok):
+    call = len(tok.encode(CALL))
+    cfg = ARPOConfig(rollouts=1, initial=1, max_response_tokens=call + 3)
+    out, engine, _ = _run(tok, lambda s: [CALL, ANSWER], cfg, prompts=[tok.encode("Q\n")])
+    (t,) = out.trajectories
+    assert t.finish_reason == "length" and len(t.response_ids) == call + 3
+    assert t.loss_mask == [1] * call + [0] * 3
+    assert not engine.seqs
+    cfg = ARPOConfig(rollouts=1, initial=1, max_response_tokens=5)
+    (t,) = _run(tok, lambda s: [ANSWER], cfg, prompts=[tok.encode("Q\n")])[0].trajectories
+    assert t.finish_reason == "length" and len(t.response_ids) == 5
+
+
+def test_call_limit_and_malformed_calls(tok):
+    tools = Tools()
+    cfg = ARPOConfig(rollouts=1, initial=1)
+    (t,) = _run(tok, lambda s: [CALL, CALL, ANSWER], cfg, tools=tools, max_calls=1,
+                prompts=[tok.encode("Q\n")])[0].trajectories
+    assert t.finish_reason == "limit" and len(tools.calls) == 1
+    (t,) = _run(tok, lambda s: ["<python></python>", ANSWER], cfg, tools=tools,
+                prompts=[tok.encode("Q\n")])[0].trajectories
+    assert len(tools.calls) == 1  # the empty call was not run; its error was read back
+    text = _text(tok, t.response_ids)
+    assert "<result>" in text and t.finish_reason == "answer"
+    assert text != "<python></python> <result>\n\n</result>" + ANSWER
+
+
+def test_same_seed_same_trees_whatever_the_tool_timing(tok):
+    cfg = ARPOConfig(rollouts=6, initial=3, entropy_tokens=2, threshold=0.5)
+    plan = lambda s: [CALL, CALL, ANSWER] if s % 2 else [CALL, ANSWER]  # noqa: E731
+    entropy = lambda seed, r, i: (seed >> (r + i)) % 7 * 0.3  # noqa: E731
+    runs = []
+    for delay in (lambda: 0.0, lambda: random.random() * 0.01):
+        out, _, _ = _run(tok, plan, cfg, entropy=entropy, tools=Tools(delay), seed=7)
+        runs.append([(t.prompt_index, t.kind, t.parent, t.response_ids, t.path) for t in out.trajectories])
+    assert runs[0] == runs[1]
+    out, _, _ = _run(tok, plan, cfg, entropy=entropy, seed=8)
+    assert [t.response_ids for t in out.trajectories] != [r[3] for r in runs[0]]
+
+
+def test_an_engine_error_frees_every_sequence(tok):
+    engine_box = {}
+
+    class Failing(ScriptedEngine):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            engine_box["e"] = self
+
+    protocol = Protocol(tok, eos_token_ids=[tok.eos_token_id])
+    engine = Failing(tok, lambda s: [CALL, ANSWER], fail_at_step=5)
+    with pytest.raises(RuntimeError, match="scripted failure"):
+        arpo_rollout(engine, protocol, [tok.encode("Q\n")], ARPOConfig(4, 2), executor=Tools())
+    assert not engine.seqs
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"initial": 0}, "initial"), ({"rollouts": 2, "initial": 3}, "initial"), ({"branches": 1}, "branches"),
+    ({"entropy_tokens": 0}, "entropy_tokens"), ({"threshold": 1.5}, "threshold"),
+    ({"entropy_weight": float("nan")}, "entropy_weight"), ({"max_response_tokens": 0}, "max_response")])
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ARPOConfig(**kwargs)
+
+
+def test_real_engine_rollout_matches_the_training_forward(tok):
+    """On the paged engine with a tiny random model: every sequence is freed, the pool is whole
+    again, and each sampled token's log-prob equals the plain forward's (what the update uses)."""
+    from arpo_fast.policy import pack, token_logprobs
+
+    model = demo_model(tok, seed=3).eval()
+    engine = Engine(model, tokenizer=tok, num_blocks=256)
+    blocks = engine.free_blocks
+    protocol = Protocol(tok, eos_token_ids=engine.eos_token_ids)
+    prompts = [tok.encode("Problem: what is 3 * 4?\n"), tok.encode("Problem: 7 - 2\n")]
+    cfg = ARPOConfig(rollouts=3, initial=2, max_response_tokens=6)  # the kernels run interpreted
+    with torch.no_grad():
+        out = arpo_rollout(engine, protocol, prompts, cfg, seed=1)
+    assert len(out.trajectories) == 6 and not engine.live() and engine.free_blocks == blocks
+    with torch.no_grad():
+        batch = pack(out.trajectories, list(range(6)), tok.pad_token_id, "cpu")
+        logprobs, entropy = token_logprobs(model, batch, 1.0)
+    sampled = torch.tensor([lp for t in out.trajectories for lp in t.logprobs])
+    ents = torch.tensor([e for t in out.trajectories for e in t.entropies])
+    mask = batch.loss_mask
+    torch.testing.assert_close(logprobs[mask], sampled[mask], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(entropy[mask], ents[mask], rtol=1e-4, atol=1e-4)
