@@ -1,5 +1,8 @@
-"""Checkpoints: the model in Hugging Face format (loadable on its own), its tokenizer, and the
-trainer's state (step, optimizer, config).
+"""Checkpoints: ``model/`` (Hugging Face format, loadable on its own), ``tokenizer/`` and the
+trainer's state ``trainer.pt`` (step, optimizer, config).
+
+The tokenizer has a folder of its own: beside a model's ``config.json``, ``AutoTokenizer`` would
+pick the tokenizer class of the model type (Qwen2's splits digits apart) over the one saved.
 
 A checkpoint is written whole into ``checkpoint.tmp`` and then swapped in by renames, so a crash at
 any moment leaves the previous checkpoint readable (as ``checkpoint`` or, between the two renames,
@@ -28,7 +31,7 @@ def save_checkpoint(out_dir: str, model, tokenizer, optimizer, step: int, config
     final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "tokenizer")
     torch.save({"format": FORMAT, "step": step, "optimizer": optimizer.state_dict(), "config": config},
                tmp / "trainer.pt")
     shutil.rmtree(old, ignore_errors=True)
@@ -54,7 +57,8 @@ def load_trainer_state(path: Path) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever broke the file, the user needs the same advice
-        raise CheckpointError(f"cannot read the checkpoint {file} ({type(exc).__name__}: {exc}). "
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read the checkpoint {file} ({type(exc).__name__}: {first}). "
                               "It was left untouched: move it away to start afresh, or pass another "
                               "--out") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("step"), int):

@@ -10,6 +10,7 @@ import argparse
 import ast
 import inspect
 import math
+import time
 from dataclasses import MISSING, dataclass, fields
 from typing import Optional
 
@@ -21,6 +22,11 @@ class TrainConfig:
     """'demo' (a tiny random Qwen2 and its tokenizer) or a local Hugging Face model directory."""
     data: str = "demo"
     """'demo' (built-in arithmetic problems) or a JSONL file: prompt, ground_truth, data_source."""
+    reward: str = "arpo_f1"
+    """Reward of every example whose data_source is not in `reward_by_source` (arpo_f1, exact_match,
+    math, or one added with arpo_fast.rollout.register_reward)."""
+    reward_by_source: str = ""
+    """JSON object mapping a data_source to its reward name, e.g. '{"gsm8k": "math"}'."""
     demo_warm_start: int = 300
     """Supervised warm-up steps of the demo model on well-formed solutions (0: start random)."""
     tools: str = "python"
@@ -40,8 +46,8 @@ class TrainConfig:
     """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: str = "auto"
     """'auto' (bf16 on CUDA, fp32 on the CPU), 'bf16', 'fp16' or 'fp32'."""
-    out: str = "runs/arpo"
-    """Directory for metrics.jsonl and checkpoints."""
+    out: str = ""
+    """Directory for metrics.jsonl and checkpoints ('': a new runs/arpo-<date>-<time>)."""
     save_every: int = 0
     """Save a checkpoint every this many steps (0: only after the last step)."""
     resume: bool = False
@@ -113,6 +119,10 @@ class TrainConfig:
             raise ValueError(f"dual_clip must be > 1 (or 0 for off), got {self.dual_clip}")
         if self.clip_low >= 1:
             raise ValueError(f"clip_low must be < 1, got {self.clip_low}")
+        if self.resume and not self.out:
+            raise ValueError("resume needs --out, the directory of the run to continue")
+        if not self.out:
+            self.out = time.strftime("runs/arpo-%Y%m%d-%H%M%S")
         if self.initial > self.rollouts:
             raise ValueError(f"initial ({self.initial}) must be <= rollouts ({self.rollouts})")
 

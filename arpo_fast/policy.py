@@ -86,7 +86,8 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
            pad_id: int) -> dict[str, float]:
     """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
     per trajectory): ``cfg.mini_batches`` optimizer steps, each over a contiguous share.
-    Returns the mean metrics of the micro-batches and the last gradient norm."""
+    Returns the micro-batches' mean metrics (``tokens``: their sum), the last gradient norm and how
+    many optimizer steps were skipped for a non-finite gradient."""
     device = next(model.parameters()).device
     n = len(trajectories)
     shares = [list(range(n))[k * n // cfg.mini_batches:(k + 1) * n // cfg.mini_batches]
@@ -124,7 +125,8 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
         else:  # a NaN/inf gradient would poison every weight: drop this step's update instead
             skipped += 1
         optimizer.zero_grad(set_to_none=True)
-    out = {k: v / max(count, 1) for k, v in totals.items()}
+    # counts add up over micro-batches; rates and losses are their means
+    out = {k: v if k == "tokens" else v / max(count, 1) for k, v in totals.items()}
     out["grad_norm"] = grad_norm
     out["skipped_updates"] = float(skipped)
     return out

@@ -23,19 +23,20 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from arpo_fast.algo import group_advantages, token_advantages
-from arpo_fast.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
+from arpo_fast.checkpoint import CheckpointError, find_checkpoint, load_trainer_state, save_checkpoint
 from arpo_fast.config import TrainConfig, parse_config
 from arpo_fast.data import load_examples, step_batch
 from arpo_fast.engine import Engine, SamplingParams
 from arpo_fast.engine.sequence import child_seed
 from arpo_fast.policy import UpdateConfig, update
-from arpo_fast.rollout import Protocol, ProtocolConfig, compute_reward
+from arpo_fast.rollout import Protocol, ProtocolConfig, RewardConfig, compute_reward
 from arpo_fast.rollout.tools import create_tool
 from arpo_fast.rollout.tools.executor import ToolExecutor
 from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout
@@ -73,23 +74,46 @@ def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype):
     path = checkpoint / "model" if checkpoint is not None else Path(cfg.model)
     if not path.is_dir():
         raise ValueError(f"--model {cfg.model!r}: not 'demo' and not a local model directory")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer" if checkpoint is not None else path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, tokenizer
 
 
-def make_executor(cfg: TrainConfig) -> Optional[ToolExecutor]:
-    settings = json.loads(cfg.tool_settings) if cfg.tool_settings else {}
-    if not isinstance(settings, dict):
-        raise ValueError("--tool-settings must be a JSON object: {tool name: {setting: value}}")
+def _json_object(text: str, flag: str, shape: str) -> dict:
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{flag}: not valid JSON ({exc.msg}); expected {shape}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object: {shape}")
+    return value
+
+
+def tool_settings(cfg: TrainConfig) -> dict:
+    settings = _json_object(cfg.tool_settings, "--tool-settings", "{tool name: {setting: value}}")
+    unknown = sorted(set(settings) - set(cfg.tool_names))
+    if unknown:
+        raise ValueError(f"--tool-settings names tools not in --tools: {', '.join(unknown)}")
+    return settings
+
+
+def make_executor(cfg: TrainConfig, settings: dict) -> Optional[ToolExecutor]:
     tools = [create_tool(name, **settings.get(name, {})) for name in cfg.tool_names]
     return ToolExecutor({t.name: t for t in tools}) if tools else None
 
 
-def score(trajectories, examples, tokenizer) -> list:
+def reward_config(cfg: TrainConfig) -> RewardConfig:
+    by_source = _json_object(cfg.reward_by_source, "--reward-by-source", "{data_source: reward name}")
+    try:
+        return RewardConfig(default=cfg.reward, by_data_source=by_source)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+
+
+def score(trajectories, examples, tokenizer, rewards: RewardConfig) -> list:
     """The reward of each trajectory, chosen by its example's ``data_source``."""
     return [compute_reward(examples[t.prompt_index].data_source, tokenizer.decode(t.response_ids),
-                           examples[t.prompt_index].ground_truth, eos_token=tokenizer.eos_token)
+                           examples[t.prompt_index].ground_truth, rewards, eos_token=tokenizer.eos_token)
             for t in trajectories]
 
 
@@ -116,12 +140,49 @@ def _line(m: dict, steps: int) -> str:
             f"grad {m['grad_norm']:.3f}  rollout {m['rollout_s']:.1f}s  update {m['update_s']:.1f}s")
 
 
-def train(cfg: TrainConfig) -> list[dict]:
-    """Run the training loop; returns each step's metrics (also appended to ``out/metrics.jsonl``)."""
+@dataclass
+class Run:
+    """Everything a training step uses, built once by :func:`setup`."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    engine: Engine
+    protocol: Protocol
+    executor: Optional[ToolExecutor]
+    examples: list
+    rewards: RewardConfig
+    start: int
+
+
+def _prepare_out(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict]]:
+    """The checkpoint to resume from (with its trainer state), after checking that a fresh run would
+    not overwrite an earlier one; a resumed run's metrics keep only the rows it did not redo."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint = find_checkpoint(cfg.out) if cfg.resume else None
-    state = load_trainer_state(checkpoint) if checkpoint is not None else None
+    checkpoint = find_checkpoint(cfg.out)
+    metrics = out / "metrics.jsonl"
+    if not cfg.resume:
+        if checkpoint is not None or metrics.exists():
+            raise ValueError(f"{out} already holds a run (checkpoint or metrics.jsonl); pass "
+                             "--resume true to continue it, or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        return None, None
+    if checkpoint is None:
+        raise ValueError(f"--resume: no checkpoint in {out}")
+    state = load_trainer_state(checkpoint)
+    if metrics.exists():
+        rows = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= state["step"]]
+        metrics.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    return checkpoint, state
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Check the settings, load (or resume) the model, and build the engine, tools and optimizer."""
+    rewards = reward_config(cfg)  # names and JSON settings fail here, before anything is loaded
+    settings = tool_settings(cfg)
+    checkpoint, state = _prepare_out(cfg)
     device, dtype = resolve_device(cfg)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg, checkpoint, device, dtype)
@@ -136,43 +197,61 @@ def train(cfg: TrainConfig) -> list[dict]:
     engine = Engine(model, tokenizer=tokenizer, on_pool_exhausted="preempt", **kv)
     protocol = Protocol(tokenizer, ProtocolConfig(max_calls=cfg.max_calls),
                         eos_token_ids=engine.eos_token_ids, available_tools=cfg.tool_names)
+    return Run(cfg, model, tokenizer, optimizer, engine, protocol, make_executor(cfg, settings),
+               examples, rewards, start)
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One step (0-based): rollout -> reward -> advantage -> update; returns its metrics."""
+    cfg = run.cfg
+    batch = [run.examples[i] for i in step_batch(len(run.examples), cfg.prompts_per_step, step, cfg.seed)]
     arpo = ARPOConfig(cfg.rollouts, cfg.initial, cfg.branches, cfg.entropy_tokens, cfg.threshold,
                       cfg.entropy_weight, cfg.max_response_tokens)
     sampling = SamplingParams(cfg.temperature, top_k=cfg.top_k or None,
                               top_p=cfg.top_p if cfg.top_p < 1 else None)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        rollout = arpo_rollout(run.engine, run.protocol, [e.prompt_ids for e in batch], arpo, sampling,
+                               run.executor, seed=child_seed(cfg.seed, step))
+    if run.executor is not None:
+        run.executor.new_step()
+    t1 = time.perf_counter()
+    rewards = score(rollout.trajectories, batch, run.tokenizer, run.rewards)
+    seq_adv = group_advantages([r.score for r in rewards], [t.prompt_index for t in rollout.trajectories])
+    advantages = token_advantages(seq_adv, rollout.paths(), cfg.advantage)
+    t2 = time.perf_counter()
     upd = UpdateConfig(cfg.temperature, cfg.clip_low, cfg.clip_high, cfg.dual_clip or None,
                        cfg.entropy_coef, cfg.grad_clip, cfg.mini_batches, cfg.micro_batch_tokens)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    executor = make_executor(cfg)
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    metrics = update(run.model, run.optimizer, rollout.trajectories, advantages, upd, pad_id)
+    t3 = time.perf_counter()
+    return step_metrics(step + 1, rollout, rewards, metrics,
+                        {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2})
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Set up and run the training loop; returns each step's metrics (see :func:`fit`)."""
+    return fit(setup(cfg))
+
+
+def fit(run: Run) -> list[dict]:
+    """Steps from ``run.start`` to ``cfg.steps``; each one's metrics are printed, appended to
+    ``out/metrics.jsonl`` and returned; checkpoints every ``save_every`` steps and at the end."""
+    cfg = run.cfg
     history = []
     try:
-        for step in range(start, cfg.steps):
-            batch = [examples[i] for i in step_batch(len(examples), cfg.prompts_per_step, step, cfg.seed)]
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                rollout = arpo_rollout(engine, protocol, [e.prompt_ids for e in batch], arpo, sampling,
-                                       executor, seed=child_seed(cfg.seed, step))
-            if executor is not None:
-                executor.new_step()
-            t1 = time.perf_counter()
-            rewards = score(rollout.trajectories, batch, tokenizer)
-            seq_adv = group_advantages([r.score for r in rewards],
-                                       [t.prompt_index for t in rollout.trajectories])
-            advantages = token_advantages(seq_adv, rollout.paths(), cfg.advantage)
-            t2 = time.perf_counter()
-            metrics = update(model, optimizer, rollout.trajectories, advantages, upd, pad_id)
-            t3 = time.perf_counter()
-            row = step_metrics(step + 1, rollout, rewards, metrics,
-                               {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2})
+        for step in range(run.start, cfg.steps):
+            row = train_step(run, step)
             history.append(row)
             print(_line(row, cfg.steps), flush=True)
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            with open(Path(cfg.out) / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                save_checkpoint(cfg.out, model, tokenizer, optimizer, step + 1, dataclasses.asdict(cfg))
+                save_checkpoint(cfg.out, run.model, run.tokenizer, run.optimizer, step + 1,
+                                dataclasses.asdict(cfg))
     finally:
-        if executor is not None:
-            executor.shutdown(wait=False)
+        if run.executor is not None:
+            run.executor.shutdown(wait=False)
     return history
 
 
@@ -180,7 +259,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
-    train(cfg)
+    try:
+        run = setup(cfg)
+    except (ValueError, KeyError, CheckpointError, OSError) as exc:  # bad settings, data or files
+        print(f"arpo_fast.train: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    fit(run)
     print(f"checkpoint and metrics in {cfg.out}", flush=True)
     return 0
 

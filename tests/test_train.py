@@ -1,0 +1,245 @@
+"""The training loop: the demo end to end, resuming, checkpoints, data and config errors, the update.
+
+The kernels are tested on their own; here they take their PyTorch paths (TRITON_INTERPRET=0 at call
+time), as on a user's CPU, so a few training steps take seconds.
+"""
+
+import json
+
+import pytest
+import torch
+
+from arpo_fast.checkpoint import CheckpointError, find_checkpoint, load_trainer_state
+from arpo_fast.config import TrainConfig, build_parser, parse_config
+from arpo_fast.data import encode_prompt, load_examples, read_rows, step_batch
+from arpo_fast.demo import demo_model, demo_tokenizer
+from arpo_fast.policy import UpdateConfig, micro_batches, pack, token_logprobs, update
+from arpo_fast.rollout import RewardResult, register_reward
+from arpo_fast.rollout.tree import Trajectory
+from arpo_fast.train import main, train
+
+
+@pytest.fixture(autouse=True)
+def _torch_paths(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return demo_tokenizer()
+
+
+def _small(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), steps=2, prompts_per_step=2, rollouts=4, initial=2,
+                max_response_tokens=24, demo_warm_start=0, tools="")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_demo_trains_end_to_end_with_tools_and_branches(tmp_path):
+    cfg = _small(tmp_path, tools="python", max_response_tokens=48, demo_warm_start=100, threshold=1.0)
+    history = train(cfg)
+    assert [m["step"] for m in history] == [1, 2]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert sum(m["tool_calls"] for m in history) > 0  # the warmed-up model calls python
+    assert sum(m["branch_points"] for m in history) > 0 and sum(m["shared_tokens"] for m in history) > 0
+    assert all(m["trajectories"] == 8 for m in history)
+    assert any(m["grad_norm"] > 0 for m in history)
+    ckpt = find_checkpoint(cfg.out)
+    assert load_trainer_state(ckpt)["step"] == 2
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt / "model")
+    text = "<python>print(67 * 64)</python>"
+    assert AutoTokenizer.from_pretrained(ckpt / "tokenizer").encode(text) == demo_tokenizer().encode(text)
+    assert model.config.vocab_size == 512
+
+
+@pytest.fixture
+def length_data(tmp_path):
+    """Four prompts whose reward is the response's length in characters / 100: it varies even for
+    a random model, so every step really updates the weights."""
+    register_reward("test_length", lambda response, truth, **kw: RewardResult(len(response) / 100, "length"),
+                    replace=True)
+    path = tmp_path / "length.jsonl"
+    rows = [{"prompt": f"Say something, {i}.\n", "ground_truth": "", "data_source": "test_length"}
+            for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tmp_path, length_data):
+    kw = dict(lr=1e-3, data=length_data, reward="test_length")
+    whole = train(_small(tmp_path / "a", steps=3, **kw))
+    train(_small(tmp_path / "b", steps=1, **kw))
+    resumed = train(_small(tmp_path / "b", steps=3, resume=True, **kw))
+    assert [m["step"] for m in resumed] == [2, 3]
+    assert all(m["grad_norm"] > 0 for m in whole)
+    keys = ("reward", "response_tokens", "loss", "grad_norm", "entropy")
+    for a, b in zip(whole[1:], resumed):
+        assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-5)
+    assert len((tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_corrupt_checkpoint_is_reported_and_left_alone(tmp_path):
+    cfg = _small(tmp_path, steps=1)
+    train(cfg)
+    state = tmp_path / "run" / "checkpoint" / "trainer.pt"
+    state.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read the checkpoint .*trainer.pt.*left untouched"):
+        train(_small(tmp_path, steps=2, resume=True))
+    assert state.read_bytes() == b"not a checkpoint"
+    torch.save({"step": "x"}, state)
+    with pytest.raises(CheckpointError, match="not an arpo_fast checkpoint"):
+        train(_small(tmp_path, steps=2, resume=True))
+
+
+def test_an_earlier_run_is_never_overwritten(tmp_path, capsys):
+    train(_small(tmp_path, steps=1))
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a run.*--resume true"):
+        train(_small(tmp_path, steps=1))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    assert main(["--out", str(tmp_path / "run"), "--demo-warm-start", "0"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        train(_small(tmp_path / "empty", resume=True))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"reward": "nope"}, "no reward named 'nope'"),
+    ({"reward_by_source": '{"a": "nope"}'}, "no reward named 'nope'"),
+    ({"reward_by_source": "[1]"}, "--reward-by-source must be a JSON object"),
+    ({"tool_settings": "{oops"}, "--tool-settings: not valid JSON"),
+    ({"tools": "python", "tool_settings": '{"search": {}}'}, "not in --tools: search"),
+    ({"tools": "calculator"}, "no tool named 'calculator'"),
+    ({"model": "/nonexistent/model"}, "not 'demo' and not a local model directory"),
+    ({"data": "/nonexistent/data.jsonl"}, "No such file")])
+def test_bad_settings_fail_before_anything_is_written(tmp_path, kwargs, match):
+    with pytest.raises((ValueError, KeyError, OSError), match=match):
+        train(_small(tmp_path, **kwargs))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_save_cut_between_its_renames_still_resumes(tmp_path):
+    cfg = _small(tmp_path, steps=1)
+    train(cfg)
+    run = tmp_path / "run"
+    (run / "checkpoint").rename(run / "checkpoint.old")  # as if the process died mid-swap
+    assert find_checkpoint(str(run)) == run / "checkpoint.old"
+    assert [m["step"] for m in train(_small(tmp_path, steps=2, resume=True))] == [2]
+
+
+def test_cli_runs_and_rejects_bad_values(tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    assert main(["--steps", "1", "--prompts-per-step", "1", "--rollouts", "2", "--initial", "1",
+                 "--max-response-tokens", "8", "--demo-warm-start", "0", "--tools", "", "--out", out]) == 0
+    assert "step 1/1" in capsys.readouterr().out
+    for argv, message in ((["--steps", "0"], "steps must be >= 1"),
+                          (["--initial", "9", "--rollouts", "4"], "initial"),
+                          (["--temperature", "0"], "temperature must be > 0"),
+                          (["--advantage", "mean"], "advantage must be"),
+                          (["--resume", "maybe"], "expected true or false")):
+        with pytest.raises(SystemExit):
+            parse_config(argv)
+        assert message in capsys.readouterr().err
+    assert parse_config(["--resume", "true", "--out", out]).resume is True
+    with pytest.raises(SystemExit):
+        parse_config(["--resume", "true"])
+    assert "resume needs --out" in capsys.readouterr().err
+    assert parse_config([]).out.startswith("runs/arpo-")  # each default run gets a new directory
+    help_text = build_parser().format_help()
+    assert "--max-response-tokens" in help_text and "tool results included" in help_text
+
+
+def test_data_errors_name_the_line(tmp_path, tok):
+    path = tmp_path / "d.jsonl"
+    cases = [('{"prompt": "hi", "ground_truth": "1"}\n{oops\n', "d.jsonl:2: not valid JSON"),
+             ('{"prompt": "hi"}\n', "d.jsonl:1: 'ground_truth'"),
+             ('{"prompt": [], "ground_truth": "1"}\n', "d.jsonl:1: 'prompt'"),
+             ('[1, 2]\n', "d.jsonl:1: expected a JSON object"),
+             ('\n\n', "no examples")]
+    for text, message in cases:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_rows(str(path))
+    path.write_text(json.dumps({"prompt": "x " * 50, "ground_truth": ["a", "b"]}) + "\n")
+    with pytest.raises(ValueError, match="example 1 has .* prompt tokens, more than the model's 10"):
+        load_examples(str(path), tok, max_prompt_tokens=10)
+    (example,) = load_examples(str(path), tok)
+    assert example.data_source == "default" and example.ground_truth == ["a", "b"]
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    assert encode_prompt(tok, messages) == tok.encode("S\nU\n")  # no chat template: joined
+
+
+def test_step_batches_cover_every_example_once_per_epoch():
+    seen = [i for step in range(5) for i in step_batch(10, 2, step, seed=3)]
+    assert sorted(seen) == list(range(10))
+    assert step_batch(10, 2, 7, seed=3) == step_batch(10, 2, 7, seed=3)
+    assert seen != [i for step in range(5) for i in step_batch(10, 2, step, seed=4)]
+
+
+def test_micro_batches_stay_within_the_token_budget():
+    lengths = [5, 40, 7, 12, 100, 3, 33]
+    groups = micro_batches(lengths, 64)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 64
+
+
+def _trajectories(tok):
+    prompt = tok.encode("Problem: what is 2 + 2?\n")
+    good, bad = tok.encode("<answer>\\boxed{4}</answer>"), tok.encode("<answer>\\boxed{5}</answer>")
+    tool = tok.encode(" <result>\n4\n</result>")
+    return [Trajectory(0, prompt, "initial", response_ids=good + tool, loss_mask=[1] * len(good) + [0] * len(tool)),
+            Trajectory(0, prompt, "initial", response_ids=bad, loss_mask=[1] * len(bad))]
+
+
+def _sequence_logprob(model, tok, trajs):
+    with torch.no_grad():
+        batch = pack(trajs, list(range(len(trajs))), tok.pad_token_id, "cpu")
+        lp = token_logprobs(model, batch, 1.0)[0]
+    sizes = [len(t.response_ids) for t in trajs]
+    masks = batch.loss_mask.split(sizes)
+    return [float(x[m].sum()) for x, m in zip(lp.split(sizes), masks)]
+
+
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_update_moves_probability_toward_the_better_answer(tok, mini_batches):
+    model = demo_model(tok, seed=1).eval()
+    trajs = _trajectories(tok)
+    before = _sequence_logprob(model, tok, trajs)
+    adv = [torch.full((len(t.response_ids),), a) for t, a in zip(trajs, (1.0, -1.0))]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)  # a small step along the gradient
+    cfg = UpdateConfig(mini_batches=mini_batches, micro_batch_tokens=40)
+    metrics = update(model, optimizer, trajs, adv, cfg, tok.pad_token_id)
+    after = _sequence_logprob(model, tok, trajs)
+    assert after[0] > before[0] and after[1] < before[1]
+    assert metrics["tokens"] == sum(sum(t.loss_mask) for t in trajs) and metrics["skipped_updates"] == 0
+
+
+def test_update_with_tool_tokens_only_masked_out_changes_nothing_through_them(tok):
+    """Tool-result tokens carry no gradient: a trajectory whose loss mask is all zero leaves the
+    weights as they were."""
+    model = demo_model(tok, seed=2).eval()
+    prompt = tok.encode("Q\n")
+    tool = tok.encode(" <result>\n4\n</result>")
+    traj = [Trajectory(0, prompt, "initial", response_ids=tool, loss_mask=[0] * len(tool))]
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    update(model, optimizer, traj, [torch.ones(len(tool))], UpdateConfig(grad_clip=0.0), tok.pad_token_id)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_non_finite_gradient_skips_the_step_and_keeps_the_weights(tok):
+    model = demo_model(tok, seed=2).eval()
+    trajs = _trajectories(tok)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("inf")  # every hidden state, and so the loss, breaks
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    adv = [torch.ones(len(t.response_ids)) for t in trajs]
+    metrics = update(model, optimizer, trajs, adv, UpdateConfig(), tok.pad_token_id)
+    assert metrics["skipped_updates"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
