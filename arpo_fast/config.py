@@ -1,18 +1,23 @@
 """The training run's settings as one dataclass, and the command line built from it.
 
-Every field is a ``--kebab-case`` flag whose help text is the field's docstring; the defaults are
-the built-in demo's (see ``demo.py``), with the reference's algorithm settings.
+Every field is a ``--kebab-case`` flag whose help text is the field's docstring, the fields of the
+tree rollout's ``ARPOConfig`` and the update's ``UpdateConfig`` included; the defaults are the
+built-in demo's (see ``demo.py``), with the reference's algorithm settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ast
 import inspect
 import math
 import time
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
+
+from arpo_fast.policy import UpdateConfig
+from arpo_fast.rollout.tree import ARPOConfig
 
 
 @dataclass
@@ -52,21 +57,9 @@ class TrainConfig:
     """Save a checkpoint every this many steps (0: only after the last step)."""
     resume: bool = False
     """Continue from the checkpoint in `out`, if there is one."""
-    # --- rollout
-    rollouts: int = 16
-    """M: trajectories per prompt, branches included (the group size of the advantage)."""
-    initial: int = 8
-    """N: trajectories started per prompt before branching."""
-    branches: int = 2
-    """Z: paths after a branch point."""
-    entropy_tokens: int = 20
-    """k: tokens whose mean entropy is compared after each tool result."""
-    threshold: float = 0.5
-    """tau: branch probability when the entropy did not change."""
-    entropy_weight: float = 0.2
-    """beta: weight of the normalised entropy change in the branch probability."""
-    max_response_tokens: int = 64
-    """Tokens after the prompt, tool results included (the reference: 4096 for reasoning)."""
+    # --- rollout (the tree's own settings are in `rollout`)
+    rollout: ARPOConfig = field(default_factory=lambda: ARPOConfig(max_response_tokens=64))
+    """The tree rollout (flags --rollouts ... --max-response-tokens; the demo's responses are short)."""
     temperature: float = 1.0
     """Sampling temperature of the rollout (and of the log-probs the update uses); > 0."""
     top_p: float = 1.0
@@ -75,32 +68,20 @@ class TrainConfig:
     """Top-k sampling for the rollout (0: off)."""
     kv_memory_mb: int = 0
     """KV-cache pool size in MiB (0: the engine's default share of free memory)."""
-    # --- update
+    # --- update (the clipped loss and batching are in `update`)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    """The clipped update (flags --clip-low ... --micro-batch-tokens)."""
     advantage: str = "soft"
     """'soft' (GRPO on the leaves, the reference's default) or 'hard' (shared tokens get the mean)."""
     lr: float = 1e-6
     """AdamW learning rate."""
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    """Clip the gradient's global norm to this (0: no clipping)."""
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float = 3.0
-    """Bound on the loss of a negative-advantage token (0: no dual clip)."""
-    entropy_coef: float = 0.0
-    mini_batches: int = 1
-    """Optimizer steps per training step; the trajectories are split between them."""
-    micro_batch_tokens: int = 16384
-    """Most tokens (prompt and response, padded) in one forward/backward of the update."""
 
     def __post_init__(self):
-        positive = ("steps", "prompts_per_step", "rollouts", "initial", "branches", "entropy_tokens",
-                    "max_response_tokens", "mini_batches", "micro_batch_tokens")
-        for name in positive:
+        for name in ("steps", "prompts_per_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("demo_warm_start", "max_calls", "save_every", "top_k", "kv_memory_mb", "weight_decay", "grad_clip",
-                     "clip_low", "clip_high", "entropy_coef", "dual_clip"):
+        for name in ("demo_warm_start", "max_calls", "save_every", "top_k", "kv_memory_mb", "weight_decay"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -115,20 +96,36 @@ class TrainConfig:
             raise ValueError(f"advantage must be 'soft' or 'hard', got {self.advantage!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
-        if self.dual_clip and self.dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1 (or 0 for off), got {self.dual_clip}")
-        if self.clip_low >= 1:
-            raise ValueError(f"clip_low must be < 1, got {self.clip_low}")
         if self.resume and not self.out:
             raise ValueError("resume needs --out, the directory of the run to continue")
         if not self.out:
             self.out = time.strftime("runs/arpo-%Y%m%d-%H%M%S")
-        if self.initial > self.rollouts:
-            raise ValueError(f"initial ({self.initial}) must be <= rollouts ({self.rollouts})")
+
+    @classmethod
+    def from_flat(cls, **settings) -> "TrainConfig":
+        """A config from flag-level names: the fields of ``rollout`` and ``update`` sit beside the
+        others (``TrainConfig.from_flat(rollouts=4, clip_low=0.1, steps=2)``)."""
+        groups = {name: {} for name in _GROUPS}
+        top = {}
+        for key, value in settings.items():
+            group = next((g for g, c in _GROUPS.items() if key in _names(c)), None)
+            (groups[group] if group else top)[key] = value
+        defaults = cls()
+        for group, sub in groups.items():
+            if sub:
+                top[group] = dataclasses.replace(getattr(defaults, group), **sub)
+        return cls(**top)
 
     @property
     def tool_names(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.tools.split(",") if t.strip())
+
+
+_GROUPS = {"rollout": ARPOConfig, "update": UpdateConfig}
+
+
+def _names(cls) -> set[str]:
+    return {f.name for f in fields(cls)}
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -149,17 +146,28 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _flags(cls):
+    """(field, docstring) of every flag: the config's own fields, with ``rollout`` and ``update``
+    replaced by their fields."""
+    docs = _field_docs(cls)
+    for f in fields(cls):
+        if f.name in _GROUPS:
+            yield from _flags(_GROUPS[f.name])
+        else:
+            yield f, docs.get(f.name, " ")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m arpo_fast.train",
                                      description="Train a tool-using agent with ARPO.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs = _field_docs(TrainConfig)
-    for f in fields(TrainConfig):
+    defaults = TrainConfig(out="-")
+    values = {**dataclasses.asdict(defaults), **dataclasses.asdict(defaults.rollout),
+              **dataclasses.asdict(defaults.update), "out": ""}
+    for f, doc in _flags(TrainConfig):
         kind = _parse_bool if f.type in ("bool", bool) else {"int": int, "float": float}.get(f.type, str)
-        default = None if f.default is MISSING else f.default
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default,
-                            metavar=f.name.upper() if kind is not _parse_bool else "{true,false}",
-                            help=docs.get(f.name, " "))
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=values[f.name],
+                            metavar=f.name.upper() if kind is not _parse_bool else "{true,false}", help=doc)
     return parser
 
 
@@ -168,6 +176,6 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return TrainConfig(**vars(args))
+        return TrainConfig.from_flat(**vars(args))
     except ValueError as exc:
         parser.error(str(exc))

@@ -72,18 +72,39 @@ def token_logprobs(model, batch: PackedBatch, temperature: float) -> tuple[torch
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    temperature: float = 1.0
+    """The clipped update (defaults: the reference's)."""
+
     clip_low: float = 0.2
+    """A token's ratio counts down to 1 - clip_low."""
     clip_high: float = 0.2
-    dual_clip: Optional[float] = 3.0
+    """A token's ratio counts up to 1 + clip_high."""
+    dual_clip: float = 3.0
+    """Bound on the loss of a negative-advantage token, in units of |A| (0: no dual clip)."""
     entropy_coef: float = 0.0
+    """Weight of the entropy bonus (the reference: 0)."""
     grad_clip: float = 1.0
+    """Clip the gradient's global norm to this (0: no clipping)."""
     mini_batches: int = 1
+    """Optimizer steps per training step; the trajectories are split between them."""
     micro_batch_tokens: int = 16384
+    """Most tokens (prompt and response, padded) in one forward/backward of the update."""
+
+    def __post_init__(self):
+        for name in ("clip_low", "clip_high", "entropy_coef", "grad_clip", "dual_clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.clip_low >= 1:
+            raise ValueError(f"clip_low must be < 1, got {self.clip_low}")
+        if self.dual_clip and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (or 0 for off), got {self.dual_clip}")
+        for name in ("mini_batches", "micro_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: UpdateConfig,
-           pad_id: int) -> dict[str, float]:
+           pad_id: int, temperature: float = 1.0) -> dict[str, float]:
     """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
     per trajectory): ``cfg.mini_batches`` optimizer steps, each over a contiguous share.
     Returns the micro-batches' mean metrics (``tokens``: their sum), the last gradient norm and how
@@ -100,13 +121,13 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
     if cfg.mini_batches > 1:  # later mini-batches see a moved policy: keep the rollout policy's values
         with torch.no_grad():
             for batch in (b for plan in plans for b in plan):
-                old[id(batch)] = token_logprobs(model, batch, cfg.temperature)[0]
+                old[id(batch)] = token_logprobs(model, batch, temperature)[0]
     totals: dict[str, float] = {}
     count = skipped = 0
     for plan in plans:
         tokens = sum(int(b.loss_mask.sum()) for b in plan)
         for batch in plan:
-            logprobs, entropy = token_logprobs(model, batch, cfg.temperature)
+            logprobs, entropy = token_logprobs(model, batch, temperature)
             adv = torch.cat([advantages[i] for i in batch.rows]).to(device)
             loss, metrics = policy_loss(
                 logprobs[None], old.get(id(batch), logprobs.detach())[None], adv[None],

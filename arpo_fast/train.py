@@ -35,11 +35,11 @@ from arpo_fast.config import TrainConfig, parse_config
 from arpo_fast.data import load_examples, step_batch
 from arpo_fast.engine import Engine, SamplingParams
 from arpo_fast.engine.sequence import child_seed
-from arpo_fast.policy import UpdateConfig, update
+from arpo_fast.policy import update
 from arpo_fast.rollout import Protocol, ProtocolConfig, RewardConfig, compute_reward
 from arpo_fast.rollout.tools import create_tool
 from arpo_fast.rollout.tools.executor import ToolExecutor
-from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout
+from arpo_fast.rollout.tree import arpo_rollout
 
 log = logging.getLogger("arpo_fast.train")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -205,13 +205,11 @@ def train_step(run: Run, step: int) -> dict:
     """One step (0-based): rollout -> reward -> advantage -> update; returns its metrics."""
     cfg = run.cfg
     batch = [run.examples[i] for i in step_batch(len(run.examples), cfg.prompts_per_step, step, cfg.seed)]
-    arpo = ARPOConfig(cfg.rollouts, cfg.initial, cfg.branches, cfg.entropy_tokens, cfg.threshold,
-                      cfg.entropy_weight, cfg.max_response_tokens)
     sampling = SamplingParams(cfg.temperature, top_k=cfg.top_k or None,
                               top_p=cfg.top_p if cfg.top_p < 1 else None)
     t0 = time.perf_counter()
     with torch.no_grad():
-        rollout = arpo_rollout(run.engine, run.protocol, [e.prompt_ids for e in batch], arpo, sampling,
+        rollout = arpo_rollout(run.engine, run.protocol, [e.prompt_ids for e in batch], cfg.rollout, sampling,
                                run.executor, seed=child_seed(cfg.seed, step))
     if run.executor is not None:
         run.executor.new_step()
@@ -220,10 +218,9 @@ def train_step(run: Run, step: int) -> dict:
     seq_adv = group_advantages([r.score for r in rewards], [t.prompt_index for t in rollout.trajectories])
     advantages = token_advantages(seq_adv, rollout.paths(), cfg.advantage)
     t2 = time.perf_counter()
-    upd = UpdateConfig(cfg.temperature, cfg.clip_low, cfg.clip_high, cfg.dual_clip or None,
-                       cfg.entropy_coef, cfg.grad_clip, cfg.mini_batches, cfg.micro_batch_tokens)
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    metrics = update(run.model, run.optimizer, rollout.trajectories, advantages, upd, pad_id)
+    metrics = update(run.model, run.optimizer, rollout.trajectories, advantages, cfg.update, pad_id,
+                     cfg.temperature)
     t3 = time.perf_counter()
     return step_metrics(step + 1, rollout, rewards, metrics,
                         {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2})

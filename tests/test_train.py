@@ -33,7 +33,7 @@ def _small(tmp_path, **kw):
     base = dict(out=str(tmp_path / "run"), steps=2, prompts_per_step=2, rollouts=4, initial=2,
                 max_response_tokens=24, demo_warm_start=0, tools="")
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(**base)
 
 
 def test_demo_trains_end_to_end_with_tools_and_branches(tmp_path):
@@ -140,7 +140,10 @@ def test_cli_runs_and_rejects_bad_values(tmp_path, capsys):
                           (["--initial", "9", "--rollouts", "4"], "initial"),
                           (["--temperature", "0"], "temperature must be > 0"),
                           (["--advantage", "mean"], "advantage must be"),
-                          (["--resume", "maybe"], "expected true or false")):
+                          (["--resume", "maybe"], "expected true or false"),
+                          (["--clip-low", "1"], "clip_low must be < 1"),
+                          (["--dual-clip", "0.5"], "dual_clip must be > 1"),
+                          (["--micro-batch-tokens", "0"], "micro_batch_tokens must be >= 1")):
         with pytest.raises(SystemExit):
             parse_config(argv)
         assert message in capsys.readouterr().err
@@ -149,6 +152,9 @@ def test_cli_runs_and_rejects_bad_values(tmp_path, capsys):
         parse_config(["--resume", "true"])
     assert "resume needs --out" in capsys.readouterr().err
     assert parse_config([]).out.startswith("runs/arpo-")  # each default run gets a new directory
+    cfg = parse_config(["--rollouts", "10", "--clip-high", "0.28", "--steps", "5", "--out", out])
+    assert (cfg.rollout.rollouts, cfg.rollout.max_response_tokens) == (10, 64)
+    assert (cfg.update.clip_high, cfg.update.clip_low, cfg.steps) == (0.28, 0.2, 5)
     help_text = build_parser().format_help()
     assert "--max-response-tokens" in help_text and "tool results included" in help_text
 
