@@ -93,7 +93,8 @@ class ScriptedEngine:
 
 
 class Tools:
-    """Executor stand-in: answers ``print(...)`` with the evaluated expression, after a delay."""
+    """Executor stand-in: answers ``print(...)`` with the evaluated expression (or the error's name),
+    after a delay."""
 
     def __init__(self, delay=lambda: 0.0):
         self.calls, self.delay = [], delay
@@ -101,7 +102,10 @@ class Tools:
     def submit(self, name, query):
         self.calls.append((name, query))
         future = Future()
-        text = str(eval(query.strip()[len("print("):-1]))  # noqa: S307 - the test's own strings
+        try:  # the test's own strings, or what a tiny model wrote: arithmetic at most
+            text = str(eval(query.strip()[len("print("):-1], {"__builtins__": {}}))  # noqa: S307
+        except Exception as exc:  # noqa: BLE001
+            text = type(exc).__name__
 
         def finish():
             time.sleep(self.delay())
@@ -296,3 +300,27 @@ def test_real_engine_rollout_matches_the_training_forward(tok):
     mask = batch.loss_mask
     torch.testing.assert_close(logprobs[mask], sampled[mask], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(entropy[mask], ents[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_preemption_in_a_small_pool_changes_no_trajectory(tok, monkeypatch):
+    """A pool too small for the tree makes the engine preempt and recompute; sampling depends only
+    on (seed, position) and the logits, so the trees, branches included, are the same as with room
+    to spare. A short warm start makes the model call the (scripted) python tool and branch."""
+    from arpo_fast.demo import warm_start
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch paths: this test is about the engine
+    model = demo_model(tok, seed=0)
+    warm_start(model, tok, steps=80)
+    protocol = Protocol(tok, eos_token_ids=[tok.eos_token_id])
+    prompts = [tok.encode("Problem: what is 12 + 30?\n"), tok.encode("Problem: what is 7 * 9?\n")]
+    cfg = ARPOConfig(rollouts=6, initial=3, entropy_tokens=4, threshold=1.0, max_response_tokens=40)
+    trees = []
+    for blocks, policy in ((512, "raise"), (14, "preempt")):
+        engine = Engine(model, tokenizer=tok, num_blocks=blocks, block_size=8, on_pool_exhausted=policy)
+        with torch.no_grad():
+            out = arpo_rollout(engine, protocol, prompts, cfg, executor=Tools(), seed=5)
+        trees.append([(t.kind, t.parent, t.response_ids, t.path) for t in out.trajectories])
+        assert not engine.live()
+    assert engine.stats["preemptions"] > 0
+    assert any(kind == "branch" for kind, *_ in trees[0])
+    assert trees[0] == trees[1]
