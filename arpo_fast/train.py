@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from arpo_fast.algo import group_advantages, token_advantages
+from arpo_fast.algo import group_advantages, shared_token_count, token_advantages
 from arpo_fast.checkpoint import CheckpointError, find_checkpoint, load_trainer_state, save_checkpoint
 from arpo_fast.config import TrainConfig, parse_config
 from arpo_fast.data import load_examples, step_batch
@@ -120,8 +120,7 @@ def score(trajectories, examples, tokenizer, rewards: RewardConfig) -> list:
 def step_metrics(step: int, rollout, rewards, update_metrics: dict, times: dict) -> dict:
     trajs = rollout.trajectories
     n = len(trajs)
-    total = sum(len(t.response_ids) for t in trajs)
-    unique = sum(rollout.node_tokens.values())
+    total, unique = shared_token_count(rollout.paths())
     return {"step": step, "reward": sum(r.score for r in rewards) / n,
             "correct": sum(r.correctness > 0 for r in rewards) / n,
             "format_ok": sum(r.score > -1 for r in rewards) / n,
