@@ -177,14 +177,20 @@ def _prepare_out(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict]]:
     return checkpoint, state
 
 
-def setup(cfg: TrainConfig) -> Run:
-    """Check the settings, load (or resume) the model, and build the engine, tools and optimizer."""
+def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
+    """Check the settings, load (or resume) the model, and build the engine, tools and optimizer.
+    ``model`` and ``tokenizer``: train these instead of loading ``cfg.model`` (not with resume)."""
+    if (model is None) != (tokenizer is None):
+        raise ValueError("setup: pass both model and tokenizer, or neither")
+    if model is not None and cfg.resume:
+        raise ValueError("setup: resume loads the checkpoint's model; do not pass one")
     rewards = reward_config(cfg)  # names and JSON settings fail here, before anything is loaded
     settings = tool_settings(cfg)
     checkpoint, state = _prepare_out(cfg)
     device, dtype = resolve_device(cfg)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg, checkpoint, device, dtype)
+    if model is None:
+        model, tokenizer = load_model(cfg, checkpoint, device, dtype)
     examples = load_examples(cfg.data, tokenizer, model.config.max_position_embeddings - 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
@@ -225,9 +231,9 @@ def train_step(run: Run, step: int) -> dict:
                         {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2})
 
 
-def train(cfg: TrainConfig) -> list[dict]:
-    """Set up and run the training loop; returns each step's metrics (see :func:`fit`)."""
-    return fit(setup(cfg))
+def train(cfg: TrainConfig, model=None, tokenizer=None) -> list[dict]:
+    """Set up (see :func:`setup`) and run the training loop; returns each step's metrics."""
+    return fit(setup(cfg, model, tokenizer))
 
 
 def fit(run: Run) -> list[dict]:

@@ -249,3 +249,13 @@ def test_a_non_finite_gradient_skips_the_step_and_keeps_the_weights(tok):
     metrics = update(model, optimizer, trajs, adv, UpdateConfig(), tok.pad_token_id)
     assert metrics["skipped_updates"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.gpu
+def test_training_steps_on_cuda_in_bf16(tmp_path):
+    """The whole loop on a GPU: CUDA-graph decode in the rollout, the Triton log-prob kernel in the
+    update, bf16 weights."""
+    history = train(_small(tmp_path, device="cuda", dtype="bf16", tools="python", demo_warm_start=100,
+                           max_response_tokens=48))
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in history)
+    assert any(m["grad_norm"] > 0 for m in history)
