@@ -106,7 +106,8 @@ class UpdateConfig:
 def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: UpdateConfig,
            pad_id: int, temperature: float = 1.0) -> dict[str, float]:
     """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
-    per trajectory): ``cfg.mini_batches`` optimizer steps, each over a contiguous share.
+    per trajectory): ``cfg.mini_batches`` steps of ``optimizer`` (a :class:`~arpo_fast.optim.MasterWeights`),
+    each over a contiguous share.
     Returns the micro-batches' mean metrics (``tokens``: their sum), the last gradient norm and how
     many optimizer steps were skipped for a non-finite gradient."""
     device = next(model.parameters()).device
@@ -139,13 +140,9 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
             count += 1
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        if math.isfinite(grad_norm):
-            optimizer.step()
-        else:  # a NaN/inf gradient would poison every weight: drop this step's update instead
-            skipped += 1
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer.clip_and_step(cfg.grad_clip)
+        skipped += not math.isfinite(grad_norm)  # a NaN/inf gradient: the step was dropped
+        optimizer.zero_grad()
     # counts add up over micro-batches; rates and losses are their means
     out = {k: v if k == "tokens" else v / max(count, 1) for k, v in totals.items()}
     out["grad_norm"] = grad_norm

@@ -11,9 +11,10 @@ see the same policy.
 Without arguments this is the built-in demo (``demo.py``): a tiny random model on arithmetic
 problems, a minute on a CPU. A real run: ``--model DIR --data FILE.jsonl --max-response-tokens 4096``.
 
-Known limits: the weights are updated in the model's own dtype (no fp32 master copy, so bf16 loses
-small updates), there is no reference-model KL term (the reference's coefficient is 0), and a
-shared prefix is recomputed once per trajectory in the update.
+The optimizer (AdamW) steps fp32 master weights and writes them back into the model, so a bf16
+model does not lose the reference's 1e-6 updates (``optim.py``). Known limits: there is no
+reference-model KL term (the reference's coefficient is 0), and a shared prefix is recomputed once
+per trajectory in the update.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from arpo_fast.config import TrainConfig, parse_config
 from arpo_fast.data import load_examples, step_batch
 from arpo_fast.engine import Engine, SamplingParams
 from arpo_fast.engine.sequence import child_seed
+from arpo_fast.optim import MasterWeights
 from arpo_fast.policy import update
 from arpo_fast.rollout import Protocol, ProtocolConfig, RewardConfig, compute_reward
 from arpo_fast.rollout.tools import create_tool
@@ -146,7 +148,7 @@ class Run:
     cfg: TrainConfig
     model: torch.nn.Module
     tokenizer: object
-    optimizer: torch.optim.Optimizer
+    optimizer: MasterWeights
     engine: Engine
     protocol: Protocol
     executor: Optional[ToolExecutor]
@@ -192,7 +194,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     if model is None:
         model, tokenizer = load_model(cfg, checkpoint, device, dtype)
     examples = load_examples(cfg.data, tokenizer, model.config.max_position_embeddings - 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = MasterWeights(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -13,6 +13,7 @@ from arpo_fast.checkpoint import CheckpointError, find_checkpoint, load_trainer_
 from arpo_fast.config import TrainConfig, build_parser, parse_config
 from arpo_fast.data import encode_prompt, load_examples, read_rows, step_batch
 from arpo_fast.demo import demo_model, demo_tokenizer
+from arpo_fast.optim import MasterWeights
 from arpo_fast.policy import UpdateConfig, micro_batches, pack, token_logprobs, update
 from arpo_fast.rollout import RewardResult, register_reward
 from arpo_fast.rollout.tree import Trajectory
@@ -217,7 +218,7 @@ def test_update_moves_probability_toward_the_better_answer(tok, mini_batches):
     trajs = _trajectories(tok)
     before = _sequence_logprob(model, tok, trajs)
     adv = [torch.full((len(t.response_ids),), a) for t, a in zip(trajs, (1.0, -1.0))]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)  # a small step along the gradient
+    optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.05))  # along the gradient
     cfg = UpdateConfig(mini_batches=mini_batches, micro_batch_tokens=40)
     metrics = update(model, optimizer, trajs, adv, cfg, tok.pad_token_id)
     after = _sequence_logprob(model, tok, trajs)
@@ -233,7 +234,7 @@ def test_update_with_tool_tokens_only_masked_out_changes_nothing_through_them(to
     tool = tok.encode(" <result>\n4\n</result>")
     traj = [Trajectory(0, prompt, "initial", response_ids=tool, loss_mask=[0] * len(tool))]
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=1.0))
     update(model, optimizer, traj, [torch.ones(len(tool))], UpdateConfig(grad_clip=0.0), tok.pad_token_id)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -244,7 +245,7 @@ def test_a_non_finite_gradient_skips_the_step_and_keeps_the_weights(tok):
     with torch.no_grad():
         model.model.norm.weight[0] = float("inf")  # every hidden state, and so the loss, breaks
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = MasterWeights(model.parameters(), lr=1e-2)
     adv = [torch.ones(len(t.response_ids)) for t in trajs]
     metrics = update(model, optimizer, trajs, adv, UpdateConfig(), tok.pad_token_id)
     assert metrics["skipped_updates"] == 1
