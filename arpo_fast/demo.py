@@ -75,6 +75,18 @@ def demo_model(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64):
     return Qwen2ForCausalLM(config)
 
 
+def move_model(model, device, dtype):
+    """``model.to(device, dtype)`` with the rotary frequencies kept in fp32, as ``from_pretrained``
+    leaves them: cast to bf16 they would move every position's angle, and a checkpoint of the model
+    would then not run the same as the model itself."""
+    keep = {name: buf.float() for name, buf in model.named_buffers() if name.endswith("inv_freq")}
+    model.to(device=device, dtype=dtype)
+    for name, buf in keep.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, buf.to(device))
+    return model
+
+
 def warm_start(model, tokenizer, steps: int = 300, lr: float = 3e-3, batch: int = 16, seed: int = 0) -> float:
     """Supervised steps on (prompt, solution) pairs, the loss on solution tokens and EOS only;
     returns the last step's loss. The model is left in eval mode."""

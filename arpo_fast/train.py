@@ -61,10 +61,10 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
 def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype):
     """The policy and its tokenizer: from the checkpoint when resuming, else the demo or ``--model``."""
     if checkpoint is None and cfg.model == "demo":
-        from arpo_fast.demo import demo_model, demo_tokenizer, warm_start
+        from arpo_fast.demo import demo_model, demo_tokenizer, move_model, warm_start
 
         tokenizer = demo_tokenizer()
-        model = demo_model(tokenizer, seed=cfg.seed).to(device, dtype)
+        model = move_model(demo_model(tokenizer, seed=cfg.seed), device, dtype)
         if cfg.demo_warm_start:
             t0 = time.perf_counter()
             loss = warm_start(model, tokenizer, cfg.demo_warm_start, seed=cfg.seed)

@@ -20,7 +20,7 @@ SECTION = "train"
 
 def rows(smoke: bool) -> list[Row]:
     from arpo_fast.config import TrainConfig
-    from arpo_fast.demo import demo_model, demo_tokenizer, warm_start
+    from arpo_fast.demo import demo_model, demo_tokenizer, move_model, warm_start
     from arpo_fast.train import train
 
     cuda = torch.cuda.is_available()
@@ -31,10 +31,10 @@ def rows(smoke: bool) -> list[Row]:
                                     tools="python", **size)
         tok = demo_tokenizer()
         model = demo_model(tok, seed=0, layers=2 if smoke else 8, hidden=64 if smoke else 512)
-        model = model.to(cfg.device if cuda else "cpu")
+        model = model.to(cfg.device)
         if not smoke:
-            warm_start(model, tok, steps=200)
-        model = model.to(torch.bfloat16 if cuda else torch.float32).eval()
+            warm_start(model, tok, steps=200)  # in fp32
+        model = move_model(model, cfg.device, torch.bfloat16 if cuda else torch.float32).eval()
         history = train(cfg, model, tok)
     where = f"{'bf16, ' if cuda else ''}{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params"
     last = history[-1]

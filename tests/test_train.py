@@ -70,8 +70,9 @@ def length_data(tmp_path):
     return str(path)
 
 
-def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tmp_path, length_data):
-    kw = dict(lr=1e-3, data=length_data, reward="test_length")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: the fp32 masters must come back too
+def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tmp_path, length_data, dtype):
+    kw = dict(lr=1e-3, data=length_data, reward="test_length", dtype=dtype)
     whole = train(_small(tmp_path / "a", steps=3, **kw))
     train(_small(tmp_path / "b", steps=1, **kw))
     resumed = train(_small(tmp_path / "b", steps=3, resume=True, **kw))
@@ -260,3 +261,19 @@ def test_training_steps_on_cuda_in_bf16(tmp_path):
                            max_response_tokens=48))
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in history)
     assert any(m["grad_norm"] > 0 for m in history)
+
+
+def test_move_model_keeps_rotary_frequencies_in_fp32(tok, tmp_path):
+    """As from_pretrained does: a saved and reloaded bf16 model then computes the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from arpo_fast.demo import move_model
+
+    model = move_model(demo_model(tok, seed=4), "cpu", torch.bfloat16).eval()
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).eval()
+    ids = torch.tensor([tok.encode("Problem: what is 12 + 30?\n" * 4)])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
