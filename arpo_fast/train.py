@@ -202,10 +202,14 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         log.info("resumed from %s after step %d", checkpoint, start)
     kv = {"kv_memory": cfg.kv_memory_mb << 20} if cfg.kv_memory_mb else {}
     engine = Engine(model, tokenizer=tokenizer, on_pool_exhausted="preempt", **kv)
-    protocol = Protocol(tokenizer, ProtocolConfig(max_calls=cfg.max_calls),
-                        eos_token_ids=engine.eos_token_ids, available_tools=cfg.tool_names)
-    return Run(cfg, model, tokenizer, optimizer, engine, protocol, make_executor(cfg, settings),
-               examples, rewards, start)
+    executor = make_executor(cfg, settings)
+    # Tags are the tools' own names (http_search answers <search>); the usual tags stay recognised,
+    # so a call to a tool this run lacks reads back an error instead of passing as plain text.
+    names = tuple(executor.tools) if executor is not None else ()
+    tags = ProtocolConfig(tool_names=tuple(dict.fromkeys(ProtocolConfig().tool_names + names)),
+                          max_calls=cfg.max_calls)
+    protocol = Protocol(tokenizer, tags, eos_token_ids=engine.eos_token_ids, available_tools=names)
+    return Run(cfg, model, tokenizer, optimizer, engine, protocol, executor, examples, rewards, start)
 
 
 def train_step(run: Run, step: int) -> dict:

@@ -277,3 +277,34 @@ def test_move_model_keeps_rotary_frequencies_in_fp32(tok, tmp_path):
     ids = torch.tensor([tok.encode("Problem: what is 12 + 30?\n" * 4)])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_tool_tags_follow_the_tools_of_the_run(tmp_path, tok):
+    """A registered tool is called by its own tag; the usual tags stay recognised, and a call to a
+    tool the run lacks reads back an error naming the available ones."""
+    from arpo_fast.rollout.tools import register_tool
+    from arpo_fast.rollout.tools.base import ToolResult
+    from arpo_fast.train import setup
+
+    class Calculator:
+        name = "calculator"
+
+        def __call__(self, query):
+            return ToolResult(str(eval(query, {"__builtins__": {}})))  # noqa: S307 - test input
+
+    register_tool("calculator", Calculator, replace=True)
+    run = setup(_small(tmp_path, tools="calculator"))
+    try:
+        assert set(run.protocol.config.tool_names) == {"search", "python", "calculator"}
+        events = {}
+        for text in ("<calculator>6*7</calculator>", "<python>print(1)</python>"):
+            traj = run.protocol.new_trajectory()
+            for token in run.tokenizer.encode(text):
+                event = traj.feed(token)
+                if event is not None:
+                    events[text] = event
+        call = events["<calculator>6*7</calculator>"].call
+        assert call.ok and call.name == "calculator" and run.executor.run(call.name, call.body).text == "42"
+        assert "Unknown tool 'python'; available: calculator" in events["<python>print(1)</python>"].call.error
+    finally:
+        run.executor.shutdown()
