@@ -76,6 +76,7 @@ class TrainConfig:
     lr: float = 1e-6
     """AdamW learning rate."""
     weight_decay: float = 0.01
+    """AdamW's decoupled weight decay (the reference's: 0.01)."""
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step"):

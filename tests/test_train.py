@@ -157,6 +157,9 @@ def test_cli_runs_and_rejects_bad_values(tmp_path, capsys):
     cfg = parse_config(["--rollouts", "10", "--clip-high", "0.28", "--steps", "5", "--out", out])
     assert (cfg.rollout.rollouts, cfg.rollout.max_response_tokens) == (10, 64)
     assert (cfg.update.clip_high, cfg.update.clip_low, cfg.steps) == (0.28, 0.2, 5)
+    from arpo_fast.config import _flags
+
+    assert [f.name for f, doc in _flags(TrainConfig) if not doc.strip()] == []  # every flag explained
     help_text = build_parser().format_help()
     assert "--max-response-tokens" in help_text and "tool results included" in help_text
 
