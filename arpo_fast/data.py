@@ -64,8 +64,10 @@ def read_rows(path: str) -> list[dict]:
 def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     if isinstance(prompt, list):
         if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            # rendered to text, then encoded without added specials: the template writes any BOS
+            # itself, and the return type of tokenize=True differs between transformers versions
+            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            return list(tokenizer.encode(text, add_special_tokens=False))
         prompt = "\n".join(m["content"] for m in prompt) + "\n"
     return list(tokenizer.encode(prompt))
 

@@ -182,6 +182,10 @@ def test_data_errors_name_the_line(tmp_path, tok):
     assert example.data_source == "default" and example.ground_truth == ["a", "b"]
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     assert encode_prompt(tok, messages) == tok.encode("S\nU\n")  # no chat template: joined
+    templated = demo_tokenizer()
+    templated.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert encode_prompt(templated, messages) == tok.encode("<system>S\n<user>U\n<assistant>")
 
 
 def test_step_batches_cover_every_example_once_per_epoch():
