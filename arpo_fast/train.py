@@ -157,6 +157,14 @@ class Run:
     start: int
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a crash (or blank) counts as after all."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def _prepare_out(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict]]:
     """The checkpoint to resume from (with its trainer state), after checking that a fresh run would
     not overwrite an earlier one; a resumed run's metrics keep only the rows it did not redo."""
@@ -174,7 +182,7 @@ def _prepare_out(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict]]:
     state = load_trainer_state(checkpoint)
     if metrics.exists():
         rows = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= state["step"]]
+                if _step_of(line) <= state["step"]]
         metrics.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
     return checkpoint, state
 

@@ -82,6 +82,11 @@ def test_resume_gives_the_same_steps_as_an_uninterrupted_run(tmp_path, length_da
     for a, b in zip(whole[1:], resumed):
         assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, rel=1e-5)
     assert len((tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    # a crash while step 4's line was being written: resuming drops the cut line and redoes step 4
+    metrics = tmp_path / "b" / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 4, "rew')
+    train(_small(tmp_path / "b", steps=4, resume=True, **kw))
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_a_corrupt_checkpoint_is_reported_and_left_alone(tmp_path):
