@@ -29,6 +29,7 @@ class PackedBatch:
     positions: torch.Tensor       # int64 [n]: flat index into [b * L] of each hidden state used
     targets: torch.Tensor         # int64 [n]: the response token that hidden state predicts
     loss_mask: torch.Tensor       # bool [n]
+    model_tokens: int             # loss_mask's count, known on the host
 
 
 def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -60,7 +61,7 @@ def pack(trajectories, rows: list[int], pad_id: int, device) -> PackedBatch:
         mask.extend(t.loss_mask)
     as_dev = lambda x, dt: torch.tensor(x, dtype=dt).to(device)  # noqa: E731
     return PackedBatch(rows, ids.to(device), attn.to(device), as_dev(positions, torch.int64),
-                       as_dev(targets, torch.int64), as_dev(mask, torch.bool))
+                       as_dev(targets, torch.int64), as_dev(mask, torch.bool), sum(mask))
 
 
 def token_logprobs(model, batch: PackedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +127,7 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
     totals: dict[str, float] = {}
     count = skipped = 0
     for plan in plans:
-        tokens = sum(int(b.loss_mask.sum()) for b in plan)
+        tokens = sum(b.model_tokens for b in plan)
         for batch in plan:
             logprobs, entropy = token_logprobs(model, batch, temperature)
             adv = torch.cat([advantages[i] for i in batch.rows]).to(device)
@@ -134,9 +135,8 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
                 logprobs[None], old.get(id(batch), logprobs.detach())[None], adv[None],
                 batch.loss_mask[None], cfg.clip_low, cfg.clip_high, cfg.dual_clip or None,
                 entropy=entropy[None], entropy_coef=cfg.entropy_coef)
-            (loss * (int(batch.loss_mask.sum()) / max(tokens, 1))).backward()
+            (loss * (batch.model_tokens / max(tokens, 1))).backward()
             metrics["loss"] = float(loss.detach())
-            metrics["entropy"] = float(entropy.detach()[batch.loss_mask].mean()) if batch.loss_mask.any() else 0.0
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
             count += 1
