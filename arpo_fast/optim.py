@@ -24,13 +24,14 @@ class MasterWeights:
         self.params = [p for p in params if p.requires_grad]
         self.master = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_()
                        for p in self.params]
+        self.copied = [i for i, (p, m) in enumerate(zip(self.params, self.master)) if m is not p]
         if make_optimizer is None:
             self.inner = torch.optim.AdamW(self.master, lr=lr, weight_decay=weight_decay)
         else:
             self.inner = make_optimizer(self.master)
 
     def _copies(self):
-        return [(p, m) for p, m in zip(self.params, self.master) if m is not p]
+        return [(self.params[i], self.master[i]) for i in self.copied]
 
     def clip_and_step(self, max_norm: float) -> float:
         """Clip the gradients' global norm to ``max_norm`` (0: no clipping) and step; returns the
@@ -55,13 +56,12 @@ class MasterWeights:
 
     def state_dict(self) -> dict:
         return {"optimizer": self.inner.state_dict(),
-                "master": {i: m.detach().clone() for i, (p, m) in enumerate(zip(self.params, self.master))
-                           if m is not p}}
+                "master": {i: self.master[i].detach().clone() for i in self.copied}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the optimizer's state and the fp32 masters (and from them the model's weights)."""
         masters = state.get("master", {})
-        expected = {i for i, (p, m) in enumerate(zip(self.params, self.master)) if m is not p}
+        expected = set(self.copied)
         if set(masters) != expected:
             raise ValueError(f"optimizer state has fp32 masters for {len(masters)} parameters, this "
                              f"model needs them for {len(expected)} (was it saved in another dtype?)")
