@@ -253,14 +253,11 @@ class _TreeRollout:
             self._finish(i, "length")  # no room for the result: do not run the call
             return
         del self.active[i]
-        if not call.ok:
-            future: Future = Future()
-            future.set_result(call.error)
-        elif self.executor is None:
-            future = Future()
-            future.set_result(f"Tool '{call.name}' is not available in this run.")
-        else:
+        if call.ok and self.executor is not None:
             future = self.executor.submit(call.name, call.body)
+        else:  # nothing to run: the model reads back why
+            future = Future()
+            future.set_result(call.error or f"Tool '{call.name}' is not available in this run.")
         self.waiting[i] = future
 
     def _collect(self, block: bool) -> None:
