@@ -324,3 +324,12 @@ def test_preemption_in_a_small_pool_changes_no_trajectory(tok, monkeypatch):
     assert engine.stats["preemptions"] > 0
     assert any(kind == "branch" for kind, *_ in trees[0])
     assert trees[0] == trees[1]
+
+
+def test_without_an_executor_a_call_reads_back_that_tools_are_unavailable(tok):
+    engine = ScriptedEngine(tok, lambda s: [CALL, ANSWER])
+    protocol = Protocol(tok, eos_token_ids=[tok.eos_token_id])
+    out = arpo_rollout(engine, protocol, [tok.encode("Q\n")], ARPOConfig(1, 1))
+    (t,) = out.trajectories
+    assert "Tool 'python' is not available in this run." in _text(tok, t.response_ids)
+    assert t.finish_reason == "answer" and not engine.seqs
