@@ -20,9 +20,9 @@ import zlib
 
 import torch
 
-from arpo_fast.demo import demo_model, demo_problems, demo_tokenizer, warm_start
+from arpo_fast.train.demo import demo_model, demo_problems, demo_tokenizer, warm_start
 from arpo_fast.engine import Engine
-from arpo_fast.engine.sequence import child_seed
+from arpo_fast.seeds import child_seed
 from arpo_fast.rollout import Protocol
 from arpo_fast.rollout.tools.base import ToolResult
 from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor

@@ -1,6 +1,6 @@
 """GPU report section: whole ARPO training steps (rollout on the engine, rewards, update) on CUDA.
 
-The demo pipeline (``arpo_fast/demo.py``) with a wider model: a short supervised warm start so the
+The demo pipeline (``arpo_fast/train/demo.py``) with a wider model: a short supervised warm start so the
 model calls the python tool, then two training steps in bf16 with the reference's tree settings.
 It checks that the trainer runs on the GPU (CUDA graphs in the rollout, the Triton log-prob kernel
 in the update) and reports each stage's rate; no peer trainer runs here.
@@ -19,9 +19,9 @@ SECTION = "train"
 
 
 def rows(smoke: bool) -> list[Row]:
-    from arpo_fast.config import TrainConfig
-    from arpo_fast.demo import demo_model, demo_tokenizer, move_model, warm_start
-    from arpo_fast.train import train
+    from arpo_fast.train.config import TrainConfig
+    from arpo_fast.train.demo import demo_model, demo_tokenizer, move_model, warm_start
+    from arpo_fast.train.loop import train
 
     cuda = torch.cuda.is_available()
     size = dict(steps=1, rollouts=2, initial=1, max_response_tokens=8) if smoke else \

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from arpo_fast.optim import MasterWeights
+from arpo_fast.train.optim import MasterWeights
 
 
 def _steps(param, optimizer, n, grad=1.0):

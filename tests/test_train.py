@@ -9,15 +9,15 @@ import json
 import pytest
 import torch
 
-from arpo_fast.checkpoint import CheckpointError, find_checkpoint, load_trainer_state
-from arpo_fast.config import TrainConfig, build_parser, parse_config
-from arpo_fast.data import encode_prompt, load_examples, read_rows, step_batch
-from arpo_fast.demo import demo_model, demo_tokenizer
-from arpo_fast.optim import MasterWeights
-from arpo_fast.policy import UpdateConfig, micro_batches, pack, token_logprobs, update
+from arpo_fast.train.checkpoint import CheckpointError, find_checkpoint, load_trainer_state
+from arpo_fast.train.config import TrainConfig, build_parser, parse_config
+from arpo_fast.train.data import encode_prompt, load_examples, read_rows, step_batch
+from arpo_fast.train.demo import demo_model, demo_tokenizer
+from arpo_fast.train.optim import MasterWeights
+from arpo_fast.train.update import UpdateConfig, micro_batches, pack, token_logprobs, update
 from arpo_fast.rollout import RewardResult, register_reward
 from arpo_fast.rollout.tree import Trajectory
-from arpo_fast.train import main, train
+from arpo_fast.train.loop import main, train
 
 
 @pytest.fixture(autouse=True)
@@ -162,7 +162,7 @@ def test_cli_runs_and_rejects_bad_values(tmp_path, capsys):
     cfg = parse_config(["--rollouts", "10", "--clip-high", "0.28", "--steps", "5", "--out", out])
     assert (cfg.rollout.rollouts, cfg.rollout.max_response_tokens) == (10, 64)
     assert (cfg.update.clip_high, cfg.update.clip_low, cfg.steps) == (0.28, 0.2, 5)
-    from arpo_fast.config import _flags
+    from arpo_fast.train.config import _flags
 
     assert [f.name for f, doc in _flags(TrainConfig) if not doc.strip()] == []  # every flag explained
     help_text = build_parser().format_help()
@@ -279,7 +279,7 @@ def test_move_model_keeps_rotary_frequencies_in_fp32(tok, tmp_path):
     """As from_pretrained does: a saved and reloaded bf16 model then computes the same logits."""
     from transformers import AutoModelForCausalLM
 
-    from arpo_fast.demo import move_model
+    from arpo_fast.train.demo import move_model
 
     model = move_model(demo_model(tok, seed=4), "cpu", torch.bfloat16).eval()
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32
@@ -296,7 +296,7 @@ def test_tool_tags_follow_the_tools_of_the_run(tmp_path, tok):
     tool the run lacks reads back an error naming the available ones."""
     from arpo_fast.rollout.tools import register_tool
     from arpo_fast.rollout.tools.base import ToolResult
-    from arpo_fast.train import setup
+    from arpo_fast.train.loop import setup
 
     class Calculator:
         name = "calculator"

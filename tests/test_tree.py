@@ -14,9 +14,9 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from arpo_fast.demo import demo_model, demo_tokenizer
+from arpo_fast.train.demo import demo_model, demo_tokenizer
 from arpo_fast.engine import Engine, StepOutput
-from arpo_fast.engine.sequence import child_seed
+from arpo_fast.seeds import child_seed
 from arpo_fast.rollout import Protocol, ProtocolConfig
 from arpo_fast.rollout.tools.base import ToolResult
 from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout
@@ -36,7 +36,7 @@ class ScriptedEngine:
 
     def __init__(self, tok, plan, entropy=lambda seed, r, i: 1.0, fail_at_step=None):
         self.tok, self.plan, self.entropy = tok, plan, entropy
-        self.model = type("M", (), {"vocab_size": len(tok)})()
+        self.vocab_size = len(tok)
         self.seqs, self.next_id, self.steps, self.fail_at_step = {}, 0, 0, fail_at_step
         self.finished = {}  # seq -> tokens at free time
 
@@ -281,7 +281,7 @@ def test_config_errors(kwargs, match):
 def test_real_engine_rollout_matches_the_training_forward(tok):
     """On the paged engine with a tiny random model: every sequence is freed, the pool is whole
     again, and each sampled token's log-prob equals the plain forward's (what the update uses)."""
-    from arpo_fast.policy import pack, token_logprobs
+    from arpo_fast.train.update import pack, token_logprobs
 
     model = demo_model(tok, seed=3).eval()
     engine = Engine(model, tokenizer=tok, num_blocks=256)
@@ -306,7 +306,7 @@ def test_preemption_in_a_small_pool_changes_no_trajectory(tok, monkeypatch):
     """A pool too small for the tree makes the engine preempt and recompute; sampling depends only
     on (seed, position) and the logits, so the trees, branches included, are the same as with room
     to spare. A short warm start makes the model call the (scripted) python tool and branch."""
-    from arpo_fast.demo import warm_start
+    from arpo_fast.train.demo import warm_start
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch paths: this test is about the engine
     model = demo_model(tok, seed=0)

@@ -28,7 +28,8 @@ import torch
 from arpo_fast.engine.kv_cache import PagedKVCache
 from arpo_fast.engine.model import PagedModel
 from arpo_fast.engine.params import EngineConfig, SamplingParams
-from arpo_fast.engine.sequence import MAX_SEED, SeqState, build_batch, child_seed
+from arpo_fast.engine.sequence import SeqState, build_batch
+from arpo_fast.seeds import MAX_SEED, child_seed
 from arpo_fast.errors import PoolExhaustedError, UnknownSequenceError
 from arpo_fast.kernels import sample
 
@@ -187,6 +188,11 @@ class Engine:
 
     def length(self, seq: int) -> int:
         return len(self._get(seq).tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        """V: the size of the distributions ``step`` samples from."""
+        return self.model.vocab_size
 
     @property
     def free_blocks(self) -> int:

@@ -1,8 +1,9 @@
-"""ARPO rollout pieces that do not need the engine: the tool-call protocol, tools and rewards.
+"""The ARPO rollout and what it needs besides the engine.
 
-``protocol``: tags, the incremental stop detector and result tokens. ``tools``: the python sandbox,
-BM25 and HTTP search, and the concurrent executor. ``rewards``: the reference's scoring and others,
-chosen per ``data_source``.
+``tree``: the tree rollout, which drives an engine (any :class:`engine_api.RolloutEngine`) and the
+tool executor. ``protocol``: tags, the incremental stop detector and result tokens. ``tools``: the
+python sandbox, BM25 and HTTP search, and the concurrent executor. ``rewards``: the reference's
+scoring and others, chosen per ``data_source``. Only ``tree`` and ``engine_api`` import the engine.
 """
 
 from arpo_fast.rollout.protocol import (Event, Protocol, ProtocolConfig, StopDetector, ToolCall,

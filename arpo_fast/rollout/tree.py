@@ -32,28 +32,27 @@ from typing import Optional, Sequence
 import torch
 
 from arpo_fast.engine.params import SamplingParams
-from arpo_fast.engine.sequence import MAX_SEED, child_seed
+from arpo_fast.rollout.engine_api import RolloutEngine
 from arpo_fast.rollout.protocol import Protocol, TrajectoryProtocol
+from arpo_fast.seeds import MAX_SEED, child_seed
+from arpo_fast.settings import setting
 
 
 @dataclass(frozen=True)
 class ARPOConfig:
     """Tree-rollout settings (defaults: the reference's reasoning runs)."""
 
-    rollouts: int = 16
-    """M: trajectories per prompt, branches and fresh fills included (the GRPO group size)."""
-    initial: int = 8
-    """N: trajectories started per prompt before any branching."""
-    branches: int = 2
-    """Z: paths after a branch point (the trajectory and Z - 1 copies)."""
-    entropy_tokens: int = 20
-    """k: tokens after a tool result (and at the start) whose mean entropy is compared."""
-    threshold: float = 0.5
-    """tau: the branch probability when the entropy did not change."""
-    entropy_weight: float = 0.2
-    """beta: how much a normalised entropy rise raises the branch probability."""
-    max_response_tokens: int = 4096
-    """Tokens after the prompt, tool results included; a longer trajectory ends as ``length``."""
+    rollouts: int = setting(16, "M: trajectories per prompt, branches and fresh fills included (the GRPO "
+                            "group size).")
+    initial: int = setting(8, "N: trajectories started per prompt before any branching.")
+    branches: int = setting(2, "Z: paths after a branch point (the trajectory and Z - 1 copies).")
+    entropy_tokens: int = setting(20, "k: tokens after a tool result (and at the start) whose mean "
+                                  "entropy is compared.")
+    threshold: float = setting(0.5, "tau: the branch probability when the entropy did not change.")
+    entropy_weight: float = setting(0.2, "beta: how much a normalised entropy rise raises the branch "
+                                    "probability.")
+    max_response_tokens: int = setting(4096, "Tokens after the prompt, tool results included; a longer "
+                                       "trajectory ends as ``length``.")
 
     def __post_init__(self):
         if not 1 <= self.initial <= self.rollouts:
@@ -130,11 +129,11 @@ def _uniform(key: int, index: int) -> float:
 
 
 class _TreeRollout:
-    def __init__(self, engine, protocol: Protocol, executor, config: ARPOConfig,
+    def __init__(self, engine: RolloutEngine, protocol: Protocol, executor, config: ARPOConfig,
                  sampling: SamplingParams, seed: int):
         self.engine, self.protocol, self.executor = engine, protocol, executor
         self.config, self.sampling, self.seed = config, sampling, seed
-        self.log_v = math.log(max(int(engine.model.vocab_size), 2))
+        self.log_v = math.log(max(int(engine.vocab_size), 2))
         self.trajs: list[Trajectory] = []
         self.names: list[tuple[int, ...]] = []  # (start index, copy index, copy index, ...)
         self.live: dict[int, _Live] = {}
@@ -321,13 +320,13 @@ class _TreeRollout:
         self.open[p] += n
 
 
-def arpo_rollout(engine, protocol: Protocol, prompts: Sequence[Sequence[int]],
+def arpo_rollout(engine: RolloutEngine, protocol: Protocol, prompts: Sequence[Sequence[int]],
                  config: Optional[ARPOConfig] = None, sampling: Optional[SamplingParams] = None,
                  executor=None, seed: int = 0) -> Rollout:
     """Roll out ``config.rollouts`` trajectories per prompt as ARPO trees (module docstring).
 
     Args:
-        engine: an ``arpo_fast.engine.Engine`` (or anything with its add/step/extend/fork/free).
+        engine: an ``arpo_fast.engine.Engine``, or anything else that is a :class:`RolloutEngine`.
         protocol: the tool-call protocol for the engine's tokenizer.
         prompts: token ids per prompt (chat template already applied).
         sampling: temperature/top-k/top-p for every step (``max_new_tokens`` is not used: see
@@ -335,8 +334,9 @@ def arpo_rollout(engine, protocol: Protocol, prompts: Sequence[Sequence[int]],
         executor: a ``ToolExecutor``; without one every call reads back that tools are unavailable.
         seed: the rollout's seed; trajectories are a function of it and the model.
 
-    Returns a :class:`Rollout`; trajectories come in the order they were created. The engine holds
-    none of them afterwards, also when this raises.
+    Returns a :class:`Rollout`; trajectories come by prompt, then depth first (a trajectory, then
+    its branches), an order that does not depend on when tools finished. The engine holds none of
+    them afterwards, also when this raises.
     """
     run = _TreeRollout(engine, protocol, executor, config or ARPOConfig(),
                        sampling or SamplingParams(), seed)

@@ -17,6 +17,7 @@ import torch
 
 from arpo_fast.algo import policy_loss
 from arpo_fast.kernels import logprob_entropy
+from arpo_fast.settings import setting
 
 
 @dataclass
@@ -75,20 +76,16 @@ def token_logprobs(model, batch: PackedBatch, temperature: float) -> tuple[torch
 class UpdateConfig:
     """The clipped update (defaults: the reference's)."""
 
-    clip_low: float = 0.2
-    """A token's ratio counts down to 1 - clip_low."""
-    clip_high: float = 0.2
-    """A token's ratio counts up to 1 + clip_high."""
-    dual_clip: float = 3.0
-    """Bound on the loss of a negative-advantage token, in units of |A| (0: no dual clip)."""
-    entropy_coef: float = 0.0
-    """Weight of the entropy bonus (the reference: 0)."""
-    grad_clip: float = 1.0
-    """Clip the gradient's global norm to this (0: no clipping)."""
-    mini_batches: int = 1
-    """Optimizer steps per training step; the trajectories are split between them."""
-    micro_batch_tokens: int = 16384
-    """Most tokens (prompt and response, padded) in one forward/backward of the update."""
+    clip_low: float = setting(0.2, "A token's ratio counts down to 1 - clip_low.")
+    clip_high: float = setting(0.2, "A token's ratio counts up to 1 + clip_high.")
+    dual_clip: float = setting(3.0, "Bound on the loss of a negative-advantage token, in units of |A| (0: "
+                               "no dual clip).")
+    entropy_coef: float = setting(0.0, "Weight of the entropy bonus (the reference: 0).")
+    grad_clip: float = setting(1.0, "Clip the gradient's global norm to this (0: no clipping).")
+    mini_batches: int = setting(1, "Optimizer steps per training step; the trajectories are split between "
+                                "them.")
+    micro_batch_tokens: int = setting(16384, "Most tokens (prompt and response, padded) in one "
+                                      "forward/backward of the update.")
 
     def __post_init__(self):
         for name in ("clip_low", "clip_high", "entropy_coef", "grad_clip", "dual_clip"):
@@ -107,7 +104,7 @@ class UpdateConfig:
 def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: UpdateConfig,
            pad_id: int, temperature: float = 1.0) -> dict[str, float]:
     """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
-    per trajectory): ``cfg.mini_batches`` steps of ``optimizer`` (a :class:`~arpo_fast.optim.MasterWeights`),
+    per trajectory): ``cfg.mini_batches`` steps of ``optimizer`` (a :class:`~arpo_fast.train.optim.MasterWeights`),
     each over a contiguous share.
     Returns the micro-batches' mean metrics (``tokens``: their sum), the last gradient norm and how
     many optimizer steps were skipped for a non-finite gradient."""

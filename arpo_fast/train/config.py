@@ -1,82 +1,73 @@
 """The training run's settings as one dataclass, and the command line built from it.
 
-Every field is a ``--kebab-case`` flag whose help text is the field's docstring, the fields of the
-tree rollout's ``ARPOConfig`` and the update's ``UpdateConfig`` included; the defaults are the
-built-in demo's (see ``demo.py``), with the reference's algorithm settings.
+Every field is a ``--kebab-case`` flag whose help text the field carries (``arpo_fast.settings``),
+the fields of the tree rollout's ``ARPOConfig`` and the update's ``UpdateConfig`` included; the
+defaults are the built-in demo's (see ``demo.py``), with the reference's algorithm settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import ast
-import inspect
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
-from arpo_fast.policy import UpdateConfig
+from arpo_fast.settings import help_of, setting
+from arpo_fast.train.update import UpdateConfig
 from arpo_fast.rollout.tree import ARPOConfig
 
 
 @dataclass
 class TrainConfig:
     # --- what to train on
-    model: str = "demo"
-    """'demo' (a tiny random Qwen2 and its tokenizer) or a local Hugging Face model directory."""
-    data: str = "demo"
-    """'demo' (built-in arithmetic problems) or a JSONL file: prompt, ground_truth, data_source."""
-    reward: str = "arpo_f1"
-    """Reward of every example whose data_source is not in `reward_by_source` (arpo_f1, exact_match,
-    math, or one added with arpo_fast.rollout.register_reward)."""
-    reward_by_source: str = ""
-    """JSON object mapping a data_source to its reward name, e.g. '{"gsm8k": "math"}'."""
-    demo_warm_start: int = 300
-    """Supervised warm-up steps of the demo model on well-formed solutions (0: start random)."""
-    tools: str = "python"
-    """Comma-separated tools the model may call (python, search, http_search); '' for none."""
-    tool_settings: str = ""
-    """JSON object of each tool's settings, e.g. '{"search": {"corpus_path": "wiki.jsonl"}}'."""
-    max_calls: int = 3
-    """Tool calls allowed per trajectory (the reference: 3 for reasoning, 6 for deep search)."""
+    model: str = setting("demo", "'demo' (a tiny random Qwen2 and its tokenizer) or a local Hugging Face "
+                         "model directory.")
+    data: str = setting("demo", "'demo' (built-in arithmetic problems) or a JSONL file: prompt, "
+                        "ground_truth, data_source.")
+    reward: str = setting("arpo_f1", "Reward of every example whose data_source is not in "
+                          "`reward_by_source` (arpo_f1, exact_match, math, or one added with "
+                          "arpo_fast.rollout.register_reward).")
+    reward_by_source: str = setting("", "JSON object mapping a data_source to its reward name, e.g. "
+                                    "'{\"gsm8k\": \"math\"}'.")
+    demo_warm_start: int = setting(300, "Supervised warm-up steps of the demo model on well-formed "
+                                   "solutions (0: start random).")
+    tools: str = setting("python", "Comma-separated tools the model may call (python, search, "
+                         "http_search); '' for none.")
+    tool_settings: str = setting("", "JSON object of each tool's settings, e.g. '{\"search\": "
+                                 "{\"corpus_path\": \"wiki.jsonl\"}}'.")
+    max_calls: int = setting(3, "Tool calls allowed per trajectory (the reference: 3 for reasoning, 6 for "
+                             "deep search).")
     # --- the run
-    steps: int = 3
-    """Training steps (each: rollout, reward, advantage, update)."""
-    prompts_per_step: int = 2
-    """Prompts rolled out per step; each becomes a tree of `rollouts` trajectories."""
-    seed: int = 0
-    """Seeds the data order, the model's initialisation (demo) and every sampling draw."""
-    device: str = "auto"
-    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
-    dtype: str = "auto"
-    """'auto' (bf16 on CUDA, fp32 on the CPU), 'bf16', 'fp16' or 'fp32'."""
-    out: str = ""
-    """Directory for metrics.jsonl and checkpoints ('': a new runs/arpo-<date>-<time>)."""
-    save_every: int = 0
-    """Save a checkpoint every this many steps (0: only after the last step)."""
-    resume: bool = False
-    """Continue from the checkpoint in `out`, if there is one."""
+    steps: int = setting(3, "Training steps (each: rollout, reward, advantage, update).")
+    prompts_per_step: int = setting(2, "Prompts rolled out per step; each becomes a tree of `rollouts` "
+                                    "trajectories.")
+    seed: int = setting(0, "Seeds the data order, the model's initialisation (demo) and every sampling "
+                        "draw.")
+    device: str = setting("auto", "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: str = setting("auto", "'auto' (bf16 on CUDA, fp32 on the CPU), 'bf16', 'fp16' or 'fp32'.")
+    out: str = setting("", "Directory for metrics.jsonl and checkpoints ('': a new "
+                       "runs/arpo-<date>-<time>).")
+    save_every: int = setting(0, "Save a checkpoint every this many steps (0: only after the last step).")
+    resume: bool = setting(False, "Continue from the checkpoint in `out`, if there is one.")
     # --- rollout (the tree's own settings are in `rollout`)
-    rollout: ARPOConfig = field(default_factory=lambda: ARPOConfig(max_response_tokens=64))
-    """The tree rollout (flags --rollouts ... --max-response-tokens; the demo's responses are short)."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollout (and of the log-probs the update uses); > 0."""
-    top_p: float = 1.0
-    """Nucleus sampling for the rollout (1: off)."""
-    top_k: int = 0
-    """Top-k sampling for the rollout (0: off)."""
-    kv_memory_mb: int = 0
-    """KV-cache pool size in MiB (0: the engine's default share of free memory)."""
+    rollout: ARPOConfig = setting(factory=lambda: ARPOConfig(max_response_tokens=64), help="The tree "
+                                  "rollout (flags --rollouts ... --max-response-tokens; the demo's "
+                                  "responses are short).")
+    temperature: float = setting(1.0, "Sampling temperature of the rollout (and of the log-probs the "
+                                 "update uses); > 0.")
+    top_p: float = setting(1.0, "Nucleus sampling for the rollout (1: off).")
+    top_k: int = setting(0, "Top-k sampling for the rollout (0: off).")
+    kv_memory_mb: int = setting(0, "KV-cache pool size in MiB (0: the engine's default share of free "
+                                "memory).")
     # --- update (the clipped loss and batching are in `update`)
-    update: UpdateConfig = field(default_factory=UpdateConfig)
-    """The clipped update (flags --clip-low ... --micro-batch-tokens)."""
-    advantage: str = "soft"
-    """'soft' (GRPO on the leaves, the reference's default) or 'hard' (shared tokens get the mean)."""
-    lr: float = 1e-6
-    """AdamW learning rate."""
-    weight_decay: float = 0.01
-    """AdamW's decoupled weight decay (the reference's: 0.01)."""
+    update: UpdateConfig = setting(factory=UpdateConfig, help="The clipped update (flags --clip-low ... "
+                                   "--micro-batch-tokens).")
+    advantage: str = setting("soft", "'soft' (GRPO on the leaves, the reference's default) or 'hard' "
+                             "(shared tokens get the mean).")
+    lr: float = setting(1e-6, "AdamW learning rate.")
+    weight_decay: float = setting(0.01, "AdamW's decoupled weight decay (the reference's: 0.01).")
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step"):
@@ -129,16 +120,6 @@ def _names(cls) -> set[str]:
     return {f.name for f in fields(cls)}
 
 
-def _field_docs(cls) -> dict[str, str]:
-    """Each field's docstring (the string literal right after its annotation)."""
-    docs, body = {}, ast.parse(inspect.getsource(cls)).body[0].body
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
-
-
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -148,14 +129,13 @@ def _parse_bool(text: str) -> bool:
 
 
 def _flags(cls):
-    """(field, docstring) of every flag: the config's own fields, with ``rollout`` and ``update``
+    """(field, help) of every flag: the config's own fields, with ``rollout`` and ``update``
     replaced by their fields."""
-    docs = _field_docs(cls)
     for f in fields(cls):
         if f.name in _GROUPS:
             yield from _flags(_GROUPS[f.name])
         else:
-            yield f, docs.get(f.name, " ")
+            yield f, help_of(f)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ Each step: pick ``prompts_per_step`` prompts; roll each out as an ARPO tree of `
 trajectories on the paged-KV engine, which runs on the model's own weights (``rollout/tree.py``);
 score every trajectory (``rollout/rewards.py``); turn rewards into GRPO advantages within each
 prompt's group and attribute them to tokens, soft or hard (``algo/advantages.py``); apply the clipped
-policy-gradient update, token-mean over the model-written tokens (``policy.py``, ``algo/loss.py``);
+policy-gradient update, token-mean over the model-written tokens (``update.py``, ``algo/loss.py``);
 log; save a checkpoint. Dropout stays off (the model is in eval mode), so the rollout and the update
 see the same policy.
 
@@ -31,13 +31,13 @@ from typing import Optional
 import torch
 
 from arpo_fast.algo import group_advantages, shared_token_count, token_advantages
-from arpo_fast.checkpoint import CheckpointError, find_checkpoint, load_trainer_state, save_checkpoint
-from arpo_fast.config import TrainConfig, parse_config
-from arpo_fast.data import load_examples, step_batch
+from arpo_fast.train.checkpoint import CheckpointError, find_checkpoint, load_trainer_state, save_checkpoint
+from arpo_fast.train.config import TrainConfig, parse_config
+from arpo_fast.train.data import load_examples, step_batch
 from arpo_fast.engine import Engine, SamplingParams
-from arpo_fast.engine.sequence import child_seed
-from arpo_fast.optim import MasterWeights
-from arpo_fast.policy import update
+from arpo_fast.seeds import child_seed
+from arpo_fast.train.optim import MasterWeights
+from arpo_fast.train.update import update
 from arpo_fast.rollout import Protocol, ProtocolConfig, RewardConfig, compute_reward
 from arpo_fast.rollout.tools import create_tool
 from arpo_fast.rollout.tools.executor import ToolExecutor
@@ -61,7 +61,7 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
 def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype):
     """The policy and its tokenizer: from the checkpoint when resuming, else the demo or ``--model``."""
     if checkpoint is None and cfg.model == "demo":
-        from arpo_fast.demo import demo_model, demo_tokenizer, move_model, warm_start
+        from arpo_fast.train.demo import demo_model, demo_tokenizer, move_model, warm_start
 
         tokenizer = demo_tokenizer()
         model = move_model(demo_model(tokenizer, seed=cfg.seed), device, dtype)
@@ -283,7 +283,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     fit(run)
     print(f"checkpoint and metrics in {cfg.out}", flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -74,7 +74,7 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
 
 def load_examples(source: str, tokenizer, max_prompt_tokens: int | None = None) -> list[Example]:
     """``source``: 'demo' or a JSONL path. Prompts longer than ``max_prompt_tokens`` are an error."""
-    from arpo_fast.demo import demo_problems
+    from arpo_fast.train.demo import demo_problems
 
     rows = demo_problems() if source == "demo" else read_rows(source)
     examples = []

@@ -1,0 +1,12 @@
+"""The trainer behind ``python -m arpo_fast.train``.
+
+``loop``: setup, one step (rollout -> reward -> advantage -> update) and the loop over steps;
+``config``: every setting as one dataclass and the command line built from it; ``update``: the
+clipped policy-gradient update over micro-batches; ``optim``: fp32 master weights around AdamW;
+``data``: prompts and their order; ``checkpoint``: atomic checkpoints; ``demo``: the built-in job.
+"""
+
+from arpo_fast.train.config import TrainConfig, parse_config
+from arpo_fast.train.loop import Run, fit, main, setup, train, train_step
+
+__all__ = ["Run", "TrainConfig", "fit", "main", "parse_config", "setup", "train", "train_step"]
