@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from arpo_fast.engine.params import SamplingParams
+from arpo_fast.text import StopStrings, TokenBytes
 
 
 @dataclass
@@ -21,16 +22,15 @@ class Completion:
     finish_reason: str | None = None
 
 
-def _stop_reason(engine, params: SamplingParams, out: Completion) -> str | None:
+def _stop_reason(engine, params: SamplingParams, out: Completion,
+                 stops: StopStrings | None) -> str | None:
     token = out.token_ids[-1]
     if not params.ignore_eos and token in engine.eos_token_ids:
         return "eos"
     if token in params.stop_token_ids:
         return "stop_token"
-    if params.stop:
-        text = engine.tokenizer.decode(out.token_ids)
-        if any(s in text for s in params.stop):
-            return "stop_string"
+    if stops is not None and stops.feed(token) is not None:
+        return "stop_string"
     if len(out.token_ids) >= params.max_new_tokens:
         return "length"
     return None
@@ -48,6 +48,9 @@ def generate(engine, prompts: Sequence[Sequence[int]], params: SamplingParams,
     for i, p in enumerate(prompts):  # validate all before adding any
         engine._check_tokens(p, f"generate: prompt {i}")
     seqs, outs = [], [Completion() for _ in prompts]
+    # stop strings are found incrementally, token by token, on the exact text of the new tokens
+    token_bytes = TokenBytes(engine.tokenizer) if params.stop else None
+    stops = [StopStrings(token_bytes, params.stop) if params.stop else None for _ in prompts]
     try:
         for p, seed in zip(prompts, seeds):
             seqs.append(engine.add(p, seed))
@@ -55,9 +58,9 @@ def generate(engine, prompts: Sequence[Sequence[int]], params: SamplingParams,
         # Prompts are prefilled in groups of at most max_prefill_tokens tokens (bounding the step's
         # activation memory), then every unfinished sequence decodes together.
         for group in _groups([len(p) for p in prompts], engine.config.max_prefill_tokens):
-            active += _step(engine, seqs, group, outs, params)
+            active += _step(engine, seqs, group, outs, params, stops)
         while active:
-            active = _step(engine, seqs, active, outs, params)
+            active = _step(engine, seqs, active, outs, params, stops)
     finally:
         for s in seqs:
             engine.free(s)
@@ -75,7 +78,8 @@ def _groups(lengths: list[int], budget: int) -> list[list[int]]:
     return groups + [current] if current else groups
 
 
-def _step(engine, seqs, rows: list[int], outs: list[Completion], params: SamplingParams) -> list[int]:
+def _step(engine, seqs, rows: list[int], outs: list[Completion], params: SamplingParams,
+          stops: list[StopStrings | None]) -> list[int]:
     """Step the sequences of ``rows``, record their tokens; returns the rows still unfinished."""
     step = engine.step([seqs[i] for i in rows], params)
     tokens, ran = step.tokens.tolist(), step.ran.tolist()
@@ -87,7 +91,7 @@ def _step(engine, seqs, rows: list[int], outs: list[Completion], params: Samplin
             out.token_ids.append(tokens[row])
             out.logprobs.append(stats[0][row])
             out.entropies.append(stats[1][row])
-            out.finish_reason = _stop_reason(engine, params, out)
+            out.finish_reason = _stop_reason(engine, params, out, stops[i])
             if out.finish_reason:
                 continue
         still.append(i)

@@ -9,13 +9,12 @@ with loss mask 0. Nothing here raises on what the model writes: a malformed call
 
 from __future__ import annotations
 
-import codecs
 import copy
-import json
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Iterable, Optional
+
+from arpo_fast.text import StopStrings, TokenBytes
 
 _TAG_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -123,162 +122,47 @@ def format_result(output: str, config: ProtocolConfig = ProtocolConfig()) -> str
     return f" {config.open_tag(config.result_tag)}\n{output}\n{config.close_tag(config.result_tag)}"
 
 
-# ---------------------------------------------------------------------------------------------
-# Token ids -> exact bytes. Decoding the whole history after every token costs O(n^2); decoding one
-# token alone is wrong for byte-level tokenizers, whose tokens can end inside a UTF-8 character.
-# Mapping each id to its raw bytes and feeding an incremental UTF-8 decoder is exact and O(1).
-
-_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-_SPIECE_SPACE = "\u2581"  # SentencePiece's visible space
-
-
-@lru_cache(maxsize=1)
-def _byte_level_table() -> dict[str, int]:
-    """Inverse of GPT-2's bytes-to-unicode map: printable stand-in character -> byte value."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    table, shifted = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[chr(b)] = b
-        else:  # bytes without a printable glyph are shifted past 255, in order
-            table[chr(256 + shifted)] = b
-            shifted += 1
-    return table
-
-
-def _decoder_types(tokenizer: Any) -> set[str]:
-    """The ``type`` names in a fast tokenizer's decoder (a Sequence lists several), or empty."""
-    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    try:
-        spec = json.loads(decoder.__getstate__())
-    except Exception:  # no fast decoder: fall back to per-token decoding
-        return set()
-    found: set[str] = set()
-    stack = [spec]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if isinstance(node.get("type"), str):
-                found.add(node["type"])
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return found
-
-
-class TokenBytes:
-    """Maps token ids to the exact bytes they stand for, with a per-id cache.
-
-    Byte-level BPE (GPT-2, Llama-3, Qwen) and SentencePiece with byte fallback (Llama-2, Mistral) are
-    exact. Other tokenizers use ``decode([id])``, which may drop a leading space.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        types = _decoder_types(tokenizer)
-        if "ByteLevel" in types:
-            self.mode = "byte_level"
-        elif types & {"Metaspace", "ByteFallback", "Replace"}:
-            self.mode = "sentencepiece"
-        else:
-            self.mode = "decode"
-        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-        self._added = {int(i): str(getattr(t, "content", t)) for i, t in added.items()}
-        self._cache: dict[int, bytes] = {}
-
-    def __call__(self, token_id: int) -> bytes:
-        cached = self._cache.get(token_id)
-        if cached is None:
-            cached = self._cache[token_id] = self._lookup(int(token_id))
-        return cached
-
-    def _lookup(self, token_id: int) -> bytes:
-        if token_id in self._added:  # added and special tokens are stored as plain text
-            return self._added[token_id].encode("utf-8")
-        if self.mode == "decode":
-            return self.tokenizer.decode([token_id]).encode("utf-8", "surrogateescape")
-        piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        if piece is None:
-            return b""  # out of vocabulary: contributes no text rather than crashing the rollout
-        if self.mode == "byte_level":
-            table = _byte_level_table()
-            if all(c in table for c in piece):
-                return bytes(table[c] for c in piece)
-            return piece.encode("utf-8")
-        match = _BYTE_FALLBACK.match(piece)
-        if match:
-            return bytes([int(match.group(1), 16)])
-        return piece.replace(_SPIECE_SPACE, " ").encode("utf-8")
-
-
-# ---------------------------------------------------------------------------------------------
-
-
 class StopDetector:
-    """Watches generated ids one at a time and reports a closing tool tag, the answer's end or EOS.
-
-    Text is rebuilt from exact token bytes; undecodable bytes become lone surrogates (the
-    ``surrogateescape`` handler), so they never match a tag and the parser can name them. Each
-    ``feed`` looks only at the new characters plus the last ``len(longest stop) - 1`` before them, so
-    a tag split across tokens in any way is found, in O(1) work per token.
-    """
+    """Watches generated ids one at a time and reports a closing tool tag, the answer's end or EOS
+    (:class:`~arpo_fast.text.StopStrings` over the protocol's closing tags), in O(1) work
+    per token."""
 
     def __init__(self, tokenizer: Any, config: ProtocolConfig = ProtocolConfig(),
                  eos_token_ids: Optional[Iterable[int]] = None,
                  token_bytes: Optional[TokenBytes] = None):
         self.config = config
-        self._bytes = token_bytes or TokenBytes(tokenizer)
         if eos_token_ids is None:
             eos = getattr(tokenizer, "eos_token_id", None)
             eos_token_ids = [] if eos is None else [eos]
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
-        self._stops = {config.close_tag(n): n for n in config.tool_names}
-        self._stops[config.close_tag(config.answer_tag)] = None
-        self._keep = max(len(s) for s in self._stops) - 1
-        self.reset()
+        self._tool_of = {config.close_tag(n): n for n in config.tool_names}
+        self._tool_of[config.close_tag(config.answer_tag)] = None
+        self._strings = StopStrings(token_bytes or TokenBytes(tokenizer), self._tool_of)
 
     def reset(self) -> None:
         """Start a new segment (call after appending a tool result)."""
-        self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-        self._pieces: list[str] = []
-        self._length = 0
-        self._tail = ""
+        self._strings.reset()
 
     @property
     def text(self) -> str:
         """The segment's text so far (bytes of an unfinished character are not included yet)."""
-        if len(self._pieces) > 1:
-            self._pieces = ["".join(self._pieces)]
-        return self._pieces[0] if self._pieces else ""
+        return self._strings.text
 
     def feed(self, token_id: int) -> Optional[tuple[str, Optional[str], int]]:
-        """Add one token; on a stop return ``(kind, tool_name, stop_start)`` with kind ``tool``,
+        """Add one token; on a stop return ``(kind, tool_name, stop_start)`` with kind ``call``,
         ``answer`` or ``eos`` and ``stop_start`` an index into :attr:`text`; else None."""
         if int(token_id) in self.eos_token_ids:
-            return ("eos", None, self._length)
-        new = self._decoder.decode(self._bytes(token_id))
-        if not new:
+            return ("eos", None, len(self._strings.text))
+        hit = self._strings.feed(token_id)
+        if hit is None:
             return None
-        window = self._tail + new
-        self._pieces.append(new)
-        self._length += len(new)
-        self._tail = window[-self._keep:] if self._keep else ""
-        best = None
-        for stop, name in self._stops.items():
-            at = window.find(stop)
-            if at >= 0 and (best is None or at < best[0]):
-                best = (at, name)
-        if best is None:
-            return None
-        start = self._length - len(window) + best[0]
-        return ("answer", None, start) if best[1] is None else ("tool", best[1], start)
+        name = self._tool_of[hit[0]]
+        return ("answer", None, hit[1]) if name is None else ("call", name, hit[1])
 
     def fork(self) -> "StopDetector":
         """An independent copy (for a branch that continues from the same point)."""
         twin = copy.copy(self)
-        twin._pieces = list(self._pieces)
-        twin._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-        twin._decoder.setstate(self._decoder.getstate())
+        twin._strings = self._strings.fork()
         return twin
 
 
