@@ -153,3 +153,75 @@ def test_custom_reward_registry():
         register_reward("test_length", length_reward)
     with pytest.raises(KeyError, match="no reward named 'nope'"):
         RewardConfig(default="nope")
+
+
+# -- what the reward reads: the model's own text -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_tok():
+    from arpo_fast.train.demo import demo_tokenizer
+
+    return demo_tokenizer()
+
+
+def _trajectory(tok, pieces):
+    """Response ids and loss mask from ("model", text) and ("tool", output) pieces, as the rollout
+    builds them (a tool's output encoded on its own as a result block, mask 0)."""
+    from arpo_fast.rollout import Protocol
+
+    protocol = Protocol(tok)
+    ids, mask = [], []
+    for kind, value in pieces:
+        if kind == "tool":
+            new = protocol.result_ids(value)
+        elif kind == "special":
+            new = [value]
+        else:
+            new = tok.encode(value)
+        ids += new
+        mask += [0 if kind == "tool" else 1] * len(new)
+    return ids, mask
+
+
+def _reward(tok, pieces, truth):
+    from arpo_fast.rollout.rewards import response_text
+
+    ids, mask = _trajectory(tok, pieces)
+    return compute_reward("any", response_text(tok, ids, mask), truth)
+
+
+def test_special_tokens_are_skipped_as_in_the_reference(demo_tok):
+    # a special token the model wrote inside its answer no longer breaks the match
+    pieces = [("model", "<think>t</think><answer>\\boxed{Par"), ("special", demo_tok.pad_token_id),
+              ("model", "is}</answer>"), ("special", demo_tok.eos_token_id)]
+    assert _reward(demo_tok, pieces, "Paris").score == 1.0
+
+
+def test_a_tool_result_cannot_answer_for_the_model(demo_tok):
+    call = ("model", "<think>t</think><python>print(x)</python>")
+    # code that prints an answer earns nothing when the model wrote none: bad format
+    printed = _reward(demo_tok, [call, ("tool", "<answer>\\boxed{42}</answer>")], "42")
+    assert printed.score == -1.0
+    # a printed </search> does not earn the bonus for calling both tools
+    bonus = _reward(demo_tok, [call, ("tool", "</search>"), ("model", "<answer>\\boxed{42}</answer>")], "42")
+    assert bonus.score == 1.0
+    # output holding <answer> does not turn the model's right answer into a bad format
+    right = _reward(demo_tok, [call, ("tool", "<answer>"), ("model", "<answer>\\boxed{42}</answer>")], "42")
+    assert right.score == 1.0
+    # a result block cut short by the length limit still counts as an incomplete call
+    from arpo_fast.rollout.rewards import response_text
+
+    ids, mask = _trajectory(demo_tok, [call, ("tool", "a long output")])
+    assert response_text(demo_tok, ids[:-3], mask[:-3]).endswith("</python> <result>\n")
+
+
+@pytest.mark.parametrize("truth", [None, b"42", [["42"]], [], {"a": 1}, True])
+def test_a_ground_truth_of_the_wrong_type_is_an_error_naming_it(truth):
+    with pytest.raises(TypeError, match="ground truth"):
+        compute_reward("any", response("\\boxed{42}"), truth)
+
+
+def test_numeric_ground_truths_are_compared_as_text():
+    assert compute_reward("any", response("\\boxed{42}"), 42).score == 1.0
+    assert compute_reward("any", response("\\boxed{2.5}"), [2.5, "x"]).score == 1.0

@@ -10,12 +10,13 @@ same format gate and bonus and change only how the answer is compared. Register 
 from __future__ import annotations
 
 import logging
+import numbers
 import re
 import string
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from arpo_fast.rollout.protocol import ProtocolConfig
 
@@ -83,6 +84,30 @@ def _calls_have_results(text: str, name: str, tags: ProtocolConfig) -> tuple[boo
     return True, ""
 
 
+def response_text(tokenizer, response_ids: Sequence[int], loss_mask: Sequence[int],
+                  tags: ProtocolConfig = DEFAULT_TAGS) -> str:
+    """What the model wrote, as the reward reads it: its tokens decoded with special tokens
+    skipped, each tool result block (the tokens with loss mask 0) reduced to its bare tags. What a
+    tool printed can then neither fake an answer, nor a call that earns the bonus, nor break the
+    format."""
+    result_open, result_close = tags.open_tag(tags.result_tag), tags.close_tag(tags.result_tag)
+    pieces, start = [], 0
+    for end in range(1, len(response_ids) + 1):
+        if end < len(response_ids) and bool(loss_mask[end]) == bool(loss_mask[start]):
+            continue
+        text = tokenizer.decode(list(response_ids[start:end]), skip_special_tokens=True)
+        if not loss_mask[start]:  # a result block; the last one may be cut short by the length limit
+            body = text.lstrip()
+            text = ""
+            if body.startswith(result_open):
+                text = " " + result_open + "\n"
+                if body.rstrip().endswith(result_close):
+                    text += "\n" + result_close
+        pieces.append(text)
+        start = end
+    return "".join(pieces)
+
+
 # -- answer extraction ----------------------------------------------------------------------
 
 
@@ -142,12 +167,22 @@ _PUNCTUATION = frozenset(string.punctuation)
 _SPECIAL = ("yes", "no", "noanswer")
 
 
+def _one_truth(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        return str(value)  # the reference crashes on a numeric ground truth
+    raise TypeError(f"ground truth {value!r} ({type(value).__name__}) is not a string, a number or a "
+                    "list of those")
+
+
 def _as_list(ground_truth: Any) -> list[str]:
-    if isinstance(ground_truth, str):
-        return [ground_truth]
-    if isinstance(ground_truth, Iterable):
-        return [str(g) for g in ground_truth]
-    return [str(ground_truth)]
+    """The accepted answers: a string or a number, or a non-empty list or tuple of those."""
+    if isinstance(ground_truth, (list, tuple)):
+        if not ground_truth:
+            raise TypeError("ground truth is an empty list")
+        return [_one_truth(g) for g in ground_truth]
+    return [_one_truth(ground_truth)]
 
 
 def token_f1(prediction: str, ground_truth: GroundTruth) -> float:
