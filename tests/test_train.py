@@ -5,6 +5,7 @@ time), as on a user's CPU, so a few training steps take seconds.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -208,12 +209,13 @@ def test_micro_batches_stay_within_the_token_budget():
         assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 64
 
 
-def _trajectories(tok):
+def _trajectories(tok, prompts=(0, 0)):
     prompt = tok.encode("Problem: what is 2 + 2?\n")
     good, bad = tok.encode("<answer>\\boxed{4}</answer>"), tok.encode("<answer>\\boxed{5}</answer>")
     tool = tok.encode(" <result>\n4\n</result>")
-    return [Trajectory(0, prompt, "initial", response_ids=good + tool, loss_mask=[1] * len(good) + [0] * len(tool)),
-            Trajectory(0, prompt, "initial", response_ids=bad, loss_mask=[1] * len(bad))]
+    return [Trajectory(prompts[0], prompt, "initial", response_ids=good + tool,
+                       loss_mask=[1] * len(good) + [0] * len(tool)),
+            Trajectory(prompts[1], prompt, "initial", response_ids=bad, loss_mask=[1] * len(bad))]
 
 
 def _sequence_logprob(model, tok, trajs):
@@ -225,18 +227,87 @@ def _sequence_logprob(model, tok, trajs):
     return [float(x[m].sum()) for x, m in zip(lp.split(sizes), masks)]
 
 
-@pytest.mark.parametrize("mini_batches", [1, 2])
-def test_update_moves_probability_toward_the_better_answer(tok, mini_batches):
+@pytest.mark.parametrize("mini_batch_prompts", [16, 1])
+def test_update_moves_probability_toward_the_better_answer(tok, mini_batch_prompts):
     model = demo_model(tok, seed=1).eval()
-    trajs = _trajectories(tok)
+    trajs = _trajectories(tok, prompts=(0, 1))
     before = _sequence_logprob(model, tok, trajs)
     adv = [torch.full((len(t.response_ids),), a) for t, a in zip(trajs, (1.0, -1.0))]
     optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.05))  # along the gradient
-    cfg = UpdateConfig(mini_batches=mini_batches, micro_batch_tokens=40)
+    cfg = UpdateConfig(mini_batch_prompts=mini_batch_prompts, micro_batch_tokens=40)
     metrics = update(model, optimizer, trajs, adv, cfg, tok.pad_token_id)
     after = _sequence_logprob(model, tok, trajs)
     assert after[0] > before[0] and after[1] < before[1]
     assert metrics["tokens"] == sum(sum(t.loss_mask) for t in trajs) and metrics["skipped_updates"] == 0
+    assert metrics["optimizer_steps"] == (1 if mini_batch_prompts == 16 else 2)
+
+
+def test_mini_batches_are_whole_groups_of_prompts():
+    from arpo_fast.train.update import mini_batches
+
+    prompts = [0, 0, 0, 1, 1, 2, 3, 3, 4]
+    assert mini_batches(prompts, 2) == [[0, 1, 2, 3, 4], [5, 6, 7], [8]]
+    assert mini_batches(prompts, 16) == [list(range(9))]
+    # the reference's shape: 128 prompts in mini-batches of 16 are 8 optimizer steps
+    assert len(mini_batches([p for p in range(128) for _ in range(16)], 16)) == 8
+    assert UpdateConfig().mini_batch_prompts == 16
+
+
+def test_the_logged_loss_is_the_token_mean_over_the_step(tok):
+    """Micro-batches of different sizes: the logged loss is that of the whole batch at once, not the
+    plain mean of the micro-batches' losses."""
+    trajs = _trajectories(tok) + [Trajectory(0, tok.encode("Q\n"), "initial", response_ids=[5],
+                                             loss_mask=[1])]
+    adv = [torch.full((len(t.response_ids),), a) for t, a in zip(trajs, (1.0, -1.0, 0.5))]
+    losses = []
+    for tokens in (10_000, 1):  # one micro-batch; one trajectory each
+        model = demo_model(tok, seed=1).eval()
+        optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
+        metrics = update(model, optimizer, trajs, adv, UpdateConfig(micro_batch_tokens=tokens), tok.pad_token_id)
+        losses.append(metrics["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def _with_rollout_logprobs(model, tok, trajs, offset):
+    """``trajs`` whose rollout log-probs are the trainer's plus ``offset(i)`` at token i."""
+    with torch.no_grad():
+        lp = token_logprobs(model, pack(trajs, list(range(len(trajs))), tok.pad_token_id, "cpu"), 1.0)[0]
+    for t, values in zip(trajs, lp.split([len(t.response_ids) for t in trajs])):
+        t.logprobs = [v + offset(i) for i, v in enumerate(values.tolist())]
+    return trajs
+
+
+def test_the_rollout_trainer_mismatch_is_measured(tok):
+    model = demo_model(tok, seed=1).eval()
+    trajs = _with_rollout_logprobs(model, tok, _trajectories(tok), lambda i: 0.3 if i == 0 else -0.01)
+    trajs[1].logprobs[1] = float("nan")  # a token the sampler did not draw is left out
+    adv = [torch.zeros(len(t.response_ids)) for t in trajs]
+    optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
+    m = update(model, optimizer, trajs, adv, UpdateConfig(), tok.pad_token_id)
+    n = sum(sum(t.loss_mask) for t in trajs) - 1
+    assert m["logprob_mismatch_max"] == pytest.approx(0.3, abs=1e-5)
+    assert m["logprob_mismatch_share"] == pytest.approx(2 / n)
+    assert m["logprob_mismatch_mean"] == pytest.approx((0.6 + 0.01 * (n - 2)) / n, abs=1e-5)
+
+
+def test_truncated_importance_sampling_weights_each_token(tok):
+    """Rollout log-probs log 2 below the trainer's: every token's weight is min(2, cap), so one
+    SGD step moves the weights by that factor times the step without the correction."""
+    deltas = {}
+    for cap in (0.0, 1.5, 4.0):
+        model = demo_model(tok, seed=1).eval()
+        trajs = _with_rollout_logprobs(model, tok, _trajectories(tok), lambda i: -math.log(2))
+        before = [p.detach().clone() for p in model.parameters()]
+        adv = [torch.full((len(t.response_ids),), a) for t, a in zip(trajs, (1.0, -1.0))]
+        optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.01))
+        m = update(model, optimizer, trajs, adv, UpdateConfig(rollout_is_cap=cap, grad_clip=0.0),
+                   tok.pad_token_id)
+        deltas[cap] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+        if cap:
+            assert m["is_weight"] == pytest.approx(min(2.0, cap), rel=1e-4)
+    # parameters move in fp32 steps: compare to within a few ulps of the weights themselves
+    torch.testing.assert_close(deltas[1.5], 1.5 * deltas[0.0], rtol=1e-3, atol=5e-7)
+    torch.testing.assert_close(deltas[4.0], 2.0 * deltas[0.0], rtol=1e-3, atol=5e-7)
 
 
 def test_update_with_tool_tokens_only_masked_out_changes_nothing_through_them(tok):

@@ -1,10 +1,19 @@
 """The update side of a training step: trajectories' log-probs under the policy, and clipped updates.
 
-Trajectories are packed into micro-batches of at most ``micro_batch_tokens`` padded tokens. A
-micro-batch runs the model's decoder once; only the hidden states that predict response tokens go
-through the LM head, inside ``logprob_entropy``, which never holds [tokens, vocab] logits whole.
-The loss is the token mean over the model-written tokens of a whole mini-batch: each micro-batch's
-token-mean loss is weighted by its share of those tokens before ``backward``.
+A step's trajectories are split into mini-batches of ``mini_batch_prompts`` prompts (whole GRPO
+groups), one optimizer step each, as in the reference (128 prompts per step in mini-batches of 16:
+8 steps). Each mini-batch is packed into micro-batches of at most ``micro_batch_tokens`` padded
+tokens. A micro-batch runs the model's decoder once; only the hidden states that predict response
+tokens go through the LM head, inside ``logprob_entropy``, which never holds [tokens, vocab] logits
+whole. The loss is the token mean over the model-written tokens of a whole mini-batch: each
+micro-batch's token-mean loss is weighted by its share of those tokens before ``backward``, and
+the gradients add up in fp32 (``optim.MasterWeights``).
+
+The ratio's denominator ("old" log-probs) is the policy that rolled out, recomputed by the trainer
+before the first optimizer step. The rollout's own log-probs (from the sampler, possibly in bf16
+and other kernels) are compared with those each step (``logprob_mismatch_*``), and with
+``rollout_is_cap`` each token's loss is weighted by the truncated importance ratio
+min(exp(old - rollout), cap) that corrects for their difference.
 """
 
 from __future__ import annotations
@@ -30,7 +39,19 @@ class PackedBatch:
     positions: torch.Tensor       # int64 [n]: flat index into [b * L] of each hidden state used
     targets: torch.Tensor         # int64 [n]: the response token that hidden state predicts
     loss_mask: torch.Tensor       # bool [n]
+    rollout_logprobs: torch.Tensor  # fp32 [n]: the sampler's (NaN for a token it did not sample)
     model_tokens: int             # loss_mask's count, known on the host
+
+
+def mini_batches(prompt_index: Sequence[int], prompts_per_batch: int) -> list[list[int]]:
+    """Trajectory indices per mini-batch: the trajectories of ``prompts_per_batch`` consecutive
+    prompts (in order of first appearance), so a GRPO group is never split."""
+    order = list(dict.fromkeys(prompt_index))
+    batch_of = {p: k // prompts_per_batch for k, p in enumerate(order)}
+    out: list[list[int]] = [[] for _ in range(math.ceil(len(order) / prompts_per_batch))]
+    for i, p in enumerate(prompt_index):
+        out[batch_of[p]].append(i)
+    return out
 
 
 def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -51,7 +72,7 @@ def pack(trajectories, rows: list[int], pad_id: int, device) -> PackedBatch:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     attn = torch.zeros((len(rows), width), dtype=torch.int64)
-    positions, targets, mask = [], [], []
+    positions, targets, mask, rollout = [], [], [], []
     for r, (i, seq) in enumerate(zip(rows, seqs)):
         t = trajectories[i]
         ids[r, :len(seq)] = torch.tensor(seq)
@@ -60,9 +81,11 @@ def pack(trajectories, rows: list[int], pad_id: int, device) -> PackedBatch:
         positions.extend(range(start, start + len(t.response_ids)))
         targets.extend(t.response_ids)
         mask.extend(t.loss_mask)
+        rollout.extend(t.logprobs if len(t.logprobs) == len(t.response_ids) else [math.nan] * len(t.response_ids))
     as_dev = lambda x, dt: torch.tensor(x, dtype=dt).to(device)  # noqa: E731
     return PackedBatch(rows, ids.to(device), attn.to(device), as_dev(positions, torch.int64),
-                       as_dev(targets, torch.int64), as_dev(mask, torch.bool), sum(mask))
+                       as_dev(targets, torch.int64), as_dev(mask, torch.bool),
+                       as_dev(rollout, torch.float32), sum(mask))
 
 
 def token_logprobs(model, batch: PackedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +97,10 @@ def token_logprobs(model, batch: PackedBatch, temperature: float) -> tuple[torch
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    """The clipped update (defaults: the reference's)."""
+    """The clipped update. Defaults are the reference's (clip 0.2/0.2, dual clip 3, no entropy
+    bonus, gradient norm 1, mini-batches of 16 prompts, one pass over the data); where it differs:
+    ``micro_batch_tokens`` is ours (the reference sizes micro-batches in sequences), and
+    ``rollout_is_cap`` is off (the reference has no such correction)."""
 
     clip_low: float = setting(0.2, "A token's ratio counts down to 1 - clip_low.")
     clip_high: float = setting(0.2, "A token's ratio counts up to 1 + clip_high.")
@@ -82,13 +108,16 @@ class UpdateConfig:
                                "no dual clip).")
     entropy_coef: float = setting(0.0, "Weight of the entropy bonus (the reference: 0).")
     grad_clip: float = setting(1.0, "Clip the gradient's global norm to this (0: no clipping).")
-    mini_batches: int = setting(1, "Optimizer steps per training step; the trajectories are split between "
-                                "them.")
+    mini_batch_prompts: int = setting(16, "Prompts per optimizer step (the reference: 16); a step of "
+                                      "--prompts-per-step prompts takes ceil(prompts / this) steps.")
     micro_batch_tokens: int = setting(16384, "Most tokens (prompt and response, padded) in one "
                                       "forward/backward of the update.")
+    rollout_is_cap: float = setting(0.0, "Weight each token's loss by min(exp(old - rollout log-prob), "
+                                    "this): truncated importance sampling for the rollout/trainer "
+                                    "mismatch (0: off).")
 
     def __post_init__(self):
-        for name in ("clip_low", "clip_high", "entropy_coef", "grad_clip", "dual_clip"):
+        for name in ("clip_low", "clip_high", "entropy_coef", "grad_clip", "dual_clip", "rollout_is_cap"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -96,52 +125,94 @@ class UpdateConfig:
             raise ValueError(f"clip_low must be < 1, got {self.clip_low}")
         if self.dual_clip and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (or 0 for off), got {self.dual_clip}")
-        for name in ("mini_batches", "micro_batch_tokens"):
+        for name in ("mini_batch_prompts", "micro_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class _Mismatch:
+    """The gap between the rollout's log-probs and the trainer's for the same policy, on the
+    model-written tokens the sampler drew."""
+
+    def __init__(self):
+        self.total = self.count = self.over = 0.0
+        self.max = 0.0
+
+    def add(self, trainer: torch.Tensor, batch: PackedBatch) -> None:
+        keep = batch.loss_mask & torch.isfinite(batch.rollout_logprobs)
+        diff = (trainer.detach().float() - batch.rollout_logprobs)[keep].abs()
+        if diff.numel():
+            stats = torch.stack([diff.sum(), diff.max(), (diff > 0.1).sum()]).tolist()
+            self.total += stats[0]
+            self.max = max(self.max, stats[1])
+            self.over += stats[2]
+            self.count += diff.numel()
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.count, 1)
+        return {"logprob_mismatch_mean": self.total / n, "logprob_mismatch_max": self.max,
+                "logprob_mismatch_share": self.over / n}
+
+
+def is_weights(old: torch.Tensor, rollout: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights min(exp(old - rollout), cap) per token (1 where the rollout
+    has no log-prob of its own); detached."""
+    log_w = (old.detach().float() - rollout).clamp(max=math.log(cap))
+    return torch.where(torch.isfinite(rollout), log_w.exp(), torch.ones_like(log_w))
 
 
 def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: UpdateConfig,
            pad_id: int, temperature: float = 1.0) -> dict[str, float]:
     """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
-    per trajectory): ``cfg.mini_batches`` steps of ``optimizer`` (a :class:`~arpo_fast.train.optim.MasterWeights`),
-    each over a contiguous share.
-    Returns the micro-batches' mean metrics (``tokens``: their sum), the last gradient norm and how
-    many optimizer steps were skipped for a non-finite gradient."""
+    per trajectory): one step of ``optimizer`` (a :class:`~arpo_fast.train.optim.MasterWeights`)
+    per mini-batch of ``cfg.mini_batch_prompts`` prompts.
+
+    Returns the loss's metrics as token-weighted means over the whole step (``tokens``: their
+    count), the rollout/trainer log-prob mismatch, the last gradient norm, the optimizer steps
+    taken and how many were skipped for a non-finite gradient."""
     device = next(model.parameters()).device
-    n = len(trajectories)
-    shares = [list(range(n))[k * n // cfg.mini_batches:(k + 1) * n // cfg.mini_batches]
-              for k in range(cfg.mini_batches)]
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
     plans = [[pack(trajectories, [share[j] for j in g], pad_id, device)
               for g in micro_batches([lengths[i] for i in share], cfg.micro_batch_tokens)]
-             for share in shares if share]
+             for share in mini_batches([t.prompt_index for t in trajectories], cfg.mini_batch_prompts)]
     old = {}
-    if cfg.mini_batches > 1:  # later mini-batches see a moved policy: keep the rollout policy's values
+    if len(plans) > 1:  # later mini-batches see a moved policy: keep the rollout policy's values
         with torch.no_grad():
             for batch in (b for plan in plans for b in plan):
                 old[id(batch)] = token_logprobs(model, batch, temperature)[0]
-    totals: dict[str, float] = {}
-    count = skipped = 0
+    sums: dict[str, float] = {}
+    mismatch = _Mismatch()
+    tokens = skipped = 0
+    grad_norm = 0.0
     for plan in plans:
-        tokens = sum(b.model_tokens for b in plan)
+        plan_tokens = sum(b.model_tokens for b in plan)
         for batch in plan:
             logprobs, entropy = token_logprobs(model, batch, temperature)
+            old_lp = old.get(id(batch), logprobs.detach())
+            mismatch.add(old_lp, batch)
             adv = torch.cat([advantages[i] for i in batch.rows]).to(device)
+            if cfg.rollout_is_cap:  # a weight w >= 0 on a token's clipped loss is a weight on its A
+                weights = is_weights(old_lp, batch.rollout_logprobs, cfg.rollout_is_cap)
+                adv = adv * weights
+                _add(sums, {"is_weight": float(weights[batch.loss_mask].sum())})
             loss, metrics = policy_loss(
-                logprobs[None], old.get(id(batch), logprobs.detach())[None], adv[None],
-                batch.loss_mask[None], cfg.clip_low, cfg.clip_high, cfg.dual_clip or None,
-                entropy=entropy[None], entropy_coef=cfg.entropy_coef)
-            (loss * (batch.model_tokens / max(tokens, 1))).backward()
+                logprobs[None], old_lp[None], adv[None], batch.loss_mask[None], cfg.clip_low,
+                cfg.clip_high, cfg.dual_clip or None, entropy=entropy[None], entropy_coef=cfg.entropy_coef)
+            (loss * (batch.model_tokens / max(plan_tokens, 1))).backward()
+            metrics.pop("tokens")
             metrics["loss"] = float(loss.detach())
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-            count += 1
+            _add(sums, {k: v * batch.model_tokens for k, v in metrics.items()})
+            tokens += batch.model_tokens
         grad_norm = optimizer.clip_and_step(cfg.grad_clip)
         skipped += not math.isfinite(grad_norm)  # a NaN/inf gradient: the step was dropped
         optimizer.zero_grad()
-    # counts add up over micro-batches; rates and losses are their means
-    out = {k: v if k == "tokens" else v / max(count, 1) for k, v in totals.items()}
-    out["grad_norm"] = grad_norm
-    out["skipped_updates"] = float(skipped)
+    out = {k: v / max(tokens, 1) for k, v in sums.items()}
+    out.update(mismatch.metrics())
+    out.update(tokens=float(tokens), grad_norm=grad_norm, optimizer_steps=float(len(plans)),
+               skipped_updates=float(skipped))
     return out
+
+
+def _add(totals: dict[str, float], values: dict[str, float]) -> None:
+    for key, value in values.items():
+        totals[key] = totals.get(key, 0.0) + value
