@@ -118,10 +118,18 @@ def test_sentencepiece_style_tokenizer():
 
 def test_answer_end_and_eos(tokenizers):
     tok = tokenizers["small"]
-    _, events = _events(tok, "<answer>\\boxed{Paris}</answer>")
+    _, events = _events(tok, "<answer>\\boxed{Paris}</answer>", ProtocolConfig(stop_at_answer=True))
     assert [e.kind for e in events] == ["answer"]
     traj = Protocol(tok).new_trajectory()
     assert traj.feed(tok.eos_token_id).kind == "eos"
+
+
+def test_by_default_the_answer_does_not_stop_generation(tokenizers):
+    """As in the reference, only closing tool tags and EOS end a segment: text after </answer> is
+    generated (and scored), and a call written after the answer is still a call."""
+    tok = tokenizers["small"]
+    _, events = _events(tok, "<answer>\\boxed{Paris}</answer> more <python>1</python>")
+    assert [e.kind for e in events] == ["call"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -240,7 +248,7 @@ def test_incremental_detection_matches_whole_text_search(tokenizers, pieces):
     for name in ("bytes", "small", "merged"):
         tok = tokenizers[name]
         ids = tok.encode(text, add_special_tokens=False)
-        det = StopDetector(tok)
+        det = StopDetector(tok, ProtocolConfig(stop_at_answer=True))
         found = None
         for n, tid in enumerate(ids, 1):
             if det.feed(tid) is not None:

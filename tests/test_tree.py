@@ -6,6 +6,7 @@ per tool round, with entropies the test chooses, so every branch decision is kno
 real paged engine on a tiny random model.
 """
 
+import math
 import random
 import threading
 import time
@@ -75,7 +76,7 @@ class ScriptedEngine:
         token = ids[i] if i < len(ids) else self.tok.eos_token_id
         return token, self.entropy(s["seed"], rounds, i)
 
-    def step(self, seqs, params=None):
+    def step(self, seqs, params=None, top_entropy=None):
         self.steps += 1
         if self.fail_at_step == self.steps:
             raise RuntimeError("scripted failure")
@@ -88,8 +89,11 @@ class ScriptedEngine:
             tokens.append(token)
             ents.append(ent)
         n = len(seqs)
+        top = None  # the scripted top-10 entropy is the scripted entropy halved
+        if top_entropy is not None:
+            top = torch.tensor([e / 2 if w else float("nan") for e, w in zip(ents, top_entropy)])
         return StepOutput(torch.tensor(tokens), torch.full((n,), -0.5), torch.tensor(ents),
-                          torch.ones(n, dtype=torch.bool))
+                          torch.ones(n, dtype=torch.bool), top)
 
 
 class Tools:
@@ -116,9 +120,10 @@ class Tools:
 
 
 def _run(tok, plan, config, entropy=lambda seed, r, i: 1.0, tools=None, seed=0, prompts=None,
-         max_calls=3, **engine_kw):
+         max_calls=3, stop_at_answer=True, **engine_kw):
     engine = ScriptedEngine(tok, plan, entropy, **engine_kw)
-    protocol = Protocol(tok, ProtocolConfig(max_calls=max_calls), eos_token_ids=[tok.eos_token_id])
+    protocol = Protocol(tok, ProtocolConfig(max_calls=max_calls, stop_at_answer=stop_at_answer),
+                        eos_token_ids=[tok.eos_token_id])
     prompts = prompts or [tok.encode("Problem: what is 1 + 1?\n"), tok.encode("Problem: 2?\n")]
     out = arpo_rollout(engine, protocol, prompts, config, executor=tools or Tools(), seed=seed)
     return out, engine, prompts
@@ -195,23 +200,36 @@ def test_falling_entropy_never_branches_at_threshold_zero(tok):
     assert [t.kind for t in out.trajectories].count("fill") == 4
 
 
-def test_rising_entropy_raises_the_branch_rate(tok):
-    """P(branch) = clip(threshold + weight * dH / ln V): measured over 400 decisions."""
+def _branch_rate(tok, rise, **cfg_kw):
+    """The share of initial trajectories that branch when every token after a tool result has
+    entropy ``rise`` * ln V above the trajectory's first tokens (400 decisions, k = 2)."""
     import math
 
     log_v = math.log(len(tok))
     prompts = [tok.encode(f"P{i}\n") for i in range(200)]
-    rates = {}
-    for rise in (0.0, 0.25):
-        # room for both initial trajectories to branch; fills come only after they finish
-        cfg = ARPOConfig(rollouts=4, initial=2, entropy_tokens=2, threshold=0.3, entropy_weight=1.0)
-        entropy = lambda seed, r, i, d=rise: 1.0 + (d * log_v if r > 0 else 0.0)  # noqa: E731
-        out, _, _ = _run(tok, lambda s: [CALL, ANSWER], cfg, entropy=entropy, prompts=prompts)
-        trajs = out.trajectories
-        parents = {t.parent for t in trajs if t.kind == "branch"}
-        initial = [i for i, t in enumerate(trajs) if t.kind == "initial"]
-        rates[rise] = len(parents & set(initial)) / len(initial)
+    # room for both initial trajectories to branch; fills come only after they finish
+    cfg = ARPOConfig(rollouts=4, initial=2, entropy_tokens=2, threshold=0.3, entropy_weight=1.0, **cfg_kw)
+    entropy = lambda seed, r, i: 1.0 + (rise * log_v if r > 0 else 0.0)  # noqa: E731
+    out, _, _ = _run(tok, lambda s: [CALL, ANSWER], cfg, entropy=entropy, prompts=prompts)
+    trajs = out.trajectories
+    parents = {t.parent for t in trajs if t.kind == "branch"}
+    initial = [i for i, t in enumerate(trajs) if t.kind == "initial"]
+    return len(parents & set(initial)) / len(initial)
+
+
+def test_rising_entropy_raises_the_branch_rate(tok):
+    """P(branch) = clip(threshold + weight * dH / ln V), dH of the mean entropy: measured over 400
+    decisions."""
+    rates = {rise: _branch_rate(tok, rise, entropy_reduce="mean") for rise in (0.0, 0.25)}
     assert abs(rates[0.0] - 0.3) < 0.08 and abs(rates[0.25] - 0.55) < 0.08
+
+
+def test_by_default_the_entropies_of_the_k_tokens_are_summed(tok):
+    """The reference's scale: dH sums the k tokens' entropies, so a rise of 0.125 ln V per token over
+    k = 2 tokens raises P(branch) by 0.25 (the mean would raise it by 0.125)."""
+    assert ARPOConfig().entropy_reduce == "sum"
+    assert abs(_branch_rate(tok, 0.0) - 0.3) < 0.08
+    assert abs(_branch_rate(tok, 0.125) - 0.55) < 0.08
 
 
 def test_response_limit_ends_trajectories_and_truncates_results(tok):
@@ -332,4 +350,111 @@ def test_without_an_executor_a_call_reads_back_that_tools_are_unavailable(tok):
     out = arpo_rollout(engine, protocol, [tok.encode("Q\n")], ARPOConfig(1, 1))
     (t,) = out.trajectories
     assert "Tool 'python' is not available in this run." in _text(tok, t.response_ids)
-    assert t.finish_reason == "answer" and not engine.seqs
+    assert t.finish_reason == "eos" and not engine.seqs  # by default generation goes on to EOS
+
+
+class OrderedTools(Tools):
+    """A calculator whose n-th submitted call takes ``delays[n]`` seconds."""
+
+    def __init__(self, delays):
+        self.pending = list(delays)
+        super().__init__(lambda: self.pending.pop(0) if self.pending else 0.0)
+
+    def submit(self, name, query):
+        delay = self.pending.pop(0) if self.pending else 0.0
+        self.delay = lambda: delay
+        return super().submit(name, query)
+
+
+def test_a_contested_budget_gives_the_same_tree_whoever_answers_first(tok):
+    """One branch slot (M = 3, N = 2) that both initial trajectories want (threshold 1): which tool
+    answers first must not decide who gets it."""
+    cfg = ARPOConfig(rollouts=3, initial=2, entropy_tokens=2, threshold=1.0)
+    trees = []
+    for delays in ([0.3, 0.0], [0.0, 0.3], [0.1, 0.1]):
+        out, _, _ = _run(tok, lambda s: [CALL, ANSWER], cfg, tools=OrderedTools(delays),
+                         prompts=[tok.encode("Q\n")], seed=3)
+        trees.append([(t.kind, t.parent, t.response_ids, t.path) for t in out.trajectories])
+    assert trees[0] == trees[1] == trees[2]
+    assert [kind for kind, *_ in trees[0]] == ["initial", "branch", "initial"]
+
+
+def test_random_tool_delays_never_change_the_trees(tok):
+    """Budgets contested within a lineage too (copies of copies), with random delays per call."""
+    cfg = ARPOConfig(rollouts=8, initial=2, entropy_tokens=2, threshold=0.8)
+    plan = lambda s: [CALL, CALL, CALL, ANSWER]  # noqa: E731
+    entropy = lambda seed, r, i: (seed >> (r + i)) % 5 * 0.4  # noqa: E731
+    runs = []
+    for k in range(3):
+        rng = random.Random(k)
+        out, _, _ = _run(tok, plan, cfg, entropy=entropy, seed=11, prompts=[tok.encode("Q\n")] * 3,
+                         tools=OrderedTools([rng.random() * 0.02 for _ in range(200)]))
+        runs.append([(t.prompt_index, t.kind, t.parent, t.response_ids, t.path) for t in out.trajectories])
+        assert out.stats["branch_points"] > 0
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_shares_of_the_branch_budget():
+    from arpo_fast.rollout.tree import _split
+
+    assert _split(8, 8) == [1] * 8 and _split(3, 2) == [2, 1] and _split(1, 2) == [1, 0]
+    assert _split(0, 3) == [0, 0, 0] and sum(_split(17, 5)) == 17
+
+
+def test_by_default_trajectories_run_on_to_eos_past_the_answer(tok):
+    """As in the reference: </answer> does not stop generation; EOS does, and is part of the response."""
+    out, engine, _ = _run(tok, lambda s: [ANSWER + " more"], ARPOConfig(rollouts=1, initial=1),
+                          prompts=[tok.encode("Q\n")], stop_at_answer=False)
+    (t,) = out.trajectories
+    assert t.finish_reason == "eos" and t.response_ids == tok.encode(ANSWER + " more") + [tok.eos_token_id]
+    assert not engine.seqs
+
+
+def test_a_call_past_the_limit_ends_with_a_model_written_eos(tok):
+    tools = Tools()
+    (t,) = _run(tok, lambda s: [CALL, CALL, ANSWER], ARPOConfig(rollouts=1, initial=1), tools=tools,
+                max_calls=1, prompts=[tok.encode("Q\n")])[0].trajectories
+    assert t.finish_reason == "limit" and len(tools.calls) == 1
+    assert t.response_ids[-1] == tok.eos_token_id and t.loss_mask[-1] == 1
+    assert t.response_ids[:-1] == tok.encode(CALL) + tok.encode(" <result>\n2\n</result>") + tok.encode(CALL)
+    assert math.isnan(t.logprobs[-1])  # not sampled: no rollout log-prob
+
+
+def test_a_call_at_the_length_limit_is_neither_run_nor_counted(tok):
+    tools = Tools()
+    cfg = ARPOConfig(rollouts=1, initial=1, max_response_tokens=len(tok.encode(CALL)))
+    out, _, _ = _run(tok, lambda s: [CALL, ANSWER], cfg, tools=tools, prompts=[tok.encode("Q\n")])
+    assert out.trajectories[0].finish_reason == "length"
+    assert tools.calls == [] and out.stats["tool_calls"] == 0
+
+
+def test_reference_semantics_decide_at_the_call_from_the_segment_before_it(tok):
+    """Under the reference's rule the first call is a coin flip (its segment is the baseline), a
+    later call compares its own segment's top-10 entropy, and copies fork after the result."""
+    import math as m
+
+    log_v = m.log(len(tok))
+    prompts = [tok.encode(f"P{i}\n") for i in range(200)]
+
+    def rate(rise, plan):
+        # the scripted top-10 entropy is half the scripted entropy: a rise of 2 * rise * ln V there
+        entropy = lambda seed, r, i: 1.0 + (2 * rise * log_v if r > 0 else 0.0)  # noqa: E731
+        cfg = ARPOConfig(rollouts=4, initial=2, entropy_tokens=2, threshold=0.3, entropy_weight=1.0,
+                         arpo_semantics="reference", entropy_reduce="mean")
+        out, _, _ = _run(tok, plan, cfg, entropy=entropy, prompts=prompts)
+        trajs = out.trajectories
+        initial = [i for i, t in enumerate(trajs) if t.kind == "initial"]
+        for t in trajs:
+            if t.kind == "branch":  # forked right after the first result, which it shares
+                parent = trajs[t.parent]
+                n = len(tok.encode(CALL + " <result>\n2\n</result>"))
+                assert t.response_ids[:n] == parent.response_ids[:n] and t.loss_mask[n - 1] == 0
+        return len({t.parent for t in trajs if t.kind == "branch"} & set(initial)) / len(initial)
+
+    # one call: decided from the first segment, the baseline itself: tau whatever the entropy does
+    assert abs(rate(0.25, lambda s: [CALL, ANSWER]) - 0.3) < 0.08
+    # two calls, never branching at the first (threshold met only by the rise): the second decides
+    # from the segment after the first result, 0.25 ln V higher on average
+    two = rate(0.25, lambda s: [CALL, CALL, ANSWER])
+    assert two > 0.3 + 0.2  # first call tau, then tau + 0.25 on what is left: 1 - 0.7 * 0.45
+    assert abs(two - (1 - 0.7 * 0.45)) < 0.08

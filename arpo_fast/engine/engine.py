@@ -21,7 +21,7 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -37,12 +37,14 @@ from arpo_fast.kernels import sample
 class StepOutput(NamedTuple):
     """Per input sequence, in order. tokens: int64 [B] (CPU); logprobs, entropy: fp32 [B] on the
     model's device; ran: bool [B] (CPU), False where preemption deferred the sequence to a later
-    step (its token is -1 and its log-prob and entropy NaN)."""
+    step (its token is -1 and its log-prob and entropy NaN). top_entropy: fp32 [B] on the model's
+    device when asked for (``step(..., top_entropy=...)``), else None."""
 
     tokens: torch.Tensor
     logprobs: torch.Tensor
     entropy: torch.Tensor
     ran: torch.Tensor
+    top_entropy: Optional[torch.Tensor] = None
 
 
 def _truncates(p: SamplingParams) -> bool:

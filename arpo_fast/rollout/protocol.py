@@ -30,6 +30,9 @@ class ProtocolConfig:
     think_tag: str = "think"
     max_calls: int = 3
     """Calls allowed per trajectory (the reference uses 3 for reasoning, 6 for deep search)."""
+    stop_at_answer: bool = False
+    """End a trajectory at ``</answer>``. Off (the reference): it goes on to EOS, so text written
+    after the answer is scored (as bad format) and the model learns to stop."""
 
     def __post_init__(self):
         names = [*self.tool_names, self.result_tag, self.answer_tag, self.think_tag]
@@ -136,7 +139,8 @@ class StopDetector:
             eos_token_ids = [] if eos is None else [eos]
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
         self._tool_of = {config.close_tag(n): n for n in config.tool_names}
-        self._tool_of[config.close_tag(config.answer_tag)] = None
+        if config.stop_at_answer:
+            self._tool_of[config.close_tag(config.answer_tag)] = None
         self._strings = StopStrings(token_bytes or TokenBytes(tokenizer), self._tool_of)
 
     def reset(self) -> None:
@@ -177,6 +181,15 @@ class Protocol:
         self.token_bytes = TokenBytes(tokenizer)
         self.eos_token_ids = eos_token_ids
         self.available_tools = None if available_tools is None else frozenset(available_tools)
+
+    @property
+    def eos_token_id(self) -> Optional[int]:
+        """The EOS appended after a call past the limit: the tokenizer's, else the first of
+        ``eos_token_ids``, else None."""
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is None and self.eos_token_ids:
+            eos = sorted(self.eos_token_ids)[0]
+        return eos
 
     def result_ids(self, output: str) -> list[int]:
         """Token ids of `` <result>\\n{output}\\n</result>``, encoded alone (no BOS), loss mask 0."""

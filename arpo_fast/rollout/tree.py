@@ -1,22 +1,33 @@
 """ARPO tree rollout: entropy-guided branching after tool calls, on the paged-KV engine.
 
 Per prompt, ``initial`` (N) trajectories start, out of a budget of ``rollouts`` (M). Each decodes
-until it closes a tool tag, answers, ends (EOS) or reaches ``max_response_tokens``. A tool call goes
-to the executor and its trajectory waits while every other trajectory keeps decoding: there are no
-global rounds. The result comes back as tokens with loss mask 0.
+until it closes a tool tag, ends (EOS; or closes ``</answer>`` when the protocol stops there) or
+reaches ``max_response_tokens``. A tool call goes to the executor and its trajectory waits while
+every other trajectory keeps decoding: there are no global rounds. The result comes back as tokens
+with loss mask 0. A call past the per-trajectory limit is not run: EOS is appended (loss mask 1, as
+in the reference) and the trajectory ends as ``limit``.
 
-Branching: the ``entropy_tokens`` (k) tokens after a tool result give H_t, the mean entropy of the
-sampled distributions over those tokens; H_init is the same mean over the trajectory's first k
-tokens (a branch keeps its source's). Both are divided by ln V. With u ~ U(0, 1) the trajectory
-branches when clip(u - entropy_weight * (H_t - H_init), 0, 1) <= threshold, that is with probability
-clip(threshold + entropy_weight * dH, 0, 1): ``branches - 1`` copies fork right after the tool
-result, sharing its KV blocks (no copy, no recompute), and sample their own continuations. When
-every trajectory of a prompt has finished with budget left, the rest start fresh, all at once.
+Branching (``arpo_semantics="ours"``, the default): H_t is the entropy of the sampled distributions
+over the ``entropy_tokens`` (k) tokens after a tool result, summed over those tokens (the
+reference's scale; ``entropy_reduce="mean"`` averages them, k times weaker); H_init is the same over
+the trajectory's first k tokens (a branch keeps its source's). dH = (H_t - H_init) / ln V. With
+u ~ U(0, 1) the trajectory branches when clip(u - entropy_weight * dH, 0, 1) <= threshold, that is
+with probability clip(threshold + entropy_weight * dH, 0, 1): ``branches - 1`` copies fork right
+after the tool result, sharing its KV blocks (no copy, no recompute), and sample their own
+continuations.
 
-Compared with the reference implementation (see DESIGN.md): H_t is measured right after the result
-the branches restart from (not one call earlier), the baseline is the trajectory's own and so is
-never stale, the first call's decision uses a real dH, and entropies are of the full distribution.
-Its top-10 entropy estimate is not available here.
+``arpo_semantics="reference"`` follows the reference implementation's rule as closely as an
+asynchronous rollout can: a token's entropy is taken over its 10 most likely tokens only, H of a
+segment covers its first k tokens, and the decision is taken at each call from the segment that
+ends there (H_init is a trajectory's first segment, so its first call is a coin flip at
+``threshold``); the copies still fork after the call's result.
+
+Budget: the M - N branch slots of a prompt are split among its initial trajectories in advance
+(the first ones get one more when they do not divide evenly), and at a branch point a trajectory's
+remaining slots are split among the paths it becomes. A trajectory never waits for, or races, any
+other for a slot, so a tree is a function of (seed, prompt, tool outputs), never of which tool
+answered first. When every trajectory of a prompt has finished, unused slots start fresh
+trajectories, all at once.
 
 Every draw is a function of (rollout seed, prompt, trajectory, position): the same seed gives the
 same trajectories whatever order the tools finish in, up to the model's own float arithmetic.
@@ -46,11 +57,16 @@ class ARPOConfig:
                             "group size).")
     initial: int = setting(8, "N: trajectories started per prompt before any branching.")
     branches: int = setting(2, "Z: paths after a branch point (the trajectory and Z - 1 copies).")
-    entropy_tokens: int = setting(20, "k: tokens after a tool result (and at the start) whose mean "
-                                  "entropy is compared.")
+    entropy_tokens: int = setting(20, "k: tokens after a tool result (and at the start) whose entropies "
+                                  "are compared.")
     threshold: float = setting(0.5, "tau: the branch probability when the entropy did not change.")
     entropy_weight: float = setting(0.2, "beta: how much a normalised entropy rise raises the branch "
                                     "probability.")
+    entropy_reduce: str = setting("sum", "'sum' of the k tokens' entropies (the reference's scale) or "
+                                  "their 'mean' (k times weaker: the branch probability stays near tau).")
+    arpo_semantics: str = setting("ours", "'ours' (decide k tokens after each tool result, full-"
+                                  "distribution entropy) or 'reference' (decide at each call from the "
+                                  "segment before it, entropy over the top 10 tokens; see docs/training.md).")
     max_response_tokens: int = setting(4096, "Tokens after the prompt, tool results included; a longer "
                                        "trajectory ends as ``length``.")
 
@@ -66,6 +82,10 @@ class ARPOConfig:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if not math.isfinite(self.entropy_weight):
             raise ValueError(f"entropy_weight must be finite, got {self.entropy_weight}")
+        if self.entropy_reduce not in ("sum", "mean"):
+            raise ValueError(f"entropy_reduce must be 'sum' or 'mean', got {self.entropy_reduce!r}")
+        if self.arpo_semantics not in ("ours", "reference"):
+            raise ValueError(f"arpo_semantics must be 'ours' or 'reference', got {self.arpo_semantics!r}")
         if self.max_response_tokens < 1:
             raise ValueError(f"max_response_tokens must be >= 1, got {self.max_response_tokens}")
 
@@ -74,7 +94,9 @@ class ARPOConfig:
 class Trajectory:
     """One finished path of a prompt's tree. Per response token: ``loss_mask`` 1 where the model
     wrote it, 0 for tool results; ``logprobs``/``entropies`` from the sampler (0 for tool tokens).
-    ``path`` lists the tree nodes (ids into ``Rollout.node_tokens``) the response is made of."""
+    ``path`` lists the tree nodes (ids into ``Rollout.node_tokens``) the response is made of. A token
+    the model did not sample (the EOS appended after a call past the limit) has NaN log-prob and
+    entropy."""
 
     prompt_index: int
     prompt_ids: list[int]
@@ -89,7 +111,8 @@ class Trajectory:
     path: list[int] = field(default_factory=list)
     tool_calls: int = 0
     finish_reason: Optional[str] = None
-    """``answer``, ``eos``, ``limit`` (a call past the limit) or ``length``."""
+    """``eos``, ``answer`` (when the protocol stops there), ``limit`` (a call past the limit) or
+    ``length``."""
 
 
 @dataclass
@@ -106,9 +129,10 @@ class Rollout:
 
 
 @dataclass
-class _Probe:
-    at: int                       # response length right after the tool result
-    protocol: TrajectoryProtocol  # the protocol state there, for the copies
+class _Window:
+    """Entropies of up to k tokens from response index ``at`` on; ``value`` once it is closed."""
+
+    at: int
     entropies: list[float] = field(default_factory=list)
 
 
@@ -117,10 +141,13 @@ class _Live:
     seq: int
     key: int                      # for this trajectory's branch draws
     protocol: TrajectoryProtocol
+    share: int                    # branch slots this trajectory may still use
     node_start: int = 0           # response index where the open (last) node of the path starts
-    first: list[float] = field(default_factory=list)
     h_init: Optional[float] = None
-    probe: Optional[_Probe] = None
+    window: Optional[_Window] = None  # the entropies being measured now
+    fork_protocol: Optional[TrajectoryProtocol] = None  # the protocol state at the fork point
+    segment_h: Optional[float] = None  # reference rule: H of the segment the next call ends
+    pending: int = 0              # copies decided at a call, forked when its result is in
     copies: int = 0
 
 
@@ -128,11 +155,17 @@ def _uniform(key: int, index: int) -> float:
     return child_seed(key, index) / (MAX_SEED + 1)
 
 
+def _split(total: int, parts: int) -> list[int]:
+    """``total`` slots over ``parts`` holders, the first ones getting one more when it does not divide."""
+    return [total // parts + (j < total % parts) for j in range(parts)]
+
+
 class _TreeRollout:
     def __init__(self, engine: RolloutEngine, protocol: Protocol, executor, config: ARPOConfig,
                  sampling: SamplingParams, seed: int):
         self.engine, self.protocol, self.executor = engine, protocol, executor
         self.config, self.sampling, self.seed = config, sampling, seed
+        self.reference = config.arpo_semantics == "reference"
         self.log_v = math.log(max(int(engine.vocab_size), 2))
         self.trajs: list[Trajectory] = []
         self.names: list[tuple[int, ...]] = []  # (start index, copy index, copy index, ...)
@@ -149,8 +182,10 @@ class _TreeRollout:
     def run(self, prompts: Sequence[Sequence[int]]) -> Rollout:
         self.prompts = [list(p) for p in prompts]
         self.created, self.open = [0] * len(prompts), [0] * len(prompts)
+        cfg = self.config
+        shares = _split(cfg.rollouts - cfg.initial, cfg.initial)
         for p in range(len(prompts)):
-            self._start(p, self.config.initial, "initial")
+            self._start(p, shares, "initial")
         while self.active or self.waiting:
             self._collect(block=not self.active)
             if self.active:
@@ -185,8 +220,9 @@ class _TreeRollout:
         self.node_tokens[node] = 0
         return node
 
-    def _start(self, p: int, n: int, kind: str) -> None:
-        for _ in range(n):
+    def _start(self, p: int, shares: list[int], kind: str) -> None:
+        """Start one trajectory of prompt ``p`` per entry of ``shares`` (its branch slots)."""
+        for share in shares:
             key = child_seed(child_seed(self.seed, p), self.created[p])
             self.names.append((self.created[p],))
             self.created[p] += 1
@@ -194,10 +230,10 @@ class _TreeRollout:
             seq = self.engine.add(self.prompts[p], key)
             i = len(self.trajs)
             self.trajs.append(Trajectory(p, self.prompts[p], kind, path=[self._new_node()]))
-            self.live[i] = _Live(seq, key, self.protocol.new_trajectory())
+            self.live[i] = _Live(seq, key, self.protocol.new_trajectory(), share, window=_Window(0))
             self.active[i] = None
         if kind == "fill":
-            self.stats["fills"] += n
+            self.stats["fills"] += len(shares)
 
     def _finish(self, i: int, reason: str) -> None:
         t, live = self.trajs[i], self.live.pop(i)
@@ -209,49 +245,67 @@ class _TreeRollout:
         self.open[p] -= 1
         left = self.config.rollouts - self.created[p]
         if self.open[p] == 0 and left > 0:
-            self._start(p, left, "fill")
+            self._start(p, [0] * left, "fill")
 
     # ------------------------------------------------------------------ decoding
     def _step(self) -> None:
         rows = list(self.active)
-        out = self.engine.step([self.live[i].seq for i in rows], self.sampling)
+        if self.reference:  # the top-10 entropy, only for rows measuring a segment's first k tokens
+            wanted = [self.live[i].window is not None for i in rows]
+            out = self.engine.step([self.live[i].seq for i in rows], self.sampling, top_entropy=wanted)
+            measured = out.top_entropy
+        else:
+            out = self.engine.step([self.live[i].seq for i in rows], self.sampling)
+            measured = out.entropy
         self.stats["steps"] += 1
         tokens, ran = out.tokens.tolist(), out.ran.tolist()
-        logprobs, entropies = torch.stack([out.logprobs, out.entropy]).float().cpu().tolist()
+        logprobs, entropies, measured = torch.stack(
+            [out.logprobs, out.entropy, measured]).float().cpu().tolist()
         for r, i in enumerate(rows):
             if ran[r]:
-                self._on_token(i, tokens[r], logprobs[r], entropies[r])
+                self._on_token(i, tokens[r], logprobs[r], entropies[r], measured[r])
 
-    def _on_token(self, i: int, token: int, logprob: float, entropy: float) -> None:
-        t, live, k = self.trajs[i], self.live[i], self.config.entropy_tokens
-        t.response_ids.append(token)
-        t.loss_mask.append(1)
-        t.logprobs.append(logprob)
-        t.entropies.append(entropy)
+    def _append(self, t: Trajectory, ids: list[int], mask: int, logprob: float, entropy: float) -> None:
+        t.response_ids.extend(ids)
+        t.loss_mask.extend([mask] * len(ids))
+        t.logprobs.extend([logprob] * len(ids))
+        t.entropies.extend([entropy] * len(ids))
+
+    def _on_token(self, i: int, token: int, logprob: float, entropy: float, measured: float) -> None:
+        t, live = self.trajs[i], self.live[i]
+        self._append(t, [token], 1, logprob, entropy)
         self.stats["model_tokens"] += 1
         event = live.protocol.feed(token)
-        if live.h_init is None:
-            live.first.append(entropy)
-            if len(live.first) >= k or event is not None:
-                live.h_init = sum(live.first) / len(live.first)
-        if live.probe is not None:
-            live.probe.entropies.append(entropy)
-            if len(live.probe.entropies) >= k or event is not None:
-                self._decide(i)
+        window = live.window
+        if window is not None:
+            window.entropies.append(measured)
+            if len(window.entropies) >= self.config.entropy_tokens or event is not None:
+                self._close_window(i)
         if event is None:
             if len(t.response_ids) >= self.config.max_response_tokens:
                 self._finish(i, "length")
         elif event.kind == "call":
             self._call(i, event.call)
+        elif event.kind == "limit":
+            self._limit(i)
         else:
             self._finish(i, event.kind)
 
+    def _limit(self, i: int) -> None:
+        """A call past the limit is not run; like the reference, end with EOS (model-written)."""
+        t, eos = self.trajs[i], self.protocol.eos_token_id
+        if eos is not None and len(t.response_ids) < self.config.max_response_tokens:
+            self._append(t, [eos], 1, math.nan, math.nan)
+        self._finish(i, "limit")
+
     def _call(self, i: int, call) -> None:
-        self.stats["tool_calls"] += 1
         if len(self.trajs[i].response_ids) >= self.config.max_response_tokens:
             self._finish(i, "length")  # no room for the result: do not run the call
             return
+        self.stats["tool_calls"] += 1
         del self.active[i]
+        if self.reference:
+            self._decide_at_call(i)
         if call.ok and self.executor is not None:
             future = self.executor.submit(call.name, call.body)
         else:  # nothing to run: the model reads back why
@@ -271,50 +325,97 @@ class _TreeRollout:
         ids = live.protocol.result_ids(text)
         room = self.config.max_response_tokens - len(t.response_ids)
         ids = ids[:room]
-        t.response_ids.extend(ids)
-        t.loss_mask.extend([0] * len(ids))
-        t.logprobs.extend([0.0] * len(ids))
-        t.entropies.extend([0.0] * len(ids))
+        self._append(t, ids, 0, 0.0, 0.0)
         self.stats["tool_tokens"] += len(ids)
         if len(ids) == room:
             self._finish(i, "length")
             return
         self.engine.extend(live.seq, ids)
-        if self.created[t.prompt_index] < self.config.rollouts:
-            live.probe = _Probe(len(t.response_ids), live.protocol.fork())
+        if self.reference or live.share > 0:  # the state the copies of a branch here start from
+            live.fork_protocol = live.protocol.fork()
+        if self.reference:  # measure the next segment; fork the copies decided at the call
+            live.window = _Window(len(t.response_ids))
+            if live.pending:
+                self._branch(i, live.pending, len(t.response_ids))
+        elif live.share > 0:  # measure the k tokens after the result, then decide
+            live.window = _Window(len(t.response_ids))
         self.active[i] = None
 
     # ------------------------------------------------------------------ branching
-    def _decide(self, i: int) -> None:
-        t, live, cfg = self.trajs[i], self.live[i], self.config
-        probe, live.probe = live.probe, None
-        d_h = (sum(probe.entropies) / len(probe.entropies) - live.h_init) / self.log_v
-        u = _uniform(live.key, probe.at)
+    def _reduce(self, entropies: list[float]) -> float:
+        total = sum(entropies)
+        return total / len(entropies) if self.config.entropy_reduce == "mean" else total
+
+    def _close_window(self, i: int) -> None:
+        live = self.live[i]
+        window, live.window = live.window, None
+        value = self._reduce(window.entropies)
+        if self.reference:
+            live.segment_h = value  # used at the call that ends this segment
+        elif live.h_init is None:
+            live.h_init = value
+        else:
+            self._decide(i, value, window.at)
+
+    def _wants_branch(self, live: _Live, h_t: float, at: int) -> int:
+        """How many copies the branch rule makes at response index ``at`` (0: none)."""
+        cfg = self.config
+        d_h = (h_t - live.h_init) / self.log_v
+        u = _uniform(live.key, at)
         if min(max(u - cfg.entropy_weight * d_h, 0.0), 1.0) > cfg.threshold:
+            return 0
+        return min(cfg.branches - 1, live.share)
+
+    def _decide(self, i: int, h_t: float, at: int) -> None:
+        """The default rule: decide from the k tokens after the result that ends at ``at``."""
+        n = self._wants_branch(self.live[i], h_t, at)
+        if n > 0:
+            self._branch(i, n, at)
+
+    def _decide_at_call(self, i: int) -> None:
+        """The reference's rule: decide at the call, from the segment that ends with it."""
+        live = self.live[i]
+        if live.window is not None:  # a segment shorter than k tokens ended at this call
+            self._close_window(i)
+        h_t, live.segment_h = live.segment_h, None
+        if h_t is None:
             return
-        p = t.prompt_index
-        n = min(cfg.branches - 1, cfg.rollouts - self.created[p])
-        if n <= 0:
-            return
-        children = self.engine.fork(live.seq, n, at=len(t.prompt_ids) + probe.at)
-        if probe.at > live.node_start:  # the open node up to the branch point becomes shared
-            self.node_tokens[t.path[-1]] = probe.at - live.node_start
+        if live.h_init is None:  # the first segment is the baseline: its call is a coin flip
+            live.h_init = h_t
+        if live.share > 0:
+            live.pending = self._wants_branch(live, h_t, len(self.trajs[i].response_ids))
+
+    def _branch(self, i: int, n: int, at: int) -> None:
+        """Fork ``n`` copies of trajectory ``i`` at response index ``at`` (right after a tool
+        result); the slots it has left are split between it and its copies."""
+        t, live = self.trajs[i], self.live[i]
+        live.pending = 0
+        children = self.engine.fork(live.seq, n, at=len(t.prompt_ids) + at)
+        if at > live.node_start:  # the open node up to the branch point becomes shared
+            self.node_tokens[t.path[-1]] = at - live.node_start
             t.path.append(self._new_node())
-            live.node_start = probe.at
+            live.node_start = at
         shared = t.path[:-1]
+        shares = _split(live.share - n, n + 1)
+        live.share = shares[0]
         self.stats["branch_points"] += 1
         self.stats["branch_copies"] += n
-        for seq in children:
+        p = t.prompt_index
+        for seq, share in zip(children, shares[1:]):
             c = len(self.trajs)
             self.trajs.append(Trajectory(
-                p, t.prompt_ids, "branch", parent=i, response_ids=t.response_ids[:probe.at],
-                loss_mask=t.loss_mask[:probe.at], logprobs=t.logprobs[:probe.at],
-                entropies=t.entropies[:probe.at], path=shared + [self._new_node()]))
+                p, t.prompt_ids, "branch", parent=i, response_ids=t.response_ids[:at],
+                loss_mask=t.loss_mask[:at], logprobs=t.logprobs[:at],
+                entropies=t.entropies[:at], path=shared + [self._new_node()]))
             live.copies += 1
             self.names.append(self.names[i] + (live.copies,))
             # keys take hash indices from 2^40 up, branch draws (_uniform) positions below that
-            self.live[c] = _Live(seq, child_seed(live.key, (1 << 40) + live.copies),
-                                 probe.protocol.fork(), probe.at, h_init=live.h_init)
+            key = child_seed(live.key, (1 << 40) + live.copies)
+            if self.reference:  # a copy's baseline is its own first segment after the fork
+                copy = _Live(seq, key, live.fork_protocol.fork(), share, at, window=_Window(at))
+            else:  # a copy keeps its source's baseline
+                copy = _Live(seq, key, live.fork_protocol.fork(), share, at, h_init=live.h_init)
+            self.live[c] = copy
             self.active[c] = None
         self.created[p] += n
         self.open[p] += n

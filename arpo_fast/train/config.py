@@ -38,7 +38,9 @@ class TrainConfig:
     tool_settings: str = setting("", "JSON object of each tool's settings, e.g. '{\"search\": "
                                  "{\"corpus_path\": \"wiki.jsonl\"}}'.")
     max_calls: int = setting(3, "Tool calls allowed per trajectory (the reference: 3 for reasoning, 6 for "
-                             "deep search).")
+                             "deep search); a call past it is not run and the trajectory ends with EOS.")
+    stop_at_answer: bool = setting(False, "End a trajectory at </answer>; off (the reference), it "
+                                   "goes on to EOS and text after the answer is scored too.")
     # --- the run
     steps: int = setting(3, "Training steps (each: rollout, reward, advantage, update).")
     prompts_per_step: int = setting(2, "Prompts rolled out per step; each becomes a tree of `rollouts` "

@@ -39,6 +39,7 @@ from arpo_fast.seeds import child_seed
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.update import update
 from arpo_fast.rollout import Protocol, ProtocolConfig, RewardConfig, compute_reward
+from arpo_fast.rollout.rewards import response_text
 from arpo_fast.rollout.tools import create_tool
 from arpo_fast.rollout.tools.executor import ToolExecutor
 from arpo_fast.rollout.tree import arpo_rollout
@@ -113,9 +114,11 @@ def reward_config(cfg: TrainConfig) -> RewardConfig:
 
 
 def score(trajectories, examples, tokenizer, rewards: RewardConfig) -> list:
-    """The reward of each trajectory, chosen by its example's ``data_source``."""
-    return [compute_reward(examples[t.prompt_index].data_source, tokenizer.decode(t.response_ids),
-                           examples[t.prompt_index].ground_truth, rewards, eos_token=tokenizer.eos_token)
+    """The reward of each trajectory, chosen by its example's ``data_source``, on what the model
+    wrote (special tokens skipped, tool results opaque: ``rollout.rewards.response_text``)."""
+    return [compute_reward(examples[t.prompt_index].data_source,
+                           response_text(tokenizer, t.response_ids, t.loss_mask),
+                           examples[t.prompt_index].ground_truth, rewards)
             for t in trajectories]
 
 
@@ -215,7 +218,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     # so a call to a tool this run lacks reads back an error instead of passing as plain text.
     names = tuple(executor.tools) if executor is not None else ()
     tags = ProtocolConfig(tool_names=tuple(dict.fromkeys(ProtocolConfig().tool_names + names)),
-                          max_calls=cfg.max_calls)
+                          max_calls=cfg.max_calls, stop_at_answer=cfg.stop_at_answer)
     protocol = Protocol(tokenizer, tags, eos_token_ids=engine.eos_token_ids, available_tools=names)
     return Run(cfg, model, tokenizer, optimizer, engine, protocol, executor, examples, rewards, start)
 
