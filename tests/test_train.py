@@ -391,3 +391,66 @@ def test_tool_tags_follow_the_tools_of_the_run(tmp_path, tok):
         assert "Unknown tool 'python'; available: calculator" in events["<python>print(1)</python>"].call.error
     finally:
         run.executor.shutdown()
+
+
+def test_folders_the_project_did_not_write_are_never_removed(tmp_path):
+    from arpo_fast.train.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    for name in ("checkpoint", "checkpoint.old"):
+        (run / name).mkdir(parents=True)
+        (run / name / "mine.txt").write_text("user data")
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(_small(tmp_path, steps=1))
+    # a save beside a folder named like a checkpoint that is not ours refuses and touches nothing
+    with pytest.raises(CheckpointError, match="not written by arpo_fast"):
+        save_checkpoint(str(run), None, None, None, 1, {})
+    for name in ("checkpoint", "checkpoint.old"):
+        assert (run / name / "mine.txt").read_text() == "user data"
+    # resuming a run of ours beside a stranger's checkpoint.tmp refuses before training
+    other = tmp_path / "other"
+    train(_small(tmp_path, steps=1, out=str(other)))
+    (other / "checkpoint.tmp").mkdir()
+    (other / "checkpoint.tmp" / "keep").write_text("x")
+    before = (other / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError, match="checkpoint.tmp exists but was not written"):
+        train(_small(tmp_path, steps=2, out=str(other), resume=True))
+    assert (other / "checkpoint.tmp" / "keep").read_text() == "x"
+    assert (other / "metrics.jsonl").read_text() == before
+
+
+def test_a_failed_resume_changes_nothing(tmp_path):
+    import shutil
+
+    cfg = _small(tmp_path, steps=2, save_every=1)
+    train(cfg)
+    run = tmp_path / "run"
+    metrics = (run / "metrics.jsonl").read_text()
+    shutil.rmtree(run / "checkpoint" / "model")
+    with pytest.raises(CheckpointError, match="incomplete: the model's config"):
+        train(_small(tmp_path, steps=3, resume=True))
+    assert (run / "metrics.jsonl").read_text() == metrics  # no row was dropped
+
+
+def test_errors_are_one_line_naming_the_file_or_flag(tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["--demo-warm-start", "0", "--steps", "1"]
+    cases = [
+        (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: No such file or directory"),
+        (["--data", str(folder)], f"{folder}: Is a directory"),
+        (["--out", str(afile)], f"--out {afile}: exists and is not a directory"),
+        (["--tool-settings", "[" * 100_000 + "]" * 100_000], "--tool-settings: JSON nested too deeply"),
+        (["--tool-settings", '{"python": 5}'], "--tool-settings: the settings of 'python' must be a JSON object"),
+        (["--tool-settings", '{"python": {"bogus": 1}}'], "--tool-settings: python:"),
+    ]
+    for n, (argv, message) in enumerate(cases):
+        out = ["--out", str(tmp_path / f"run{n}")] if "--out" not in argv else []
+        assert main(base + out + argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    with pytest.raises(SystemExit):
+        main(base + ["--device", "gpu"])
+    assert "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err

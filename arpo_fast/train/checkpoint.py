@@ -6,8 +6,10 @@ pick the tokenizer class of the model type (Qwen2's splits digits apart) over th
 
 A checkpoint is written whole into ``checkpoint.tmp`` and then swapped in by renames, so a crash at
 any moment leaves the previous checkpoint readable (as ``checkpoint`` or, between the two renames,
-``checkpoint.old``). A checkpoint that cannot be read raises :class:`CheckpointError` and is left as
-it is.
+``checkpoint.old``). Each checkpoint folder holds a marker file, and only a folder with that marker
+is ever removed or renamed: a folder of one of those names that this project did not write stops the
+run with an error instead. A checkpoint that cannot be read raises :class:`CheckpointError` and is
+left as it is.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Optional
 import torch
 
 FORMAT = 1
+MARKER = "ARPO_FAST_CHECKPOINT"
+"""The file that marks a folder as a checkpoint written by this project."""
+NAMES = ("checkpoint", "checkpoint.old", "checkpoint.tmp")
 
 
 class CheckpointError(RuntimeError):
@@ -28,25 +33,61 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(out_dir: str, model, tokenizer, optimizer, step: int, config: dict) -> Path:
     """Write the checkpoint after ``step`` completed steps; returns its directory."""
     out = Path(out_dir)
-    final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    final, tmp, old = (out / name for name in NAMES)
+    check_checkpoint_names(out)  # before anything is written: nothing of the user's is touched
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / MARKER).write_text(f"written by arpo_fast after step {step}; removed with its run\n")
     model.save_pretrained(tmp / "model")
     tokenizer.save_pretrained(tmp / "tokenizer")
     torch.save({"format": FORMAT, "step": step, "optimizer": optimizer.state_dict(), "config": config},
                tmp / "trainer.pt")
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     return final
+
+
+def is_ours(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint folder this project wrote (it holds the marker)."""
+    return path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()
+
+
+def check_checkpoint_names(out_dir) -> None:
+    """Raise :class:`CheckpointError` if a checkpoint name in ``out_dir`` holds something this
+    project did not write (saving would rename or remove it)."""
+    for path in (Path(out_dir) / name for name in NAMES):
+        if (path.exists() or path.is_symlink()) and not is_ours(path):
+            raise CheckpointError(f"{path} exists but was not written by arpo_fast (no {MARKER} "
+                                  "file): it was left untouched; move it away or choose another --out")
+
+
+def _remove(path: Path) -> None:
+    if is_ours(path):
+        shutil.rmtree(path)
+
+
+def validate_checkpoint(path: Path) -> dict:
+    """The trainer state of checkpoint ``path`` once every part of it is there; raises
+    :class:`CheckpointError` naming what is missing, having changed nothing."""
+    state = load_trainer_state(path)
+    for part, what in (("model/config.json", "the model's config"), ("tokenizer", "the tokenizer")):
+        if not (Path(path) / part).exists():
+            raise CheckpointError(f"the checkpoint {path} is incomplete: {what} ({part}) is missing. "
+                                  "It was left untouched, and so was the run's metrics.jsonl")
+    if not any((Path(path) / "model").glob("*.safetensors")) and not any((Path(path) / "model").glob("*.bin")):
+        raise CheckpointError(f"the checkpoint {path} is incomplete: model/ holds no weights. It was "
+                              "left untouched, and so was the run's metrics.jsonl")
+    return state
 
 
 def find_checkpoint(out_dir: str) -> Optional[Path]:
     """The newest complete checkpoint under ``out_dir``, or None."""
-    for name in ("checkpoint", "checkpoint.old"):
+    for name in NAMES[:2]:
         path = Path(out_dir) / name
-        if (path / "trainer.pt").exists():
+        if is_ours(path) and (path / "trainer.pt").exists():
             return path
     return None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import time
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.advantage not in ("soft", "hard"):
             raise ValueError(f"advantage must be 'soft' or 'hard', got {self.advantage!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         if self.resume and not self.out:
@@ -160,5 +163,6 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     args = parser.parse_args(argv)
     try:
         return TrainConfig.from_flat(**vars(args))
-    except ValueError as exc:
-        parser.error(str(exc))
+    except ValueError as exc:  # name the flag, not the field: "steps must be" -> "--steps must be"
+        name, _, rest = str(exc).partition(" ")
+        parser.error(f"--{name.replace('_', '-')} {rest}" if name in vars(args) else str(exc))

@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 
 from arpo_fast.algo import group_advantages, shared_token_count, token_advantages
-from arpo_fast.train.checkpoint import CheckpointError, find_checkpoint, load_trainer_state, save_checkpoint
+from arpo_fast.train.checkpoint import (NAMES, CheckpointError, check_checkpoint_names,
+                                        find_checkpoint, save_checkpoint, validate_checkpoint)
 from arpo_fast.train.config import TrainConfig, parse_config
 from arpo_fast.train.data import load_examples, step_batch
 from arpo_fast.engine import Engine, SamplingParams
@@ -87,6 +88,8 @@ def _json_object(text: str, flag: str, shape: str) -> dict:
         value = json.loads(text) if text else {}
     except json.JSONDecodeError as exc:
         raise ValueError(f"{flag}: not valid JSON ({exc.msg}); expected {shape}") from None
+    except RecursionError:
+        raise ValueError(f"{flag}: JSON nested too deeply; expected {shape}") from None
     if not isinstance(value, dict):
         raise ValueError(f"{flag} must be a JSON object: {shape}")
     return value
@@ -97,11 +100,21 @@ def tool_settings(cfg: TrainConfig) -> dict:
     unknown = sorted(set(settings) - set(cfg.tool_names))
     if unknown:
         raise ValueError(f"--tool-settings names tools not in --tools: {', '.join(unknown)}")
+    for name, value in settings.items():
+        if not isinstance(value, dict):
+            raise ValueError(f"--tool-settings: the settings of {name!r} must be a JSON object, got "
+                             f"{json.dumps(value)[:60]}")
     return settings
 
 
-def make_executor(cfg: TrainConfig, settings: dict) -> Optional[ToolExecutor]:
-    tools = [create_tool(name, **settings.get(name, {})) for name in cfg.tool_names]
+def tool_executor(cfg: TrainConfig, settings: dict) -> Optional[ToolExecutor]:
+    """The run's tools, each built from its ``--tool-settings``, behind one executor."""
+    tools = []
+    for name in cfg.tool_names:
+        try:
+            tools.append(create_tool(name, **settings.get(name, {})))
+        except TypeError as exc:  # an unknown setting name
+            raise ValueError(f"--tool-settings: {name}: {exc}") from None
     return ToolExecutor({t.name: t for t in tools}) if tools else None
 
 
@@ -170,23 +183,30 @@ def _step_of(line: str) -> float:
 
 def _prepare_out(cfg: TrainConfig) -> tuple[Optional[Path], Optional[dict]]:
     """The checkpoint to resume from (with its trainer state), after checking that a fresh run would
-    not overwrite an earlier one; a resumed run's metrics keep only the rows it did not redo."""
+    not overwrite an earlier one or anything else; a resumed run's metrics keep only the rows it
+    does not redo. Everything is checked before anything is changed."""
     out = Path(cfg.out)
-    checkpoint = find_checkpoint(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
     metrics = out / "metrics.jsonl"
     if not cfg.resume:
-        if checkpoint is not None or metrics.exists():
-            raise ValueError(f"{out} already holds a run (checkpoint or metrics.jsonl); pass "
-                             "--resume true to continue it, or choose another --out")
+        taken = [p.name for p in (metrics, *(out / n for n in NAMES)) if p.exists() or p.is_symlink()]
+        if taken:
+            raise ValueError(f"{out} already holds a run ({', '.join(taken)}); pass --resume true to "
+                             "continue it, or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         return None, None
+    checkpoint = find_checkpoint(cfg.out)
     if checkpoint is None:
         raise ValueError(f"--resume: no checkpoint in {out}")
-    state = load_trainer_state(checkpoint)
+    state = validate_checkpoint(checkpoint)
+    check_checkpoint_names(out)  # the next save may rename or remove any of them
     if metrics.exists():
         rows = [line for line in metrics.read_text(encoding="utf-8").splitlines()
                 if _step_of(line) <= state["step"]]
-        metrics.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        tmp = out / "metrics.jsonl.tmp"
+        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(metrics)  # whole or not at all
     return checkpoint, state
 
 
@@ -213,7 +233,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         log.info("resumed from %s after step %d", checkpoint, start)
     kv = {"kv_memory": cfg.kv_memory_mb << 20} if cfg.kv_memory_mb else {}
     engine = Engine(model, tokenizer=tokenizer, on_pool_exhausted="preempt", **kv)
-    executor = make_executor(cfg, settings)
+    executor = tool_executor(cfg, settings)
     # Tags are the tools' own names (http_search answers <search>); the usual tags stay recognised,
     # so a call to a tool this run lacks reads back an error instead of passing as plain text.
     names = tuple(executor.tools) if executor is not None else ()
@@ -274,14 +294,24 @@ def fit(run: Run) -> list[dict]:
     return history
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for the user: the message, or for a failed file operation the path and the reason
+    (``OSError.args[0]`` alone is only the errno)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{where}: {exc.strerror}" if where else exc.strerror
+    text = str(exc.args[0]) if exc.args else str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     try:
         run = setup(cfg)
-    except (ValueError, KeyError, CheckpointError, OSError) as exc:  # bad settings, data or files
-        print(f"arpo_fast.train: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+    except (ValueError, KeyError, TypeError, CheckpointError, OSError) as exc:  # bad settings, data, files
+        print(f"arpo_fast.train: error: {describe_error(exc)}", file=sys.stderr)
         return 2
     fit(run)
     print(f"checkpoint and metrics in {cfg.out}", flush=True)
