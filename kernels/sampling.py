@@ -167,18 +167,38 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
     B, V = logits.shape
     dev = logits.device
     config = _resolved(config or _default_config(V))
-    temp_t, temp_s = row_arg(temperature, B, torch.float32, dev)
-    seed_t, seed_s = row_arg(seed, B, torch.int64, dev)
+    temp = row_arg(temperature, B, torch.float32, dev)
+    seed = row_arg(seed, B, torch.int64, dev)
     pos_t = None if position is None else row_arg(position, B, torch.int64, dev)[0]
     if B > _MAX_GRID_ROWS:  # rows are independent: launch slices of them
         def rows(v, i):
             return v[i:i + _MAX_GRID_ROWS] if isinstance(v, torch.Tensor) else v
 
-        parts = [_launch(rows(logits, i), rows(temp_s if temp_t is None else temp_t, i),
-                         rows(seed_s if seed_t is None else seed_t, i), rows(pos_t, i), rows(lo, i),
-                         config, finish) for i in range(0, B, _MAX_GRID_ROWS)]
+        parts = [_launch(rows(logits, i), rows(_either(temp), i), rows(_either(seed), i),
+                         rows(pos_t, i), rows(lo, i), config, finish)
+                 for i in range(0, B, _MAX_GRID_ROWS)]
         return SampleOutput(*(torch.cat(field) for field in zip(*parts)))
+    out = SampleOutput(torch.empty(B, dtype=torch.int64, device=dev),
+                       torch.empty(B, dtype=torch.float32, device=dev),
+                       torch.empty(B, dtype=torch.float32, device=dev),
+                       torch.empty(B, dtype=torch.bool, device=dev))
+    if B > 0:
+        _run_kernels(logits, temp, seed, pos_t, lo, config, finish, out)
+    return out
 
+
+def _either(arg):
+    """A ``row_arg`` pair (tensor, None) or (None, number) as the one value it holds."""
+    return arg[1] if arg[0] is None else arg[0]
+
+
+def _run_kernels(logits, temp, seed, pos_t, lo, config: LaunchConfig, finish: bool,
+                 out: SampleOutput) -> None:
+    """The launches of ``_launch`` for B in [1, _MAX_GRID_ROWS] rows; temp and seed are
+    ``row_arg`` pairs, pos_t an int64 [B] tensor or None. Writes ``out`` when ``finish``."""
+    (temp_t, temp_s), (seed_t, seed_s) = temp, seed
+    B, V = logits.shape
+    dev = logits.device
     chunk, run, W = config.chunk, config.run, config.warps
     nc = cdiv(V, chunk)
     runs = chunk // run
@@ -188,12 +208,6 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
     # One allocation: chunk records (m, s, w, m) [B, nc, 4], then run sums c [B, nc, runs].
     buf = torch.empty((4 + runs) * B * nc, dtype=torch.float32, device=dev)
     rec, c = buf[:4 * B * nc], buf[4 * B * nc:]
-    out = SampleOutput(torch.empty(B, dtype=torch.int64, device=dev),
-                       torch.empty(B, dtype=torch.float32, device=dev),
-                       torch.empty(B, dtype=torch.float32, device=dev),
-                       torch.empty(B, dtype=torch.bool, device=dev))
-    if B == 0:
-        return out
     fused = finish and config.fused
     dummy = rec  # stands in for absent optional pointers; never read
     args = (logits, logits.stride(0), logits.stride(1),
@@ -221,7 +235,6 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
     if finish and not fused:
         _sample_finish_kernel[(B,)](*args, *out, V, nc, RUNS=runs, RUN=run, **flags,
                                     num_warps=config.finish_warps)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
