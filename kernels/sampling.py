@@ -89,18 +89,10 @@ class LaunchConfig(NamedTuple):
 
 
 def _default_config(V: int) -> LaunchConfig:
-    """A function of V only (never of B), so a row's token is the same in any batch.
-
-    1024 entries per chunk, 32 per thread (four 16-byte loads of bf16 in flight), every reduction
-    inside the warp; four warps per program (fewer if the row has fewer chunks), so a program
-    covers 4096 entries as the measured tiles before it did and the grid keeps their shape. Not
-    yet timed on a GPU. In an sm_90 build a program of this streaming pass runs about 390
-    instructions per thread per 32 bf16 entries of a full chunk, setup included, with three block
-    barriers (layout changes for the stores), against 484 and ten barriers for the 4096-entry
-    tiles it replaced, whose pass was at 58-73% of the copy-bandwidth floor on an H200. One warp
-    per program: about 370 and no barrier, but four times the programs. A warp that reads 4
-    chunks in turn (``loop=4``) spends about 320 per chunk (the setup is paid once), or about 335
-    with ``stages=2``, whose loads of the next chunk overlap the work on this one."""
+    """A function of V only (never of B), so a row's token is the same in any batch: chunks of
+    1024 entries (a power of two >= 16 covering a smaller V), four warps per program (fewer when
+    the row has fewer chunks: its chunk count rounded up to a power of two) and the finish step
+    fused. ``benchmarks/RESULTS.md`` says how this default was chosen."""
     chunk = 1024 if V >= 1024 else max(16, next_power_of_2(V))
     warps = min(4, next_power_of_2(cdiv(V, chunk)))
     return LaunchConfig(chunk, warps, 2, None, True)
