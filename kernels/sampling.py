@@ -236,7 +236,8 @@ def _run_kernels(logits, temp, seed, pos_t, lo, config: LaunchConfig, finish: bo
 
 def _sample_triton(logits, temperature=1.0, seed=0, position=None, top_k=None, top_p=None,
                    config: LaunchConfig | None = None) -> SampleOutput:
-    """The Triton path; ``config`` overrides the launch (tests, tuning)."""
+    """The Triton path; top_k and top_p as ``active_truncation`` returns them (None: off);
+    ``config`` overrides the launch (tests, tuning)."""
     lo = None
     if top_k is not None or top_p is not None:
         lo = truncation_threshold_triton(logits, temperature, top_k, top_p)
@@ -244,8 +245,8 @@ def _sample_triton(logits, temperature=1.0, seed=0, position=None, top_k=None, t
 
 
 def sample(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorOrInt = 0,
-           position: torch.Tensor | None = None, top_k: TensorOrInt | None = None,
-           top_p: TensorOrFloat | None = None, *, check: bool = False) -> SampleOutput:
+           position: torch.Tensor | None = None, top_k: TensorOrInt | None = 0,
+           top_p: TensorOrFloat | None = 1.0, *, check: bool = False) -> SampleOutput:
     """Sample one token per row, with its log-prob and the distribution's entropy.
 
     Args:
@@ -257,10 +258,13 @@ def sample(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorO
             (seed, position) share their uniform, so give each row its own pair for independent
             draws (a trajectory's seed and its token position). Pass tensors under CUDA-graph
             capture, or every replay reuses the captured numbers.
-        top_k: None (off), int, or int64 [B]; k <= 0 or k >= V is off for that row.
-        top_p: None (off), float, or float32 [B]; p >= 1 is off for that row. Applied after top-k.
-            Either one takes the second path (a sort or top-k in PyTorch, then the kernels),
-            unless it is a number that is off (top_k=-1, top_p=1.0): then nothing is sorted.
+        top_k: int, or int64 [B]: keep each row's k most likely entries. 0 (the default) is off,
+            as in ``SamplingParams`` and the trainer's ``--top-k``; so are k < 0, k >= V and None.
+        top_p: float, or float32 [B]: keep the smallest set of most likely entries whose mass
+            reaches p, applied after top-k. 1.0 (the default) is off, as in ``SamplingParams``
+            and ``--top-p``; so are p > 1 and None. Either one takes the second path (a sort or
+            top-k in PyTorch, then the kernels) unless it is a number that is off: then nothing
+            is sorted.
         check: raise a ValueError naming the invalid rows (a host sync).
 
     Returns:
