@@ -2,10 +2,16 @@
 
 Low level (what the ARPO rollout drives): ``add`` a prompt, ``step`` a set of sequences (one forward
 over all their pending tokens, prefills and decodes mixed, then the fused sampler), ``extend`` a
-sequence with tokens the model did not write (a tool result), ``prefill`` it (cache all pending
-tokens but the last) and ``fork`` it into branches that share its KV without copying, ``free`` it.
-High level: ``generate`` (see ``generation.py``). An ARPO branch point is
-``extend(seq, tool_result); prefill([seq]); fork(seq, n)``: the tool result is computed once.
+sequence with tokens the model did not write (a tool result), ``fork`` it into branches that share
+its KV without copying, ``free`` it. ``prefill`` caches all pending tokens but the last, and
+``logits`` runs the pending tokens and returns their logits without sampling. High level:
+``generate`` (see ``generation.py``).
+
+An ARPO branch point (``arpo_fast/rollout/tree.py``): ``extend(seq, tool_result)``, then ordinary
+steps (the first computes the tool result's KV, once), and if the trajectory branches,
+``fork(seq, n, at=len(prompt) + the response length right after the tool result)``: each child
+holds the parent's first ``at`` tokens, shares the KV of all but the last of them (the parent's
+blocks, not a copy) and re-runs that last one with its own seed to sample its own continuation.
 
 When a step does not fit in the KV pool, ``EngineConfig.on_pool_exhausted`` picks between a
 ``PoolExhaustedError`` with nothing changed and preemption: the youngest sequences give up their KV
