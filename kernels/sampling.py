@@ -210,7 +210,8 @@ def _run_kernels(logits, temp, seed, pos_t, lo, config: LaunchConfig, finish: bo
     flags = dict(BLOCK_NC=max(16, next_power_of_2(nc)), PER_ROW_TEMP=temp_t is not None,
                  HAS_LO=lo is not None, PER_ROW_SEED=seed_t is not None, HAS_POS=pos_t is not None)
     # maxnreg: the finish step inside the fused kernel would take it to 79 registers on sm_90;
-    # capped at 64 (no spills) one-warp programs fill the 32 blocks an SM can hold.
+    # capped at 64 one-warp programs fill the 32 blocks an SM can hold (no spills with triton 3.6;
+    # with triton 3.9 the fused kernel spills a few dozen bytes).
     ncf = V // chunk  # full chunks per row
     if config.persistent and W <= ncf and B * ncf < 2**31:
         steps = cdiv(B * ncf, W)

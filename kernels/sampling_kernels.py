@@ -70,8 +70,9 @@ def _row_scale_lo(row, temp_ptr, temp_scalar, lo_ptr,
 
 
 # Temperature: scale = log2(e) / T, so p ~ 2^(x * scale - r); greedy rows (T <= 0) use T = 1.
-# Small helper calls are kept few: Triton's interpreter, which runs the CPU tests, pays
-# milliseconds per nested jit call per program.
+# Small helper calls are kept few in the streaming pass: Triton's interpreter, which runs the CPU
+# tests, pays milliseconds per nested jit call per program (the finish step's helpers run once a
+# row).
 
 
 @triton.jit(do_not_specialize=["seed_scalar"])  # a seed of 1 must not become a constexpr

@@ -99,7 +99,8 @@ def truncation_threshold(logits: torch.Tensor, temperature, top_k, top_p) -> tor
     """Per-row logit threshold for top-k then top-p: entries below it are dropped.
 
     logits: [B, V] any float dtype. temperature: float or [B] (<= 0: greedy, judged at T = 1).
-    top_k: int or int [B] (<= 0 or >= V: off). top_p: float or [B] (>= 1: off).
+    top_k: None, int or int [B] (None, <= 0 or >= V: off). top_p: None, float or [B] (None or
+    >= 1: off).
     Returns fp32 [B]. Ties at the threshold are all kept. No host syncs.
     """
     B, V = logits.shape
