@@ -18,6 +18,18 @@ def _cache(layers, blocks, heads, dim, device):
     return PagedKVCache(layers, blocks, 16, heads, dim, dtype=dtype, device=device)
 
 
+def _by_slot(cache, layer):
+    """The layer's K and V as one [2, blocks * block_size, heads, dim] view, indexed by slot."""
+    return cache.kv[layer].flatten(1, 2)
+
+
+def _slots(cache, seq):
+    """The slots of a sequence's tokens in order, int64 [length], from its block table."""
+    pos = torch.arange(cache.length(seq), device=cache.device)
+    table = torch.as_tensor(cache.forker.block_table(seq), dtype=torch.int64, device=cache.device)
+    return table[pos // cache.block_size] * cache.block_size + pos % cache.block_size
+
+
 def _cow_is_correct(device: str) -> bool:
     """Fork a sequence with a partial tail, write different tokens to each branch, read them back."""
     cache = _cache(2, 64, 2, 16, device)
@@ -25,17 +37,19 @@ def _cow_is_correct(device: str) -> bool:
     step = cache.prepare_step([parent], [21])
     data = torch.randn(2, 21, 2, 16, device=device, dtype=cache.kv.dtype)
     for layer in range(2):
-        cache.write(layer, step.slot_mapping, data[layer], -data[layer])
+        kv = _by_slot(cache, layer)
+        kv[0, step.slot_mapping], kv[1, step.slot_mapping] = data[layer], -data[layer]
     kids = cache.fork(parent, 3)
     seqs = [parent] + kids
     step = cache.prepare_step(seqs, [1, 2, 3, 4])
     new = torch.randn(2, 10, 2, 16, device=device, dtype=cache.kv.dtype)
     for layer in range(2):
-        cache.write(layer, step.slot_mapping, new[layer], -new[layer])
+        kv = _by_slot(cache, layer)
+        kv[0, step.slot_mapping], kv[1, step.slot_mapping] = new[layer], -new[layer]
     offset = 0
     for seq, n in zip(seqs, [1, 2, 3, 4]):
         for layer in range(2):
-            k, v = cache.gather(layer, seq)
+            k, v = _by_slot(cache, layer)[:, _slots(cache, seq)]
             want = torch.cat([data[layer], new[layer, offset:offset + n]])
             if not (torch.equal(k, want) and torch.equal(v, -want)):
                 return False

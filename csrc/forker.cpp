@@ -173,8 +173,20 @@ void KVForker::prepare_step(const int64_t* seqs, const int64_t* new_tokens, int6
                             StepPlan& plan) {
   if (batch < 0) throw bad("prepare_step: negative batch size");
   // 1. Validate everything and count the blocks needed before touching any state.
-  int64_t needed = 0, total_tokens = 0;
-  std::vector<int32_t> cow_candidates;
+  int64_t total_tokens = 0;
+  const int64_t needed = step_blocks_needed(seqs, new_tokens, batch, total_tokens);
+  if (needed > static_cast<int64_t>(free_.size())) {
+    exhausted(needed, "a step of " + std::to_string(batch) + " sequences and " + std::to_string(total_tokens) +
+                          " new tokens");
+  }
+  // 2. Apply and emit the plan.
+  apply_step(seqs, new_tokens, batch, min_width, total_tokens, plan);
+}
+
+int64_t KVForker::step_blocks_needed(const int64_t* seqs, const int64_t* new_tokens, int64_t batch,
+                                     int64_t& total_tokens) {
+  int64_t needed = 0;
+  std::vector<int32_t> shared_tails;
   const uint64_t stamp = ++step_stamp_;
   for (int64_t i = 0; i < batch; ++i) {
     const Sequence& s = live(seqs[i]);
@@ -189,24 +201,29 @@ void KVForker::prepare_step(const int64_t* seqs, const int64_t* new_tokens, int6
     needed += blocks_for(s.length + n) - static_cast<int64_t>(s.blocks.size());
     total_tokens += n;
     if (n > 0 && tail_is_partial(s) && ref_[static_cast<size_t>(s.blocks.back())] > 1) {
-      cow_candidates.push_back(s.blocks.back());
+      shared_tails.push_back(s.blocks.back());
     }
   }
+  return needed + copies_needed(shared_tails);
+}
+
+int64_t KVForker::copies_needed(std::vector<int32_t>& shared_tails) const {
   // A shared tail block written by c of its r holders costs c copies, or c - 1 when every holder
   // writes (the last writer keeps the original).
-  std::sort(cow_candidates.begin(), cow_candidates.end());
-  for (size_t i = 0; i < cow_candidates.size();) {
+  std::sort(shared_tails.begin(), shared_tails.end());
+  int64_t needed = 0;
+  for (size_t i = 0; i < shared_tails.size();) {
     size_t j = i;
-    while (j < cow_candidates.size() && cow_candidates[j] == cow_candidates[i]) ++j;
+    while (j < shared_tails.size() && shared_tails[j] == shared_tails[i]) ++j;
     const int64_t c = static_cast<int64_t>(j - i);
-    needed += c - (c == ref_[static_cast<size_t>(cow_candidates[i])] ? 1 : 0);
+    needed += c - (c == ref_[static_cast<size_t>(shared_tails[i])] ? 1 : 0);
     i = j;
   }
-  if (needed > static_cast<int64_t>(free_.size())) {
-    exhausted(needed, "a step of " + std::to_string(batch) + " sequences and " + std::to_string(total_tokens) +
-                          " new tokens");
-  }
-  // 2. Apply and emit the plan.
+  return needed;
+}
+
+void KVForker::apply_step(const int64_t* seqs, const int64_t* new_tokens, int64_t batch, int64_t min_width,
+                          int64_t total_tokens, StepPlan& plan) {
   plan.slot_mapping.resize(static_cast<size_t>(total_tokens));
   plan.context_lens.resize(static_cast<size_t>(batch));
   int64_t width = std::max<int64_t>(min_width, 0), pos = 0;

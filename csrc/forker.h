@@ -98,6 +98,12 @@ class KVForker {
   void release(int32_t block);
   void grow(Sequence& s, int64_t n);  // caller has checked the budget
   [[noreturn]] void exhausted(int64_t needed, const std::string& what) const;
+  // prepare_step's halves: checks and the count of blocks the step needs (marks the batch's
+  // sequences, changes nothing else), then the step itself, which fills the plan.
+  int64_t step_blocks_needed(const int64_t* seqs, const int64_t* new_tokens, int64_t batch, int64_t& total_tokens);
+  int64_t copies_needed(std::vector<int32_t>& shared_tails) const;  // sorts shared_tails
+  void apply_step(const int64_t* seqs, const int64_t* new_tokens, int64_t batch, int64_t min_width,
+                  int64_t total_tokens, StepPlan& plan);
 
   int64_t num_blocks_;
   int64_t block_size_;

@@ -24,6 +24,9 @@ Gradient of the two outputs with respect to the tempered logits z (p = softmax(z
     d logp_t / d z_j = 1[j = t] - p_j
     d H / d z_j      = -p_j (log p_j + H)
 and d/d logit = (1 / temperature) d/dz.
+
+The two Triton kernels are in ``logprob_entropy_kernels.py``; the argument checks and the plain
+[T, V] reference ``logprob_entropy_ref`` in ``logprob_entropy_ref.py``.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from ._dispatch import cdiv, next_power_of_2, use_triton
+from .logprob_entropy_kernels import _logprob_entropy_bwd_kernel, _logprob_entropy_fwd_kernel
+from .logprob_entropy_ref import SUPPORTED_DTYPES, check_inputs, check_target_range, logprob_entropy_ref
 
 __all__ = ["logprob_entropy", "logprob_entropy_ref", "default_chunk_size"]
 
@@ -42,76 +45,6 @@ __all__ = ["logprob_entropy", "logprob_entropy_ref", "default_chunk_size"]
 BLOCK_BYTES = 256 << 20
 # Columns per block are a multiple of this (and at least this, unless V is smaller).
 CHUNK_ALIGN = 256
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-@triton.jit
-def _logprob_entropy_fwd_kernel(
-    logits_ptr, stride_row, n_cols, col0, tgt_ptr, m_ptr, s_ptr, w_ptr, zt_ptr, inv_temp,
-    BLOCK: tl.constexpr,
-):
-    """Fold one row of a logits block into that row's running (m, s, w) and pick its target.
-
-    One program per row. ``m``/``s``/``w``/``zt`` are fp32 [T]; ``zt`` is written only when the
-    row's target lies in columns [col0, col0 + n_cols).
-    """
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    m = tl.load(m_ptr + row)
-    s = tl.load(s_ptr + row)
-    w = tl.load(w_ptr + row)
-    offs = tl.arange(0, BLOCK)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + offs
-        z = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        # Rescale the old sums to the new max. Guards: an empty history (s == 0, m == -inf) must
-        # not turn (m - m_new) * s into -inf * 0 = NaN, and -inf logits contribute nothing.
-        alpha = tl.where(s > 0, tl.exp(m - m_new), 0.0)
-        w = alpha * (w + tl.where(s > 0, m - m_new, 0.0) * s)
-        s = alpha * s
-        live = z > float("-inf")
-        d = tl.where(live, z - m_new, 0.0)
-        e = tl.where(live, tl.exp(d), 0.0)
-        s += tl.sum(e, axis=0)
-        w += tl.sum(e * d, axis=0)
-        m = m_new
-    tl.store(m_ptr + row, m)
-    tl.store(s_ptr + row, s)
-    tl.store(w_ptr + row, w)
-    local = tl.load(tgt_ptr + row) - col0
-    hit = (local >= 0) & (local < n_cols)
-    zt = tl.load(row_ptr + local, mask=hit, other=0.0).to(tl.float32) * inv_temp
-    tl.store(zt_ptr + row, zt, mask=hit)
-
-
-@triton.jit
-def _logprob_entropy_bwd_kernel(
-    logits_ptr, stride_row, n_cols, col0, tgt_ptr, logz_ptr, ent_ptr, glp_ptr, gent_ptr, inv_temp,
-    BLOCK: tl.constexpr,
-):
-    """Overwrite one tile of a logits block with dL/dlogits, in the block's dtype.
-
-    Grid (rows, column tiles). Row inputs are fp32 [T]: logZ, entropy H, and the upstream
-    gradients of the log-prob and of the entropy (zero for ignored rows).
-    """
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    ptrs = logits_ptr + row.to(tl.int64) * stride_row + cols
-    logz = tl.load(logz_ptr + row)
-    ent = tl.load(ent_ptr + row)
-    glp = tl.load(glp_ptr + row)
-    gent = tl.load(gent_ptr + row)
-    tgt = tl.load(tgt_ptr + row)
-    x = tl.load(ptrs, mask=mask, other=0.0)
-    logp = x.to(tl.float32) * inv_temp - logz
-    p = tl.exp(logp)
-    # p * (log p + H) is 0 * (-inf) for a -inf logit; its limit is 0.
-    plogp = tl.where(p > 0, p * (logp + ent), 0.0)
-    d = -glp * p - gent * plogp
-    d = tl.where(cols + col0 == tgt, d + glp, d) * inv_temp
-    tl.store(ptrs, d.to(x.dtype), mask=mask)
 
 
 def default_chunk_size(num_tokens: int, vocab: int, itemsize: int) -> int:
@@ -285,43 +218,6 @@ def _row_grad(g: Optional[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, g.float(), 0.0).contiguous()
 
 
-# ---- input checks ----
-
-def _check_inputs(hidden, weight, targets, temperature, dtypes) -> None:
-    if hidden.dim() < 1 or weight.dim() != 2:
-        raise ValueError(f"hidden must be [..., H] and weight [V, H]; got hidden {tuple(hidden.shape)}"
-                         f" and weight {tuple(weight.shape)}")
-    if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden size mismatch: hidden is {tuple(hidden.shape)} but weight is "
-                         f"{tuple(weight.shape)} (expected weight [V, {hidden.shape[-1]}])")
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its "
-                         f"last dim), got {tuple(targets.shape)}")
-    if hidden.dtype not in dtypes or weight.dtype != hidden.dtype:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"hidden and weight must share one dtype among {names}; got hidden "
-                        f"{hidden.dtype} and weight {weight.dtype} (cast one, e.g. "
-                        f"weight.to(hidden.dtype), outside the call so autograd sees the cast)")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"targets must be int64 (or int32) token ids, got {targets.dtype}")
-    if hidden.device != weight.device or hidden.device != targets.device:
-        raise ValueError(f"hidden, weight and targets must be on one device; got {hidden.device}, "
-                         f"{weight.device} and {targets.device}")
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight has an empty vocabulary (V = 0)")
-
-
-def _check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Raise ValueError naming the first target outside [0, vocab) that is not ``ignore_index``."""
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(bad.any()):
-        pos = int(bad.flatten().nonzero()[0])
-        raise ValueError(f"target {int(targets.flatten()[pos])} at flat position {pos} is outside "
-                         f"the vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})")
-
-
 # ---- public functions ----
 
 def logprob_entropy(
@@ -359,11 +255,11 @@ def logprob_entropy(
     Runs the Triton kernels on CUDA (or on the CPU under ``TRITON_INTERPRET=1``), otherwise the same
     blocked algorithm in PyTorch, so CPU memory stays bounded as well.
     """
-    _check_inputs(hidden, weight, targets, temperature, SUPPORTED_DTYPES)
+    check_inputs(hidden, weight, targets, temperature, SUPPORTED_DTYPES)
     if check_targets is None:
         check_targets = not targets.is_cuda
     if check_targets:
-        _check_targets(targets, weight.shape[0], ignore_index)
+        check_target_range(targets, weight.shape[0], ignore_index)
     return _logprob_entropy(hidden, weight, targets, temperature, chunk_size, ignore_index,
                             use_triton(hidden))
 
@@ -382,32 +278,3 @@ def _logprob_entropy(hidden, weight, targets, temperature, chunk_size, ignore_in
     logprobs, entropy = _LogprobEntropy.apply(
         hidden2, weight, tgt, valid, 1.0 / float(temperature), chunk, triton_path)
     return logprobs.view(lead), entropy.view(lead)
-
-
-def logprob_entropy_ref(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float = 1.0,
-    *,
-    chunk_size: Optional[int] = None,
-    ignore_index: int = -100,
-    check_targets: Optional[bool] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain PyTorch computation: full [T, V] logits, fp32 log_softmax, gather, entropy.
-
-    Same arguments and results as ``logprob_entropy`` (``chunk_size`` is accepted and ignored);
-    also takes fp64 inputs, which then stay fp64 throughout (the test suite's exact reference).
-    """
-    _check_inputs(hidden, weight, targets, temperature, SUPPORTED_DTYPES + (torch.float64,))
-    if check_targets is None or check_targets:
-        _check_targets(targets, weight.shape[0], ignore_index)
-    logits = hidden @ weight.t()
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logp = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
-    valid = targets != ignore_index
-    picked = logp.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
-    p = logp.exp()
-    entropy = -torch.where(p > 0, p * logp, 0.0).sum(-1)
-    zero = torch.zeros((), dtype=acc, device=hidden.device)
-    return torch.where(valid, picked, zero), torch.where(valid, entropy, zero)

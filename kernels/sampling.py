@@ -89,18 +89,10 @@ class LaunchConfig(NamedTuple):
 
 
 def _default_config(V: int) -> LaunchConfig:
-    """A function of V only (never of B), so a row's token is the same in any batch.
-
-    1024 entries per chunk, 32 per thread (four 16-byte loads of bf16 in flight), every reduction
-    inside the warp; four warps per program (fewer if the row has fewer chunks), so a program
-    covers 4096 entries as the measured tiles before it did and the grid keeps their shape. Not
-    yet timed on a GPU. In an sm_90 build a program of this streaming pass runs about 390
-    instructions per thread per 32 bf16 entries of a full chunk, setup included, with three block
-    barriers (layout changes for the stores), against 484 and ten barriers for the 4096-entry
-    tiles it replaced, whose pass was at 58-73% of the copy-bandwidth floor on an H200. One warp
-    per program: about 370 and no barrier, but four times the programs. A warp that reads 4
-    chunks in turn (``loop=4``) spends about 320 per chunk (the setup is paid once), or about 335
-    with ``stages=2``, whose loads of the next chunk overlap the work on this one."""
+    """A function of V only (never of B), so a row's token is the same in any batch: chunks of
+    1024 entries (a power of two >= 16 covering a smaller V), four warps per program (fewer when
+    the row has fewer chunks: its chunk count rounded up to a power of two) and the finish step
+    fused. ``benchmarks/RESULTS.md`` says how this default was chosen."""
     chunk = 1024 if V >= 1024 else max(16, next_power_of_2(V))
     warps = min(4, next_power_of_2(cdiv(V, chunk)))
     return LaunchConfig(chunk, warps, 2, None, True)
@@ -167,18 +159,38 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
     B, V = logits.shape
     dev = logits.device
     config = _resolved(config or _default_config(V))
-    temp_t, temp_s = row_arg(temperature, B, torch.float32, dev)
-    seed_t, seed_s = row_arg(seed, B, torch.int64, dev)
+    temp = row_arg(temperature, B, torch.float32, dev)
+    seed = row_arg(seed, B, torch.int64, dev)
     pos_t = None if position is None else row_arg(position, B, torch.int64, dev)[0]
     if B > _MAX_GRID_ROWS:  # rows are independent: launch slices of them
         def rows(v, i):
             return v[i:i + _MAX_GRID_ROWS] if isinstance(v, torch.Tensor) else v
 
-        parts = [_launch(rows(logits, i), rows(temp_s if temp_t is None else temp_t, i),
-                         rows(seed_s if seed_t is None else seed_t, i), rows(pos_t, i), rows(lo, i),
-                         config, finish) for i in range(0, B, _MAX_GRID_ROWS)]
+        parts = [_launch(rows(logits, i), rows(_either(temp), i), rows(_either(seed), i),
+                         rows(pos_t, i), rows(lo, i), config, finish)
+                 for i in range(0, B, _MAX_GRID_ROWS)]
         return SampleOutput(*(torch.cat(field) for field in zip(*parts)))
+    out = SampleOutput(torch.empty(B, dtype=torch.int64, device=dev),
+                       torch.empty(B, dtype=torch.float32, device=dev),
+                       torch.empty(B, dtype=torch.float32, device=dev),
+                       torch.empty(B, dtype=torch.bool, device=dev))
+    if B > 0:
+        _run_kernels(logits, temp, seed, pos_t, lo, config, finish, out)
+    return out
 
+
+def _either(arg):
+    """A ``row_arg`` pair (tensor, None) or (None, number) as the one value it holds."""
+    return arg[1] if arg[0] is None else arg[0]
+
+
+def _run_kernels(logits, temp, seed, pos_t, lo, config: LaunchConfig, finish: bool,
+                 out: SampleOutput) -> None:
+    """The launches of ``_launch`` for B in [1, _MAX_GRID_ROWS] rows; temp and seed are
+    ``row_arg`` pairs, pos_t an int64 [B] tensor or None. Writes ``out`` when ``finish``."""
+    (temp_t, temp_s), (seed_t, seed_s) = temp, seed
+    B, V = logits.shape
+    dev = logits.device
     chunk, run, W = config.chunk, config.run, config.warps
     nc = cdiv(V, chunk)
     runs = chunk // run
@@ -188,12 +200,6 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
     # One allocation: chunk records (m, s, w, m) [B, nc, 4], then run sums c [B, nc, runs].
     buf = torch.empty((4 + runs) * B * nc, dtype=torch.float32, device=dev)
     rec, c = buf[:4 * B * nc], buf[4 * B * nc:]
-    out = SampleOutput(torch.empty(B, dtype=torch.int64, device=dev),
-                       torch.empty(B, dtype=torch.float32, device=dev),
-                       torch.empty(B, dtype=torch.float32, device=dev),
-                       torch.empty(B, dtype=torch.bool, device=dev))
-    if B == 0:
-        return out
     fused = finish and config.fused
     dummy = rec  # stands in for absent optional pointers; never read
     args = (logits, logits.stride(0), logits.stride(1),
@@ -204,7 +210,8 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
     flags = dict(BLOCK_NC=max(16, next_power_of_2(nc)), PER_ROW_TEMP=temp_t is not None,
                  HAS_LO=lo is not None, PER_ROW_SEED=seed_t is not None, HAS_POS=pos_t is not None)
     # maxnreg: the finish step inside the fused kernel would take it to 79 registers on sm_90;
-    # capped at 64 (no spills) one-warp programs fill the 32 blocks an SM can hold.
+    # capped at 64 one-warp programs fill the 32 blocks an SM can hold (no spills with triton 3.6;
+    # with triton 3.9 the fused kernel spills a few dozen bytes).
     ncf = V // chunk  # full chunks per row
     if config.persistent and W <= ncf and B * ncf < 2**31:
         steps = cdiv(B * ncf, W)
@@ -221,7 +228,6 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
     if finish and not fused:
         _sample_finish_kernel[(B,)](*args, *out, V, nc, RUNS=runs, RUN=run, **flags,
                                     num_warps=config.finish_warps)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +237,8 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
 
 def _sample_triton(logits, temperature=1.0, seed=0, position=None, top_k=None, top_p=None,
                    config: LaunchConfig | None = None) -> SampleOutput:
-    """The Triton path; ``config`` overrides the launch (tests, tuning)."""
+    """The Triton path; top_k and top_p as ``active_truncation`` returns them (None: off);
+    ``config`` overrides the launch (tests, tuning)."""
     lo = None
     if top_k is not None or top_p is not None:
         lo = truncation_threshold_triton(logits, temperature, top_k, top_p)
@@ -239,8 +246,8 @@ def _sample_triton(logits, temperature=1.0, seed=0, position=None, top_k=None, t
 
 
 def sample(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorOrInt = 0,
-           position: torch.Tensor | None = None, top_k: TensorOrInt | None = None,
-           top_p: TensorOrFloat | None = None, *, check: bool = False) -> SampleOutput:
+           position: torch.Tensor | None = None, top_k: TensorOrInt | None = 0,
+           top_p: TensorOrFloat | None = 1.0, *, check: bool = False) -> SampleOutput:
     """Sample one token per row, with its log-prob and the distribution's entropy.
 
     Args:
@@ -252,10 +259,13 @@ def sample(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorO
             (seed, position) share their uniform, so give each row its own pair for independent
             draws (a trajectory's seed and its token position). Pass tensors under CUDA-graph
             capture, or every replay reuses the captured numbers.
-        top_k: None (off), int, or int64 [B]; k <= 0 or k >= V is off for that row.
-        top_p: None (off), float, or float32 [B]; p >= 1 is off for that row. Applied after top-k.
-            Either one takes the second path (a sort or top-k in PyTorch, then the kernels),
-            unless it is a number that is off (top_k=-1, top_p=1.0): then nothing is sorted.
+        top_k: int, or int64 [B]: keep each row's k most likely entries. 0 (the default) is off,
+            as in ``SamplingParams`` and the trainer's ``--top-k``; so are k < 0, k >= V and None.
+        top_p: float, or float32 [B]: keep the smallest set of most likely entries whose mass
+            reaches p, applied after top-k. 1.0 (the default) is off, as in ``SamplingParams``
+            and ``--top-p``; so are p > 1 and None. Either one takes the second path (a sort or
+            top-k in PyTorch, then the kernels) unless it is a number that is off: then nothing
+            is sorted.
         check: raise a ValueError naming the invalid rows (a host sync).
 
     Returns:

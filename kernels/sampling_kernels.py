@@ -70,8 +70,9 @@ def _row_scale_lo(row, temp_ptr, temp_scalar, lo_ptr,
 
 
 # Temperature: scale = log2(e) / T, so p ~ 2^(x * scale - r); greedy rows (T <= 0) use T = 1.
-# Small helper calls are kept few: Triton's interpreter, which runs the CPU tests, pays
-# milliseconds per nested jit call per program.
+# Small helper calls are kept few in the streaming pass: Triton's interpreter, which runs the CPU
+# tests, pays milliseconds per nested jit call per program (the finish step's helpers run once a
+# row).
 
 
 @triton.jit(do_not_specialize=["seed_scalar"])  # a seed of 1 must not become a constexpr
@@ -215,15 +216,51 @@ def _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_p
     greedy = t <= 0.0
     scale = 1.4426950408889634 / tl.where(greedy, 1.0, t)
     CHUNK: tl.constexpr = RUNS * RUN
-
-    # Merge, relative to R = r_t of the max chunk: chunk mass S_t = s_t 2^delta_t with
-    # delta_t = r_t - R <= 0, S = sum S_t, W = sum 2^delta_t (w_t + delta_t s_t). The max entry
-    # has d = rho (the residual of M * scale) and mass e_max = 2^rho, bit for bit as the streaming
-    # pass made it; H = ln(S / e_max) - ln 2 * (W - rho S) / S is ln S - ln 2 * W / S taken
-    # relative to that entry, and exactly 0 for a one-hot row (S == e_max, W == rho S).
     idx = tl.arange(0, BLOCK_NC)
-    ok = idx < NC
     base = row.to(tl.int64) * NC
+    m_t, delta, mass, total, entropy, e_max = _merge_chunks(rec_ptr, base, idx, NC, scale)
+    valid = (total > 0.0) & (total < float("inf"))  # False for NaN too
+    pick, frac = _pick_chunk(mass, idx, _row_uniform(row, seed_ptr, seed_scalar, pos_ptr,
+                                                     PER_ROW_SEED, HAS_POS))
+    first_max = tl.min(tl.where(m_t == tl.max(m_t, 0), idx, BLOCK_NC), 0)
+    ch = tl.where(greedy, first_max, pick)
+    ch = tl.where(valid, ch, 0)
+
+    m_ch = tl.sum(tl.where(idx == ch, m_t, 0.0), 0)
+    if greedy:
+        # The first entry of the first chunk holding the max; its mass is e_max.
+        # (Names differ between the branches: the compiler wants a name's type the same in both.)
+        x_all = _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, ch * CHUNK, V, CHUNK, HAS_LO)
+        tok_in = tl.argmax(x_all, 0)
+        e_tok = e_max
+    else:
+        tok_in, e_tok = _pick_in_chunk(logits_ptr, stride_b, stride_v, lo_ptr, c_ptr, row,
+                                       base + ch, ch * CHUNK, m_ch, scale, frac, V, RUNS, RUN,
+                                       HAS_LO)
+    # The token's mass relative to R is e_tok 2^delta_ch; taking the log of e_tok itself (not of
+    # its d) lets e_tok's own rounding cancel against the same term inside S.
+    delta_ch = tl.sum(tl.where(idx == ch, delta, 0.0), 0)
+    logp = tl.log(e_tok) - tl.log(total) + 0.6931471805599453 * delta_ch
+
+    token = tl.where(valid, ch.to(tl.int64) * CHUNK + tok_in, -1)
+    tl.store(tok_ptr + row, token)
+    tl.store(logp_ptr + row, tl.where(valid, logp, float("nan")))
+    tl.store(ent_ptr + row, tl.where(valid, entropy, float("nan")))
+    tl.store(valid_ptr + row, valid)
+
+
+@triton.jit
+def _merge_chunks(rec_ptr, base, idx, NC, scale):
+    """Merge the NC chunk records of a row (record index base + idx) into its stats: the chunk
+    maxima m_t, each chunk's log2 offset delta_t and mass S_t relative to the row's reference,
+    the total S, the entropy H and e_max (the max entry's own mass).
+
+    Relative to R = r_t of the max chunk: chunk mass S_t = s_t 2^delta_t with
+    delta_t = r_t - R <= 0, S = sum S_t, W = sum 2^delta_t (w_t + delta_t s_t). The max entry
+    has d = rho (the residual of M * scale) and mass e_max = 2^rho, bit for bit as the streaming
+    pass made it; H = ln(S / e_max) - ln 2 * (W - rho S) / S is ln S - ln 2 * W / S taken
+    relative to that entry, and exactly 0 for a one-hot row (S == e_max, W == rho S)."""
+    ok = idx < NC
     rec = rec_ptr + (base + idx) * 4
     m_t = tl.load(rec, mask=ok, other=float("-inf"), cache_modifier=".cg")
     s_t = tl.load(rec + 1, mask=ok, other=0.0, cache_modifier=".cg")
@@ -237,7 +274,6 @@ def _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_p
     mass = s_t * r_t
     total = tl.sum(mass, 0)
     w_all = tl.sum(r_t * (w_t + tl.maximum(delta, -1000.0) * s_t), 0)
-    valid = (total > 0.0) & (total < float("inf"))  # False for NaN too
     rho = tl.fma(m_ref, scale, -big_r)
     e_max = tl.exp2(rho)
     # fma(rho, S, 0) rounds rho * S once, as the streaming pass rounded e_max * rho into W; a plain
@@ -245,8 +281,13 @@ def _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_p
     # division is approximate) is exactly 0 when S == e_max.
     entropy = (tl.log(total) - tl.log(e_max)
                - 0.6931471805599453 * (w_all - tl.fma(rho, total, 0.0)) / total)
+    return m_t, delta, mass, total, entropy, e_max
 
-    # Inverse CDF over the whole row with one 53-bit uniform; cumulative sums in float64.
+
+@triton.jit
+def _row_uniform(row, seed_ptr, seed_scalar, pos_ptr, PER_ROW_SEED: tl.constexpr,
+                 HAS_POS: tl.constexpr):
+    """The row's 53-bit uniform (float64), from its seed and position (0 without positions)."""
     if PER_ROW_SEED:
         seed = tl.load(seed_ptr + row).to(tl.int64)
     else:
@@ -255,57 +296,48 @@ def _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_p
         pos = tl.load(pos_ptr + row).to(tl.int64)
     else:
         pos = seed * 0
+    return uniform53(seed, pos)
+
+
+@triton.jit
+def _pick_chunk(mass, idx, u):
+    """Inverse CDF over the chunk masses [BLOCK_NC] with the uniform u, cumulative sums in
+    float64: (the chunk, where the target falls inside it as a fraction of its mass)."""
     mass64 = mass.to(tl.float64)
     cum = tl.cumsum(mass64, 0)
-    target = uniform53(seed, pos) * tl.max(cum, 0)
+    target = u * tl.max(cum, 0)
     pick = tl.sum((cum <= target).to(tl.int32), 0)
     # Rounding can leave target at or past the last boundary: take the last chunk with mass.
     pick = tl.minimum(pick, tl.max(tl.where(mass > 0.0, idx, -1), 0))
     sel = idx == pick
     frac = tl.sum(tl.where(sel, target - (cum - mass64), 0.0), 0) / tl.sum(tl.where(sel, mass64, 0.0), 0)
-    first_max = tl.min(tl.where(m_t == big_m, idx, BLOCK_NC), 0)
-    ch = tl.where(greedy, first_max, pick)
-    ch = tl.where(valid, ch, 0)
+    return pick, frac
 
-    m_ch = tl.sum(tl.where(idx == ch, m_t, 0.0), 0)
-    if greedy:
-        # The first entry of the first chunk holding the max; its mass is e_max.
-        # (Names differ between the branches: the compiler wants a name's type the same in both.)
-        x_all = _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, ch * CHUNK, V, CHUNK, HAS_LO)
-        tok_in = tl.argmax(x_all, 0)
-        e_tok = e_max
-    else:
-        # The run holding the target, from the run sums of the streaming pass.
-        c_idx = tl.arange(0, RUNS)
-        c = tl.load(c_ptr + (base + ch) * RUNS + c_idx, cache_modifier=".cg").to(tl.float64)
-        c_cum = tl.cumsum(c, 0)
-        goal = frac * tl.sum(c, 0)
-        run = tl.sum((c_cum <= goal).to(tl.int32), 0)
-        run = tl.minimum(run, tl.max(tl.where(c > 0.0, c_idx, -1), 0))
-        on_run = c_idx == run
-        # Where the target falls inside the run, as a fraction of the run's mass: the entry is
-        # then picked in proportion to its float64 share of the run, so a run sum's fp32 rounding
-        # changes each entry's probability by a relative ~1e-7 at most (as for a chunk's sum).
-        before = tl.sum(tl.where(on_run, c_cum - c, 0.0), 0)
-        frac_run = (goal - before) / tl.sum(tl.where(on_run, c, 0.0), 0)
-        # Re-read that run; the same arithmetic as the streaming pass gives the same masses.
-        x = _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, ch * CHUNK + run * RUN, V,
-                       RUN, HAS_LO)
-        e = tl.exp2(tl.fma(x, scale, -(tl.where(m_ch == float("-inf"), 0.0, m_ch) * scale)))
-        e_idx = tl.arange(0, RUN)
-        e64 = e.to(tl.float64)
-        k = tl.sum((tl.cumsum(e64, 0) <= frac_run * tl.sum(e64, 0)).to(tl.int32), 0)
-        # Rounding can put the target at or past the run's end: stay on its last entry with mass.
-        k = tl.minimum(k, tl.max(tl.where(e > 0.0, e_idx, -1), 0))
-        tok_in = run * RUN + k
-        e_tok = tl.sum(tl.where(e_idx == k, e, 0.0), 0)
-    # The token's mass relative to R is e_tok 2^delta_ch; taking the log of e_tok itself (not of
-    # its d) lets e_tok's own rounding cancel against the same term inside S.
-    delta_ch = tl.sum(tl.where(idx == ch, delta, 0.0), 0)
-    logp = tl.log(e_tok) - tl.log(total) + 0.6931471805599453 * delta_ch
 
-    token = tl.where(valid, ch.to(tl.int64) * CHUNK + tok_in, -1)
-    tl.store(tok_ptr + row, token)
-    tl.store(logp_ptr + row, tl.where(valid, logp, float("nan")))
-    tl.store(ent_ptr + row, tl.where(valid, entropy, float("nan")))
-    tl.store(valid_ptr + row, valid)
+@triton.jit
+def _pick_in_chunk(logits_ptr, stride_b, stride_v, lo_ptr, c_ptr, row, out, start, m_ch, scale,
+                   frac, V, RUNS: tl.constexpr, RUN: tl.constexpr, HAS_LO: tl.constexpr):
+    """The entry at fraction ``frac`` of the mass of the chunk whose record index is ``out`` and
+    whose first entry is ``start`` (max m_ch): (its index in the chunk, its mass e_tok)."""
+    # The run holding the target, from the run sums of the streaming pass.
+    c_idx = tl.arange(0, RUNS)
+    c = tl.load(c_ptr + out * RUNS + c_idx, cache_modifier=".cg").to(tl.float64)
+    c_cum = tl.cumsum(c, 0)
+    goal = frac * tl.sum(c, 0)
+    run = tl.sum((c_cum <= goal).to(tl.int32), 0)
+    run = tl.minimum(run, tl.max(tl.where(c > 0.0, c_idx, -1), 0))
+    on_run = c_idx == run
+    # Where the target falls inside the run, as a fraction of the run's mass: the entry is
+    # then picked in proportion to its float64 share of the run, so a run sum's fp32 rounding
+    # changes each entry's probability by a relative ~1e-7 at most (as for a chunk's sum).
+    before = tl.sum(tl.where(on_run, c_cum - c, 0.0), 0)
+    frac_run = (goal - before) / tl.sum(tl.where(on_run, c, 0.0), 0)
+    # Re-read that run; the same arithmetic as the streaming pass gives the same masses.
+    x = _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, start + run * RUN, V, RUN, HAS_LO)
+    e = tl.exp2(tl.fma(x, scale, -(tl.where(m_ch == float("-inf"), 0.0, m_ch) * scale)))
+    e_idx = tl.arange(0, RUN)
+    e64 = e.to(tl.float64)
+    k = tl.sum((tl.cumsum(e64, 0) <= frac_run * tl.sum(e64, 0)).to(tl.int32), 0)
+    # Rounding can put the target at or past the run's end: stay on its last entry with mass.
+    k = tl.minimum(k, tl.max(tl.where(e > 0.0, e_idx, -1), 0))
+    return run * RUN + k, tl.sum(tl.where(e_idx == k, e, 0.0), 0)

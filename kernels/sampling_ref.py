@@ -74,9 +74,9 @@ def seed_int64(seed):
 
 
 def active_truncation(top_k, top_p, V: int):
-    """(top_k, top_p) with a scalar setting that keeps every entry (k <= 0, k >= V, p >= 1) made
-    None, so it takes the one-pass path: top_k=-1 and top_p=1.0, common "off" values, cost no
-    sort. Per-row tensors are kept as they are."""
+    """(top_k, top_p) as the kernels take them: None for a number that keeps every entry (k <= 0,
+    k >= V, p >= 1, or None), so the off values 0 and 1.0 take the one-pass path and sort
+    nothing. Per-row tensors are kept as they are (a row's k <= 0 or p >= 1 is off there)."""
     if top_k is not None and not isinstance(top_k, torch.Tensor) and not 0 < top_k < V:
         top_k = None
     if top_p is not None and not isinstance(top_p, torch.Tensor) and top_p >= 1:
@@ -99,7 +99,8 @@ def truncation_threshold(logits: torch.Tensor, temperature, top_k, top_p) -> tor
     """Per-row logit threshold for top-k then top-p: entries below it are dropped.
 
     logits: [B, V] any float dtype. temperature: float or [B] (<= 0: greedy, judged at T = 1).
-    top_k: int or int [B] (<= 0 or >= V: off). top_p: float or [B] (>= 1: off).
+    top_k: None, int or int [B] (None, <= 0 or >= V: off). top_p: None, float or [B] (None or
+    >= 1: off).
     Returns fp32 [B]. Ties at the threshold are all kept. No host syncs.
     """
     B, V = logits.shape
@@ -138,8 +139,8 @@ def _inverse_cdf_ref(mass: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def sample_ref(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorOrInt = 0,
-               position: torch.Tensor | None = None, top_k: TensorOrInt | None = None,
-               top_p: TensorOrFloat | None = None, *, check: bool = False) -> SampleOutput:
+               position: torch.Tensor | None = None, top_k: TensorOrInt | None = 0,
+               top_p: TensorOrFloat | None = 1.0, *, check: bool = False) -> SampleOutput:
     """Pure-PyTorch reference of ``sample``: same signature, same rule, same uniforms.
 
     In fp32 like the kernel: z = (x - max) / T, S = sum exp(z), log-prob = z_tok - log S and

@@ -112,7 +112,7 @@ def test_sampling_is_reproducible_and_independent_of_the_batch():
 
 def test_top_k_and_top_p_reach_the_sampler_as_numbers_when_rows_share_them(monkeypatch):
     """A value every row shares goes to the sampler as a number (top-k then selects k candidates
-    per row instead of sorting whole rows); k <= 0 and p >= 1 are off; mixed values go per row."""
+    per row instead of sorting whole rows); top_k 0 and top_p 1.0 are off; mixed values go per row."""
     from arpo_fast.engine import engine as engine_module
 
     seen = []
@@ -125,9 +125,9 @@ def test_top_k_and_top_p_reach_the_sampler_as_numbers_when_rows_share_them(monke
 
     shared = SamplingParams(top_k=40, top_p=0.9)
     assert sampled_with(shared, shared) == (40, 0.9)
-    assert sampled_with(SamplingParams(top_k=-1, top_p=1.0), SamplingParams(top_k=0)) == (None, None)
-    top_k, top_p = sampled_with(SamplingParams(top_k=40), SamplingParams(top_k=-1, top_p=0.5))
-    assert top_k.tolist() == [40, -1] and top_p.tolist() == [1.0, 0.5]
+    assert sampled_with(SamplingParams(top_k=0, top_p=1.0), SamplingParams(top_k=0)) == (None, None)
+    top_k, top_p = sampled_with(SamplingParams(top_k=40), SamplingParams(top_k=0, top_p=0.5))
+    assert top_k.tolist() == [40, 0] and top_p.tolist() == [1.0, 0.5]
 
 
 def test_forked_children_get_distinct_seeds():

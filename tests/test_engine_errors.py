@@ -85,6 +85,11 @@ def test_config_and_params_errors():
         SamplingParams(temperature=-1.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    assert SamplingParams(top_k=None, top_p=None) == SamplingParams(top_k=0, top_p=1.0)
     with pytest.raises(ValueError, match="on_pool_exhausted"):
         EngineConfig(on_pool_exhausted="wait")
     with pytest.raises(ValueError, match="power of two"):

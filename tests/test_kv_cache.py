@@ -17,18 +17,31 @@ def token_kv(token_ids, layer, marker=0.0):
     return k, -k
 
 
+def write_kv(cache, layer, slot_mapping, k, v):
+    """Store new tokens' K and V ([N, HEADS, DIM]) at their slots (int64 [N])."""
+    kv = cache.kv[layer].flatten(1, 2)  # [2, blocks * block_size, HEADS, DIM], a view
+    kv[0, slot_mapping], kv[1, slot_mapping] = k, v
+
+
+def read_kv(cache, layer, seq):
+    """A sequence's K and V, [length, HEADS, DIM] each, read through its block table."""
+    table = torch.as_tensor(cache.forker.block_table(seq), dtype=torch.int64)
+    kv = cache.kv[layer, :, table].flatten(1, 2)[:, :cache.length(seq)]
+    return kv[0], kv[1]
+
+
 def write_tokens(cache, seqs, tokens_per_seq):
     step = cache.prepare_step(seqs, [len(t) for t in tokens_per_seq])
     flat = [t for toks in tokens_per_seq for t in toks]
     for layer in range(LAYERS):
         k, v = token_kv(flat, layer)
-        cache.write(layer, step.slot_mapping, k, v)
+        write_kv(cache, layer, step.slot_mapping, k, v)
     return step
 
 
 def check_holds(cache, seq, tokens):
     for layer in range(LAYERS):
-        k, v = cache.gather(layer, seq)
+        k, v = read_kv(cache, layer, seq)
         ek, ev = token_kv(tokens, layer)
         torch.testing.assert_close(k, ek, rtol=0, atol=0)
         torch.testing.assert_close(v, ev, rtol=0, atol=0)

@@ -73,33 +73,9 @@ def policy_loss(
     _check_params(clip_low, clip_high, dual_clip, entropy is not None, entropy_coef)
     m = mask if mask.dtype == torch.bool else mask != 0
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
-    lp = logprobs.to(dtype)
-    old = old_logprobs.detach().to(dtype)
-    adv = advantages.detach().to(dtype)
-    adv = adv.unsqueeze(-1).expand_as(lp) if adv.dim() == 1 else adv
-    zero = torch.zeros((), dtype=dtype, device=lp.device)
-    # Masked tokens may hold anything; zero their inputs so their ratio is 1 and gradients are clean.
-    log_ratio = torch.where(m, lp - old, zero).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-    adv = torch.where(m, adv, zero)
-    ratio = torch.exp(log_ratio)
-
-    unclipped = -adv * ratio
-    clamped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clamped)
-    dual_active = torch.zeros_like(m)
-    if dual_clip is not None:
-        cap = -adv * dual_clip
-        dual_active = (adv < 0) & (per_token > cap)
-        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    log_ratio, adv = _masked_inputs(logprobs, old_logprobs, advantages, m, dtype)
+    per_token, stats = _clipped_loss(log_ratio, adv, clip_low, clip_high, dual_clip)
     loss = aggregate(per_token, m)
-
-    stats = {
-        "clip_fraction": clamped > unclipped,
-        "dual_clip_fraction": dual_active,
-        "approx_kl": -log_ratio,
-        "approx_kl_k3": ratio - 1.0 - log_ratio,
-        "ratio_mean": ratio,
-    }
     if entropy is not None:
         ent = entropy.to(dtype)
         if entropy_coef != 0:
@@ -107,6 +83,41 @@ def policy_loss(
         stats["entropy"] = ent
     metrics = _metrics(stats, m)
     return loss, metrics
+
+
+def _masked_inputs(logprobs, old_logprobs, advantages, m, dtype):
+    """(log-ratio, advantage) per token [B, T] in ``dtype``, both 0 where ``m`` is unset; the
+    log-ratio is clamped to +-MAX_LOG_RATIO. Only the log-ratio carries a gradient."""
+    lp = logprobs.to(dtype)
+    old = old_logprobs.detach().to(dtype)
+    adv = advantages.detach().to(dtype)
+    adv = adv.unsqueeze(-1).expand_as(lp) if adv.dim() == 1 else adv
+    zero = torch.zeros((), dtype=dtype, device=lp.device)
+    # Masked tokens may hold anything; zero their inputs so their ratio is 1 and gradients are clean.
+    log_ratio = torch.where(m, lp - old, zero).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return log_ratio, torch.where(m, adv, zero)
+
+
+def _clipped_loss(log_ratio, adv, clip_low, clip_high, dual_clip):
+    """The clipped (and dual-clipped) loss per token, and the per-token statistics that the
+    metrics average, by name."""
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clamped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clamped)
+    dual_active = torch.zeros_like(per_token, dtype=torch.bool)
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        dual_active = (adv < 0) & (per_token > cap)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    stats = {
+        "clip_fraction": clamped > unclipped,
+        "dual_clip_fraction": dual_active,
+        "approx_kl": -log_ratio,
+        "approx_kl_k3": ratio - 1.0 - log_ratio,
+        "ratio_mean": ratio,
+    }
+    return per_token, stats
 
 
 def _metrics(stats: dict[str, torch.Tensor], m: torch.Tensor) -> dict[str, float]:

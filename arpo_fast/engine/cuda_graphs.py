@@ -82,8 +82,9 @@ class DecodeGraphs:
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, step, temp: torch.Tensor,
             seed: torch.Tensor, sample_pos: torch.Tensor):
         """Replay the graph of the smallest captured size >= B. tokens, positions (of the pending
-        tokens), temp, seed, sample_pos (the sampler's positions): [B] on the device; ``step``: the cache's StepTensors for these B sequences (one token each).
-        Returns the sampler's output for the B rows (copied out of the static buffers)."""
+        tokens), temp, seed, sample_pos (the sampler's positions): [B] on the device; ``step``: the
+        cache's StepTensors for these B sequences (one token each). Returns the sampler's output
+        for the B rows (copied out of the static buffers)."""
         B, W = step.block_tables.shape
         bs = next(s for s in self.sizes if s >= B)
         self.ids[:B].copy_(tokens)

@@ -2,10 +2,16 @@
 
 Low level (what the ARPO rollout drives): ``add`` a prompt, ``step`` a set of sequences (one forward
 over all their pending tokens, prefills and decodes mixed, then the fused sampler), ``extend`` a
-sequence with tokens the model did not write (a tool result), ``prefill`` it (cache all pending
-tokens but the last) and ``fork`` it into branches that share its KV without copying, ``free`` it.
-High level: ``generate`` (see ``generation.py``). An ARPO branch point is
-``extend(seq, tool_result); prefill([seq]); fork(seq, n)``: the tool result is computed once.
+sequence with tokens the model did not write (a tool result), ``fork`` it into branches that share
+its KV without copying, ``free`` it. ``prefill`` caches all pending tokens but the last, and
+``logits`` runs the pending tokens and returns their logits without sampling. High level:
+``generate`` (see ``generation.py``).
+
+An ARPO branch point (``arpo_fast/rollout/tree.py``): ``extend(seq, tool_result)``, then ordinary
+steps (the first computes the tool result's KV, once), and if the trajectory branches,
+``fork(seq, n, at=len(prompt) + the response length right after the tool result)``: each child
+holds the parent's first ``at`` tokens, shares the KV of all but the last of them (the parent's
+blocks, not a copy) and re-runs that last one with its own seed to sample its own continuation.
 
 When a step does not fit in the KV pool, ``EngineConfig.on_pool_exhausted`` picks between a
 ``PoolExhaustedError`` with nothing changed and preemption: the youngest sequences give up their KV
@@ -48,8 +54,19 @@ class StepOutput(NamedTuple):
 
 
 def _truncates(p: SamplingParams) -> bool:
-    """Whether a sequence's top-k/top-p can drop tokens (k <= 0 and p >= 1 keep them all)."""
-    return (p.top_k is not None and p.top_k > 0) or (p.top_p is not None and p.top_p < 1)
+    """Whether a sequence's top-k/top-p can drop tokens (top_k 0 and top_p 1.0 keep them all)."""
+    return p.top_k > 0 or p.top_p < 1
+
+
+def _sampler_arg(values: list, off, dtype: torch.dtype, device: torch.device):
+    """One top-k or top-p setting of every row as ``sample`` takes it: None when every row has it
+    off (the one-pass path), the number when all rows share it (top-k then selects k candidates
+    per row instead of sorting whole rows), else a per-row tensor [B]."""
+    if all(v == off for v in values):
+        return None
+    if len(set(values)) == 1:
+        return values[0]
+    return torch.tensor(values, dtype=dtype).to(device)
 
 
 class Engine:
@@ -348,17 +365,8 @@ class Engine:
 
     @staticmethod
     def _sample(logits, params, temp, seeds, positions):
-        # One value shared by every row goes as a number: top-k then selects k candidates per
-        # row instead of sorting whole rows. Settings that keep every token count as off.
-        ks = {p.top_k if p.top_k is not None and p.top_k > 0 else 0 for p in params}
-        ps = {p.top_p if p.top_p is not None and p.top_p < 1 else 1.0 for p in params}
-        top_k = top_p = None
-        if ks != {0}:
-            top_k = ks.pop() if len(ks) == 1 else torch.tensor(
-                [p.top_k or 0 for p in params], dtype=torch.int64).to(logits.device)
-        if ps != {1.0}:
-            top_p = ps.pop() if len(ps) == 1 else torch.tensor(
-                [p.top_p or 1.0 for p in params], dtype=torch.float32).to(logits.device)
+        top_k = _sampler_arg([p.top_k for p in params], 0, torch.int64, logits.device)
+        top_p = _sampler_arg([p.top_p for p in params], 1.0, torch.float32, logits.device)
         return sample(logits, temp, seeds, positions, top_k, top_p)
 
     @staticmethod

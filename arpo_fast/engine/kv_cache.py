@@ -87,20 +87,6 @@ class PagedKVCache:
             torch.from_numpy(meta.context_lens).to(dev, non_blocking=True),
         )
 
-    def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new tokens' K and V ([N, kv_heads, head_dim]) at their slots (int64 [N])."""
-        flat = self.kv[layer].view(2, -1, self.kv_heads, self.head_dim)
-        flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
-        flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
-
-    def gather(self, layer: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A sequence's K and V as contiguous [length, kv_heads, head_dim] tensors (for tests and debugging)."""
-        table = torch.from_numpy(np.asarray(self.forker.block_table(seq), dtype=np.int64)).to(self.device)
-        length = self.forker.length(seq)
-        k = self.k(layer).index_select(0, table).reshape(-1, self.kv_heads, self.head_dim)[:length]
-        v = self.v(layer).index_select(0, table).reshape(-1, self.kv_heads, self.head_dim)[:length]
-        return k, v
-
     # Sequence management passes straight through to the forker.
     def new_sequence(self) -> int:
         return self.forker.new_sequence()

@@ -17,10 +17,11 @@ class SamplingParams:
 
     temperature: float = 1.0
     """0 means greedy (argmax)."""
-    top_k: int | None = None
-    """Keep the k most likely tokens; None or <= 0 keeps all."""
-    top_p: float | None = None
-    """Keep the smallest set of tokens whose mass reaches p; None or >= 1 keeps all."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 keeps all (as the trainer's ``--top-k 0``)."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose mass reaches p, in (0, 1]; 1.0 keeps all (as the
+    trainer's ``--top-p 1.0``)."""
     max_new_tokens: int = 256
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
     """Extra stop tokens besides EOS."""
@@ -31,8 +32,13 @@ class SamplingParams:
     def __post_init__(self):
         if math.isnan(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        # None, the off value of earlier versions, reads as off: the fields always hold numbers.
+        self.top_k = 0 if self.top_k is None else self.top_k
+        self.top_p = 1.0 if self.top_p is None else self.top_p
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1.0: off), got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if isinstance(self.stop, str):
