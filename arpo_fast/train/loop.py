@@ -247,8 +247,7 @@ def train_step(run: Run, step: int) -> dict:
     """One step (0-based): rollout -> reward -> advantage -> update; returns its metrics."""
     cfg = run.cfg
     batch = [run.examples[i] for i in step_batch(len(run.examples), cfg.prompts_per_step, step, cfg.seed)]
-    sampling = SamplingParams(cfg.temperature, top_k=cfg.top_k or None,
-                              top_p=cfg.top_p if cfg.top_p < 1 else None)
+    sampling = SamplingParams(cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     t0 = time.perf_counter()
     with torch.no_grad():
         rollout = arpo_rollout(run.engine, run.protocol, [e.prompt_ids for e in batch], cfg.rollout, sampling,
