@@ -268,3 +268,18 @@ def test_top_entropy_is_the_reference_estimate_for_the_rows_asked():
     assert plain.top_entropy is None
     with pytest.raises(ValueError, match="top_entropy flags"):
         engine.step([a, b], top_entropy=[True])
+
+
+@pytest.mark.gpu
+def test_gpu_top_entropy_from_cuda_graph_replays_matches_eager():
+    """A decode step replayed from a CUDA graph reads its top-10 entropies off the graph's logits
+    buffer: the same values as the eager step (fp32)."""
+    model = tiny_model("qwen2").to("cuda")
+    outs = []
+    for graphs in (False, True):
+        engine = Engine(model, num_blocks=64, cuda_graphs=graphs, max_graph_batch=4, max_seq_len=128)
+        seqs = [engine.add([1, 2, 3], seed=1), engine.add([4, 5], seed=2)]
+        engine.step(seqs)  # prefill: eager either way
+        outs.append(engine.step(seqs, SamplingParams(temperature=0.8), top_entropy=[True, True]))
+        assert (engine._graphs is not None and engine._graphs.replays > 0) == graphs
+    torch.testing.assert_close(outs[1].top_entropy, outs[0].top_entropy, rtol=1e-4, atol=1e-5)
