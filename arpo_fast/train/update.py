@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -95,6 +95,31 @@ def token_logprobs(model, batch: PackedBatch, temperature: float) -> tuple[torch
     return logprob_entropy(hidden, model.lm_head.weight, batch.targets, temperature)
 
 
+class LogprobModel(torch.nn.Module):
+    """The policy as the update uses it: ``forward(batch, temperature)`` returns the log-probs and
+    entropies of a :class:`PackedBatch`'s response tokens (:func:`token_logprobs`). One module
+    call, so that under FSDP2 the root's parameters (embedding, final norm, LM head) are gathered
+    for exactly that computation."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: PackedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_logprobs(self.policy, batch, temperature)
+
+
+def _dummy_batch(pad_id: int, device) -> PackedBatch:
+    """One token that counts for nothing: a rank with fewer micro-batches than the others runs
+    these, so that every rank makes the same collective calls."""
+    one = torch.tensor([0], dtype=torch.int64, device=device)
+    return PackedBatch([], torch.full((1, 1), pad_id, dtype=torch.int64, device=device),
+                       torch.ones((1, 1), dtype=torch.int64, device=device), one,
+                       torch.full((1,), pad_id, dtype=torch.int64, device=device),
+                       torch.zeros(1, dtype=torch.bool, device=device),
+                       torch.full((1,), math.nan, device=device), 0)
+
+
 @dataclass(frozen=True)
 class UpdateConfig:
     """The clipped update. Defaults are the reference's (clip 0.2/0.2, dual clip 3, no entropy
@@ -162,33 +187,56 @@ def is_weights(old: torch.Tensor, rollout: torch.Tensor, cap: float) -> torch.Te
 
 
 def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: UpdateConfig,
-           pad_id: int, temperature: float = 1.0) -> dict[str, float]:
+           pad_id: int, temperature: float = 1.0, *, dist=None,
+           mini_batch_ids: Optional[Sequence[int]] = None, num_mini_batches: int = 0) -> dict[str, float]:
     """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
-    per trajectory): one step of ``optimizer`` (a :class:`~arpo_fast.train.optim.MasterWeights`)
-    per mini-batch of ``cfg.mini_batch_prompts`` prompts.
+    per trajectory): one step of ``optimizer`` (``optim.MasterWeights``, or the sharded policy of a
+    distributed run) per mini-batch of ``cfg.mini_batch_prompts`` prompts.
 
-    Returns the loss's metrics as token-weighted means over the whole step (``tokens``: their
-    count), the rollout/trainer log-prob mismatch, the last gradient norm, the optimizer steps
+    ``model``: the policy, or a :class:`LogprobModel` (sharded with FSDP2 in a distributed run).
+    ``dist``: this rank of a distributed run (``distributed.Dist``): the token-mean's denominator is
+    then the count over every rank, and every rank runs the same number of micro-batches. With
+    ``mini_batch_ids`` (per trajectory, < ``num_mini_batches``) the caller says which mini-batch each
+    trajectory belongs to (the same numbering on every rank).
+
+    Returns the loss's metrics as token-weighted means over this process's tokens (``tokens``:
+    their count), the rollout/trainer log-prob mismatch, the last gradient norm, the optimizer steps
     taken and how many were skipped for a non-finite gradient."""
-    device = next(model.parameters()).device
+    scorer = model if isinstance(model, LogprobModel) else LogprobModel(model)
+    device = next(scorer.parameters()).device
+    if mini_batch_ids is None:
+        groups = mini_batches([t.prompt_index for t in trajectories], cfg.mini_batch_prompts)
+    else:
+        groups = [[] for _ in range(num_mini_batches)]
+        for i, k in enumerate(mini_batch_ids):
+            groups[k].append(i)
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
     plans = [[pack(trajectories, [share[j] for j in g], pad_id, device)
               for g in micro_batches([lengths[i] for i in share], cfg.micro_batch_tokens)]
-             for share in mini_batches([t.prompt_index for t in trajectories], cfg.mini_batch_prompts)]
+             for share in groups]
+    plan_tokens = [sum(b.model_tokens for b in plan) for plan in plans]
+    if dist is not None:  # global token counts; the same number of micro-batches on every rank
+        plan_tokens = dist.sum(plan_tokens)
+        counts = dist.max([len(plan) for plan in plans])
+        plans = [plan + [_dummy_batch(pad_id, device) for _ in range(int(c) - len(plan))]
+                 for plan, c in zip(plans, counts)]
+    scale = dist.world if dist is not None else 1  # FSDP averages gradients over ranks; we want the sum
     old = {}
     if len(plans) > 1:  # later mini-batches see a moved policy: keep the rollout policy's values
         with torch.no_grad():
             for batch in (b for plan in plans for b in plan):
-                old[id(batch)] = token_logprobs(model, batch, temperature)[0]
+                old[id(batch)] = scorer(batch, temperature)[0]
     sums: dict[str, float] = {}
     mismatch = _Mismatch()
     tokens = skipped = 0
     grad_norm = 0.0
-    for plan in plans:
-        plan_tokens = sum(b.model_tokens for b in plan)
+    for plan, total in zip(plans, plan_tokens):
         for batch in plan:
-            logprobs, entropy = token_logprobs(model, batch, temperature)
+            logprobs, entropy = scorer(batch, temperature)
             old_lp = old.get(id(batch), logprobs.detach())
+            if not batch.rows:  # a dummy: gradients of zero, collectives as on the other ranks
+                (logprobs.sum() * 0.0).backward()
+                continue
             mismatch.add(old_lp, batch)
             adv = torch.cat([advantages[i] for i in batch.rows]).to(device)
             if cfg.rollout_is_cap:  # a weight w >= 0 on a token's clipped loss is a weight on its A
@@ -198,7 +246,7 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
             loss, metrics = policy_loss(
                 logprobs[None], old_lp[None], adv[None], batch.loss_mask[None], cfg.clip_low,
                 cfg.clip_high, cfg.dual_clip or None, entropy=entropy[None], entropy_coef=cfg.entropy_coef)
-            (loss * (batch.model_tokens / max(plan_tokens, 1))).backward()
+            (loss * (batch.model_tokens * scale / max(total, 1))).backward()
             metrics.pop("tokens")
             metrics["loss"] = float(loss.detach())
             _add(sums, {k: v * batch.model_tokens for k, v in metrics.items()})
