@@ -5,16 +5,15 @@ On the CPU the Triton kernels run under ``TRITON_INTERPRET=1`` (set by conftest)
 ``sample_ref`` (the same rule and the same uniforms, checked token-for-token against the kernel)
 and, with more draws, on the kernel in the GPU-only tests.
 
-Tolerance: log-prob and entropy within ``RTOL * |x64| + ATOL`` of a float64 computation, for every
-input dtype (bf16/fp16 inputs are upcast exactly, so the fp32 bound applies to them too). ATOL is
-for values near zero (a near-deterministic row has log-prob ~ -1e-9, where a relative bound on an
-fp32 result means nothing: fp32 resolves 6e-8 next to 1); the reference must meet the same bound.
+Log-prob and entropy are checked against a float64 computation within ``helpers.RTOL * |x64| +
+helpers.ATOL`` (``helpers.assert_close64``).
 """
 
 import math
 
 import pytest
 import torch
+from helpers import assert_close64, kept, random_logits, sampler_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,60 +22,12 @@ from arpo_fast.kernels.counter_rng import uniform53_ref
 from arpo_fast.kernels.sampling import LaunchConfig, _sample_triton
 from arpo_fast.kernels.sampling_ref import truncation_threshold
 
-RTOL, ATOL = 1e-4, 1e-7
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def _row_temps(temperature, B):
-    t = temperature if isinstance(temperature, torch.Tensor) else torch.full((B,), float(temperature))
-    t = t.double()
-    return torch.where(t > 0, t, torch.ones_like(t))
-
-
-def _kept(logits, temperature, top_k=None, top_p=None):
-    """Kept-entry mask [B, V] of top-k then top-p, computed independently in float64."""
-    x = logits.double()
-    B, V = x.shape
-    keep = torch.ones_like(x, dtype=torch.bool)
-    order = torch.sort(x, dim=1, descending=True).values
-    if top_k is not None and 0 < top_k < V:
-        keep &= x >= order[:, top_k - 1: top_k]
-    if top_p is not None and top_p < 1:
-        t = _row_temps(temperature, B)[:, None]
-        z = torch.where(keep, (x - order[:, :1]) / t, float("-inf"))
-        p = torch.softmax(z, dim=1)
-        for b in range(B):
-            ps, idx = torch.sort(p[b], descending=True)
-            before = torch.cumsum(ps, 0) - ps
-            n = int((before < top_p).sum())
-            thr = x[b, idx[n - 1]]
-            keep[b] &= x[b] >= thr
-    return keep
-
-
-def _oracle(logits, temperature, tokens, keep=None):
-    """Float64 log-prob of ``tokens`` [B] and entropy [B] of the (truncated) tempered rows."""
-    x = logits.double()
-    if keep is not None:
-        x = torch.where(keep, x, float("-inf"))
-    t = _row_temps(temperature, x.shape[0])[:, None]
-    z = (x - x.max(dim=1, keepdim=True).values) / t
-    logp = torch.log_softmax(z, dim=1)
-    ent = -torch.where(z > float("-inf"), logp.exp() * logp, 0.0).sum(1)
-    return logp.gather(1, tokens.clamp(min=0)[:, None])[:, 0], ent
-
-
-def _assert_close64(out: SampleOutput, logits, temperature, keep=None):
-    logp64, ent64 = _oracle(logits, temperature, out.tokens, keep)
-    for name, got, want in (("logprob", out.logprobs, logp64), ("entropy", out.entropy, ent64)):
-        err = (got.double() - want).abs()
-        bound = RTOL * want.abs() + ATOL
-        assert bool((err <= bound).all()), f"{name}: max err {err.max():.3g}, values {want.tolist()}"
 
 
 def _probs64(logits_row, temperature, keep_row=None):
@@ -113,10 +64,6 @@ def _chi2(tokens, probs):
     return stat, int(nz.sum()) - 1
 
 
-def _logits(B, V, dtype=torch.float32, scale=3.0):
-    return (torch.randn(B, V) * scale).to(dtype)
-
-
 # ------------------------------------------------------------------------------------------------
 # Kernel (interpreted on the CPU): values against float64, tokens against the reference
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +73,7 @@ def _logits(B, V, dtype=torch.float32, scale=3.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernel_matches_float64_and_reference(V, dtype):
     B = 2 if V > 10000 else 3
-    logits = _logits(B, V, dtype)
+    logits = random_logits(B, V, dtype)
     temps = torch.tensor([1.0, 0.7, 1.6])[:B]
     seeds = torch.arange(B) * 7919 + 11
     pos = torch.arange(B) + 100
@@ -135,8 +82,8 @@ def test_kernel_matches_float64_and_reference(V, dtype):
     assert out.tokens.dtype == torch.int64 and out.logprobs.dtype == torch.float32
     assert out.valid.all()
     assert torch.equal(out.tokens, ref.tokens)
-    _assert_close64(out, logits, temps)
-    _assert_close64(ref, logits, temps)
+    assert_close64(out, logits, temps)
+    assert_close64(ref, logits, temps)
 
 
 @pytest.mark.parametrize("temperature", [1e-3, 1e3, 0.0, 1.0])
@@ -145,7 +92,7 @@ def test_kernel_matches_float64_and_reference(V, dtype):
 def test_kernel_extremes_masked_entries(temperature, scale):
     """Huge and tiny temperatures, logits of +-1e4, and half the entries masked with -inf."""
     B, V = 4, 1000
-    logits = _logits(B, V, scale=scale)
+    logits = random_logits(B, V, scale=scale)
     logits[torch.rand(B, V) < 0.5] = float("-inf")
     logits[3, :-1] = float("-inf")  # a single finite entry: log-prob 0, entropy 0
     logits[3, -1] = 5.0
@@ -155,27 +102,27 @@ def test_kernel_extremes_masked_entries(temperature, scale):
     assert torch.equal(out.tokens, ref.tokens)
     assert torch.isfinite(logits.gather(1, out.tokens[:, None])).all()
     assert out.tokens[3] == V - 1 and out.logprobs[3] == 0 and out.entropy[3] == 0
-    _assert_close64(out, logits, temperature)
-    _assert_close64(ref, logits, temperature)
+    assert_close64(out, logits, temperature)
+    assert_close64(ref, logits, temperature)
 
 
 def test_kernel_noncontiguous_views():
     """A row-strided view of a larger buffer, and a column-strided (transposed) one."""
     B, V = 3, 700
-    big = _logits(B, V + 50, torch.bfloat16)
+    big = random_logits(B, V + 50, torch.bfloat16)
     view = big[:, 17:17 + V]
-    tall = _logits(V, B).t()  # stride (1, B)
+    tall = random_logits(V, B).t()  # stride (1, B)
     for logits in (view, tall):
         out = _sample_triton(logits, 0.9, 5, torch.arange(B))
         dense = _sample_triton(logits.contiguous(), 0.9, 5, torch.arange(B))
         assert torch.equal(out.tokens, dense.tokens)
         assert torch.equal(out.logprobs, dense.logprobs) and torch.equal(out.entropy, dense.entropy)
-        _assert_close64(out, logits, 0.9)
+        assert_close64(out, logits, 0.9)
 
 
 def test_kernel_per_row_tensors_and_scalars_agree():
     B, V = 3, 300
-    logits = _logits(B, V)
+    logits = random_logits(B, V)
     a = _sample_triton(logits, 0.8, 42, None)
     b = _sample_triton(logits, torch.full((B,), 0.8), torch.full((B,), 42), torch.zeros(B, dtype=torch.int64))
     for x, y in zip(a, b):
@@ -183,7 +130,7 @@ def test_kernel_per_row_tensors_and_scalars_agree():
 
 
 def test_public_sample_dispatches_to_kernel_under_interpreter():
-    logits = _logits(2, 50)
+    logits = random_logits(2, 50)
     out = sample(logits, 1.0, 9, torch.tensor([4, 5]))
     assert isinstance(out, SampleOutput)
     assert torch.equal(out.tokens, sample_ref(logits, 1.0, 9, torch.tensor([4, 5])).tokens)
@@ -197,14 +144,14 @@ def test_public_sample_dispatches_to_kernel_under_interpreter():
 @pytest.mark.parametrize("impl", ["kernel", "ref"])
 def test_greedy_is_argmax_with_ties_to_lowest_index(impl):
     B, V = 3, 200
-    logits = _logits(B, V)
+    logits = random_logits(B, V)
     logits[0, [150, 20, 90]] = 50.0  # ties within a chunk and across chunks (chunk = 16 below)
     logits[1, [199, 5]] = 50.0
     run = (lambda *a: _sample_triton(*a, config=LaunchConfig(16))) if impl == "kernel" else sample_ref
     out = run(logits, 0.0, 1, torch.arange(B))
     assert out.tokens.tolist() == [20, 5, int(logits[2].argmax())]
     # log-prob and entropy of the untempered distribution
-    _assert_close64(out, logits, 1.0)
+    assert_close64(out, logits, 1.0)
 
 
 # numpy, under the interpreter, warns about the NaN and inf arithmetic these rows are made of.
@@ -212,7 +159,7 @@ def test_greedy_is_argmax_with_ties_to_lowest_index(impl):
 @pytest.mark.parametrize("impl", ["kernel", "ref"])
 def test_invalid_rows_are_flagged_and_harm_no_other_row(impl):
     B, V = 5, 100
-    logits = _logits(B, V)
+    logits = random_logits(B, V)
     logits[1, 37] = float("nan")
     logits[2] = float("-inf")
     logits[4, 3] = float("inf")
@@ -228,7 +175,7 @@ def test_invalid_rows_are_flagged_and_harm_no_other_row(impl):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_check_true_names_the_bad_rows():
-    logits = _logits(4, 30)
+    logits = random_logits(4, 30)
     logits[1, 0] = float("nan")
     logits[3] = float("-inf")
     with pytest.raises(ValueError, match=r"rows 1, 3"):
@@ -265,7 +212,7 @@ def test_empty_batch():
 def test_kernel_row_token_independent_of_batch():
     """A row alone, at several places in a batch, and in a batch of another size: same token."""
     V = 7
-    logits = _logits(120, V)
+    logits = random_logits(120, V)
     seeds, pos = torch.randint(0, 2**62, (120,)), torch.randint(0, 2**40, (120,))
     batch = _sample_triton(logits, 1.0, seeds, pos)
     for rows in ([0], [119], [5, 77, 3], list(range(30, 60))):
@@ -276,7 +223,7 @@ def test_kernel_row_token_independent_of_batch():
 
 def test_reference_row_token_independent_of_batch_of_1000():
     V = 1000
-    logits = _logits(1000, V)
+    logits = random_logits(1000, V)
     seeds, pos = torch.randint(0, 2**62, (1000,)), torch.arange(1000) * 3
     batch = sample_ref(logits, 0.9, seeds, pos)
     for r in (0, 1, 511, 999):
@@ -289,7 +236,7 @@ def test_kernel_token_independent_of_chunk_size():
     over the whole row, so it may differ only where the uniform lands within float rounding of a
     token boundary (probability ~1e-6 per row here). Rows: 24, all must agree."""
     B, V = 24, 200
-    logits = _logits(B, V)
+    logits = random_logits(B, V)
     seeds, pos = torch.arange(B) * 31, torch.arange(B)
     tokens = [_sample_triton(logits, 1.0, seeds, pos, config=LaunchConfig(c)).tokens for c in (16, 64, 256)]
     assert torch.equal(tokens[0], tokens[1]) and torch.equal(tokens[0], tokens[2])
@@ -312,7 +259,7 @@ def test_launch_configs_give_the_same_samples(config):
     Same tokens as the reference, masked rows, greedy rows and top-k included (V = 300: a partial
     last chunk, and programs whose last chunks lie past the end)."""
     B, V = 6, 300
-    logits = _logits(B, V)
+    logits = random_logits(B, V)
     logits[1, ::3] = float("-inf")
     temps = torch.tensor([1.0, 0.7, 0.0, 2.0, 1e-3, 1.0])
     seeds, pos = torch.arange(B) * 7, torch.arange(B)
@@ -334,7 +281,7 @@ def test_persistent_streaming_pass_writes_the_same_records(warps, persistent):
     chunks of a row at V = 200) the launcher falls back to the row grid."""
     B = 7
     for V in (300, 200):
-        logits = _logits(B, V)
+        logits = random_logits(B, V)
         logits[2, ::5] = float("-inf")
         temps = torch.tensor([1.0, 0.6, 0.0, 1.7, 1e-3, 1.0, 0.9])
         seeds, pos = torch.arange(B) * 3, torch.arange(B)
@@ -350,7 +297,7 @@ def test_fused_finish_leaves_its_row_counters_at_zero():
     """The last program of a row resets the row's arrival counter, so the next call (or a CUDA
     graph replay) starts from zero and gives the same result."""
     B, V = 5, 700
-    logits = _logits(B, V)
+    logits = random_logits(B, V)
     config = LaunchConfig(64, 2)
     first = _sample_triton(logits, 0.8, 9, torch.arange(B), config=config)
     counters = sampling._row_counters(logits.device, B)
@@ -363,7 +310,7 @@ def test_batches_past_the_grid_limit_are_launched_in_slices(monkeypatch):
     """CUDA grids hold at most 65535 rows in their second dimension; larger batches go in slices
     (here the limit is lowered to 4 so the interpreter stays quick)."""
     B, V = 10, 100
-    logits = _logits(B, V)
+    logits = random_logits(B, V)
     temps = torch.linspace(0.0, 2.0, B)
     whole = _sample_triton(logits, temps, 3, torch.arange(B))
     monkeypatch.setattr(sampling, "_MAX_GRID_ROWS", 4)
@@ -378,24 +325,24 @@ def test_batches_past_the_grid_limit_are_launched_in_slices(monkeypatch):
 
 def test_bad_launch_config_is_refused():
     with pytest.raises(ValueError, match="chunk must be a power of two"):
-        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(48))
+        _sample_triton(random_logits(1, 100), 1.0, 0, None, config=LaunchConfig(48))
     with pytest.raises(ValueError, match="run length must be a power of two"):
-        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, run=128))
+        _sample_triton(random_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, run=128))
     with pytest.raises(ValueError, match="warps must be a power of two"):
-        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, warps=3))
+        _sample_triton(random_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, warps=3))
     with pytest.raises(ValueError, match="loop must be at least 1"):
-        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, loop=0))
+        _sample_triton(random_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, loop=0))
     with pytest.raises(ValueError, match="stages must be at least 1"):
-        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, stages=0))
+        _sample_triton(random_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, stages=0))
     with pytest.raises(ValueError, match="persistent must be at least 0"):
-        _sample_triton(_logits(1, 100), 1.0, 0, None,
+        _sample_triton(random_logits(1, 100), 1.0, 0, None,
                        config=LaunchConfig(64, fused=False, persistent=-1))
     with pytest.raises(ValueError, match="set fused=False"):
-        _sample_triton(_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, persistent=4))
+        _sample_triton(random_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, persistent=4))
 
 
 def test_same_inputs_same_tokens_and_seeds_matter():
-    logits = _logits(4, 500)
+    logits = random_logits(4, 500)
     a = _sample_triton(logits, 1.0, 123, torch.arange(4))
     b = _sample_triton(logits, 1.0, 123, torch.arange(4))
     assert torch.equal(a.tokens, b.tokens)
@@ -442,7 +389,7 @@ def test_reference_chi_square(case):
     logits = row.expand(n, V)
     out = sample_ref(logits, case["temperature"], 2024, torch.arange(n),
                      case.get("top_k"), case.get("top_p"))
-    keep = _kept(row, case["temperature"], case.get("top_k"), case.get("top_p"))[0]
+    keep = kept(row, case["temperature"], case.get("top_k"), case.get("top_p"))[0]
     stat, df = _chi2(out.tokens, _probs64(row[0], case["temperature"], keep))
     assert stat < _chi2_threshold(df), f"chi2 {stat:.1f} with {df} dof"
 
@@ -456,7 +403,7 @@ def test_kernel_chi_square(case):
     logits = row.expand(n, V)
     out = _sample_triton(logits, case["temperature"], 77, torch.arange(n), case.get("top_k"),
                          case.get("top_p"))
-    keep = _kept(row, case["temperature"], case.get("top_k"), case.get("top_p"))[0]
+    keep = kept(row, case["temperature"], case.get("top_k"), case.get("top_p"))[0]
     stat, df = _chi2(out.tokens, _probs64(row[0], case["temperature"], keep))
     assert stat < _chi2_threshold(df), f"chi2 {stat:.1f} with {df} dof"
 
@@ -509,20 +456,20 @@ def test_kernel_resolves_a_token_12_nats_down():
 def test_truncation_threshold_keeps_the_right_set(top_k, top_p, dtype):
     """The threshold selects and sorts in the logits' own dtype (bf16 here has many ties)."""
     B, V = 6, 300
-    logits = _logits(B, V, dtype)
+    logits = random_logits(B, V, dtype)
     lo = truncation_threshold(logits, 0.8, top_k, top_p)
-    assert torch.equal(logits >= lo[:, None], _kept(logits, 0.8, top_k, top_p))
+    assert torch.equal(logits >= lo[:, None], kept(logits, 0.8, top_k, top_p))
 
 
 def test_truncation_per_row_tensors():
     B, V = 4, 100
-    logits = _logits(B, V)
+    logits = random_logits(B, V)
     k = torch.tensor([0, 3, 100, 10])
     p = torch.tensor([1.0, 0.5, 0.9, 1.0])
     lo = truncation_threshold(logits, 1.0, k, p)
     for b in range(B):
         kb = int(k[b]) if 0 < k[b] < V else None
-        want = _kept(logits[b:b + 1], 1.0, kb, float(p[b]))[0]
+        want = kept(logits[b:b + 1], 1.0, kb, float(p[b]))[0]
         assert torch.equal(logits[b] >= lo[b], want)
 
 
@@ -530,7 +477,7 @@ def test_truncation_values_that_keep_everything_take_the_one_pass_path(monkeypat
     """top_k=-1/0/V and top_p=1.0 (common ways to say "off") sort nothing and give the
     untruncated result bit for bit, kernel and reference alike."""
     B, V = 3, 300
-    logits = _logits(B, V)
+    logits = random_logits(B, V)
     temps, seeds, pos = torch.tensor([1.0, 0.5, 0.0]), torch.arange(B), torch.arange(B)
     want = [sample(logits, temps, seeds, pos), sample_ref(logits, temps, seeds, pos)]
 
@@ -550,14 +497,14 @@ def test_truncation_values_that_keep_everything_take_the_one_pass_path(monkeypat
 @pytest.mark.parametrize("top_k,top_p,temperature", [(5, None, 1.0), (None, 0.6, 0.7), (40, 0.9, 0.0)])
 def test_kernel_top_k_top_p_values(top_k, top_p, temperature):
     B, V = 3, 400
-    logits = _logits(B, V, torch.bfloat16)
+    logits = random_logits(B, V, torch.bfloat16)
     out = _sample_triton(logits, temperature, 6, torch.arange(B), top_k, top_p)
     ref = sample_ref(logits, temperature, 6, torch.arange(B), top_k, top_p)
-    keep = _kept(logits, temperature, top_k, top_p)
+    keep = kept(logits, temperature, top_k, top_p)
     assert torch.equal(out.tokens, ref.tokens)
     assert keep.gather(1, out.tokens[:, None]).all()
-    _assert_close64(out, logits, temperature, keep)
-    _assert_close64(ref, logits, temperature, keep)
+    assert_close64(out, logits, temperature, keep)
+    assert_close64(ref, logits, temperature, keep)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -570,15 +517,11 @@ def test_kernel_top_k_top_p_values(top_k, top_p, temperature):
 @pytest.mark.parametrize("V", [1000, 32001, 151936])
 def test_gpu_values_and_tokens(V, dtype):
     B = 64
-    logits = (torch.randn(B, V, device="cuda") * 4).to(dtype)
-    logits[::7, ::3] = float("-inf")
-    temps = torch.rand(B, device="cuda") * 2 + 0.05
-    temps[::5] = 0.0
-    seeds, pos = torch.arange(B, device="cuda") * 13, torch.arange(B, device="cuda")
+    logits, temps, seeds, pos = sampler_batch(B, V, dtype)
     out = sample(logits, temps, seeds, pos)
     ref = sample_ref(logits, temps, seeds, pos)
     assert (out.tokens == ref.tokens).float().mean() >= 0.98  # float-rounding ties at boundaries
-    _assert_close64(out, logits, temps)
+    assert_close64(out, logits, temps)
 
 
 @pytest.mark.gpu
@@ -596,15 +539,11 @@ def test_gpu_launch_configs_agree_with_the_default(config):
     bit: the chunk and run length change the sums; a uniform within rounding of a boundary may
     move a token."""
     B, V = 256, 151936
-    logits = (torch.randn(B, V, device="cuda") * 4).bfloat16()
-    logits[::7, ::3] = float("-inf")
-    temps = torch.rand(B, device="cuda") * 2 + 0.05
-    temps[::5] = 0.0
-    seeds, pos = torch.arange(B, device="cuda") * 13, torch.arange(B, device="cuda")
+    logits, temps, seeds, pos = sampler_batch(B, V, torch.bfloat16)
     base = sample(logits, temps, seeds, pos)
     out = _sample_triton(logits, temps, seeds, pos, config=config)
     assert (out.tokens == base.tokens).float().mean() >= 0.99
-    _assert_close64(out, logits, temps)
+    assert_close64(out, logits, temps)
 
 
 @pytest.mark.gpu
@@ -630,7 +569,7 @@ def test_gpu_chi_square():
     for case in CHI2_CASES:
         out = sample(row.expand(n, V), case["temperature"], 99, torch.arange(n, device="cuda"),
                      case.get("top_k"), case.get("top_p"))
-        keep = _kept(row.cpu(), case["temperature"], case.get("top_k"), case.get("top_p"))[0]
+        keep = kept(row.cpu(), case["temperature"], case.get("top_k"), case.get("top_p"))[0]
         stat, df = _chi2(out.tokens.cpu(), _probs64(row[0].cpu(), case["temperature"], keep))
         assert df >= 2, f"{case}: only {df + 1} categories"
         assert stat < _chi2_threshold(df), f"{case}: chi2 {stat:.1f} with {df} dof"
@@ -702,7 +641,7 @@ def test_gpu_fused_finish_is_stable_across_calls_and_graphs():
 
 
 def test_large_python_seeds_wrap_like_int64_tensors():
-    logits = _logits(3, 40)
+    logits = random_logits(3, 40)
     big = 2**64 - 5  # the same 64 bits as the int64 -5
     a = _sample_triton(logits, 1.0, big, torch.arange(3))
     b = _sample_triton(logits, 1.0, torch.full((3,), -5), torch.arange(3))
@@ -732,4 +671,4 @@ def test_reference_properties(B, V, temp, scale, masked, dtype, seed):
     assert (out.entropy[ok] >= -tol).all()
     assert (out.entropy[ok] <= live[ok].sum(1).double().log() + tol).all()
     if ok.all():
-        _assert_close64(out, logits, temp)
+        assert_close64(out, logits, temp)
