@@ -3,7 +3,7 @@ and weight sharing with the trained model (tiny random models, fp32, CPU)."""
 
 import pytest
 import torch
-from engine_models import (
+from helpers import (
     ARCHS,
     VOCAB,
     hf_greedy,

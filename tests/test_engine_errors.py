@@ -6,7 +6,7 @@ engine still holds what it held and keeps working.
 
 import pytest
 import torch
-from engine_models import VOCAB, pytorch_kernels, tiny_model
+from helpers import VOCAB, pytorch_kernels, tiny_model
 
 from arpo_fast.engine import Engine, EngineConfig, SamplingParams
 from arpo_fast.errors import PoolExhaustedError, UnknownSequenceError

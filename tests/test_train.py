@@ -26,11 +26,6 @@ def _torch_paths(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return demo_tokenizer()
-
-
 def _small(tmp_path, **kw):
     base = dict(out=str(tmp_path / "run"), steps=2, prompts_per_step=2, rollouts=4, initial=2,
                 max_response_tokens=24, demo_warm_start=0, tools="")

@@ -9,26 +9,20 @@ real paged engine on a tiny random model.
 import math
 import random
 import threading
-import time
 from concurrent.futures import Future
 
 import pytest
 import torch
+from helpers import Calculator
 
-from arpo_fast.train.demo import demo_model, demo_tokenizer
+from arpo_fast.train.demo import demo_model
 from arpo_fast.engine import Engine, StepOutput
 from arpo_fast.seeds import child_seed
 from arpo_fast.rollout import Protocol, ProtocolConfig
-from arpo_fast.rollout.tools.base import ToolResult
 from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout
 
 CALL = "<python>print(1+1)</python>"
 ANSWER = "<answer>\\boxed{2}</answer>"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return demo_tokenizer()
 
 
 class ScriptedEngine:
@@ -97,25 +91,16 @@ class ScriptedEngine:
 
 
 class Tools:
-    """Executor stand-in: answers ``print(...)`` with the evaluated expression (or the error's name),
-    after a delay."""
+    """Executor stand-in: runs the python-tool double (its answer without print's newline, after
+    ``delay(query)`` seconds) on a thread of its own per call, and records the calls."""
 
-    def __init__(self, delay=lambda: 0.0):
-        self.calls, self.delay = [], delay
+    def __init__(self, delay=lambda query: 0.0):
+        self.calls, self.tool = [], Calculator(delay, end="")
 
     def submit(self, name, query):
         self.calls.append((name, query))
         future = Future()
-        try:  # the test's own strings, or what a tiny model wrote: arithmetic at most
-            text = str(eval(query.strip()[len("print("):-1], {"__builtins__": {}}))  # noqa: S307
-        except Exception as exc:  # noqa: BLE001
-            text = type(exc).__name__
-
-        def finish():
-            time.sleep(self.delay())
-            future.set_result(ToolResult(text))
-
-        threading.Thread(target=finish).start()
+        threading.Thread(target=lambda: future.set_result(self.tool(query))).start()
         return future
 
 
@@ -264,7 +249,7 @@ def test_same_seed_same_trees_whatever_the_tool_timing(tok):
     plan = lambda s: [CALL, CALL, ANSWER] if s % 2 else [CALL, ANSWER]  # noqa: E731
     entropy = lambda seed, r, i: (seed >> (r + i)) % 7 * 0.3  # noqa: E731
     runs = []
-    for delay in (lambda: 0.0, lambda: random.random() * 0.01):
+    for delay in (lambda query: 0.0, lambda query: random.random() * 0.01):
         out, _, _ = _run(tok, plan, cfg, entropy=entropy, tools=Tools(delay), seed=7)
         runs.append([(t.prompt_index, t.kind, t.parent, t.response_ids, t.path) for t in out.trajectories])
     assert runs[0] == runs[1]
