@@ -106,7 +106,8 @@ class LogprobModel(torch.nn.Module):
         self.policy = policy
 
     def forward(self, batch: PackedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_logprobs(self.policy, batch, temperature)
+        logprobs, entropy = token_logprobs(self.policy, batch, temperature)
+        return logprobs.clone(), entropy.clone()  # not views: FSDP2 hooks the outputs for backward
 
 
 def _dummy_batch(pad_id: int, device) -> PackedBatch:
