@@ -16,7 +16,7 @@ import torch
 
 STEPS = ["--demo-warm-start", "0", "--tools", "", "--reward", "by_length", "--prompts-per-step", "4",
          "--rollouts", "4", "--initial", "2", "--max-response-tokens", "10", "--mini-batch-prompts", "2", "--lr", "1e-3",
-         "--dtype", "fp32", "--device", "cpu", "--seed", "3"]
+         "--dtype", "fp32", "--device", "cpu", "--seed", "3", "--kl-coef", "0.05"]
 
 
 # a reward that varies from one trajectory to the next even for an untrained model, so that the
@@ -96,6 +96,7 @@ def test_two_processes_train_the_same_weights_as_one(runs):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["weight_refresh_mb"] > 0  # the rollout copies were refreshed from the shards
         assert b["grad_norm"] > 0 and b["skipped_updates"] == 0  # the weights did move
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7)  # the sharded reference copy
     wa, wb = _weights(runs / "one"), _weights(runs / "two")
     assert wa.keys() == wb.keys()
     _same_weights(wa, wb)

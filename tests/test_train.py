@@ -449,3 +449,24 @@ def test_errors_are_one_line_naming_the_file_or_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(base + ["--device", "gpu"])
     assert "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err
+
+
+def test_the_kl_penalty_to_the_starting_policy(tok, tmp_path):
+    import copy
+
+    model = demo_model(tok, seed=1).eval()
+    reference = copy.deepcopy(model)
+    trajs = _trajectories(tok)
+    adv = [torch.zeros(len(t.response_ids)) for t in trajs]
+    optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
+    cfg = UpdateConfig(kl_coef=0.5)
+    assert update(model, optimizer, trajs, adv, cfg, tok.pad_token_id, reference=reference)["kl"] == 0.0
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    m = update(model, optimizer, trajs, adv, cfg, tok.pad_token_id, reference=reference)
+    assert m["kl"] > 0 and m["loss"] == pytest.approx(0.5 * m["kl"], rel=1e-5)  # advantages are zero
+    with pytest.raises(ValueError, match="needs the reference policy"):
+        update(model, optimizer, trajs, adv, cfg, tok.pad_token_id)
+    # in a run: the starting policy is held and the penalty logged
+    assert "kl" in train(_small(tmp_path, steps=1, kl_coef=0.1))[0]

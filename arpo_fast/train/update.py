@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from arpo_fast.algo import policy_loss
+from arpo_fast.algo import aggregate, kl_k3, policy_loss
 from arpo_fast.kernels import logprob_entropy
 from arpo_fast.settings import setting
 
@@ -138,12 +138,16 @@ class UpdateConfig:
                                       "--prompts-per-step prompts takes ceil(prompts / this) steps.")
     micro_batch_tokens: int = setting(16384, "Most tokens (prompt and response, padded) in one "
                                       "forward/backward of the update.")
+    kl_coef: float = setting(0.0, "Weight of the KL penalty to a frozen copy of the starting policy (k3 "
+                             "estimator on model-written tokens); 0, the reference implementation's "
+                             "value, holds no such copy.")
     rollout_is_cap: float = setting(0.0, "Weight each token's loss by min(exp(old - rollout log-prob), "
                                     "this): truncated importance sampling for the rollout/trainer "
                                     "mismatch (0: off).")
 
     def __post_init__(self):
-        for name in ("clip_low", "clip_high", "entropy_coef", "grad_clip", "dual_clip", "rollout_is_cap"):
+        for name in ("clip_low", "clip_high", "entropy_coef", "grad_clip", "dual_clip", "rollout_is_cap",
+                     "kl_coef"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -189,12 +193,14 @@ def is_weights(old: torch.Tensor, rollout: torch.Tensor, cap: float) -> torch.Te
 
 def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: UpdateConfig,
            pad_id: int, temperature: float = 1.0, *, dist=None,
-           mini_batch_ids: Optional[Sequence[int]] = None, num_mini_batches: int = 0) -> dict[str, float]:
+           mini_batch_ids: Optional[Sequence[int]] = None, num_mini_batches: int = 0,
+           reference=None) -> dict[str, float]:
     """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
     per trajectory): one step of ``optimizer`` (``optim.MasterWeights``, or the sharded policy of a
     distributed run) per mini-batch of ``cfg.mini_batch_prompts`` prompts.
 
     ``model``: the policy, or a :class:`LogprobModel` (sharded with FSDP2 in a distributed run).
+    ``reference``: the frozen starting policy (the same kinds), needed when ``cfg.kl_coef`` > 0.
     ``dist``: this rank of a distributed run (``distributed.Dist``): the token-mean's denominator is
     then the count over every rank, and every rank runs the same number of micro-batches. With
     ``mini_batch_ids`` (per trajectory, < ``num_mini_batches``) the caller says which mini-batch each
@@ -205,6 +211,10 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
     taken and how many were skipped for a non-finite gradient."""
     scorer = model if isinstance(model, LogprobModel) else LogprobModel(model)
     device = next(scorer.parameters()).device
+    if cfg.kl_coef and reference is None:
+        raise ValueError("kl_coef > 0 needs the reference policy")
+    if reference is not None and not isinstance(reference, LogprobModel):
+        reference = LogprobModel(reference)
     if mini_batch_ids is None:
         groups = mini_batches([t.prompt_index for t in trajectories], cfg.mini_batch_prompts)
     else:
@@ -235,6 +245,9 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
         for batch in plan:
             logprobs, entropy = scorer(batch, temperature)
             old_lp = old.get(id(batch), logprobs.detach())
+            if cfg.kl_coef:
+                with torch.no_grad():
+                    ref_lp = reference(batch, temperature)[0]
             if not batch.rows:  # a dummy: gradients of zero, collectives as on the other ranks
                 (logprobs.sum() * 0.0).backward()
                 continue
@@ -247,6 +260,10 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
             loss, metrics = policy_loss(
                 logprobs[None], old_lp[None], adv[None], batch.loss_mask[None], cfg.clip_low,
                 cfg.clip_high, cfg.dual_clip or None, entropy=entropy[None], entropy_coef=cfg.entropy_coef)
+            if cfg.kl_coef:
+                kl = aggregate(kl_k3(logprobs, ref_lp), batch.loss_mask)
+                loss = loss + cfg.kl_coef * kl
+                metrics["kl"] = float(kl.detach())
             (loss * (batch.model_tokens * scale / max(total, 1))).backward()
             metrics.pop("tokens")
             metrics["loss"] = float(loss.detach())
