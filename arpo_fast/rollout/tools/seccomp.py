@@ -34,7 +34,8 @@ RET_ERRNO = 0x00050000
 
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET (CLONE_NEWTIME shares its bit with
 # clone()'s exit-signal byte, and a time namespace alone grants nothing)
-CLONE_NAMESPACES = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
+CLONE_NAMESPACES = (0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000
+                    | 0x40000000)
 
 # syscall numbers: (x86_64, aarch64); io_uring, the new mount API and clone3 share numbers
 _DENIED = {
