@@ -396,6 +396,18 @@ def test_an_unprivileged_caller_without_any_sandbox_is_refused_with_instructions
     assert "apt-get install bubblewrap" in out["refused"] and "sandbox='unsafe'" in out["refused"]
 
 
+@needs_root
+def test_the_readable_copy_is_the_same_interpreter_for_another_uid():
+    """The copy made for the uid mode runs, as another uid, the same Python with the same
+    extension modules (its libpython is the copied one, not the system's)."""
+    python = interpreter.readable_copy(sys.executable)
+    code = "import json, ssl, sys; print(json.dumps([sys.version]))"
+    done = subprocess.run([python, "-I", "-c", code], user=65534, group=65534, extra_groups=[],
+                          capture_output=True, text=True, timeout=60, cwd="/")
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert json.loads(done.stdout)[0] == sys.version
+
+
 def _as_user(tmp_path, bwrap: str, userns: str, uid: int = 65534) -> dict:
     """Run ``_CALLER`` as ``uid`` with an interpreter that uid can run."""
     python = interpreter.readable_copy(sys.executable)

@@ -23,6 +23,7 @@ from functools import lru_cache
 
 log = logging.getLogger("arpo_fast.rollout.tools.python")
 
+_COPY_FORMAT = 2  # bump when the layout of the copy changes
 _INFO = ("import json, sys, sysconfig; print(json.dumps({'prefix': sys.prefix, 'base_prefix': "
          "sys.base_prefix, 'executable': sys.executable, 'version': '%d.%d' % sys.version_info[:2], "
          "'path': sys.path, 'libdir': sysconfig.get_config_var('LIBDIR') or '', "
@@ -82,8 +83,8 @@ def readable_copy(python: str) -> str:
     needed = [p for p in i["path"] if os.path.isdir(p)] + [os.path.realpath(i["executable"])]
     if all(reachable_by_others(p) for p in needed):
         return python
-    key = hashlib.sha256(json.dumps([i, os.stat(os.path.realpath(i["executable"])).st_mtime_ns])
-                         .encode()).hexdigest()[:16]
+    stamp = os.stat(os.path.realpath(i["executable"])).st_mtime_ns
+    key = hashlib.sha256(json.dumps([_COPY_FORMAT, i, stamp]).encode()).hexdigest()[:16]
     cache = _cache_dir()
     dest = os.path.join(cache, f"python-{key}")
     exe = os.path.join(dest, "venv" if _is_venv(i) else "base", "bin", f"python{i['version']}")
@@ -134,8 +135,9 @@ def _build(i: dict, dest: str, final: str) -> None:
     """Make the copy in ``dest``; it will be renamed to ``final`` (the path pyvenv.cfg names)."""
     version, base = i["version"], os.path.realpath(i["base_prefix"])
     os.makedirs(os.path.join(dest, "base", "bin"))
-    shutil.copy2(os.path.realpath(i["executable"]),
-                 os.path.join(dest, "base", "bin", f"python{version}"))
+    exe = os.path.join(dest, "base", "bin", f"python{version}")
+    shutil.copy2(os.path.realpath(i["executable"]), exe)
+    _relative_runpath(exe, i["libdir"])
     lib = os.path.join(dest, "base", "lib")
     os.makedirs(lib)
     if i["ldlibrary"].endswith(".so") or ".so." in i["ldlibrary"]:
@@ -167,6 +169,23 @@ def _build(i: dict, dest: str, final: str) -> None:
     os.makedirs(venv_lib)
     _link_or_copy(os.path.join(i["prefix"], "lib", f"python{version}", "site-packages"),
                   os.path.join(venv_lib, "site-packages"))
+
+
+def _relative_runpath(exe: str, libdir: str) -> None:
+    """Point the copied binary's library search path (RUNPATH, as pyenv builds it: the absolute
+    ``libdir``) at the copied ``../lib``, so that it loads the copied libpython and not whatever
+    the system has. The string is rewritten in place, padded with NULs; a binary where it is not
+    found exactly once is left as it is (it then works when started as root)."""
+    with open(exe, "rb") as f:
+        data = f.read()
+    needle = b"\0" + os.fsencode(libdir) + b"\0"
+    if not libdir or data.count(needle) != 1:
+        return
+    new = b"$ORIGIN/../lib".ljust(len(needle) - 2, b"\0")
+    at = data.index(needle) + 1
+    with open(exe, "r+b") as f:
+        f.seek(at)
+        f.write(new)
 
 
 def _link_or_copy(src: str, dest: str) -> None:

@@ -305,9 +305,9 @@ def run(src):
     except SystemExit:
         raise
     except BaseException as e:
-        import traceback
-
-        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+        # the interpreter's own printer: no import (which could fail, e.g. out of file descriptors)
+        e.__traceback__ = e.__traceback__.tb_next  # not the launcher's frame
+        sys.__excepthook__(type(e), e, e.__traceback__)
         sys.stderr.flush()
         os._exit(1)
 
