@@ -2,6 +2,7 @@
 and disk, the kernel's riskier interfaces, and leftovers that reach the next call. Each test runs in
 every mode available here; one runs the tool as an unprivileged caller."""
 
+import atexit
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -331,13 +333,15 @@ out = {
 t = threading.Thread(target=lambda: out.setdefault("thread", "ran"))
 t.start(); t.join()
 out["subprocess"] = subprocess.run(["echo", "ran"], capture_output=True, text=True).stdout.strip()
-out["filter"] = "Seccomp:\\t2" in open("/proc/self/status").read()
+status = open("/proc/self/status").read()
+out["filter"] = "Seccomp:\\t2" in status and "NoNewPrivs:\\t1" in status
 print(__import__("json").dumps(out))
 """
 
 
 @pytest.mark.parametrize("mode", params((*SANDBOXES, "unsafe")))
 def test_seccomp_denies_each_interface(request, mode):
+    """In every mode, unsafe included: no_new_privs, the filter loaded, each interface denied."""
     from arpo_fast.rollout.tools import seccomp
 
     machine = os.uname().machine
@@ -501,3 +505,29 @@ def test_a_run_ends_with_its_trainer(mode, tmp_path):
     finally:
         trainer.kill()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_cgroup_v2_runs_sit_beside_the_trainer(monkeypatch, tmp_path):
+    """On a cgroup v2 machine (faked here: plain files stand in for the kernel's), the runs' folder
+    goes beside the trainer's own cgroup, with memory and pids delegated, and each run is limited."""
+    from arpo_fast.rollout.tools import cgroups
+
+    mount = tmp_path / "cgroup"
+    trainer = mount / "user.slice" / "session.scope"
+    trainer.mkdir(parents=True)
+    (mount / "cgroup.controllers").write_text("cpu memory pids\n")
+    (mount / "user.slice" / "cgroup.subtree_control").write_text("cpu\n")
+    monkeypatch.setattr(cgroups, "_mounts", lambda: [("/", str(mount), "cgroup2", "rw")])
+    monkeypatch.setattr(cgroups, "_own_paths", lambda: {"": "/user.slice/session.scope"})
+    parent, why = cgroups.detect()
+    assert parent is not None and parent.version == 2, why
+    folder = mount / "user.slice" / f"arpo_fast-{os.getpid()}"
+    assert parent.folders == {"": str(folder)}
+    assert (folder / "cgroup.subtree_control").read_text() == "+memory +pids"
+    run = parent.create(128 << 20, 10)
+    run_dir = Path(run.dirs[""])
+    assert (run_dir / "memory.max").read_text() == str(128 << 20)
+    assert (run_dir / "pids.max").read_text() == "10"
+    assert (run_dir / "memory.swap.max").read_text() == "0"
+    assert run.wrap(["x"])[-3:] == [str(run_dir / "cgroup.procs"), "--", "x"]
+    atexit.unregister(parent.close)  # plain folders of files: nothing for it to remove

@@ -224,6 +224,12 @@ def test_config_errors():
     for key in ("timeout_s", "memory_mb", "max_disk_mb", "max_open_files", "process_memory_mb"):
         with pytest.raises(ValueError, match=key):
             PythonToolConfig(**{key: 0})
+    with pytest.raises(ValueError, match="python: '/no/such/python' is not an executable"):
+        PythonToolConfig(python="/no/such/python")
+    with pytest.raises(ValueError, match="extra_ro_paths: /no/such/data does not exist"):
+        PythonToolConfig(extra_ro_paths=("/no/such/data",))
+    with pytest.raises(ValueError, match="tmp_root"):
+        PythonToolConfig(tmp_root="/no/such/folder")
 
 
 def test_the_choice_is_logged_once(caplog, monkeypatch, tmp_path):

@@ -86,8 +86,8 @@ class CgroupParent:
         with self._lock:
             name = f"run-{next(self._names)}"
             stale, self._stale = self._stale, []
-        for old in stale:  # runs whose cgroup was still busy when they ended
-            old.remove(quiet=True)
+        for old in stale:  # runs whose cgroup was still busy when they ended: one more try each
+            old.remove(quiet=True, attempts=1)
         dirs = {c: os.path.join(folder, name) for c, folder in self.folders.items()}
         run = RunCgroup(self, dirs)
         try:
@@ -109,8 +109,10 @@ class CgroupParent:
         return run
 
     def close(self) -> None:
-        for old in self._stale:
-            old.remove(quiet=True)
+        with self._lock:
+            stale, self._stale = self._stale, []
+        for old in stale:
+            old.remove(quiet=True, later=False, attempts=1)
         for folder in self.folders.values():
             try:
                 os.rmdir(folder)
@@ -171,11 +173,12 @@ class RunCgroup:
                 _kill_member(pid, self._main())
             time.sleep(0.005)
 
-    def remove(self, quiet: bool = False) -> bool:
-        """Remove the run's cgroup(s); a busy one is retried at the next run, and at exit."""
+    def remove(self, quiet: bool = False, later: bool = True, attempts: int = 20) -> bool:
+        """Remove the run's cgroup(s), waiting up to about a second for exiting tasks; a busy one is
+        retried at the next run (``later``), and at exit."""
         left = False
         for d in self.dirs.values():
-            for attempt in range(20):
+            for attempt in range(attempts):
                 try:
                     os.rmdir(d)
                     break
@@ -185,7 +188,7 @@ class RunCgroup:
                     time.sleep(0.005 * (attempt + 1))
             else:
                 left = True
-        if left:
+        if left and later:
             with self.parent._lock:
                 self.parent._stale.append(self)
             if not quiet:
@@ -277,23 +280,32 @@ def _make_v2(mounts, own, tag) -> Optional[CgroupParent]:
         folder = os.path.join(base, tag)
         _remove_stale(base)
         os.makedirs(folder, exist_ok=True)
-        _write(os.path.join(folder, "cgroup.subtree_control"), "+memory +pids")
+        try:
+            _write(os.path.join(folder, "cgroup.subtree_control"), "+memory +pids")
+        except OSError:
+            os.rmdir(folder)
+            raise
         return CgroupParent(2, {"": folder})
     return None
 
 
 def _make_v1(mounts, own, tag) -> Optional[CgroupParent]:
     folders = {}
-    for controller in ("memory", "pids"):
-        for root, point, fstype, options in mounts:
-            if fstype == "cgroup" and controller in options.split(",") and controller in own:
-                folder = os.path.join(_under(root, point, own[controller]), tag)
-                _remove_stale(os.path.dirname(folder))
-                os.makedirs(folder, exist_ok=True)
-                folders[controller] = folder
-                break
-        else:
-            for folder in folders.values():
-                os.rmdir(folder)
-            return None
+    try:
+        for controller in ("memory", "pids"):
+            for root, point, fstype, options in mounts:
+                if fstype == "cgroup" and controller in options.split(",") and controller in own:
+                    folder = os.path.join(_under(root, point, own[controller]), tag)
+                    _remove_stale(os.path.dirname(folder))
+                    os.makedirs(folder, exist_ok=True)
+                    folders[controller] = folder
+                    break
+            else:
+                raise LookupError(controller)
+    except (OSError, LookupError) as exc:
+        for folder in folders.values():
+            os.rmdir(folder)
+        if isinstance(exc, OSError):
+            raise
+        return None
     return CgroupParent(1, folders)

@@ -14,6 +14,7 @@ import logging
 import marshal
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -55,7 +56,8 @@ class PythonToolConfig:
     max_file_mb: int = 64
     """Largest file the code may write (RLIMIT_FSIZE)."""
     max_disk_mb: int = 256
-    """Size of the run's writable directory (/tmp, also its working directory and /dev/shm)."""
+    """Size of the run's writable directory (/tmp, also its working directory and /dev/shm) in the
+    bwrap and namespaces modes; the uid and unsafe modes write to the host's disk, uncapped."""
     max_output_chars: int = 4000
     """Characters returned to the model, all notes and error lines included."""
     kill_after_output_bytes: int = 1 << 20
@@ -90,6 +92,13 @@ class PythonToolConfig:
         if self.error_lines < 0:
             raise ValueError(f"error_lines must be >= 0, got {self.error_lines}")
         self.extra_ro_paths = tuple(os.path.abspath(p) for p in self.extra_ro_paths)
+        missing = [p for p in self.extra_ro_paths if not os.path.exists(p)]
+        if missing:
+            raise ValueError(f"extra_ro_paths: {missing[0]} does not exist")
+        if not (os.path.isfile(self.python) and os.access(self.python, os.X_OK)):
+            raise ValueError(f"python: {self.python!r} is not an executable file")
+        if self.tmp_root is not None and not os.path.isdir(self.tmp_root):
+            raise ValueError(f"tmp_root: {self.tmp_root!r} is not a directory")
 
 
 _LANG = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_+-")
@@ -311,7 +320,7 @@ def _probe(config: PythonToolConfig, iso: Isolation) -> str:
     """Run a tiny program in ``iso``; '' when it worked (and not as root unless unsafe), else why."""
     try:
         result = execute(replace(config, timeout_s=30.0, max_output_chars=4000), iso, PROBE_CODE)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
         return str(exc)
     if not result.ok or not result.text.strip().isdigit():
         return " ".join(result.text.split())[-300:]
