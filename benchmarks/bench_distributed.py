@@ -25,8 +25,11 @@ from pathlib import Path
 
 
 def run(procs: int, args: list[str], out: Path) -> list[dict]:
-    """One training run (``procs`` 0: plain python); its metrics rows."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    """One training run (``procs`` 0: plain python); its metrics rows. Every configuration gets the
+    machine's cores: one process all of them, each of n processes a 1/n share (torchrun would give
+    each one thread)."""
+    threads = max(1, (os.cpu_count() or 1) // max(procs, 1))
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS=str(threads))
     if procs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(procs), "-m", "arpo_fast.train"]

@@ -341,6 +341,17 @@ def test_training_steps_on_cuda_in_bf16(tmp_path):
     assert any(m["grad_norm"] > 0 for m in history)
 
 
+@pytest.mark.gpu
+def test_reference_semantics_kl_and_importance_sampling_on_cuda(tmp_path):
+    """The reference's branching rule (top-10 entropies read off CUDA-graph replays), the KL term
+    and truncated importance sampling, on a GPU in bf16: the rollout/trainer mismatch is small."""
+    history = train(_small(tmp_path, device="cuda", dtype="bf16", tools="python", demo_warm_start=100,
+                           max_response_tokens=48, arpo_semantics="reference", kl_coef=0.01,
+                           rollout_is_cap=2.0))
+    assert all(torch.isfinite(torch.tensor([m["loss"], m["kl"], m["is_weight"]])).all() for m in history)
+    assert all(m["logprob_mismatch_mean"] < 0.05 for m in history)
+
+
 def test_move_model_keeps_rotary_frequencies_in_fp32(tok, tmp_path):
     """As from_pretrained does: a saved and reloaded bf16 model then computes the same logits."""
     from transformers import AutoModelForCausalLM
