@@ -226,13 +226,15 @@ def train_step(run: Run, step: int) -> dict:
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     per = cfg.update.mini_batch_prompts  # mini-batches are numbered over the whole step's prompts
     update_metrics = update(run.scorer, run.optimizer, trajs, advantages, cfg.update, pad_id,
-                            cfg.temperature, dist=d, mini_batch_ids=[mine[t.prompt_index] // per for t in trajs],
+                            cfg.temperature, dist=d,
+                            mini_batch_ids=[mine[t.prompt_index] // per for t in trajs],
                             num_mini_batches=math.ceil(cfg.prompts_per_step / per), reference=run.reference)
     t3 = time.perf_counter()
     extra = {}
     if d is not None:
         moved = run.optimizer.take_refresh_stats()
-        extra = {"weight_refresh_mb": round(moved["bytes"] / 2**20, 3), "weight_refresh_s": round(moved["seconds"], 4)}
+        extra = {"weight_refresh_mb": round(moved["bytes"] / 2**20, 3),
+                 "weight_refresh_s": round(moved["seconds"], 4)}
     return metrics.step_row(step + 1, metrics.rollout_sums(rollout, rewards), update_metrics,
                             {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2}, d, extra)
 

@@ -81,7 +81,8 @@ def pack(trajectories, rows: list[int], pad_id: int, device) -> PackedBatch:
         positions.extend(range(start, start + len(t.response_ids)))
         targets.extend(t.response_ids)
         mask.extend(t.loss_mask)
-        rollout.extend(t.logprobs if len(t.logprobs) == len(t.response_ids) else [math.nan] * len(t.response_ids))
+        known = len(t.logprobs) == len(t.response_ids)
+        rollout.extend(t.logprobs if known else [math.nan] * len(t.response_ids))
     as_dev = lambda x, dt: torch.tensor(x, dtype=dt).to(device)  # noqa: E731
     return PackedBatch(rows, ids.to(device), attn.to(device), as_dev(positions, torch.int64),
                        as_dev(targets, torch.int64), as_dev(mask, torch.bool),
