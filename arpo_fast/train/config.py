@@ -24,8 +24,10 @@ class TrainConfig:
     # --- what to train on
     model: str = setting("demo", "'demo' (a tiny random Qwen2 and its tokenizer) or a local Hugging Face "
                          "model directory.")
-    data: str = setting("demo", "'demo' (built-in arithmetic problems) or a JSONL file: prompt, "
-                        "ground_truth, data_source.")
+    tokenizer: str = setting("", "Directory of the tokenizer ('': the model's). A tokenizer of your own "
+                             "saved beside a model's config.json may load as the model type's instead.")
+    data: str = setting("demo", "'demo' (built-in arithmetic problems) or a JSONL or Parquet file (see "
+                        "docs/training.md).")
     reward: str = setting("arpo_f1", "Reward of every example whose data_source is not in "
                           "`reward_by_source` (arpo_f1, exact_match, math, or one added with "
                           "arpo_fast.rollout.register_reward).")

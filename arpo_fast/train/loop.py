@@ -33,7 +33,7 @@ import torch
 from arpo_fast.algo import group_advantages, shared_token_count, token_advantages
 from arpo_fast.train.checkpoint import CheckpointError, find_checkpoint, load_trainer_state, save_checkpoint
 from arpo_fast.train.config import TrainConfig, parse_config
-from arpo_fast.train.data import load_examples, step_batch
+from arpo_fast.train.data import load_examples, load_tokenizer, step_batch
 from arpo_fast.engine import Engine, SamplingParams
 from arpo_fast.seeds import child_seed
 from arpo_fast.train.optim import MasterWeights
@@ -71,12 +71,12 @@ def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype):
             print(f"demo warm start: {cfg.demo_warm_start} supervised steps, loss {loss:.3f}, "
                   f"{time.perf_counter() - t0:.1f}s", flush=True)
         return model.eval(), tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = checkpoint / "model" if checkpoint is not None else Path(cfg.model)
     if not path.is_dir():
         raise ValueError(f"--model {cfg.model!r}: not 'demo' and not a local model directory")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer" if checkpoint is not None else path)
+    tokenizer = load_tokenizer(str(checkpoint / "tokenizer") if checkpoint is not None else cfg.tokenizer or str(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, tokenizer
 
@@ -278,7 +278,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         run = setup(cfg)
     except (ValueError, KeyError, CheckpointError, OSError) as exc:  # bad settings, data or files
-        print(f"arpo_fast.train: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+        print(f"arpo_fast.train: error: {message}", file=sys.stderr)
         return 2
     fit(run)
     print(f"checkpoint and metrics in {cfg.out}", flush=True)
