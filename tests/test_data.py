@@ -104,7 +104,7 @@ def test_bad_files_get_a_one_line_error_naming_them(tmp_path, capsys):
     for path, message in _bad_inputs(tmp_path):
         with pytest.raises(ValueError, match=message):
             read_rows(str(path))
-        for flag in ("--data",):  # the same message from the command line, no traceback
+        for flag in ("--data", "--eval-data"):  # the same message from the command line, no traceback
             out = str(tmp_path / f"run-{path.name}{flag}")
             assert main([flag, str(path), "--demo-warm-start", "0", "--out", out]) == 2
             err = capsys.readouterr().err.strip()
@@ -126,11 +126,12 @@ def test_a_tokenizer_of_ones_own_beside_a_qwen2_config_needs_its_own_folder(tmp_
     demo_model(tok, layers=1, hidden=32).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     tok.save_pretrained(tok_dir)
-    text = "<python>print(67 * 64)</python>"
+    text = "<python>print(123 * 456)</python>"
     assert AutoTokenizer.from_pretrained(model_dir).encode(text) != tok.encode(text)  # the trap
     cfg = TrainConfig.from_flat(model=str(model_dir), tokenizer=str(tok_dir), out=str(tmp_path / "run"),
-                                tools="")
+                                tools="", eval_data="none")
     run = setup(cfg)
     assert run.tokenizer.encode(text) == tok.encode(text)
+    assert cfg.lr == 1e-6  # a model of one's own gets the reference's learning rate, not the demo's
     with pytest.raises(ValueError, match="--tokenizer '/nonexistent': not a local tokenizer directory"):
         setup(TrainConfig.from_flat(model=str(model_dir), tokenizer="/nonexistent", out=str(tmp_path / "r2")))

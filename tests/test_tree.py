@@ -222,9 +222,10 @@ def test_response_limit_ends_trajectories_and_truncates_results(tok):
     assert t.finish_reason == "length" and len(t.response_ids) == call + 3
     assert t.loss_mask == [1] * call + [0] * 3
     assert not engine.seqs
-    cfg = ARPOConfig(rollouts=1, initial=1, max_response_tokens=5)
+    short = len(tok.encode(ANSWER)) - 1  # the answer does not fit
+    cfg = ARPOConfig(rollouts=1, initial=1, max_response_tokens=short)
     (t,) = _run(tok, lambda s: [ANSWER], cfg, prompts=[tok.encode("Q\n")])[0].trajectories
-    assert t.finish_reason == "length" and len(t.response_ids) == 5
+    assert t.finish_reason == "length" and len(t.response_ids) == short
 
 
 def test_call_limit_and_malformed_calls(tok):
@@ -306,14 +307,14 @@ def test_preemption_in_a_small_pool_changes_no_trajectory(tok, monkeypatch):
     """A pool too small for the tree makes the engine preempt and recompute; sampling depends only
     on (seed, position) and the logits, so the trees, branches included, are the same as with room
     to spare. A short warm start makes the model call the (scripted) python tool and branch."""
-    from arpo_fast.train.demo import warm_start
+    from arpo_fast.train.demo import demo_problems, warm_start
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch paths: this test is about the engine
     model = demo_model(tok, seed=0)
     warm_start(model, tok, steps=80)
     protocol = Protocol(tok, eos_token_ids=[tok.eos_token_id])
-    prompts = [tok.encode("Problem: what is 12 + 30?\n"), tok.encode("Problem: what is 7 * 9?\n")]
-    cfg = ARPOConfig(rollouts=6, initial=3, entropy_tokens=4, threshold=1.0, max_response_tokens=40)
+    prompts = [tok.encode(row["prompt"]) for row in demo_problems(2)]
+    cfg = ARPOConfig(rollouts=6, initial=3, entropy_tokens=4, threshold=1.0, max_response_tokens=48)
     trees = []
     for blocks, policy in ((512, "raise"), (14, "preempt")):
         engine = Engine(model, tokenizer=tok, num_blocks=blocks, block_size=8, on_pool_exhausted=policy)

@@ -1,5 +1,5 @@
-"""Training prompts: read and check a JSONL or Parquet file (or the demo's problems), tokenise,
-order per step.
+"""Training and held-out prompts: read and check a JSONL or Parquet file (or the demo's problems),
+tokenise, order per step.
 
 A row is ``{"prompt": str or [{"role": ..., "content": ...}, ...], "ground_truth": str or [str],
 "data_source": str (optional)}``; ``data_source`` picks the reward (``rollout/rewards.py``). Chat
@@ -167,12 +167,13 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     return list(tokenizer.encode(prompt))
 
 
-def load_examples(source: str, tokenizer, max_prompt_tokens: int | None = None) -> list[Example]:
-    """``source``: 'demo' or a JSONL or Parquet path. Prompts longer than ``max_prompt_tokens`` are
-    an error."""
+def load_examples(source: str, tokenizer, max_prompt_tokens: int | None = None,
+                  demo_split: str = "train") -> list[Example]:
+    """``source``: 'demo' (the demo's ``demo_split`` problems) or a JSONL or Parquet path. Prompts
+    longer than ``max_prompt_tokens`` are an error."""
     from arpo_fast.train.demo import demo_problems
 
-    rows = demo_problems() if source == "demo" else read_rows(source)
+    rows = demo_problems(split=demo_split) if source == "demo" else read_rows(source)
     examples = []
     for number, row in enumerate(rows, 1):
         ids = encode_prompt(tokenizer, row["prompt"])

@@ -8,8 +8,10 @@ policy-gradient update, token-mean over the model-written tokens (``update.py``,
 log; save a checkpoint. Dropout stays off (the model is in eval mode), so the rollout and the update
 see the same policy.
 
-Without arguments this is the built-in demo (``demo.py``): a tiny random model on arithmetic
-problems, a minute on a CPU. A real run: ``--model DIR --data FILE.jsonl --max-response-tokens 4096``.
+Without arguments this is the built-in demo (``demo.py``): a tiny model, warm-started to call python
+now and then, learns to call it on multiplications too large for it, in minutes on a CPU; held-out
+evaluations (``eval.py``) and the run's plot and summary (``report.py``) show it. A real run:
+``--model DIR --data FILE.jsonl --max-response-tokens 4096``.
 
 The optimizer (AdamW) steps fp32 master weights and writes them back into the model, so a bf16
 model does not lose the reference's 1e-6 updates (``optim.py``). Known limits: there is no
@@ -24,7 +26,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +35,9 @@ import torch
 from arpo_fast.algo import group_advantages, shared_token_count, token_advantages
 from arpo_fast.train.checkpoint import CheckpointError, find_checkpoint, load_trainer_state, save_checkpoint
 from arpo_fast.train.config import TrainConfig, parse_config
+from arpo_fast.train import report
 from arpo_fast.train.data import load_examples, load_tokenizer, step_batch
+from arpo_fast.train.eval import evaluate
 from arpo_fast.engine import Engine, SamplingParams
 from arpo_fast.seeds import child_seed
 from arpo_fast.train.optim import MasterWeights
@@ -67,7 +71,8 @@ def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype):
         model = move_model(demo_model(tokenizer, seed=cfg.seed), device, dtype)
         if cfg.demo_warm_start:
             t0 = time.perf_counter()
-            loss = warm_start(model, tokenizer, cfg.demo_warm_start, seed=cfg.seed)
+            loss = warm_start(model, tokenizer, cfg.demo_warm_start, seed=cfg.seed,
+                              log=lambda line: print(line, flush=True))
             print(f"demo warm start: {cfg.demo_warm_start} supervised steps, loss {loss:.3f}, "
                   f"{time.perf_counter() - t0:.1f}s", flush=True)
         return model.eval(), tokenizer
@@ -127,15 +132,18 @@ def step_metrics(step: int, rollout, rewards, update_metrics: dict, times: dict)
             "correct": sum(r.correctness > 0 for r in rewards) / n,
             "format_ok": sum(r.score > -1 for r in rewards) / n,
             "trajectories": n, "tool_calls": rollout.stats["tool_calls"],
+            "tool_calls_per_traj": sum(t.tool_calls for t in trajs) / n,
             "branch_points": rollout.stats["branch_points"], "fills": rollout.stats["fills"],
             "response_tokens": total, "shared_tokens": total - unique,
+            "model_tokens": rollout.stats["model_tokens"],
             **{k: round(v, 6) for k, v in update_metrics.items()},
             **{f"{k}_s": round(v, 3) for k, v in times.items()}}
 
 
 def _line(m: dict, steps: int) -> str:
     return (f"step {m['step']}/{steps}  reward {m['reward']:+.3f}  correct {m['correct']:.2f}  "
-            f"format {m['format_ok']:.2f}  traj {m['trajectories']}  calls {m['tool_calls']}  "
+            f"format {m['format_ok']:.2f}  calls/traj {m['tool_calls_per_traj']:.2f}  traj {m['trajectories']}  "
+            f"calls {m['tool_calls']}  "
             f"branches {m['branch_points']}  tokens {m['response_tokens']} "
             f"(shared {m['shared_tokens']})  loss {m['loss']:+.4f}  clip {m['clip_fraction']:.3f}  "
             f"grad {m['grad_norm']:.3f}  rollout {m['rollout_s']:.1f}s  update {m['update_s']:.1f}s")
@@ -155,6 +163,8 @@ class Run:
     examples: list
     rewards: RewardConfig
     start: int
+    eval_examples: list = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
 
 
 def _step_of(line: str) -> float:
@@ -194,14 +204,18 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         raise ValueError("setup: pass both model and tokenizer, or neither")
     if model is not None and cfg.resume:
         raise ValueError("setup: resume loads the checkpoint's model; do not pass one")
+    started = time.perf_counter()
     rewards = reward_config(cfg)  # names and JSON settings fail here, before anything is loaded
     settings = tool_settings(cfg)
+    report.check(cfg)
     checkpoint, state = _prepare_out(cfg)
     device, dtype = resolve_device(cfg)
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer = load_model(cfg, checkpoint, device, dtype)
     examples = load_examples(cfg.data, tokenizer, model.config.max_position_embeddings - 1)
+    eval_examples = [] if cfg.eval_data == "none" else load_examples(
+        cfg.eval_data, tokenizer, model.config.max_position_embeddings - 1, demo_split="heldout")
     optimizer = MasterWeights(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if state is not None:
@@ -217,7 +231,8 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     tags = ProtocolConfig(tool_names=tuple(dict.fromkeys(ProtocolConfig().tool_names + names)),
                           max_calls=cfg.max_calls)
     protocol = Protocol(tokenizer, tags, eos_token_ids=engine.eos_token_ids, available_tools=names)
-    return Run(cfg, model, tokenizer, optimizer, engine, protocol, executor, examples, rewards, start)
+    return Run(cfg, model, tokenizer, optimizer, engine, protocol, executor, examples, rewards, start,
+               eval_examples, started)
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -250,24 +265,36 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> list[dict]:
     return fit(setup(cfg, model, tokenizer))
 
 
+def _evaluate(run: Run, step: int, reporter: report.Reporter) -> None:
+    if run.eval_examples:
+        reporter.evaluation(evaluate(run, run.eval_examples, step, score))
+
+
 def fit(run: Run) -> list[dict]:
-    """Steps from ``run.start`` to ``cfg.steps``; each one's metrics are printed, appended to
-    ``out/metrics.jsonl`` and returned; checkpoints every ``save_every`` steps and at the end."""
+    """Steps from ``run.start`` to ``cfg.steps``; each one's metrics are shown, appended to
+    ``out/metrics.jsonl`` and returned; held-out evaluations at step 0, every ``eval_every`` steps
+    and after the last (``report.py``: also the plot and ``summary.json``); checkpoints every
+    ``save_every`` steps and at the end."""
     cfg = run.cfg
     history = []
+    reporter = report.Reporter(cfg, run.start, _line, run.started)
+    checkpoint = None
     try:
+        if run.start == 0:
+            _evaluate(run, 0, reporter)
         for step in range(run.start, cfg.steps):
             row = train_step(run, step)
             history.append(row)
-            print(_line(row, cfg.steps), flush=True)
-            with open(Path(cfg.out) / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            reporter.step(row)
+            if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+                _evaluate(run, step + 1, reporter)
             if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                save_checkpoint(cfg.out, run.model, run.tokenizer, run.optimizer, step + 1,
-                                dataclasses.asdict(cfg))
+                checkpoint = save_checkpoint(cfg.out, run.model, run.tokenizer, run.optimizer, step + 1,
+                                             dataclasses.asdict(cfg))
     finally:
         if run.executor is not None:
             run.executor.shutdown(wait=False)
+        reporter.close(checkpoint or find_checkpoint(cfg.out))
     return history
 
 
@@ -282,5 +309,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"arpo_fast.train: error: {message}", file=sys.stderr)
         return 2
     fit(run)
-    print(f"checkpoint and metrics in {cfg.out}", flush=True)
+    s = json.loads((Path(cfg.out) / "summary.json").read_text(encoding="utf-8"))
+    if s["final_accuracy"] is not None:
+        start = "" if s["warm_start_accuracy"] is None else f"{s['warm_start_accuracy']:.2f} -> "
+        print(f"held-out accuracy {start}{s['final_accuracy']:.2f}", flush=True)
+    print(f"{s['steps']} steps in {s['wall_s']:.0f}s; checkpoint, metrics.jsonl, metrics.png and "
+          f"summary.json in {cfg.out}", flush=True)
     return 0
