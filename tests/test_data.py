@@ -27,18 +27,7 @@ def _reference_rows():
              "reward_model": {"ground_truth": "Paris", "style": "rule"}}]
 
 
-@pytest.fixture(autouse=True)
-def _torch_paths(monkeypatch):
-    """The engine's PyTorch paths, as on a user's CPU (the kernels are tested on their own)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return demo_tokenizer()
-
-
-def test_reference_parquet_rows_load_with_boxed_repaired(tmp_path, tok, caplog):
+def test_reference_parquet_rows_load_with_boxed_repaired(tmp_path, caplog):
     path = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(_reference_rows()), path)
     with caplog.at_level(logging.INFO, logger="arpo_fast.train.data"):
@@ -49,6 +38,7 @@ def test_reference_parquet_rows_load_with_boxed_repaired(tmp_path, tok, caplog):
     assert [r["data_source"] for r in rows] == ["math", "hotpotqa"]
     repairs = [r.getMessage() for r in caplog.records if "repaired" in r.getMessage()]
     assert repairs == [f"{path}: repaired \\boxed (stored as a backspace and 'oxed') in 1 of 2 rows"]
+    tok = demo_tokenizer()
     examples = load_examples(str(path), tok)
     assert [e.ground_truth for e in examples] == ["42", "Paris"]
     assert examples[0].prompt_ids == tok.encode(
