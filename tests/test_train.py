@@ -446,8 +446,8 @@ def test_errors_are_one_line_naming_the_file_or_flag(tmp_path, capsys):
     afile.write_text("x")
     base = ["--demo-warm-start", "0", "--steps", "1"]
     cases = [
-        (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: No such file or directory"),
-        (["--data", str(folder)], f"{folder}: Is a directory"),
+        (["--data", str(tmp_path / "missing.jsonl")], f"No such file: {tmp_path / 'missing.jsonl'}"),
+        (["--data", str(folder)], f"{folder}: is a directory"),
         (["--out", str(afile)], f"--out {afile}: exists and is not a directory"),
         (["--tool-settings", "[" * 100_000 + "]" * 100_000], "--tool-settings: JSON nested too deeply"),
         (["--tool-settings", '{"python": 5}'], "--tool-settings: the settings of 'python' must be a JSON object"),

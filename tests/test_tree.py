@@ -481,8 +481,8 @@ def test_reference_semantics_on_the_real_engine(tok, warm_model, monkeypatch):
     from arpo_fast.train.demo import demo_problems
 
     with torch.no_grad():
-        out = arpo_rollout(engine, protocol, [tok.encode(demo_problems(1)[0]["prompt"])], cfg,
+        out = arpo_rollout(engine, protocol, [tok.encode(row["prompt"]) for row in demo_problems(2)], cfg,
                            executor=Tools(), seed=5)
-    assert len(out.trajectories) == 6 and not engine.live()
+    assert len(out.trajectories) == 12 and not engine.live() and out.stats["tool_calls"] > 0
     assert any(t.kind == "branch" for t in out.trajectories)
     assert 0 < sum(asked) < sum(len(t.response_ids) for t in out.trajectories)
