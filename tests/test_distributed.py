@@ -64,8 +64,22 @@ def _ok(proc):
     return proc
 
 
-def _rows(out):
+def _all_rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _rows(out):
+    """The training steps' rows (not the held-out evaluations')."""
+    return [r for r in _all_rows(out) if "eval/accuracy" not in r]
+
+
+def _evals(out):
+    """The held-out evaluations' rows, by step."""
+    return {r["step"]: r for r in _all_rows(out) if "eval/accuracy" in r}
+
+
+EVAL_KEYS = ("eval/accuracy", "eval/format_ok", "eval/reward", "eval/tool_calls",
+             "eval/response_tokens", "eval/examples")
 
 
 def _weights(out):
@@ -97,6 +111,11 @@ def test_two_processes_train_the_same_weights_as_one(runs):
         assert b["weight_refresh_mb"] > 0  # the rollout copies were refreshed from the shards
         assert b["grad_norm"] > 0 and b["skipped_updates"] == 0  # the weights did move
         assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7)  # the sharded reference copy
+    # the evaluations (each rank greedy on its share of the held-out prompts) agree as well
+    ea, eb = _evals(runs / "one"), _evals(runs / "two")
+    assert sorted(ea) == sorted(eb) == [0, 2]
+    for step in ea:
+        assert {k: ea[step][k] for k in EVAL_KEYS} == pytest.approx({k: eb[step][k] for k in EVAL_KEYS})
     wa, wb = _weights(runs / "one"), _weights(runs / "two")
     assert wa.keys() == wb.keys()
     _same_weights(wa, wb)
@@ -108,7 +127,8 @@ def _same_weights(wa, wb):
     lr (1e-3) while the weights as a whole agree to 1e-7."""
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4)
-        assert float((wb[k] - wa[k]).abs().mean()) < 1e-7
+    diff = torch.cat([(wb[k] - wa[k]).abs().flatten() for k in wa])
+    assert float(diff.mean()) < 1e-7
 
 
 def test_resume_under_torchrun_same_world_and_two_to_one(runs, script, tmp_path):
@@ -127,6 +147,7 @@ def test_resume_under_torchrun_same_world_and_two_to_one(runs, script, tmp_path)
             assert {k: a[k] for k in ROLLOUT_KEYS} == {k: b[k] for k in ROLLOUT_KEYS}
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
         _same_weights(_weights(runs / "two"), _weights(out))
+        assert sorted(_evals(out)) == [0, 1, 2]  # the first run's two, the resumed run's last
     # a distributed checkpoint is not resumed by a one-process run, and says how to resume it
     proc = _run(0, STEPS + ["--steps", "3", "--resume", "true", "--out", str(tmp_path / "a")], script)
     assert proc.returncode == 2 and "resume it under torchrun" in proc.stderr
