@@ -13,8 +13,7 @@ problems, a minute on a CPU. A real run: ``--model DIR --data FILE.jsonl --max-r
 
 The optimizer (AdamW) steps fp32 master weights and writes them back into the model, so a bf16
 model does not lose the reference's 1e-6 updates (``optim.py``). Known limits: there is no
-reference-model KL term (the reference's coefficient is 0), and a shared prefix is recomputed once
-per trajectory in the update.
+reference-model KL term (the reference's coefficient is 0).
 """
 
 from __future__ import annotations
@@ -145,7 +144,7 @@ def step_metrics(step: int, rollout, rewards, update_metrics: dict, times: dict)
             "trajectories": n, "tool_calls": rollout.stats["tool_calls"],
             "branch_points": rollout.stats["branch_points"], "fills": rollout.stats["fills"],
             "response_tokens": total, "shared_tokens": total - unique,
-            **{k: round(v, 6) for k, v in update_metrics.items()},
+            **{k: round(v, 6) if isinstance(v, float) else v for k, v in update_metrics.items()},
             **{f"{k}_s": round(v, 3) for k, v in times.items()}}
 
 
@@ -231,6 +230,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         log.info("resumed from %s after step %d", checkpoint, start)
+    log.info("update: %s", cfg.update.describe(device))
     kv = {"kv_memory": cfg.kv_memory_mb << 20} if cfg.kv_memory_mb else {}
     engine = Engine(model, tokenizer=tokenizer, on_pool_exhausted="preempt", **kv)
     executor = tool_executor(cfg, settings)
@@ -262,7 +262,7 @@ def train_step(run: Run, step: int) -> dict:
     t2 = time.perf_counter()
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     metrics = update(run.model, run.optimizer, rollout.trajectories, advantages, cfg.update, pad_id,
-                     cfg.temperature)
+                     cfg.temperature, node_tokens=rollout.node_tokens)
     t3 = time.perf_counter()
     return step_metrics(step + 1, rollout, rewards, metrics,
                         {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2})
