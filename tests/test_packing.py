@@ -8,6 +8,7 @@ import copy
 import itertools
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 from arpo_fast.algo import (CopyAdvantages, group_advantages, policy_loss, shared_policy_loss,
                             token_advantages)
 from arpo_fast.rollout.tree import Trajectory
-from arpo_fast.train.attention import resolve_attention, tree_mask
+from arpo_fast.train.attention import attention_implementation, path_masks, resolve_attention, tree_mask
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.packing import build_trees, pack_trees
 from arpo_fast.train.update import UpdateConfig, pack, token_logprobs, tree_logprobs, update
@@ -80,10 +81,10 @@ def _advantages(trajs, node_tokens, mode: str, seed: int):
     return token_advantages(seq, paths, mode)
 
 
-def tiny_model(kind: str, seed: int = 0, dtype=torch.float32):
+def tiny_model(kind: str, seed: int = 0, dtype=torch.float32, hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    sizes = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    sizes = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(Qwen2Config(**sizes)) if kind == "qwen2" else LlamaForCausalLM(LlamaConfig(**sizes))
@@ -110,15 +111,17 @@ def _run(model, trajs, adv, node_tokens, lr=0.0, **cfg):
     return metrics, recorder[0].grads, model
 
 
-def _per_token(model, trajs, node_tokens):
+def _per_token(model, trajs, node_tokens, attention="sdpa"):
     """Packed and per-trajectory log-probs of every model-written token of every trajectory."""
-    with torch.no_grad():
-        batch = pack(trajs, list(range(len(trajs))), 0, "cpu")
+    device = next(model.parameters()).device
+    with torch.no_grad(), attention_implementation(model, "sdpa", packed=False):
+        batch = pack(trajs, list(range(len(trajs))), 0, device)
         plain = token_logprobs(model, batch, 1.0)[0].split([len(t.response_ids) for t in trajs])
-        packed = {}
+    packed = {}
+    with torch.no_grad(), attention_implementation(model, attention, packed=True):
         for tb in pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
                              node_tokens, budget=48):
-            lp = tree_logprobs(model, tb, 1.0, "sdpa")[0]
+            lp = tree_logprobs(model, tb.to(device), 1.0, attention)[0]
             packed.update({tuple(o): v for o, v in zip(tb.origin.tolist(), lp)})
     first = {}
     for i, t in enumerate(trajs):
@@ -233,6 +236,11 @@ def test_every_query_sees_exactly_its_own_path(budget):
             keys = visible[h].nonzero().flatten()
             assert b.input_ids[keys].tolist() == trajs[t].prompt_ids + trajs[t].response_ids[:k]
             assert target == trajs[t].response_ids[k]
+        by_path = torch.zeros(b.tokens, b.tokens, dtype=torch.bool)  # what the CPU's sdpa runs
+        for keys, queries, mask in path_masks(b.path_keys, b.path_sizes):
+            assert not by_path[queries].any()  # each row position is the query of one path
+            by_path[queries[:, None], keys[None, :]] = mask
+        assert torch.equal(by_path, visible)
     counted = sum(int(b.copies.count.sum()) for b in batches)
     assert counted == sum(sum(t.loss_mask) for t in trajs)  # each copy's loss counted once
 
@@ -249,17 +257,20 @@ def test_rows_of_independent_sequences_for_the_varlen_kernels():
         assert torch.equal(_visible(b), causal)
 
 
-def test_the_flex_block_mask_is_the_tree_mask():
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_transformers_flex_attention_takes_the_block_mask(kind, monkeypatch):
+    """The model's own flex_attention path with the tree's BlockMask and positions gives the
+    per-trajectory log-probs (forward only, uncompiled: the CPU has no flex backward)."""
+    import transformers.integrations.flex_attention as hf_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    trajs, node_tokens = random_rollout(seed=12, prompts=4, initial=3)
-    (batch,) = pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
-                          node_tokens, 10_000)
-    q, k, v = (torch.randn(1, 2, batch.tokens, 8) for _ in range(3))
-    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=_visible(batch)[None, None])
-    with pytest.warns(UserWarning):  # uncompiled on the CPU
-        flex = flex_attention(q, k, v, block_mask=tree_mask(batch.subtree_end, "flex_attention"))
-    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
+                        lambda q, k, v, training=False, **kw: flex_attention(q, k, v, **kw))
+    trajs, node_tokens = random_rollout(seed=12, prompts=3)
+    with warnings.catch_warnings():  # flex_attention uncompiled says it is slow
+        warnings.simplefilter("ignore")
+        got, want = _per_token(tiny_model(kind, hidden=64), trajs, node_tokens, "flex_attention")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_a_node_holding_other_tokens_is_refused():
@@ -296,40 +307,46 @@ def _fp64_gradient(model, trajs, adv):
     from arpo_fast.kernels import logprob_entropy_ref
 
     model = copy.deepcopy(model).double()
-    lps, ents = [], []
+    device = next(model.parameters()).device
+    lps = []
     for t in trajs:
-        ids = torch.tensor([t.prompt_ids + t.response_ids])
+        ids = torch.tensor([t.prompt_ids + t.response_ids], device=device)
         hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
         start = len(t.prompt_ids) - 1
-        lp, ent = logprob_entropy_ref(hidden[start:start + len(t.response_ids)], model.lm_head.weight,
-                                      torch.tensor(t.response_ids))
-        lps.append(lp)
-        ents.append(ent)
-    lp, mask = torch.cat(lps), torch.tensor([m for t in trajs for m in t.loss_mask], dtype=torch.bool)
-    loss, _ = policy_loss(lp[None], lp.detach()[None], torch.cat(adv).double()[None], mask[None])
+        lps.append(logprob_entropy_ref(hidden[start:start + len(t.response_ids)], model.lm_head.weight,
+                                       torch.tensor(t.response_ids, device=device))[0])
+    lp = torch.cat(lps)
+    mask = torch.tensor([m for t in trajs for m in t.loss_mask], dtype=torch.bool, device=device)
+    loss, _ = policy_loss(lp[None], lp.detach()[None], torch.cat(adv).double().to(device)[None], mask[None])
     loss.backward()
     return lp.detach(), [p.grad for p in model.parameters()]
+
+
+def _bf16_errors(model, trajs, node_tokens, adv, attention="sdpa"):
+    """(packed, per-trajectory) errors against float64 of the bf16 log-probs, then of the gradient
+    of one mini-batch (norm relative to the truth's)."""
+    lp64, grad64 = _fp64_gradient(model, trajs, adv)
+    mask = torch.tensor([m for t in trajs for m in t.loss_mask], dtype=torch.bool, device=lp64.device)
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    got, want = _per_token(model16, trajs, node_tokens, attention)
+    logprob_errors = [float((x.double() - lp64[mask]).abs().max()) for x in (got, want)]
+    truth = torch.cat([g.flatten() for g in grad64])
+    grad_errors = []
+    for packed_update in (True, False):
+        _, grads, _ = _run(model16, trajs, adv, node_tokens, packed_update=packed_update,
+                           attn_implementation=attention if packed_update else "sdpa")
+        flat = torch.cat([g.double().flatten() for g in grads[0]])
+        grad_errors.append(float((flat - truth).norm() / truth.norm()))
+    return logprob_errors, grad_errors
 
 
 def test_bf16_is_within_twice_the_per_trajectory_error():
     """Against float64: the packed update's bf16 log-probs and gradient err at most twice as much
     as the per-trajectory update's in bf16 (one mini-batch, so old = current)."""
-    model = tiny_model("qwen2", seed=14)
     trajs, node_tokens = random_rollout(seed=15, prompts=2)
     adv = _advantages(trajs, node_tokens, "soft", seed=16)
-    lp64, grad64 = _fp64_gradient(model, trajs, adv)
-    mask = torch.tensor([m for t in trajs for m in t.loss_mask], dtype=torch.bool)
-    model16 = copy.deepcopy(model).to(torch.bfloat16)
-    got, want = _per_token(model16, trajs, node_tokens)
-    err_packed, err_plain = ((x.double() - lp64[mask]).abs().max() for x in (got, want))
-    assert err_packed <= 2 * err_plain + 1e-6
-    errors = []
-    for packed_update in (True, False):
-        _, grads, _ = _run(model16, trajs, adv, node_tokens, packed_update=packed_update)
-        flat = torch.cat([g.double().flatten() for g in grads[0]])
-        truth = torch.cat([g.flatten() for g in grad64])
-        errors.append(float((flat - truth).norm() / truth.norm()))
-    assert errors[0] <= 2 * errors[1] + 1e-6
+    for packed, plain in _bf16_errors(tiny_model("qwen2", seed=14), trajs, node_tokens, adv):
+        assert packed <= 2 * plain + 1e-6
 
 
 def test_auto_attention_per_device():
@@ -347,14 +364,15 @@ def test_auto_attention_per_device():
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["flex_attention", "sdpa"])
 def test_packed_update_on_cuda_matches_per_trajectory(attention):
-    """fp32 on the GPU: the packed update under flex_attention (and sdpa with the explicit mask),
-    with activation checkpointing, equals the per-trajectory update."""
-    model = tiny_model("qwen2", seed=17).cuda()
+    """fp32 on the GPU: the packed update under flex_attention (and sdpa per path), with activation
+    checkpointing (the CUDA default), equals the per-trajectory update; several mini-batches and
+    split trees."""
+    model = tiny_model("qwen2", seed=17, hidden=64).cuda()
     trajs, node_tokens = random_rollout(seed=18, prompts=3)
     adv = _advantages(trajs, node_tokens, "soft", seed=19)
     cfg = dict(mini_batch_prompts=2, micro_batch_tokens=48, grad_clip=0.0)
-    packed, g1, _ = _run(model, trajs, adv, node_tokens, lr=50.0, attn_implementation=attention, **cfg)
-    plain, g2, _ = _run(model, trajs, adv, node_tokens, lr=50.0, packed_update=False,
+    packed, g1, _ = _run(model, trajs, adv, node_tokens, lr=5.0, attn_implementation=attention, **cfg)
+    plain, g2, _ = _run(model, trajs, adv, node_tokens, lr=5.0, packed_update=False,
                         attn_implementation="sdpa", **cfg)
     assert packed["attn_implementation"] == attention
     assert packed["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-6)
@@ -364,9 +382,18 @@ def test_packed_update_on_cuda_matches_per_trajectory(attention):
 
 
 @pytest.mark.gpu
+def test_bf16_flex_attention_is_within_twice_the_per_trajectory_error():
+    trajs, node_tokens = random_rollout(seed=23, prompts=2)
+    adv = _advantages(trajs, node_tokens, "soft", seed=24)
+    model = tiny_model("llama", seed=25, hidden=64).cuda()
+    for packed, plain in _bf16_errors(model, trajs, node_tokens, adv, attention="flex_attention"):
+        assert packed <= 2 * plain + 1e-6
+
+
+@pytest.mark.gpu
 def test_flash_varlen_rows_match_padded_rows():
     pytest.importorskip("flash_attn")
-    model = tiny_model("llama", seed=20, dtype=torch.bfloat16).cuda()
+    model = tiny_model("llama", seed=20, dtype=torch.bfloat16, hidden=64).cuda()
     trajs, node_tokens = random_rollout(seed=21, prompts=3)
     adv = _advantages(trajs, node_tokens, "soft", seed=22)
     varlen, _, _ = _run(model, trajs, adv, node_tokens, packed_update=False,

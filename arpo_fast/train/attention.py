@@ -1,15 +1,17 @@
 """How the update runs the model's attention over packed rows, and activation checkpointing.
 
-Hugging Face Llama-family models (Llama, Qwen2, Qwen3; transformers 5) take a ready 4-D mask as
-``attention_mask`` and hand it to the attention function named by ``config._attn_implementation``
-untouched: a ``BlockMask`` for ``flex_attention``, a boolean [1, 1, T, T] tensor for ``sdpa``;
-``position_ids`` set the rotary positions. So a tree-packed row (``packing.TreeBatch``) runs through
-the model's own forward with:
+Hugging Face Llama-family models (Llama, Qwen2, Qwen3; transformers 5) call the attention function
+named by ``config._attn_implementation``, hand it a ready 4-D ``attention_mask`` untouched (a
+``BlockMask`` for ``flex_attention``) and pass extra keyword arguments of the model's forward down
+to it; ``position_ids`` set the rotary positions. So a tree-packed row (``packing.TreeBatch``) runs
+through the model's own forward, its attention as one of:
 
 - ``flex_attention`` (CUDA): a block mask from the tree rule (key j visible to query i iff
   j <= i < subtree_end[j]); blocks outside every path are skipped, so attention costs what the
   paths cost, not T^2.
-- ``sdpa`` (the CPU, tests): the same rule as an explicit boolean mask.
+- ``sdpa`` (the CPU, tests): ``scaled_dot_product_attention`` once per path of the row, the path's
+  keys gathered and an explicit boolean mask (causal, ending at the path's own queries): each row
+  position is the query of exactly one path, and the cost is that of the paths too.
 - ``flash_attention_2``: flash-attn's varlen kernels, for rows of independent sequences only (the
   per-trajectory update without padding); a tree's mask is not a set of causal sequences.
 
@@ -26,6 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "flash_attention_2")
+PATH_SDPA = "arpo_path_sdpa"  # the name the packed rows' sdpa is registered under with transformers
 
 
 def flash_attn_installed() -> bool:
@@ -59,15 +62,51 @@ def check_model(model, packed: bool) -> None:
 
 
 @contextlib.contextmanager
-def attention_implementation(model, name: str):
-    """The model's layers call attention function ``name`` inside the block."""
+def attention_implementation(model, name: str, packed: bool):
+    """The model's layers call attention function ``name`` (a resolved one) inside the block."""
     config = model.config
     before = config._attn_implementation
+    if packed and name == "sdpa":
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(PATH_SDPA, path_sdpa_attention)
+        name = PATH_SDPA
     config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = before
+
+
+def path_masks(path_keys: torch.Tensor, path_sizes: list[tuple[int, int]]) -> list[tuple]:
+    """Per path of a packed row (``packing.TreeBatch``): (keys: int64 [K] row positions, queries:
+    int64 [q] the last q of them, mask: bool [q, K], True where a query attends)."""
+    out = []
+    for keys, (K, q) in zip(path_keys.split([k for k, _ in path_sizes]), path_sizes):
+        depth = torch.arange(K, device=keys.device)
+        out.append((keys, keys[K - q:], depth[None, :] <= depth[K - q:, None]))
+    return out
+
+
+def path_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                        tree_paths=None, **kwargs):
+    """Attention over a packed row, one ``scaled_dot_product_attention`` per path.
+
+    ``query`` [1, H, T, D], ``key``/``value`` [1, Hkv, T, D]; ``tree_paths`` from
+    :func:`path_masks`. Returns ([1, T, H, D], None) as transformers' attention functions do."""
+    if tree_paths is None:
+        raise ValueError("the packed update's sdpa attention needs tree_paths (from path_masks)")
+    if key.shape[1] != query.shape[1]:  # grouped heads: with a mask, CUDA's fused kernels want them whole
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    outs, rows = [], []
+    for keys, queries, mask in tree_paths:
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            query.index_select(2, queries), key.index_select(2, keys), value.index_select(2, keys),
+            attn_mask=mask, dropout_p=dropout, scale=scaling))
+        rows.append(queries)
+    order = torch.argsort(torch.cat(rows))  # every row position is one path's query exactly once
+    return torch.cat(outs, dim=2).index_select(2, order).transpose(1, 2).contiguous(), None
 
 
 def tree_mask(subtree_end: torch.Tensor, implementation: str):

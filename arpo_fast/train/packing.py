@@ -14,12 +14,13 @@ to query i iff ``j <= i < subtree_end[j]``. **Positions** are each token's depth
 path (prompt length + offset in the response), exactly what the model saw in the rollout.
 
 **Micro-batches.** Several trees share one packed row, with no padding, as long as their tokens fit
-``budget`` (``--micro-batch-tokens``). A larger tree is split into groups of trajectories taken in
-depth-first order; each group carries the prompt and every ancestor of its nodes as context, so its
-layout is the union of its trajectories' paths and stays within the budget. A node's loss counts in
-the first group that holds it (each token's loss exactly once); elsewhere it is context only. Only a
-single path longer than the budget exceeds it (it goes alone, as in the per-trajectory update).
-Pieces go into micro-batches first-fit by decreasing size.
+``budget`` (``--micro-batch-tokens``). A larger tree is split into groups of trajectories; each
+group carries the prompt and every ancestor of its nodes as context, so its layout is the union of
+its trajectories' paths and stays within the budget. Groups take whole subtrees of the prompt where
+they fit (then only the prompt repeats), else runs of depth-first consecutive paths. A node's loss
+counts in the first group that holds it (each token's loss exactly once); elsewhere it is context
+only. Only a single path longer than the budget exceeds it (it goes alone, as in the
+per-trajectory update). Pieces go into micro-batches first-fit by decreasing size.
 
 **Copies.** A predicted token stands for every trajectory through its node: its advantages reach
 the loss as sums over those copies (``arpo_fast.algo.CopyAdvantages``), which is exact because the
@@ -52,6 +53,9 @@ class TreeBatch:
     copies: CopyAdvantages       # fp32 [n] each: the advantages of the token's copies
     rollout_logprobs: torch.Tensor  # fp32 [n]: the sampler's (NaN where it drew none)
     origin: torch.Tensor         # int64 [n, 2]: (trajectory, response offset) of the token's first copy
+    path_keys: torch.Tensor      # int64 [sum of K]: per path, the row positions of its tokens in order
+    path_sizes: list[tuple[int, int]]  # per path (K, q): its tokens, and how many at its end are its
+                                       # own queries (each row position is one path's query once)
     piece_starts: list[int]      # where each piece starts in the row, then T (cu_seqlens of chains)
     model_tokens: int            # model-written tokens counted per copy (copies.count's sum)
 
@@ -169,29 +173,53 @@ class _Piece:
 
 
 def split_tree(tree: Tree, budget: int) -> list[_Piece]:
-    """The tree whole if it fits ``budget`` tokens, else groups of consecutive (depth-first) paths,
-    each laid out with its ancestors; a node is owned by the first group holding it."""
+    """The tree whole if it fits ``budget`` tokens. Else the prompt's subtrees go first-fit into
+    groups that each carry the prompt once more; a subtree too big for any group is cut into runs of
+    consecutive (depth-first) paths, each carrying its ancestors. A node is owned by the first
+    group holding it."""
     everything = set(range(len(tree.nodes)))
     if tree.size <= budget:
         return [_Piece(tree, everything, everything, tree.size)]
-    groups: list[tuple[set[int], int]] = []
-    current: set[int] = set()
-    size = 0
-    for _, path in tree.paths:
-        new = [u for u in path if u not in current]
-        extra = sum(tree.nodes[u].length for u in new)
-        if current and size + extra > budget:
-            groups.append((current, size))
-            current, size = set(), 0
-            new, extra = path, sum(tree.nodes[u].length for u in path)
-        current.update(new)
-        size += extra
-    groups.append((current, size))
+    prompt = tree.nodes[0].length
+    units = [_subtree(tree, c) for c in tree.nodes[0].children]
+    sizes = [sum(tree.nodes[u].length for u in unit) for unit in units]
+    fits = [i for i, size in enumerate(sizes) if prompt + size <= budget]
+    groups = [({0}.union(*(units[fits[i]] for i in b)), prompt + sum(sizes[fits[i]] for i in b))
+              for b in _first_fit([sizes[i] for i in fits], budget - prompt)]
+    for i in sorted(set(range(len(units))) - set(fits)):
+        groups += _path_runs(tree, [p for _, p in tree.paths if p[1] in units[i]], budget)
     pieces, seen = [], set()
     for nodes, size in groups:
         pieces.append(_Piece(tree, nodes, nodes - seen, size))
         seen |= nodes
     return pieces
+
+
+def _subtree(tree: Tree, root: int) -> set[int]:
+    out, stack = set(), [root]
+    while stack:
+        u = stack.pop()
+        out.add(u)
+        stack.extend(tree.nodes[u].children)
+    return out
+
+
+def _path_runs(tree: Tree, paths: list[list[int]], budget: int) -> list[tuple[set[int], int]]:
+    """Runs of consecutive paths whose union (ancestors included) fits ``budget`` tokens (a single
+    longer path makes a run of its own)."""
+    runs: list[tuple[set[int], int]] = []
+    current: set[int] = set()
+    size = 0
+    for path in paths:
+        new = [u for u in path if u not in current]
+        extra = sum(tree.nodes[u].length for u in new)
+        if current and size + extra > budget:
+            runs.append((current, size))
+            current, size = set(), 0
+            new, extra = path, sum(tree.nodes[u].length for u in path)
+        current.update(new)
+        size += extra
+    return runs + [(current, size)]
 
 
 def _first_fit(sizes: list[int], budget: int) -> list[list[int]]:
@@ -232,6 +260,8 @@ class _Row:
         self.copies: list[CopyAdvantages] = []
         self.rollout: list[torch.Tensor] = []
         self.origin: list[torch.Tensor] = []
+        self.path_keys: list[int] = []
+        self.path_sizes: list[tuple[int, int]] = []
         self.starts: list[int] = []
 
 
@@ -248,7 +278,7 @@ def _layout(pieces: list[_Piece], trajectories, advantages) -> TreeBatch:
                      cat(row.hidden, torch.int64), cat(row.targets, torch.int64), copies,
                      cat(row.rollout, torch.float32),
                      torch.cat(row.origin) if row.origin else torch.zeros(0, 2, dtype=torch.int64),
-                     row.starts, int(copies.count.sum()))
+                     as_long(row.path_keys), row.path_sizes, row.starts, int(copies.count.sum()))
 
 
 def _lay_piece(row: _Row, piece: _Piece, trajectories, advantages) -> None:
@@ -278,6 +308,22 @@ def _lay_piece(row: _Row, piece: _Piece, trajectories, advantages) -> None:
     for u in order:
         a, b = spans[u]
         row.end.extend([subtree_end[u]] * (b - a))
+    _paths(row, piece, spans)
+
+
+def _paths(row: _Row, piece: _Piece, spans: dict[int, tuple[int, int]]) -> None:
+    """Each path of the piece as keys, its nodes no earlier path covered as its queries (in
+    depth-first order these are the path's last nodes)."""
+    covered: set[int] = set()
+    for _, path in piece.tree.paths:
+        if not piece.nodes.issuperset(path) or covered.issuperset(path):
+            continue
+        keys = [k for u in path for k in range(*spans[u])]
+        queries = sum(spans[u][1] - spans[u][0] for u in path if u not in covered)
+        covered.update(path)
+        if queries:
+            row.path_keys.extend(keys)
+            row.path_sizes.append((len(keys), queries))
 
 
 def _predict(row: _Row, node: _Node, a: int, before: int, trajectories, advantages) -> None:

@@ -37,7 +37,8 @@ from arpo_fast.algo import policy_loss, shared_policy_loss
 from arpo_fast.kernels import logprob_entropy
 from arpo_fast.settings import setting
 from arpo_fast.train.attention import (IMPLEMENTATIONS, activation_checkpointing, attention_implementation,
-                                       check_model, resolve_attention, resolve_checkpointing, tree_mask)
+                                       check_model, path_masks, resolve_attention, resolve_checkpointing,
+                                       tree_mask)
 from arpo_fast.train.packing import TreeBatch, pack_trees
 
 
@@ -116,8 +117,10 @@ def tree_logprobs(model, batch: TreeBatch, temperature: float,
         cu = torch.tensor(batch.piece_starts, dtype=torch.int32, device=batch.input_ids.device)
         longest = max(b - a for a, b in zip(batch.piece_starts, batch.piece_starts[1:]))
         attend = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-    else:
+    elif implementation == "flex_attention":
         attend = dict(attention_mask=tree_mask(batch.subtree_end, implementation))
+    else:
+        attend = dict(tree_paths=path_masks(batch.path_keys, batch.path_sizes))
     hidden = model.model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
                          use_cache=False, **attend).last_hidden_state[0]
     return logprob_entropy(hidden.index_select(0, batch.hidden_index), model.lm_head.weight,
@@ -282,7 +285,8 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
     attention, checkpointing = cfg.resolved(device)
     check_model(model, cfg.packed_update)
     plans = _plans(trajectories, advantages, cfg, pad_id, device, attention, node_tokens)
-    with attention_implementation(model, attention), activation_checkpointing(model, checkpointing):
+    with attention_implementation(model, attention, packed=cfg.packed_update), \
+            activation_checkpointing(model, checkpointing):
         metrics = _run(model, optimizer, plans, advantages, cfg, temperature, attention)
     metrics["attn_implementation"] = attention
     return metrics
