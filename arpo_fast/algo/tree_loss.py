@@ -50,6 +50,9 @@ class CopyAdvantages:
     def _names() -> tuple[str, ...]:
         return ("pos", "neg", "n_pos", "n_neg", "count")
 
+    def select(self, index: torch.Tensor) -> CopyAdvantages:
+        return CopyAdvantages(*(getattr(self, name)[index] for name in self._names()))
+
     def scaled(self, weight: torch.Tensor) -> CopyAdvantages:
         """Every copy's advantage times ``weight`` (>= 0, per token): the sums scale, counts stay."""
         return CopyAdvantages(self.pos * weight, self.neg * weight, self.n_pos, self.n_neg, self.count)

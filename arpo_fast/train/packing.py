@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from arpo_fast.algo import CopyAdvantages
@@ -249,18 +250,18 @@ def pack_trees(trajectories, advantages: Sequence[torch.Tensor], rows: Sequence[
 
 
 class _Row:
-    """Accumulates one packed row."""
+    """Accumulates one packed row: tokens as Python lists, predicted nodes as spans; converted to
+    tensors once per row (``torch.tensor`` of a list is several times slower than numpy's)."""
 
     def __init__(self):
         self.ids: list[int] = []
         self.pos: list[int] = []
         self.end: list[int] = []
-        self.hidden: list[torch.Tensor] = []
-        self.targets: list[torch.Tensor] = []
+        self.nodes: list[tuple[int, int, int, int, int]] = []  # (row start, tokens, before, traj, offset)
+        self.mask: list[int] = []
+        self.rollout: list[float] = []
         self.copies: list[CopyAdvantages] = []
-        self.rollout: list[torch.Tensor] = []
-        self.origin: list[torch.Tensor] = []
-        self.path_keys: list[int] = []
+        self.path_keys: list[np.ndarray] = []
         self.path_sizes: list[tuple[int, int]] = []
         self.starts: list[int] = []
 
@@ -271,14 +272,25 @@ def _layout(pieces: list[_Piece], trajectories, advantages) -> TreeBatch:
         row.starts.append(len(row.ids))
         _lay_piece(row, piece, trajectories, advantages)
     row.starts.append(len(row.ids))
-    copies = CopyAdvantages.cat(row.copies)
-    as_long = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
-    cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt)  # noqa: E731
-    return TreeBatch(as_long(row.ids), as_long(row.pos), as_long(row.end),
-                     cat(row.hidden, torch.int64), cat(row.targets, torch.int64), copies,
-                     cat(row.rollout, torch.float32),
-                     torch.cat(row.origin) if row.origin else torch.zeros(0, 2, dtype=torch.int64),
-                     as_long(row.path_keys), row.path_sizes, row.starts, int(copies.count.sum()))
+    ids = _long(row.ids)
+    start, size, before, traj, offset = (np.array(c, dtype=np.int64).reshape(-1) for c in zip(*row.nodes)) \
+        if row.nodes else (np.zeros(0, dtype=np.int64),) * 5
+    within = np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size)  # index inside its node
+    at = np.repeat(start, size) + within
+    hidden = np.where(within == 0, np.repeat(before, size), at - 1)
+    keep = torch.from_numpy(np.array(row.mask, dtype=bool)).nonzero().flatten()
+    copies = CopyAdvantages.cat(row.copies).select(keep)
+    origin = np.stack([np.repeat(traj, size), np.repeat(offset, size) + within], axis=1)
+    return TreeBatch(ids, _long(row.pos), _long(row.end), torch.from_numpy(hidden)[keep],
+                     ids[torch.from_numpy(at)[keep]], copies,
+                     torch.from_numpy(np.array(row.rollout, dtype=np.float32))[keep],
+                     torch.from_numpy(origin)[keep],
+                     torch.from_numpy(np.concatenate(row.path_keys) if row.path_keys else np.zeros(0, np.int64)),
+                     row.path_sizes, row.starts, int(copies.count.sum()))
+
+
+def _long(values: list[int]) -> torch.Tensor:
+    return torch.from_numpy(np.array(values, dtype=np.int64))
 
 
 def _lay_piece(row: _Row, piece: _Piece, trajectories, advantages) -> None:
@@ -318,28 +330,22 @@ def _paths(row: _Row, piece: _Piece, spans: dict[int, tuple[int, int]]) -> None:
     for _, path in piece.tree.paths:
         if not piece.nodes.issuperset(path) or covered.issuperset(path):
             continue
-        keys = [k for u in path for k in range(*spans[u])]
+        keys = np.concatenate([np.arange(*spans[u]) for u in path])
         queries = sum(spans[u][1] - spans[u][0] for u in path if u not in covered)
         covered.update(path)
         if queries:
-            row.path_keys.extend(keys)
+            row.path_keys.append(keys)
             row.path_sizes.append((len(keys), queries))
 
 
 def _predict(row: _Row, node: _Node, a: int, before: int, trajectories, advantages) -> None:
-    """The model-written tokens of ``node`` (laid out from row index ``a``; ``before``: the row index
-    of the token before its first one) as predicted tokens, with their copies' advantages."""
+    """The tokens of ``node`` (laid out from row index ``a``; ``before``: the row index of the token
+    before its first one) as predictions, with their copies' advantages; ``_layout`` keeps the
+    model-written ones."""
     first = trajectories[node.first]
     s, e = node.start, node.start + node.length
-    k = torch.tensor(first.loss_mask[s:e], dtype=torch.bool).nonzero().flatten()
-    if k.numel() == 0:
-        return
-    hidden = a + k - 1
-    hidden[k == 0] = before
-    row.hidden.append(hidden)
-    row.targets.append(torch.tensor(first.response_ids[s:e], dtype=torch.int64)[k])
-    adv = torch.stack([advantages[i][s:e] for i in node.trajs]).float()[:, k]
-    row.copies.append(CopyAdvantages.of(adv))
-    logprobs = first.logprobs[s:e] if len(first.logprobs) == len(first.response_ids) else [math.nan] * (e - s)
-    row.rollout.append(torch.tensor(logprobs, dtype=torch.float32)[k])
-    row.origin.append(torch.stack([torch.full_like(k, node.first), s + k], dim=1))
+    row.nodes.append((a, e - s, before, node.first, s))
+    row.mask.extend(first.loss_mask[s:e])
+    row.rollout.extend(first.logprobs[s:e] if len(first.logprobs) == len(first.response_ids)
+                       else [math.nan] * (e - s))
+    row.copies.append(CopyAdvantages.of(torch.stack([advantages[i][s:e] for i in node.trajs])))
