@@ -19,6 +19,7 @@ import time
 import torch
 
 from arpo_fast.engine import Engine, SamplingParams
+from arpo_fast.engine.random_model import random_causal_lm
 
 
 def _sync(device) -> None:
@@ -26,16 +27,11 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def tiny_model(arch: str = "qwen2", hidden: int = 128, layers: int = 4, vocab: int = 1024,
-               dtype=torch.float32, device="cpu"):
-    """A small random Qwen2 model (the benchmarks' CPU model)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(config).to(device=device, dtype=dtype).eval()
+def tiny_model(hidden: int = 128, layers: int = 4, vocab: int = 1024, dtype=torch.float32, device="cpu"):
+    """A small random Qwen2 model (the benchmarks' CPU model), drawn on the CPU, then moved."""
+    model = random_causal_lm("qwen2", vocab=vocab, hidden=hidden, layers=layers, heads=4, kv_heads=2,
+                             intermediate=4 * hidden, max_position_embeddings=4096, tie_word_embeddings=True)
+    return model.to(device=device, dtype=dtype)
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

@@ -19,31 +19,19 @@ import time
 import zlib
 
 import torch
+from calculator import Calculator
 
 from arpo_fast.train.demo import demo_model, demo_problems, demo_tokenizer, warm_start
 from arpo_fast.engine import Engine
 from arpo_fast.seeds import child_seed
 from arpo_fast.rollout import Protocol
-from arpo_fast.rollout.tools.base import ToolResult
 from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor
 from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout
 
 
-class SlowCalculator:
-    """Evaluates ``print(expr)`` arithmetic after a latency that depends only on the call text."""
-
-    name = "python"
-
-    def __call__(self, query: str) -> ToolResult:
-        slow = zlib.crc32(query.encode()) % 10 == 0
-        time.sleep(0.5 if slow else 0.02)
-        body = query.strip()
-        try:
-            text = str(eval(body[len("print("):-1] if body.startswith("print(") else body,  # noqa: S307
-                            {"__builtins__": {}}))
-        except Exception as exc:  # noqa: BLE001 - what the model wrote is not always arithmetic
-            text = type(exc).__name__
-        return ToolResult(text + "\n")
+def latency(query: str) -> float:
+    """Seconds the tool takes for a call: fixed per call text, 0.5 s for one text in ten, else 20 ms."""
+    return 0.5 if zlib.crc32(query.encode()) % 10 == 0 else 0.02
 
 
 def round_rollout(engine, protocol, prompts, n: int, max_tokens: int, executor, seed: int):
@@ -98,7 +86,7 @@ def main() -> None:
     results = {}
     with torch.no_grad():
         for name in ("async (arpo_rollout)", "rounds (reference schedule)"):
-            executor = ToolExecutor({"python": SlowCalculator()}, ExecutorConfig(max_workers=64, dedup=False))
+            executor = ToolExecutor({"python": Calculator(latency)}, ExecutorConfig(max_workers=64, dedup=False))
             start = time.perf_counter()
             if name.startswith("async"):
                 out = [t.response_ids for t in arpo_rollout(engine, protocol, prompts, cfg, executor=executor,

@@ -25,26 +25,22 @@ from bench_engine import (
     random_prompts,
     tiny_model,
 )
+from accuracy import max_rel_err
 from report import Row, bench_us, copy_bandwidth_gbs
 
 from arpo_fast.engine import Engine
+from arpo_fast.engine.random_model import random_causal_lm
 
 SECTION = "engine"
 HF_NEW_TOKENS = 256
 
 
 def qwen25_05b(device: str):
-    """Qwen2.5-0.5B's shape (config values as published), random weights, bf16."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True, use_sliding_window=False)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config)
-    return model.to(torch.bfloat16).eval()
+    """Qwen2.5-0.5B's shape (config values as published), random weights drawn on ``device``, bf16."""
+    return random_causal_lm("qwen2", vocab=151936, hidden=896, layers=24, heads=14, kv_heads=2,
+                            intermediate=4864, device=device, dtype=torch.bfloat16,
+                            max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                            tie_word_embeddings=True, use_sliding_window=False)
 
 
 def _release() -> None:
@@ -62,7 +58,7 @@ def _logit_error(model, device) -> float:
     with torch.no_grad():
         for p, ours in zip(prompts, engine.logits([engine.add(p) for p in prompts], all_positions=True)):
             ref = model(torch.tensor([p], device=device)).logits[0].float()
-            worst = max(worst, ((ours - ref).abs().max() / ref.abs().max()).item())
+            worst = max(worst, max_rel_err(ours, ref))
     return worst
 
 

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from accuracy import rel_err
 from report import Row, load_kernels as _kernels, bench_us
 
 SECTION = "logprob_entropy"
@@ -122,10 +123,6 @@ def _speed_rows(kernels, T, H, V, dtype, device) -> list[Row]:
     return rows
 
 
-def _rel(x, exact) -> float:
-    return ((x.double() - exact).norm() / exact.norm().clamp_min(1e-12)).item()
-
-
 def _accuracy_rows(kernels, T, H, V, dtype, device) -> list[Row]:
     """Relative L2 error vs float64 of ours and of the plain path in the same dtype (rule: <= 2x)."""
     hidden, weight, targets, grads = _inputs(T, H, V, dtype, device)
@@ -138,7 +135,7 @@ def _accuracy_rows(kernels, T, H, V, dtype, device) -> list[Row]:
     case = f"T={T} H={H} V={V} {str(dtype).replace('torch.', '')} temp {TEMPERATURE}"
     rows = []
     for name, o, p, e in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), ours, plain, exact):
-        err, ref_err = _rel(o, e), _rel(p, e)
+        err, ref_err = rel_err(o, e), rel_err(p, e)
         rows.append(Row(SECTION, case, f"{name} rel err vs fp64", err, "PyTorch same dtype", ref_err,
                         "<= 2x peer + 1e-6", err <= 2 * ref_err + 1e-6))
     del hidden, weight, ours, plain, exact, h64, w64

@@ -35,6 +35,14 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """The demo's tokenizer (byte-level BPE trained on the demo's texts), built once per module."""
+    from arpo_fast.train.demo import demo_tokenizer
+
+    return demo_tokenizer()
+
+
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
         return

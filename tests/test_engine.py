@@ -3,7 +3,7 @@ and weight sharing with the trained model (tiny random models, fp32, CPU)."""
 
 import pytest
 import torch
-from engine_models import (
+from helpers import (
     ARCHS,
     VOCAB,
     hf_greedy,
@@ -250,3 +250,36 @@ def test_prefill_before_fork_shares_the_tool_result():
     expected = hf_logits(model, engine.tokens(seq))[-1]
     for row in logits:
         assert max_rel_err(row, expected) <= 1e-4
+
+
+def test_top_entropy_is_the_reference_estimate_for_the_rows_asked():
+    """-sum p log p over each asked row's 10 most likely tokens, from the same logits the sampler
+    read (temperature applied); NaN for rows not asked; eager steps and chunked prefills alike."""
+    model = tiny_model("qwen2").eval()
+    engine = Engine(model, num_blocks=64)
+    a, b = engine.add([1, 2, 3], seed=1), engine.add([4, 5], seed=2)
+    with torch.no_grad():
+        ref = model(torch.tensor([[1, 2, 3]])).logits[0, -1].float() / 0.7
+        out = engine.step([a, b], SamplingParams(temperature=0.7), top_entropy=[True, False])
+    logp = ref.log_softmax(-1).topk(10).values
+    torch.testing.assert_close(out.top_entropy[0], -(logp.exp() * logp).sum(), rtol=1e-4, atol=1e-5)
+    assert torch.isnan(out.top_entropy[1]) and out.top_entropy[0] < out.entropy[0] + 1e-6
+    plain = engine.step([a, b], SamplingParams(temperature=0.7))
+    assert plain.top_entropy is None
+    with pytest.raises(ValueError, match="top_entropy flags"):
+        engine.step([a, b], top_entropy=[True])
+
+
+@pytest.mark.gpu
+def test_gpu_top_entropy_from_cuda_graph_replays_matches_eager():
+    """A decode step replayed from a CUDA graph reads its top-10 entropies off the graph's logits
+    buffer: the same values as the eager step (fp32)."""
+    model = tiny_model("qwen2").to("cuda")
+    outs = []
+    for graphs in (False, True):
+        engine = Engine(model, num_blocks=64, cuda_graphs=graphs, max_graph_batch=4, max_seq_len=128)
+        seqs = [engine.add([1, 2, 3], seed=1), engine.add([4, 5], seed=2)]
+        engine.step(seqs)  # prefill: eager either way
+        outs.append(engine.step(seqs, SamplingParams(temperature=0.8), top_entropy=[True, True]))
+        assert (engine._graphs is not None and engine._graphs.replays > 0) == graphs
+    torch.testing.assert_close(outs[1].top_entropy, outs[0].top_entropy, rtol=1e-4, atol=1e-5)

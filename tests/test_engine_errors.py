@@ -6,7 +6,7 @@ engine still holds what it held and keeps working.
 
 import pytest
 import torch
-from engine_models import VOCAB, pytorch_kernels, tiny_model
+from helpers import VOCAB, pytorch_kernels, tiny_model
 
 from arpo_fast.engine import Engine, EngineConfig, SamplingParams
 from arpo_fast.errors import PoolExhaustedError, UnknownSequenceError
@@ -89,7 +89,10 @@ def test_config_and_params_errors():
         SamplingParams(top_k=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
-    assert SamplingParams(top_k=None, top_p=None) == SamplingParams(top_k=0, top_p=1.0)
+    with pytest.raises(ValueError, match="top_k must be an int >= 0 \\(0: off\\)"):
+        SamplingParams(top_k=None)  # one convention: 0 is off
+    with pytest.raises(ValueError, match="top_p must be a number in \\(0, 1\\] \\(1.0: off\\)"):
+        SamplingParams(top_p=None)
     with pytest.raises(ValueError, match="on_pool_exhausted"):
         EngineConfig(on_pool_exhausted="wait")
     with pytest.raises(ValueError, match="power of two"):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from arpo_fast.kernels import rotary_kv_write, rotary_kv_write_ref
+from helpers import assert_rule
 
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
 
@@ -24,10 +25,6 @@ def _exact(x, cos, sin):
     return x * c + torch.cat([-x[..., half:], x[..., :half]], -1) * s
 
 
-def _rel(x, exact):
-    return ((x.double() - exact).norm() / exact.norm()).item()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,H,HK,D,page", [(5, 4, 2, 16, 4), (33, 7, 1, 24, 8), (1, 2, 2, 64, 16)])
 def test_matches_reference_and_float64(N, H, HK, D, page, dtype):
@@ -37,7 +34,7 @@ def test_matches_reference_and_float64(N, H, HK, D, page, dtype):
     ref = rotary_kv_write_ref(q, k, v, cos, sin, kv_ref[0], kv_ref[1], slots)
     for mine, theirs, exact in ((ours, ref, _exact(q, cos, sin)),
                                 (kv[0].flatten(0, 1)[slots], kv_ref[0].flatten(0, 1)[slots], _exact(k, cos, sin))):
-        assert _rel(mine, exact) <= 2 * _rel(theirs, exact) + FLOOR[dtype]
+        assert_rule(mine, theirs, exact, FLOOR[dtype])
     torch.testing.assert_close(kv[1].flatten(0, 1)[slots], v, rtol=0, atol=0)
     untouched = torch.ones(kv.shape[1] * kv.shape[2], dtype=torch.bool)
     untouched[slots] = False
@@ -62,5 +59,5 @@ def test_gpu_matches_reference(dtype):
     ours = rotary_kv_write(q, k, v, cos, sin, kv[0], kv[1], slots)
     ref = rotary_kv_write_ref(q, k, v, cos, sin, kv_ref[0], kv_ref[1], slots)
     exact = _exact(q.cpu(), cos.cpu(), sin.cpu())
-    assert _rel(ours.cpu(), exact) <= 2 * _rel(ref.cpu(), exact) + FLOOR.get(dtype, 1e-3)
+    assert_rule(ours.cpu(), ref.cpu(), exact, FLOOR.get(dtype, 1e-3))
     torch.testing.assert_close(kv[1], kv_ref[1], rtol=0, atol=0)

@@ -19,8 +19,10 @@ from hypothesis import strategies as st
 
 from arpo_fast.kernels import logprob_entropy, logprob_entropy_ref
 from arpo_fast.kernels.logprob_entropy import _logprob_entropy, default_chunk_size
+from helpers import assert_rule
 
 FLOOR = 1e-6
+OUTPUTS = ("logprobs", "entropy", "grad_hidden", "grad_weight")
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -43,16 +45,6 @@ def _run(fn, hidden, weight, targets, g_lp, g_ent, **kw):
     return lp.detach(), ent.detach(), h.grad, w.grad
 
 
-def _rel(x, exact):
-    return ((x.double() - exact).norm() / exact.norm().clamp_min(1e-12)).item()
-
-
-def _assert_rule(ours, same_dtype, exact, names=("logprobs", "entropy", "grad_hidden", "grad_weight")):
-    for name, o, r, e in zip(names, ours, same_dtype, exact):
-        err, ref_err = _rel(o, e), _rel(r, e)
-        assert err <= 2 * ref_err + FLOOR, f"{name}: error {err:.3g} vs reference's {ref_err:.3g}"
-
-
 def _check_against_float64(T, H, V, dtype, temperature, chunk_size, triton_path):
     hidden, weight, targets = _inputs(T, H, V, dtype)
     g_lp, g_ent = torch.randn(T), torch.randn(T)
@@ -66,7 +58,7 @@ def _check_against_float64(T, H, V, dtype, temperature, chunk_size, triton_path)
                  temperature=temperature)
     assert all(x.dtype == torch.float32 for x in got[:2])
     assert got[2].dtype == dtype and got[3].dtype == dtype
-    _assert_rule(got, ref, exact)
+    assert_rule(got, ref, exact, FLOOR, OUTPUTS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -333,7 +325,7 @@ def test_gpu_matches_float64_at_real_size(dtype, monkeypatch):
     got = _run(logprob_entropy, hidden, weight, targets, g_lp, g_ent, chunk_size=5000, **kw)
     ref = _run(logprob_entropy_ref, hidden, weight, targets, g_lp, g_ent, **kw)
     exact = _run(logprob_entropy_ref, hidden.double(), weight.double(), targets, g_lp, g_ent, **kw)
-    _assert_rule(got, ref, exact)
+    assert_rule(got, ref, exact, FLOOR, OUTPUTS)
 
 
 @pytest.mark.gpu

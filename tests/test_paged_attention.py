@@ -14,6 +14,7 @@ from arpo_fast.kernels import (
     paged_attention_extend_ref,
 )
 from arpo_fast.kernels.paged_attention import _decode_triton, _extend_triton
+from helpers import assert_rule
 
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 
@@ -52,15 +53,6 @@ def _dense_f64(q, k_cache, v_cache, tables, lens, n_new, scale):
     return torch.cat(out)
 
 
-def _rel(x, exact):
-    return ((x.double() - exact).norm() / exact.norm()).item()
-
-
-def _assert_rule(ours, ref, exact, dtype):
-    err, ref_err = _rel(ours, exact), _rel(ref, exact)
-    assert err <= 2 * ref_err + FLOOR[dtype], f"error {err:.3g} vs reference's {ref_err:.3g}"
-
-
 CASES = [  # lens, page, q_heads, kv_heads, head_dim
     ([5, 33, 1], 16, 4, 2, 16),
     ([70, 17], 8, 7, 1, 32),  # group of 7 query heads, Qwen-like
@@ -78,7 +70,7 @@ def test_decode_matches_float64(lens, page, H, Hk, D, dtype):
     ref = paged_attention_decode_ref(q, k_cache, v_cache, tables, ctx)
     ours = paged_attention_decode(q, k_cache, v_cache, tables, ctx)
     assert ours.dtype == dtype and ours.shape == q.shape
-    _assert_rule(ours, ref, exact, dtype)
+    assert_rule(ours, ref, exact, FLOOR[dtype])
 
 
 @pytest.mark.parametrize("splits", [2, 5])
@@ -107,7 +99,7 @@ def test_extend_matches_float64(lens, n_new, page, H, Hk, D, dtype):
     ref = paged_attention_extend_ref(q, k_cache, v_cache, tables, ctx, cu, max(n_new))
     ours = paged_attention_extend(q, k_cache, v_cache, tables, ctx, cu, max(n_new))
     assert ours.dtype == dtype and ours.shape == q.shape
-    _assert_rule(ours, ref, exact, dtype)
+    assert_rule(ours, ref, exact, FLOOR[dtype])
 
 
 def test_extend_with_one_token_each_equals_decode():
@@ -156,11 +148,11 @@ def test_gpu_decode_and_extend_qwen7b_layout(dtype):
     ref = paged_attention_decode_ref(q, k_cache, v_cache, tables, ctx).cpu()
     for splits in (None, 1, 7):
         ours = paged_attention_decode(q, k_cache, v_cache, tables, ctx, num_splits=splits).cpu()
-        _assert_rule(ours, ref, exact, torch.bfloat16)
+        assert_rule(ours, ref, exact, FLOOR[torch.bfloat16])
     n_new = [300, 1, 777, 5]
     q = torch.randn(sum(n_new), 28, 128, device="cuda").to(dtype)
     cu = torch.tensor([0] + n_new).cumsum(0).to(torch.int32).cuda()
     exact = _dense_f64(q.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(), ctx.cpu(), n_new, 128 ** -0.5)
     ref = paged_attention_extend_ref(q, k_cache, v_cache, tables, ctx, cu, 777).cpu()
     ours = paged_attention_extend(q, k_cache, v_cache, tables, ctx, cu, 777).cpu()
-    _assert_rule(ours, ref, exact, torch.bfloat16)
+    assert_rule(ours, ref, exact, FLOOR[torch.bfloat16])

@@ -26,11 +26,6 @@ def _torch_paths(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return demo_tokenizer()
-
-
 def _small(tmp_path, **kw):
     base = dict(out=str(tmp_path / "run"), steps=2, prompts_per_step=2, rollouts=4, initial=2,
                 max_response_tokens=24, demo_warm_start=0, tools="")
@@ -144,14 +139,14 @@ def test_cli_runs_and_rejects_bad_values(tmp_path, capsys):
     assert main(["--steps", "1", "--prompts-per-step", "1", "--rollouts", "2", "--initial", "1",
                  "--max-response-tokens", "8", "--demo-warm-start", "0", "--tools", "", "--out", out]) == 0
     assert "step 1/1" in capsys.readouterr().out
-    for argv, message in ((["--steps", "0"], "steps must be >= 1"),
+    for argv, message in ((["--steps", "0"], "--steps must be >= 1"),
                           (["--initial", "9", "--rollouts", "4"], "initial"),
-                          (["--temperature", "0"], "temperature must be > 0"),
-                          (["--advantage", "mean"], "advantage must be"),
+                          (["--temperature", "0"], "--temperature must be > 0"),
+                          (["--advantage", "mean"], "--advantage must be"),
                           (["--resume", "maybe"], "expected true or false"),
-                          (["--clip-low", "1"], "clip_low must be < 1"),
-                          (["--dual-clip", "0.5"], "dual_clip must be > 1"),
-                          (["--micro-batch-tokens", "0"], "micro_batch_tokens must be >= 1")):
+                          (["--clip-low", "1"], "--clip-low must be < 1"),
+                          (["--dual-clip", "0.5"], "--dual-clip must be > 1"),
+                          (["--micro-batch-tokens", "0"], "--micro-batch-tokens must be >= 1")):
         with pytest.raises(SystemExit):
             parse_config(argv)
         assert message in capsys.readouterr().err

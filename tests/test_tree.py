@@ -9,26 +9,20 @@ real paged engine on a tiny random model.
 import math
 import random
 import threading
-import time
 from concurrent.futures import Future
 
 import pytest
 import torch
+from helpers import Calculator
 
-from arpo_fast.train.demo import demo_model, demo_tokenizer
+from arpo_fast.train.demo import demo_model
 from arpo_fast.engine import Engine, StepOutput
 from arpo_fast.seeds import child_seed
 from arpo_fast.rollout import Protocol, ProtocolConfig
-from arpo_fast.rollout.tools.base import ToolResult
 from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout
 
 CALL = "<python>print(1+1)</python>"
 ANSWER = "<answer>\\boxed{2}</answer>"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return demo_tokenizer()
 
 
 class ScriptedEngine:
@@ -97,25 +91,16 @@ class ScriptedEngine:
 
 
 class Tools:
-    """Executor stand-in: answers ``print(...)`` with the evaluated expression (or the error's name),
-    after a delay."""
+    """Executor stand-in: runs the python-tool double (its answer without print's newline, after
+    ``delay(query)`` seconds) on a thread of its own per call, and records the calls."""
 
-    def __init__(self, delay=lambda: 0.0):
-        self.calls, self.delay = [], delay
+    def __init__(self, delay=lambda query: 0.0):
+        self.calls, self.tool = [], Calculator(delay, end="")
 
     def submit(self, name, query):
         self.calls.append((name, query))
         future = Future()
-        try:  # the test's own strings, or what a tiny model wrote: arithmetic at most
-            text = str(eval(query.strip()[len("print("):-1], {"__builtins__": {}}))  # noqa: S307
-        except Exception as exc:  # noqa: BLE001
-            text = type(exc).__name__
-
-        def finish():
-            time.sleep(self.delay())
-            future.set_result(ToolResult(text))
-
-        threading.Thread(target=finish).start()
+        threading.Thread(target=lambda: future.set_result(self.tool(query))).start()
         return future
 
 
@@ -264,7 +249,7 @@ def test_same_seed_same_trees_whatever_the_tool_timing(tok):
     plan = lambda s: [CALL, CALL, ANSWER] if s % 2 else [CALL, ANSWER]  # noqa: E731
     entropy = lambda seed, r, i: (seed >> (r + i)) % 7 * 0.3  # noqa: E731
     runs = []
-    for delay in (lambda: 0.0, lambda: random.random() * 0.01):
+    for delay in (lambda query: 0.0, lambda query: random.random() * 0.01):
         out, _, _ = _run(tok, plan, cfg, entropy=entropy, tools=Tools(delay), seed=7)
         runs.append([(t.prompt_index, t.kind, t.parent, t.response_ids, t.path) for t in out.trajectories])
     assert runs[0] == runs[1]
@@ -320,15 +305,22 @@ def test_real_engine_rollout_matches_the_training_forward(tok):
     torch.testing.assert_close(entropy[mask], ents[mask], rtol=1e-4, atol=1e-4)
 
 
-def test_preemption_in_a_small_pool_changes_no_trajectory(tok, monkeypatch):
-    """A pool too small for the tree makes the engine preempt and recompute; sampling depends only
-    on (seed, position) and the logits, so the trees, branches included, are the same as with room
-    to spare. A short warm start makes the model call the (scripted) python tool and branch."""
+@pytest.fixture(scope="module")
+def warm_model(tok):
+    """The demo model after a short warm start: it calls the (scripted) python tool and branches."""
     from arpo_fast.train.demo import warm_start
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch paths: this test is about the engine
     model = demo_model(tok, seed=0)
     warm_start(model, tok, steps=80)
+    return model
+
+
+def test_preemption_in_a_small_pool_changes_no_trajectory(tok, warm_model, monkeypatch):
+    """A pool too small for the tree makes the engine preempt and recompute; sampling depends only
+    on (seed, position) and the logits, so the trees, branches included, are the same as with room
+    to spare."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch paths: this test is about the engine
+    model = warm_model
     protocol = Protocol(tok, eos_token_ids=[tok.eos_token_id])
     prompts = [tok.encode("Problem: what is 12 + 30?\n"), tok.encode("Problem: what is 7 * 9?\n")]
     cfg = ARPOConfig(rollouts=6, initial=3, entropy_tokens=4, threshold=1.0, max_response_tokens=40)
@@ -458,3 +450,27 @@ def test_reference_semantics_decide_at_the_call_from_the_segment_before_it(tok):
     two = rate(0.25, lambda s: [CALL, CALL, ANSWER])
     assert two > 0.3 + 0.2  # first call tau, then tau + 0.25 on what is left: 1 - 0.7 * 0.45
     assert abs(two - (1 - 0.7 * 0.45)) < 0.08
+
+
+def test_reference_semantics_on_the_real_engine(tok, warm_model, monkeypatch):
+    """The reference's rule asks the engine for top-10 entropies of each segment's first k tokens
+    only; trees branch and every sequence is freed."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    engine = Engine(warm_model, tokenizer=tok, num_blocks=512, block_size=8)
+    asked = []
+    step = engine.step
+
+    def spy(seqs, params=None, top_entropy=None):
+        asked.append(sum(top_entropy))
+        return step(seqs, params, top_entropy=top_entropy)
+
+    engine.step = spy
+    protocol = Protocol(tok, eos_token_ids=[tok.eos_token_id])
+    cfg = ARPOConfig(rollouts=6, initial=3, entropy_tokens=4, threshold=1.0, max_response_tokens=40,
+                     arpo_semantics="reference")
+    with torch.no_grad():
+        out = arpo_rollout(engine, protocol, [tok.encode("Problem: what is 12 + 30?\n")], cfg,
+                           executor=Tools(), seed=5)
+    assert len(out.trajectories) == 6 and not engine.live()
+    assert any(t.kind == "branch" for t in out.trajectories)
+    assert 0 < sum(asked) < sum(len(t.response_ids) for t in out.trajectories)

@@ -5,15 +5,10 @@ import torch
 
 from arpo_fast.kernels.sampling_ref import truncation_threshold
 from arpo_fast.kernels.truncation import truncation_threshold_triton
+from helpers import random_logits
 
 # Rows with every entry -inf (or a NaN) make the interpreter's numpy compute -inf - -inf: expected.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-
-
-def _logits(B, V, dtype):
-    x = torch.randn(B, V) * 3
-    x[1 % B, ::4] = float("-inf")  # masked entries in one row
-    return x.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -23,7 +18,7 @@ def test_threshold_kernel_matches_the_reference(dtype, V, top_k, top_p):
     """One k for all rows (top-k candidates) or a whole sorted row (top-p alone), odd sizes, bf16
     ties, greedy and tiny temperatures: the same threshold as the reference."""
     B = 5
-    logits = _logits(B, V, dtype)
+    logits = random_logits(B, V, dtype, masked_row=1)  # masked entries in one row
     temps = torch.tensor([1.0, 0.7, 0.0, 1e-3, 2.5])
     want = truncation_threshold(logits, temps, top_k, top_p)
     got = truncation_threshold_triton(logits, temps, top_k, top_p)
@@ -33,7 +28,7 @@ def test_threshold_kernel_matches_the_reference(dtype, V, top_k, top_p):
 
 def test_per_row_settings_and_scalar_temperature():
     B, V = 6, 1000
-    logits = _logits(B, V, torch.float32)
+    logits = random_logits(B, V, masked_row=1)
     k = torch.tensor([0, 3, 1000, 10, -1, 1])
     p = torch.tensor([1.0, 0.5, 0.9, 1.0, 0.2, 0.7])
     for temperature in (0.8, torch.full((B,), 0.8)):

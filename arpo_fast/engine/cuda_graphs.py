@@ -46,7 +46,7 @@ class DecodeGraphs:
         self.temp = torch.ones(M, dtype=torch.float32, device=dev)
         self.seed = torch.zeros(M, dtype=torch.int64, device=dev)
         self.pos = torch.zeros(M, dtype=torch.int64, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
         self.sizes = batch_sizes(max_batch)
         self.replays = 0
 
@@ -54,7 +54,7 @@ class DecodeGraphs:
         batch = Batch(self.ids[:bs], self.positions[:bs], self.slots[:bs], self.tables[:bs],
                       self.lens[:bs], self.cu[:bs + 1], self.rows[:bs], 1)
         logits = self.model.forward(self.cache, batch)
-        return sample(logits, self.temp[:bs], self.seed[:bs], self.pos[:bs])
+        return sample(logits, self.temp[:bs], self.seed[:bs], self.pos[:bs]), logits
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -71,9 +71,9 @@ class DecodeGraphs:
         for bs in reversed(self.sizes):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self._step(bs)
+                out, logits = self._step(bs)
             pool = graph.pool()
-            self.graphs[bs] = (graph, out)
+            self.graphs[bs] = (graph, out, logits)
         torch.cuda.synchronize()
 
     def fits(self, B: int, width: int) -> bool:
@@ -84,7 +84,8 @@ class DecodeGraphs:
         """Replay the graph of the smallest captured size >= B. tokens, positions (of the pending
         tokens), temp, seed, sample_pos (the sampler's positions): [B] on the device; ``step``: the
         cache's StepTensors for these B sequences (one token each). Returns the sampler's output
-        for the B rows (copied out of the static buffers)."""
+        for the B rows (copied out of the static buffers) and the step's logits [B, V] (a view of
+        the graph's buffer: valid until the next replay)."""
         B, W = step.block_tables.shape
         bs = next(s for s in self.sizes if s >= B)
         self.ids[:B].copy_(tokens)
@@ -99,7 +100,7 @@ class DecodeGraphs:
             self.slots[B:bs].fill_(TRASH_BLOCK * self.cache.block_size)
             self.tables[B:bs, 0] = TRASH_BLOCK
             self.lens[B:bs] = 1
-        graph, out = self.graphs[bs]
+        graph, out, logits = self.graphs[bs]
         graph.replay()
         self.replays += 1
-        return type(out)(*(t[:B].clone() for t in out))
+        return type(out)(*(t[:B].clone() for t in out)), logits[:B]

@@ -310,10 +310,14 @@ class Engine:
                 s.tokens.append(t)
 
     def step(self, seqs: Sequence[int],
-             params: SamplingParams | Sequence[SamplingParams] | None = None) -> StepOutput:
+             params: SamplingParams | Sequence[SamplingParams] | None = None,
+             top_entropy: Sequence[bool] | None = None) -> StepOutput:
         """One forward over all pending tokens of ``seqs``, then one sampled token per sequence,
         which becomes that sequence's pending token. ``params``: one for all, or one per sequence
-        (only temperature, top_k and top_p matter here)."""
+        (only temperature, top_k and top_p matter here). ``top_entropy``: per sequence, whether to
+        also return the entropy over its ``TOP_ENTROPY_K`` most likely tokens (the reference's
+        estimate: -sum p log p over the 10 largest probabilities of the temperature-scaled
+        distribution, p normalised over the whole vocabulary)."""
         states = self._states(seqs, "step")
         params = SamplingParams() if params is None else params
         per_row = [params] * len(states) if isinstance(params, SamplingParams) else list(params)
@@ -323,7 +327,8 @@ class Engine:
         index = {id(s): i for i, s in enumerate(states)}
         rows = [index[id(s)] for s in running]
         run_params = [per_row[i] for i in rows]
-        out = self._execute(running, lambda: self._compute_step(running, meta, run_params))
+        wanted = _rows_wanted(top_entropy, rows, len(states))
+        out, top = self._execute(running, lambda: self._compute_step(running, meta, run_params, wanted))
         tokens = out.tokens.tolist()  # the step's one host sync
         bad = [i for i, t in zip(rows, tokens) if t < 0]
         for s, t in zip(running, tokens):
@@ -332,20 +337,24 @@ class Engine:
         if bad:
             raise FloatingPointError(f"step: non-finite logits for batch rows {bad[:5]}; their KV "
                                      "is kept but no token was appended")
-        return self._scatter(len(states), rows, out)
+        return self._scatter(len(states), rows, out, top)
 
-    def _compute_step(self, running: list[SeqState], meta, params: list[SamplingParams]):
-        """Forward and sample; a plain decode step replays a CUDA graph when they are enabled."""
+    def _compute_step(self, running: list[SeqState], meta, params: list[SamplingParams],
+                      wanted: list[int] | None):
+        """Forward and sample, and the top-10 entropy of the ``wanted`` running rows; a plain
+        decode step replays a CUDA graph when they are enabled."""
         dev = self.model.device
         temp = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(dev)
         seeds = torch.tensor([s.seed for s in running], dtype=torch.int64).to(dev)
         positions = torch.tensor([len(s.tokens) for s in running], dtype=torch.int64).to(dev)
         if self._graph_eligible(running, meta, params):
             tokens = torch.tensor([s.tokens[-1] for s in running], dtype=torch.int64).to(dev)
-            return self._graphs.run(tokens, positions - 1, meta, temp, seeds, positions)
-        batch = build_batch(running, meta, dev, all_positions=False)
-        logits = self.model.forward(self.cache, batch)
-        return self._sample(logits, params, temp, seeds, positions)
+            out, logits = self._graphs.run(tokens, positions - 1, meta, temp, seeds, positions)
+        else:
+            batch = build_batch(running, meta, dev, all_positions=False)
+            logits = self.model.forward(self.cache, batch)
+            out = self._sample(logits, params, temp, seeds, positions)
+        return out, None if wanted is None else _top_entropy(logits, temp, wanted)
 
     def _graph_eligible(self, running, meta, params) -> bool:
         if self._graphs is None or not self._graphs.fits(len(running), meta.block_tables.shape[1]):
@@ -370,16 +379,17 @@ class Engine:
         return sample(logits, temp, seeds, positions, top_k, top_p)
 
     @staticmethod
-    def _scatter(B: int, rows: list[int], out) -> StepOutput:
+    def _scatter(B: int, rows: list[int], out, top: torch.Tensor | None) -> StepOutput:
         if len(rows) == B:
-            return StepOutput(out.tokens.cpu(), out.logprobs, out.entropy, torch.ones(B, dtype=torch.bool))
+            return StepOutput(out.tokens.cpu(), out.logprobs, out.entropy, torch.ones(B, dtype=torch.bool), top)
         dev = out.logprobs.device
         idx = torch.tensor(rows, dtype=torch.int64)
         tokens = torch.full((B,), -1, dtype=torch.int64).index_copy_(0, idx, out.tokens.cpu())
         nan = torch.full((B,), float("nan"), device=dev)
         ran = torch.zeros(B, dtype=torch.bool).index_fill_(0, idx, True)
+        top = None if top is None else nan.index_copy(0, idx.to(dev), top)
         return StepOutput(tokens, nan.index_copy(0, idx.to(dev), out.logprobs),
-                          nan.index_copy(0, idx.to(dev), out.entropy), ran)
+                          nan.index_copy(0, idx.to(dev), out.entropy), ran, top)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
                  seeds: Sequence[int] | None = None):
@@ -387,6 +397,30 @@ class Engine:
         from arpo_fast.engine.generation import generate
 
         return generate(self, prompts, SamplingParams() if params is None else params, seeds)
+
+
+TOP_ENTROPY_K = 10
+"""How many of a distribution's most likely tokens the reference's entropy estimate covers."""
+
+
+def _rows_wanted(top_entropy: Sequence[bool] | None, rows: list[int], B: int) -> list[int] | None:
+    """Positions among the running ``rows`` whose top-k entropy was asked for (None: not asked)."""
+    if top_entropy is None:
+        return None
+    if len(top_entropy) != B:
+        raise ValueError(f"step: {len(top_entropy)} top_entropy flags for {B} sequences")
+    return [r for r, i in enumerate(rows) if top_entropy[i]]
+
+
+def _top_entropy(logits: torch.Tensor, temp: torch.Tensor, wanted: list[int]) -> torch.Tensor:
+    """fp32 [B]: -sum p log p over the TOP_ENTROPY_K largest probabilities of each wanted row of
+    ``logits`` at its temperature (greedy rows at 1), NaN elsewhere. Only the wanted rows are read."""
+    idx = torch.tensor(wanted, dtype=torch.int64, device=logits.device)
+    t = temp.index_select(0, idx)
+    z = logits.index_select(0, idx).float() / torch.where(t > 0, t, torch.ones_like(t))[:, None]
+    top = z.topk(min(TOP_ENTROPY_K, z.shape[1]), dim=1).values - z.logsumexp(dim=1, keepdim=True)
+    out = torch.full((logits.shape[0],), float("nan"), dtype=torch.float32, device=logits.device)
+    return out.index_copy_(0, idx, -(top.exp() * top).sum(dim=1))
 
 
 def _eos_ids(model) -> frozenset:

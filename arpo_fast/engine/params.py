@@ -32,13 +32,10 @@ class SamplingParams:
     def __post_init__(self):
         if math.isnan(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        # None, the off value of earlier versions, reads as off: the fields always hold numbers.
-        self.top_k = 0 if self.top_k is None else self.top_k
-        self.top_p = 1.0 if self.top_p is None else self.top_p
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1.0: off), got {self.top_p}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1] (1.0: off), got {self.top_p!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if isinstance(self.stop, str):

@@ -45,6 +45,7 @@ import torch
 from arpo_fast.engine.params import SamplingParams
 from arpo_fast.rollout.engine_api import RolloutEngine
 from arpo_fast.rollout.protocol import Protocol, TrajectoryProtocol
+from arpo_fast.rollout.trajectory import Rollout, Trajectory
 from arpo_fast.seeds import MAX_SEED, child_seed
 from arpo_fast.settings import setting
 
@@ -91,44 +92,6 @@ class ARPOConfig:
 
 
 @dataclass
-class Trajectory:
-    """One finished path of a prompt's tree. Per response token: ``loss_mask`` 1 where the model
-    wrote it, 0 for tool results; ``logprobs``/``entropies`` from the sampler (0 for tool tokens).
-    ``path`` lists the tree nodes (ids into ``Rollout.node_tokens``) the response is made of. A token
-    the model did not sample (the EOS appended after a call past the limit) has NaN log-prob and
-    entropy."""
-
-    prompt_index: int
-    prompt_ids: list[int]
-    kind: str
-    """``initial``, ``branch`` or ``fill``."""
-    parent: Optional[int] = None
-    """Index (in ``Rollout.trajectories``) of the trajectory a branch forked from."""
-    response_ids: list[int] = field(default_factory=list)
-    loss_mask: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    entropies: list[float] = field(default_factory=list)
-    path: list[int] = field(default_factory=list)
-    tool_calls: int = 0
-    finish_reason: Optional[str] = None
-    """``eos``, ``answer`` (when the protocol stops there), ``limit`` (a call past the limit) or
-    ``length``."""
-
-
-@dataclass
-class Rollout:
-    """The trajectories of every prompt, the tree nodes and counters."""
-
-    trajectories: list[Trajectory]
-    node_tokens: dict[int, int]
-    stats: dict[str, int]
-
-    def paths(self) -> list[list[tuple[int, int]]]:
-        """Per trajectory, its response as (node id, tokens) segments (for advantage attribution)."""
-        return [[(n, self.node_tokens[n]) for n in t.path] for t in self.trajectories]
-
-
-@dataclass
 class _Window:
     """Entropies of up to k tokens from response index ``at`` on; ``value`` once it is closed."""
 
@@ -162,9 +125,10 @@ def _split(total: int, parts: int) -> list[int]:
 
 class _TreeRollout:
     def __init__(self, engine: RolloutEngine, protocol: Protocol, executor, config: ARPOConfig,
-                 sampling: SamplingParams, seed: int):
+                 sampling: SamplingParams, seed: int, prompt_seeds: Optional[Sequence[int]]):
         self.engine, self.protocol, self.executor = engine, protocol, executor
         self.config, self.sampling, self.seed = config, sampling, seed
+        self.prompt_seeds = prompt_seeds
         self.reference = config.arpo_semantics == "reference"
         self.log_v = math.log(max(int(engine.vocab_size), 2))
         self.trajs: list[Trajectory] = []
@@ -181,6 +145,10 @@ class _TreeRollout:
     # ------------------------------------------------------------------ lifecycle
     def run(self, prompts: Sequence[Sequence[int]]) -> Rollout:
         self.prompts = [list(p) for p in prompts]
+        if self.prompt_seeds is None:
+            self.prompt_seeds = [child_seed(self.seed, p) for p in range(len(prompts))]
+        elif len(self.prompt_seeds) != len(prompts):
+            raise ValueError(f"arpo_rollout: {len(self.prompt_seeds)} prompt seeds for {len(prompts)} prompts")
         self.created, self.open = [0] * len(prompts), [0] * len(prompts)
         cfg = self.config
         shares = _split(cfg.rollouts - cfg.initial, cfg.initial)
@@ -223,7 +191,7 @@ class _TreeRollout:
     def _start(self, p: int, shares: list[int], kind: str) -> None:
         """Start one trajectory of prompt ``p`` per entry of ``shares`` (its branch slots)."""
         for share in shares:
-            key = child_seed(child_seed(self.seed, p), self.created[p])
+            key = child_seed(self.prompt_seeds[p], self.created[p])
             self.names.append((self.created[p],))
             self.created[p] += 1
             self.open[p] += 1
@@ -423,7 +391,7 @@ class _TreeRollout:
 
 def arpo_rollout(engine: RolloutEngine, protocol: Protocol, prompts: Sequence[Sequence[int]],
                  config: Optional[ARPOConfig] = None, sampling: Optional[SamplingParams] = None,
-                 executor=None, seed: int = 0) -> Rollout:
+                 executor=None, seed: int = 0, prompt_seeds: Optional[Sequence[int]] = None) -> Rollout:
     """Roll out ``config.rollouts`` trajectories per prompt as ARPO trees (module docstring).
 
     Args:
@@ -434,13 +402,15 @@ def arpo_rollout(engine: RolloutEngine, protocol: Protocol, prompts: Sequence[Se
             ``config.max_response_tokens``).
         executor: a ``ToolExecutor``; without one every call reads back that tools are unavailable.
         seed: the rollout's seed; trajectories are a function of it and the model.
+        prompt_seeds: per prompt, the seed its tree draws from (default: hashed from ``seed`` and the
+            prompt's index), so that a prompt's tree can be the same wherever it is rolled out.
 
     Returns a :class:`Rollout`; trajectories come by prompt, then depth first (a trajectory, then
     its branches), an order that does not depend on when tools finished. The engine holds none of
     them afterwards, also when this raises.
     """
     run = _TreeRollout(engine, protocol, executor, config or ARPOConfig(),
-                       sampling or SamplingParams(), seed)
+                       sampling or SamplingParams(), seed, prompt_seeds)
     try:
         return run.run(prompts)
     finally:

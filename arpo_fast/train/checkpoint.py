@@ -1,5 +1,8 @@
 """Checkpoints: ``model/`` (Hugging Face format, loadable on its own), ``tokenizer/`` and the
-trainer's state ``trainer.pt`` (step, optimizer, config).
+trainer's state: ``trainer.pt`` (step, optimizer and fp32 masters, config) for a one-process run;
+for a distributed run ``trainer.json`` (step, config, world size) beside ``trainer/``, the sharded
+fp32 masters and AdamW state written by ``torch.distributed.checkpoint`` (each rank its shards; a
+resume with another number of ranks reshards them).
 
 The tokenizer has a folder of its own: beside a model's ``config.json``, ``AutoTokenizer`` would
 pick the tokenizer class of the model type (Qwen2's splits digits apart) over the one saved.
@@ -14,6 +17,7 @@ left as it is.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -30,24 +34,50 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used; nothing was changed."""
 
 
-def save_checkpoint(out_dir: str, model, tokenizer, optimizer, step: int, config: dict) -> Path:
-    """Write the checkpoint after ``step`` completed steps; returns its directory."""
+def save_checkpoint(out_dir: str, model, tokenizer, optimizer, step: int, config: dict, dist=None) -> Path:
+    """Write the checkpoint after ``step`` completed steps; returns its directory. In a distributed
+    run (``dist``) every rank calls this: rank 0 writes the model, the tokenizer and the swap, all
+    write their shards of ``optimizer`` (a ``distributed.ShardedPolicy``)."""
     out = Path(out_dir)
     final, tmp, old = (out / name for name in NAMES)
-    check_checkpoint_names(out)  # before anything is written: nothing of the user's is touched
-    _remove(tmp)
-    tmp.mkdir(parents=True)
-    (tmp / MARKER).write_text(f"written by arpo_fast after step {step}; removed with its run\n")
-    model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "tokenizer")
-    torch.save({"format": FORMAT, "step": step, "optimizer": optimizer.state_dict(), "config": config},
-               tmp / "trainer.pt")
-    _remove(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    _remove(old)
+    main = dist is None or dist.main
+    if main:
+        check_checkpoint_names(out)  # before anything is written: nothing of the user's is touched
+        _remove(tmp)
+        tmp.mkdir(parents=True)
+        (tmp / MARKER).write_text(f"written by arpo_fast after step {step}; removed with its run\n")
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "tokenizer")
+    if dist is None:
+        torch.save({"format": FORMAT, "step": step, "optimizer": optimizer.state_dict(), "config": config},
+                   tmp / "trainer.pt")
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        dist.barrier()
+        dcp.save(optimizer.state_dict(), checkpoint_id=str(tmp / "trainer"))
+        if main:
+            (tmp / "trainer.json").write_text(json.dumps({"format": FORMAT, "step": step, "config": config,
+                                                          "world_size": dist.world}))
+    if main:
+        _remove(old)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        _remove(old)
+    if dist is not None:
+        dist.barrier()
     return final
+
+
+def load_sharded_state(checkpoint: Path, policy) -> None:
+    """Read a distributed checkpoint's masters and AdamW state into ``policy`` (a
+    ``distributed.ShardedPolicy``), resharded for this run's ranks."""
+    import torch.distributed.checkpoint as dcp
+
+    state = policy.state_dict()
+    dcp.load(state, checkpoint_id=str(Path(checkpoint) / "trainer"))
+    policy.load_state_dict(state)
 
 
 def is_ours(path: Path) -> bool:
@@ -69,11 +99,21 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def validate_checkpoint(path: Path) -> dict:
-    """The trainer state of checkpoint ``path`` once every part of it is there; raises
-    :class:`CheckpointError` naming what is missing, having changed nothing."""
+def validate_checkpoint(path: Path, distributed: bool = False) -> dict:
+    """The trainer state of checkpoint ``path`` once every part of it is there and it suits this
+    run (``distributed``: started by torchrun); raises :class:`CheckpointError` naming what is
+    wrong, having changed nothing."""
     state = load_trainer_state(path)
-    for part, what in (("model/config.json", "the model's config"), ("tokenizer", "the tokenizer")):
+    if state.get("sharded") and not distributed:
+        raise CheckpointError(f"the checkpoint {path} was written by a distributed run: resume it "
+                              "under torchrun (any number of processes, --nproc-per-node 1 included)")
+    if distributed and not state.get("sharded"):
+        raise CheckpointError(f"the checkpoint {path} was written by a one-process run: resume it with "
+                              "python -m arpo_fast.train")
+    parts = [("model/config.json", "the model's config"), ("tokenizer", "the tokenizer")]
+    if state.get("sharded"):
+        parts.append(("trainer/.metadata", "the sharded trainer state"))
+    for part, what in parts:
         if not (Path(path) / part).exists():
             raise CheckpointError(f"the checkpoint {path} is incomplete: {what} ({part}) is missing. "
                                   "It was left untouched, and so was the run's metrics.jsonl")
@@ -87,16 +127,22 @@ def find_checkpoint(out_dir: str) -> Optional[Path]:
     """The newest complete checkpoint under ``out_dir``, or None."""
     for name in NAMES[:2]:
         path = Path(out_dir) / name
-        if is_ours(path) and (path / "trainer.pt").exists():
+        if is_ours(path) and ((path / "trainer.pt").exists() or (path / "trainer.json").exists()):
             return path
     return None
 
 
 def load_trainer_state(path: Path) -> dict:
-    """The trainer state of checkpoint ``path``: ``step``, ``optimizer``, ``config``."""
-    file = Path(path) / "trainer.pt"
+    """The trainer state of checkpoint ``path``: ``step``, ``config``, and ``optimizer`` (one-process
+    runs) or ``sharded`` = True and ``world_size`` (distributed runs: the rest is in ``trainer/``)."""
+    sharded = (Path(path) / "trainer.json").exists()
+    file = Path(path) / ("trainer.json" if sharded else "trainer.pt")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        if sharded:
+            state = json.loads(file.read_text(encoding="utf-8"))
+            state["sharded"] = True
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever broke the file, the user needs the same advice
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"cannot read the checkpoint {file} ({type(exc).__name__}: {first}). "

@@ -52,6 +52,11 @@ class TrainConfig:
     dtype: str = setting("auto", "'auto' (bf16 on CUDA, fp32 on the CPU), 'bf16', 'fp16' or 'fp32'.")
     out: str = setting("", "Directory for metrics.jsonl and checkpoints ('': a new "
                        "runs/arpo-<date>-<time>).")
+    dist_timeout_s: float = setting(1800.0, "Under torchrun: seconds a collective may wait for the other "
+                                    "ranks before the run fails (rollouts with slow tools run between "
+                                    "collectives).")
+    tool_workers: int = setting(16, "Tool calls that may run at once, per process (each python call is "
+                                "a sandboxed process: a node runs up to processes x this many).")
     save_every: int = setting(0, "Save a checkpoint every this many steps (0: only after the last step).")
     resume: bool = setting(False, "Continue from the checkpoint in `out`, if there is one.")
     # --- rollout (the tree's own settings are in `rollout`)
@@ -73,7 +78,9 @@ class TrainConfig:
     weight_decay: float = setting(0.01, "AdamW's decoupled weight decay (the reference's: 0.01).")
 
     def __post_init__(self):
-        for name in ("steps", "prompts_per_step"):
+        if not (math.isfinite(self.dist_timeout_s) and self.dist_timeout_s > 0):
+            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        for name in ("steps", "prompts_per_step", "tool_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("demo_warm_start", "max_calls", "save_every", "top_k", "kv_memory_mb", "weight_decay"):

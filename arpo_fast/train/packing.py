@@ -59,6 +59,7 @@ class TreeBatch:
                                        # own queries (each row position is one path's query once)
     piece_starts: list[int]      # where each piece starts in the row, then T (cu_seqlens of chains)
     model_tokens: int            # model-written tokens counted per copy (copies.count's sum)
+    dummy: bool = False          # a stand-in that counts for nothing (distributed.py: equal counts)
 
     @property
     def tokens(self) -> int:

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from arpo_fast.algo import policy_loss, shared_policy_loss
+from arpo_fast.algo import CopyAdvantages, policy_loss, shared_policy_loss
 from arpo_fast.kernels import logprob_entropy
 from arpo_fast.settings import setting
 from arpo_fast.train.attention import (IMPLEMENTATIONS, activation_checkpointing, attention_implementation,
@@ -125,6 +125,42 @@ def tree_logprobs(model, batch: TreeBatch, temperature: float,
                          use_cache=False, **attend).last_hidden_state[0]
     return logprob_entropy(hidden.index_select(0, batch.hidden_index), model.lm_head.weight,
                            batch.targets, temperature)
+
+
+class LogprobModel(torch.nn.Module):
+    """The policy as the update uses it: ``forward(batch, temperature, attention)`` returns the
+    log-probs and entropies of a micro-batch's predicted tokens (:func:`token_logprobs` for a
+    :class:`PackedBatch`, :func:`tree_logprobs` for a ``TreeBatch``). One module call, so that
+    under FSDP2 the root's parameters (embedding, final norm, LM head) are gathered for exactly
+    that computation."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch, temperature: float, attention: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(batch, TreeBatch):
+            return tree_logprobs(self.policy, batch, temperature, attention)
+        return token_logprobs(self.policy, batch, temperature)
+
+
+def _dummy_batch(pad_id: int, device, packed: bool):
+    """One token that counts for nothing: a rank with fewer micro-batches than the others runs
+    these, so that every rank makes the same collective calls."""
+    one = torch.tensor([0], dtype=torch.int64, device=device)
+    pad = torch.full((1,), pad_id, dtype=torch.int64, device=device)
+    nan = torch.full((1,), math.nan, device=device)
+    if packed:
+        zero = torch.zeros(1, device=device)
+        return TreeBatch(pad, one, one + 1, one, pad, CopyAdvantages(zero, zero, zero, zero, zero), nan,
+                         torch.zeros(1, 2, dtype=torch.int64, device=device), one, [(1, 1)], [0, 1], 0,
+                         dummy=True)
+    return PackedBatch([], pad[None], torch.ones((1, 1), dtype=torch.int64, device=device), one, pad,
+                       torch.zeros(1, dtype=torch.bool, device=device), nan, 0)
+
+
+def _is_dummy(batch) -> bool:
+    return batch.dummy if isinstance(batch, TreeBatch) else not batch.rows
 
 
 @dataclass(frozen=True)
@@ -223,23 +259,16 @@ def is_weights(old: torch.Tensor, rollout: torch.Tensor, cap: float) -> torch.Te
 
 
 def _plans(trajectories, advantages, cfg: UpdateConfig, pad_id: int, device, attention: str,
-           node_tokens) -> list[list]:
-    """Per mini-batch, its micro-batches on ``device``."""
-    shares = mini_batches([t.prompt_index for t in trajectories], cfg.mini_batch_prompts)
+           node_tokens, groups: list[list[int]]) -> list[list]:
+    """Per mini-batch (``groups`` of trajectory indices), its micro-batches on ``device``."""
     if cfg.packed_update or attention == "flash_attention_2":  # padding-free rows
         return [[b.to(device) for b in pack_trees(trajectories, advantages, share, node_tokens,
                                                   cfg.micro_batch_tokens, share=cfg.packed_update)]
-                for share in shares]
+                for share in groups]
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
     return [[pack(trajectories, [share[j] for j in g], pad_id, device)
              for g in micro_batches([lengths[i] for i in share], cfg.micro_batch_tokens)]
-            for share in shares]
-
-
-def _logprobs(model, batch, temperature: float, attention: str):
-    if isinstance(batch, TreeBatch):
-        return tree_logprobs(model, batch, temperature, attention)
-    return token_logprobs(model, batch, temperature)
+            for share in groups]
 
 
 def _weights(batch) -> torch.Tensor:
@@ -270,46 +299,68 @@ def _loss(batch, logprobs, old_lp, entropy, advantages, cfg: UpdateConfig, sums:
 
 
 def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: UpdateConfig,
-           pad_id: int, temperature: float = 1.0, node_tokens=None) -> dict[str, float]:
+           pad_id: int, temperature: float = 1.0, *, dist=None,
+           mini_batch_ids: Optional[Sequence[int]] = None, num_mini_batches: int = 0,
+           node_tokens=None) -> dict[str, float]:
     """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
-    per trajectory): one step of ``optimizer`` (a :class:`~arpo_fast.train.optim.MasterWeights`)
-    per mini-batch of ``cfg.mini_batch_prompts`` prompts. ``node_tokens`` (``Rollout.node_tokens``)
-    lets the packed update share the branch prefixes ``Trajectory.path`` names; without it only
-    each prompt is shared.
+    per trajectory): one step of ``optimizer`` (``optim.MasterWeights``, or the sharded policy of a
+    distributed run) per mini-batch of ``cfg.mini_batch_prompts`` prompts.
 
-    Returns the loss's metrics as token-weighted means over the whole step (``tokens``: their
-    count, every copy of a shared token included), the rollout/trainer log-prob mismatch, the last
-    gradient norm, the optimizer steps taken and how many were skipped for a non-finite gradient,
-    the tokens that went through the model (``forward_tokens``) and the attention implementation."""
-    device = next(model.parameters()).device
+    ``model``: the policy, or a :class:`LogprobModel` (sharded with FSDP2 in a distributed run).
+    ``dist``: this rank of a distributed run (``distributed.Dist``): the token-mean's denominator is
+    then the count over every rank, and every rank runs the same number of micro-batches. With
+    ``mini_batch_ids`` (per trajectory, < ``num_mini_batches``) the caller says which mini-batch each
+    trajectory belongs to (the same numbering on every rank). ``node_tokens``
+    (``Rollout.node_tokens``) lets the packed update share the branch prefixes that
+    ``Trajectory.path`` names; without it only each prompt is shared.
+
+    Returns the loss's metrics as token-weighted means over this process's tokens (``tokens``:
+    their count, every copy of a shared token included), the rollout/trainer log-prob mismatch, the
+    last gradient norm, the optimizer steps taken, how many were skipped for a non-finite gradient,
+    and the tokens that went through the model (``forward_tokens``)."""
+    scorer = model if isinstance(model, LogprobModel) else LogprobModel(model)
+    device = next(scorer.parameters()).device
     attention, checkpointing = cfg.resolved(device)
-    check_model(model, cfg.packed_update)
-    plans = _plans(trajectories, advantages, cfg, pad_id, device, attention, node_tokens)
-    with attention_implementation(model, attention, packed=cfg.packed_update), \
-            activation_checkpointing(model, checkpointing):
-        metrics = _run(model, optimizer, plans, advantages, cfg, temperature, attention)
-    metrics["attn_implementation"] = attention
-    return metrics
+    check_model(scorer.policy, cfg.packed_update)
+    if mini_batch_ids is None:
+        groups = mini_batches([t.prompt_index for t in trajectories], cfg.mini_batch_prompts)
+    else:
+        groups = [[] for _ in range(num_mini_batches)]
+        for i, k in enumerate(mini_batch_ids):
+            groups[k].append(i)
+    plans = _plans(trajectories, advantages, cfg, pad_id, device, attention, node_tokens, groups)
+    plan_tokens = [sum(b.model_tokens for b in plan) for plan in plans]
+    if dist is not None:  # global token counts; the same number of micro-batches on every rank
+        plan_tokens = dist.sum(plan_tokens)
+        counts = dist.max([len(plan) for plan in plans])
+        plans = [plan + [_dummy_batch(pad_id, device, cfg.packed_update or attention == "flash_attention_2")
+                         for _ in range(int(c) - len(plan))] for plan, c in zip(plans, counts)]
+    scale = dist.world if dist is not None else 1  # FSDP averages gradients over ranks; we want the sum
+    with attention_implementation(scorer.policy, attention, packed=cfg.packed_update), \
+            activation_checkpointing(scorer.policy, checkpointing):
+        return _run(scorer, optimizer, plans, plan_tokens, scale, advantages, cfg, temperature, attention)
 
 
-def _run(model, optimizer, plans, advantages, cfg: UpdateConfig, temperature: float,
-         attention: str) -> dict:
+def _run(scorer, optimizer, plans, plan_tokens, scale: float, advantages, cfg: UpdateConfig,
+         temperature: float, attention: str) -> dict:
     old = {}
     with torch.no_grad():  # later mini-batches see a moved policy: keep the rollout policy's values
         for batch in (b for plan in plans[1:] for b in plan):
-            old[id(batch)] = _logprobs(model, batch, temperature, attention)[0]
+            old[id(batch)] = scorer(batch, temperature, attention)[0]
     sums: dict[str, float] = {}
     mismatch = _Mismatch()
     tokens = skipped = forward = 0
     grad_norm = 0.0
-    for plan in plans:
-        plan_tokens = sum(b.model_tokens for b in plan)
+    for plan, total in zip(plans, plan_tokens):
         for batch in plan:
-            logprobs, entropy = _logprobs(model, batch, temperature, attention)
+            logprobs, entropy = scorer(batch, temperature, attention)
             old_lp = old.get(id(batch), logprobs.detach())
+            if _is_dummy(batch):  # gradients of zero, collectives as on the other ranks
+                (logprobs.sum() * 0.0).backward()
+                continue
             mismatch.add(old_lp, batch.rollout_logprobs, _weights(batch))
             loss, metrics = _loss(batch, logprobs, old_lp, entropy, advantages, cfg, sums)
-            (loss * (batch.model_tokens / max(plan_tokens, 1))).backward()
+            (loss * (batch.model_tokens * scale / max(total, 1))).backward()
             metrics.pop("tokens")
             metrics["loss"] = float(loss.detach())
             _add(sums, {k: v * batch.model_tokens for k, v in metrics.items()})

@@ -1,0 +1,108 @@
+"""From settings to the objects a run uses: the device and dtype, the model and tokenizer, the
+tools and their executor, the rewards and the tool-call protocol. Every bad setting fails here with
+a one-line message naming its flag, before anything is written."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from arpo_fast.rollout import Protocol, ProtocolConfig, RewardConfig
+from arpo_fast.rollout.tools import create_tool
+from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor
+from arpo_fast.train.config import TrainConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} asked for, but torch sees no CUDA device")
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return device, DTYPES[dtype]
+
+
+def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype, verbose: bool = True):
+    """The policy and its tokenizer: from the checkpoint when resuming, else the demo or ``--model``."""
+    if checkpoint is None and cfg.model == "demo":
+        from arpo_fast.train.demo import demo_model, demo_tokenizer, move_model, warm_start
+
+        tokenizer = demo_tokenizer()
+        model = move_model(demo_model(tokenizer, seed=cfg.seed), device, dtype)
+        if cfg.demo_warm_start:
+            t0 = time.perf_counter()
+            loss = warm_start(model, tokenizer, cfg.demo_warm_start, seed=cfg.seed)
+            if verbose:
+                print(f"demo warm start: {cfg.demo_warm_start} supervised steps, loss {loss:.3f}, "
+                      f"{time.perf_counter() - t0:.1f}s", flush=True)
+        return model.eval(), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = checkpoint / "model" if checkpoint is not None else Path(cfg.model)
+    if not path.is_dir():
+        raise ValueError(f"--model {cfg.model!r}: not 'demo' and not a local model directory")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer" if checkpoint is not None else path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def _json_object(text: str, flag: str, shape: str) -> dict:
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{flag}: not valid JSON ({exc.msg}); expected {shape}") from None
+    except RecursionError:
+        raise ValueError(f"{flag}: JSON nested too deeply; expected {shape}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object: {shape}")
+    return value
+
+
+def tool_settings(cfg: TrainConfig) -> dict:
+    settings = _json_object(cfg.tool_settings, "--tool-settings", "{tool name: {setting: value}}")
+    unknown = sorted(set(settings) - set(cfg.tool_names))
+    if unknown:
+        raise ValueError(f"--tool-settings names tools not in --tools: {', '.join(unknown)}")
+    for name, value in settings.items():
+        if not isinstance(value, dict):
+            raise ValueError(f"--tool-settings: the settings of {name!r} must be a JSON object, got "
+                             f"{json.dumps(value)[:60]}")
+    return settings
+
+
+def tool_executor(cfg: TrainConfig, settings: dict) -> Optional[ToolExecutor]:
+    """The run's tools, each built from its ``--tool-settings``, behind one executor."""
+    tools = []
+    for name in cfg.tool_names:
+        try:
+            tools.append(create_tool(name, **settings.get(name, {})))
+        except TypeError as exc:  # an unknown setting name
+            raise ValueError(f"--tool-settings: {name}: {exc}") from None
+    config = ExecutorConfig(max_workers=cfg.tool_workers)
+    return ToolExecutor({t.name: t for t in tools}, config) if tools else None
+
+
+def reward_config(cfg: TrainConfig) -> RewardConfig:
+    by_source = _json_object(cfg.reward_by_source, "--reward-by-source", "{data_source: reward name}")
+    try:
+        return RewardConfig(default=cfg.reward, by_data_source=by_source)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+
+
+def protocol_for(cfg: TrainConfig, tokenizer, executor: Optional[ToolExecutor], eos_token_ids) -> Protocol:
+    """The tool-call protocol: tags are the tools' own names (http_search answers <search>); the
+    usual tags stay recognised, so a call to a tool this run lacks reads back an error instead of
+    passing as plain text."""
+    names = tuple(executor.tools) if executor is not None else ()
+    tags = ProtocolConfig(tool_names=tuple(dict.fromkeys(ProtocolConfig().tool_names + names)),
+                          max_calls=cfg.max_calls, stop_at_answer=cfg.stop_at_answer)
+    return Protocol(tokenizer, tags, eos_token_ids=eos_token_ids, available_tools=names)

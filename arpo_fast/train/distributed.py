@@ -1,0 +1,192 @@
+"""Data-parallel training under ``torchrun``: one process per device, PyTorch's own stack only.
+
+Rollouts are split by prompt: rank r rolls out the step's prompts r, r + W, r + 2W, ... (W ranks),
+each as a whole tree, so group advantages need no communication, and a prompt's tree is seeded by
+(seed, step, its position in the step) alone: the same trees whatever the world size.
+
+The update is FSDP2 (``fully_shard`` per decoder layer and on the root): fp32 sharded master
+parameters and AdamW state, compute in the rollout dtype (``MixedPrecisionPolicy``), gradients
+reduced and accumulated in fp32. Each rank's engine runs on a full copy of the weights in the
+rollout dtype (:class:`ShardedPolicy.rollout_model`), refreshed in place from the shards after each
+optimizer step: the same storage every step, so captured CUDA graphs stay valid.
+
+A plain ``python -m arpo_fast.train`` does not come here: one process keeps the zero-copy path
+(the engine on the trained model's own bf16 weights, fp32 masters in ``optim.MasterWeights``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    """This process's place in the run and the few collectives the trainer uses."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def _reduce(self, values: Sequence[float], op) -> list[float]:
+        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.SUM)
+
+    def max(self, values: Sequence[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.MAX)
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), on every rank."""
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def mine(self, n: int) -> list[int]:
+        """This rank's share of ``n`` items (prompts of a step): every W-th from its rank on."""
+        return list(range(self.rank, n, self.world))
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def env_rank() -> int:
+    """This process's rank under torchrun, else 0."""
+    return int(os.environ["RANK"]) if launched_by_torchrun() else 0
+
+
+def init(device: str, timeout_s: float) -> Optional[Dist]:
+    """Join the process group when started by ``torchrun`` (None otherwise). ``device``: the
+    ``--device`` setting; under torchrun a CUDA run uses ``cuda:LOCAL_RANK``. Collectives time out
+    after ``timeout_s``, so a rank that hangs cannot hold the others forever."""
+    if not launched_by_torchrun():
+        return None
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r} asked for, but torch sees no CUDA device")
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return Dist(rank, world, local, dev)
+
+
+def close(d: Optional[Dist]) -> None:
+    if d is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class ShardedPolicy:
+    """The trainer's model under FSDP2, beside the full rollout copy the engine runs on.
+
+    ``scorer`` is the policy wrapped for the update (see ``update.LogprobModel``), sharded in fp32:
+    its parameters are the masters. ``step`` and ``zero_grad`` make it usable where the one-process
+    trainer uses ``optim.MasterWeights``; after each optimizer step the rollout copy is refreshed.
+    """
+
+    def __init__(self, rollout_model: torch.nn.Module, d: Dist, *, lr: float, weight_decay: float):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.tensor import distribute_tensor
+
+        from arpo_fast.train.update import LogprobModel
+
+        self.rollout_model, self.dist = rollout_model, d
+        dtype = next(rollout_model.parameters()).dtype
+        with torch.device("meta"):
+            policy = type(rollout_model)(rollout_model.config).float()
+        scorer = LogprobModel(policy)
+        mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
+                                  reduce_dtype=torch.float32)
+        for layer in policy.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(scorer, mp_policy=mp)
+        scorer.to_empty(device=d.device)
+        full = dict(rollout_model.named_parameters())
+        with torch.no_grad():
+            for name, shard in policy.named_parameters():
+                # rank 0's values everywhere (src_data_rank=0), so every rank starts the same
+                shard.copy_(distribute_tensor(full[name].detach().float(), shard.device_mesh,
+                                              shard.placements))
+            buffers = dict(rollout_model.named_buffers())
+            for name, buf in policy.named_buffers():  # rotary frequencies: rebuilt, not sharded
+                buf.copy_(buffers[name])
+        self.scorer, self.policy = scorer, policy
+        self.optimizer = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=weight_decay)
+        self._pairs = [(shard, full[name]) for name, shard in policy.named_parameters()]
+        self.refresh_stats = {"bytes": 0.0, "seconds": 0.0}
+        self.refresh()
+
+    def clip_and_step(self, max_norm: float) -> float:
+        """Clip the global gradient norm, step AdamW on the shards and refresh the rollout copy;
+        returns the norm before clipping. A non-finite norm skips the step on every rank."""
+        params = [p for p in self.scorer.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if norm != norm or norm in (float("inf"), float("-inf")):
+            return norm
+        self.optimizer.step()
+        self.refresh()
+        return norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Gather the shards in the rollout dtype and copy them into the rollout copy, in place."""
+        start = time.perf_counter()
+        moved = 0
+        for shard, target in self._pairs:
+            whole = shard.detach().to(target.dtype).full_tensor()
+            target.copy_(whole)
+            moved += whole.numel() * whole.element_size()
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+        self.refresh_stats["bytes"] += moved * (self.dist.world - 1) / self.dist.world
+        self.refresh_stats["seconds"] += time.perf_counter() - start
+
+    def take_refresh_stats(self) -> dict:
+        """Bytes each rank received and seconds spent refreshing since the last call."""
+        stats, self.refresh_stats = self.refresh_stats, {"bytes": 0.0, "seconds": 0.0}
+        return stats
+
+    # -- checkpoints (torch.distributed.checkpoint: sharded, resharded on load) -------------------
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.scorer, self.optimizer)
+        return {"model": model, "optim": optim}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.scorer, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self.refresh()
