@@ -109,7 +109,8 @@ def forward_tokens(trajs, node_tokens, cfg: UpdateConfig) -> dict[str, int]:
     for share in mini_batches([t.prompt_index for t in trajs], cfg.mini_batch_prompts):
         lengths = [len(trajs[i].prompt_ids) + len(trajs[i].response_ids) for i in share]
         unpacked += sum(lengths)
-        padded += sum(len(g) * max(lengths[i] for i in g) for g in micro_batches(lengths, cfg.micro_batch_tokens))
+        groups = micro_batches(lengths, cfg.micro_batch_tokens)
+        padded += sum(len(g) * max(lengths[i] for i in g) for g in groups)
         for tree in build_trees(trajs, share, node_tokens):
             unique += tree.size
             packed += sum(p.size for p in split_tree(tree, cfg.micro_batch_tokens))
@@ -188,7 +189,7 @@ def main() -> None:
             if r:  # the first round warms up
                 runs[packed].append(seconds)
     times = {packed: statistics.median(r) for packed, r in runs.items()}
-    shrunk = forward_tokens(trajs, node_tokens, UpdateConfig(micro_batch_tokens=budget, mini_batch_prompts=prompts))
+    shrunk = forward_tokens(trajs, node_tokens, cfgs[True])
     print(f"CPU update, Qwen2 {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {prompts} prompts "
           f"x 16 trajectories (prompt 192, responses 128-512), micro-batches of {budget} tokens, median of "
           f"{repeats}: packed {times[True]:.2f} s, per trajectory {times[False]:.2f} s "

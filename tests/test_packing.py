@@ -93,11 +93,13 @@ class _Recorder(torch.optim.SGD):
         return super().step(closure)
 
 
-def _run(model, trajs, adv, node_tokens, lr=0.0, **cfg):
+def _run(model, trajs, adv, node_tokens, lr=0.0, dist=None, **cfg):
+    """One update of a copy of ``model``: (metrics, each step's gradients, the updated copy)."""
     model = copy.deepcopy(model)
     recorder = []
     optimizer = MasterWeights(model.parameters(), lambda ps: recorder.append(_Recorder(ps, lr)) or recorder[0])
-    metrics = update(model, optimizer, trajs, adv, UpdateConfig(**cfg), pad_id=0, node_tokens=node_tokens)
+    metrics = update(model, optimizer, trajs, adv, UpdateConfig(**cfg), pad_id=0, node_tokens=node_tokens,
+                     dist=dist)
     return metrics, recorder[0].grads, model
 
 
@@ -183,6 +185,32 @@ def test_without_node_sizes_only_the_prompt_is_shared_and_the_update_is_the_same
     assert with_nodes["loss"] == pytest.approx(prompt_only["loss"], rel=1e-5, abs=1e-7)
     for a, b in zip(g1[0], g2[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _OneRankOfMany:
+    """A ``distributed.Dist`` stand-in for one process whose peers run one micro-batch more per
+    mini-batch: the update pads with stand-ins that count for nothing."""
+
+    world = 1
+
+    def sum(self, values):
+        return list(values)
+
+    def max(self, values):
+        return [v + 1 for v in values]
+
+
+@pytest.mark.parametrize("packed_update", [True, False])
+def test_stand_in_micro_batches_change_nothing(packed_update):
+    model = tiny_model("qwen2")
+    trajs, node_tokens = random_rollout(seed=26)
+    adv = _advantages(trajs, node_tokens, "soft", seed=27)
+    cfg = dict(mini_batch_prompts=2, packed_update=packed_update)
+    alone, g1, _ = _run(model, trajs, adv, node_tokens, lr=0.2, **cfg)
+    padded, g2, _ = _run(model, trajs, adv, node_tokens, lr=0.2, dist=_OneRankOfMany(), **cfg)
+    assert padded == pytest.approx(alone)
+    for a, b in zip(g1[-1], g2[-1]):
+        torch.testing.assert_close(a, b)
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -328,7 +356,8 @@ def _bf16_check(model, trajs, node_tokens, adv, attention="sdpa"):
 
 def test_bf16_is_within_twice_the_per_trajectory_error():
     trajs, node_tokens = random_rollout(seed=15, prompts=2)
-    _bf16_check(tiny_model("qwen2", seed=14), trajs, node_tokens, _advantages(trajs, node_tokens, "soft", seed=16))
+    _bf16_check(tiny_model("qwen2", seed=14), trajs, node_tokens,
+                _advantages(trajs, node_tokens, "soft", seed=16))
 
 
 def test_auto_attention_per_device():

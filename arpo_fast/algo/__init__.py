@@ -5,8 +5,7 @@ token-mean over model-written tokens. Nothing here imports the rest of the packa
 """
 
 from arpo_fast.algo.advantages import group_advantages, shared_token_count, token_advantages
-from arpo_fast.algo.loss import aggregate, policy_loss
-from arpo_fast.algo.tree_loss import CopyAdvantages, shared_policy_loss
+from arpo_fast.algo.loss import CopyAdvantages, aggregate, policy_loss, shared_policy_loss
 
 __all__ = ["CopyAdvantages", "aggregate", "group_advantages", "policy_loss", "shared_policy_loss",
            "shared_token_count", "token_advantages"]

@@ -99,8 +99,8 @@ def build_trees(trajectories, rows: Sequence[int], node_tokens: Optional[Mapping
                 share: bool = True) -> list[Tree]:
     """The trees of the trajectories ``rows``: one per prompt (same ``prompt_index`` and prompt
     tokens) when ``share``, with shared nodes from ``Trajectory.path`` and ``node_tokens`` (without
-    them only the prompt is shared); one chain per trajectory otherwise. A node must hold the same tokens in every
-    trajectory that passes through it (ValueError otherwise)."""
+    them only the prompt is shared); one chain per trajectory otherwise. A node must hold the same
+    tokens in every trajectory that passes through it (ValueError otherwise)."""
     groups: dict[object, list[int]] = {}
     for i in rows:
         t = trajectories[i]
@@ -245,7 +245,8 @@ def pack_trees(trajectories, advantages: Sequence[torch.Tensor], rows: Sequence[
 
     ``advantages``: per trajectory (indexed like ``trajectories``), fp32 [len(response)]; a token's
     copies bring theirs together (``CopyAdvantages``)."""
-    pieces = [p for tree in build_trees(trajectories, rows, node_tokens, share) for p in split_tree(tree, budget)]
+    pieces = [p for tree in build_trees(trajectories, rows, node_tokens, share)
+              for p in split_tree(tree, budget)]
     return [_layout([pieces[i] for i in b], trajectories, advantages)
             for b in _first_fit([p.size for p in pieces], budget)]
 
@@ -274,20 +275,28 @@ def _layout(pieces: list[_Piece], trajectories, advantages) -> TreeBatch:
         _lay_piece(row, piece, trajectories, advantages)
     row.starts.append(len(row.ids))
     ids = _long(row.ids)
-    start, size, before, traj, offset = (np.array(c, dtype=np.int64).reshape(-1) for c in zip(*row.nodes)) \
-        if row.nodes else (np.zeros(0, dtype=np.int64),) * 5
+    at, hidden, origin = _predicted(row.nodes)
+    keep = torch.from_numpy(np.array(row.mask, dtype=bool)).nonzero().flatten()  # model-written only
+    copies = CopyAdvantages.cat(row.copies).select(keep)
+    return TreeBatch(
+        input_ids=ids, position_ids=_long(row.pos), subtree_end=_long(row.end), hidden_index=hidden[keep],
+        targets=ids[at[keep]], copies=copies,
+        rollout_logprobs=torch.from_numpy(np.array(row.rollout, dtype=np.float32))[keep],
+        origin=origin[keep], path_sizes=row.path_sizes,
+        path_keys=torch.from_numpy(np.concatenate(row.path_keys or [np.zeros(0, np.int64)])), piece_starts=row.starts, model_tokens=int(copies.count.sum()))
+
+
+def _predicted(nodes: list[tuple[int, int, int, int, int]]) -> tuple[torch.Tensor, ...]:
+    """For every token of the predicted nodes (``_Row.nodes``): its row position, the row position
+    whose hidden state predicts it (the previous one, or for a node's first token the last token
+    before the node on its path), and its (trajectory, response offset)."""
+    start, size, before, traj, offset = (np.array(c, dtype=np.int64).reshape(-1) for c in zip(*nodes)) \
+        if nodes else (np.zeros(0, dtype=np.int64),) * 5
     within = np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size)  # index inside its node
     at = np.repeat(start, size) + within
     hidden = np.where(within == 0, np.repeat(before, size), at - 1)
-    keep = torch.from_numpy(np.array(row.mask, dtype=bool)).nonzero().flatten()
-    copies = CopyAdvantages.cat(row.copies).select(keep)
     origin = np.stack([np.repeat(traj, size), np.repeat(offset, size) + within], axis=1)
-    return TreeBatch(ids, _long(row.pos), _long(row.end), torch.from_numpy(hidden)[keep],
-                     ids[torch.from_numpy(at)[keep]], copies,
-                     torch.from_numpy(np.array(row.rollout, dtype=np.float32))[keep],
-                     torch.from_numpy(origin)[keep],
-                     torch.from_numpy(np.concatenate(row.path_keys) if row.path_keys else np.zeros(0, np.int64)),
-                     row.path_sizes, row.starts, int(copies.count.sum()))
+    return torch.from_numpy(at), torch.from_numpy(hidden), torch.from_numpy(origin)
 
 
 def _long(values: list[int]) -> torch.Tensor:
