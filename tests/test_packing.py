@@ -93,13 +93,13 @@ class _Recorder(torch.optim.SGD):
         return super().step(closure)
 
 
-def _run(model, trajs, adv, node_tokens, lr=0.0, dist=None, **cfg):
+def _run(model, trajs, adv, node_tokens, lr=0.0, dist=None, reference=None, **cfg):
     """One update of a copy of ``model``: (metrics, each step's gradients, the updated copy)."""
     model = copy.deepcopy(model)
     recorder = []
     optimizer = MasterWeights(model.parameters(), lambda ps: recorder.append(_Recorder(ps, lr)) or recorder[0])
     metrics = update(model, optimizer, trajs, adv, UpdateConfig(**cfg), pad_id=0, node_tokens=node_tokens,
-                     dist=dist)
+                     dist=dist, reference=copy.deepcopy(reference))
     return metrics, recorder[0].grads, model
 
 
@@ -146,6 +146,7 @@ CASES = [  # (model, attribution, settings); budgets of 48 tokens split every tr
     ("qwen2", "hard", dict(mini_batch_prompts=1, micro_batch_tokens=10_000, entropy_coef=0.05,
                            rollout_is_cap=2.0)),
     ("llama", "soft", dict(mini_batch_prompts=3, micro_batch_tokens=64, rollout_is_cap=1.5)),
+    ("qwen3", "soft", dict(mini_batch_prompts=1, micro_batch_tokens=64, kl_coef=0.5)),
 ]
 
 
@@ -159,8 +160,11 @@ def test_packed_update_equals_per_trajectory_update(kind, mode, settings):
     cfg = dict(clip_low=0.02, clip_high=0.03, dual_clip=1.05, grad_clip=0.0, lr=0.2)
     cfg.update(settings)
     lr = cfg.pop("lr")
-    packed, g_packed, m_packed = _run(model, trajs, adv, node_tokens, lr=lr, **cfg)
-    plain, g_plain, m_plain = _run(model, trajs, adv, node_tokens, lr=lr, packed_update=False, **cfg)
+    reference = tiny_model(kind, seed=33) if cfg.get("kl_coef") else None  # the KL's other policy
+    packed, g_packed, m_packed = _run(model, trajs, adv, node_tokens, lr=lr, reference=reference, **cfg)
+    plain, g_plain, m_plain = _run(model, trajs, adv, node_tokens, lr=lr, reference=reference,
+                                   packed_update=False, **cfg)
+    assert ("kl" in plain) == bool(reference) and plain.get("kl", 1.0) > 0
     assert packed["optimizer_steps"] == plain["optimizer_steps"] == math.ceil(3 / cfg["mini_batch_prompts"])
     assert packed["forward_tokens"] < plain["forward_tokens"]
     for key in plain:

@@ -134,15 +134,27 @@ def test_by_default_the_answer_does_not_stop_generation(tokenizers):
 
 @pytest.mark.parametrize("text, message", [
     ("<python>a = 1 <search>q</search>", "never closed"),
-    ("<python>s = '<search>'</python>", "nested"),
     ("<python>  \n </python>", "empty"),
     ("print(1)</python>", "without an opening"),
-    ("<python>a = '<result>'</python>", "nested"),
 ])
 def test_malformed_calls_say_what_is_wrong(tokenizers, text, message):
     _, events = _events(tokenizers["small"], text)
     assert events[0].kind == "call" and not events[0].call.ok
     assert message in events[0].call.error
+
+
+@pytest.mark.parametrize("body", ["s = '<search>'\nprint(s)", "a = '<result>x</result>'",
+                                  "print('<answer> and <search>q')"])
+def test_tags_in_code_that_the_protocol_does_not_act_on_are_text(tokenizers, body):
+    _, events = _events(tokenizers["small"], f"<python>{body}</python>")
+    assert events[0].kind == "call" and events[0].call.ok and events[0].call.body == body
+
+
+def test_a_stop_tag_inside_a_body_is_nested():
+    """Only reachable by callers that hand the parser a whole text: the detector stops earlier."""
+    segment = "<python>x = 1 </search> y</python>"
+    call = parse_tool_call(segment, "python", segment.rfind("</python>"), ProtocolConfig())
+    assert "</search>" in call.error and "nested" in call.error
 
 
 def test_unknown_tool(tokenizers):

@@ -58,7 +58,7 @@ def test_empty_and_unmatched_queries(corpus):
 
 def test_index_is_cached_and_rebuilt_when_the_corpus_changes(corpus, monkeypatch):
     BM25Search(SearchConfig(corpus_path=corpus))
-    assert os.path.exists(corpus + ".bm25s/manifest.json")
+    assert os.path.exists(corpus + ".bm25s/arpo_fast_index.json")
 
     def no_build(self, manifest):
         raise AssertionError("the cached index should have been loaded")
@@ -70,6 +70,58 @@ def test_index_is_cached_and_rebuilt_when_the_corpus_changes(corpus, monkeypatch
         f.write(json.dumps({"id": "d9", "title": "Kilimanjaro", "text": "Kilimanjaro volcano"}) + "\n")
     tool = BM25Search(SearchConfig(corpus_path=corpus))
     assert tool("Kilimanjaro").info["ids"] == ["d9"]
+
+
+@pytest.mark.parametrize("index_dir", ["corpus folder", "user folder"])
+def test_index_dir_never_deletes_files_it_did_not_write(corpus, index_dir):
+    """The corpus's own folder, or a folder of the user's files, is refused and left as it was."""
+    folder = os.path.dirname(corpus)
+    if index_dir == "user folder":
+        folder = os.path.join(folder, "notes")
+        os.makedirs(folder)
+        with open(os.path.join(folder, "todo.txt"), "w") as f:
+            f.write("mine")
+    before = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
+    with pytest.raises(ValueError, match="index_dir .* holds no search index of arpo_fast"):
+        BM25Search(SearchConfig(corpus_path=corpus, index_dir=folder))
+    after = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
+    assert after == before
+
+
+def test_index_dir_new_empty_or_ours(corpus, tmp_path, monkeypatch):
+    for folder in (tmp_path / "new" / "index", tmp_path / "empty"):
+        if folder.name == "empty":
+            folder.mkdir()
+        tool = BM25Search(SearchConfig(corpus_path=corpus, index_dir=str(folder)))
+        assert tool("Eiffel Tower").ok and (folder / "arpo_fast_index.json").exists()
+    # a stale index of ours is replaced; a file someone added since then stops the replacement
+    with open(corpus, "a") as f:
+        f.write(json.dumps({"id": "d9", "title": "Kilimanjaro", "text": "Kilimanjaro volcano"}) + "\n")
+    tool = BM25Search(SearchConfig(corpus_path=corpus, index_dir=str(folder)))
+    assert tool("Kilimanjaro").info["ids"] == ["d9"]
+    (folder / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match="holds no search index"):
+        BM25Search(SearchConfig(corpus_path=corpus, index_dir=str(folder)))
+    assert (folder / "mine.txt").read_text() == "keep"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".arpo_bm25s")]  # no build leftovers
+
+
+def test_an_index_of_the_earlier_format_is_replaced(corpus):
+    folder = corpus + ".bm25s"
+    os.makedirs(folder)
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump({"format": 1}, f)
+    open(os.path.join(folder, "spans.npy"), "wb").close()
+    assert BM25Search(SearchConfig(corpus_path=corpus))("Eiffel").ok
+    names = os.listdir(folder)
+    assert "arpo_fast_index.json" in names and "manifest.json" not in names
+
+
+def test_a_failing_search_reads_back_an_error(corpus, monkeypatch):
+    tool = BM25Search(SearchConfig(corpus_path=corpus))
+    monkeypatch.setattr(tool, "search", lambda q, k: 1 / 0)
+    result = tool("Paris")
+    assert result.status == "error" and "ZeroDivisionError" in result.text
 
 
 @pytest.mark.parametrize("line, message", [

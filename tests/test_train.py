@@ -341,6 +341,17 @@ def test_training_steps_on_cuda_in_bf16(tmp_path):
     assert any(m["grad_norm"] > 0 for m in history)
 
 
+@pytest.mark.gpu
+def test_reference_semantics_kl_and_importance_sampling_on_cuda(tmp_path):
+    """The reference's branching rule (top-10 entropies read off CUDA-graph replays), the KL term
+    and truncated importance sampling, on a GPU in bf16: the rollout/trainer mismatch is small."""
+    history = train(_small(tmp_path, device="cuda", dtype="bf16", tools="python", demo_warm_start=100,
+                           max_response_tokens=48, arpo_semantics="reference", kl_coef=0.01,
+                           rollout_is_cap=2.0))
+    assert all(torch.isfinite(torch.tensor([m["loss"], m["kl"], m["is_weight"]])).all() for m in history)
+    assert all(m["logprob_mismatch_mean"] < 0.05 for m in history)
+
+
 def test_move_model_keeps_rotary_frequencies_in_fp32(tok, tmp_path):
     """As from_pretrained does: a saved and reloaded bf16 model then computes the same logits."""
     from transformers import AutoModelForCausalLM
@@ -449,3 +460,24 @@ def test_errors_are_one_line_naming_the_file_or_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(base + ["--device", "gpu"])
     assert "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err
+
+
+def test_the_kl_penalty_to_the_starting_policy(tok, tmp_path):
+    import copy
+
+    model = demo_model(tok, seed=1).eval()
+    reference = copy.deepcopy(model)
+    trajs = _trajectories(tok)
+    adv = [torch.zeros(len(t.response_ids)) for t in trajs]
+    optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
+    cfg = UpdateConfig(kl_coef=0.5)
+    assert update(model, optimizer, trajs, adv, cfg, tok.pad_token_id, reference=reference)["kl"] == 0.0
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    m = update(model, optimizer, trajs, adv, cfg, tok.pad_token_id, reference=reference)
+    assert m["kl"] > 0 and m["loss"] == pytest.approx(0.5 * m["kl"], rel=1e-5)  # advantages are zero
+    with pytest.raises(ValueError, match="needs the reference policy"):
+        update(model, optimizer, trajs, adv, cfg, tok.pad_token_id)
+    # in a run: the starting policy is held and the penalty logged
+    assert "kl" in train(_small(tmp_path, steps=1, kl_coef=0.1))[0]

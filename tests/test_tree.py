@@ -9,6 +9,7 @@ real paged engine on a tiny random model.
 import math
 import random
 import threading
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -97,10 +98,18 @@ class Tools:
     def __init__(self, delay=lambda query: 0.0):
         self.calls, self.tool = [], Calculator(delay, end="")
 
-    def submit(self, name, query):
+    def submit(self, name, query, delay=0.0):
         self.calls.append((name, query))
         future = Future()
-        threading.Thread(target=lambda: future.set_result(self.tool(query))).start()
+
+        def answer():  # an error in the double fails the test instead of hanging it
+            try:
+                time.sleep(delay)
+                future.set_result(self.tool(query))
+            except BaseException as exc:  # noqa: BLE001
+                future.set_exception(exc)
+
+        threading.Thread(target=answer).start()
         return future
 
 
@@ -346,16 +355,14 @@ def test_without_an_executor_a_call_reads_back_that_tools_are_unavailable(tok):
 
 
 class OrderedTools(Tools):
-    """A calculator whose n-th submitted call takes ``delays[n]`` seconds."""
+    """The calculator double, its n-th submitted call taking ``delays[n]`` seconds."""
 
     def __init__(self, delays):
+        super().__init__()
         self.pending = list(delays)
-        super().__init__(lambda: self.pending.pop(0) if self.pending else 0.0)
 
     def submit(self, name, query):
-        delay = self.pending.pop(0) if self.pending else 0.0
-        self.delay = lambda: delay
-        return super().submit(name, query)
+        return super().submit(name, query, self.pending.pop(0) if self.pending else 0.0)
 
 
 def test_a_contested_budget_gives_the_same_tree_whoever_answers_first(tok):

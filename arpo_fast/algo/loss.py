@@ -38,6 +38,19 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / m.sum().clamp_min(1)
 
 
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, bound: float = 10.0) -> torch.Tensor:
+    """Per-token KL(policy || reference), the low-variance k3 estimator on sampled tokens:
+    ``exp(ref - lp) - (ref - lp) - 1``, >= 0, with ``ref - lp`` clamped to +-20 and the result to
+    [0, ``bound``] (verl's ``low_var_kl``). The gradient flows into ``logprobs`` only.
+
+    Args:
+        logprobs: float [...], the current policy's log-probs of the sampled tokens.
+        ref_logprobs: float [...], the frozen reference policy's (treated as constant).
+    """
+    diff = (ref_logprobs.detach().to(logprobs.dtype) - logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return (diff.exp() - diff - 1).clamp(0.0, bound)
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

@@ -98,10 +98,19 @@ def parse_tool_call(segment: str, name: str, close_at: int, config: ProtocolConf
     return ToolCall(name, body, problem)
 
 
+def _stop_tags(config: ProtocolConfig) -> tuple[str, ...]:
+    """The tags the protocol acts on inside a segment: a closing tool tag ends the segment as a
+    call, the closing answer tag ends the trajectory."""
+    return (*(config.close_tag(n) for n in config.tool_names), config.close_tag(config.answer_tag))
+
+
 def _body_problem(before: str, body: str, config: ProtocolConfig) -> Optional[str]:
-    """Why a call body cannot run (nested or unclosed tags, empty, not UTF-8), or None."""
-    inner = [t for n in (*config.tool_names, config.result_tag, config.answer_tag)
-             for t in (config.open_tag(n), config.close_tag(n)) if t in body]
+    """Why a call body cannot run (nested or unclosed tags, empty, not UTF-8), or None.
+
+    Only a tag the protocol acts on makes a call nested. A body runs up to the first stop tag, so
+    from the detector it never holds one; other tags (``<search>`` or ``<result>`` in a string
+    literal of python code) are the body's own text."""
+    inner = [t for t in _stop_tags(config) if t in body]
     if inner:
         return f"The call contains the tag {inner[0]}: tool calls cannot be nested."
     for other in config.tool_names:

@@ -148,7 +148,8 @@ class _TreeRollout:
         if self.prompt_seeds is None:
             self.prompt_seeds = [child_seed(self.seed, p) for p in range(len(prompts))]
         elif len(self.prompt_seeds) != len(prompts):
-            raise ValueError(f"arpo_rollout: {len(self.prompt_seeds)} prompt seeds for {len(prompts)} prompts")
+            raise ValueError(f"arpo_rollout: {len(self.prompt_seeds)} prompt seeds for "
+                             f"{len(prompts)} prompts")
         self.created, self.open = [0] * len(prompts), [0] * len(prompts)
         cfg = self.config
         shares = _split(cfg.rollouts - cfg.initial, cfg.initial)

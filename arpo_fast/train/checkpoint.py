@@ -117,7 +117,8 @@ def validate_checkpoint(path: Path, distributed: bool = False) -> dict:
         if not (Path(path) / part).exists():
             raise CheckpointError(f"the checkpoint {path} is incomplete: {what} ({part}) is missing. "
                                   "It was left untouched, and so was the run's metrics.jsonl")
-    if not any((Path(path) / "model").glob("*.safetensors")) and not any((Path(path) / "model").glob("*.bin")):
+    weights = Path(path) / "model"
+    if not any(weights.glob("*.safetensors")) and not any(weights.glob("*.bin")):
         raise CheckpointError(f"the checkpoint {path} is incomplete: model/ holds no weights. It was "
                               "left untouched, and so was the run's metrics.jsonl")
     return state

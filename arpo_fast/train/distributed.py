@@ -103,6 +103,37 @@ def close(d: Optional[Dist]) -> None:
         dist.destroy_process_group()
 
 
+def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``model`` wrapped for the update (``update.LogprobModel``) and sharded with FSDP2:
+    its parameters in ``dtype`` (fp32 masters for the trained policy, the model's own dtype for a
+    frozen reference), computing in ``model``'s dtype, gradients reduced in fp32. Rank 0's values
+    are the ones every rank gets."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from arpo_fast.train.update import LogprobModel
+
+    compute = next(model.parameters()).dtype
+    with torch.device("meta"):
+        policy = type(model)(model.config)
+    for param in policy.parameters():  # buffers (rotary frequencies) keep their own dtype
+        param.data = param.data.to(dtype)
+    scorer = LogprobModel(policy)
+    mp = MixedPrecisionPolicy(param_dtype=None if compute == dtype else compute, reduce_dtype=torch.float32)
+    for layer in policy.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(scorer, mp_policy=mp)
+    scorer.to_empty(device=d.device)
+    full = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, part in policy.named_parameters():  # src_data_rank=0: rank 0's values everywhere
+            part.copy_(distribute_tensor(full[name].detach().to(dtype), part.device_mesh, part.placements))
+        buffers = dict(model.named_buffers())
+        for name, buf in policy.named_buffers():  # rotary frequencies: rebuilt, not sharded
+            buf.copy_(buffers[name])
+    return scorer
+
+
 class ShardedPolicy:
     """The trainer's model under FSDP2, beside the full rollout copy the engine runs on.
 
@@ -112,34 +143,12 @@ class ShardedPolicy:
     """
 
     def __init__(self, rollout_model: torch.nn.Module, d: Dist, *, lr: float, weight_decay: float):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from torch.distributed.tensor import distribute_tensor
-
-        from arpo_fast.train.update import LogprobModel
-
         self.rollout_model, self.dist = rollout_model, d
-        dtype = next(rollout_model.parameters()).dtype
-        with torch.device("meta"):
-            policy = type(rollout_model)(rollout_model.config).float()
-        scorer = LogprobModel(policy)
-        mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
-                                  reduce_dtype=torch.float32)
-        for layer in policy.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(scorer, mp_policy=mp)
-        scorer.to_empty(device=d.device)
+        self.scorer = shard(rollout_model, d, torch.float32)
+        self.policy = self.scorer.policy
+        self.optimizer = torch.optim.AdamW(self.scorer.parameters(), lr=lr, weight_decay=weight_decay)
         full = dict(rollout_model.named_parameters())
-        with torch.no_grad():
-            for name, shard in policy.named_parameters():
-                # rank 0's values everywhere (src_data_rank=0), so every rank starts the same
-                shard.copy_(distribute_tensor(full[name].detach().float(), shard.device_mesh,
-                                              shard.placements))
-            buffers = dict(rollout_model.named_buffers())
-            for name, buf in policy.named_buffers():  # rotary frequencies: rebuilt, not sharded
-                buf.copy_(buffers[name])
-        self.scorer, self.policy = scorer, policy
-        self.optimizer = torch.optim.AdamW(scorer.parameters(), lr=lr, weight_decay=weight_decay)
-        self._pairs = [(shard, full[name]) for name, shard in policy.named_parameters()]
+        self._pairs = [(s, full[name]) for name, s in self.policy.named_parameters()]
         self.refresh_stats = {"bytes": 0.0, "seconds": 0.0}
         self.refresh()
 

@@ -18,6 +18,7 @@ Without arguments this is the built-in demo (``demo.py``). A real run: ``--model
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -76,6 +77,8 @@ class Run:
     rewards: RewardConfig
     start: int
     dist: Optional[distributed.Dist] = None
+    reference: Optional[torch.nn.Module] = None
+    """The frozen starting policy, held only for ``--kl-coef`` > 0."""
 
     @property
     def main(self) -> bool:
@@ -149,6 +152,14 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
             model, tokenizer = build.load_model(cfg, checkpoint, device, dtype, verbose=d is None or d.main)
         examples = load_examples(cfg.data, tokenizer, model.config.max_position_embeddings - 1)
         update_plan = cfg.update.describe(device)  # e.g. flash_attention_2 without flash-attn fails here
+        starting = None
+        if cfg.update.kl_coef:  # the policy the run started from: a resumed run loads it again
+            starting = model if checkpoint is None else \
+                build.load_model(cfg, None, device, dtype, verbose=False)[0]
+    reference = None
+    if starting is not None:
+        reference = distributed.shard(starting, d, dtype) if d else copy.deepcopy(starting)
+        reference.requires_grad_(False)
     if d is None:
         optimizer = MasterWeights(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scorer = model
@@ -168,7 +179,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     executor = build.tool_executor(cfg, settings)
     protocol = build.protocol_for(cfg, tokenizer, executor, engine.eos_token_ids)
     return Run(cfg, model, tokenizer, optimizer, scorer, engine, protocol, executor, examples, rewards,
-               start, d)
+               start, d, reference)
 
 
 class AgreedError(ValueError):
@@ -217,14 +228,16 @@ def train_step(run: Run, step: int) -> dict:
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     per = cfg.update.mini_batch_prompts  # mini-batches are numbered over the whole step's prompts
     update_metrics = update(run.scorer, run.optimizer, trajs, advantages, cfg.update, pad_id,
-                            cfg.temperature, dist=d, mini_batch_ids=[mine[t.prompt_index] // per for t in trajs],
-                            num_mini_batches=math.ceil(cfg.prompts_per_step / per),
+                            cfg.temperature, dist=d,
+                            mini_batch_ids=[mine[t.prompt_index] // per for t in trajs],
+                            num_mini_batches=math.ceil(cfg.prompts_per_step / per), reference=run.reference,
                             node_tokens=rollout.node_tokens)
     t3 = time.perf_counter()
     extra = {"attn_implementation": cfg.update.resolved(next(run.scorer.parameters()).device)[0]}
     if d is not None:
         moved = run.optimizer.take_refresh_stats()
-        extra |= {"weight_refresh_mb": round(moved["bytes"] / 2**20, 3), "weight_refresh_s": round(moved["seconds"], 4)}
+        extra |= {"weight_refresh_mb": round(moved["bytes"] / 2**20, 3),
+                  "weight_refresh_s": round(moved["seconds"], 4)}
     return metrics.step_row(step + 1, metrics.rollout_sums(rollout, rewards), update_metrics,
                             {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2}, d, extra)
 

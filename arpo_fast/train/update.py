@@ -27,13 +27,14 @@ min(exp(old - rollout), cap) that corrects for their difference.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from arpo_fast.algo import CopyAdvantages, policy_loss, shared_policy_loss
+from arpo_fast.algo import CopyAdvantages, aggregate, kl_k3, policy_loss, shared_policy_loss
 from arpo_fast.kernels import logprob_entropy
 from arpo_fast.settings import setting
 from arpo_fast.train.attention import (IMPLEMENTATIONS, activation_checkpointing, attention_implementation,
@@ -94,7 +95,8 @@ def pack(trajectories, rows: list[int], pad_id: int, device) -> PackedBatch:
         positions.extend(range(start, start + len(t.response_ids)))
         targets.extend(t.response_ids)
         mask.extend(t.loss_mask)
-        rollout.extend(t.logprobs if len(t.logprobs) == len(t.response_ids) else [math.nan] * len(t.response_ids))
+        known = len(t.logprobs) == len(t.response_ids)
+        rollout.extend(t.logprobs if known else [math.nan] * len(t.response_ids))
     as_dev = lambda x, dt: torch.tensor(x, dtype=dt).to(device)  # noqa: E731
     return PackedBatch(rows, ids.to(device), attn.to(device), as_dev(positions, torch.int64),
                        as_dev(targets, torch.int64), as_dev(mask, torch.bool),
@@ -140,8 +142,10 @@ class LogprobModel(torch.nn.Module):
 
     def forward(self, batch, temperature: float, attention: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(batch, TreeBatch):
-            return tree_logprobs(self.policy, batch, temperature, attention)
-        return token_logprobs(self.policy, batch, temperature)
+            logprobs, entropy = tree_logprobs(self.policy, batch, temperature, attention)
+        else:
+            logprobs, entropy = token_logprobs(self.policy, batch, temperature)
+        return logprobs.clone(), entropy.clone()  # not views: FSDP2 hooks the outputs for backward
 
 
 def _dummy_batch(pad_id: int, device, packed: bool):
@@ -181,6 +185,9 @@ class UpdateConfig:
     micro_batch_tokens: int = setting(16384, "Most tokens in one forward/backward of the update (packed: "
                                       "the row, context of a split tree included; per trajectory: "
                                       "padded).")
+    kl_coef: float = setting(0.0, "Weight of the KL penalty to a frozen copy of the starting policy (k3 "
+                             "estimator on model-written tokens); 0, the reference implementation's "
+                             "value, holds no such copy.")
     rollout_is_cap: float = setting(0.0, "Weight each token's loss by min(exp(old - rollout log-prob), "
                                     "this): truncated importance sampling for the rollout/trainer "
                                     "mismatch (0: off).")
@@ -196,7 +203,8 @@ class UpdateConfig:
                                           "true or false.")
 
     def __post_init__(self):
-        for name in ("clip_low", "clip_high", "entropy_coef", "grad_clip", "dual_clip", "rollout_is_cap"):
+        for name in ("clip_low", "clip_high", "entropy_coef", "grad_clip", "dual_clip", "rollout_is_cap",
+                     "kl_coef"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -280,8 +288,9 @@ def _forward_tokens(batch) -> int:
     return batch.tokens if isinstance(batch, TreeBatch) else batch.input_ids.numel()
 
 
-def _loss(batch, logprobs, old_lp, entropy, advantages, cfg: UpdateConfig, sums: dict):
-    """The micro-batch's token-mean loss and metrics (the importance weights' sum into ``sums``)."""
+def _loss(batch, logprobs, old_lp, entropy, ref_lp, advantages, cfg: UpdateConfig, sums: dict):
+    """The micro-batch's token-mean loss and metrics (the importance weights' sum into ``sums``);
+    with ``ref_lp`` (the reference policy's log-probs) the KL penalty too."""
     cap = cfg.rollout_is_cap
     weights = is_weights(old_lp, batch.rollout_logprobs, cap) if cap else None
     if weights is not None:
@@ -289,24 +298,39 @@ def _loss(batch, logprobs, old_lp, entropy, advantages, cfg: UpdateConfig, sums:
     clip = (cfg.clip_low, cfg.clip_high, cfg.dual_clip or None)
     if isinstance(batch, TreeBatch):
         copies = batch.copies if weights is None else batch.copies.scaled(weights)
-        return shared_policy_loss(logprobs, old_lp, copies, *clip, entropy=entropy,
-                                  entropy_coef=cfg.entropy_coef)
-    adv = torch.cat([advantages[i] for i in batch.rows]).to(logprobs.device)
-    if weights is not None:  # a weight w >= 0 on a token's clipped loss is a weight on its A
-        adv = adv * weights
-    return policy_loss(logprobs[None], old_lp[None], adv[None], batch.loss_mask[None], *clip,
-                       entropy=entropy[None], entropy_coef=cfg.entropy_coef)
+        loss, metrics = shared_policy_loss(logprobs, old_lp, copies, *clip, entropy=entropy,
+                                           entropy_coef=cfg.entropy_coef)
+    else:
+        adv = torch.cat([advantages[i] for i in batch.rows]).to(logprobs.device)
+        if weights is not None:  # a weight w >= 0 on a token's clipped loss is a weight on its A
+            adv = adv * weights
+        loss, metrics = policy_loss(logprobs[None], old_lp[None], adv[None], batch.loss_mask[None], *clip,
+                                    entropy=entropy[None], entropy_coef=cfg.entropy_coef)
+    if ref_lp is not None:
+        kl = _token_mean(kl_k3(logprobs, ref_lp), batch)
+        loss = loss + cfg.kl_coef * kl
+        metrics["kl"] = float(kl.detach())
+    return loss, metrics
+
+
+def _token_mean(values: torch.Tensor, batch) -> torch.Tensor:
+    """Mean over the micro-batch's model-written tokens, each shared token once per copy."""
+    if not isinstance(batch, TreeBatch):
+        return aggregate(values, batch.loss_mask)
+    count = batch.copies.count
+    return torch.where(count > 0, values * count, 0.0).sum() / count.sum().clamp_min(1)
 
 
 def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: UpdateConfig,
            pad_id: int, temperature: float = 1.0, *, dist=None,
            mini_batch_ids: Optional[Sequence[int]] = None, num_mini_batches: int = 0,
-           node_tokens=None) -> dict[str, float]:
+           reference=None, node_tokens=None) -> dict[str, float]:
     """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
     per trajectory): one step of ``optimizer`` (``optim.MasterWeights``, or the sharded policy of a
     distributed run) per mini-batch of ``cfg.mini_batch_prompts`` prompts.
 
     ``model``: the policy, or a :class:`LogprobModel` (sharded with FSDP2 in a distributed run).
+    ``reference``: the frozen starting policy (the same kinds), needed when ``cfg.kl_coef`` > 0.
     ``dist``: this rank of a distributed run (``distributed.Dist``): the token-mean's denominator is
     then the count over every rank, and every rank runs the same number of micro-batches. With
     ``mini_batch_ids`` (per trajectory, < ``num_mini_batches``) the caller says which mini-batch each
@@ -322,6 +346,10 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
     device = next(scorer.parameters()).device
     attention, checkpointing = cfg.resolved(device)
     check_model(scorer.policy, cfg.packed_update)
+    if cfg.kl_coef and reference is None:
+        raise ValueError("kl_coef > 0 needs the reference policy")
+    if reference is not None and not isinstance(reference, LogprobModel):
+        reference = LogprobModel(reference)
     if mini_batch_ids is None:
         groups = mini_batches([t.prompt_index for t in trajectories], cfg.mini_batch_prompts)
     else:
@@ -336,12 +364,15 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
         plans = [plan + [_dummy_batch(pad_id, device, cfg.packed_update or attention == "flash_attention_2")
                          for _ in range(int(c) - len(plan))] for plan, c in zip(plans, counts)]
     scale = dist.world if dist is not None else 1  # FSDP averages gradients over ranks; we want the sum
-    with attention_implementation(scorer.policy, attention, packed=cfg.packed_update), \
-            activation_checkpointing(scorer.policy, checkpointing):
-        return _run(scorer, optimizer, plans, plan_tokens, scale, advantages, cfg, temperature, attention)
+    with contextlib.ExitStack() as stack:
+        for m in (scorer, reference) if reference is not None else (scorer,):
+            stack.enter_context(attention_implementation(m.policy, attention, packed=cfg.packed_update))
+        stack.enter_context(activation_checkpointing(scorer.policy, checkpointing))
+        return _run(scorer, reference, optimizer, plans, plan_tokens, scale, advantages, cfg, temperature,
+                    attention)
 
 
-def _run(scorer, optimizer, plans, plan_tokens, scale: float, advantages, cfg: UpdateConfig,
+def _run(scorer, reference, optimizer, plans, plan_tokens, scale: float, advantages, cfg: UpdateConfig,
          temperature: float, attention: str) -> dict:
     old = {}
     with torch.no_grad():  # later mini-batches see a moved policy: keep the rollout policy's values
@@ -355,11 +386,15 @@ def _run(scorer, optimizer, plans, plan_tokens, scale: float, advantages, cfg: U
         for batch in plan:
             logprobs, entropy = scorer(batch, temperature, attention)
             old_lp = old.get(id(batch), logprobs.detach())
+            ref_lp = None
+            if cfg.kl_coef:
+                with torch.no_grad():
+                    ref_lp = reference(batch, temperature, attention)[0]
             if _is_dummy(batch):  # gradients of zero, collectives as on the other ranks
                 (logprobs.sum() * 0.0).backward()
                 continue
             mismatch.add(old_lp, batch.rollout_logprobs, _weights(batch))
-            loss, metrics = _loss(batch, logprobs, old_lp, entropy, advantages, cfg, sums)
+            loss, metrics = _loss(batch, logprobs, old_lp, entropy, ref_lp, advantages, cfg, sums)
             (loss * (batch.model_tokens * scale / max(total, 1))).backward()
             metrics.pop("tokens")
             metrics["loss"] = float(loss.detach())

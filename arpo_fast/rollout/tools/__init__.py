@@ -22,11 +22,6 @@ def register_tool(name: str, factory: Callable[..., Tool], *, replace: bool = Fa
     _FACTORIES[name] = factory
 
 
-def registered_tools() -> list[str]:
-    _register_builtins()
-    return sorted(_FACTORIES)
-
-
 def create_tool(name: str, **settings: Any) -> Tool:
     """Build the tool registered as ``name`` with ``settings``."""
     _register_builtins()
@@ -50,4 +45,4 @@ def _register_builtins() -> None:
     _FACTORIES.setdefault("http_search", lambda **kw: HttpSearch(HttpSearchConfig(**kw)))
 
 
-__all__ = ["Tool", "ToolResult", "create_tool", "register_tool", "registered_tools"]
+__all__ = ["Tool", "ToolResult", "create_tool", "register_tool"]

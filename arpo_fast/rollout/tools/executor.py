@@ -139,8 +139,3 @@ def _settle(future: Future, result: ToolResult) -> bool:
     except Exception:  # InvalidStateError: already resolved
         return False
 
-
-def make_executor(tools: Mapping[str, Tool], max_workers: Optional[int] = None) -> ToolExecutor:
-    """Shorthand: an executor over ``tools`` with default settings and an optional pool size."""
-    config = ExecutorConfig() if max_workers is None else ExecutorConfig(max_workers=max_workers)
-    return ToolExecutor(tools, config)

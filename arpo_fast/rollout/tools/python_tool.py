@@ -1,343 +1,348 @@
-"""The ``python`` tool: run model-written code in a separate, limited process and report its output.
+"""The ``python`` tool: run model-written code in an isolated, limited process and report its output.
 
-Each call gets a fresh temporary directory (removed afterwards), a wall-clock limit enforced by
-killing the whole process group or PID namespace, CPU/memory/process/file-size limits, and output read
-through pipes with a cap while draining, so 100 MB of printing never sits in memory. Isolation is
-described in :mod:`arpo_fast.rollout.tools.sandbox` and ``docs/tools.md``.
+Model code is hostile input. Each call runs in a sandbox chosen once per process (``sandbox.py``
+describes the modes; ``docs/tools.md`` lists what each guarantees), never with the trainer's
+privileges unless ``sandbox="unsafe"`` asks for that by name. Each call gets its own size-capped
+working directory, a wall-clock limit enforced by killing the whole process group or PID namespace,
+limits on memory, processes, open files and disk for the run as a whole, a seccomp filter, and
+output read through pipes with a cap while draining, so 100 MB of printing never sits in memory.
 """
 
 from __future__ import annotations
 
+import logging
+import marshal
 import math
 import os
-import re
-import selectors
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Optional
 
-from arpo_fast.rollout.tools import sandbox
+from arpo_fast.rollout.tools import interpreter, sandbox, seccomp
 from arpo_fast.rollout.tools.base import ToolResult
+from arpo_fast.rollout.tools.fs import remove_tree
+from arpo_fast.rollout.tools.run import Run, bytes_fd, code_fd
+from arpo_fast.rollout.tools.sandbox import Isolation, SandboxUnavailable
+from arpo_fast.rollout.tools.uids import UidPool, sweep_files, sweep_uid, tasks_of_uid
 
-_FENCE = re.compile(r"^\s*```[A-Za-z0-9_+-]*[ \t]*\n(.*?)\n?\s*```\s*$", re.DOTALL)
+log = logging.getLogger("arpo_fast.rollout.tools.python")
+LAUNCHER = Path(__file__).with_name("launcher.py").read_text()
+_BOOT = "import marshal, sys; exec(marshal.loads(bytes.fromhex(sys.argv[1])))"
+SANDBOX_OVERHEAD_PROCESSES = 2
+"""Tasks of the sandbox itself in a run's cgroup (bubblewrap's two, or the launcher's two)."""
 
 
 @dataclass
 class PythonToolConfig:
-    """Limits and isolation of the python tool."""
+    """Limits and isolation of the python tool. Limits are per run (all of its processes) unless
+    they say otherwise."""
 
     timeout_s: float = 10.0
     """Wall-clock limit per call; the CPU-time limit is set just above it as a backstop."""
     memory_mb: int = 2048
-    """Address-space limit (RLIMIT_AS). Importing numpy needs a few hundred MB of it."""
+    """Memory of the whole run: its processes, its files in /tmp, shared memory (a cgroup, where
+    this process may make one). Each process's address space is capped at this too."""
     max_processes: int = 64
-    """Process/thread limit (RLIMIT_NPROC), counted per run (see docs/tools.md)."""
+    """Processes and threads of the whole run."""
+    process_memory_mb: int = 256
+    """Without a per-run cgroup: each process's address-space limit. The run then gets at most
+    memory_mb // process_memory_mb processes, so that processes x memory stays within memory_mb."""
+    max_open_files: int = 256
+    """Open files per process (RLIMIT_NOFILE)."""
     max_file_mb: int = 64
     """Largest file the code may write (RLIMIT_FSIZE)."""
+    max_disk_mb: int = 256
+    """Size of the run's writable directory (/tmp, also its working directory and /dev/shm) in the
+    bwrap and namespaces modes; the uid and unsafe modes write to the host's disk, uncapped."""
     max_output_chars: int = 4000
-    """Output shown to the model; longer output is cut, with a note saying so."""
+    """Characters returned to the model, all notes and error lines included."""
     kill_after_output_bytes: int = 1 << 20
     """Stop the program once it has printed this much: the rest would be thrown away anyway."""
     error_lines: int = 6
     """How many last lines of the error (stderr) are returned when the code fails."""
     sandbox: str = "auto"
-    """``auto`` (bubblewrap if it works here, else limits only), ``bwrap`` (required) or ``none``."""
+    """``auto`` (the strongest that works here), ``bwrap``, ``namespaces``, ``uid`` (root only), or
+    ``unsafe`` (the trainer's own uid: only for code you trust)."""
     python: str = field(default_factory=lambda: sys.executable)
     """Interpreter that runs the code; its installation is visible read-only inside the sandbox."""
     extra_ro_paths: tuple[str, ...] = ()
-    """More host paths to show read-only inside the bubblewrap sandbox (e.g. a data directory)."""
+    """More host paths to show read-only inside the sandbox (e.g. a data directory)."""
     tmp_root: Optional[str] = None
-    """Where the per-call directories are made (default: the system temporary directory)."""
+    """Where the uid and unsafe modes make each run's directory (default: the system's temporary
+    directory); the other modes keep it in memory."""
     name: str = "python"
 
     def __post_init__(self):
-        if self.sandbox not in ("auto", "bwrap", "none"):
-            raise ValueError(f"sandbox must be 'auto', 'bwrap' or 'none', got {self.sandbox!r}")
-        for key in ("timeout_s", "memory_mb", "max_processes", "max_file_mb", "max_output_chars",
-                    "kill_after_output_bytes"):
+        if self.sandbox == "none":
+            raise ValueError("sandbox='none' is gone: use 'auto' (isolated without bubblewrap too) "
+                             "or, to run model code as your own user, 'unsafe'")
+        if self.sandbox not in sandbox.MODES:
+            raise ValueError(f"sandbox must be one of {', '.join(sandbox.MODES)}; got {self.sandbox!r}")
+        for key in ("timeout_s", "memory_mb", "max_processes", "process_memory_mb", "max_open_files",
+                    "max_file_mb", "max_disk_mb", "max_output_chars", "kill_after_output_bytes"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.max_open_files < 16:
+            raise ValueError(f"max_open_files must be at least 16 (the interpreter needs some), "
+                             f"got {self.max_open_files}")
+        if self.error_lines < 0:
+            raise ValueError(f"error_lines must be >= 0, got {self.error_lines}")
         self.extra_ro_paths = tuple(os.path.abspath(p) for p in self.extra_ro_paths)
+        missing = [p for p in self.extra_ro_paths if not os.path.exists(p)]
+        if missing:
+            raise ValueError(f"extra_ro_paths: {missing[0]} does not exist")
+        if not (os.path.isfile(self.python) and os.access(self.python, os.X_OK)):
+            raise ValueError(f"python: {self.python!r} is not an executable file")
+        if self.tmp_root is not None and not os.path.isdir(self.tmp_root):
+            raise ValueError(f"tmp_root: {self.tmp_root!r} is not a directory")
+
+
+_LANG = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_+-")
+
+
+def unfence(body: str) -> str:
+    """The inside of a markdown fence that wraps all of ``body`` (```` ```lang ```` on the first
+    line, ```` ``` ```` at the end), else ``body``. One linear scan: a backtracking regex for this
+    is quadratic in runs of whitespace, and model text may be long."""
+    start = len(body) - len(body.lstrip())
+    if not body.startswith("```", start):
+        return body
+    newline = body.find("\n", start + 3)
+    if newline < 0 or not set(body[start + 3:newline].rstrip(" \t")) <= _LANG:
+        return body
+    end = len(body.rstrip())
+    if end - 3 < newline + 1 or not body.startswith("```", end - 3):
+        return body
+    return body[newline + 1:end - 3].rstrip()
+
+
+def dedent(text: str) -> str:
+    """``textwrap.dedent`` with string methods only: the same result, a few times faster on long
+    whitespace runs (its regular expressions backtrack over them), and linear."""
+    lines = [line if line.strip(" \t") else "" for line in text.split("\n")]
+    indents = [line[:len(line) - len(line.lstrip(" \t"))] for line in lines if line]
+    margin = os.path.commonprefix(indents) if indents else ""
+    if not margin:
+        return "\n".join(lines)
+    return "\n".join(line[len(margin):] for line in lines)
 
 
 def clean_code(body: str) -> str:
     """The code inside a call: markdown fences and common indentation removed."""
-    fenced = _FENCE.match(body)
-    if fenced:
-        body = fenced.group(1)
-    return textwrap.dedent(body.strip("\r\n")).strip()
+    return dedent(unfence(body).strip("\r\n")).strip()
 
 
 class PythonTool:
-    """Runs code with limits; see :class:`PythonToolConfig`. Thread-safe: calls may overlap."""
+    """Runs code with limits in a sandbox; see :class:`PythonToolConfig`. Thread-safe: calls may
+    overlap. Raises :class:`SandboxUnavailable` (a ValueError) when made where no asked-for
+    sandbox works, with one line saying what to do; a call never raises."""
 
     def __init__(self, config: Optional[PythonToolConfig] = None):
-        self.config = config = config or PythonToolConfig()
-        self.name = config.name
-        self._uids = sandbox.UidPool() if sandbox.is_root() else None
-        self._mode: Optional[str] = None
-        self._net_private = False
-        self._lock = threading.Lock()
+        self.config = config or PythonToolConfig()
+        self.name = self.config.name
+        self.isolation = choose(self.config)
 
     @property
     def mode(self) -> str:
-        """``bwrap`` or ``limits``: how runs are isolated here (probed on first use)."""
-        with self._lock:
-            if self._mode is None:
-                self._mode, self._net_private, drop_uid = _probe(self.config, self._uids)
-                if not drop_uid:
-                    self._uids = None
-            return self._mode
+        """``bwrap``, ``namespaces``, ``uid`` or ``unsafe``: how runs are isolated here."""
+        return self.isolation.mode
 
     def __call__(self, query: str) -> ToolResult:
-        code = clean_code(query)
-        if not code:
-            return ToolResult("No code to run: the call was empty.", "bad_input")
-        if "\x00" in code:
-            return ToolResult("The code contains a NUL character and cannot be run.", "bad_input")
-        mode = self.mode
-        uid = self._uids.acquire() if self._uids else None
-        workdir = tempfile.mkdtemp(prefix="arpo_py_", dir=self.config.tmp_root)
+        cap = self.config.max_output_chars
         try:
-            _write_code(workdir, code, uid)
-            run = _Run(self.config, self._command(mode, workdir, uid), workdir, uid)
-            return run.execute()
-        except OSError as exc:  # e.g. bwrap vanished after the probe, or the disk is full
-            return ToolResult(f"The code could not be started: {exc}", "sandbox_error")
-        finally:
-            # in bwrap the PID namespace already took every process down
-            if uid is not None and (mode == "bwrap" or sandbox.sweep_uid(uid)):
-                self._uids.release(uid)
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    def _command(self, mode: str, workdir: str, uid: Optional[int]) -> list[str]:
-        cfg = self.config
-        limits = [("RLIMIT_AS", cfg.memory_mb << 20),
-                  ("RLIMIT_CPU", int(math.ceil(cfg.timeout_s)) + 1),
-                  ("RLIMIT_FSIZE", cfg.max_file_mb << 20),
-                  ("RLIMIT_CORE", 0),
-                  ("RLIMIT_NPROC", _nproc_limit(cfg.max_processes, mode, uid))]
-        if mode == "bwrap":
-            prefix = sandbox.bwrap_command(cfg.python, workdir, cfg.extra_ro_paths)
-            cwd, net = sandbox.WORKDIR_IN_SANDBOX, False  # bwrap already unshared the network
-        else:
-            prefix, cwd, net = [], workdir, self._net_private
-        shield = mode != "bwrap" and uid is None
-        return prefix + [cfg.python] + sandbox.launcher_args(limits, cwd, uid, net, shield)
+            code = clean_code(query)
+            if not code:
+                return ToolResult("No code to run: the call was empty."[:cap], "bad_input")
+            if "\x00" in code:
+                return ToolResult("The code contains a NUL character and cannot be run."[:cap],
+                                  "bad_input")
+            return execute(self.config, self.isolation, code)
+        except Exception as exc:  # a tool never raises into the rollout
+            log.exception("python tool: a call failed")
+            return ToolResult(f"The code could not be run: {exc}"[:cap], "sandbox_error")
 
 
-def _nproc_limit(max_processes: int, mode: str, uid: Optional[int]) -> int:
-    if uid is not None or mode == "bwrap" or sandbox.is_root():
-        # a throw-away uid or a fresh user namespace: counted per run; as root: not enforced at all
-        return max_processes
-    # same uid as the caller and no namespace: the caller's own threads count against the limit
-    return sandbox.tasks_of_uid(os.getuid()) + max_processes
+def budget(config: PythonToolConfig, iso: Isolation) -> tuple[int, int]:
+    """(processes, address-space MB per process) of a run: with a cgroup the run's totals are
+    enforced as such; without one they are split so that their product stays within memory_mb."""
+    if iso.cgroups is not None:
+        return config.max_processes, config.memory_mb
+    procs = max(1, min(config.max_processes, config.memory_mb // config.process_memory_mb))
+    return procs, config.memory_mb // procs
 
 
-def _write_code(workdir: str, code: str, uid: Optional[int]) -> None:
-    path = os.path.join(workdir, "main.py")
-    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
-        f.write(code)
-    if uid is not None:  # the run's unprivileged uid owns its directory and nothing else
-        os.chown(workdir, uid, uid)
-        os.chown(path, uid, uid)
-    os.chmod(workdir, 0o700)
+def _limits(config: PythonToolConfig, iso: Isolation) -> list[tuple[str, int]]:
+    procs, per_process_mb = budget(config, iso)
+    if iso.mode == "unsafe" and not sandbox.is_root():
+        # the caller's own uid: its other threads count against RLIMIT_NPROC too
+        procs += tasks_of_uid(os.getuid())
+    return [("RLIMIT_AS", per_process_mb << 20), ("RLIMIT_CPU", int(math.ceil(config.timeout_s)) + 1),
+            ("RLIMIT_FSIZE", config.max_file_mb << 20), ("RLIMIT_CORE", 0),
+            ("RLIMIT_NOFILE", config.max_open_files), ("RLIMIT_NPROC", procs)]
 
 
-def _child_env(workdir: str, mode: str) -> dict[str, str]:
-    home = sandbox.WORKDIR_IN_SANDBOX if mode == "bwrap" else workdir
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": "/tmp" if mode == "bwrap"
-            else workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "MPLBACKEND": "Agg",
+def _env(cwd: str) -> dict[str, str]:
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8", "MPLBACKEND": "Agg",
             # one thread per math library: threads count against the process limit
             "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-class _Run:
-    """One started process: drains both pipes with caps, enforces the deadline, builds the result."""
-
-    def __init__(self, config: PythonToolConfig, cmd: list[str], workdir: str, uid: Optional[int]):
-        self.config, self.cmd, self.workdir, self.uid = config, cmd, workdir, uid
-        self.stdout = bytearray()
-        self.stderr_tail = bytearray()
-        self.printed = 0
-        self.reason = ""  # set when we stopped the program: "timeout" or "output_limit"
-
-    def execute(self) -> ToolResult:
-        start = time.monotonic()
-        mode = "bwrap" if self.cmd[0] == "bwrap" else "limits"
-        proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd=self.workdir,
-                                env=_child_env(self.workdir, mode), start_new_session=True)
-        try:
-            self._drain(proc, start + self.config.timeout_s)
-        finally:
-            _kill_group(proc)
-            proc.stdout.close()
-            proc.stderr.close()
-        rc = proc.wait()
-        return self._result(rc, time.monotonic() - start)
-
-    def _drain(self, proc: subprocess.Popen, deadline: float) -> None:
-        keep = self.config.max_output_chars * 4 + 4  # enough bytes for the shown characters
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ, "out")
-            sel.register(proc.stderr, selectors.EVENT_READ, "err")
-            exited_at = None
-            while sel.get_map():
-                now = time.monotonic()
-                if now >= deadline:
-                    self.reason = "timeout"
-                    return
-                if exited_at is None and proc.poll() is not None:
-                    exited_at = now
-                if exited_at is not None and now - exited_at > 0.2:
-                    return  # a leftover child holds the pipes open; the run is over
-                for key, _ in sel.select(timeout=min(0.1, deadline - now)):
-                    chunk = os.read(key.fd, 1 << 16)
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                        continue
-                    self.printed += len(chunk)
-                    if key.data == "out":
-                        self.stdout += chunk[:max(0, keep - len(self.stdout))]
-                    else:
-                        self.stderr_tail = (self.stderr_tail + chunk)[-16384:]
-                if self.printed > self.config.kill_after_output_bytes:
-                    self.reason = "output_limit"
-                    return
-
-    def _result(self, rc: int, elapsed: float) -> ToolResult:
-        cfg = self.config
-        out = self.stdout.decode("utf-8", "replace")
-        truncated = len(out) > cfg.max_output_chars or self.reason == "output_limit"
-        out = out[:cfg.max_output_chars]
-        if truncated:
-            out += (f"\n[output cut: only the first {cfg.max_output_chars} characters are shown; "
-                    f"the program printed {'more than ' if self.reason else ''}{self.printed} bytes"
-                    + (" and was stopped]" if self.reason == "output_limit" else "]"))
-        info = {"returncode": rc, "printed_bytes": self.printed}
-        if self.reason == "timeout":
-            text = f"Timed out after {cfg.timeout_s:g} s (the time limit); the program was stopped."
-            return ToolResult(_join(out, text), "timeout", elapsed, truncated, info)
-        if self.reason == "output_limit" or rc == 0:
-            text = out if out.strip() else "The code ran and printed nothing (use print() to show results)."
-            return ToolResult(text, "ok", elapsed, truncated, info)
-        return ToolResult(_join(out, self._error_text(rc)), "error", elapsed, truncated, info)
-
-    def _error_text(self, rc: int) -> str:
-        err = self.stderr_tail.decode("utf-8", "replace").rstrip()
-        lines = [ln for ln in err.splitlines() if ln.strip()][-self.config.error_lines:]
-        text = "\n".join(lines)
-        signum = -rc if rc < 0 else (rc - 128 if rc > 128 else 0)
-        if signum:
-            text = _join(text, f"The program was killed by signal {_signal_name(signum)}"
-                               f"{_signal_hint(signum, self.config)}.")
-        elif not text:
-            text = f"The program exited with status {rc}."
-        # The hints look at the whole captured tail, not only the last lines kept: when many forked
-        # processes fail at once, their tracebacks interleave and the error line may sit higher up.
-        if "MemoryError" in err:
-            text += f"\n(The memory limit is {self.config.memory_mb} MB.)"
-        if "BlockingIOError" in err or "Resource temporarily unavailable" in err:
-            text += f"\n(The limit is {self.config.max_processes} processes and threads.)"
-        return text
+def _site(python: str) -> dict:
+    info = interpreter.info(python)
+    return {"path": [p for p in info["path"] if p], "prefix": info["prefix"]}
 
 
-def _join(first: str, second: str) -> str:
-    return f"{first}\n{second}" if first.strip() else second
+def command(config: PythonToolConfig, iso: Isolation, uid: Optional[int], cwd: str, code: int,
+            seccomp_fd: Optional[int]) -> list[str]:
+    """The command line of one run (before the cgroup prefix)."""
+    tmp_bytes = config.max_disk_mb << 20
+    settings = {"mode": iso.mode, "code_fd": code, "limits": _limits(config, iso), "uid": uid,
+                "parent": os.getpid(),
+                "cwd": cwd, "unshare_net": iso.mode in ("uid", "unsafe") and iso.net_private,
+                "shield": iso.mode == "unsafe",
+                "seccomp": iso.seccomp.hex() if iso.seccomp and iso.mode != "bwrap" else "",
+                "ns": (sandbox.namespace_settings(iso.python, config.extra_ro_paths, tmp_bytes)
+                       if iso.mode == "namespaces" else None),
+                "site": _site(iso.python)}
+    # -S: the launcher sets the path itself (see launcher.site_like); -u: what was printed before
+    # a timeout or a crash still reaches the model
+    cmd = [iso.python, "-I", "-S", "-u", "-c", _BOOT, interpreter.compiled(iso.python, LAUNCHER).hex(),
+           marshal.dumps(settings).hex()]
+    if iso.mode == "bwrap":
+        cmd = sandbox.bwrap_command(iso.python, config.extra_ro_paths, tmp_bytes, seccomp_fd) + cmd
+    return cmd
 
 
-def _signal_name(signum: int) -> str:
+def execute(config: PythonToolConfig, iso: Isolation, code: str) -> ToolResult:
+    """One run of ``code``: set up its uid, directory and cgroup, run it, clean up after it."""
+    procs, process_mb = budget(config, iso)
+    uid = iso.uids.acquire(max(30.0, config.timeout_s)) if iso.uids else None
+    workdir, group, fds = None, None, []
     try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)
+        cwd = sandbox.RUN_DIR
+        if iso.mode in ("uid", "unsafe"):  # no mount namespace: a directory on the host
+            workdir = cwd = tempfile.mkdtemp(prefix="arpo_py_", dir=config.tmp_root)
+            if uid is not None:
+                os.chown(workdir, uid, uid)
+        fds.append(code_fd(code))
+        filter_fd = None
+        if iso.mode == "bwrap" and iso.seccomp:
+            filter_fd = bytes_fd(iso.seccomp)
+            fds.append(filter_fd)
+        cmd = command(config, iso, uid, cwd, fds[0], filter_fd)
+        if iso.cgroups is not None:
+            group = iso.cgroups.create(config.memory_mb << 20, procs + SANDBOX_OVERHEAD_PROCESSES)
+            cmd = group.wrap(cmd)
+        run = Run(config, cmd, _env(cwd), tuple(fds), process_mb)
+        rc = run.execute()
+        return run.result(rc, over_memory=group is not None and group.oom_killed())
+    finally:
+        _clean_up(iso, uid, group, workdir, fds)
 
 
-def _signal_hint(signum: int, cfg: PythonToolConfig) -> str:
-    if signum == signal.SIGXCPU:
-        return f" (CPU time limit of {int(math.ceil(cfg.timeout_s)) + 1} s)"
-    if signum == signal.SIGXFSZ:
-        return f" (file size limit of {cfg.max_file_mb} MB)"
+def _clean_up(iso: Isolation, uid: Optional[int], group, workdir: Optional[str], fds: list[int]) -> None:
+    """After a run: its cgroup emptied and removed, its uid swept (and in the uid mode the shared
+    temporary folders), its host directory removed. The uid goes back to the pool only if clean."""
+    for fd in fds:
+        os.close(fd)
+    clean = True
+    if group is not None:
+        clean = group.kill_all()
+        group.remove()
+    if uid is not None:
+        if iso.mode == "uid":  # no PID namespace took its processes down
+            clean = sweep_uid(uid) and clean
+            sweep_files(uid)
+        iso.uids.release(uid, clean)
+    if workdir is not None:
+        remove_tree(workdir)
+
+
+# -- choosing the sandbox ---------------------------------------------------------------------
+
+_CHOICE_LOCK = threading.Lock()
+_CHOSEN: dict[tuple, Isolation] = {}
+# touches the standard library (fails when the interpreter is unreadable after the uid drop)
+PROBE_CODE = "import json, os, socket, traceback\nprint(os.getuid())"
+
+
+def choose(config: PythonToolConfig) -> Isolation:
+    """The isolation for ``config`` on this machine: probed once per process and setting, logged."""
+    key = (os.getpid(), config.sandbox, config.python, config.extra_ro_paths, config.tmp_root)
+    with _CHOICE_LOCK:
+        if key not in _CHOSEN:
+            _CHOSEN[key] = _choose(config)
+        return _CHOSEN[key]
+
+
+def _choose(config: PythonToolConfig) -> Isolation:
+    groups, groups_why = sandbox.run_cgroups()
+    reasons = []
+    for mode in sandbox.candidates(config.sandbox):
+        why = sandbox.why_not(mode, config.python)
+        if why is None:
+            iso, why = _try_mode(config, mode, groups)
+            if iso is not None:
+                _log_choice(config, iso, groups_why)
+                return iso
+        reasons.append(f"{mode}: {' '.join(why.split())}")
+    raise SandboxUnavailable(f"python tool: sandbox={config.sandbox!r} cannot isolate model code "
+                             f"here ({'; '.join(reasons)}); {sandbox.HOW_TO_FIX}")
+
+
+def _try_mode(config: PythonToolConfig, mode: str, groups) -> tuple[Optional[Isolation], str]:
+    root = sandbox.is_root()
+    uids = UidPool.shared() if root and mode != "unsafe" else None
+    python = config.python
+    if mode == "uid":
+        tmp = config.tmp_root or tempfile.gettempdir()
+        if not interpreter.reachable_by_others(tmp):
+            return None, f"tmp_root {tmp} is not reachable by other users (give one they can enter)"
+        try:
+            python = interpreter.readable_copy(config.python)
+        except (OSError, ValueError) as exc:
+            return None, f"no interpreter the run's uid can read ({exc})"
+    why = ""
+    for net_private in ((True, False) if mode in ("uid", "unsafe") else (True,)):
+        iso = Isolation(mode, python, uids, groups, net_private, seccomp.filter_program())
+        why = _probe(config, iso)
+        if not why:
+            return iso, ""
+    return None, why
+
+
+def _probe(config: PythonToolConfig, iso: Isolation) -> str:
+    """Run a tiny program in ``iso``; '' when it worked (and not as root unless unsafe), else why."""
+    try:
+        result = execute(replace(config, timeout_s=30.0, max_output_chars=4000), iso, PROBE_CODE)
+    except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    if not result.ok or not result.text.strip().isdigit():
+        return " ".join(result.text.split())[-300:]
+    if sandbox.is_root() and iso.mode != "unsafe" and int(result.text) == 0:
+        return "the probe ran as root"  # never: each mode drops to a throw-away uid
     return ""
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the run's session; in bwrap mode this takes the PID namespace down with it."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-_PROBE_LOCK = threading.Lock()
-_PROBED: dict[tuple, tuple[str, bool, bool]] = {}
-# touches the standard library's directory: fails when the interpreter is unreadable after setuid
-_PROBE_CODE = "import traceback, socket, json\nprint(1)"
-
-
-def _probe(config: PythonToolConfig, uids: Optional[sandbox.UidPool]) -> tuple[str, bool, bool]:
-    """Pick (mode, private network, drop to a throw-away uid) once per process and interpreter,
-    and log the choice once."""
-    key = (config.sandbox, config.python, config.extra_ro_paths)
-    with _PROBE_LOCK:
-        if key not in _PROBED:
-            _PROBED[key] = _probe_uncached(config, uids)
-        return _PROBED[key]
-
-
-def _probe_uncached(config: PythonToolConfig,
-                    uids: Optional[sandbox.UidPool]) -> tuple[str, bool, bool]:
-    probe = PythonToolConfig(**{**config.__dict__, "timeout_s": 30.0})
-    why = "bubblewrap was not asked for (sandbox='none')"
-    if config.sandbox != "none":
-        if shutil.which("bwrap") is None:
-            why = "bubblewrap (bwrap) is not installed"
-        else:
-            ok, why = _try(probe, "bwrap", uids, False)
-            if ok:
-                sandbox.log.info("python tool: bubblewrap sandbox (namespaces + resource limits)")
-                return "bwrap", True, uids is not None
-            why = f"bubblewrap does not work here: {why}"
-        if config.sandbox == "bwrap":
-            raise RuntimeError(f"sandbox='bwrap' was asked for but {why}")
-    drop = uids is not None and _try(probe, "limits", uids, False)[0]
-    net = _try(probe, "limits", uids if drop else None, True)[0]
-    notes = [why, "resource limits and a temporary directory only",
-             "network off" if net else "network ON (no network namespace could be made)"]
-    if uids is not None and not drop:
-        notes.append(f"code runs as root: {config.python} or the work directory's parent is not "
-                     "accessible to an unprivileged user, so the process limit and file permissions "
-                     "do not apply")
-    (sandbox.log.info if config.sandbox == "none" else sandbox.log.warning)(
-        "python tool: %s", "; ".join(notes))
-    return "limits", net, drop
-
-
-def _try(config: PythonToolConfig, mode: str, uids, net: bool) -> tuple[bool, str]:
-    """Run ``print(1)`` through the launcher in ``mode``; say whether it worked and why not."""
-    tool = PythonTool.__new__(PythonTool)
-    tool.config, tool._uids, tool._net_private = config, None, net
-    uid = uids.acquire() if uids else None
-    workdir = tempfile.mkdtemp(prefix="arpo_probe_", dir=config.tmp_root)
-    try:
-        _write_code(workdir, _PROBE_CODE, uid)
-        cmd = tool._command(mode, workdir, uid)
-        done = subprocess.run(cmd, capture_output=True, timeout=config.timeout_s, cwd=workdir,
-                              env=_child_env(workdir, mode))
-        if done.returncode == 0 and done.stdout.strip() == b"1":
-            return True, ""
-        return False, done.stderr.decode("utf-8", "replace").strip()[-300:] or f"exit {done.returncode}"
-    except (OSError, subprocess.SubprocessError) as exc:
-        return False, str(exc)
-    finally:
-        if uid is not None and sandbox.sweep_uid(uid):
-            uids.release(uid)
-        shutil.rmtree(workdir, ignore_errors=True)
+def _log_choice(config: PythonToolConfig, iso: Isolation, groups_why: str) -> None:
+    procs, per_process = budget(config, iso)
+    notes = [f"sandbox {iso.mode}"]
+    if iso.cgroups is not None:
+        notes.append(f"a cgroup per run ({config.memory_mb} MB, {procs} processes in all)")
+    else:
+        notes.append(f"no cgroup per run ({groups_why}): {procs} processes of {per_process} MB each")
+    notes.append("seccomp filter on" if iso.seccomp else "no seccomp filter (unknown architecture)")
+    if not iso.net_private:
+        notes.append("network ON (no network namespace could be made)")
+    if iso.mode == "uid":
+        notes.append("shares the host's file system (readable where others may read), IPC and "
+                     "/tmp; what a run leaves in /tmp, /var/tmp and /dev/shm is removed after it")
+    if iso.mode == "unsafe":
+        notes.append(f"code runs as this process's uid ({os.getuid()}): use only for trusted code")
+    quiet = iso.mode in ("bwrap", "namespaces") or (iso.mode == "uid" and config.sandbox == "uid")
+    (log.info if quiet else log.warning)("python tool: %s", "; ".join(notes))

@@ -2,8 +2,10 @@
 
 The corpus is one JSON object per line: ``{"id": ..., "title": ..., "text": ...}`` (``text``
 required). The index (bm25s's sparse matrices plus each document's byte span in the corpus) is
-saved next to the corpus, in ``<corpus>.bm25s/``, and rebuilt when the corpus file or the BM25
-settings change. Documents are read back from the corpus by offset, so memory holds only the index.
+saved next to the corpus, in ``<corpus>.bm25s/`` (or ``index_dir``), and rebuilt when the corpus file
+or the BM25 settings change. That folder is the index's own: a marker file lists the files written
+there, only those are ever replaced, and a non-empty folder without the marker is refused. Documents
+are read back from the corpus by offset, so memory holds only the index.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from arpo_fast.rollout.tools.base import ToolResult
 
 log = logging.getLogger("arpo_fast.rollout.tools.search")
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 
 
 @dataclass
@@ -36,7 +38,8 @@ class SearchConfig:
     snippet_chars: int = 1000
     """Characters of each document shown (the reference's cap is 1000)."""
     index_dir: Optional[str] = None
-    """Where the index is cached; default ``<corpus_path>.bm25s``."""
+    """Folder of the cached index (default ``<corpus_path>.bm25s``): new, empty, or one that holds an
+    index written here before; any other non-empty folder is refused, never overwritten."""
     k1: float = 1.5
     b: float = 0.75
     method: str = "lucene"
@@ -114,7 +117,11 @@ class BM25Search:
         query = query.strip()
         if not query:
             return ToolResult("The search query is empty.", "bad_input")
-        hits = self.search(query, self.config.top_k)
+        try:
+            hits = self.search(query, self.config.top_k)
+        except Exception as exc:  # a tool never raises into the rollout
+            log.exception("search failed on %.200r", query)
+            return ToolResult(f"The search failed: {type(exc).__name__}: {exc}", "error")
         if not hits:
             return ToolResult(f"No results found for '{query[:200]}'.", "ok", time.monotonic() - start)
         return ToolResult(format_hits(hits, self.config.snippet_chars), "ok", time.monotonic() - start,
@@ -148,14 +155,19 @@ class BM25Search:
                 "k1": c.k1, "b": c.b, "method": c.method, "stopwords": c.stopwords}
 
     def _load_or_build(self):
+        state = _index_state(self.index_dir)
+        if state == "foreign":
+            raise ValueError(f"index_dir {self.index_dir} is not empty and holds no search index of "
+                             f"arpo_fast (no {MARKER}); give a new or empty folder: the index is "
+                             "never written over files it did not write")
         manifest = self._manifest()
-        try:
-            with open(os.path.join(self.index_dir, "manifest.json")) as f:
-                if json.load(f) == manifest:
+        if state == "ours":
+            try:
+                if _read_marker(self.index_dir)["manifest"] == manifest:
                     return self._load()
-            log.info("search index at %s is stale; rebuilding", self.index_dir)
-        except (OSError, ValueError):
-            pass  # no usable index yet
+                log.info("search index at %s is stale; rebuilding", self.index_dir)
+            except (OSError, ValueError, KeyError):
+                pass  # no usable index yet
         return self._build(manifest)
 
     def _load(self):
@@ -182,21 +194,95 @@ class BM25Search:
         return retriever, spans
 
     def _save(self, retriever, spans: np.ndarray, manifest: dict) -> None:
+        """Write the index into a new folder of ours, then put it in place of a missing, empty or
+        earlier index folder of ours; a folder holding anything else is never touched."""
         parent = os.path.dirname(os.path.abspath(self.index_dir))
-        tmp = tempfile.mkdtemp(prefix=".bm25s_build_", dir=parent)
+        tmp = None
         try:
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=".arpo_bm25s_build_", dir=parent)
             retriever.save(tmp, show_progress=False)
             np.save(os.path.join(tmp, "spans.npy"), spans)
-            with open(os.path.join(tmp, "manifest.json"), "w") as f:
-                json.dump(manifest, f)
-            # swap in whole: a reader never sees a half-written index
+            files = sorted(os.listdir(tmp))
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                json.dump({"format": INDEX_FORMAT, "files": files, "manifest": manifest}, f)
             with _SAVE_LOCK:
-                shutil.rmtree(self.index_dir, ignore_errors=True)
-                os.replace(tmp, self.index_dir)
+                _swap_in(tmp, self.index_dir)
+            tmp = None
         except OSError as exc:
             log.warning("could not cache the search index in %s (%s); it will be rebuilt next time",
                         self.index_dir, exc)
-            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)  # our own build folder
+
+
+MARKER = "arpo_fast_index.json"
+"""Names the files of an index folder that arpo_fast wrote, with the manifest they were built for."""
+_LEGACY_FILES = {"manifest.json", "spans.npy", "params.index.json", "vocab.index.json",
+                 "data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy"}
+
+
+def _read_marker(folder: str) -> dict:
+    with open(os.path.join(folder, MARKER)) as f:
+        marker = json.load(f)
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
+        raise ValueError(f"{folder}/{MARKER} is not an index marker")
+    return marker
+
+
+def _our_files(folder: str) -> Optional[set]:
+    """The files of an index folder that arpo_fast wrote, or None when it is not such a folder."""
+    try:
+        return {*_read_marker(folder)["files"], MARKER}
+    except (OSError, ValueError):
+        pass
+    try:  # format 1 (no marker yet): a manifest of ours and bm25s's files only
+        with open(os.path.join(folder, "manifest.json")) as f:
+            legacy = json.load(f).get("format") == 1
+        return set(_LEGACY_FILES) if legacy and set(os.listdir(folder)) <= _LEGACY_FILES else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _index_state(folder: str) -> str:
+    """``missing``, ``empty``, ``ours`` (an index arpo_fast wrote) or ``foreign``."""
+    if not os.path.lexists(folder):
+        return "missing"
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return "foreign"
+    names = set(os.listdir(folder))
+    if not names:
+        return "empty"
+    ours = _our_files(folder)
+    return "ours" if ours is not None and names <= ours else "foreign"
+
+
+def _swap_in(new: str, folder: str) -> None:
+    """Put the folder ``new`` at ``folder``: an old index of ours is moved aside and only its own
+    files are deleted; anything else there stops the swap (OSError)."""
+    state = _index_state(folder)
+    if state == "foreign":
+        raise OSError(f"{folder} now holds files that are not ours")
+    if state in ("missing", "empty"):
+        os.rename(new, folder)  # rename(2) replaces an empty folder
+        return
+    ours = _our_files(folder)
+    old = tempfile.mkdtemp(prefix=".arpo_bm25s_old_", dir=os.path.dirname(os.path.abspath(folder)))
+    os.rename(folder, old + "/index")
+    try:
+        os.rename(new, folder)
+    except OSError:
+        os.rename(old + "/index", folder)
+        os.rmdir(old)
+        raise
+    for name in ours:
+        try:
+            os.unlink(os.path.join(old, "index", name))
+        except FileNotFoundError:
+            pass
+    os.rmdir(os.path.join(old, "index"))
+    os.rmdir(old)
 
 
 _SAVE_LOCK = threading.Lock()

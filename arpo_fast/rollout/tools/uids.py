@@ -1,0 +1,202 @@
+"""Throw-away uids for runs started by root, and what a uid leaves behind.
+
+RLIMIT_NPROC does not apply to root, and code running as root may do anything, so a root caller
+gives each concurrent run its own unprivileged uid. Leftover processes are then found by uid, and in
+the ``uid`` mode (no namespaces) so are the files a run left in the shared temporary directories.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import threading
+import time
+from typing import Optional
+
+from arpo_fast.rollout.tools.fs import remove_tree
+
+log = logging.getLogger("arpo_fast.rollout.tools.python")
+
+SHARED_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+class UidPoolExhausted(RuntimeError):
+    """No run uid became free in time."""
+
+
+class UidPool:
+    """One uid per run in flight, from a range derived from the process id (so that several trainer
+    processes on one host never share one: a shared uid would share the process budget and the
+    end-of-run sweep). A uid whose processes outlived the sweep is retired until they are gone."""
+
+    BASE = 1_000_000_000
+    PER_PROCESS = 512
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._free = list(range(self.PER_PROCESS))
+        self._retired: list[int] = []
+        self._base = self.BASE + (self._pid % 4_194_304) * self.PER_PROCESS
+        self._fits = _uid_map_allows(self._base + self.PER_PROCESS)
+
+    def acquire(self, timeout_s: float = 30.0) -> int:
+        """A free uid; raises :class:`UidPoolExhausted` after ``timeout_s`` without one."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            if os.getpid() != self._pid:  # a forked worker must not reuse its parent's uids
+                self._reset()
+            if not self._fits:  # a container whose uid map is narrow: share "nobody"
+                return 65534
+            while not self._free:
+                self._revive()
+                left = deadline - time.monotonic()
+                if self._free:
+                    break
+                if left <= 0:
+                    raise UidPoolExhausted(
+                        f"no run uid became free within {timeout_s:g} s: {len(self._retired)} of "
+                        f"{self.PER_PROCESS} are held by processes that outlived their runs and the "
+                        "rest are in use (kill the leftover processes or restart the trainer)")
+                self._cond.wait(min(left, 0.5))
+            # oldest released first: a uid rests as long as possible between runs
+            return self._base + self._free.pop(0)
+
+    def _revive(self) -> None:
+        for uid in list(self._retired):
+            if not has_processes(uid):
+                self._retired.remove(uid)
+                self._free.append(uid - self._base)
+
+    @classmethod
+    def shared(cls) -> "UidPool":
+        """The process's pool: every tool in a process must draw from the same range."""
+        global _SHARED
+        with _SHARED_LOCK:
+            if _SHARED is None:
+                _SHARED = cls()
+            return _SHARED
+
+    @classmethod
+    def is_private(cls, uid: int) -> bool:
+        """Whether ``uid`` lies in the range only these pools hand out."""
+        return uid >= cls.BASE
+
+    def release(self, uid: int, clean: bool = True) -> None:
+        """Give ``uid`` back; one that still has processes (``clean=False``) is retired."""
+        with self._cond:
+            if self._base <= uid < self._base + self.PER_PROCESS:
+                if clean:
+                    self._free.append(uid - self._base)
+                else:
+                    self._retired.append(uid)
+                self._cond.notify()
+
+
+_SHARED: Optional[UidPool] = None
+_SHARED_LOCK = threading.Lock()
+
+
+def _uid_map_allows(uid: int) -> bool:
+    """Whether ``uid`` is mapped in this process's user namespace (setuid fails otherwise)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            for line in f:
+                inside, _, length = (int(x) for x in line.split())
+                if inside <= uid < inside + length:
+                    return True
+    except (OSError, ValueError):
+        return True  # no uid map to read: assume the usual full range
+    return False
+
+
+def tasks_of_uid(uid: int) -> int:
+    """Threads owned (real uid) by ``uid``, from /proc; RLIMIT_NPROC counts these."""
+    count = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields.get("Uid", "-1 ").split()[0]) == uid:
+            count += int(fields.get("Threads", "1").strip() or 1)
+    return count
+
+
+_KILL = shutil.which("kill") or "/bin/kill"
+
+
+def has_processes(uid: int) -> bool:
+    """Whether any process runs as ``uid`` (one stat per process: cheap enough for every call)."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    return True
+            except OSError:  # the process ended while we looked
+                continue
+    return False
+
+
+def sweep_uid(uid: int, wait_s: float = 2.0) -> bool:
+    """Kill every process left running as ``uid`` (children that escaped the process group) and
+    wait for them to be gone; True when none is left. Zombies still count against RLIMIT_NPROC
+    until reaped, so a uid is reused only once it is clean.
+
+    Only the pool's private uids are swept: a shared uid such as "nobody" (used where the uid map is
+    too narrow) may own processes of other programs on the host, which must never be signalled."""
+    if not UidPool.is_private(uid) or not has_processes(uid):
+        return True
+    try:  # `kill -KILL -1` run as uid signals every process of that uid except itself
+        subprocess.run([_KILL, "-KILL", "-1"], user=uid, group=uid, extra_groups=[],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("could not sweep leftover processes of uid %d: %s", uid, exc)
+    deadline = time.monotonic() + wait_s
+    while has_processes(uid):
+        if time.monotonic() > deadline:
+            log.warning("processes of uid %d outlived the sweep; that uid is retired", uid)
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def sweep_files(uid: int, dirs: tuple[str, ...] = SHARED_TMP_DIRS) -> None:
+    """Remove what ``uid`` left in the shared temporary directories: entries it owns at their top
+    level and one level inside world-writable sticky folders there (``/tmp/.X11-unix`` and the
+    like). Deeper files in folders of other users are not searched for."""
+    if not UidPool.is_private(uid):
+        return
+    for top in dirs:
+        for entry in _entries(top):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if st.st_uid == uid:
+                remove_tree(entry.path)
+            elif stat.S_ISDIR(st.st_mode) and st.st_mode & 0o1002 == 0o1002:
+                for inner in _entries(entry.path):
+                    try:
+                        if inner.stat(follow_symlinks=False).st_uid == uid:
+                            remove_tree(inner.path)
+                    except OSError:
+                        continue
+
+
+def _entries(path: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except OSError:
+        return []

@@ -1,0 +1,76 @@
+"""Training step time: one process against torchrun with one and two processes, same prompts.
+
+    python benchmarks/bench_distributed.py            # the table recorded in RESULTS.md
+    python benchmarks/bench_distributed.py --quick    # fewer steps and prompts
+    python benchmarks/bench_distributed.py --device cuda --procs 1   # on a GPU: the FSDP2 overhead
+
+Each configuration is a real run of the trainer (``python -m arpo_fast.train``, or the same under
+``torchrun``) on the demo model without tools, the same prompts, seeds and settings. The first step
+(warm-up: allocations, Triton compilation) is left out; the rest are averaged. ``torchrun
+--nproc-per-node 1`` runs the FSDP2 path with a world of one, so against the one-process path it
+shows what sharding, the rollout copy and its refresh cost per step; two processes split the prompts.
+On a 2-core CPU two processes share the cores, so their speed-up is bounded by the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def run(procs: int, args: list[str], out: Path) -> list[dict]:
+    """One training run (``procs`` 0: plain python); its metrics rows. Every process runs one CPU
+    thread, as torchrun sets it: for a model this small, more threads per process only wait on each
+    other (on a loaded 2-core machine two threads made the one-process rollout 8x slower)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    if procs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               str(procs), "-m", "arpo_fast.train"]
+    else:
+        cmd = [sys.executable, "-m", "arpo_fast.train"]
+    proc = subprocess.run(cmd + args + ["--out", str(out)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--procs", type=int, nargs="*", default=None,
+                        help="torchrun process counts to compare with one plain process (default 1 2)")
+    a = parser.parse_args()
+    steps, prompts = (3, 4) if a.quick else (5, 8)
+    procs = a.procs if a.procs is not None else [1, 2]
+    # no warm start: the random model writes to the length limit, so every configuration does the
+    # same work (a warm start run with another thread count would give a slightly different model)
+    args = ["--demo-warm-start", "0", "--tools", "", "--steps", str(steps), "--prompts-per-step",
+            str(prompts), "--rollouts", "8", "--initial", "4", "--max-response-tokens", "64",
+            "--mini-batch-prompts", "4", "--lr", "1e-4", "--device", a.device]
+    print(f"{steps} steps of {prompts} prompts x 8 trajectories (steps 2.. averaged), device {a.device}")
+    print(f"{'run':<22}{'tokens':>8}{'step s':>9}{'rollout s':>11}{'update s':>10}{'refresh MB':>12}"
+          f"{'refresh s':>11}")
+    base = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in [0, *procs]:
+            rows = run(n, args, Path(tmp) / f"p{n}")[1:]
+            step = statistics.mean(r["rollout_s"] + r["reward_s"] + r["update_s"] for r in rows)
+            name = "python (one process)" if n == 0 else f"torchrun x{n} (FSDP2)"
+            tokens = statistics.mean(r["response_tokens"] for r in rows)
+            print(f"{name:<22}{tokens:>8.0f}{step:>9.3f}{statistics.mean(r['rollout_s'] for r in rows):>11.3f}"
+                  f"{statistics.mean(r['update_s'] for r in rows):>10.3f}"
+                  f"{statistics.mean(r.get('weight_refresh_mb', 0.0) for r in rows):>12.2f}"
+                  f"{statistics.mean(r.get('weight_refresh_s', 0.0) for r in rows):>11.4f}"
+                  + (f"   {base / step:.2f}x the one-process speed" if base else ""))
+            base = base or step
+
+
+if __name__ == "__main__":
+    main()
