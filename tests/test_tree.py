@@ -234,9 +234,10 @@ def test_response_limit_ends_trajectories_and_truncates_results(tok):
     assert t.finish_reason == "length" and len(t.response_ids) == call + 3
     assert t.loss_mask == [1] * call + [0] * 3
     assert not engine.seqs
-    cfg = ARPOConfig(rollouts=1, initial=1, max_response_tokens=5)
+    short = len(tok.encode(ANSWER)) - 1  # the answer does not fit
+    cfg = ARPOConfig(rollouts=1, initial=1, max_response_tokens=short)
     (t,) = _run(tok, lambda s: [ANSWER], cfg, prompts=[tok.encode("Q\n")])[0].trajectories
-    assert t.finish_reason == "length" and len(t.response_ids) == 5
+    assert t.finish_reason == "length" and len(t.response_ids) == short
 
 
 def test_call_limit_and_malformed_calls(tok):
@@ -330,9 +331,11 @@ def test_preemption_in_a_small_pool_changes_no_trajectory(tok, warm_model, monke
     to spare."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch paths: this test is about the engine
     model = warm_model
+    from arpo_fast.train.demo import demo_problems
+
     protocol = Protocol(tok, eos_token_ids=[tok.eos_token_id])
-    prompts = [tok.encode("Problem: what is 12 + 30?\n"), tok.encode("Problem: what is 7 * 9?\n")]
-    cfg = ARPOConfig(rollouts=6, initial=3, entropy_tokens=4, threshold=1.0, max_response_tokens=40)
+    prompts = [tok.encode(row["prompt"]) for row in demo_problems(2)]
+    cfg = ARPOConfig(rollouts=6, initial=3, entropy_tokens=4, threshold=1.0, max_response_tokens=48)
     trees = []
     for blocks, policy in ((512, "raise"), (14, "preempt")):
         engine = Engine(model, tokenizer=tok, num_blocks=blocks, block_size=8, on_pool_exhausted=policy)
@@ -473,11 +476,13 @@ def test_reference_semantics_on_the_real_engine(tok, warm_model, monkeypatch):
 
     engine.step = spy
     protocol = Protocol(tok, eos_token_ids=[tok.eos_token_id])
-    cfg = ARPOConfig(rollouts=6, initial=3, entropy_tokens=4, threshold=1.0, max_response_tokens=40,
+    cfg = ARPOConfig(rollouts=6, initial=3, entropy_tokens=4, threshold=1.0, max_response_tokens=48,
                      arpo_semantics="reference")
+    from arpo_fast.train.demo import demo_problems
+
     with torch.no_grad():
-        out = arpo_rollout(engine, protocol, [tok.encode("Problem: what is 12 + 30?\n")], cfg,
+        out = arpo_rollout(engine, protocol, [tok.encode(row["prompt"]) for row in demo_problems(2)], cfg,
                            executor=Tools(), seed=5)
-    assert len(out.trajectories) == 6 and not engine.live()
+    assert len(out.trajectories) == 12 and not engine.live() and out.stats["tool_calls"] > 0
     assert any(t.kind == "branch" for t in out.trajectories)
     assert 0 < sum(asked) < sum(len(t.response_ids) for t in out.trajectories)

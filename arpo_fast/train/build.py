@@ -15,6 +15,7 @@ from arpo_fast.rollout import Protocol, ProtocolConfig, RewardConfig
 from arpo_fast.rollout.tools import create_tool
 from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor
 from arpo_fast.train.config import TrainConfig
+from arpo_fast.train.data import load_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -39,17 +40,19 @@ def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype, verb
         model = move_model(demo_model(tokenizer, seed=cfg.seed), device, dtype)
         if cfg.demo_warm_start:
             t0 = time.perf_counter()
-            loss = warm_start(model, tokenizer, cfg.demo_warm_start, seed=cfg.seed)
+            loss = warm_start(model, tokenizer, cfg.demo_warm_start, seed=cfg.seed,
+                              log=(lambda line: print(line, flush=True)) if verbose else None)
             if verbose:
                 print(f"demo warm start: {cfg.demo_warm_start} supervised steps, loss {loss:.3f}, "
                       f"{time.perf_counter() - t0:.1f}s", flush=True)
         return model.eval(), tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = checkpoint / "model" if checkpoint is not None else Path(cfg.model)
     if not path.is_dir():
         raise ValueError(f"--model {cfg.model!r}: not 'demo' and not a local model directory")
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint / "tokenizer" if checkpoint is not None else path)
+    tokenizer = load_tokenizer(str(checkpoint / "tokenizer") if checkpoint is not None
+                               else cfg.tokenizer or str(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, tokenizer
 

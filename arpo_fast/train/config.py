@@ -20,19 +20,24 @@ from arpo_fast.train.update import UpdateConfig
 from arpo_fast.rollout.tree import ARPOConfig
 
 
+REFERENCE_LR = 1e-6
+
+
 @dataclass
 class TrainConfig:
     # --- what to train on
     model: str = setting("demo", "'demo' (a tiny random Qwen2 and its tokenizer) or a local Hugging Face "
                          "model directory.")
-    data: str = setting("demo", "'demo' (built-in arithmetic problems) or a JSONL file: prompt, "
-                        "ground_truth, data_source.")
+    tokenizer: str = setting("", "Directory of the tokenizer ('': the model's). A tokenizer of your own "
+                             "saved beside a model's config.json may load as the model type's instead.")
+    data: str = setting("demo", "'demo' (built-in multiplication problems) or a JSONL or Parquet file "
+                        "(see docs/training.md).")
     reward: str = setting("arpo_f1", "Reward of every example whose data_source is not in "
                           "`reward_by_source` (arpo_f1, exact_match, math, or one added with "
                           "arpo_fast.rollout.register_reward).")
     reward_by_source: str = setting("", "JSON object mapping a data_source to its reward name, e.g. "
                                     "'{\"gsm8k\": \"math\"}'.")
-    demo_warm_start: int = setting(300, "Supervised warm-up steps of the demo model on well-formed "
+    demo_warm_start: int = setting(600, "Supervised warm-up steps of the demo model on well-formed "
                                    "solutions (0: start random).")
     tools: str = setting("python", "Comma-separated tools the model may call (python, search, "
                          "http_search); '' for none.")
@@ -43,8 +48,8 @@ class TrainConfig:
     stop_at_answer: bool = setting(False, "End a trajectory at </answer>; off (the reference), it "
                                    "goes on to EOS and text after the answer is scored too.")
     # --- the run
-    steps: int = setting(3, "Training steps (each: rollout, reward, advantage, update).")
-    prompts_per_step: int = setting(2, "Prompts rolled out per step; each becomes a tree of `rollouts` "
+    steps: int = setting(30, "Training steps (each: rollout, reward, advantage, update).")
+    prompts_per_step: int = setting(8, "Prompts rolled out per step; each becomes a tree of `rollouts` "
                                     "trajectories.")
     seed: int = setting(0, "Seeds the data order, the model's initialisation (demo) and every sampling "
                         "draw.")
@@ -59,6 +64,16 @@ class TrainConfig:
                                 "a sandboxed process: a node runs up to processes x this many).")
     save_every: int = setting(0, "Save a checkpoint every this many steps (0: only after the last step).")
     resume: bool = setting(False, "Continue from the checkpoint in `out`, if there is one.")
+    # --- evaluation and reporting
+    eval_data: str = setting("", "Held-out prompts, in --data's formats: '' (the demo's held-out problems "
+                             "when --data is demo, else none), 'none', 'demo' or a file.")
+    eval_every: int = setting(5, "Evaluate every this many steps, besides at step 0 and after the last "
+                              "(0: only those two).")
+    eval_samples: int = setting(0, "k sampled answers per held-out prompt for pass@k and mean@k (0: only "
+                                "greedy pass@1).")
+    eval_temperature: float = setting(1.0, "Sampling temperature of the pass@k/mean@k answers.")
+    report_to: str = setting("", "Also write the metrics to: '' (nowhere else) or 'tensorboard' (in "
+                             "out/tensorboard; pip install 'arpo_fast[tensorboard]').")
     # --- rollout (the tree's own settings are in `rollout`)
     rollout: ARPOConfig = setting(factory=lambda: ARPOConfig(max_response_tokens=64), help="The tree "
                                   "rollout (flags --rollouts ... --max-response-tokens; the demo's "
@@ -74,7 +89,8 @@ class TrainConfig:
                                    "--micro-batch-tokens).")
     advantage: str = setting("soft", "'soft' (GRPO on the leaves, the reference's default) or 'hard' "
                              "(shared tokens get the mean).")
-    lr: float = setting(1e-6, "AdamW learning rate.")
+    lr: float = setting(0.0, "AdamW learning rate; 0: the reference's 1e-6, or the demo's 1e-4 with "
+                        "--model demo (a 0.6M-parameter model barely moves at 1e-6).")
     weight_decay: float = setting(0.01, "AdamW's decoupled weight decay (the reference's: 0.01).")
 
     def __post_init__(self):
@@ -83,7 +99,8 @@ class TrainConfig:
         for name in ("steps", "prompts_per_step", "tool_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("demo_warm_start", "max_calls", "save_every", "top_k", "kv_memory_mb", "weight_decay"):
+        for name in ("demo_warm_start", "max_calls", "save_every", "top_k", "kv_memory_mb", "weight_decay",
+                     "eval_every", "eval_samples", "lr"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -92,8 +109,12 @@ class TrainConfig:
                              f"log-probs), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.eval_temperature) and self.eval_temperature > 0):
+            raise ValueError(f"eval_temperature must be > 0 (greedy pass@1 is always evaluated), "
+                             f"got {self.eval_temperature}")
+        if self.report_to not in ("", "tensorboard"):
+            raise ValueError(f"report_to must be '' or 'tensorboard', got {self.report_to!r}")
+        self._resolve_defaults()
         if self.advantage not in ("soft", "hard"):
             raise ValueError(f"advantage must be 'soft' or 'hard', got {self.advantage!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -104,6 +125,16 @@ class TrainConfig:
             raise ValueError("resume needs --out, the directory of the run to continue")
         if not self.out:
             self.out = time.strftime("runs/arpo-%Y%m%d-%H%M%S")
+
+    def _resolve_defaults(self) -> None:
+        """Settings whose default depends on the job: the demo's learning rate and held-out set are
+        never inherited by a run on a model or data of its own."""
+        if not self.lr:
+            from arpo_fast.train.demo import LR
+
+            self.lr = LR if self.model == "demo" else REFERENCE_LR
+        if not self.eval_data:
+            self.eval_data = "demo" if self.data == "demo" else "none"
 
     @classmethod
     def from_flat(cls, **settings) -> "TrainConfig":
@@ -155,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Train a tool-using agent with ARPO.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = TrainConfig(out="-")
-    values = {**dataclasses.asdict(defaults), **dataclasses.asdict(defaults.rollout),
-              **dataclasses.asdict(defaults.update), "out": ""}
+    # the fields' own defaults, not the resolved ones: a flag left out is resolved for its job
+    values = {**dataclasses.asdict(defaults.rollout), **dataclasses.asdict(defaults.update),
+              **{f.name: f.default for f in fields(TrainConfig) if f.default is not dataclasses.MISSING}}
     for f, doc in _flags(TrainConfig):
         kind = _parse_bool if f.type in ("bool", bool) else {"int": int, "float": float}.get(f.type, str)
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=values[f.name],

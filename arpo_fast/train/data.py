@@ -1,18 +1,28 @@
-"""Training prompts: read and check a JSONL file (or the demo's problems), tokenise, order per step.
+"""Training and held-out prompts: read and check a JSONL or Parquet file (or the demo's problems),
+tokenise, order per step.
 
 A row is ``{"prompt": str or [{"role": ..., "content": ...}, ...], "ground_truth": str or [str],
 "data_source": str (optional)}``; ``data_source`` picks the reward (``rollout/rewards.py``). Chat
-messages go through the tokenizer's chat template when it has one.
+messages go through the tokenizer's chat template when it has one. The reference's RL files load as
+they are: the ground truth may sit in ``reward_model.ground_truth``, ``extra_info`` and ``ability``
+are ignored, arrays (numpy, from pandas) become lists, and a ``\\boxed`` stored as a backspace and
+"oxed" (``"\\boxed"`` written into JSON unescaped) is repaired.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Union
 
 Prompt = Union[str, list]
+log = logging.getLogger("arpo_fast.train.data")
+
+PARQUET_MAGIC = b"PAR1"
+BROKEN_BOXED = "\x08oxed"  # "\b" in JSON is a backspace
 
 
 @dataclass(frozen=True)
@@ -20,6 +30,45 @@ class Example:
     prompt_ids: list[int]
     ground_truth: Union[str, list]
     data_source: str
+
+
+def _plain(value: Any) -> Any:
+    """Numpy arrays (and their scalars) as Python lists (and scalars), inside dicts and lists too."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def normalize_row(row: Any) -> Any:
+    """A row in the shape the trainer reads: the ground truth taken from ``reward_model`` when the
+    row has none of its own, arrays as lists, a missing or null ``data_source`` dropped."""
+    if not isinstance(row, dict):
+        return row
+    row = {k: _plain(v) for k, v in row.items()}
+    reward_model = row.get("reward_model")
+    if row.get("ground_truth") is None and isinstance(reward_model, dict) and "ground_truth" in reward_model:
+        row["ground_truth"] = reward_model["ground_truth"]
+    if row.get("data_source") is None:
+        row.pop("data_source", None)
+    return row
+
+
+def repair_boxed(row: dict) -> bool:
+    """Turn backspace + "oxed" back into ``\\boxed`` in the prompt; True if anything changed."""
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        row["prompt"] = prompt.replace(BROKEN_BOXED, "\\boxed")
+        return row["prompt"] != prompt
+    changed = False
+    for message in prompt:
+        fixed = message["content"].replace(BROKEN_BOXED, "\\boxed")
+        changed |= fixed != message["content"]
+        message["content"] = fixed
+    return changed
 
 
 def _row_problem(row: Any) -> str | None:
@@ -35,29 +84,75 @@ def _row_problem(row: Any) -> str | None:
     truth = row.get("ground_truth")
     if not (isinstance(truth, str) or (isinstance(truth, list) and truth
                                        and all(isinstance(t, str) for t in truth))):
-        return "'ground_truth' must be a string or a non-empty list of strings"
+        return ("'ground_truth' (or 'reward_model.ground_truth') must be a string or a non-empty "
+                "list of strings")
     if not isinstance(row.get("data_source", ""), str):
         return "'data_source' must be a string"
     return None
 
 
-def read_rows(path: str) -> list[dict]:
-    """The rows of a JSONL file (blank lines skipped); a bad line raises ValueError naming it."""
+def _jsonl_rows(path: Path) -> list[tuple[str, Any]]:
+    """(where, row) for each non-blank line; where is ``path:line``."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            problem = _row_problem(row)
-            if problem:
-                raise ValueError(f"{path}:{number}: {problem}")
-            rows.append(row)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: neither a JSONL file (it is not UTF-8 text) nor a Parquet file") from None
+    return rows
+
+
+def _parquet_rows(path: Path) -> list[tuple[str, Any]]:
+    """(where, row) for each row; where is ``path: row N``. A file without the prompt and ground
+    truth columns is an error naming the columns it has."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: cannot read it as Parquet ({first})") from None
+    names = table.column_names
+    truth_in_reward_model = ("reward_model" in names and pa.types.is_struct(table.schema.field("reward_model").type)
+                             and table.schema.field("reward_model").type.get_field_index("ground_truth") >= 0)
+    missing = [c for c, ok in (("prompt", "prompt" in names),
+                               ("ground_truth", "ground_truth" in names or truth_in_reward_model)) if not ok]
+    if missing:
+        raise ValueError(f"{path}: no {' or '.join(repr(m) for m in missing)} column (nor "
+                         f"reward_model.ground_truth); its columns: {', '.join(names)}")
+    return [(f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
+
+
+def read_rows(path: str) -> list[dict]:
+    """The checked rows of a JSONL or Parquet file (told apart by Parquet's magic bytes); any
+    problem raises ValueError naming the file, and the line or row."""
+    file = Path(path)
+    if not file.exists():
+        raise ValueError(f"No such file: {path}")
+    if file.is_dir():
+        raise ValueError(f"{path}: is a directory, not a JSONL or Parquet file")
+    with open(file, "rb") as f:
+        parquet = f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+    rows, repaired = [], 0
+    for where, row in (_parquet_rows if parquet else _jsonl_rows)(file):
+        row = normalize_row(row)
+        problem = _row_problem(row)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+        repaired += repair_boxed(row)
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no examples (the file is empty)")
+    if repaired:
+        log.info("%s: repaired \\boxed (stored as a backspace and 'oxed') in %d of %d rows",
+                 path, repaired, len(rows))
     return rows
 
 
@@ -72,11 +167,13 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     return list(tokenizer.encode(prompt))
 
 
-def load_examples(source: str, tokenizer, max_prompt_tokens: int | None = None) -> list[Example]:
-    """``source``: 'demo' or a JSONL path. Prompts longer than ``max_prompt_tokens`` are an error."""
+def load_examples(source: str, tokenizer, max_prompt_tokens: int | None = None,
+                  demo_split: str = "train") -> list[Example]:
+    """``source``: 'demo' (the demo's ``demo_split`` problems) or a JSONL or Parquet path. Prompts
+    longer than ``max_prompt_tokens`` are an error."""
     from arpo_fast.train.demo import demo_problems
 
-    rows = demo_problems() if source == "demo" else read_rows(source)
+    rows = demo_problems(split=demo_split) if source == "demo" else read_rows(source)
     examples = []
     for number, row in enumerate(rows, 1):
         ids = encode_prompt(tokenizer, row["prompt"])
@@ -87,6 +184,15 @@ def load_examples(source: str, tokenizer, max_prompt_tokens: int | None = None) 
                              f"the model's {max_prompt_tokens}")
         examples.append(Example(ids, row["ground_truth"], row.get("data_source", "default")))
     return examples
+
+
+def load_tokenizer(path: str):
+    """``AutoTokenizer`` from ``path``, with a missing folder named in the error."""
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise ValueError(f"--tokenizer {path!r}: not a local tokenizer directory")
+    return AutoTokenizer.from_pretrained(path)
 
 
 def step_batch(n_examples: int, per_step: int, step: int, seed: int) -> list[int]:

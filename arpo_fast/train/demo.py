@@ -1,74 +1,142 @@
-"""The built-in default job: a tiny random Qwen2 model, a tokenizer trained here, arithmetic problems.
+"""The built-in default job: multiplying numbers too large to do in one's head, with a python tool.
 
-Nothing is downloaded, so ``python -m arpo_fast.train`` runs on any machine, CPU included, in about
-a minute. ARPO starts from a model fine-tuned on well-formed tool-using answers; the demo does the
-same in miniature (``warm_start``: a few hundred supervised steps on generated solutions), so that
-its rollouts call the python tool, read real results, branch and earn rewards that differ (-1 for a
-broken format, 0 for a wrong answer, 1 for a right one). It shows every stage of a training step at
-work; a model this small learns little arithmetic. Real runs pass ``--model`` (a local Hugging Face
-directory) and ``--data`` (JSONL).
+Nothing is downloaded, so ``python -m arpo_fast.train`` runs on any machine, CPU included. The demo
+is only a model, a tokenizer, data and default settings; the trainer runs it as any other job.
+
+* **Task.** ``what is a * b?`` with a, b of three digits. A model of this size cannot multiply in
+  its head; it can copy the numbers into ``<python>print(a * b)</python>`` and the result into
+  ``\\boxed{}``. The reward is the reference's (``arpo_f1``: -1 for a bad format, else 1 for the
+  exact product and 0 otherwise, a number being one word).
+* **Tokenizer.** A byte-level BPE trained here on the demo's texts, in which every digit and every
+  ``<tag>``/``</tag>`` is one token: copying a number is copying tokens one for one.
+* **Model.** A random Qwen2 of 3 layers, hidden 128 (about 0.64M parameters), fp32 on the CPU.
+* **Warm start.** ARPO starts from a supervised model; the demo's is trained for a minute and a
+  half on solutions of other problems (``warm_start``). First all of them call python: the model
+  learns the call and the copy of its result. Then a mix in which only ``TOOL_SHARE`` of them do and
+  the rest answer straight away with a guess (whose digits are not trained on). The warm-started
+  model prefers to guess: its greedy answers are wrong, while a sampled answer calls python about
+  one time in three and is then nearly always right. What RL has to learn is that the tool pays;
+  the steps show the tool calls per trajectory rising with the reward, and the held-out
+  evaluations the accuracy.
+* **Splits.** The warm-start, training and held-out problems are disjoint (``demo_splits``); the
+  128 held-out ones are evaluated at step 0 and every few steps.
+* **Settings.** The demo's steps, prompts per step and response length are ``TrainConfig``'s
+  defaults; its learning rate ``LR`` applies to ``--model demo`` only. Everything else is the
+  reference's (16 trajectories per prompt, 8 started, 2 paths per branch, tau 0.5, beta 0.2,
+  temperature 1, clip 0.2/0.2, dual clip 3).
 """
 
 from __future__ import annotations
 
+import math
 import random
+from typing import Callable, Optional
 
 from arpo_fast.rollout.protocol import format_result
 
-SYSTEM = ("Solve the problem. You may run Python between <python> and </python>; its output comes "
-          "back between <result> and </result>. Think between <think> and </think>, then give the "
-          "final answer as <answer>\\boxed{...}</answer>.")
+SYSTEM = ("Solve it. Run Python inside <python></python> if you like; answer as "
+          "<answer>\\boxed{...}</answer>.")
 """The instruction in front of every demo problem."""
 
-_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+SOURCE = "demo_arithmetic"
+TOOL_SHARE = 0.3
+"""Share of the warm start's mixed solutions that call python (the rest answer straight away)."""
+TOOL_FIRST = 0.6
+"""Share of the warm start's steps, at its beginning, on solutions that all call python."""
+SIZES = {"heldout": 128, "train": 1024, "warm": 4096}
+"""Problems per split; the splits never share a problem."""
+LR = 1e-4
+"""The demo's learning rate (``TrainConfig.lr`` resolves to it for ``--model demo`` only): a
+0.6M-parameter model barely moves at the reference's 1e-6."""
+
+TOOL_THOUGHT = "{a} * {b} is too big for my head; run it."
+GUESS_THOUGHT = "{a} * {b}: a guess will do."
+"""The thoughts of the two kinds of warm-start solution. Both restate the problem: copying the
+numbers out of the prompt is practised by every solution, not only by the share that calls python."""
 
 
-def demo_problems(n: int = 64, seed: int = 0) -> list[dict]:
-    """``n`` arithmetic problems as dataset rows: prompt text, ground truth, data source."""
+def demo_splits(seed: int = 0) -> dict[str, list[tuple[int, int]]]:
+    """Disjoint lists of (a, b) operand pairs per split (``SIZES``), drawn with ``seed``. The demo
+    always uses seed 0, whatever the run's seed, so its held-out problems stay held out."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b, op = rng.randint(2, 99), rng.randint(2, 99), rng.choice(sorted(_OPS))
-        rows.append({"prompt": f"{SYSTEM}\nProblem: what is {a} {op} {b}?\n",
-                     "ground_truth": str(_OPS[op](a, b)), "data_source": "demo_arithmetic"})
-    return rows
-
-
-def _solutions(n: int = 200, seed: int = 1) -> list[tuple[str, str, str, str]]:
-    """(prompt, text before the tool result, the result, text after it): well-formed solutions of
-    problems other than the training ones, the result exactly as the rollout appends it."""
-    out = []
-    for row in demo_problems(n, seed=seed):
-        question = row["prompt"].rsplit("Problem: what is ", 1)[1].rstrip("?\n")
-        truth = row["ground_truth"]
-        out.append((row["prompt"], f"<think>I will compute {question}.</think><python>print({question})</python>",
-                    format_result(truth + "\n"),  # what print() writes, newline included
-                    f"<answer>\\boxed{{{truth}}}</answer>"))
+    seen: set[tuple[int, int]] = set()
+    pairs = []
+    while len(pairs) < sum(SIZES.values()):
+        pair = (rng.randint(100, 999), rng.randint(100, 999))
+        if pair not in seen:
+            seen.add(pair)
+            pairs.append(pair)
+    out, start = {}, 0
+    for name, n in SIZES.items():
+        out[name], start = pairs[start:start + n], start + n
     return out
 
 
+def _prompt(a: int, b: int) -> str:
+    return f"{SYSTEM}\nProblem: what is {a} * {b}?\n"
+
+
+def demo_problems(n: int | None = None, seed: int = 0, split: str = "train") -> list[dict]:
+    """The first ``n`` (default all) problems of ``split`` (of ``demo_splits(seed)``) as dataset
+    rows: prompt text, ground truth, data source."""
+    pairs = demo_splits(seed)[split][:n]
+    return [{"prompt": _prompt(a, b), "ground_truth": str(a * b), "data_source": SOURCE} for a, b in pairs]
+
+
+def _solution(a: int, b: int, guess: int | None = None) -> list[str]:
+    """A well-formed solution as pieces encoded apart, alternately trained on and not: text the
+    model writes, the tool result exactly as the rollout appends it (what print() writes, newline
+    included), text. With ``guess`` the solution answers that number straight away, without the
+    tool; the guessed digits are the piece not trained on (see ``_warm_texts``)."""
+    if guess is not None:
+        return [f"<think>{GUESS_THOUGHT.format(a=a, b=b)}</think><answer>\\boxed{{", str(guess), "}</answer>"]
+    return [f"<think>{TOOL_THOUGHT.format(a=a, b=b)}</think><python>print({a} * {b})</python>",
+            format_result(f"{a * b}\n"), f"<answer>\\boxed{{{a * b}}}</answer>"]
+
+
+def _warm_texts(seed: int) -> list[tuple[str, list[str]]]:
+    """(prompt, solution pieces) for every warm-start problem: ``TOOL_SHARE`` of them call python,
+    the others guess a number with as many digits as the product (drawn with ``seed``). A guess is
+    about never right and its digits are noise with nothing to learn: they are left out of the
+    loss, so that they do not teach the model that whatever follows ``\\boxed{`` is noise."""
+    rng = random.Random(seed + 1)
+    texts = []
+    for a, b in demo_splits()["warm"]:
+        digits = len(str(a * b))
+        guess = None if rng.random() < TOOL_SHARE else rng.randint(10 ** (digits - 1), 10 ** digits - 1)
+        texts.append((_prompt(a, b), _solution(a, b, guess)))
+    return texts
+
+
 def demo_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on the demo's texts (any text encodes; EOS is ``<eos>``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE trained on the demo's texts: any text encodes, EOS is ``<eos>``, each digit
+    and each ``<tag>``/``</tag>`` is one token (the tags are ordinary tokens, so decoding keeps
+    them)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"</?[a-z]+>"), behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
                                   show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["".join(parts) for parts in _solutions()], trainer)
+    texts = ["".join([p, *s]) for p, s in _warm_texts(0)[:512]]
+    texts += ["".join([_prompt(100, 200), *_solution(100, 200, guess)]) for guess in (None, 20000)]
+    tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
 
 
-def demo_model(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64):
+def demo_model(tokenizer, seed: int = 0, layers: int = 3, hidden: int = 128):
     """A random Qwen2 causal LM sized for the CPU (fp32), its vocabulary the tokenizer's."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         max_position_embeddings=256, tie_word_embeddings=True,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=None)
     torch.manual_seed(seed)
@@ -87,34 +155,67 @@ def move_model(model, device, dtype):
     return model
 
 
-def warm_start(model, tokenizer, steps: int = 300, lr: float = 3e-3, batch: int = 16, seed: int = 0) -> float:
-    """Supervised steps on (prompt, solution) pairs, the loss on solution tokens and EOS only;
-    returns the last step's loss. The model is left in eval mode."""
+def _batch(rows, pad_id: int):
+    """Right-padded input ids, labels (-100 outside what the model writes) and attention mask, from
+    (prompt ids, solution ids, solution loss mask) rows."""
     import torch
 
-    # the pieces are encoded apart, as in a rollout (a result's tokens never merge with their neighbours)
-    encode = tokenizer.encode
-    pairs = [(encode(p), encode(before) + encode(result) + encode(after) + [tokenizer.eos_token_id])
-             for p, before, result, after in _solutions()]
+    width = max(len(p) + len(s) for p, s, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    labels = torch.full((len(rows), width), -100, dtype=torch.int64)
+    attention = torch.zeros((len(rows), width), dtype=torch.int64)
+    for r, (prompt, solution, mask) in enumerate(rows):
+        end = len(prompt) + len(solution)
+        ids[r, :end] = torch.tensor(prompt + solution)
+        labels[r, len(prompt):end] = torch.tensor([t if m else -100 for t, m in zip(solution, mask)])
+        attention[r, :end] = 1
+    return ids, labels, attention
+
+
+def _encode_solution(tokenizer, pieces: list[str]) -> tuple[list[int], list[int]]:
+    """Token ids of a solution's pieces and EOS, with loss mask 0 on the odd pieces (a tool result,
+    or a guess)."""
+    ids, mask = [], []
+    for k, piece in enumerate(pieces):
+        piece_ids = tokenizer.encode(piece)
+        ids += piece_ids
+        mask += [1 - k % 2] * len(piece_ids)
+    return ids + [tokenizer.eos_token_id], mask + [1]
+
+
+def warm_start(model, tokenizer, steps: int = 600, lr: float = 3e-3, batch: int = 32, seed: int = 0,
+               log: Optional[Callable[[str], None]] = None) -> float:
+    """Supervised steps on solutions of the warm-start split, the loss on what the model writes and
+    EOS (not on prompts or tool results, as in the RL update), with a cosine learning-rate decay.
+    The first ``TOOL_FIRST`` of the steps see only solutions that call python (the model learns the
+    call and the copy of its result), the rest the mix of ``_warm_texts`` (it learns to prefer a
+    guess). Returns the last step's loss; ``log`` gets a progress line ten times. The model is left
+    in eval mode."""
+    import torch
+
+    def encode(texts):
+        return [(tokenizer.encode(prompt), *_encode_solution(tokenizer, pieces)) for prompt, pieces in texts]
+
+    mix = encode(_warm_texts(seed))
+    tool_only = encode((_prompt(a, b), _solution(a, b)) for a, b in demo_splits()["warm"])
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     rng = random.Random(seed)
     loss = torch.tensor(float("nan"))
     model.train()
-    for _ in range(steps):
-        rows = [pairs[rng.randrange(len(pairs))] for _ in range(batch)]
-        width = max(len(p) + len(s) for p, s in rows)
-        ids = torch.full((batch, width), tokenizer.pad_token_id, dtype=torch.int64)
-        labels = torch.full((batch, width), -100, dtype=torch.int64)
-        attention = torch.zeros((batch, width), dtype=torch.int64)
-        for r, (prompt, solution) in enumerate(rows):
-            end = len(prompt) + len(solution)
-            ids[r, :end] = torch.tensor(prompt + solution)
-            labels[r, len(prompt):end] = torch.tensor(solution)
-            attention[r, :end] = 1
+    for step in range(1, steps + 1):
+        rows = tool_only if step <= TOOL_FIRST * steps else mix
+        ids, labels, attention = _batch([rows[rng.randrange(len(rows))] for _ in range(batch)],
+                                        tokenizer.pad_token_id)
         loss = model(input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if log is not None and step % max(steps // 10, 1) == 0:
+            log(f"demo warm start: {step}/{steps} supervised steps, loss {float(loss.detach()):.3f}")
     model.eval()
     return float(loss.detach())

@@ -12,7 +12,10 @@ and AdamW steps fp32 master weights written back into them in place (``optim.py`
 keeps the reference's 1e-6 updates. Under ``torchrun`` (``distributed.py``): each rank rolls out
 its share of the prompts on a full copy of the weights, and the update is FSDP2-sharded.
 
-Without arguments this is the built-in demo (``demo.py``). A real run: ``--model DIR --data FILE``.
+Without arguments this is the built-in demo (``demo.py``): a tiny model, warm-started to call python
+now and then, learns to call it on multiplications too large for it, in minutes on a CPU; held-out
+evaluations (``eval.py``) and the run's plot and summary (``report.py``) show it. A real run:
+``--model DIR --data FILE --max-response-tokens 4096``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,11 +41,12 @@ from arpo_fast.rollout.rewards import response_text
 from arpo_fast.rollout.tools.executor import ToolExecutor
 from arpo_fast.rollout.tree import arpo_rollout
 from arpo_fast.seeds import child_seed
-from arpo_fast.train import build, distributed, metrics
+from arpo_fast.train import build, distributed, metrics, report
 from arpo_fast.train.checkpoint import (NAMES, CheckpointError, check_checkpoint_names, find_checkpoint,
                                         load_sharded_state, save_checkpoint, validate_checkpoint)
 from arpo_fast.train.config import TrainConfig, parse_config
 from arpo_fast.train.data import load_examples, step_batch
+from arpo_fast.train.eval import evaluate
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.update import update
 
@@ -79,6 +83,8 @@ class Run:
     dist: Optional[distributed.Dist] = None
     reference: Optional[torch.nn.Module] = None
     """The frozen starting policy, held only for ``--kl-coef`` > 0."""
+    eval_examples: list = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def main(self) -> bool:
@@ -137,10 +143,12 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         raise ValueError("setup: pass both model and tokenizer, or neither")
     if model is not None and cfg.resume:
         raise ValueError("setup: resume loads the checkpoint's model; do not pass one")
+    started = time.perf_counter()
     d = distributed.init(cfg.device, cfg.dist_timeout_s)
     with _agreed(d):
         rewards = build.reward_config(cfg)  # names and JSON settings fail here, before any loading
         settings = build.tool_settings(cfg)
+        report.check(cfg)
         checkpoint, state = _check_out(cfg, d is not None)
     if d is None or d.main:
         _prepare_out(cfg, state)
@@ -150,7 +158,10 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         torch.manual_seed(cfg.seed)
         if model is None:
             model, tokenizer = build.load_model(cfg, checkpoint, device, dtype, verbose=d is None or d.main)
-        examples = load_examples(cfg.data, tokenizer, model.config.max_position_embeddings - 1)
+        longest = model.config.max_position_embeddings - 1
+        examples = load_examples(cfg.data, tokenizer, longest)
+        eval_examples = [] if cfg.eval_data == "none" else \
+            load_examples(cfg.eval_data, tokenizer, longest, demo_split="heldout")
         update_plan = cfg.update.describe(device)  # e.g. flash_attention_2 without flash-attn fails here
         starting = None
         if cfg.update.kl_coef:  # the policy the run started from: a resumed run loads it again
@@ -179,7 +190,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     executor = build.tool_executor(cfg, settings)
     protocol = build.protocol_for(cfg, tokenizer, executor, engine.eos_token_ids)
     return Run(cfg, model, tokenizer, optimizer, scorer, engine, protocol, executor, examples, rewards,
-               start, d, reference)
+               start, d, reference, eval_examples, started)
 
 
 class AgreedError(ValueError):
@@ -247,25 +258,47 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> list[dict]:
     return fit(setup(cfg, model, tokenizer))
 
 
+def _evaluate(run: Run, step: int, reporter: Optional[report.Reporter]) -> None:
+    """A held-out evaluation (``eval.py``); under torchrun each rank takes its share of the
+    examples and rank 0 reports the whole."""
+    if not run.eval_examples:
+        return
+    d = run.dist
+    mine = d.mine(len(run.eval_examples)) if d else list(range(len(run.eval_examples)))
+    row = evaluate(run, [run.eval_examples[i] for i in mine], step, score, positions=mine)
+    if d is not None:
+        row = metrics.eval_row(row, d)
+    if reporter is not None:
+        reporter.evaluation(row)
+
+
 def fit(run: Run) -> list[dict]:
-    """Steps from ``run.start`` to ``cfg.steps``; each one's metrics are printed, appended to
-    ``out/metrics.jsonl`` and returned; checkpoints every ``save_every`` steps and at the end."""
+    """Steps from ``run.start`` to ``cfg.steps``; each one's metrics are shown, appended to
+    ``out/metrics.jsonl`` and returned; held-out evaluations at step 0, every ``eval_every`` steps
+    and after the last (``report.py``: also the plot and ``summary.json``); checkpoints every
+    ``save_every`` steps and at the end."""
     cfg = run.cfg
     history = []
+    reporter = report.Reporter(cfg, run.start, metrics.line, run.started) if run.main else None
+    checkpoint = None
     try:
+        if run.start == 0:
+            _evaluate(run, 0, reporter)
         for step in range(run.start, cfg.steps):
             row = train_step(run, step)
             history.append(row)
-            if run.main:
-                print(metrics.line(row, cfg.steps), flush=True)
-                with open(Path(cfg.out) / "metrics.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
+            if reporter is not None:
+                reporter.step(row)
+            if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+                _evaluate(run, step + 1, reporter)
             if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                save_checkpoint(cfg.out, run.model, run.tokenizer, run.optimizer, step + 1,
-                                dataclasses.asdict(cfg), run.dist)
+                checkpoint = save_checkpoint(cfg.out, run.model, run.tokenizer, run.optimizer, step + 1,
+                                             dataclasses.asdict(cfg), run.dist)
     finally:
         if run.executor is not None:
             run.executor.shutdown(wait=False)
+        if reporter is not None:
+            reporter.close(checkpoint or find_checkpoint(cfg.out))
     return history
 
 
@@ -305,5 +338,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1  # torchrun then stops the other ranks
     distributed.close(run.dist)
     if rank == 0:
-        print(f"checkpoint and metrics in {cfg.out}", flush=True)
+        s = json.loads((Path(cfg.out) / "summary.json").read_text(encoding="utf-8"))
+        if s["final_accuracy"] is not None:
+            start = "" if s["warm_start_accuracy"] is None else f"{s['warm_start_accuracy']:.2f} -> "
+            print(f"held-out accuracy {start}{s['final_accuracy']:.2f}", flush=True)
+        print(f"{s['steps']} steps in {s['wall_s']:.0f}s; checkpoint, metrics.jsonl, metrics.png and "
+              f"summary.json in {cfg.out}", flush=True)
     return 0

@@ -22,10 +22,12 @@ def rollout_sums(rollout, rewards) -> dict[str, float]:
     """This rank's additive counts of a step's rollout and rewards."""
     total, unique = shared_token_count(rollout.paths())
     return {"trajectories": len(rollout.trajectories), "reward": sum(r.score for r in rewards),
+            "tool_calls_per_traj": sum(t.tool_calls for t in rollout.trajectories),
             "correct": sum(r.correctness > 0 for r in rewards),
             "format_ok": sum(r.score > -1 for r in rewards),
             "tool_calls": rollout.stats["tool_calls"], "branch_points": rollout.stats["branch_points"],
-            "fills": rollout.stats["fills"], "response_tokens": total, "shared_tokens": total - unique}
+            "fills": rollout.stats["fills"], "response_tokens": total, "shared_tokens": total - unique,
+            "model_tokens": rollout.stats["model_tokens"]}
 
 
 def step_row(step: int, sums: dict, update: dict, times: dict, dist=None,
@@ -36,7 +38,7 @@ def step_row(step: int, sums: dict, update: dict, times: dict, dist=None,
         sums, update, times = _reduce(sums, update, times, dist)
     n = max(sums["trajectories"], 1)
     row = {"step": step, "reward": sums["reward"] / n, "correct": sums["correct"] / n,
-           "format_ok": sums["format_ok"] / n}
+           "format_ok": sums["format_ok"] / n, "tool_calls_per_traj": sums["tool_calls_per_traj"] / n}
     row.update({k: int(v) for k, v in sums.items() if k not in row})
     row.update({k: round(v, 6) for k, v in update.items()})
     row.update(extra or {})
@@ -68,10 +70,23 @@ def _reduce(sums: dict, update: dict, times: dict, dist) -> tuple[dict, dict, di
     return out_sums, out_update, out_times
 
 
+def eval_row(row: dict, dist) -> dict:
+    """An evaluation row (``eval.evaluate``) of this rank's share of the examples, made the row of
+    all of them: means weighted by each rank's examples, the time of the slowest rank."""
+    keys = sorted(k for k in row if k not in ("step", "eval/examples", "eval/s"))
+    n = row["eval/examples"]
+    totals = dist.sum([n] + [row[k] * n for k in keys])
+    out = {"step": row["step"], **{k: v / max(totals[0], 1) for k, v in zip(keys, totals[1:])}}
+    out["eval/examples"] = int(totals[0])
+    out["eval/s"] = round(dist.max([row["eval/s"]])[0], 3)
+    return out
+
+
 def line(m: dict, steps: int) -> str:
     """One step as a line of the log."""
     return (f"step {m['step']}/{steps}  reward {m['reward']:+.3f}  correct {m['correct']:.2f}  "
-            f"format {m['format_ok']:.2f}  traj {m['trajectories']}  calls {m['tool_calls']}  "
+            f"format {m['format_ok']:.2f}  calls/traj {m['tool_calls_per_traj']:.2f}  "
+            f"traj {m['trajectories']}  calls {m['tool_calls']}  "
             f"branches {m['branch_points']}  tokens {m['response_tokens']} "
             f"(shared {m['shared_tokens']})  loss {m.get('loss', 0.0):+.4f}  "
             f"clip {m.get('clip_fraction', 0.0):.3f}  grad {m['grad_norm']:.3f}  "

@@ -1,0 +1,73 @@
+"""Evaluation on held-out prompts, with the training run's own engine, tools and rewards.
+
+Greedy pass@1: one trajectory per prompt at temperature 0. With ``samples`` = k > 0 also k sampled
+trajectories per prompt at ``temperature``: pass@k (the best of the k, per prompt) and mean@k (the
+mean over all of them). Both go through the tree rollout with ``initial == rollouts``, so nothing
+branches: the same engine, protocol, tool executor, response length and call limit as training,
+and the same reward function; "correct" is the reward's correctness before any tool bonus (token F1
+for ``arpo_f1``: 0 or 1 for a one-word answer such as a number).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional, Sequence
+
+from arpo_fast.engine import SamplingParams
+from arpo_fast.rollout.tree import arpo_rollout
+from arpo_fast.seeds import child_seed
+
+EVAL_SEED_INDEX = 1 << 40
+"""The sampled evaluation's seed is child_seed(run seed, this): the same draws at every evaluation,
+apart from the training steps' (which use child_seed(seed, step))."""
+
+
+def _rollout(run, examples: Sequence, k: int, temperature: float, seed: int, positions: Sequence[int]):
+    import torch
+
+    config = dataclasses.replace(run.cfg.rollout, rollouts=k, initial=k)
+    sampling = SamplingParams(temperature, top_k=run.cfg.top_k if temperature > 0 else 0,
+                              top_p=run.cfg.top_p if temperature > 0 else 1.0)
+    with torch.no_grad():  # a prompt's draws depend on its place in the whole set, not in a share
+        rollout = arpo_rollout(run.engine, run.protocol, [e.prompt_ids for e in examples], config,
+                               sampling, run.executor, seed=seed,
+                               prompt_seeds=[child_seed(seed, i) for i in positions])
+    if run.executor is not None:
+        run.executor.new_step()  # an evaluation's calls are not served to the next training step
+    return rollout.trajectories
+
+
+def evaluate(run, examples: Sequence, step: int, score, positions: Optional[Sequence[int]] = None) -> dict:
+    """Evaluate ``run``'s model on ``examples`` (``data.Example``); ``score(trajectories, examples,
+    tokenizer, rewards)`` is the training loop's reward function; ``positions``: each example's
+    index in the whole held-out set (default: its index here), which seeds its draws. Returns one
+    metrics row:
+    ``step`` and ``eval/...`` means over trajectories (``accuracy``, ``format_ok``, ``reward``,
+    ``tool_calls``, ``response_tokens``; ``pass@k`` and ``mean@k`` with samples)."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    positions = list(range(len(examples))) if positions is None else list(positions)
+    trajs = _rollout(run, examples, 1, 0.0, 0, positions)
+    rewards = score(trajs, examples, run.tokenizer, run.rewards)
+    n = max(len(trajs), 1)  # a rank's share of a small set may be empty
+    row = {"step": step,
+           "eval/accuracy": sum(r.correctness for r in rewards) / n,
+           "eval/format_ok": sum(r.score > -1 for r in rewards) / n,
+           "eval/reward": sum(r.score for r in rewards) / n,
+           "eval/tool_calls": sum(t.tool_calls for t in trajs) / n,
+           "eval/response_tokens": sum(len(t.response_ids) for t in trajs) / n,
+           "eval/examples": len(trajs)}
+    k = cfg.eval_samples
+    if k:
+        trajs = _rollout(run, examples, k, cfg.eval_temperature, child_seed(cfg.seed, EVAL_SEED_INDEX),
+                         positions)
+        correct = [r.correctness for r in score(trajs, examples, run.tokenizer, run.rewards)]
+        best = [0.0] * len(examples)
+        for t, c in zip(trajs, correct):
+            best[t.prompt_index] = max(best[t.prompt_index], c)
+        row[f"eval/pass@{k}"] = sum(best) / n
+        row[f"eval/mean@{k}"] = sum(correct) / max(len(correct), 1)
+        row[f"eval/tool_calls@{k}"] = sum(t.tool_calls for t in trajs) / max(len(trajs), 1)
+    row["eval/s"] = round(time.perf_counter() - t0, 3)
+    return row

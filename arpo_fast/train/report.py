@@ -1,0 +1,180 @@
+"""What a run leaves behind and shows while it runs.
+
+* ``metrics.jsonl``: one row per training step, and one row per evaluation whose keys start with
+  ``eval/`` (``step`` is the number of steps trained before it: 0 is the starting model).
+* ``metrics.png``: reward, held-out accuracy, tool calls per trajectory, branch points and shared
+  tokens against the step, redrawn after each evaluation (from ``metrics.jsonl``, so a resumed run
+  draws its whole history).
+* ``summary.json``: the accuracy at step 0 and at the end, the tool calls per trajectory at the
+  first and last step, steps, wall seconds and the checkpoint's path.
+* The console: a progress bar over steps with the latest reward, accuracy and tool-call rate when
+  stderr is a terminal, one line per step otherwise; one line per evaluation either way.
+* ``--report-to tensorboard``: every number also goes to ``out/tensorboard``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+TENSORBOARD_HINT = "pip install 'arpo_fast[tensorboard]'"
+
+
+def _tensorboard_writer(log_dir: Optional[Path]):
+    """A ``SummaryWriter`` (None for ``log_dir`` None: only checks the import); a missing package
+    raises ValueError with the flag and the fix."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError(f"--report-to tensorboard needs the tensorboard package: {TENSORBOARD_HINT}") from None
+    return SummaryWriter(str(log_dir)) if log_dir is not None else None
+
+
+def check(cfg) -> None:
+    """Fail before the run starts when a reporting target cannot be written."""
+    if cfg.report_to == "tensorboard":
+        _tensorboard_writer(None)
+
+
+def read_rows(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def _series(rows: list[dict], key: str, per: Optional[str] = None) -> tuple[list, list]:
+    pts = [(r["step"], r[key] / r[per] if per else r[key]) for r in rows
+           if key in r and (per is None or r.get(per))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+PANELS = (  # title, [(metrics key, label)]
+    ("reward (training rollouts)", [("reward", "mean reward"), ("correct", "correct")]),
+    ("held-out accuracy", [("eval/accuracy", "greedy pass@1")]),
+    ("tool calls per trajectory", [("tool_calls_per_traj", "training"), ("eval/tool_calls", "held-out greedy")]),
+    ("branch points per step", [("branch_points", "branch points")]),
+    ("tokens shared by branches per step", [("shared_tokens", "shared"), ("response_tokens", "all")]),
+    ("format ok", [("format_ok", "training"), ("eval/format_ok", "held-out greedy")]),
+)
+
+
+def plot(out: Path, rows: list[dict]) -> Path:
+    """Draw ``metrics.png`` from metrics rows (no pyplot: nothing global changes)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 7), layout="constrained")
+    sampled = sorted({k for r in rows for k in r if k.startswith(("eval/pass@", "eval/mean@"))})
+    for i, (title, series) in enumerate(PANELS):
+        ax = fig.add_subplot(2, 3, i + 1)
+        if title == "held-out accuracy":
+            series = series + [(k, k[len("eval/"):]) for k in sampled]
+        for key, label in series:
+            xs, ys = _series(rows, key)
+            if xs:
+                ax.plot(xs, ys, marker="o" if key.startswith("eval/") else None, markersize=4, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{out.name}", fontsize=11)
+    path = out / "metrics.png"
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def summary(rows: list[dict], wall_s: float, checkpoint: Optional[Path]) -> dict:
+    evals = [r for r in rows if "eval/accuracy" in r]
+    steps = [r for r in rows if "eval/accuracy" not in r]
+    start = next((r for r in evals if r["step"] == 0), None)
+    rate = "tool_calls_per_traj"
+    return {"warm_start_accuracy": start["eval/accuracy"] if start else None,
+            "final_accuracy": evals[-1]["eval/accuracy"] if evals else None,
+            "final_eval_step": evals[-1]["step"] if evals else None,
+            "steps": steps[-1]["step"] if steps else 0,
+            "wall_s": round(wall_s, 1),
+            "tool_calls_per_trajectory_first": steps[0].get(rate) if steps else None,
+            "tool_calls_per_trajectory_last": steps[-1].get(rate) if steps else None,
+            "checkpoint": str(checkpoint) if checkpoint else None}
+
+
+def eval_line(row: dict) -> str:
+    extra = "".join(f"  {k[len('eval/'):]} {v:.2f}" for k, v in row.items()
+                    if k.startswith(("eval/pass@", "eval/mean@")))
+    return (f"eval @ step {row['step']}: accuracy {row['eval/accuracy']:.2f}{extra}  format "
+            f"{row['eval/format_ok']:.2f}  tool calls/answer {row['eval/tool_calls']:.2f}  "
+            f"response {row['eval/response_tokens']:.1f} tokens  ({row['eval/examples']} held-out, "
+            f"{row['eval/s']:.1f}s)")
+
+
+class Reporter:
+    """Writes each row to ``metrics.jsonl`` (and TensorBoard), shows progress, draws the plot after
+    each evaluation and the summary at the end. ``line(row, steps)`` formats a step's log line."""
+
+    def __init__(self, cfg, start: int, line: Callable[[dict, int], str], started: Optional[float] = None):
+        self.cfg, self.out, self.line = cfg, Path(cfg.out), line
+        self.started = time.perf_counter() if started is None else started
+        self.writer = _tensorboard_writer(self.out / "tensorboard") if cfg.report_to == "tensorboard" else None
+        self.bar = None
+        self.latest: dict[str, float] = {}
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            # the size given, as tqdm hides its bar where the terminal reports none (a bare pty)
+            size = shutil.get_terminal_size()
+            self.bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", ncols=size.columns,
+                            nrows=size.lines)
+
+    def _write(self, row: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
+            self.writer.flush()
+
+    def _say(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def step(self, row: dict) -> None:
+        self._write(row)
+        self.latest.update(reward=row["reward"], calls=row.get("tool_calls_per_traj", 0.0))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(self.latest, refresh=True)
+        else:
+            print(self.line(row, self.cfg.steps), flush=True)
+
+    def evaluation(self, row: dict) -> None:
+        self._write(row)
+        self.latest["acc"] = row["eval/accuracy"]
+        self._say(eval_line(row))
+        if self.bar is not None:
+            self.bar.set_postfix(self.latest, refresh=True)
+        plot(self.out, read_rows(self.out))
+
+    def close(self, checkpoint: Optional[Path]) -> dict:
+        """Write ``summary.json`` (and return it); close the bar and the TensorBoard writer."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        result = summary(read_rows(self.out), time.perf_counter() - self.started, checkpoint)
+        (self.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return result
