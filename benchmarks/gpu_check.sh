@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]      # default OUTDIR: gpu_check_out
 #
-# GPU_TESTS_TIMEOUT (seconds, default 200) bounds the test run so the report always gets its turn;
+# GPU_TESTS_TIMEOUT (seconds, default 300: flex_attention compiles on first use) bounds the test run so
+# the report always gets its turn;
 # REPORT_ARGS is passed to gpu_report.py (e.g. "--only gpu_sampling").
 set -uo pipefail
 out=${1:-gpu_check_out}
@@ -18,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 'torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$out/device.txt"
 parallel=()
 "$py" -c "import xdist" 2>/dev/null && parallel=(-n 4)
-timeout "${GPU_TESTS_TIMEOUT:-200}" "$py" -m pytest -m gpu -q -rfEs "${parallel[@]}" tests 2>&1 \
+timeout "${GPU_TESTS_TIMEOUT:-300}" "$py" -m pytest -m gpu -q -rfEs "${parallel[@]}" tests 2>&1 \
     | tee "$out/gpu_tests.log"
 echo "gpu tests exit status: ${PIPESTATUS[0]}" | tee -a "$out/gpu_tests.log"
 "$py" benchmarks/gpu_report.py --out "$out/report.md" ${REPORT_ARGS:-} > "$out/report.log" 2>&1

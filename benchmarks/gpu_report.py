@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Shortest first: a run cut short by a time limit loses the fewest rows.
-SECTIONS = ["gpu_forker", "gpu_sampling", "gpu_logprob_entropy", "gpu_engine", "gpu_train", "gpu_distributed"]
+SECTIONS = ["gpu_forker", "gpu_sampling", "gpu_logprob_entropy", "gpu_engine", "gpu_train", "gpu_distributed",
+            "gpu_update"]
 
 
 def device_name() -> str:

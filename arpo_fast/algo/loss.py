@@ -3,9 +3,22 @@
 Tokens the model did not write (tool results, the prompt, padding) carry mask 0 and take no part in
 the loss, its gradient or the metrics; whatever values they hold (NaN or -inf log-probs included)
 cannot leak into the result.
+
+A token on a prefix that several trajectories share has one log-prob, so one ratio r, for all of
+its copies, and the clipped loss is positively homogeneous in the advantage: a copy's loss is |A|
+times that of A = +1 or -1. So the copies' losses add up to
+
+    -(sum of A+) * min(r, 1 + clip_high) + (sum of |A-|) * min(max(r, 1 - clip_low), dual_clip)
+
+(without dual clip the second factor is max(r, 1 - clip_low)), and every metric to a count of
+copies with A > 0, A < 0 and A = 0: :func:`shared_policy_loss` computes a shared token once and
+equals :func:`policy_loss` over all of its copies. Hard attribution (one advantage for every copy)
+is the case where the copies agree.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -133,12 +146,106 @@ def _clipped_loss(log_ratio, adv, clip_low, clip_high, dual_clip):
     return per_token, stats
 
 
-def _metrics(stats: dict[str, torch.Tensor], m: torch.Tensor) -> dict[str, float]:
-    """Token-means of each statistic, fetched from the device in one transfer."""
+def _metrics(stats: dict[str, torch.Tensor], m: torch.Tensor,
+             count: torch.Tensor | None = None) -> dict[str, float]:
+    """Token-means of each statistic, fetched from the device in one transfer. With ``count`` (each
+    token's copies), ``stats`` hold each token's sum over its copies and the means are over copies."""
     with torch.no_grad():
-        means = [aggregate(v.detach().to(torch.float64), m) for v in stats.values()]
-        values = torch.stack([*means, m.sum().to(torch.float64)]).tolist()
+        if count is None:
+            means = [aggregate(v.detach().to(torch.float64), m) for v in stats.values()]
+            n = m.sum().to(torch.float64)
+        else:
+            n = torch.where(m, count, 0).to(torch.float64).sum()
+            means = [torch.where(m, v.detach().to(torch.float64), 0.0).sum() / n.clamp_min(1)
+                     for v in stats.values()]
+        values = torch.stack([*means, n]).tolist()
     return dict(zip([*stats, "tokens"], values))
+
+
+@dataclass
+class CopyAdvantages:
+    """Per token (each [n], fp32): what its copies bring to :func:`shared_policy_loss`. ``count`` is
+    also the token's weight in every token-mean (loss, entropy, metrics; a KL term would use it too)."""
+
+    pos: torch.Tensor      # sum over copies of max(A, 0)
+    neg: torch.Tensor      # sum over copies of max(-A, 0)
+    n_pos: torch.Tensor    # copies with A > 0
+    n_neg: torch.Tensor    # copies with A < 0
+    count: torch.Tensor    # copies
+
+    NAMES = ("pos", "neg", "n_pos", "n_neg", "count")
+
+    @classmethod
+    def of(cls, adv: torch.Tensor) -> CopyAdvantages:
+        """From the advantages of every copy: [copies, n]."""
+        adv = adv.float()
+        return cls(adv.clamp(min=0).sum(0), (-adv).clamp(min=0).sum(0), (adv > 0).sum(0).float(),
+                   (adv < 0).sum(0).float(), torch.full((adv.shape[1],), float(adv.shape[0])))
+
+    @classmethod
+    def cat(cls, parts: list[CopyAdvantages]) -> CopyAdvantages:
+        if not parts:
+            return cls(*(torch.zeros(0) for _ in cls.NAMES))
+        return cls(*(torch.cat([getattr(p, name) for p in parts]) for name in cls.NAMES))
+
+    def select(self, index: torch.Tensor) -> CopyAdvantages:
+        return CopyAdvantages(*(getattr(self, name)[index] for name in self.NAMES))
+
+    def scaled(self, weight: torch.Tensor) -> CopyAdvantages:
+        """Every copy's advantage times ``weight`` (>= 0, per token): the sums scale, counts stay."""
+        return CopyAdvantages(self.pos * weight, self.neg * weight, self.n_pos, self.n_neg, self.count)
+
+    def to(self, device) -> CopyAdvantages:
+        return CopyAdvantages(*(getattr(self, name).to(device) for name in self.NAMES))
+
+
+def shared_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    copies: CopyAdvantages,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = 3.0,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`policy_loss` of every copy of each token, each token computed once (module docstring).
+
+    Args:
+        logprobs: [n] float, the current policy's log-prob of each token (the gradient flows into it).
+        old_logprobs: [n] float, the rollout policy's (treated as constant).
+        copies: per token, its copies' advantage sums and counts; a token with ``count`` 0 takes no part.
+        clip_low, clip_high, dual_clip, entropy ([n]), entropy_coef: as in :func:`policy_loss`.
+
+    Returns:
+        ``(loss, metrics)`` equal to ``policy_loss`` over all copies: the loss is the sum over copies
+        divided by their number, the metrics (the same names; ``tokens`` counts copies) are means
+        over copies.
+    """
+    if logprobs.dim() != 1 or _shape(old_logprobs) != tuple(logprobs.shape):
+        raise ValueError(f"logprobs and old_logprobs must be [n]; got {_shape(logprobs)} and "
+                         f"{_shape(old_logprobs)}")
+    _check_params(clip_low, clip_high, dual_clip, entropy is not None, entropy_coef)
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    count = copies.count.to(dtype)
+    m = count > 0
+    log_ratio, ones = (x[0] for x in _masked_inputs(logprobs[None], old_logprobs[None],
+                                                     torch.ones_like(count)[None], m[None], dtype))
+    # a copy's loss and statistics depend on its advantage's sign only, its loss scaling with |A|
+    (up, up_stats), (down, down_stats), (_, flat_stats) = (
+        _clipped_loss(log_ratio, sign * ones, clip_low, clip_high, dual_clip) for sign in (1.0, -1.0, 0.0))
+    n_pos, n_neg = copies.n_pos.to(dtype), copies.n_neg.to(dtype)
+    per_token = copies.pos.to(dtype) * up + copies.neg.to(dtype) * down
+    total = count.sum().clamp_min(1)
+    loss = torch.where(m, per_token, 0.0).sum() / total
+    stats = {k: n_pos * up_stats[k] + n_neg * down_stats[k] + (count - n_pos - n_neg) * flat_stats[k]
+             for k in up_stats}
+    if entropy is not None:
+        ent = entropy.to(dtype)
+        if entropy_coef != 0:
+            loss = loss - entropy_coef * torch.where(m, count * ent, 0.0).sum() / total
+        stats["entropy"] = count * ent
+    return loss, _metrics(stats, m, count)
 
 
 def _check_shapes(logprobs, old_logprobs, advantages, mask, entropy) -> None:

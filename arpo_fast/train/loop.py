@@ -162,6 +162,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         examples = load_examples(cfg.data, tokenizer, longest)
         eval_examples = [] if cfg.eval_data == "none" else \
             load_examples(cfg.eval_data, tokenizer, longest, demo_split="heldout")
+        update_plan = cfg.update.describe(device)  # e.g. flash_attention_2 without flash-attn fails here
         starting = None
         if cfg.update.kl_coef:  # the policy the run started from: a resumed run loads it again
             starting = model if checkpoint is None else \
@@ -183,6 +184,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     start = 0 if state is None else state["step"]
     if state is not None:
         log.info("resumed from %s after step %d", checkpoint, start)
+    log.info("update: %s", update_plan)
     kv = {"kv_memory": cfg.kv_memory_mb << 20} if cfg.kv_memory_mb else {}
     engine = Engine(model, tokenizer=tokenizer, on_pool_exhausted="preempt", **kv)
     executor = build.tool_executor(cfg, settings)
@@ -239,13 +241,14 @@ def train_step(run: Run, step: int) -> dict:
     update_metrics = update(run.scorer, run.optimizer, trajs, advantages, cfg.update, pad_id,
                             cfg.temperature, dist=d,
                             mini_batch_ids=[mine[t.prompt_index] // per for t in trajs],
-                            num_mini_batches=math.ceil(cfg.prompts_per_step / per), reference=run.reference)
+                            num_mini_batches=math.ceil(cfg.prompts_per_step / per), reference=run.reference,
+                            node_tokens=rollout.node_tokens)
     t3 = time.perf_counter()
-    extra = {}
+    extra = {"attn_implementation": cfg.update.resolved(next(run.scorer.parameters()).device)[0]}
     if d is not None:
         moved = run.optimizer.take_refresh_stats()
-        extra = {"weight_refresh_mb": round(moved["bytes"] / 2**20, 3),
-                 "weight_refresh_s": round(moved["seconds"], 4)}
+        extra |= {"weight_refresh_mb": round(moved["bytes"] / 2**20, 3),
+                  "weight_refresh_s": round(moved["seconds"], 4)}
     return metrics.step_row(step + 1, metrics.rollout_sums(rollout, rewards), update_metrics,
                             {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2}, d, extra)
 

@@ -15,6 +15,7 @@ from arpo_fast.algo import shared_token_count
 # the update's metrics that are equal on every rank (or the largest one counts)
 SAME_ON_EVERY_RANK = ("grad_norm", "optimizer_steps", "skipped_updates")
 LARGEST = ("logprob_mismatch_max",)
+SUMMED = ("forward_tokens",)  # counts of each rank's own work
 
 
 def rollout_sums(rollout, rewards) -> dict[str, float]:
@@ -49,16 +50,19 @@ def _reduce(sums: dict, update: dict, times: dict, dist) -> tuple[dict, dict, di
     # a rank with no tokens has fewer update metrics: agree on the keys first
     keys = sorted(set().union(*dist.gather(sorted(update))) - {"tokens"})
     tokens = update.get("tokens", 0.0)
-    weighted = [k for k in keys if k not in SAME_ON_EVERY_RANK + LARGEST]
+    weighted = [k for k in keys if k not in SAME_ON_EVERY_RANK + LARGEST + SUMMED]
+    summed = [k for k in SUMMED if k in keys]
     sum_keys = sorted(sums)
     totals = dist.sum([sums[k] for k in sum_keys] + [tokens]
-                      + [update.get(k, 0.0) * tokens for k in weighted])
+                      + [update.get(k, 0.0) * tokens for k in weighted] + [update.get(k, 0.0) for k in summed])
     largest = dist.max([update.get(k, float("-inf")) for k in LARGEST if k in keys]
                        + [update.get(k, float("-inf")) for k in SAME_ON_EVERY_RANK if k in keys]
                        + [times[k] for k in sorted(times)])
     out_sums = dict(zip(sum_keys, totals))
     all_tokens = totals[len(sum_keys)]
-    out_update = {k: v / max(all_tokens, 1) for k, v in zip(weighted, totals[len(sum_keys) + 1:])}
+    means = totals[len(sum_keys) + 1:len(totals) - len(summed)]
+    out_update = {k: v / max(all_tokens, 1) for k, v in zip(weighted, means)}
+    out_update.update(zip(summed, totals[len(totals) - len(summed):]))
     named = [k for k in LARGEST if k in keys] + [k for k in SAME_ON_EVERY_RANK if k in keys]
     out_update.update(zip(named, largest))
     out_update["tokens"] = all_tokens

@@ -2,12 +2,21 @@
 
 A step's trajectories are split into mini-batches of ``mini_batch_prompts`` prompts (whole GRPO
 groups), one optimizer step each, as in the reference (128 prompts per step in mini-batches of 16:
-8 steps). Each mini-batch is packed into micro-batches of at most ``micro_batch_tokens`` padded
-tokens. A micro-batch runs the model's decoder once; only the hidden states that predict response
-tokens go through the LM head, inside ``logprob_entropy``, which never holds [tokens, vocab] logits
-whole. The loss is the token mean over the model-written tokens of a whole mini-batch: each
-micro-batch's token-mean loss is weighted by its share of those tokens before ``backward``, and
-the gradients add up in fp32 (``optim.MasterWeights``).
+8 steps). Each mini-batch is packed into micro-batches of at most ``micro_batch_tokens`` tokens:
+
+- tree-packed (``packed_update``, the default; ``packing.py``): each prompt's tree is laid out once,
+  so the prompt and every branch-shared token go through the model once, with no padding, under a
+  mask that keeps each token on its own path (``attention.py``); a shared token's copies meet in
+  one loss term (``algo.shared_policy_loss``), exactly the per-copy loss;
+- per trajectory (``packed_update=False``): every trajectory from its first token, right-padded
+  (padding-free under flash-attn's varlen kernels), the reference's layout.
+
+A micro-batch runs the model's decoder once (each layer's activations checkpointed with
+``gradient_checkpointing``); only the hidden states that predict model-written response tokens go
+through the LM head, inside ``logprob_entropy``, which never holds [tokens, vocab] logits whole.
+The loss is the token mean over the model-written tokens of a whole mini-batch, every copy of a
+shared token counted: each micro-batch's token-mean loss is weighted by its share of those tokens
+before ``backward``, and the gradients add up in fp32 (``optim.MasterWeights``).
 
 The ratio's denominator ("old" log-probs) is the policy that rolled out, recomputed by the trainer
 before the first optimizer step. The rollout's own log-probs (from the sampler, possibly in bf16
@@ -18,15 +27,20 @@ min(exp(old - rollout), cap) that corrects for their difference.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from arpo_fast.algo import aggregate, kl_k3, policy_loss
+from arpo_fast.algo import CopyAdvantages, aggregate, kl_k3, policy_loss, shared_policy_loss
 from arpo_fast.kernels import logprob_entropy
 from arpo_fast.settings import setting
+from arpo_fast.train.attention import (IMPLEMENTATIONS, activation_checkpointing, attention_implementation,
+                                       check_model, path_masks, resolve_attention, resolve_checkpointing,
+                                       tree_mask)
+from arpo_fast.train.packing import TreeBatch, pack_trees
 
 
 @dataclass
@@ -91,35 +105,66 @@ def pack(trajectories, rows: list[int], pad_id: int, device) -> PackedBatch:
 
 def token_logprobs(model, batch: PackedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy (fp32 [n]) of each response token under the model at ``temperature``."""
-    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         use_cache=False).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)
     return logprob_entropy(hidden, model.lm_head.weight, batch.targets, temperature)
 
 
+def tree_logprobs(model, batch: TreeBatch, temperature: float,
+                  implementation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob and entropy (fp32 [n]) of each predicted token of a packed row, the model's
+    attention running as ``implementation`` (set with ``attention.attention_implementation``)."""
+    if implementation == "flash_attention_2":  # independent sequences: varlen, no mask
+        cu = torch.tensor(batch.piece_starts, dtype=torch.int32, device=batch.input_ids.device)
+        longest = max(b - a for a, b in zip(batch.piece_starts, batch.piece_starts[1:]))
+        attend = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    elif implementation == "flex_attention":
+        attend = dict(attention_mask=tree_mask(batch.subtree_end, implementation))
+    else:
+        attend = dict(tree_paths=path_masks(batch.path_keys, batch.path_sizes))
+    hidden = model.model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                         use_cache=False, **attend).last_hidden_state[0]
+    return logprob_entropy(hidden.index_select(0, batch.hidden_index), model.lm_head.weight,
+                           batch.targets, temperature)
+
+
 class LogprobModel(torch.nn.Module):
-    """The policy as the update uses it: ``forward(batch, temperature)`` returns the log-probs and
-    entropies of a :class:`PackedBatch`'s response tokens (:func:`token_logprobs`). One module
-    call, so that under FSDP2 the root's parameters (embedding, final norm, LM head) are gathered
-    for exactly that computation."""
+    """The policy as the update uses it: ``forward(batch, temperature, attention)`` returns the
+    log-probs and entropies of a micro-batch's predicted tokens (:func:`token_logprobs` for a
+    :class:`PackedBatch`, :func:`tree_logprobs` for a ``TreeBatch``). One module call, so that
+    under FSDP2 the root's parameters (embedding, final norm, LM head) are gathered for exactly
+    that computation."""
 
     def __init__(self, policy: torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, batch: PackedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        logprobs, entropy = token_logprobs(self.policy, batch, temperature)
+    def forward(self, batch, temperature: float, attention: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(batch, TreeBatch):
+            logprobs, entropy = tree_logprobs(self.policy, batch, temperature, attention)
+        else:
+            logprobs, entropy = token_logprobs(self.policy, batch, temperature)
         return logprobs.clone(), entropy.clone()  # not views: FSDP2 hooks the outputs for backward
 
 
-def _dummy_batch(pad_id: int, device) -> PackedBatch:
+def _dummy_batch(pad_id: int, device, packed: bool):
     """One token that counts for nothing: a rank with fewer micro-batches than the others runs
     these, so that every rank makes the same collective calls."""
     one = torch.tensor([0], dtype=torch.int64, device=device)
-    return PackedBatch([], torch.full((1, 1), pad_id, dtype=torch.int64, device=device),
-                       torch.ones((1, 1), dtype=torch.int64, device=device), one,
-                       torch.full((1,), pad_id, dtype=torch.int64, device=device),
-                       torch.zeros(1, dtype=torch.bool, device=device),
-                       torch.full((1,), math.nan, device=device), 0)
+    pad = torch.full((1,), pad_id, dtype=torch.int64, device=device)
+    nan = torch.full((1,), math.nan, device=device)
+    if packed:
+        zero = torch.zeros(1, device=device)
+        return TreeBatch(pad, one, one + 1, one, pad, CopyAdvantages(zero, zero, zero, zero, zero), nan,
+                         torch.zeros(1, 2, dtype=torch.int64, device=device), one, [(1, 1)], [0, 1], 0,
+                         dummy=True)
+    return PackedBatch([], pad[None], torch.ones((1, 1), dtype=torch.int64, device=device), one, pad,
+                       torch.zeros(1, dtype=torch.bool, device=device), nan, 0)
+
+
+def _is_dummy(batch) -> bool:
+    return batch.dummy if isinstance(batch, TreeBatch) else not batch.rows
 
 
 @dataclass(frozen=True)
@@ -137,14 +182,25 @@ class UpdateConfig:
     grad_clip: float = setting(1.0, "Clip the gradient's global norm to this (0: no clipping).")
     mini_batch_prompts: int = setting(16, "Prompts per optimizer step (the reference: 16); a step of "
                                       "--prompts-per-step prompts takes ceil(prompts / this) steps.")
-    micro_batch_tokens: int = setting(16384, "Most tokens (prompt and response, padded) in one "
-                                      "forward/backward of the update.")
+    micro_batch_tokens: int = setting(16384, "Most tokens in one forward/backward of the update (packed: "
+                                      "the row, context of a split tree included; per trajectory: "
+                                      "padded).")
     kl_coef: float = setting(0.0, "Weight of the KL penalty to a frozen copy of the starting policy (k3 "
                              "estimator on model-written tokens); 0, the reference implementation's "
                              "value, holds no such copy.")
     rollout_is_cap: float = setting(0.0, "Weight each token's loss by min(exp(old - rollout log-prob), "
                                     "this): truncated importance sampling for the rollout/trainer "
                                     "mismatch (0: off).")
+    packed_update: bool = setting(True, "Lay each prompt's rollout tree out once, so shared tokens go "
+                                  "through the model once (false: every trajectory from its first "
+                                  "token, right-padded; the same loss).")
+    attn_implementation: str = setting("auto", "Attention of the update: auto (packed: flex_attention on "
+                                       "CUDA, sdpa on the CPU; per trajectory: flash_attention_2 when "
+                                       "flash-attn is installed, else sdpa), sdpa, flex_attention or "
+                                       "flash_attention_2 (per trajectory only).")
+    gradient_checkpointing: str = setting("auto", "Recompute each decoder layer in backward instead of "
+                                          "keeping its activations: auto (on CUDA, off on the CPU), "
+                                          "true or false.")
 
     def __post_init__(self):
         for name in ("clip_low", "clip_high", "entropy_coef", "grad_clip", "dual_clip", "rollout_is_cap",
@@ -159,25 +215,43 @@ class UpdateConfig:
         for name in ("mini_batch_prompts", "micro_batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attn_implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {', '.join(IMPLEMENTATIONS)}, got "
+                             f"{self.attn_implementation!r}")
+        resolve_checkpointing(self.gradient_checkpointing, "cpu")  # checks the value
+
+    def resolved(self, device) -> tuple[str, bool]:
+        """(attention implementation, activation checkpointing) on ``device``."""
+        return (resolve_attention(self.attn_implementation, self.packed_update, device),
+                resolve_checkpointing(self.gradient_checkpointing, device))
+
+    def describe(self, device) -> str:
+        attention, checkpointing = self.resolved(device)
+        layout = "tree-packed" if self.packed_update else "per-trajectory"
+        return (f"{layout} update, attention {attention}, gradient checkpointing "
+                f"{'on' if checkpointing else 'off'}")
 
 
 class _Mismatch:
     """The gap between the rollout's log-probs and the trainer's for the same policy, on the
-    model-written tokens the sampler drew."""
+    model-written tokens the sampler drew (each shared token counted once per copy)."""
 
     def __init__(self):
         self.total = self.count = self.over = 0.0
         self.max = 0.0
 
-    def add(self, trainer: torch.Tensor, batch: PackedBatch) -> None:
-        keep = batch.loss_mask & torch.isfinite(batch.rollout_logprobs)
-        diff = (trainer.detach().float() - batch.rollout_logprobs)[keep].abs()
+    def add(self, trainer: torch.Tensor, rollout: torch.Tensor, weights: torch.Tensor) -> None:
+        """``weights``: per token, its copies (0: not model-written)."""
+        keep = (weights > 0) & torch.isfinite(rollout)
+        diff = torch.where(keep, (trainer.detach().float() - rollout).abs(), 0.0)
+        w = torch.where(keep, weights.float(), 0.0)
         if diff.numel():
-            stats = torch.stack([diff.sum(), diff.max(), (diff > 0.1).sum()]).tolist()
-            self.total += stats[0]
-            self.max = max(self.max, stats[1])
-            self.over += stats[2]
-            self.count += diff.numel()
+            total, most, over, count = torch.stack(
+                [(w * diff).sum(), diff.max(), (w * (diff > 0.1)).sum(), w.sum()]).tolist()
+            self.total += total
+            self.max = max(self.max, most)
+            self.over += over
+            self.count += count
 
     def metrics(self) -> dict[str, float]:
         n = max(self.count, 1)
@@ -192,10 +266,65 @@ def is_weights(old: torch.Tensor, rollout: torch.Tensor, cap: float) -> torch.Te
     return torch.where(torch.isfinite(rollout), log_w.exp(), torch.ones_like(log_w))
 
 
+def _plans(trajectories, advantages, cfg: UpdateConfig, pad_id: int, device, attention: str,
+           node_tokens, groups: list[list[int]]) -> list[list]:
+    """Per mini-batch (``groups`` of trajectory indices), its micro-batches on ``device``."""
+    if cfg.packed_update or attention == "flash_attention_2":  # padding-free rows
+        return [[b.to(device) for b in pack_trees(trajectories, advantages, share, node_tokens,
+                                                  cfg.micro_batch_tokens, share=cfg.packed_update)]
+                for share in groups]
+    lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
+    return [[pack(trajectories, [share[j] for j in g], pad_id, device)
+             for g in micro_batches([lengths[i] for i in share], cfg.micro_batch_tokens)]
+            for share in groups]
+
+
+def _weights(batch) -> torch.Tensor:
+    """Per predicted token, how many model-written tokens it stands for."""
+    return batch.copies.count if isinstance(batch, TreeBatch) else batch.loss_mask.float()
+
+
+def _forward_tokens(batch) -> int:
+    return batch.tokens if isinstance(batch, TreeBatch) else batch.input_ids.numel()
+
+
+def _loss(batch, logprobs, old_lp, entropy, ref_lp, advantages, cfg: UpdateConfig, sums: dict):
+    """The micro-batch's token-mean loss and metrics (the importance weights' sum into ``sums``);
+    with ``ref_lp`` (the reference policy's log-probs) the KL penalty too."""
+    cap = cfg.rollout_is_cap
+    weights = is_weights(old_lp, batch.rollout_logprobs, cap) if cap else None
+    if weights is not None:
+        _add(sums, {"is_weight": float((weights * _weights(batch)).sum())})
+    clip = (cfg.clip_low, cfg.clip_high, cfg.dual_clip or None)
+    if isinstance(batch, TreeBatch):
+        copies = batch.copies if weights is None else batch.copies.scaled(weights)
+        loss, metrics = shared_policy_loss(logprobs, old_lp, copies, *clip, entropy=entropy,
+                                           entropy_coef=cfg.entropy_coef)
+    else:
+        adv = torch.cat([advantages[i] for i in batch.rows]).to(logprobs.device)
+        if weights is not None:  # a weight w >= 0 on a token's clipped loss is a weight on its A
+            adv = adv * weights
+        loss, metrics = policy_loss(logprobs[None], old_lp[None], adv[None], batch.loss_mask[None], *clip,
+                                    entropy=entropy[None], entropy_coef=cfg.entropy_coef)
+    if ref_lp is not None:
+        kl = _token_mean(kl_k3(logprobs, ref_lp), batch)
+        loss = loss + cfg.kl_coef * kl
+        metrics["kl"] = float(kl.detach())
+    return loss, metrics
+
+
+def _token_mean(values: torch.Tensor, batch) -> torch.Tensor:
+    """Mean over the micro-batch's model-written tokens, each shared token once per copy."""
+    if not isinstance(batch, TreeBatch):
+        return aggregate(values, batch.loss_mask)
+    count = batch.copies.count
+    return torch.where(count > 0, values * count, 0.0).sum() / count.sum().clamp_min(1)
+
+
 def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: UpdateConfig,
            pad_id: int, temperature: float = 1.0, *, dist=None,
            mini_batch_ids: Optional[Sequence[int]] = None, num_mini_batches: int = 0,
-           reference=None) -> dict[str, float]:
+           reference=None, node_tokens=None) -> dict[str, float]:
     """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
     per trajectory): one step of ``optimizer`` (``optim.MasterWeights``, or the sharded policy of a
     distributed run) per mini-batch of ``cfg.mini_batch_prompts`` prompts.
@@ -205,13 +334,18 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
     ``dist``: this rank of a distributed run (``distributed.Dist``): the token-mean's denominator is
     then the count over every rank, and every rank runs the same number of micro-batches. With
     ``mini_batch_ids`` (per trajectory, < ``num_mini_batches``) the caller says which mini-batch each
-    trajectory belongs to (the same numbering on every rank).
+    trajectory belongs to (the same numbering on every rank). ``node_tokens``
+    (``Rollout.node_tokens``) lets the packed update share the branch prefixes that
+    ``Trajectory.path`` names; without it only each prompt is shared.
 
     Returns the loss's metrics as token-weighted means over this process's tokens (``tokens``:
-    their count), the rollout/trainer log-prob mismatch, the last gradient norm, the optimizer steps
-    taken and how many were skipped for a non-finite gradient."""
+    their count, every copy of a shared token included), the rollout/trainer log-prob mismatch, the
+    last gradient norm, the optimizer steps taken, how many were skipped for a non-finite gradient,
+    and the tokens that went through the model (``forward_tokens``)."""
     scorer = model if isinstance(model, LogprobModel) else LogprobModel(model)
     device = next(scorer.parameters()).device
+    attention, checkpointing = cfg.resolved(device)
+    check_model(scorer.policy, cfg.packed_update)
     if cfg.kl_coef and reference is None:
         raise ValueError("kl_coef > 0 needs the reference policy")
     if reference is not None and not isinstance(reference, LogprobModel):
@@ -222,61 +356,58 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
         groups = [[] for _ in range(num_mini_batches)]
         for i, k in enumerate(mini_batch_ids):
             groups[k].append(i)
-    lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
-    plans = [[pack(trajectories, [share[j] for j in g], pad_id, device)
-              for g in micro_batches([lengths[i] for i in share], cfg.micro_batch_tokens)]
-             for share in groups]
+    plans = _plans(trajectories, advantages, cfg, pad_id, device, attention, node_tokens, groups)
     plan_tokens = [sum(b.model_tokens for b in plan) for plan in plans]
     if dist is not None:  # global token counts; the same number of micro-batches on every rank
         plan_tokens = dist.sum(plan_tokens)
         counts = dist.max([len(plan) for plan in plans])
-        plans = [plan + [_dummy_batch(pad_id, device) for _ in range(int(c) - len(plan))]
-                 for plan, c in zip(plans, counts)]
+        plans = [plan + [_dummy_batch(pad_id, device, cfg.packed_update or attention == "flash_attention_2")
+                         for _ in range(int(c) - len(plan))] for plan, c in zip(plans, counts)]
     scale = dist.world if dist is not None else 1  # FSDP averages gradients over ranks; we want the sum
+    with contextlib.ExitStack() as stack:
+        for m in (scorer, reference) if reference is not None else (scorer,):
+            stack.enter_context(attention_implementation(m.policy, attention, packed=cfg.packed_update))
+        stack.enter_context(activation_checkpointing(scorer.policy, checkpointing))
+        return _run(scorer, reference, optimizer, plans, plan_tokens, scale, advantages, cfg, temperature,
+                    attention)
+
+
+def _run(scorer, reference, optimizer, plans, plan_tokens, scale: float, advantages, cfg: UpdateConfig,
+         temperature: float, attention: str) -> dict:
     old = {}
-    if len(plans) > 1:  # later mini-batches see a moved policy: keep the rollout policy's values
-        with torch.no_grad():
-            for batch in (b for plan in plans for b in plan):
-                old[id(batch)] = scorer(batch, temperature)[0]
+    with torch.no_grad():  # later mini-batches see a moved policy: keep the rollout policy's values
+        for batch in (b for plan in plans[1:] for b in plan):
+            old[id(batch)] = scorer(batch, temperature, attention)[0]
     sums: dict[str, float] = {}
     mismatch = _Mismatch()
-    tokens = skipped = 0
+    tokens = skipped = forward = 0
     grad_norm = 0.0
     for plan, total in zip(plans, plan_tokens):
         for batch in plan:
-            logprobs, entropy = scorer(batch, temperature)
+            logprobs, entropy = scorer(batch, temperature, attention)
             old_lp = old.get(id(batch), logprobs.detach())
+            ref_lp = None
             if cfg.kl_coef:
                 with torch.no_grad():
-                    ref_lp = reference(batch, temperature)[0]
-            if not batch.rows:  # a dummy: gradients of zero, collectives as on the other ranks
+                    ref_lp = reference(batch, temperature, attention)[0]
+            if _is_dummy(batch):  # gradients of zero, collectives as on the other ranks
                 (logprobs.sum() * 0.0).backward()
                 continue
-            mismatch.add(old_lp, batch)
-            adv = torch.cat([advantages[i] for i in batch.rows]).to(device)
-            if cfg.rollout_is_cap:  # a weight w >= 0 on a token's clipped loss is a weight on its A
-                weights = is_weights(old_lp, batch.rollout_logprobs, cfg.rollout_is_cap)
-                adv = adv * weights
-                _add(sums, {"is_weight": float(weights[batch.loss_mask].sum())})
-            loss, metrics = policy_loss(
-                logprobs[None], old_lp[None], adv[None], batch.loss_mask[None], cfg.clip_low,
-                cfg.clip_high, cfg.dual_clip or None, entropy=entropy[None], entropy_coef=cfg.entropy_coef)
-            if cfg.kl_coef:
-                kl = aggregate(kl_k3(logprobs, ref_lp), batch.loss_mask)
-                loss = loss + cfg.kl_coef * kl
-                metrics["kl"] = float(kl.detach())
+            mismatch.add(old_lp, batch.rollout_logprobs, _weights(batch))
+            loss, metrics = _loss(batch, logprobs, old_lp, entropy, ref_lp, advantages, cfg, sums)
             (loss * (batch.model_tokens * scale / max(total, 1))).backward()
             metrics.pop("tokens")
             metrics["loss"] = float(loss.detach())
             _add(sums, {k: v * batch.model_tokens for k, v in metrics.items()})
             tokens += batch.model_tokens
+            forward += _forward_tokens(batch) * (2 if id(batch) in old else 1)
         grad_norm = optimizer.clip_and_step(cfg.grad_clip)
         skipped += not math.isfinite(grad_norm)  # a NaN/inf gradient: the step was dropped
         optimizer.zero_grad()
     out = {k: v / max(tokens, 1) for k, v in sums.items()}
     out.update(mismatch.metrics())
     out.update(tokens=float(tokens), grad_norm=grad_norm, optimizer_steps=float(len(plans)),
-               skipped_updates=float(skipped))
+               skipped_updates=float(skipped), forward_tokens=float(forward))
     return out
 
 

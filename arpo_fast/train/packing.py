@@ -1,0 +1,361 @@
+"""Tree-packed micro-batches: every token of a prompt's rollout tree goes through the model once.
+
+The trajectories of a prompt share the prompt, and a branch shares everything its source wrote
+before the fork: ``Trajectory.path`` lists the tree nodes a response is made of, and
+``Rollout.node_tokens`` their sizes. The per-trajectory update recomputes each shared token once
+per copy; here a tree is laid out once, depth first: the prompt, then each node right after its
+parent (a node's subtree is contiguous)::
+
+    [prompt][a ...][a1 ...][a2 ...][b ...]      a1 and a2 fork from a; b from the prompt
+
+**Mask.** A token sees its own node causally and all of its ancestors, nothing else. In
+depth-first order that is one integer per token, the end of its node's subtree: key j is visible
+to query i iff ``j <= i < subtree_end[j]``. **Positions** are each token's depth along its own
+path (prompt length + offset in the response), exactly what the model saw in the rollout.
+
+**Micro-batches.** Several trees share one packed row, with no padding, as long as their tokens fit
+``budget`` (``--micro-batch-tokens``). A larger tree is split into groups of trajectories; each
+group carries the prompt and every ancestor of its nodes as context, so its layout is the union of
+its trajectories' paths and stays within the budget. Groups take whole subtrees of the prompt where
+they fit (then only the prompt repeats), else runs of depth-first consecutive paths. A node's loss
+counts in the first group that holds it (each token's loss exactly once); elsewhere it is context
+only. Only a single path longer than the budget exceeds it (it goes alone, as in the
+per-trajectory update). Pieces go into micro-batches first-fit by decreasing size.
+
+**Copies.** A predicted token stands for every trajectory through its node: its advantages reach
+the loss as sums over those copies (``arpo_fast.algo.CopyAdvantages``), which is exact because the
+copies share one log-prob (``algo/loss.py``, ``shared_policy_loss``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from arpo_fast.algo import CopyAdvantages
+
+
+@dataclass
+class TreeBatch:
+    """One packed row of tokens (trees or pieces of trees back to back) and its predicted tokens.
+
+    ``T`` tokens go through the model; ``n`` of them are predicted: the model-written response tokens
+    this micro-batch owns, each once, standing for all of its copies."""
+
+    input_ids: torch.Tensor      # int64 [T]
+    position_ids: torch.Tensor   # int64 [T]: depth along the token's own path
+    subtree_end: torch.Tensor    # int64 [T]: key j is visible to query i iff j <= i < subtree_end[j]
+    hidden_index: torch.Tensor   # int64 [n]: the row position whose hidden state predicts the token
+    targets: torch.Tensor        # int64 [n]
+    copies: CopyAdvantages       # fp32 [n] each: the advantages of the token's copies
+    rollout_logprobs: torch.Tensor  # fp32 [n]: the sampler's (NaN where it drew none)
+    origin: torch.Tensor         # int64 [n, 2]: (trajectory, response offset) of the token's first copy
+    path_keys: torch.Tensor      # int64 [sum of K]: per path, the row positions of its tokens in order
+    path_sizes: list[tuple[int, int]]  # per path (K, q): its tokens, and how many at its end are its
+                                       # own queries (each row position is one path's query once)
+    piece_starts: list[int]      # where each piece starts in the row, then T (cu_seqlens of chains)
+    model_tokens: int            # model-written tokens counted per copy (copies.count's sum)
+    dummy: bool = False          # a stand-in that counts for nothing (distributed.py: equal counts)
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device) -> TreeBatch:
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), (torch.Tensor, CopyAdvantages))}
+        return replace(self, **moved)
+
+
+@dataclass
+class _Node:
+    first: int            # the trajectory whose tokens it holds (the first one through it)
+    start: int            # offset in that trajectory's response (0 for the prompt)
+    length: int
+    parent: int           # index in Tree.nodes, -1 for the prompt
+    trajs: list[int] = field(default_factory=list)     # trajectories through it: its copies
+    children: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Tree:
+    """A prompt's tree: ``nodes[0]`` is the prompt; ``paths`` are (trajectory, node indices from the
+    prompt on), in depth-first order of their last node."""
+
+    prompt: list[int]
+    nodes: list[_Node]
+    paths: list[tuple[int, list[int]]]
+
+    @property
+    def size(self) -> int:
+        return sum(n.length for n in self.nodes)
+
+
+def build_trees(trajectories, rows: Sequence[int], node_tokens: Optional[Mapping[int, int]],
+                share: bool = True) -> list[Tree]:
+    """The trees of the trajectories ``rows``: one per prompt (same ``prompt_index`` and prompt
+    tokens) when ``share``, with shared nodes from ``Trajectory.path`` and ``node_tokens`` (without
+    them only the prompt is shared); one chain per trajectory otherwise. A node must hold the same
+    tokens in every trajectory that passes through it (ValueError otherwise)."""
+    groups: dict[object, list[int]] = {}
+    for i in rows:
+        t = trajectories[i]
+        groups.setdefault((t.prompt_index, tuple(t.prompt_ids)) if share else i, []).append(i)
+    use_paths = share and node_tokens is not None
+    return [_tree(trajectories, members, node_tokens if use_paths else None) for members in groups.values()]
+
+
+def _tree(trajectories, members: list[int], node_tokens) -> Tree:
+    prompt = list(trajectories[members[0]].prompt_ids)
+    if not prompt:
+        raise ValueError(f"trajectory {members[0]} has an empty prompt; the update needs at least one "
+                         "prompt token to predict the first response token")
+    nodes = [_Node(members[0], 0, len(prompt), -1)]
+    index: dict[object, int] = {}
+    paths = []
+    for i in members:
+        t = trajectories[i]
+        nodes[0].trajs.append(i)
+        segments = t.path if node_tokens is not None and t.path else [None]
+        path, offset = [0], 0
+        for node_id in segments:
+            n = len(t.response_ids) if node_id is None else int(node_tokens[node_id])
+            key = ("own", i) if node_id is None else node_id
+            if key in index:
+                u = index[key]
+                _check_shared(trajectories, nodes[u], i, node_id, path[-1], offset)
+            else:
+                u = index[key] = len(nodes)
+                nodes.append(_Node(i, offset, n, path[-1]))
+                nodes[path[-1]].children.append(u)
+            nodes[u].trajs.append(i)
+            path.append(u)
+            offset += n
+        if offset != len(t.response_ids):
+            raise ValueError(f"trajectory {i}: its path's nodes hold {offset} tokens, its response "
+                             f"{len(t.response_ids)}")
+        paths.append((i, path))
+    order = {u: k for k, u in enumerate(_preorder(nodes, range(len(nodes))))}
+    paths.sort(key=lambda p: order[p[1][-1]])
+    return Tree(prompt, nodes, paths)
+
+
+def _check_shared(trajectories, node: _Node, i: int, node_id, parent: int, offset: int) -> None:
+    t, first = trajectories[i], trajectories[node.first]
+    s, e = node.start, node.start + node.length
+    if node.parent != parent or node.start != offset:
+        raise ValueError(f"node {node_id} follows another prefix in trajectory {i} than in "
+                         f"trajectory {node.first}")
+    if t.response_ids[s:e] != first.response_ids[s:e] or t.loss_mask[s:e] != first.loss_mask[s:e]:
+        raise ValueError(f"node {node_id} holds other tokens in trajectory {i} than in trajectory "
+                         f"{node.first}")
+
+
+def _preorder(nodes: list[_Node], keep) -> list[int]:
+    """Node indices in depth-first order from the prompt, children in order of appearance, only
+    those in ``keep`` (a set of nodes closed under ancestors)."""
+    out, stack = [], [0]
+    while stack:
+        u = stack.pop()
+        out.append(u)
+        stack.extend(c for c in reversed(nodes[u].children) if c in keep)
+    return out
+
+
+@dataclass
+class _Piece:
+    tree: Tree
+    nodes: set[int]       # laid out: the union of some paths (closed under ancestors)
+    owned: set[int]       # whose loss counts here
+    size: int
+
+
+def split_tree(tree: Tree, budget: int) -> list[_Piece]:
+    """The tree whole if it fits ``budget`` tokens. Else the prompt's subtrees go first-fit into
+    groups that each carry the prompt once more; a subtree too big for any group is cut into runs of
+    consecutive (depth-first) paths, each carrying its ancestors. A node is owned by the first
+    group holding it."""
+    everything = set(range(len(tree.nodes)))
+    if tree.size <= budget:
+        return [_Piece(tree, everything, everything, tree.size)]
+    prompt = tree.nodes[0].length
+    units = [_subtree(tree, c) for c in tree.nodes[0].children]
+    sizes = [sum(tree.nodes[u].length for u in unit) for unit in units]
+    fits = [i for i, size in enumerate(sizes) if prompt + size <= budget]
+    groups = [({0}.union(*(units[fits[i]] for i in b)), prompt + sum(sizes[fits[i]] for i in b))
+              for b in _first_fit([sizes[i] for i in fits], budget - prompt)]
+    for i in sorted(set(range(len(units))) - set(fits)):
+        groups += _path_runs(tree, [p for _, p in tree.paths if p[1] in units[i]], budget)
+    pieces, seen = [], set()
+    for nodes, size in groups:
+        pieces.append(_Piece(tree, nodes, nodes - seen, size))
+        seen |= nodes
+    return pieces
+
+
+def _subtree(tree: Tree, root: int) -> set[int]:
+    out, stack = set(), [root]
+    while stack:
+        u = stack.pop()
+        out.add(u)
+        stack.extend(tree.nodes[u].children)
+    return out
+
+
+def _path_runs(tree: Tree, paths: list[list[int]], budget: int) -> list[tuple[set[int], int]]:
+    """Runs of consecutive paths whose union (ancestors included) fits ``budget`` tokens (a single
+    longer path makes a run of its own)."""
+    runs: list[tuple[set[int], int]] = []
+    current: set[int] = set()
+    size = 0
+    for path in paths:
+        new = [u for u in path if u not in current]
+        extra = sum(tree.nodes[u].length for u in new)
+        if current and size + extra > budget:
+            runs.append((current, size))
+            current, size = set(), 0
+            new, extra = path, sum(tree.nodes[u].length for u in path)
+        current.update(new)
+        size += extra
+    return runs + [(current, size)]
+
+
+def _first_fit(sizes: list[int], budget: int) -> list[list[int]]:
+    """Indices into ``sizes`` grouped first-fit by decreasing size into bins of ``budget``."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        b = next((b for b in range(len(bins)) if sizes[i] <= room[b]), None)
+        if b is None:
+            bins.append([])
+            room.append(budget)
+            b = len(bins) - 1
+        bins[b].append(i)
+        room[b] -= sizes[i]
+    return [sorted(b) for b in bins]
+
+
+def pack_trees(trajectories, advantages: Sequence[torch.Tensor], rows: Sequence[int],
+               node_tokens: Optional[Mapping[int, int]], budget: int, share: bool = True) -> list[TreeBatch]:
+    """The micro-batches of trajectories ``rows`` (host tensors; see the module docstring).
+
+    ``advantages``: per trajectory (indexed like ``trajectories``), fp32 [len(response)]; a token's
+    copies bring theirs together (``CopyAdvantages``)."""
+    pieces = [p for tree in build_trees(trajectories, rows, node_tokens, share)
+              for p in split_tree(tree, budget)]
+    return [_layout([pieces[i] for i in b], trajectories, advantages)
+            for b in _first_fit([p.size for p in pieces], budget)]
+
+
+class _Row:
+    """Accumulates one packed row: tokens as Python lists, predicted nodes as spans; converted to
+    tensors once per row (``torch.tensor`` of a list is several times slower than numpy's)."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.pos: list[int] = []
+        self.end: list[int] = []
+        self.nodes: list[tuple[int, int, int, int, int]] = []  # (row start, tokens, before, traj, offset)
+        self.mask: list[int] = []
+        self.rollout: list[float] = []
+        self.copies: list[CopyAdvantages] = []
+        self.path_keys: list[np.ndarray] = []
+        self.path_sizes: list[tuple[int, int]] = []
+        self.starts: list[int] = []
+
+
+def _layout(pieces: list[_Piece], trajectories, advantages) -> TreeBatch:
+    row = _Row()
+    for piece in pieces:
+        row.starts.append(len(row.ids))
+        _lay_piece(row, piece, trajectories, advantages)
+    row.starts.append(len(row.ids))
+    ids = _long(row.ids)
+    at, hidden, origin = _predicted(row.nodes)
+    keep = torch.from_numpy(np.array(row.mask, dtype=bool)).nonzero().flatten()  # model-written only
+    copies = CopyAdvantages.cat(row.copies).select(keep)
+    return TreeBatch(
+        input_ids=ids, position_ids=_long(row.pos), subtree_end=_long(row.end), hidden_index=hidden[keep],
+        targets=ids[at[keep]], copies=copies,
+        rollout_logprobs=torch.from_numpy(np.array(row.rollout, dtype=np.float32))[keep],
+        origin=origin[keep], path_sizes=row.path_sizes,
+        path_keys=torch.from_numpy(np.concatenate(row.path_keys or [np.zeros(0, np.int64)])), piece_starts=row.starts, model_tokens=int(copies.count.sum()))
+
+
+def _predicted(nodes: list[tuple[int, int, int, int, int]]) -> tuple[torch.Tensor, ...]:
+    """For every token of the predicted nodes (``_Row.nodes``): its row position, the row position
+    whose hidden state predicts it (the previous one, or for a node's first token the last token
+    before the node on its path), and its (trajectory, response offset)."""
+    start, size, before, traj, offset = (np.array(c, dtype=np.int64).reshape(-1) for c in zip(*nodes)) \
+        if nodes else (np.zeros(0, dtype=np.int64),) * 5
+    within = np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size)  # index inside its node
+    at = np.repeat(start, size) + within
+    hidden = np.where(within == 0, np.repeat(before, size), at - 1)
+    origin = np.stack([np.repeat(traj, size), np.repeat(offset, size) + within], axis=1)
+    return torch.from_numpy(at), torch.from_numpy(hidden), torch.from_numpy(origin)
+
+
+def _long(values: list[int]) -> torch.Tensor:
+    return torch.from_numpy(np.array(values, dtype=np.int64))
+
+
+def _lay_piece(row: _Row, piece: _Piece, trajectories, advantages) -> None:
+    tree, prompt_len = piece.tree, len(piece.tree.prompt)
+    spans: dict[int, tuple[int, int]] = {}
+    last: dict[int, int] = {}    # node -> row index of the last token on its path so far
+    order = _preorder(tree.nodes, piece.nodes)
+    for u in order:
+        node = tree.nodes[u]
+        a = len(row.ids)
+        if u == 0:
+            row.ids.extend(tree.prompt)
+            row.pos.extend(range(prompt_len))
+        else:
+            t = trajectories[node.first]
+            row.ids.extend(t.response_ids[node.start:node.start + node.length])
+            row.pos.extend(range(prompt_len + node.start, prompt_len + node.start + node.length))
+        spans[u] = (a, len(row.ids))
+        last[u] = len(row.ids) - 1 if node.length else last[node.parent]
+        if u in piece.owned and u != 0 and node.length:
+            _predict(row, node, a, last[node.parent], trajectories, advantages)
+    subtree_end = dict((u, spans[u][1]) for u in order)
+    for u in reversed(order):  # children come after their parent in preorder
+        p = tree.nodes[u].parent
+        if p >= 0:
+            subtree_end[p] = max(subtree_end[p], subtree_end[u])
+    for u in order:
+        a, b = spans[u]
+        row.end.extend([subtree_end[u]] * (b - a))
+    _paths(row, piece, spans)
+
+
+def _paths(row: _Row, piece: _Piece, spans: dict[int, tuple[int, int]]) -> None:
+    """Each path of the piece as keys, its nodes no earlier path covered as its queries (in
+    depth-first order these are the path's last nodes)."""
+    covered: set[int] = set()
+    for _, path in piece.tree.paths:
+        if not piece.nodes.issuperset(path) or covered.issuperset(path):
+            continue
+        keys = np.concatenate([np.arange(*spans[u]) for u in path])
+        queries = sum(spans[u][1] - spans[u][0] for u in path if u not in covered)
+        covered.update(path)
+        if queries:
+            row.path_keys.append(keys)
+            row.path_sizes.append((len(keys), queries))
+
+
+def _predict(row: _Row, node: _Node, a: int, before: int, trajectories, advantages) -> None:
+    """The tokens of ``node`` (laid out from row index ``a``; ``before``: the row index of the token
+    before its first one) as predictions, with their copies' advantages; ``_layout`` keeps the
+    model-written ones."""
+    first = trajectories[node.first]
+    s, e = node.start, node.start + node.length
+    row.nodes.append((a, e - s, before, node.first, s))
+    row.mask.extend(first.loss_mask[s:e])
+    row.rollout.extend(first.logprobs[s:e] if len(first.logprobs) == len(first.response_ids)
+                       else [math.nan] * (e - s))
+    row.copies.append(CopyAdvantages.of(torch.stack([advantages[i][s:e] for i in node.trajs])))

@@ -1,0 +1,415 @@
+"""The tree-packed update against the per-trajectory one: the same loss, log-probs, gradients and
+metrics on random rollout trees (branches of branches, tool results, fills), soft and hard
+attribution, several mini-batches and trees split across micro-batches; the mask keeps every token
+on its own path; bf16 within the tolerance rule; the GPU paths (flex_attention, flash-attn) on CUDA.
+"""
+
+import copy
+import itertools
+import math
+import random
+import warnings
+
+import pytest
+import torch
+
+from helpers import ARCHS, VOCAB, assert_rule, tiny_model
+
+from arpo_fast.algo import (CopyAdvantages, group_advantages, policy_loss, shared_policy_loss,
+                            token_advantages)
+from arpo_fast.rollout.tree import Trajectory
+from arpo_fast.train.attention import attention_implementation, path_masks, resolve_attention, tree_mask
+from arpo_fast.train.optim import MasterWeights
+from arpo_fast.train.packing import build_trees, pack_trees
+from arpo_fast.train.update import UpdateConfig, pack, token_logprobs, tree_logprobs, update
+
+
+@pytest.fixture(autouse=True)
+def _torch_paths(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' PyTorch paths: seconds, not minutes
+
+
+def random_rollout(seed: int, prompts: int = 3, initial: int = 2, fork: float = 0.6, fills: int = 1):
+    """Trajectories and node sizes shaped like ``arpo_rollout``'s: segments of model tokens, tool
+    results (loss mask 0) after which a trajectory may fork (copies fork again), fills that share
+    only the prompt, and now and then a last token with no rollout log-prob (NaN)."""
+    rng = random.Random(seed)
+    ids = itertools.count()
+    trajs, node_tokens = [], {}
+    for p in range(prompts):
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 6))]
+        queue = [dict(resp=[], mask=[], lp=[], path=[next(ids)], start=0, left=rng.randint(1, 3),
+                      kind=kind) for kind in ["initial"] * initial + ["fill"] * fills]
+        while queue:
+            st = queue.pop(0)
+            for seg in range(st["left"]):
+                n = rng.randint(1, 6)
+                st["resp"] += [rng.randrange(VOCAB) for _ in range(n)]
+                st["mask"] += [1] * n
+                st["lp"] += [-3 * rng.random() for _ in range(n)]
+                if seg + 1 < st["left"]:
+                    m = rng.randint(1, 4)
+                    st["resp"] += [rng.randrange(VOCAB) for _ in range(m)]
+                    st["mask"] += [0] * m
+                    st["lp"] += [0.0] * m
+                    if st["kind"] != "fill" and rng.random() < fork:
+                        queue.append(_fork(st, ids, node_tokens, rng.randint(1, 3)))
+            if rng.random() < 0.2:
+                st["lp"][-1] = math.nan
+            node_tokens[st["path"][-1]] = len(st["resp"]) - st["start"]
+            trajs.append(Trajectory(p, prompt, st["kind"], response_ids=st["resp"], loss_mask=st["mask"],
+                                    logprobs=st["lp"], path=st["path"]))
+    return trajs, node_tokens
+
+
+def _fork(st: dict, ids, node_tokens: dict, left: int) -> dict:
+    """A copy of ``st`` forked at its current end, the way the tree rollout names nodes."""
+    at = len(st["resp"])
+    if at > st["start"]:  # the open node up to the fork becomes shared
+        node_tokens[st["path"][-1]] = at - st["start"]
+        st["path"].append(next(ids))
+        st["start"] = at
+    return dict(resp=list(st["resp"]), mask=list(st["mask"]), lp=list(st["lp"]),
+                path=st["path"][:-1] + [next(ids)], start=at, left=left, kind="branch")
+
+
+def _advantages(trajs, node_tokens, mode: str, seed: int):
+    rng = random.Random(seed)
+    rewards = [rng.choice([-1.0, 0.0, 0.5, 1.0]) for _ in trajs]
+    seq = group_advantages(rewards, [t.prompt_index for t in trajs])
+    paths = [[(n, node_tokens[n]) for n in t.path] for t in trajs]
+    return token_advantages(seq, paths, mode)
+
+
+class _Recorder(torch.optim.SGD):
+    """SGD that keeps the gradient of every step."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.grads = []
+
+    def step(self, closure=None):
+        self.grads.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        return super().step(closure)
+
+
+def _run(model, trajs, adv, node_tokens, lr=0.0, dist=None, reference=None, **cfg):
+    """One update of a copy of ``model``: (metrics, each step's gradients, the updated copy)."""
+    model = copy.deepcopy(model)
+    recorder = []
+    optimizer = MasterWeights(model.parameters(), lambda ps: recorder.append(_Recorder(ps, lr)) or recorder[0])
+    metrics = update(model, optimizer, trajs, adv, UpdateConfig(**cfg), pad_id=0, node_tokens=node_tokens,
+                     dist=dist, reference=copy.deepcopy(reference))
+    return metrics, recorder[0].grads, model
+
+
+def _per_token(model, trajs, node_tokens, attention="sdpa"):
+    """Packed and per-trajectory log-probs of every model-written token of every trajectory."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), attention_implementation(model, "sdpa", packed=False):
+        batch = pack(trajs, list(range(len(trajs))), 0, device)
+        plain = token_logprobs(model, batch, 1.0)[0].split([len(t.response_ids) for t in trajs])
+    packed = {}
+    with torch.no_grad(), attention_implementation(model, attention, packed=True):
+        for tb in pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
+                             node_tokens, budget=48):
+            lp = tree_logprobs(model, tb.to(device), 1.0, attention)[0]
+            packed.update({tuple(o): v for o, v in zip(tb.origin.tolist(), lp)})
+    first = {}
+    for i, t in enumerate(trajs):
+        for n in t.path:
+            first.setdefault(n, i)
+    got, want = [], []
+    for i, t in enumerate(trajs):
+        offset = 0
+        for n in t.path:
+            for k in range(offset, offset + node_tokens[n]):
+                if t.loss_mask[k]:
+                    got.append(packed[(first[n], k)])
+                    want.append(plain[i][k])
+            offset += node_tokens[n]
+    return torch.stack(got), torch.stack(want)
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_packed_log_probs_equal_per_trajectory(kind):
+    model = tiny_model(kind)
+    trajs, node_tokens = random_rollout(seed=1)
+    got, want = _per_token(model, trajs, node_tokens)
+    assert len(got) == sum(sum(t.loss_mask) for t in trajs)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+CASES = [  # (model, attribution, settings); budgets of 48 tokens split every tree
+    ("qwen2", "soft", dict(mini_batch_prompts=1, micro_batch_tokens=48)),
+    ("llama", "hard", dict(mini_batch_prompts=2, micro_batch_tokens=48, dual_clip=0.0)),
+    ("qwen2", "hard", dict(mini_batch_prompts=1, micro_batch_tokens=10_000, entropy_coef=0.05,
+                           rollout_is_cap=2.0)),
+    ("llama", "soft", dict(mini_batch_prompts=3, micro_batch_tokens=64, rollout_is_cap=1.5)),
+    ("qwen3", "soft", dict(mini_batch_prompts=1, micro_batch_tokens=64, kl_coef=0.5)),
+]
+
+
+@pytest.mark.parametrize("kind,mode,settings", CASES)
+def test_packed_update_equals_per_trajectory_update(kind, mode, settings):
+    """Loss, metrics and each optimizer step's gradient, with the policy moving between
+    mini-batches (large SGD steps, tight clips) so that clipping and dual clip take part."""
+    model = tiny_model(kind, seed=3)
+    trajs, node_tokens = random_rollout(seed=4, prompts=3, initial=2)
+    adv = _advantages(trajs, node_tokens, mode, seed=5)
+    cfg = dict(clip_low=0.02, clip_high=0.03, dual_clip=1.05, grad_clip=0.0, lr=0.2)
+    cfg.update(settings)
+    lr = cfg.pop("lr")
+    reference = tiny_model(kind, seed=33) if cfg.get("kl_coef") else None  # the KL's other policy
+    packed, g_packed, m_packed = _run(model, trajs, adv, node_tokens, lr=lr, reference=reference, **cfg)
+    plain, g_plain, m_plain = _run(model, trajs, adv, node_tokens, lr=lr, reference=reference,
+                                   packed_update=False, **cfg)
+    assert ("kl" in plain) == bool(reference) and plain.get("kl", 1.0) > 0
+    assert packed["optimizer_steps"] == plain["optimizer_steps"] == math.ceil(3 / cfg["mini_batch_prompts"])
+    assert packed["forward_tokens"] < plain["forward_tokens"]
+    for key in plain:
+        if key != "forward_tokens":
+            assert packed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6), key
+    if plain["optimizer_steps"] > 1:  # the moved policy is clipped in later mini-batches
+        assert plain["clip_fraction"] > 0 and (not cfg["dual_clip"] or plain["dual_clip_fraction"] > 0)
+    for step_packed, step_plain in zip(g_packed, g_plain, strict=True):
+        for a, b in zip(step_packed, step_plain):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(m_packed.parameters(), m_plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_without_node_sizes_only_the_prompt_is_shared_and_the_update_is_the_same():
+    model = tiny_model("qwen2")
+    trajs, node_tokens = random_rollout(seed=6)
+    adv = _advantages(trajs, node_tokens, "soft", seed=7)
+    with_nodes, g1, _ = _run(model, trajs, adv, node_tokens)
+    prompt_only, g2, _ = _run(model, trajs, adv, None)
+    assert with_nodes["forward_tokens"] < prompt_only["forward_tokens"]
+    assert with_nodes["loss"] == pytest.approx(prompt_only["loss"], rel=1e-5, abs=1e-7)
+    for a, b in zip(g1[0], g2[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _OneRankOfMany:
+    """A ``distributed.Dist`` stand-in for one process whose peers run one micro-batch more per
+    mini-batch: the update pads with stand-ins that count for nothing."""
+
+    world = 1
+
+    def sum(self, values):
+        return list(values)
+
+    def max(self, values):
+        return [v + 1 for v in values]
+
+
+@pytest.mark.parametrize("packed_update", [True, False])
+def test_stand_in_micro_batches_change_nothing(packed_update):
+    model = tiny_model("qwen2")
+    trajs, node_tokens = random_rollout(seed=26)
+    adv = _advantages(trajs, node_tokens, "soft", seed=27)
+    cfg = dict(mini_batch_prompts=2, packed_update=packed_update)
+    alone, g1, _ = _run(model, trajs, adv, node_tokens, lr=0.2, **cfg)
+    padded, g2, _ = _run(model, trajs, adv, node_tokens, lr=0.2, dist=_OneRankOfMany(), **cfg)
+    assert padded == pytest.approx(alone)
+    for a, b in zip(g1[-1], g2[-1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = tiny_model("llama")
+    trajs, node_tokens = random_rollout(seed=8)
+    adv = _advantages(trajs, node_tokens, "soft", seed=9)
+    _, plain, _ = _run(model, trajs, adv, node_tokens, gradient_checkpointing="false")
+    _, checkpointed, _ = _run(model, trajs, adv, node_tokens, gradient_checkpointing="true")
+    for a, b in zip(plain[0], checkpointed[0]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _visible(batch) -> torch.Tensor:
+    return tree_mask(batch.subtree_end, "sdpa")[0, 0]
+
+
+@pytest.mark.parametrize("budget", [10_000, 30, 1])
+def test_every_query_sees_exactly_its_own_path(budget):
+    """For every token of every packed row: the keys it sees are, in row order, one token per
+    position 0..its own, and read as a prompt and response prefix of a trajectory through it;
+    for a predicted token, exactly its trajectory's tokens before it."""
+    trajs, node_tokens = random_rollout(seed=10, prompts=4, initial=3, fork=0.8)
+    batches = pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
+                         node_tokens, budget)
+    texts = {tuple(t.prompt_ids + t.response_ids) for t in trajs}
+    unique = sum(len(tr.prompt) + sum(n.length for n in tr.nodes[1:])
+                 for tr in build_trees(trajs, range(len(trajs)), node_tokens))
+    assert sum(b.tokens for b in batches) >= unique
+    if budget == 30:
+        assert sum(b.tokens for b in batches) > unique  # trees were split: context repeats
+        longest = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+        assert all(b.tokens <= max(budget, longest) for b in batches)
+    for b in batches:
+        visible = _visible(b)
+        for i in range(b.tokens):
+            keys = visible[i].nonzero().flatten()
+            assert b.position_ids[keys].tolist() == list(range(int(b.position_ids[i]) + 1))
+            prefix = tuple(b.input_ids[keys].tolist())
+            assert any(text[:len(prefix)] == prefix for text in texts)
+        for (t, k), h, target in zip(b.origin.tolist(), b.hidden_index.tolist(), b.targets.tolist()):
+            keys = visible[h].nonzero().flatten()
+            assert b.input_ids[keys].tolist() == trajs[t].prompt_ids + trajs[t].response_ids[:k]
+            assert target == trajs[t].response_ids[k]
+        by_path = torch.zeros(b.tokens, b.tokens, dtype=torch.bool)  # what the CPU's sdpa runs
+        for keys, queries, mask in path_masks(b.path_keys, b.path_sizes):
+            assert not by_path[queries].any()  # each row position is the query of one path
+            by_path[queries[:, None], keys[None, :]] = mask
+        assert torch.equal(by_path, visible)
+    counted = sum(int(b.copies.count.sum()) for b in batches)
+    assert counted == sum(sum(t.loss_mask) for t in trajs)  # each copy's loss counted once
+
+
+def test_rows_of_independent_sequences_for_the_varlen_kernels():
+    trajs, node_tokens = random_rollout(seed=11)
+    batches = pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
+                         node_tokens, 60, share=False)
+    assert sum(len(b.piece_starts) - 1 for b in batches) == len(trajs)
+    for b in batches:
+        i = torch.arange(b.tokens)
+        doc = torch.bucketize(i, torch.tensor(b.piece_starts[1:]), right=True)
+        causal = (i[None, :] <= i[:, None]) & (doc[None, :] == doc[:, None])
+        assert torch.equal(_visible(b), causal)
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_transformers_flex_attention_takes_the_block_mask(kind, monkeypatch):
+    """The model's own flex_attention path with the tree's BlockMask and positions gives the
+    per-trajectory log-probs (forward only, uncompiled: the CPU has no flex backward)."""
+    import transformers.integrations.flex_attention as hf_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
+                        lambda q, k, v, training=False, **kw: flex_attention(q, k, v, **kw))
+    trajs, node_tokens = random_rollout(seed=12, prompts=3)
+    with warnings.catch_warnings():  # flex_attention uncompiled says it is slow
+        warnings.simplefilter("ignore")
+        got, want = _per_token(tiny_model(kind), trajs, node_tokens, "flex_attention")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_node_holding_other_tokens_is_refused():
+    trajs, node_tokens = random_rollout(seed=13, fork=1.0)
+    shared = next(i for i, t in enumerate(trajs) if t.kind == "branch")
+    trajs[shared].response_ids[0] = (trajs[shared].response_ids[0] + 1) % VOCAB
+    with pytest.raises(ValueError, match="holds other tokens"):
+        pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
+                   node_tokens, 100)
+
+
+@pytest.mark.parametrize("dual_clip", [3.0, 1.1, None])
+def test_the_shared_loss_is_the_sum_over_copies(dual_clip):
+    n, copies = 97, 5
+    logprobs = (torch.randn(n) * 0.3).requires_grad_()
+    old = logprobs.detach() + torch.randn(n) * 0.4
+    adv = torch.randn(copies, n)
+    adv[:, :7] = adv[:1, :7]  # hard attribution: one value for every copy
+    adv[1:3, 10:20] = 0.0
+    entropy = torch.rand(n)
+    expand = lambda x: x[None].expand(copies, n)  # noqa: E731
+    want, want_m = policy_loss(expand(logprobs), expand(old), adv, torch.ones(copies, n), 0.2, 0.28,
+                               dual_clip, entropy=expand(entropy), entropy_coef=0.01)
+    got, got_m = shared_policy_loss(logprobs, old, CopyAdvantages.of(adv), 0.2, 0.28, dual_clip,
+                                    entropy=entropy, entropy_coef=0.01)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(*(torch.autograd.grad(x, logprobs)[0] for x in (got, want)))
+    assert got_m == pytest.approx(want_m)
+    assert want_m["clip_fraction"] > 0 and (dual_clip != 1.1 or want_m["dual_clip_fraction"] > 0)
+
+
+def _fp64_gradient(model, trajs, adv):
+    """The first mini-batch's gradient in float64, one trajectory at a time (old = current)."""
+    from arpo_fast.kernels import logprob_entropy_ref
+
+    model = copy.deepcopy(model).double()
+    device = next(model.parameters()).device
+    lps = []
+    for t in trajs:
+        ids = torch.tensor([t.prompt_ids + t.response_ids], device=device)
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
+        start = len(t.prompt_ids) - 1
+        lps.append(logprob_entropy_ref(hidden[start:start + len(t.response_ids)], model.lm_head.weight,
+                                       torch.tensor(t.response_ids, device=device))[0])
+    lp = torch.cat(lps)
+    mask = torch.tensor([m for t in trajs for m in t.loss_mask], dtype=torch.bool, device=device)
+    loss, _ = policy_loss(lp[None], lp.detach()[None], torch.cat(adv).double().to(device)[None], mask[None])
+    loss.backward()
+    return lp.detach(), [p.grad for p in model.parameters()]
+
+
+def _bf16_check(model, trajs, node_tokens, adv, attention="sdpa"):
+    """The tolerance rule against float64 for the packed update in bf16, the per-trajectory update
+    in bf16 as the reference: the log-probs, and one mini-batch's gradient (old = current)."""
+    lp64, grad64 = _fp64_gradient(model, trajs, adv)
+    mask = torch.tensor([m for t in trajs for m in t.loss_mask], dtype=torch.bool, device=lp64.device)
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    got, want = _per_token(model16, trajs, node_tokens, attention)
+    grads = [torch.cat([g.flatten() for g in _run(model16, trajs, adv, node_tokens, packed_update=packed,
+                                                  attn_implementation=attention if packed else "sdpa")[1][0]])
+             for packed in (True, False)]
+    assert_rule([got, grads[0]], [want, grads[1]], [lp64[mask], torch.cat([g.flatten() for g in grad64])],
+                floor=1e-6, names=["log-probs", "gradient"])
+
+
+def test_bf16_is_within_twice_the_per_trajectory_error():
+    trajs, node_tokens = random_rollout(seed=15, prompts=2)
+    _bf16_check(tiny_model("qwen2", seed=14), trajs, node_tokens,
+                _advantages(trajs, node_tokens, "soft", seed=16))
+
+
+def test_auto_attention_per_device():
+    assert resolve_attention("auto", True, torch.device("cpu")) == "sdpa"
+    assert resolve_attention("auto", True, torch.device("cuda")) == "flex_attention"
+    assert resolve_attention("auto", False, torch.device("cpu")) == "sdpa"
+    with pytest.raises(ValueError, match="tree's mask"):
+        resolve_attention("flash_attention_2", True, torch.device("cuda"))
+    with pytest.raises(ValueError, match="one of"):
+        UpdateConfig(attn_implementation="xformers")
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        UpdateConfig(gradient_checkpointing="sometimes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["flex_attention", "sdpa"])
+def test_packed_update_on_cuda_matches_per_trajectory(attention):
+    """fp32 on the GPU: the packed update under flex_attention (and sdpa per path), with activation
+    checkpointing (the CUDA default), equals the per-trajectory update; several mini-batches and
+    split trees."""
+    model = tiny_model("qwen2", seed=17).cuda()
+    trajs, node_tokens = random_rollout(seed=18, prompts=3)
+    adv = _advantages(trajs, node_tokens, "soft", seed=19)
+    cfg = dict(mini_batch_prompts=2, micro_batch_tokens=48, grad_clip=0.0)
+    packed, g1, _ = _run(model, trajs, adv, node_tokens, lr=0.2, attn_implementation=attention, **cfg)
+    plain, g2, _ = _run(model, trajs, adv, node_tokens, lr=0.2, packed_update=False,
+                        attn_implementation="sdpa", **cfg)
+    assert packed["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-6)
+    for step1, step2 in zip(g1, g2, strict=True):
+        for a, b in zip(step1, step2):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_bf16_flex_attention_is_within_twice_the_per_trajectory_error():
+    trajs, node_tokens = random_rollout(seed=23, prompts=2)
+    _bf16_check(tiny_model("llama", seed=25).cuda(), trajs, node_tokens,
+                _advantages(trajs, node_tokens, "soft", seed=24), attention="flex_attention")
+
+
+@pytest.mark.gpu
+def test_flash_varlen_rows_match_padded_rows():
+    pytest.importorskip("flash_attn")
+    model = tiny_model("llama", seed=20).to(torch.bfloat16).cuda()
+    trajs, node_tokens = random_rollout(seed=21, prompts=3)
+    adv = _advantages(trajs, node_tokens, "soft", seed=22)
+    varlen, _, _ = _run(model, trajs, adv, node_tokens, packed_update=False,
+                        attn_implementation="flash_attention_2")
+    padded, _, _ = _run(model, trajs, adv, node_tokens, packed_update=False, attn_implementation="sdpa")
+    assert varlen["forward_tokens"] < padded["forward_tokens"]
+    assert varlen["loss"] == pytest.approx(padded["loss"], rel=2e-2, abs=1e-3)
