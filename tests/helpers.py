@@ -40,8 +40,11 @@ def assert_rule(ours, ref, exact, floor: float, names=None):
 # The sampler's log-prob and entropy are checked within RTOL * |x64| + ATOL of a float64 computation,
 # for every input dtype (bf16/fp16 inputs are upcast exactly, so the fp32 bound applies to them too).
 # ATOL is for values near zero (a near-deterministic row has log-prob ~ -1e-9, where a relative bound
-# on an fp32 result means nothing: fp32 resolves 6e-8 next to 1); the reference meets the same bound.
-RTOL, ATOL = 1e-4, 1e-7
+# on an fp32 result means nothing): the log-sum-exp of a row sums its exponentials near 1 in fp32, and
+# that sum carries a few ulps of 1 (2^-23 = 1.2e-7 each) of rounding, which the log passes on as an
+# absolute error. 1e-6 is eight such ulps; the reference meets the same bound (its worst seen on a
+# row of 272 entries at temperature 0.3 was 2.4e-7 at a log-prob of -3e-4).
+RTOL, ATOL = 1e-4, 1e-6
 
 
 def _row_temps(temperature, B):
