@@ -2,12 +2,20 @@
 
 Triton reads TRITON_INTERPRET when a kernel is *defined*, so it must be set before anything imports
 ``arpo_fast.kernels``: on a machine without CUDA the kernels then run under the interpreter.
+
+Hypothesis draws the same examples on every run (``derandomize``), so a result does not depend on
+the run; ``HYPOTHESIS_PROFILE=explore`` draws fresh ones to look for new failures.
 """
 
 import os
 import random
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 try:
     import torch
