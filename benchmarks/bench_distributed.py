@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def run(procs: int, args: list[str], out: Path) -> list[dict]:
-    """One training run (``procs`` 0: plain python); its metrics rows. Every process runs one CPU
+    """One training run (``procs`` 0: plain python); its training steps' metrics rows. Every process runs one CPU
     thread, as torchrun sets it: for a model this small, more threads per process only wait on each
     other (on a loaded 2-core machine two threads made the one-process rollout 8x slower)."""
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
@@ -37,7 +37,8 @@ def run(procs: int, args: list[str], out: Path) -> list[dict]:
     proc = subprocess.run(cmd + args + ["--out", str(out)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval/accuracy" not in r]  # the steps, not the held-out evaluations
 
 
 def main() -> None:
@@ -51,8 +52,8 @@ def main() -> None:
     procs = a.procs if a.procs is not None else [1, 2]
     # no warm start: the random model writes to the length limit, so every configuration does the
     # same work (a warm start run with another thread count would give a slightly different model)
-    args = ["--demo-warm-start", "0", "--tools", "", "--steps", str(steps), "--prompts-per-step",
-            str(prompts), "--rollouts", "8", "--initial", "4", "--max-response-tokens", "64",
+    args = ["--demo-warm-start", "0", "--tools", "", "--eval-data", "none", "--steps", str(steps),
+            "--prompts-per-step", str(prompts), "--rollouts", "8", "--initial", "4", "--max-response-tokens", "64",
             "--mini-batch-prompts", "4", "--lr", "1e-4", "--device", a.device]
     print(f"{steps} steps of {prompts} prompts x 8 trajectories (steps 2.. averaged), device {a.device}")
     print(f"{'run':<22}{'tokens':>8}{'step s':>9}{'rollout s':>11}{'update s':>10}{'refresh MB':>12}"

@@ -72,6 +72,8 @@ def _update(model, work, device, **settings) -> tuple[float, float, dict]:
 def rows(smoke: bool) -> list[Row]:
     from bench_update import arpo_workload
 
+    from arpo_fast.train.update import UpdateConfig
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, vocab = _model(smoke, device)
     size = dict(prompt_len=24, response=(16, 64), result=(2, 8)) if smoke else {}
@@ -86,8 +88,9 @@ def rows(smoke: bool) -> list[Row]:
             if r:
                 times[packed].append(seconds)
     packed, plain = (statistics.median(times[p]) for p in (True, False))
-    case = (f"{'tiny' if smoke else 'Qwen2.5-0.5B shapes'}, {runs[True]['attn_implementation']} vs "
-            f"{runs[False]['attn_implementation']}, 2 prompts x 16 trajectories")
+    attention = {p: UpdateConfig(packed_update=p).resolved(device)[0] for p in (True, False)}
+    case = (f"{'tiny' if smoke else 'Qwen2.5-0.5B shapes'}, {attention[True]} vs {attention[False]}, "
+            f"2 prompts x 16 trajectories")
     out = [
         Row(SECTION, case, "update s", packed, "per trajectory", plain, target="<= 0.7x of per trajectory",
             ok=packed <= 0.7 * plain),
