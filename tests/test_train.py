@@ -119,7 +119,7 @@ def test_an_earlier_run_is_never_overwritten(tmp_path, capsys):
     ({"tools": "python", "tool_settings": '{"search": {}}'}, "not in --tools: search"),
     ({"tools": "calculator"}, "no tool named 'calculator'"),
     ({"model": "/nonexistent/model"}, "not 'demo' and not a local model directory"),
-    ({"data": "/nonexistent/data.jsonl"}, "No such file")])
+    ({"data": "/nonexistent/data.jsonl"}, "data.jsonl: no such file")])
 def test_bad_settings_fail_before_anything_is_written(tmp_path, kwargs, match):
     with pytest.raises((ValueError, KeyError, OSError), match=match):
         train(_small(tmp_path, **kwargs))
@@ -446,8 +446,8 @@ def test_errors_are_one_line_naming_the_file_or_flag(tmp_path, capsys):
     afile.write_text("x")
     base = ["--demo-warm-start", "0", "--steps", "1"]
     cases = [
-        (["--data", str(tmp_path / "missing.jsonl")], f"No such file: {tmp_path / 'missing.jsonl'}"),
-        (["--data", str(folder)], f"{folder}: is a directory"),
+        (["--data", str(tmp_path / "missing.jsonl")], f"--data: {tmp_path / 'missing.jsonl'}: no such file"),
+        (["--data", str(folder)], f"--data: {folder}: is a directory"),
         (["--out", str(afile)], f"--out {afile}: exists and is not a directory"),
         (["--tool-settings", "[" * 100_000 + "]" * 100_000], "--tool-settings: JSON nested too deeply"),
         (["--tool-settings", '{"python": 5}'], "--tool-settings: the settings of 'python' must be a JSON object"),

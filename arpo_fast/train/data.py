@@ -135,7 +135,7 @@ def read_rows(path: str) -> list[dict]:
     problem raises ValueError naming the file, and the line or row."""
     file = Path(path)
     if not file.exists():
-        raise ValueError(f"No such file: {path}")
+        raise ValueError(f"{path}: no such file")
     if file.is_dir():
         raise ValueError(f"{path}: is a directory, not a JSONL or Parquet file")
     with open(file, "rb") as f:
@@ -167,13 +167,26 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     return list(tokenizer.encode(prompt))
 
 
+def source_rows(source: str, flag: str) -> list[dict] | None:
+    """The checked rows of the file that ``flag`` (e.g. ``--data``) names, read before anything
+    slow (loading or warm-starting a model) so that a bad file fails at once; None for 'demo'."""
+    if source == "demo":
+        return None
+    try:
+        return read_rows(source)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
+
+
 def load_examples(source: str, tokenizer, max_prompt_tokens: int | None = None,
-                  demo_split: str = "train") -> list[Example]:
-    """``source``: 'demo' (the demo's ``demo_split`` problems) or a JSONL or Parquet path. Prompts
-    longer than ``max_prompt_tokens`` are an error."""
+                  demo_split: str = "train", rows: list[dict] | None = None) -> list[Example]:
+    """``source``: 'demo' (the demo's ``demo_split`` problems) or a JSONL or Parquet path, whose
+    ``rows`` (``read_rows``) may be given already read. Prompts longer than ``max_prompt_tokens``
+    are an error."""
     from arpo_fast.train.demo import demo_problems
 
-    rows = demo_problems(split=demo_split) if source == "demo" else read_rows(source)
+    if rows is None:
+        rows = demo_problems(split=demo_split) if source == "demo" else read_rows(source)
     examples = []
     for number, row in enumerate(rows, 1):
         ids = encode_prompt(tokenizer, row["prompt"])

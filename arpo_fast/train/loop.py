@@ -45,7 +45,7 @@ from arpo_fast.train import build, distributed, metrics, report
 from arpo_fast.train.checkpoint import (NAMES, CheckpointError, check_checkpoint_names, find_checkpoint,
                                         load_sharded_state, save_checkpoint, validate_checkpoint)
 from arpo_fast.train.config import TrainConfig, parse_config
-from arpo_fast.train.data import load_examples, step_batch
+from arpo_fast.train.data import load_examples, source_rows, step_batch
 from arpo_fast.train.eval import evaluate
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.update import update
@@ -149,6 +149,8 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         rewards = build.reward_config(cfg)  # names and JSON settings fail here, before any loading
         settings = build.tool_settings(cfg)
         report.check(cfg)
+        rows = source_rows(cfg.data, "--data")  # a bad data file fails before the model loads
+        eval_rows = None if cfg.eval_data == "none" else source_rows(cfg.eval_data, "--eval-data")
         checkpoint, state = _check_out(cfg, d is not None)
     if d is None or d.main:
         _prepare_out(cfg, state)
@@ -159,9 +161,9 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         if model is None:
             model, tokenizer = build.load_model(cfg, checkpoint, device, dtype, verbose=d is None or d.main)
         longest = model.config.max_position_embeddings - 1
-        examples = load_examples(cfg.data, tokenizer, longest)
+        examples = load_examples(cfg.data, tokenizer, longest, rows=rows)
         eval_examples = [] if cfg.eval_data == "none" else \
-            load_examples(cfg.eval_data, tokenizer, longest, demo_split="heldout")
+            load_examples(cfg.eval_data, tokenizer, longest, demo_split="heldout", rows=eval_rows)
         update_plan = cfg.update.describe(device)  # e.g. flash_attention_2 without flash-attn fails here
         starting = None
         if cfg.update.kl_coef:  # the policy the run started from: a resumed run loads it again
