@@ -6,6 +6,7 @@ time), as on a user's CPU, so a few training steps take seconds.
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -444,6 +445,9 @@ def test_errors_are_one_line_naming_the_file_or_flag(tmp_path, capsys):
     folder.mkdir()
     afile = tmp_path / "afile"
     afile.write_text("x")
+    no_weights = tmp_path / "no_weights"  # a model folder whose weights are missing
+    demo_model(demo_tokenizer(), seed=0).config.save_pretrained(no_weights)
+    demo_tokenizer().save_pretrained(no_weights)
     base = ["--demo-warm-start", "0", "--steps", "1"]
     cases = [
         (["--data", str(tmp_path / "missing.jsonl")], f"--data: {tmp_path / 'missing.jsonl'}: no such file"),
@@ -452,12 +456,16 @@ def test_errors_are_one_line_naming_the_file_or_flag(tmp_path, capsys):
         (["--tool-settings", "[" * 100_000 + "]" * 100_000], "--tool-settings: JSON nested too deeply"),
         (["--tool-settings", '{"python": 5}'], "--tool-settings: the settings of 'python' must be a JSON object"),
         (["--tool-settings", '{"python": {"bogus": 1}}'], "--tool-settings: python:"),
+        (["--model", str(folder)], f"--model {folder}: no config.json there"),
+        (["--model", str(no_weights)], f"--model {no_weights}: cannot load it ("),
+        (["--tokenizer", str(folder)], "--tokenizer: the demo model builds its own tokenizer"),
     ]
     for n, (argv, message) in enumerate(cases):
         out = ["--out", str(tmp_path / f"run{n}")] if "--out" not in argv else []
         assert main(base + out + argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+        assert not out or not Path(out[1]).exists()  # a failed setup leaves no run folder behind
     with pytest.raises(SystemExit):
         main(base + ["--device", "gpu"])
     assert "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err

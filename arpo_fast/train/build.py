@@ -31,6 +31,34 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     return device, DTYPES[dtype]
 
 
+def check_model_source(cfg: TrainConfig, resuming: bool) -> None:
+    """Fail at once, naming the flag, on a ``--model`` or ``--tokenizer`` that cannot be what it
+    should be (checked before anything slow or written; a resumed run loads its checkpoint's)."""
+    if resuming:
+        return
+    if cfg.model == "demo":
+        if cfg.tokenizer:
+            raise ValueError("--tokenizer: the demo model builds its own tokenizer; --tokenizer goes "
+                             "with --model DIR")
+        return
+    path = Path(cfg.model)
+    if not path.is_dir():
+        raise ValueError(f"--model {cfg.model!r}: not 'demo' and not a local model directory")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {cfg.model}: no config.json there; not a Hugging Face model directory")
+    if cfg.tokenizer and not Path(cfg.tokenizer).is_dir():
+        raise ValueError(f"--tokenizer {cfg.tokenizer!r}: not a local tokenizer directory")
+
+
+def _loaded(what: str, load):
+    """``load()``, with a failure inside transformers turned into one line naming ``what``."""
+    try:
+        return load()
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"{what}: cannot load it ({text[:300]})") from None
+
+
 def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype, verbose: bool = True):
     """The policy and its tokenizer: from the checkpoint when resuming, else the demo or ``--model``."""
     if checkpoint is None and cfg.model == "demo":
@@ -51,10 +79,11 @@ def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype, verb
     path = checkpoint / "model" if checkpoint is not None else Path(cfg.model)
     if not path.is_dir():
         raise ValueError(f"--model {cfg.model!r}: not 'demo' and not a local model directory")
-    tokenizer = load_tokenizer(str(checkpoint / "tokenizer") if checkpoint is not None
-                               else cfg.tokenizer or str(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model, tokenizer
+    source = str(checkpoint / "tokenizer") if checkpoint is not None else cfg.tokenizer or str(path)
+    flag = "--tokenizer" if cfg.tokenizer and checkpoint is None else "--model"
+    tokenizer = _loaded(f"{flag} {source} (its tokenizer)", lambda: load_tokenizer(source))
+    model = _loaded(f"--model {path}", lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+    return model.to(device).eval(), tokenizer
 
 
 def _json_object(text: str, flag: str, shape: str) -> dict:

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -152,6 +153,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         rows = source_rows(cfg.data, "--data")  # a bad data file fails before the model loads
         eval_rows = None if cfg.eval_data == "none" else source_rows(cfg.eval_data, "--eval-data")
         checkpoint, state = _check_out(cfg, d is not None)
+        build.check_model_source(cfg, resuming=checkpoint is not None)
     if d is None or d.main:
         _prepare_out(cfg, state)
     with _agreed(d):
@@ -314,6 +316,13 @@ def describe_error(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only ever an empty folder
+    except OSError:
+        pass
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_config(argv)
     ranked = distributed.launched_by_torchrun()
@@ -321,6 +330,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     if rank == 0:
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
+    out_is_new = rank == 0 and not os.path.lexists(cfg.out)
     try:
         run = setup(cfg)
         fit(run)
@@ -338,6 +348,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"arpo_fast.train: error (rank {rank}): {type(exc).__name__}: {describe_error(exc)}",
               file=sys.stderr, flush=True)
         return 1  # torchrun then stops the other ranks
+    finally:
+        if out_is_new:  # a run that failed before writing anything leaves no empty folder behind
+            _remove_if_empty(Path(cfg.out))
     distributed.close(run.dist)
     if rank == 0:
         s = json.loads((Path(cfg.out) / "summary.json").read_text(encoding="utf-8"))
