@@ -17,6 +17,7 @@ left as it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -34,6 +35,20 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be used; nothing was changed."""
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers draws a bar over a one-file save, into the run's log: not while saving."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(out_dir: str, model, tokenizer, optimizer, step: int, config: dict, dist=None) -> Path:
     """Write the checkpoint after ``step`` completed steps; returns its directory. In a distributed
     run (``dist``) every rank calls this: rank 0 writes the model, the tokenizer and the swap, all
@@ -46,7 +61,8 @@ def save_checkpoint(out_dir: str, model, tokenizer, optimizer, step: int, config
         _remove(tmp)
         tmp.mkdir(parents=True)
         (tmp / MARKER).write_text(f"written by arpo_fast after step {step}; removed with its run\n")
-        model.save_pretrained(tmp / "model")
+        with _no_progress_bars():
+            model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "tokenizer")
     if dist is None:
         torch.save({"format": FORMAT, "step": step, "optimizer": optimizer.state_dict(), "config": config},
