@@ -15,7 +15,6 @@ On a 2-core CPU two processes share the cores, so their speed-up is bounded by t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -23,11 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from arpo_fast.train.report import read_rows, split_rows
+
 
 def run(procs: int, args: list[str], out: Path) -> list[dict]:
-    """One training run (``procs`` 0: plain python); its training steps' metrics rows. Every process runs one CPU
-    thread, as torchrun sets it: for a model this small, more threads per process only wait on each
-    other (on a loaded 2-core machine two threads made the one-process rollout 8x slower)."""
+    """One training run (``procs`` 0: plain python); its training steps' metrics rows. Every process
+    runs one CPU thread, as torchrun sets it: for a model this small, more threads per process only
+    wait on each other (on a loaded 2-core machine two threads made the one-process rollout 8x
+    slower)."""
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
     if procs:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -37,8 +39,7 @@ def run(procs: int, args: list[str], out: Path) -> list[dict]:
     proc = subprocess.run(cmd + args + ["--out", str(out)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "eval/accuracy" not in r]  # the steps, not the held-out evaluations
+    return split_rows(read_rows(out))[0]
 
 
 def main() -> None:

@@ -18,11 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from arpo_fast.train.report import read_rows, split_rows
+
 
 def _rows(run: Path) -> tuple[list[dict], list[dict], dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((run / "summary.json").read_text())
-    return [r for r in rows if "reward" in r], [r for r in rows if "eval/accuracy" in r], summary
+    return (*split_rows(read_rows(run)), summary)
 
 
 def _mean(rows, key):

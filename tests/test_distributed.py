@@ -5,7 +5,6 @@ Each run is a real ``torchrun`` of the trainer's ``main`` on a tiny demo model (
 tools), through a script that registers a reward that varies even for an untrained model.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import textwrap
 
 import pytest
 import torch
+
+from arpo_fast.train.report import read_rows, split_rows
 
 STEPS = ["--demo-warm-start", "0", "--tools", "", "--reward", "by_length", "--prompts-per-step", "4",
          "--rollouts", "4", "--initial", "2", "--max-response-tokens", "10", "--mini-batch-prompts", "2", "--lr", "1e-3",
@@ -64,18 +65,14 @@ def _ok(proc):
     return proc
 
 
-def _all_rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def _rows(out):
     """The training steps' rows (not the held-out evaluations')."""
-    return [r for r in _all_rows(out) if "eval/accuracy" not in r]
+    return split_rows(read_rows(out))[0]
 
 
 def _evals(out):
     """The held-out evaluations' rows, by step."""
-    return {r["step"]: r for r in _all_rows(out) if "eval/accuracy" in r}
+    return {r["step"]: r for r in split_rows(read_rows(out))[1]}
 
 
 EVAL_KEYS = ("eval/accuracy", "eval/format_ok", "eval/reward", "eval/tool_calls",

@@ -54,6 +54,14 @@ def read_rows(out: Path) -> list[dict]:
     return rows
 
 
+def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Metrics rows apart: (the training steps', the evaluations'), each in order."""
+    steps, evals = [], []
+    for r in rows:
+        (evals if "eval/accuracy" in r else steps).append(r)
+    return steps, evals
+
+
 def _series(rows: list[dict], key: str, per: Optional[str] = None) -> tuple[list, list]:
     pts = [(r["step"], r[key] / r[per] if per else r[key]) for r in rows
            if key in r and (per is None or r.get(per))]
@@ -96,8 +104,7 @@ def plot(out: Path, rows: list[dict]) -> Path:
 
 
 def summary(rows: list[dict], wall_s: float, checkpoint: Optional[Path]) -> dict:
-    evals = [r for r in rows if "eval/accuracy" in r]
-    steps = [r for r in rows if "eval/accuracy" not in r]
+    steps, evals = split_rows(rows)
     start = next((r for r in evals if r["step"] == 0), None)
     rate = "tool_calls_per_traj"
     return {"warm_start_accuracy": start["eval/accuracy"] if start else None,
