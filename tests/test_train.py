@@ -440,6 +440,16 @@ def test_a_failed_resume_changes_nothing(tmp_path):
     assert (run / "metrics.jsonl").read_text() == metrics  # no row was dropped
 
 
+def test_a_resumed_kl_run_checks_its_reference_model_first(tmp_path):
+    """With --kl-coef a resumed run loads --model again as the reference: a bad one fails before
+    anything changes."""
+    train(_small(tmp_path, steps=1, kl_coef=0.05, eval_data="none"))
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="--model '/nonexistent': not 'demo' and not a local model"):
+        train(_small(tmp_path, steps=2, kl_coef=0.05, eval_data="none", resume=True, model="/nonexistent"))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
 def test_errors_are_one_line_naming_the_file_or_flag(tmp_path, capsys):
     folder = tmp_path / "folder"
     folder.mkdir()

@@ -15,7 +15,6 @@ from arpo_fast.rollout import Protocol, ProtocolConfig, RewardConfig
 from arpo_fast.rollout.tools import create_tool
 from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor
 from arpo_fast.train.config import TrainConfig
-from arpo_fast.train.data import load_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -33,11 +32,12 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
 
 def check_model_source(cfg: TrainConfig, resuming: bool) -> None:
     """Fail at once, naming the flag, on a ``--model`` or ``--tokenizer`` that cannot be what it
-    should be (checked before anything slow or written; a resumed run loads its checkpoint's)."""
-    if resuming:
+    should be (checked before anything slow or written). A resumed run loads its checkpoint's, and
+    ``--model`` again only as the KL reference (``--kl-coef``)."""
+    if resuming and not cfg.update.kl_coef:
         return
     if cfg.model == "demo":
-        if cfg.tokenizer:
+        if cfg.tokenizer and not resuming:
             raise ValueError("--tokenizer: the demo model builds its own tokenizer; --tokenizer goes "
                              "with --model DIR")
         return
@@ -60,7 +60,8 @@ def _loaded(what: str, load):
 
 
 def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype, verbose: bool = True):
-    """The policy and its tokenizer: from the checkpoint when resuming, else the demo or ``--model``."""
+    """The policy and its tokenizer: from the checkpoint when resuming, else the demo or ``--model``
+    (its folders checked by :func:`check_model_source` and ``checkpoint.validate_checkpoint``)."""
     if checkpoint is None and cfg.model == "demo":
         from arpo_fast.train.demo import demo_model, demo_tokenizer, move_model, warm_start
 
@@ -74,14 +75,12 @@ def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype, verb
                 print(f"demo warm start: {cfg.demo_warm_start} supervised steps, loss {loss:.3f}, "
                       f"{time.perf_counter() - t0:.1f}s", flush=True)
         return model.eval(), tokenizer
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = checkpoint / "model" if checkpoint is not None else Path(cfg.model)
-    if not path.is_dir():
-        raise ValueError(f"--model {cfg.model!r}: not 'demo' and not a local model directory")
     source = str(checkpoint / "tokenizer") if checkpoint is not None else cfg.tokenizer or str(path)
     flag = "--tokenizer" if cfg.tokenizer and checkpoint is None else "--model"
-    tokenizer = _loaded(f"{flag} {source} (its tokenizer)", lambda: load_tokenizer(source))
+    tokenizer = _loaded(f"{flag} {source} (its tokenizer)", lambda: AutoTokenizer.from_pretrained(source))
     model = _loaded(f"--model {path}", lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
     return model.to(device).eval(), tokenizer
 

@@ -199,15 +199,6 @@ def load_examples(source: str, tokenizer, max_prompt_tokens: int | None = None,
     return examples
 
 
-def load_tokenizer(path: str):
-    """``AutoTokenizer`` from ``path``, with a missing folder named in the error."""
-    from transformers import AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise ValueError(f"--tokenizer {path!r}: not a local tokenizer directory")
-    return AutoTokenizer.from_pretrained(path)
-
-
 def step_batch(n_examples: int, per_step: int, step: int, seed: int) -> list[int]:
     """Indices of the examples for training step ``step``: epochs of seeded shuffles, in order, so a
     resumed run sees what an uninterrupted one would."""
