@@ -17,6 +17,7 @@ A plain ``python -m arpo_fast.train`` does not come here: one process keeps the 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -158,7 +159,7 @@ class ShardedPolicy:
         params = [p for p in self.scorer.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if norm != norm or norm in (float("inf"), float("-inf")):
+        if not math.isfinite(norm):
             return norm
         self.optimizer.step()
         self.refresh()

@@ -213,7 +213,7 @@ def _agreed(d: Optional[distributed.Dist]):
     try:
         yield
     except (ValueError, KeyError, TypeError, CheckpointError, OSError) as exc:
-        error = f"{describe_error(exc)}"
+        error = describe_error(exc)
     failed = [(rank, e) for rank, e in enumerate(d.gather(error)) if e is not None]
     if failed:
         raise AgreedError(failed[0][1])
