@@ -139,7 +139,7 @@ def _tree(trajectories, members: list[int], node_tokens) -> Tree:
             raise ValueError(f"trajectory {i}: its path's nodes hold {offset} tokens, its response "
                              f"{len(t.response_ids)}")
         paths.append((i, path))
-    order = {u: k for k, u in enumerate(_preorder(nodes, range(len(nodes))))}
+    order = {u: k for k, u in enumerate(_preorder(nodes))}
     paths.sort(key=lambda p: order[p[1][-1]])
     return Tree(prompt, nodes, paths)
 
@@ -155,14 +155,15 @@ def _check_shared(trajectories, node: _Node, i: int, node_id, parent: int, offse
                          f"{node.first}")
 
 
-def _preorder(nodes: list[_Node], keep) -> list[int]:
-    """Node indices in depth-first order from the prompt, children in order of appearance, only
-    those in ``keep`` (a set of nodes closed under ancestors)."""
-    out, stack = [], [0]
+def _preorder(nodes: list[_Node], keep=None, root: int = 0) -> list[int]:
+    """Node indices of ``root``'s subtree (default: the whole tree, from the prompt) in depth-first
+    order, children in order of appearance; with ``keep`` (a set of nodes closed under ancestors)
+    only those."""
+    out, stack = [], [root]
     while stack:
         u = stack.pop()
         out.append(u)
-        stack.extend(c for c in reversed(nodes[u].children) if c in keep)
+        stack.extend(c for c in reversed(nodes[u].children) if keep is None or c in keep)
     return out
 
 
@@ -183,7 +184,7 @@ def split_tree(tree: Tree, budget: int) -> list[_Piece]:
     if tree.size <= budget:
         return [_Piece(tree, everything, everything, tree.size)]
     prompt = tree.nodes[0].length
-    units = [_subtree(tree, c) for c in tree.nodes[0].children]
+    units = [set(_preorder(tree.nodes, root=c)) for c in tree.nodes[0].children]
     sizes = [sum(tree.nodes[u].length for u in unit) for unit in units]
     fits = [i for i, size in enumerate(sizes) if prompt + size <= budget]
     groups = [({0}.union(*(units[fits[i]] for i in b)), prompt + sum(sizes[fits[i]] for i in b))
@@ -195,15 +196,6 @@ def split_tree(tree: Tree, budget: int) -> list[_Piece]:
         pieces.append(_Piece(tree, nodes, nodes - seen, size))
         seen |= nodes
     return pieces
-
-
-def _subtree(tree: Tree, root: int) -> set[int]:
-    out, stack = set(), [root]
-    while stack:
-        u = stack.pop()
-        out.add(u)
-        stack.extend(tree.nodes[u].children)
-    return out
 
 
 def _path_runs(tree: Tree, paths: list[list[int]], budget: int) -> list[tuple[set[int], int]]:
@@ -283,7 +275,8 @@ def _layout(pieces: list[_Piece], trajectories, advantages) -> TreeBatch:
         targets=ids[at[keep]], copies=copies,
         rollout_logprobs=torch.from_numpy(np.array(row.rollout, dtype=np.float32))[keep],
         origin=origin[keep], path_sizes=row.path_sizes,
-        path_keys=torch.from_numpy(np.concatenate(row.path_keys or [np.zeros(0, np.int64)])), piece_starts=row.starts, model_tokens=int(copies.count.sum()))
+        path_keys=torch.from_numpy(np.concatenate(row.path_keys or [np.zeros(0, np.int64)])),
+        piece_starts=row.starts, model_tokens=int(copies.count.sum()))
 
 
 def _predicted(nodes: list[tuple[int, int, int, int, int]]) -> tuple[torch.Tensor, ...]:
