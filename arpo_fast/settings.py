@@ -4,6 +4,7 @@ line (``arpo_fast/train/config.py``) is built from the fields alone."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 
@@ -18,3 +19,20 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *,
 def help_of(field: dataclasses.Field) -> str:
     """The help text of a field made by :func:`setting` (one line), or an empty string."""
     return " ".join(field.metadata.get("help", "").split())
+
+
+def require_counts(settings: Any, *names: str) -> None:
+    """Each named field of ``settings`` is at least 1 (ValueError naming the first that is not)."""
+    for name in names:
+        value = getattr(settings, name)
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def require_non_negative(settings: Any, *names: str) -> None:
+    """Each named field of ``settings`` is a finite number >= 0 (ValueError naming the first that
+    is not)."""
+    for name in names:
+        value = getattr(settings, name)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")

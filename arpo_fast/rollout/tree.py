@@ -47,7 +47,7 @@ from arpo_fast.rollout.engine_api import RolloutEngine
 from arpo_fast.rollout.protocol import Protocol, TrajectoryProtocol
 from arpo_fast.rollout.trajectory import Rollout, Trajectory
 from arpo_fast.seeds import MAX_SEED, child_seed
-from arpo_fast.settings import setting
+from arpo_fast.settings import require_counts, setting
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,7 @@ class ARPOConfig:
                              f"rollouts={self.rollouts}")
         if self.branches < 2:
             raise ValueError(f"branches must be >= 2 (a branch point makes Z paths), got {self.branches}")
-        if self.entropy_tokens < 1:
-            raise ValueError(f"entropy_tokens must be >= 1, got {self.entropy_tokens}")
+        require_counts(self, "entropy_tokens", "max_response_tokens")
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if not math.isfinite(self.entropy_weight):
@@ -87,8 +86,6 @@ class ARPOConfig:
             raise ValueError(f"entropy_reduce must be 'sum' or 'mean', got {self.entropy_reduce!r}")
         if self.arpo_semantics not in ("ours", "reference"):
             raise ValueError(f"arpo_semantics must be 'ours' or 'reference', got {self.arpo_semantics!r}")
-        if self.max_response_tokens < 1:
-            raise ValueError(f"max_response_tokens must be >= 1, got {self.max_response_tokens}")
 
 
 @dataclass

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from arpo_fast.settings import help_of, setting
+from arpo_fast.settings import help_of, require_counts, require_non_negative, setting
 from arpo_fast.train.update import UpdateConfig
 from arpo_fast.rollout.tree import ARPOConfig
 
@@ -96,14 +96,9 @@ class TrainConfig:
     def __post_init__(self):
         if not (math.isfinite(self.dist_timeout_s) and self.dist_timeout_s > 0):
             raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
-        for name in ("steps", "prompts_per_step", "tool_workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("demo_warm_start", "max_calls", "save_every", "top_k", "kv_memory_mb", "weight_decay",
-                     "eval_every", "eval_samples", "lr"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        require_counts(self, "steps", "prompts_per_step", "tool_workers")
+        require_non_negative(self, "demo_warm_start", "max_calls", "save_every", "top_k", "kv_memory_mb",
+                             "weight_decay", "eval_every", "eval_samples", "lr")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be > 0 (the update needs the sampled distribution's "
                              f"log-probs), got {self.temperature}")

@@ -36,7 +36,7 @@ import torch
 
 from arpo_fast.algo import CopyAdvantages, aggregate, kl_k3, policy_loss, shared_policy_loss
 from arpo_fast.kernels import logprob_entropy
-from arpo_fast.settings import setting
+from arpo_fast.settings import require_counts, require_non_negative, setting
 from arpo_fast.train.attention import (IMPLEMENTATIONS, activation_checkpointing, attention_implementation,
                                        check_model, path_masks, resolve_attention, resolve_checkpointing,
                                        tree_mask)
@@ -205,18 +205,13 @@ class UpdateConfig:
                                           "true or false.")
 
     def __post_init__(self):
-        for name in ("clip_low", "clip_high", "entropy_coef", "grad_clip", "dual_clip", "rollout_is_cap",
-                     "kl_coef"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        require_non_negative(self, "clip_low", "clip_high", "entropy_coef", "grad_clip", "dual_clip",
+                             "rollout_is_cap", "kl_coef")
         if self.clip_low >= 1:
             raise ValueError(f"clip_low must be < 1, got {self.clip_low}")
         if self.dual_clip and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (or 0 for off), got {self.dual_clip}")
-        for name in ("mini_batch_prompts", "micro_batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_counts(self, "mini_batch_prompts", "micro_batch_tokens")
         if self.attn_implementation not in IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {', '.join(IMPLEMENTATIONS)}, got "
                              f"{self.attn_implementation!r}")
