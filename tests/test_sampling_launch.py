@@ -169,19 +169,25 @@ def test_gpu_cuda_graph_capture_and_replay():
 def test_gpu_fused_finish_is_stable_across_calls_and_graphs():
     """The fused finish step reads the row's chunk stats written by other programs (ordered by an
     acquire-release counter): repeated calls, graphs of two batch sizes (the counters grow between
-    captures) and eager calls in between must all give the separate finish kernel's results."""
+    captures) and eager calls in between must all give the first call's results, and the separate
+    finish kernel's tokens."""
     V = 151936
     logits = (torch.randn(1024, V, device="cuda") * 3).bfloat16()
     temps = torch.rand(1024, device="cuda") + 0.5
     seeds, pos = torch.arange(1024, device="cuda") * 7, torch.arange(1024, device="cuda")
-    # The default runs the fused finish step with its four warps; a finish kernel of four warps
-    # lays the row out the same way, so every sum is taken in the same order.
+    # The separate finish kernel sums a row's chunk stats in another order than the fused step (on
+    # an H200 the entropy differed in its last bits): same tokens, values within rounding. Repeated
+    # fused calls must agree bit for bit with the first.
     unfused = _sample_triton(logits, temps, seeds, pos,
                              config=LaunchConfig(1024, warps=4, finish_warps=4, fused=False))
+    first = sample(logits, temps, seeds, pos)
+    assert torch.equal(first.tokens, unfused.tokens)
+    torch.testing.assert_close(first.logprobs, unfused.logprobs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first.entropy, unfused.entropy, rtol=1e-5, atol=1e-6)
     for _ in range(20):
         out = sample(logits, temps, seeds, pos)
-        assert torch.equal(out.tokens, unfused.tokens)
-        assert torch.equal(out.logprobs, unfused.logprobs) and torch.equal(out.entropy, unfused.entropy)
+        assert torch.equal(out.tokens, first.tokens)
+        assert torch.equal(out.logprobs, first.logprobs) and torch.equal(out.entropy, first.entropy)
     graphs, outs = [], []
     for B in (64, 1024):
         sample(logits[:B], temps[:B], seeds[:B], pos[:B])
