@@ -18,7 +18,8 @@ from helpers import ARCHS, VOCAB, assert_rule, tiny_model
 from arpo_fast.algo import (CopyAdvantages, group_advantages, policy_loss, shared_policy_loss,
                             token_advantages)
 from arpo_fast.rollout.tree import Trajectory
-from arpo_fast.train.attention import attention_implementation, path_masks, resolve_attention, tree_mask
+from arpo_fast.train.attention import (attention_implementation, path_masks, resolve_attention, tree_block_mask,
+                                       tree_mask)
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.packing import build_trees, pack_trees
 from arpo_fast.train.update import UpdateConfig, pack, token_logprobs, tree_logprobs, update
@@ -280,19 +281,70 @@ def test_rows_of_independent_sequences_for_the_varlen_kernels():
 
 
 @pytest.mark.parametrize("kind", ARCHS)
-def test_transformers_flex_attention_takes_the_block_mask(kind, monkeypatch):
-    """The model's own flex_attention path with the tree's BlockMask and positions gives the
-    per-trajectory log-probs (forward only, uncompiled: the CPU has no flex backward)."""
-    import transformers.integrations.flex_attention as hf_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention",
-                        lambda q, k, v, training=False, **kw: flex_attention(q, k, v, **kw))
+def test_packed_flex_attention_gives_the_per_trajectory_logprobs(kind):
+    """The packed rows' flex_attention (our block mask and positions, through the model's attention
+    interface) gives the per-trajectory log-probs (forward only, eager: the CPU has no flex
+    backward)."""
     trajs, node_tokens = random_rollout(seed=12, prompts=3)
     with warnings.catch_warnings():  # flex_attention uncompiled says it is slow
         warnings.simplefilter("ignore")
         got, want = _per_token(tiny_model(kind), trajs, node_tokens, "flex_attention")
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [128, 16])
+def test_tree_block_mask_is_the_one_create_block_mask_finds(block):
+    """The block mask worked out from per-block subtree-end bounds equals, tensor for tensor,
+    the one ``create_block_mask`` builds by evaluating every (query, key) pair: rows of many
+    lengths (a multiple of the block too), whole and split trees."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = set()
+    for seed, budget in itertools.product(range(3), (10_000, 300, 60)):
+        trajs, node_tokens = random_rollout(seed=40 + seed, prompts=4, initial=3, fork=0.8)
+        rows = [b.subtree_end for b in pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs],
+                                                  range(len(trajs)), node_tokens, budget)]
+        rows.append(torch.full((2 * block,), 2 * block))  # one causal row, a whole number of blocks
+        for end in rows:
+            T = end.numel()
+            lengths.add(T)
+            got = tree_block_mask(end, block)
+            want = create_block_mask(lambda b, h, q, kv: (kv <= q) & (q < end[kv]), 1, None, T, T,
+                                     device="cpu", BLOCK_SIZE=block)
+            assert got.seq_lengths == want.seq_lengths and got.BLOCK_SIZE == want.BLOCK_SIZE
+            for a, b in zip(got.as_tuple(), want.as_tuple()):
+                if isinstance(a, torch.Tensor):
+                    assert torch.equal(a, b), (T, block)
+    assert len(lengths) > 10
+
+
+def test_packed_flex_attention_is_compiled_once_for_rows_of_any_length(monkeypatch):
+    """The compiled flex_attention of the packed rows serves rows of every length without
+    compiling again (a compile per new micro-batch length would cost seconds each on a GPU): one
+    graph for rows of one block and one for the rest. A counting torch.compile backend stands in
+    for inductor on the CPU."""
+    from arpo_fast.train import attention
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setitem(attention.FLEX_COMPILE, "cpu", counting)
+    monkeypatch.setattr(attention, "_compiled_flex", {})
+    torch._dynamo.reset()
+    model, lengths = tiny_model("qwen2"), set()
+    with torch.no_grad(), attention_implementation(model, "flex_attention", packed=True):
+        for seed in range(2):
+            trajs, node_tokens = random_rollout(seed=50 + seed, prompts=8, initial=4, fork=0.8)
+            for b in pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
+                                node_tokens, 700):
+                lengths.add(b.tokens)
+                tree_logprobs(model, b, 1.0, "flex_attention")
+    torch._dynamo.reset()
+    assert len(lengths) >= 6 and any(n <= 128 for n in lengths)
+    assert len(graphs) == 2, (sorted(lengths), len(graphs))
 
 
 def test_a_node_holding_other_tokens_is_refused():
