@@ -9,7 +9,8 @@
    the demo shows (5-11 branch points per 32 trajectories: each result branches with probability
    0.3 while its trajectory has a branch slot left; slots left over start fresh trajectories).
    Unpacked: every trajectory from its first token (also as today's micro-batches pad them).
-   Packed: each tree once, big trees split at ``--micro-batch-tokens`` with their context.
+   Packed: each tree once, big trees split at ``--micro-batch-tokens`` into groups that carry
+   their other ancestors and share the prompt, run once for the tree (``packing.PromptContext``).
 2. Update wall time on the CPU: a small Qwen2 on the same workload shrunk 8-fold (prompt 192,
    responses 128-512), packed against per trajectory, interleaved, median and best of repeats
    after a warm-up (on a shared machine the best is the steadier figure). The update's steps use
@@ -114,7 +115,9 @@ def forward_tokens(trajs, node_tokens, cfg: UpdateConfig) -> dict[str, int]:
         padded += sum(len(g) * max(lengths[i] for i in g) for g in groups)
         for tree in build_trees(trajs, share, node_tokens):
             unique += tree.size
-            packed += sum(p.size for p in split_tree(tree, cfg.micro_batch_tokens))
+            pieces = split_tree(tree, cfg.micro_batch_tokens)
+            context = pieces[0].context  # a split tree's prompt context runs once
+            packed += sum(p.size for p in pieces) + (context.tokens if context is not None else 0)
     return dict(unpacked=unpacked, padded=padded, unique=unique, packed=packed)
 
 

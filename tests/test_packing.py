@@ -18,11 +18,13 @@ from helpers import ARCHS, VOCAB, assert_rule, tiny_model
 from arpo_fast.algo import (CopyAdvantages, group_advantages, policy_loss, shared_policy_loss,
                             token_advantages)
 from arpo_fast.rollout.tree import Trajectory
-from arpo_fast.train.attention import (attention_implementation, path_masks, resolve_attention, tree_block_mask,
-                                       tree_mask)
+from arpo_fast.train.attention import (attention_implementation, key_bounds, path_masks, resolve_attention,
+                                       tree_block_mask, tree_mask)
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.packing import build_trees, pack_trees
-from arpo_fast.train.update import UpdateConfig, pack, token_logprobs, tree_logprobs, update
+from arpo_fast.train.contexts import ContextCache
+from arpo_fast.train.update import (LogprobModel, UpdateConfig, pack, token_logprobs, tree_logprobs,
+                                    update)
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +106,7 @@ def _run(model, trajs, adv, node_tokens, lr=0.0, dist=None, reference=None, **cf
     return metrics, recorder[0].grads, model
 
 
-def _per_token(model, trajs, node_tokens, attention="sdpa"):
+def _per_token(model, trajs, node_tokens, attention="sdpa", context=True):
     """Packed and per-trajectory log-probs of every model-written token of every trajectory."""
     device = next(model.parameters()).device
     with torch.no_grad(), attention_implementation(model, "sdpa", packed=False):
@@ -112,10 +114,14 @@ def _per_token(model, trajs, node_tokens, attention="sdpa"):
         plain = token_logprobs(model, batch, 1.0)[0].split([len(t.response_ids) for t in trajs])
     packed = {}
     with torch.no_grad(), attention_implementation(model, attention, packed=True):
+        cache = ContextCache(LogprobModel(model), 1.0, attention, trainable=False)
         for tb in pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
-                             node_tokens, budget=48):
-            lp = tree_logprobs(model, tb.to(device), 1.0, attention)[0]
+                             node_tokens, budget=48, context=context):
+            tb = tb.to(device)
+            lp = tree_logprobs(model, tb, 1.0, attention, cache.kv(tb))[0]
+            cache.done(tb)
             packed.update({tuple(o): v for o, v in zip(tb.origin.tolist(), lp)})
+        assert not cache.live
     first = {}
     for i, t in enumerate(trajs):
         for n in t.path:
@@ -132,11 +138,13 @@ def _per_token(model, trajs, node_tokens, attention="sdpa"):
     return torch.stack(got), torch.stack(want)
 
 
-@pytest.mark.parametrize("kind", ARCHS)
-def test_packed_log_probs_equal_per_trajectory(kind):
+@pytest.mark.parametrize("kind,context", [(kind, True) for kind in ARCHS] + [("qwen2", False)])
+def test_packed_log_probs_equal_per_trajectory(kind, context):
+    """With budgets of 48 tokens every tree is split: its groups attend to the prompt context run
+    once (``context``), or each lays out the prompt again."""
     model = tiny_model(kind)
     trajs, node_tokens = random_rollout(seed=1)
-    got, want = _per_token(model, trajs, node_tokens)
+    got, want = _per_token(model, trajs, node_tokens, context=context)
     assert len(got) == sum(sum(t.loss_mask) for t in trajs)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
@@ -218,49 +226,67 @@ def test_stand_in_micro_batches_change_nothing(packed_update):
         torch.testing.assert_close(a, b)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("budget", [16384, 48])
+def test_activation_checkpointing_gives_the_same_gradients(budget):
+    """Whole trees, and split ones whose prompt context's gradients go back through its one
+    checkpointed run."""
     model = tiny_model("llama")
     trajs, node_tokens = random_rollout(seed=8)
     adv = _advantages(trajs, node_tokens, "soft", seed=9)
-    _, plain, _ = _run(model, trajs, adv, node_tokens, gradient_checkpointing="false")
-    _, checkpointed, _ = _run(model, trajs, adv, node_tokens, gradient_checkpointing="true")
+    _, plain, _ = _run(model, trajs, adv, node_tokens, gradient_checkpointing="false", micro_batch_tokens=budget)
+    _, checkpointed, _ = _run(model, trajs, adv, node_tokens, gradient_checkpointing="true",
+                              micro_batch_tokens=budget)
     for a, b in zip(plain[0], checkpointed[0]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def _visible(batch) -> torch.Tensor:
-    return tree_mask(batch.subtree_end, "sdpa")[0, 0]
+    """bool [T, C + T]: which keys (the prompt contexts', then the row's) each row query sees."""
+    return tree_mask(batch.subtree_end, "sdpa", batch.context_lo, batch.context_hi)[0, 0]
 
 
-@pytest.mark.parametrize("budget", [10_000, 30, 1])
-def test_every_query_sees_exactly_its_own_path(budget):
-    """For every token of every packed row: the keys it sees are, in row order, one token per
-    position 0..its own, and read as a prompt and response prefix of a trajectory through it;
-    for a predicted token, exactly its trajectory's tokens before it."""
+def _keys(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and positions of a row's keys: its prompt contexts' (positions from 0), then its own."""
+    ids = [c.input_ids for c in batch.contexts] + [batch.input_ids]
+    positions = [torch.arange(c.tokens) for c in batch.contexts] + [batch.position_ids]
+    return torch.cat(ids), torch.cat(positions)
+
+
+@pytest.mark.parametrize("budget,context", [(10_000, True), (30, True), (30, False), (1, True)])
+def test_every_query_sees_exactly_its_own_path(budget, context):
+    """For every token of every packed row: the keys it sees (prompt contexts included) are, in
+    order, one token per position 0..its own, and read as a prompt and response prefix of a
+    trajectory through it; for a predicted token, exactly its trajectory's tokens before it. A
+    split tree's prompt goes through the model once with ``context``."""
     trajs, node_tokens = random_rollout(seed=10, prompts=4, initial=3, fork=0.8)
     batches = pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
-                         node_tokens, budget)
+                         node_tokens, budget, context=context)
     texts = {tuple(t.prompt_ids + t.response_ids) for t in trajs}
-    unique = sum(len(tr.prompt) + sum(n.length for n in tr.nodes[1:])
-                 for tr in build_trees(trajs, range(len(trajs)), node_tokens))
-    assert sum(b.tokens for b in batches) >= unique
+    trees = build_trees(trajs, range(len(trajs)), node_tokens)
+    unique = sum(len(tr.prompt) + sum(n.length for n in tr.nodes[1:]) for tr in trees)
+    contexts = {id(c): c.tokens for b in batches for c in b.contexts}
+    run = sum(b.tokens for b in batches) + sum(contexts.values())  # each context runs once
+    assert run >= unique
+    assert bool(contexts) == (context and budget < 10_000)
     if budget == 30:
-        assert sum(b.tokens for b in batches) > unique  # trees were split: context repeats
+        assert run > unique  # trees were split: each group lays out the prompt's last token at least
+        if context:  # the rest of the prompt is not repeated
+            assert sum(b.tokens for b in batches) < run - sum(len(tr.prompt) - 1 for tr in trees) + unique
         longest = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
         assert all(b.tokens <= max(budget, longest) for b in batches)
     for b in batches:
-        visible = _visible(b)
+        visible, (ids, positions) = _visible(b), _keys(b)
         for i in range(b.tokens):
             keys = visible[i].nonzero().flatten()
-            assert b.position_ids[keys].tolist() == list(range(int(b.position_ids[i]) + 1))
-            prefix = tuple(b.input_ids[keys].tolist())
+            assert positions[keys].tolist() == list(range(int(b.position_ids[i]) + 1))
+            prefix = tuple(ids[keys].tolist())
             assert any(text[:len(prefix)] == prefix for text in texts)
         for (t, k), h, target in zip(b.origin.tolist(), b.hidden_index.tolist(), b.targets.tolist()):
             keys = visible[h].nonzero().flatten()
-            assert b.input_ids[keys].tolist() == trajs[t].prompt_ids + trajs[t].response_ids[:k]
+            assert ids[keys].tolist() == trajs[t].prompt_ids + trajs[t].response_ids[:k]
             assert target == trajs[t].response_ids[k]
-        by_path = torch.zeros(b.tokens, b.tokens, dtype=torch.bool)  # what the CPU's sdpa runs
-        for keys, queries, mask in path_masks(b.path_keys, b.path_sizes):
+        by_path = torch.zeros_like(visible)  # what the CPU's sdpa runs
+        for keys, queries, mask in path_masks(b.path_keys, b.path_sizes, b.context_tokens):
             assert not by_path[queries].any()  # each row position is the query of one path
             by_path[queries[:, None], keys[None, :]] = mask
         assert torch.equal(by_path, visible)
@@ -292,30 +318,46 @@ def test_packed_flex_attention_gives_the_per_trajectory_logprobs(kind):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def _dense_blocks(num: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    dense = torch.zeros(indices.shape[-2:], dtype=torch.bool)
+    for q, (n, row) in enumerate(zip(num[0, 0].tolist(), indices[0, 0])):
+        dense[q, row[:n]] = True
+    return dense
+
+
 @pytest.mark.parametrize("block", [128, 16])
 def test_tree_block_mask_is_the_one_create_block_mask_finds(block):
-    """The block mask worked out from per-block subtree-end bounds equals, tensor for tensor,
-    the one ``create_block_mask`` builds by evaluating every (query, key) pair: rows of many
-    lengths (a multiple of the block too), whole and split trees."""
+    """The block mask worked out from per-block bounds equals, tensor for tensor, the one
+    ``create_block_mask`` builds by evaluating every (query, key) pair, on rows of many lengths (a
+    multiple of the block too), whole and split trees. With prompt contexts in front of the row its
+    whole blocks are the same and its partial ones may be more (each then goes through the mask)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    lengths = set()
+    lengths, with_context = set(), 0
     for seed, budget in itertools.product(range(3), (10_000, 300, 60)):
         trajs, node_tokens = random_rollout(seed=40 + seed, prompts=4, initial=3, fork=0.8)
-        rows = [b.subtree_end for b in pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs],
-                                                  range(len(trajs)), node_tokens, budget)]
-        rows.append(torch.full((2 * block,), 2 * block))  # one causal row, a whole number of blocks
-        for end in rows:
-            T = end.numel()
+        rows = pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
+                          node_tokens, budget)
+        causal = torch.full((2 * block,), 2 * block)  # one causal row, a whole number of blocks
+        for end, lo_c, hi_c in [(b.subtree_end, b.context_lo, b.context_hi) for b in rows] + [(causal, None, None)]:
+            lo, hi = key_bounds(end, lo_c, hi_c)
+            T, K = end.numel(), lo.numel()
             lengths.add(T)
-            got = tree_block_mask(end, block)
-            want = create_block_mask(lambda b, h, q, kv: (kv <= q) & (q < end[kv]), 1, None, T, T,
+            got = tree_block_mask(lo, hi, T, block)
+            want = create_block_mask(lambda b, h, q, kv: (lo[kv] <= q) & (q < hi[kv]), 1, None, T, K,
                                      device="cpu", BLOCK_SIZE=block)
             assert got.seq_lengths == want.seq_lengths and got.BLOCK_SIZE == want.BLOCK_SIZE
-            for a, b in zip(got.as_tuple(), want.as_tuple()):
-                if isinstance(a, torch.Tensor):
-                    assert torch.equal(a, b), (T, block)
-    assert len(lengths) > 10
+            if K == T:
+                for a, b in zip(got.as_tuple(), want.as_tuple()):
+                    if isinstance(a, torch.Tensor):
+                        assert torch.equal(a, b), (T, block)
+                continue
+            with_context += 1
+            full = _dense_blocks(got.full_kv_num_blocks, got.full_kv_indices)
+            assert torch.equal(full, _dense_blocks(want.full_kv_num_blocks, want.full_kv_indices))
+            partial = _dense_blocks(got.kv_num_blocks, got.kv_indices)
+            assert (partial | ~_dense_blocks(want.kv_num_blocks, want.kv_indices)).all()
+    assert len(lengths) > 10 and with_context
 
 
 def test_packed_flex_attention_is_compiled_once_for_rows_of_any_length(monkeypatch):

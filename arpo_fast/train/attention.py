@@ -88,22 +88,67 @@ def attention_implementation(model, name: str, packed: bool):
         config._attn_implementation = before
 
 
-def path_masks(path_keys: torch.Tensor, path_sizes: list[tuple[int, int]]) -> list[tuple]:
-    """Per path of a packed row (``packing.TreeBatch``): (keys: int64 [K] row positions, queries:
-    int64 [q] the last q of them, mask: bool [q, K], True where a query attends)."""
+def path_masks(path_keys: torch.Tensor, path_sizes: list[tuple[int, int]], context: int = 0) -> list[tuple]:
+    """Per path of a packed row (``packing.TreeBatch``): (keys: int64 [K] positions among the
+    ``context`` context keys then the row's, queries: int64 [q] the row positions of the last q of
+    them, mask: bool [q, K], True where a query attends)."""
     out = []
     for keys, (K, q) in zip(path_keys.split([k for k, _ in path_sizes]), path_sizes):
         depth = torch.arange(K, device=keys.device)
-        out.append((keys, keys[K - q:], depth[None, :] <= depth[K - q:, None]))
+        out.append((keys, keys[K - q:] - context, depth[None, :] <= depth[K - q:, None]))
     return out
 
 
+class ContextRun:
+    """``tree_context`` while a prompt context (``packing.PromptContext``) runs through the model
+    alone, causally: each layer's keys and values are kept (``keys``/``values`` by layer index; the
+    first ones, so a checkpointed layer's recomputation leaves them)."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+
+class ContextKV:
+    """``tree_context`` of a packed row with prompt contexts: per layer, their keys and values
+    ([1, Hkv, C, D], the row's contexts in order) go in front of the row's own."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys, self.values = keys, values
+
+
+def _with_context(module, key, value, tree_context) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values a layer attends over: the row's, after its contexts' (``ContextKV``);
+    a ``ContextRun`` keeps the layer's own."""
+    layer = module.layer_idx
+    if isinstance(tree_context, ContextRun):
+        tree_context.keys.setdefault(layer, key)
+        tree_context.values.setdefault(layer, value)
+        return key, value
+    return (torch.cat([tree_context.keys[layer].to(key.dtype), key], dim=2),
+            torch.cat([tree_context.values[layer].to(value.dtype), value], dim=2))
+
+
+def _causal(query, key, value, scaling) -> tuple[torch.Tensor, None]:
+    """Plain causal attention (a prompt context's own run), [1, T, H, D]."""
+    if key.shape[1] != query.shape[1]:
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def path_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                        tree_paths=None, **kwargs):
+                        tree_paths=None, tree_context=None, **kwargs):
     """Attention over a packed row, one ``scaled_dot_product_attention`` per path.
 
     ``query`` [1, H, T, D], ``key``/``value`` [1, Hkv, T, D]; ``tree_paths`` from
-    :func:`path_masks`. Returns ([1, T, H, D], None) as transformers' attention functions do."""
+    :func:`path_masks`; ``tree_context``: the row's contexts (``ContextKV``), or a ``ContextRun``.
+    Returns ([1, T, H, D], None) as transformers' attention functions do."""
+    if tree_context is not None:
+        key, value = _with_context(module, key, value, tree_context)
+        if isinstance(tree_context, ContextRun):
+            return _causal(query, key, value, scaling)
     if tree_paths is None:
         raise ValueError("the packed update's sdpa attention needs tree_paths (from path_masks)")
     if key.shape[1] != query.shape[1]:  # grouped heads: with a mask, CUDA's fused kernels want them whole
@@ -119,40 +164,54 @@ def path_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
     return torch.cat(outs, dim=2).index_select(2, order).transpose(1, 2).contiguous(), None
 
 
-def tree_mask(subtree_end: torch.Tensor, implementation: str):
-    """The attention mask of a packed row: ``subtree_end`` int64 [T] (``packing.TreeBatch``).
+def key_bounds(subtree_end: torch.Tensor, context_lo=None, context_hi=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) int64 [C + T]: key k (the C context keys, then the row's) is seen by the row's
+    queries lo[k] <= i < hi[k]; a row key j by j..subtree_end[j] - 1 (``packing.TreeBatch``)."""
+    lo, hi = torch.arange(subtree_end.numel(), device=subtree_end.device), subtree_end
+    if context_lo is not None and context_lo.numel():
+        lo, hi = torch.cat([context_lo, lo]), torch.cat([context_hi, hi])
+    return lo, hi
 
-    Returns a ``BlockMask`` for flex_attention (:func:`tree_block_mask`), else a bool [1, 1, T, T]
+
+def tree_mask(subtree_end: torch.Tensor, implementation: str, context_lo=None, context_hi=None):
+    """The attention mask of a packed row (``packing.TreeBatch``: ``subtree_end`` int64 [T], and
+    its contexts' query bounds, :func:`key_bounds`).
+
+    Returns a ``BlockMask`` for flex_attention (:func:`tree_block_mask`), else a bool [1, 1, T, C + T]
     (True: attend)."""
+    lo, hi = key_bounds(subtree_end, context_lo, context_hi)
     if implementation == "flex_attention":
-        return tree_block_mask(subtree_end)
-    i = torch.arange(subtree_end.numel(), device=subtree_end.device)
-    return ((i[None, :] <= i[:, None]) & (i[:, None] < subtree_end[None, :]))[None, None]
+        return tree_block_mask(lo, hi, subtree_end.numel())
+    i = torch.arange(subtree_end.numel(), device=subtree_end.device)[:, None]
+    return ((lo[None, :] <= i) & (i < hi[None, :]))[None, None]
 
 
-def tree_block_mask(subtree_end: torch.Tensor, block: int = FLEX_BLOCK):
-    """flex_attention's ``BlockMask`` of the tree rule, the same one ``create_block_mask`` finds by
-    evaluating every (query, key) pair, here from each key block's largest and smallest subtree end.
+def tree_block_mask(lo: torch.Tensor, hi: torch.Tensor, T: int, block: int = FLEX_BLOCK):
+    """flex_attention's ``BlockMask`` for T queries and keys seen by queries lo[k] <= i < hi[k]
+    (:func:`key_bounds`; without contexts, the same mask ``create_block_mask`` finds by evaluating
+    every (query, key) pair), here from per-block bounds of lo and hi.
 
-    Key j is seen by the queries j..subtree_end[j] - 1. So a key block before query block [a, b)
-    has some visible pair iff a key of it ends its subtree after a (its largest end > a), and all
-    pairs visible iff every key's subtree reaches b (its smallest end >= b); the diagonal block
-    always has some (each token sees itself) and is never whole (causal); later blocks have none.
-    A block that the row's end cuts short counts as partly visible, as ``create_block_mask`` pads
-    the mask with False."""
+    A query block [a, b) and a key block have all pairs visible iff every key's lo <= a and hi >= b
+    (and neither block is cut short by the end: ``create_block_mask`` pads with False); some pair
+    possibly visible iff some key's lo < b and some key's hi > a (for row keys, whose lo is their
+    own position, that is exact: the key block is not after the query block and one of its keys'
+    subtrees ends after a). The possibly-visible blocks that are not whole go through the mask."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    T, device = subtree_end.numel(), subtree_end.device
-    n = -(-T // block)
-    pad = n * block - T
-    ends = torch.nn.functional.pad(subtree_end, (0, pad), value=0).view(n, block)
-    largest = ends.amax(1)
-    smallest = torch.nn.functional.pad(subtree_end, (0, pad), value=T).view(n, block).amin(1)
-    blocks = torch.arange(n, device=device)
-    q_start, q_end = blocks * block, (blocks + 1) * block
-    before = blocks[None, :] < blocks[:, None]  # [query block, key block]
-    full = before & (smallest[None, :] >= q_end[:, None]) & (q_end[:, None] <= T)
-    some = (before | (blocks[None, :] == blocks[:, None])) & (largest[None, :] > q_start[:, None])
+    K, device = lo.numel(), lo.device
+    nq, nk = -(-T // block), -(-K // block)
+
+    def per_block(x: torch.Tensor, pad: int, reduce) -> torch.Tensor:
+        return reduce(torch.nn.functional.pad(x, (0, nk * block - K), value=pad).view(nk, block), 1)
+
+    big = T + K + 1
+    lo_min, lo_max = per_block(lo, big, torch.amin), per_block(lo, -1, torch.amax)
+    hi_min, hi_max = per_block(hi, big, torch.amin), per_block(hi, -1, torch.amax)
+    q_start = torch.arange(nq, device=device)[:, None] * block
+    q_end = q_start + block
+    whole_keys = (torch.arange(nk, device=device)[None, :] + 1) * block <= K
+    full = (lo_max[None, :] <= q_start) & (hi_min[None, :] >= q_end) & (q_end <= T) & whole_keys
+    some = (lo_min[None, :] < torch.clamp(q_end, max=T)) & (hi_max[None, :] > q_start)
     partial = some & ~full
 
     def ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,10 +220,10 @@ def tree_block_mask(subtree_end: torch.Tensor, block: int = FLEX_BLOCK):
         return dense.sum(-1).to(torch.int32), order.to(torch.int32)
 
     def visible(b, h, q, kv):
-        return (kv <= q) & (q < subtree_end[kv])
+        return (lo[kv] <= q) & (q < hi[kv])
 
     return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=(block, block),
-                                    mask_mod=visible, seq_lengths=(T, T))
+                                    mask_mod=visible, seq_lengths=(T, K))
 
 
 def flex_kernel(device: torch.device):
@@ -180,13 +239,20 @@ def flex_kernel(device: torch.device):
     return _compiled_flex[device.type, backend]
 
 
-def tree_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def tree_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                        tree_context=None, **kwargs):
     """flex_attention over a packed row with its ``BlockMask`` (:func:`tree_block_mask`).
 
-    ``query`` [1, H, T, D], ``key``/``value`` [1, Hkv, T, D]; on CUDA the kernel is compiled with
-    dynamic shapes, so rows of every length share it (:func:`flex_kernel`). Returns ([1, T, H, D], None) as transformers' attention functions do."""
+    ``query`` [1, H, T, D], ``key``/``value`` [1, Hkv, T, D]; ``tree_context`` as in
+    :func:`path_sdpa_attention`. On CUDA the kernel is compiled with dynamic shapes, so rows of
+    every length share it (:func:`flex_kernel`). Returns ([1, T, H, D], None) as transformers'
+    attention functions do."""
     if dropout:
         raise ValueError("the packed update's flex_attention runs without attention dropout")
+    if tree_context is not None:
+        key, value = _with_context(module, key, value, tree_context)
+        if isinstance(tree_context, ContextRun):
+            return _causal(query, key, value, scaling)
     if query.shape[1] & (query.shape[1] - 1):  # flex_attention's grouped heads want a power of two
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)

@@ -15,12 +15,18 @@ path (prompt length + offset in the response), exactly what the model saw in the
 
 **Micro-batches.** Several trees share one packed row, with no padding, as long as their tokens fit
 ``budget`` (``--micro-batch-tokens``). A larger tree is split into groups of trajectories; each
-group carries the prompt and every ancestor of its nodes as context, so its layout is the union of
-its trajectories' paths and stays within the budget. Groups take whole subtrees of the prompt where
-they fit (then only the prompt repeats), else runs of depth-first consecutive paths. A node's loss
-counts in the first group that holds it (each token's loss exactly once); elsewhere it is context
-only. Only a single path longer than the budget exceeds it (it goes alone, as in the
-per-trajectory update). Pieces go into micro-batches first-fit by decreasing size.
+group carries every ancestor of its nodes as context, so its layout is the union of its
+trajectories' paths and stays within the budget. Groups take whole subtrees of the prompt where
+they fit, else runs of depth-first consecutive paths. A node's loss counts in the first group that
+holds it (each token's loss exactly once); elsewhere it is context only. Only a single path longer
+than the budget exceeds it (it goes alone, as in the per-trajectory update). Pieces go into
+micro-batches first-fit by decreasing size.
+
+**Prompt context.** The groups of a split tree all begin with its prompt. With ``context`` (the
+default), a group lays out only the prompt's last token; the rest of the prompt is a
+:class:`PromptContext`, run through the model once for the whole tree, whose keys and values every
+token of the group attends to in front of the row (``TreeBatch.contexts``; the update carries their
+gradients back through that one run). So no prompt token goes through the model twice.
 
 **Copies.** A predicted token stands for every trajectory through its node: its advantages reach
 the loss as sums over those copies (``arpo_fast.algo.CopyAdvantages``), which is exact because the
@@ -37,6 +43,20 @@ import numpy as np
 import torch
 
 from arpo_fast.algo import CopyAdvantages
+
+
+class PromptContext:
+    """The prompt of a split tree but its last token (positions 0..P-2), shared by the tree's groups:
+    the update runs it once and hands its keys and values to every micro-batch that holds a group
+    (``groups`` of them). Identified by the object itself."""
+
+    def __init__(self, input_ids: torch.Tensor, groups: int):
+        self.input_ids = input_ids  # int64 [P - 1], on the host
+        self.groups = groups
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
 
 
 @dataclass
@@ -60,10 +80,20 @@ class TreeBatch:
     piece_starts: list[int]      # where each piece starts in the row, then T (cu_seqlens of chains)
     model_tokens: int            # model-written tokens counted per copy (copies.count's sum)
     dummy: bool = False          # a stand-in that counts for nothing (distributed.py: equal counts)
+    # Prompt contexts the row attends to, their keys in this order in front of the row's own (C in
+    # all); path_keys count those C keys first. Context key c is seen by the row's queries
+    # context_lo[c] <= i < context_hi[c] (the group it is the prompt of).
+    contexts: list[PromptContext] = field(default_factory=list)
+    context_lo: Optional[torch.Tensor] = None   # int64 [C]
+    context_hi: Optional[torch.Tensor] = None   # int64 [C]
 
     @property
     def tokens(self) -> int:
         return self.input_ids.numel()
+
+    @property
+    def context_tokens(self) -> int:
+        return sum(c.tokens for c in self.contexts)
 
     def to(self, device) -> TreeBatch:
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
@@ -172,45 +202,53 @@ class _Piece:
     tree: Tree
     nodes: set[int]       # laid out: the union of some paths (closed under ancestors)
     owned: set[int]       # whose loss counts here
-    size: int
+    size: int             # tokens laid out in the row
+    context: Optional[PromptContext] = None  # the prompt but its last token, run apart
 
 
-def split_tree(tree: Tree, budget: int) -> list[_Piece]:
+def split_tree(tree: Tree, budget: int, context: bool = True) -> list[_Piece]:
     """The tree whole if it fits ``budget`` tokens. Else the prompt's subtrees go first-fit into
-    groups that each carry the prompt once more; a subtree too big for any group is cut into runs of
+    groups that each begin with the prompt; a subtree too big for any group is cut into runs of
     consecutive (depth-first) paths, each carrying its ancestors. A node is owned by the first
-    group holding it."""
+    group holding it. With ``context`` (and a prompt longer than one token) the groups share one
+    :class:`PromptContext` and each lays out only the prompt's last token."""
     everything = set(range(len(tree.nodes)))
     if tree.size <= budget:
         return [_Piece(tree, everything, everything, tree.size)]
-    prompt = tree.nodes[0].length
+    shared = context and tree.nodes[0].length > 1
+    prompt = 1 if shared else tree.nodes[0].length  # prompt tokens a group lays out
     units = [set(_preorder(tree.nodes, root=c)) for c in tree.nodes[0].children]
     sizes = [sum(tree.nodes[u].length for u in unit) for unit in units]
     fits = [i for i, size in enumerate(sizes) if prompt + size <= budget]
     groups = [({0}.union(*(units[fits[i]] for i in b)), prompt + sum(sizes[fits[i]] for i in b))
               for b in _first_fit([sizes[i] for i in fits], budget - prompt)]
     for i in sorted(set(range(len(units))) - set(fits)):
-        groups += _path_runs(tree, [p for _, p in tree.paths if p[1] in units[i]], budget)
+        groups += _path_runs(tree, [p for _, p in tree.paths if p[1] in units[i]], budget, prompt)
+    carried = PromptContext(_long(tree.prompt[:-1]), len(groups)) if shared else None
     pieces, seen = [], set()
     for nodes, size in groups:
-        pieces.append(_Piece(tree, nodes, nodes - seen, size))
+        pieces.append(_Piece(tree, nodes, nodes - seen, size, carried))
         seen |= nodes
     return pieces
 
 
-def _path_runs(tree: Tree, paths: list[list[int]], budget: int) -> list[tuple[set[int], int]]:
-    """Runs of consecutive paths whose union (ancestors included) fits ``budget`` tokens (a single
-    longer path makes a run of its own)."""
+def _path_runs(tree: Tree, paths: list[list[int]], budget: int, prompt: int) -> list[tuple[set[int], int]]:
+    """Runs of consecutive paths whose union (ancestors included, ``prompt`` tokens of the prompt)
+    fits ``budget`` tokens (a single longer path makes a run of its own)."""
     runs: list[tuple[set[int], int]] = []
     current: set[int] = set()
     size = 0
+
+    def tokens(nodes) -> int:
+        return sum(prompt if u == 0 else tree.nodes[u].length for u in nodes)
+
     for path in paths:
         new = [u for u in path if u not in current]
-        extra = sum(tree.nodes[u].length for u in new)
+        extra = tokens(new)
         if current and size + extra > budget:
             runs.append((current, size))
             current, size = set(), 0
-            new, extra = path, sum(tree.nodes[u].length for u in path)
+            new, extra = path, tokens(path)
         current.update(new)
         size += extra
     return runs + [(current, size)]
@@ -232,13 +270,15 @@ def _first_fit(sizes: list[int], budget: int) -> list[list[int]]:
 
 
 def pack_trees(trajectories, advantages: Sequence[torch.Tensor], rows: Sequence[int],
-               node_tokens: Optional[Mapping[int, int]], budget: int, share: bool = True) -> list[TreeBatch]:
+               node_tokens: Optional[Mapping[int, int]], budget: int, share: bool = True,
+               context: bool = True) -> list[TreeBatch]:
     """The micro-batches of trajectories ``rows`` (host tensors; see the module docstring).
 
     ``advantages``: per trajectory (indexed like ``trajectories``), fp32 [len(response)]; a token's
-    copies bring theirs together (``CopyAdvantages``)."""
+    copies bring theirs together (``CopyAdvantages``). ``context``: split trees share their prompt
+    as a :class:`PromptContext` (else each group lays the prompt out again)."""
     pieces = [p for tree in build_trees(trajectories, rows, node_tokens, share)
-              for p in split_tree(tree, budget)]
+              for p in split_tree(tree, budget, context and share)]
     return [_layout([pieces[i] for i in b], trajectories, advantages)
             for b in _first_fit([p.size for p in pieces], budget)]
 
@@ -255,9 +295,11 @@ class _Row:
         self.mask: list[int] = []
         self.rollout: list[float] = []
         self.copies: list[CopyAdvantages] = []
-        self.path_keys: list[np.ndarray] = []
+        self.path_keys: list[tuple[int, np.ndarray]] = []  # (context number or -1, row positions)
         self.path_sizes: list[tuple[int, int]] = []
         self.starts: list[int] = []
+        self.contexts: list[PromptContext] = []
+        self.context_spans: list[tuple[int, int]] = []  # the row positions each context is seen from
 
 
 def _layout(pieces: list[_Piece], trajectories, advantages) -> TreeBatch:
@@ -270,13 +312,21 @@ def _layout(pieces: list[_Piece], trajectories, advantages) -> TreeBatch:
     at, hidden, origin = _predicted(row.nodes)
     keep = torch.from_numpy(np.array(row.mask, dtype=bool)).nonzero().flatten()  # model-written only
     copies = CopyAdvantages.cat(row.copies).select(keep)
+    sizes = [c.tokens for c in row.contexts]
+    offsets, C = np.cumsum([0] + sizes[:-1], dtype=np.int64), sum(sizes)
+    path_keys = [keys + C if c < 0 else np.concatenate([np.arange(offsets[c], offsets[c] + sizes[c]), keys + C])
+                 for c, keys in row.path_keys]
+    bounds = np.array([span for span, n in zip(row.context_spans, sizes) for _ in range(n)],
+                      dtype=np.int64).reshape(-1, 2)
     return TreeBatch(
         input_ids=ids, position_ids=_long(row.pos), subtree_end=_long(row.end), hidden_index=hidden[keep],
         targets=ids[at[keep]], copies=copies,
         rollout_logprobs=torch.from_numpy(np.array(row.rollout, dtype=np.float32))[keep],
-        origin=origin[keep], path_sizes=row.path_sizes,
-        path_keys=torch.from_numpy(np.concatenate(row.path_keys or [np.zeros(0, np.int64)])),
-        piece_starts=row.starts, model_tokens=int(copies.count.sum()))
+        origin=origin[keep], path_sizes=[(K + (sizes[c] if c >= 0 else 0), q)
+                                         for (c, _), (K, q) in zip(row.path_keys, row.path_sizes)],
+        path_keys=torch.from_numpy(np.concatenate(path_keys or [np.zeros(0, np.int64)])),
+        piece_starts=row.starts, model_tokens=int(copies.count.sum()), contexts=row.contexts,
+        context_lo=torch.from_numpy(bounds[:, 0].copy()), context_hi=torch.from_numpy(bounds[:, 1].copy()))
 
 
 def _predicted(nodes: list[tuple[int, int, int, int, int]]) -> tuple[torch.Tensor, ...]:
@@ -301,12 +351,14 @@ def _lay_piece(row: _Row, piece: _Piece, trajectories, advantages) -> None:
     spans: dict[int, tuple[int, int]] = {}
     last: dict[int, int] = {}    # node -> row index of the last token on its path so far
     order = _preorder(tree.nodes, piece.nodes)
+    first = len(row.ids)
     for u in order:
         node = tree.nodes[u]
         a = len(row.ids)
         if u == 0:
-            row.ids.extend(tree.prompt)
-            row.pos.extend(range(prompt_len))
+            laid = 1 if piece.context is not None else prompt_len  # the rest is the context
+            row.ids.extend(tree.prompt[prompt_len - laid:])
+            row.pos.extend(range(prompt_len - laid, prompt_len))
         else:
             t = trajectories[node.first]
             row.ids.extend(t.response_ids[node.start:node.start + node.length])
@@ -323,12 +375,17 @@ def _lay_piece(row: _Row, piece: _Piece, trajectories, advantages) -> None:
     for u in order:
         a, b = spans[u]
         row.end.extend([subtree_end[u]] * (b - a))
-    _paths(row, piece, spans)
+    context = -1
+    if piece.context is not None:
+        context = len(row.contexts)
+        row.contexts.append(piece.context)
+        row.context_spans.append((first, len(row.ids)))
+    _paths(row, piece, spans, context)
 
 
-def _paths(row: _Row, piece: _Piece, spans: dict[int, tuple[int, int]]) -> None:
-    """Each path of the piece as keys, its nodes no earlier path covered as its queries (in
-    depth-first order these are the path's last nodes)."""
+def _paths(row: _Row, piece: _Piece, spans: dict[int, tuple[int, int]], context: int) -> None:
+    """Each path of the piece as keys (after the ``context``'s, if any), its nodes no earlier path
+    covered as its queries (in depth-first order these are the path's last nodes)."""
     covered: set[int] = set()
     for _, path in piece.tree.paths:
         if not piece.nodes.issuperset(path) or covered.issuperset(path):
@@ -337,7 +394,7 @@ def _paths(row: _Row, piece: _Piece, spans: dict[int, tuple[int, int]]) -> None:
         queries = sum(spans[u][1] - spans[u][0] for u in path if u not in covered)
         covered.update(path)
         if queries:
-            row.path_keys.append(keys)
+            row.path_keys.append((context, keys))
             row.path_sizes.append((len(keys), queries))
 
 

@@ -7,7 +7,8 @@ groups), one optimizer step each, as in the reference (128 prompts per step in m
 - tree-packed (``packed_update``, the default; ``packing.py``): each prompt's tree is laid out once,
   so the prompt and every branch-shared token go through the model once, with no padding, under a
   mask that keeps each token on its own path (``attention.py``); a shared token's copies meet in
-  one loss term (``algo.shared_policy_loss``), exactly the per-copy loss;
+  one loss term (``algo.shared_policy_loss``), exactly the per-copy loss; a tree split over
+  several micro-batches runs its prompt once (``contexts.py``);
 - per trajectory (``packed_update=False``): every trajectory from its first token, right-padded
   (padding-free under flash-attn's varlen kernels), the reference's layout.
 
@@ -40,7 +41,8 @@ from arpo_fast.settings import require_counts, require_non_negative, setting
 from arpo_fast.train.attention import (IMPLEMENTATIONS, activation_checkpointing, attention_implementation,
                                        check_model, path_masks, resolve_attention, resolve_checkpointing,
                                        tree_mask)
-from arpo_fast.train.packing import TreeBatch, pack_trees
+from arpo_fast.train.contexts import ContextCache, context_order
+from arpo_fast.train.packing import PromptContext, TreeBatch, pack_trees
 
 
 @dataclass
@@ -111,18 +113,24 @@ def token_logprobs(model, batch: PackedBatch, temperature: float) -> tuple[torch
     return logprob_entropy(hidden, model.lm_head.weight, batch.targets, temperature)
 
 
-def tree_logprobs(model, batch: TreeBatch, temperature: float,
-                  implementation: str) -> tuple[torch.Tensor, torch.Tensor]:
+def tree_logprobs(model, batch: TreeBatch, temperature: float, implementation: str,
+                  context=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy (fp32 [n]) of each predicted token of a packed row, the model's
-    attention running as ``implementation`` (set with ``attention.attention_implementation``)."""
+    attention running as ``implementation`` (set with ``attention.attention_implementation``);
+    ``context``: the keys and values of the row's prompt contexts (``contexts.ContextCache``)."""
+    if batch.contexts and context is None:
+        raise ValueError("a packed row with prompt contexts needs their keys and values")
     if implementation == "flash_attention_2":  # independent sequences: varlen, no mask
         cu = torch.tensor(batch.piece_starts, dtype=torch.int32, device=batch.input_ids.device)
         longest = max(b - a for a, b in zip(batch.piece_starts, batch.piece_starts[1:]))
         attend = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     elif implementation == "flex_attention":
-        attend = dict(attention_mask=tree_mask(batch.subtree_end, implementation))
+        attend = dict(attention_mask=tree_mask(batch.subtree_end, implementation, batch.context_lo,
+                                               batch.context_hi))
     else:
-        attend = dict(tree_paths=path_masks(batch.path_keys, batch.path_sizes))
+        attend = dict(tree_paths=path_masks(batch.path_keys, batch.path_sizes, batch.context_tokens))
+    if batch.contexts:
+        attend["tree_context"] = context
     hidden = model.model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
                          use_cache=False, **attend).last_hidden_state[0]
     return logprob_entropy(hidden.index_select(0, batch.hidden_index), model.lm_head.weight,
@@ -130,19 +138,25 @@ def tree_logprobs(model, batch: TreeBatch, temperature: float,
 
 
 class LogprobModel(torch.nn.Module):
-    """The policy as the update uses it: ``forward(batch, temperature, attention)`` returns the
-    log-probs and entropies of a micro-batch's predicted tokens (:func:`token_logprobs` for a
-    :class:`PackedBatch`, :func:`tree_logprobs` for a ``TreeBatch``). One module call, so that
-    under FSDP2 the root's parameters (embedding, final norm, LM head) are gathered for exactly
-    that computation."""
+    """The policy as the update uses it: ``forward(batch, temperature, attention, context)``
+    returns the log-probs and entropies of a micro-batch's predicted tokens (:func:`token_logprobs`
+    for a :class:`PackedBatch`, :func:`tree_logprobs` for a ``TreeBatch``), or for a
+    ``PromptContext`` the decoder's output on it (its keys and values go to ``context``, an
+    ``attention.ContextRun``). One module call, so that under FSDP2 the root's parameters
+    (embedding, final norm, LM head) are gathered for exactly that computation."""
 
     def __init__(self, policy: torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, batch, temperature: float, attention: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch, temperature: float, attention: str = "sdpa", context=None):
+        if isinstance(batch, PromptContext):  # a prompt context alone; ``context``: its ContextRun
+            ids = batch.input_ids.to(self.policy.device)[None]
+            positions = torch.arange(ids.shape[1], device=ids.device)[None]
+            return self.policy.model(input_ids=ids, position_ids=positions, use_cache=False,
+                                     tree_context=context).last_hidden_state
         if isinstance(batch, TreeBatch):
-            logprobs, entropy = tree_logprobs(self.policy, batch, temperature, attention)
+            logprobs, entropy = tree_logprobs(self.policy, batch, temperature, attention, context)
         else:
             logprobs, entropy = token_logprobs(self.policy, batch, temperature)
         return logprobs.clone(), entropy.clone()  # not views: FSDP2 hooks the outputs for backward
@@ -264,12 +278,16 @@ def is_weights(old: torch.Tensor, rollout: torch.Tensor, cap: float) -> torch.Te
 
 
 def _plans(trajectories, advantages, cfg: UpdateConfig, pad_id: int, device, attention: str,
-           node_tokens, groups: list[list[int]]) -> list[list]:
-    """Per mini-batch (``groups`` of trajectory indices), its micro-batches on ``device``."""
+           node_tokens, groups: list[list[int]], context: bool) -> list[list]:
+    """Per mini-batch (``groups`` of trajectory indices), its micro-batches on ``device``;
+    ``context``: split trees run their prompt once (``packing.PromptContext``), and the groups of a
+    tree come one after another."""
     if cfg.packed_update or attention == "flash_attention_2":  # padding-free rows
-        return [[b.to(device) for b in pack_trees(trajectories, advantages, share, node_tokens,
-                                                  cfg.micro_batch_tokens, share=cfg.packed_update)]
-                for share in groups]
+        plans = [[b.to(device) for b in pack_trees(trajectories, advantages, share, node_tokens,
+                                                   cfg.micro_batch_tokens, share=cfg.packed_update,
+                                                   context=context)]
+                 for share in groups]
+        return [context_order(plan) for plan in plans]
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
     return [[pack(trajectories, [share[j] for j in g], pad_id, device)
              for g in micro_batches([lengths[i] for i in share], cfg.micro_batch_tokens)]
@@ -282,6 +300,7 @@ def _weights(batch) -> torch.Tensor:
 
 
 def _forward_tokens(batch) -> int:
+    """The row's tokens (its prompt contexts are counted once each, by ``ContextCache``)."""
     return batch.tokens if isinstance(batch, TreeBatch) else batch.input_ids.numel()
 
 
@@ -353,7 +372,10 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
         groups = [[] for _ in range(num_mini_batches)]
         for i, k in enumerate(mini_batch_ids):
             groups[k].append(i)
-    plans = _plans(trajectories, advantages, cfg, pad_id, device, attention, node_tokens, groups)
+    # Prompt contexts in one process only: ranks would run different numbers of them, and FSDP2
+    # needs the same module calls on every rank.
+    plans = _plans(trajectories, advantages, cfg, pad_id, device, attention, node_tokens, groups,
+                   context=dist is None)
     plan_tokens = [sum(b.model_tokens for b in plan) for plan in plans]
     if dist is not None:  # global token counts; the same number of micro-batches on every rank
         plan_tokens = dist.sum(plan_tokens)
@@ -371,33 +393,42 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
 
 def _run(scorer, reference, optimizer, plans, plan_tokens, scale: float, advantages, cfg: UpdateConfig,
          temperature: float, attention: str) -> dict:
-    old = {}
+    old, forward = {}, 0
     with torch.no_grad():  # later mini-batches see a moved policy: keep the rollout policy's values
-        for batch in (b for plan in plans[1:] for b in plan):
-            old[id(batch)] = scorer(batch, temperature, attention)[0]
+        for plan in plans[1:]:
+            cache = ContextCache(scorer, temperature, attention, trainable=False)
+            for batch in plan:
+                old[id(batch)] = scorer(batch, temperature, attention, cache.kv(batch))[0]
+                cache.done(batch)
+            forward += cache.tokens
     sums: dict[str, float] = {}
     mismatch = _Mismatch()
-    tokens = skipped = forward = 0
+    tokens = skipped = 0
     grad_norm = 0.0
     for plan, total in zip(plans, plan_tokens):
+        cache = ContextCache(scorer, temperature, attention, trainable=True)
+        ref_cache = ContextCache(reference, temperature, attention, trainable=False)
         for batch in plan:
-            logprobs, entropy = scorer(batch, temperature, attention)
+            logprobs, entropy = scorer(batch, temperature, attention, cache.kv(batch))
             old_lp = old.get(id(batch), logprobs.detach())
             ref_lp = None
             if cfg.kl_coef:
                 with torch.no_grad():
-                    ref_lp = reference(batch, temperature, attention)[0]
+                    ref_lp = reference(batch, temperature, attention, ref_cache.kv(batch))[0]
+                    ref_cache.done(batch)
             if _is_dummy(batch):  # gradients of zero, collectives as on the other ranks
                 (logprobs.sum() * 0.0).backward()
                 continue
             mismatch.add(old_lp, batch.rollout_logprobs, _weights(batch))
             loss, metrics = _loss(batch, logprobs, old_lp, entropy, ref_lp, advantages, cfg, sums)
             (loss * (batch.model_tokens * scale / max(total, 1))).backward()
+            cache.done(batch)  # a split tree's last group: its prompt context's backward
             metrics.pop("tokens")
             metrics["loss"] = float(loss.detach())
             _add(sums, {k: v * batch.model_tokens for k, v in metrics.items()})
             tokens += batch.model_tokens
             forward += _forward_tokens(batch) * (2 if id(batch) in old else 1)
+        forward += cache.tokens
         grad_norm = optimizer.clip_and_step(cfg.grad_clip)
         skipped += not math.isfinite(grad_norm)  # a NaN/inf gradient: the step was dropped
         optimizer.zero_grad()
