@@ -470,6 +470,32 @@ def test_auto_attention_per_device():
         UpdateConfig(gradient_checkpointing="sometimes")
 
 
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_flex_attention_update_with_prompt_contexts_matches_per_trajectory_on_the_cpu(checkpointing, monkeypatch):
+    """The packed rows' flex_attention path, forward and backward, with split trees whose groups
+    attend to their prompt context: eager flex_attention on the CPU (torch refuses its CPU backward
+    up front; its eager reference is device-agnostic, so the check is lifted here) gives the
+    per-trajectory update's loss and gradients."""
+    import torch.nn.attention.flex_attention as flex
+
+    if not hasattr(flex, "_validate_device"):
+        pytest.skip("this torch checks flex_attention's device elsewhere")
+    monkeypatch.setattr(flex, "_validate_device", lambda *args, **kwargs: None)
+    model = tiny_model("qwen2", seed=17)
+    trajs, node_tokens = random_rollout(seed=18, prompts=3)
+    adv = _advantages(trajs, node_tokens, "soft", seed=19)
+    cfg = dict(mini_batch_prompts=2, micro_batch_tokens=48, grad_clip=0.0, gradient_checkpointing=checkpointing)
+    with warnings.catch_warnings():  # flex_attention uncompiled says it is slow
+        warnings.simplefilter("ignore")
+        packed, g1, _ = _run(model, trajs, adv, node_tokens, lr=0.2, attn_implementation="flex_attention", **cfg)
+    plain, g2, _ = _run(model, trajs, adv, node_tokens, lr=0.2, packed_update=False, **cfg)
+    assert packed["forward_tokens"] < plain["forward_tokens"]
+    assert packed["loss"] == pytest.approx(plain["loss"], rel=1e-5, abs=1e-6)
+    for step1, step2 in zip(g1, g2, strict=True):
+        for a, b in zip(step1, step2):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["flex_attention", "sdpa"])
 def test_packed_update_on_cuda_matches_per_trajectory(attention):
