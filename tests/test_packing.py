@@ -362,9 +362,9 @@ def test_tree_block_mask_is_the_one_create_block_mask_finds(block):
 
 def test_packed_flex_attention_is_compiled_once_for_rows_of_any_length(monkeypatch):
     """The compiled flex_attention of the packed rows serves rows of every length without
-    compiling again (a compile per new micro-batch length would cost seconds each on a GPU): one
-    graph for rows of one block and one for the rest. A counting torch.compile backend stands in
-    for inductor on the CPU."""
+    compiling again (a compile per new micro-batch length would cost seconds each on a GPU): a
+    graph for rows of one block and one for longer rows, each for rows without and with prompt
+    contexts in front. A counting torch.compile backend stands in for inductor on the CPU."""
     from arpo_fast.train import attention
 
     graphs = []
@@ -376,17 +376,19 @@ def test_packed_flex_attention_is_compiled_once_for_rows_of_any_length(monkeypat
     monkeypatch.setitem(attention.FLEX_COMPILE, "cpu", counting)
     monkeypatch.setattr(attention, "_compiled_flex", {})
     torch._dynamo.reset()
-    model, lengths = tiny_model("qwen2"), set()
+    model, rows = tiny_model("qwen2"), []
     with torch.no_grad(), attention_implementation(model, "flex_attention", packed=True):
-        for seed in range(2):
+        cache = ContextCache(LogprobModel(model), 1.0, "flex_attention", trainable=False)
+        for seed, budget in itertools.product(range(2), (700, 150)):
             trajs, node_tokens = random_rollout(seed=50 + seed, prompts=8, initial=4, fork=0.8)
             for b in pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
-                                node_tokens, 700):
-                lengths.add(b.tokens)
-                tree_logprobs(model, b, 1.0, "flex_attention")
+                                node_tokens, budget):
+                rows.append((b.tokens, b.context_tokens))
+                tree_logprobs(model, b, 1.0, "flex_attention", cache.kv(b))
+                cache.done(b)
     torch._dynamo.reset()
-    assert len(lengths) >= 6 and any(n <= 128 for n in lengths)
-    assert len(graphs) == 2, (sorted(lengths), len(graphs))
+    assert len(set(rows)) >= 20 and any(t <= 128 for t, _ in rows) and any(c for _, c in rows)
+    assert len(graphs) <= 4, (sorted(rows), len(graphs))
 
 
 def test_a_node_holding_other_tokens_is_refused():

@@ -10,8 +10,8 @@ through the model's own forward, its attention as one of:
   j <= i < subtree_end[j]); blocks outside every path are skipped, so attention costs what the
   paths cost, not T^2. The block mask is worked out from per-block bounds of ``subtree_end``
   (no T x T mask, nothing compiled), and ``flex_attention`` is compiled with dynamic shapes: one
-  graph serves rows of every length (a second one rows of a single block), so a new micro-batch
-  length does not compile it again.
+  graph serves rows of every length (others rows of a single block, and rows with prompt contexts
+  in front: at most four), so a new micro-batch length does not compile it again.
 - ``sdpa`` (the CPU, tests): ``scaled_dot_product_attention`` once per path of the row, the path's
   keys gathered and an explicit boolean mask (causal, ending at the path's own queries): each row
   position is the query of exactly one path, and the cost is that of the paths too.
@@ -125,8 +125,14 @@ def _with_context(module, key, value, tree_context) -> tuple[torch.Tensor, torch
         tree_context.keys.setdefault(layer, key)
         tree_context.values.setdefault(layer, value)
         return key, value
-    return (torch.cat([tree_context.keys[layer].to(key.dtype), key], dim=2),
-            torch.cat([tree_context.values[layer].to(value.dtype), value], dim=2))
+    return _after(tree_context.keys[layer], key), _after(tree_context.values[layer], value)
+
+
+def _after(context: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """``context`` then ``own`` along the sequence ([1, heads, len, D]), laid out as the layer's
+    own keys are (a transposed [1, len, heads, D]), so that rows with and without contexts share
+    one compiled flex_attention."""
+    return torch.cat([context.to(own.dtype).transpose(1, 2), own.transpose(1, 2)], dim=1).transpose(1, 2)
 
 
 def _causal(query, key, value, scaling) -> tuple[torch.Tensor, None]:
