@@ -206,13 +206,12 @@ def tree_block_mask(lo: torch.Tensor, hi: torch.Tensor, T: int, block: int = FLE
 
     K, device = lo.numel(), lo.device
     nq, nk = -(-T // block), -(-K // block)
-
-    def per_block(x: torch.Tensor, pad: int, reduce) -> torch.Tensor:
-        return reduce(torch.nn.functional.pad(x, (0, nk * block - K), value=pad).view(nk, block), 1)
-
-    big = T + K + 1
-    lo_min, lo_max = per_block(lo, big, torch.amin), per_block(lo, -1, torch.amax)
-    hi_min, hi_max = per_block(hi, big, torch.amin), per_block(hi, -1, torch.amax)
+    # Keys past the end (the last block's padding) are seen by no query; the mask reads these
+    # padded bounds, so it never indexes past them.
+    lo = torch.nn.functional.pad(lo, (0, nk * block - K), value=T + 1)
+    hi = torch.nn.functional.pad(hi, (0, nk * block - K), value=0)
+    lo_min, lo_max = lo.view(nk, block).amin(1), lo.view(nk, block).amax(1)
+    hi_min, hi_max = hi.view(nk, block).amin(1), hi.view(nk, block).amax(1)
     q_start = torch.arange(nq, device=device)[:, None] * block
     q_end = q_start + block
     whole_keys = (torch.arange(nk, device=device)[None, :] + 1) * block <= K
