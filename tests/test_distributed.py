@@ -91,10 +91,13 @@ ROLLOUT_KEYS = ("reward", "correct", "format_ok", "trajectories", "branch_points
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, script):
-    """One process and two processes, two steps each, on the same prompts."""
+    """One process and two processes, two steps each, on the same prompts; 40-token micro-batches
+    split the trees, so their prompts run apart (in one process when first needed, under torchrun
+    up front on every rank)."""
     root = tmp_path_factory.mktemp("dist")
-    _ok(_run(0, STEPS + ["--steps", "2", "--out", str(root / "one")], script))
-    _ok(_run(2, STEPS + ["--steps", "2", "--out", str(root / "two")], script))
+    split = ["--steps", "2", "--micro-batch-tokens", "40"]
+    _ok(_run(0, STEPS + split + ["--out", str(root / "one")], script))
+    _ok(_run(2, STEPS + split + ["--out", str(root / "two")], script))
     return root
 
 
@@ -103,6 +106,7 @@ def test_two_processes_train_the_same_weights_as_one(runs):
     for a, b in zip(one, two):
         assert {k: a[k] for k in ROLLOUT_KEYS} == {k: b[k] for k in ROLLOUT_KEYS}
         assert a["optimizer_steps"] == b["optimizer_steps"] == 2
+        assert a["forward_tokens"] == b["forward_tokens"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["weight_refresh_mb"] > 0  # the rollout copies were refreshed from the shards

@@ -213,14 +213,18 @@ class _OneRankOfMany:
         return [v + 1 for v in values]
 
 
-@pytest.mark.parametrize("packed_update", [True, False])
-def test_stand_in_micro_batches_change_nothing(packed_update):
+@pytest.mark.parametrize("packed_update,budget", [(True, 16384), (False, 16384), (True, 48)])
+def test_stand_in_micro_batches_change_nothing(packed_update, budget):
+    """Stand-in micro-batches, and with split trees (48-token rows) the prompt contexts run up
+    front with stand-in context runs beside them, as under torchrun: the same update."""
     model = tiny_model("qwen2")
     trajs, node_tokens = random_rollout(seed=26)
     adv = _advantages(trajs, node_tokens, "soft", seed=27)
-    cfg = dict(mini_batch_prompts=2, packed_update=packed_update)
-    alone, g1, _ = _run(model, trajs, adv, node_tokens, lr=0.2, **cfg)
-    padded, g2, _ = _run(model, trajs, adv, node_tokens, lr=0.2, dist=_OneRankOfMany(), **cfg)
+    cfg = dict(mini_batch_prompts=2, packed_update=packed_update, micro_batch_tokens=budget, kl_coef=0.1)
+    reference = tiny_model("qwen2", seed=5)
+    alone, g1, _ = _run(model, trajs, adv, node_tokens, lr=0.2, reference=reference, **cfg)
+    padded, g2, _ = _run(model, trajs, adv, node_tokens, lr=0.2, dist=_OneRankOfMany(), reference=reference,
+                         **cfg)
     assert padded == pytest.approx(alone)
     for a, b in zip(g1[-1], g2[-1]):
         torch.testing.assert_close(a, b)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+from typing import Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -102,11 +103,28 @@ def path_masks(path_keys: torch.Tensor, path_sizes: list[tuple[int, int]], conte
 class ContextRun:
     """``tree_context`` while a prompt context (``packing.PromptContext``) runs through the model
     alone, causally: each layer's keys and values are kept (``keys``/``values`` by layer index; the
-    first ones, so a checkpointed layer's recomputation leaves them)."""
+    first ones, so a checkpointed layer's recomputation leaves them). With ``inject`` they pass
+    through an identity whose backward adds the gradient of the leaf later put in their slot
+    (``slots[layer, "key" or "value"]``, a one-item list; ``contexts.ContextCache``)."""
 
-    def __init__(self):
+    def __init__(self, inject: bool = False):
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.slots: Optional[dict[tuple[int, str], list]] = {} if inject else None
+
+
+class _AddSlotGrad(torch.autograd.Function):
+    """Identity whose backward adds the gradient gathered by the leaf in ``slot`` (if any)."""
+
+    @staticmethod
+    def forward(ctx, x, slot):
+        ctx.slot = slot
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gathered = ctx.slot[0].grad if ctx.slot else None
+        return (grad if gathered is None else grad + gathered.to(grad.dtype)), None
 
 
 class ContextKV:
@@ -124,6 +142,9 @@ def _with_context(module, key, value, tree_context) -> tuple[torch.Tensor, torch
     if isinstance(tree_context, ContextRun):
         tree_context.keys.setdefault(layer, key)
         tree_context.values.setdefault(layer, value)
+        if tree_context.slots is not None:
+            key = _AddSlotGrad.apply(key, tree_context.slots.setdefault((layer, "key"), []))
+            value = _AddSlotGrad.apply(value, tree_context.slots.setdefault((layer, "value"), []))
         return key, value
     return _after(tree_context.keys[layer], key), _after(tree_context.values[layer], value)
 

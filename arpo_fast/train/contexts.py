@@ -3,16 +3,22 @@
 A tree too big for one micro-batch is split into groups, each laying out only the prompt's last
 token; the rest of the prompt is its context. For one pass of one model over a mini-batch's
 micro-batches, :class:`ContextCache` runs each context through the model alone (causally, keeping
-each layer's keys and values: ``attention.ContextRun``) the first time a micro-batch needs it, and
-hands them to the micro-batches (``attention.ContextKV``), which attend to them in front of their
-own row.
+each layer's keys and values: ``attention.ContextRun``) and hands them to the micro-batches
+(``attention.ContextKV``), which attend to them in front of their own row.
 
 In the gradient pass the context runs with autograd on, once. Its micro-batches get its keys and
-values as fp32 leaves, whose gradients add up over the tree's groups; after the last group's
-backward, those sums go back through the context's one run (``torch.autograd.backward`` from the
-kept keys and values; under activation checkpointing the layers recompute what it needs). The
-gradient is the one of running the prompt in every group, as the per-trajectory update does, while
-the prompt goes through the model once per tree.
+values as fp32 leaves, whose gradients add up over the tree's groups. In the context's own run
+each layer's keys and values pass through an identity whose backward adds those sums
+(``attention.ContextRun.slots``); after the last group, a backward from the run's output (with a
+zero gradient there) carries them through the context, layer by layer, under activation
+checkpointing too. The gradient is the one of running the prompt in every group, as the
+per-trajectory update does, while the prompt goes through the model once per tree.
+
+In one process a context runs when a micro-batch first needs it and goes back after its last
+group. Under torchrun every rank must make the same module calls (FSDP2 gathers and reduces
+parameters in them): :meth:`ContextCache.start` runs a mini-batch's contexts up front, as many on
+every rank (short stand-ins where a rank has fewer), and :meth:`ContextCache.finish` sends them all
+back at the mini-batch's end.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Optional
 import torch
 
 from arpo_fast.train.attention import ContextKV, ContextRun
+from arpo_fast.train.packing import PromptContext
 
 
 class ContextCache:
@@ -29,14 +36,26 @@ class ContextCache:
 
     ``model(context, temperature, attention, run)`` runs a ``PromptContext`` (``LogprobModel``).
     Call :meth:`kv` before a micro-batch's forward and :meth:`done` after it (after its backward
-    when ``trainable``): a context is dropped once each of its groups is done."""
+    when ``trainable``): a context goes back once each of its groups is done, or at
+    :meth:`finish` after a :meth:`start`."""
 
     def __init__(self, model, temperature: float, attention: str, trainable: bool):
         self.model, self.temperature, self.attention = model, temperature, attention
         self.trainable = trainable
-        self.live: dict[int, list] = {}   # id(context) -> [its run's keys + values, keys given,
-                                          # values given, groups left]
-        self.tokens = 0                   # context tokens run through the model
+        self.live: dict[int, list] = {}  # id(context) -> [output, keys given, values given, groups left]
+        self.held: list[list] = []       # after start(): every run, stand-ins included, in order
+        self.tokens = 0                  # context tokens run through the model
+
+    def start(self, plan: list, runs: int, pad_id: int) -> None:
+        """Run the contexts of ``plan`` (a mini-batch's micro-batches) now, then stand-ins of one
+        ``pad_id`` token up to ``runs`` in all; they go back at :meth:`finish`."""
+        contexts = {id(c): c for batch in plan for c in getattr(batch, "contexts", None) or []}
+        for context in contexts.values():
+            self.live[id(context)] = self._run(context)
+            self.held.append(self.live[id(context)])
+        for _ in range(runs - len(contexts)):  # stand-ins count for nothing, as stand-in micro-batches
+            self.held.append(self._run(PromptContext(torch.full((1,), pad_id, dtype=torch.int64), 0)))
+            self.tokens -= 1
 
     def kv(self, batch) -> Optional[ContextKV]:
         """The keys and values ``batch``'s rows attend to in front of their own (None: no contexts)."""
@@ -51,30 +70,57 @@ class ContextCache:
         return ContextKV([torch.cat([e[1][i] for e in entries], dim=2) for i in layers],
                          [torch.cat([e[2][i] for e in entries], dim=2) for i in layers])
 
-    def _run(self, context) -> list:
-        run = ContextRun()
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            self.model(context, self.temperature, self.attention, run)
+    def _run(self, context: PromptContext) -> list:
+        trainable = self.trainable and torch.is_grad_enabled()
+        run = ContextRun(inject=trainable)
+        with torch.set_grad_enabled(trainable):
+            output = self.model(context, self.temperature, self.attention, run)
         self.tokens += context.tokens
         layers = sorted(run.keys)
-        kept = [run.keys[i] for i in layers] + [run.values[i] for i in layers]
-        given = kept
-        if kept and kept[0].requires_grad:  # leaves whose gradients add up over the groups
-            given = [t.detach().float().requires_grad_() for t in kept]
-        return [kept, given[:len(layers)], given[len(layers):], context.groups]
+        keys, values = [run.keys[i] for i in layers], [run.values[i] for i in layers]
+        if trainable:  # leaves whose gradients add up over the groups, read back by the run's slots
+            keys = [k.detach().float().requires_grad_() for k in keys]
+            values = [v.detach().float().requires_grad_() for v in values]
+            for i, k, v in zip(layers, keys, values):
+                run.slots[i, "key"].append(k)
+                run.slots[i, "value"].append(v)
+        return [output if trainable else None, keys, values, context.groups]
 
     def done(self, batch) -> None:
-        """``batch`` has had its forward (and backward): drop the contexts it was the last group
-        of, after sending their keys' and values' gradients back through their run."""
+        """``batch`` has had its forward (and backward): a context it was the last group of goes
+        back now, unless :meth:`start` ran it."""
         for context in getattr(batch, "contexts", None) or []:
             entry = self.live[id(context)]
             entry[3] -= 1
             if entry[3] == 0:
                 del self.live[id(context)]
-                kept, leaves = entry[0], entry[1] + entry[2]
-                pairs = [(k, leaf.grad) for k, leaf in zip(kept, leaves) if leaf.grad is not None]
-                if pairs:
-                    torch.autograd.backward([k for k, _ in pairs], [g.to(k.dtype) for k, g in pairs])
+                if not any(entry is held for held in self.held):
+                    _backward(entry)
+
+    def finish(self) -> None:
+        """Send back every context :meth:`start` ran, in its order."""
+        for entry in self.held:
+            _backward(entry)
+        self.held.clear()
+        self.live.clear()
+
+
+def plan_cache(model, temperature: float, attention: str, trainable: bool, plan: list, lockstep,
+               k: int) -> ContextCache:
+    """The :class:`ContextCache` of mini-batch ``k`` (``plan``) for ``model``; with ``lockstep`` (a
+    distributed run: (context runs per mini-batch, the same on every rank; pad id)) its contexts
+    run up front."""
+    cache = ContextCache(model, temperature, attention, trainable)
+    if lockstep is not None and model is not None:
+        cache.start(plan, lockstep[0][k], lockstep[1])
+    return cache
+
+
+def _backward(entry: list) -> None:
+    """The context's gradients (its leaves' sums, added at its keys and values) back through its run."""
+    output = entry[0]
+    if output is not None:
+        output.backward(torch.zeros_like(output))
 
 
 def context_order(plan: list) -> list:

@@ -41,7 +41,7 @@ from arpo_fast.settings import require_counts, require_non_negative, setting
 from arpo_fast.train.attention import (IMPLEMENTATIONS, activation_checkpointing, attention_implementation,
                                        check_model, path_masks, resolve_attention, resolve_checkpointing,
                                        tree_mask)
-from arpo_fast.train.contexts import ContextCache, context_order
+from arpo_fast.train.contexts import context_order, plan_cache
 from arpo_fast.train.packing import PromptContext, TreeBatch, pack_trees
 
 
@@ -278,14 +278,13 @@ def is_weights(old: torch.Tensor, rollout: torch.Tensor, cap: float) -> torch.Te
 
 
 def _plans(trajectories, advantages, cfg: UpdateConfig, pad_id: int, device, attention: str,
-           node_tokens, groups: list[list[int]], context: bool) -> list[list]:
-    """Per mini-batch (``groups`` of trajectory indices), its micro-batches on ``device``;
-    ``context``: split trees run their prompt once (``packing.PromptContext``), and the groups of a
-    tree come one after another."""
+           node_tokens, groups: list[list[int]]) -> list[list]:
+    """Per mini-batch (``groups`` of trajectory indices), its micro-batches on ``device``; split
+    trees run their prompt once (``packing.PromptContext``), and the groups of a tree come one
+    after another."""
     if cfg.packed_update or attention == "flash_attention_2":  # padding-free rows
         plans = [[b.to(device) for b in pack_trees(trajectories, advantages, share, node_tokens,
-                                                   cfg.micro_batch_tokens, share=cfg.packed_update,
-                                                   context=context)]
+                                                   cfg.micro_batch_tokens, share=cfg.packed_update)]
                  for share in groups]
         return [context_order(plan) for plan in plans]
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
@@ -372,42 +371,45 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
         groups = [[] for _ in range(num_mini_batches)]
         for i, k in enumerate(mini_batch_ids):
             groups[k].append(i)
-    # Prompt contexts in one process only: ranks would run different numbers of them, and FSDP2
-    # needs the same module calls on every rank.
-    plans = _plans(trajectories, advantages, cfg, pad_id, device, attention, node_tokens, groups,
-                   context=dist is None)
+    plans = _plans(trajectories, advantages, cfg, pad_id, device, attention, node_tokens, groups)
     plan_tokens = [sum(b.model_tokens for b in plan) for plan in plans]
+    lockstep = None
     if dist is not None:  # global token counts; the same number of micro-batches on every rank
         plan_tokens = dist.sum(plan_tokens)
         counts = dist.max([len(plan) for plan in plans])
         plans = [plan + [_dummy_batch(pad_id, device, cfg.packed_update or attention == "flash_attention_2")
                          for _ in range(int(c) - len(plan))] for plan, c in zip(plans, counts)]
+        # and as many prompt-context runs, up front (contexts.py)
+        runs = dist.max([len({id(c) for b in plan for c in getattr(b, "contexts", [])}) for plan in plans])
+        lockstep = ([int(r) for r in runs], pad_id)
     scale = dist.world if dist is not None else 1  # FSDP averages gradients over ranks; we want the sum
     with contextlib.ExitStack() as stack:
         for m in (scorer, reference) if reference is not None else (scorer,):
             stack.enter_context(attention_implementation(m.policy, attention, packed=cfg.packed_update))
         stack.enter_context(activation_checkpointing(scorer.policy, checkpointing))
         return _run(scorer, reference, optimizer, plans, plan_tokens, scale, advantages, cfg, temperature,
-                    attention)
+                    attention, lockstep)
 
 
 def _run(scorer, reference, optimizer, plans, plan_tokens, scale: float, advantages, cfg: UpdateConfig,
-         temperature: float, attention: str) -> dict:
+         temperature: float, attention: str, lockstep=None) -> dict:
     old, forward = {}, 0
     with torch.no_grad():  # later mini-batches see a moved policy: keep the rollout policy's values
-        for plan in plans[1:]:
-            cache = ContextCache(scorer, temperature, attention, trainable=False)
+        for k, plan in enumerate(plans[1:], 1):
+            cache = plan_cache(scorer, temperature, attention, False, plan, lockstep, k)
             for batch in plan:
                 old[id(batch)] = scorer(batch, temperature, attention, cache.kv(batch))[0]
                 cache.done(batch)
+            cache.finish()
             forward += cache.tokens
     sums: dict[str, float] = {}
     mismatch = _Mismatch()
     tokens = skipped = 0
     grad_norm = 0.0
-    for plan, total in zip(plans, plan_tokens):
-        cache = ContextCache(scorer, temperature, attention, trainable=True)
-        ref_cache = ContextCache(reference, temperature, attention, trainable=False)
+    for k, (plan, total) in enumerate(zip(plans, plan_tokens)):
+        cache = plan_cache(scorer, temperature, attention, True, plan, lockstep, k)
+        ref_cache = plan_cache(reference if cfg.kl_coef else None, temperature, attention, False, plan, lockstep,
+                               k)
         for batch in plan:
             logprobs, entropy = scorer(batch, temperature, attention, cache.kv(batch))
             old_lp = old.get(id(batch), logprobs.detach())
@@ -428,6 +430,8 @@ def _run(scorer, reference, optimizer, plans, plan_tokens, scale: float, advanta
             _add(sums, {k: v * batch.model_tokens for k, v in metrics.items()})
             tokens += batch.model_tokens
             forward += _forward_tokens(batch) * (2 if id(batch) in old else 1)
+        cache.finish()  # the contexts run up front (distributed) go back
+        ref_cache.finish()
         forward += cache.tokens
         grad_norm = optimizer.clip_and_step(cfg.grad_clip)
         skipped += not math.isfinite(grad_norm)  # a NaN/inf gradient: the step was dropped
