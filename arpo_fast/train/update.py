@@ -199,8 +199,8 @@ class UpdateConfig:
     mini_batch_prompts: int = setting(16, "Prompts per optimizer step (the reference: 16); a step of "
                                       "--prompts-per-step prompts takes ceil(prompts / this) steps.")
     micro_batch_tokens: int = setting(16384, "Most tokens in one forward/backward of the update (packed: "
-                                      "the row, context of a split tree included; per trajectory: "
-                                      "padded).")
+                                      "the row, a split tree's shared branches included, its prompt "
+                                      "run once apart; per trajectory: padded).")
     kl_coef: float = setting(0.0, "Weight of the KL penalty to a frozen copy of the starting policy (k3 "
                              "estimator on model-written tokens); 0, the reference implementation's "
                              "value, holds no such copy.")
