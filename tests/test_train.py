@@ -19,6 +19,7 @@ from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.update import UpdateConfig, micro_batches, pack, token_logprobs, update
 from arpo_fast.rollout import RewardResult, register_reward
 from arpo_fast.rollout.tree import Trajectory
+from arpo_fast.train import report
 from arpo_fast.train.loop import main, train
 
 
@@ -38,9 +39,9 @@ def test_demo_trains_end_to_end_with_tools_and_branches(tmp_path):
     cfg = _small(tmp_path, tools="python", max_response_tokens=48, demo_warm_start=100, threshold=1.0)
     history = train(cfg)
     assert [m["step"] for m in history] == [1, 2]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "reward" in r] == [1, 2]
-    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2]  # the demo's held-out set
+    steps, evals = report.split_rows(report.read_rows(tmp_path / "run"))
+    assert [r["step"] for r in steps] == [1, 2]
+    assert [r["step"] for r in evals] == [0, 2]  # the demo's held-out set
     assert sum(m["tool_calls"] for m in history) > 0  # the warmed-up model calls python
     assert sum(m["branch_points"] for m in history) > 0 and sum(m["shared_tokens"] for m in history) > 0
     assert all(m["trajectories"] == 8 for m in history)

@@ -62,9 +62,9 @@ def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return steps, evals
 
 
-def _series(rows: list[dict], key: str, per: Optional[str] = None) -> tuple[list, list]:
-    pts = [(r["step"], r[key] / r[per] if per else r[key]) for r in rows
-           if key in r and (per is None or r.get(per))]
+def _series(rows: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of ``key`` over the rows that have it."""
+    pts = [(r["step"], r[key]) for r in rows if key in r]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
