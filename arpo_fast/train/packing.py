@@ -316,8 +316,7 @@ def _layout(pieces: list[_Piece], trajectories, advantages) -> TreeBatch:
     offsets, C = np.cumsum([0] + sizes[:-1], dtype=np.int64), sum(sizes)
     path_keys = [keys + C if c < 0 else np.concatenate([np.arange(offsets[c], offsets[c] + sizes[c]), keys + C])
                  for c, keys in row.path_keys]
-    bounds = np.array([span for span, n in zip(row.context_spans, sizes) for _ in range(n)],
-                      dtype=np.int64).reshape(-1, 2)
+    bounds = np.repeat(np.array(row.context_spans, dtype=np.int64).reshape(-1, 2), sizes, axis=0)
     return TreeBatch(
         input_ids=ids, position_ids=_long(row.pos), subtree_end=_long(row.end), hidden_index=hidden[keep],
         targets=ids[at[keep]], copies=copies,
