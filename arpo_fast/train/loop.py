@@ -86,6 +86,8 @@ class Run:
     """The frozen starting policy, held only for ``--kl-coef`` > 0."""
     eval_examples: list = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    summary: Optional[dict] = None
+    """What ``summary.json`` holds, once ``fit`` has written it (rank 0)."""
 
     @property
     def main(self) -> bool:
@@ -302,7 +304,7 @@ def fit(run: Run) -> list[dict]:
         if run.executor is not None:
             run.executor.shutdown(wait=False)
         if reporter is not None:
-            reporter.close(checkpoint or find_checkpoint(cfg.out))
+            run.summary = reporter.close(checkpoint or find_checkpoint(cfg.out))
     return history
 
 
@@ -353,7 +355,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             _remove_if_empty(Path(cfg.out))
     distributed.close(run.dist)
     if rank == 0:
-        s = json.loads((Path(cfg.out) / "summary.json").read_text(encoding="utf-8"))
+        s = run.summary
         if s["final_accuracy"] is not None:
             start = "" if s["warm_start_accuracy"] is None else f"{s['warm_start_accuracy']:.2f} -> "
             print(f"held-out accuracy {start}{s['final_accuracy']:.2f}", flush=True)
