@@ -1,6 +1,9 @@
 """Build arpo_fast: setuptools drives CMake for the native module ``arpo_fast._C``.
 
-``kernels/`` is shipped as the subpackage ``arpo_fast.kernels``.
+The op modules in the top-level ``kernels/`` folder are copied into the subpackage
+``arpo_fast.kernels`` of a built wheel. That folder has no ``__init__.py``, so run from the
+repository root it never shadows Hugging Face's top-level ``kernels`` package (see
+``arpo_fast/kernels/__init__.py``, which finds the folder itself in an editable install).
 """
 
 import os
@@ -11,6 +14,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -51,6 +55,19 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", str(build_dir), "--target", "_C", "-j", jobs], check=True)
 
 
+class BuildPyWithKernels(build_py):
+    """Copy ``kernels/*.py`` into ``arpo_fast/kernels/`` of the build (not in editable mode)."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = Path(self.build_lib) / "arpo_fast" / "kernels"
+        target.mkdir(parents=True, exist_ok=True)
+        for source in sorted((ROOT / "kernels").glob("*.py")):
+            self.copy_file(str(source), str(target / source.name))
+
+
 def read_version() -> str:
     """The package version, read without importing the package (the build has no torch)."""
     text = (ROOT / "arpo_fast" / "_version.py").read_text()
@@ -60,12 +77,9 @@ def read_version() -> str:
     return match.group(1)
 
 
-packages = find_packages(include=["arpo_fast", "arpo_fast.*"]) + ["arpo_fast.kernels"]
-
 setup(
-    packages=packages,
-    package_dir={"arpo_fast.kernels": "kernels"},
+    packages=find_packages(include=["arpo_fast", "arpo_fast.*"]),
     ext_modules=[CMakeExtension("arpo_fast._C", ROOT)],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPyWithKernels},
     zip_safe=False,
 )
