@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *,
-            factory: Optional[Callable[[], Any]] = None) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING, help: str = "", *, factory: Optional[Callable[[], Any]] = None
+) -> Any:
     """A dataclass field with its help text (``factory``: a default made per instance)."""
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata={"help": help})

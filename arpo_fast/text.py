@@ -12,9 +12,9 @@ import codecs
 import copy
 import json
 import re
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Any, Iterable, Optional
-
+from typing import Any, Optional
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SPIECE_SPACE = "\u2581"  # SentencePiece's visible space
@@ -139,7 +139,7 @@ class StopStrings:
         window = self._tail + new
         self._pieces.append(new)
         self._length += len(new)
-        self._tail = window[-self._keep:] if self._keep else ""
+        self._tail = window[-self._keep :] if self._keep else ""
         best = None
         for stop in self.stops:
             at = window.find(stop)
@@ -149,7 +149,7 @@ class StopStrings:
             return None
         return best[0], self._length - len(window) + best[1]
 
-    def fork(self) -> "StopStrings":
+    def fork(self) -> StopStrings:
         """An independent copy (for a branch that continues from the same point)."""
         twin = copy.copy(self)
         twin._pieces = list(self._pieces)

@@ -32,8 +32,16 @@ def run(procs: int, args: list[str], out: Path) -> list[dict]:
     slower)."""
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
     if procs:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               str(procs), "-m", "arpo_fast.train"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(procs),
+            "-m",
+            "arpo_fast.train",
+        ]
     else:
         cmd = [sys.executable, "-m", "arpo_fast.train"]
     proc = subprocess.run(cmd + args + ["--out", str(out)], env=env, capture_output=True, text=True)
@@ -43,22 +51,52 @@ def run(procs: int, args: list[str], out: Path) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--procs", type=int, nargs="*", default=None,
-                        help="torchrun process counts to compare with one plain process (default 1 2)")
+    parser.add_argument(
+        "--procs",
+        type=int,
+        nargs="*",
+        default=None,
+        help="torchrun process counts to compare with one plain process (default 1 2)",
+    )
     a = parser.parse_args()
     steps, prompts = (3, 4) if a.quick else (5, 8)
     procs = a.procs if a.procs is not None else [1, 2]
     # no warm start: the random model writes to the length limit, so every configuration does the
     # same work (a warm start run with another thread count would give a slightly different model)
-    args = ["--demo-warm-start", "0", "--tools", "", "--eval-data", "none", "--steps", str(steps),
-            "--prompts-per-step", str(prompts), "--rollouts", "8", "--initial", "4", "--max-response-tokens", "64",
-            "--mini-batch-prompts", "4", "--lr", "1e-4", "--device", a.device]
+    args = [
+        "--demo-warm-start",
+        "0",
+        "--tools",
+        "",
+        "--eval-data",
+        "none",
+        "--steps",
+        str(steps),
+        "--prompts-per-step",
+        str(prompts),
+        "--rollouts",
+        "8",
+        "--initial",
+        "4",
+        "--max-response-tokens",
+        "64",
+        "--mini-batch-prompts",
+        "4",
+        "--lr",
+        "1e-4",
+        "--device",
+        a.device,
+    ]
     print(f"{steps} steps of {prompts} prompts x 8 trajectories (steps 2.. averaged), device {a.device}")
-    print(f"{'run':<22}{'tokens':>8}{'step s':>9}{'rollout s':>11}{'update s':>10}{'refresh MB':>12}"
-          f"{'refresh s':>11}")
+    print(
+        f"{'run':<22}{'tokens':>8}{'step s':>9}{'rollout s':>11}{'update s':>10}{'refresh MB':>12}"
+        f"{'refresh s':>11}"
+    )
     base = None
     with tempfile.TemporaryDirectory() as tmp:
         for n in [0, *procs]:
@@ -66,11 +104,13 @@ def main() -> None:
             step = statistics.mean(r["rollout_s"] + r["reward_s"] + r["update_s"] for r in rows)
             name = "python (one process)" if n == 0 else f"torchrun x{n} (FSDP2)"
             tokens = statistics.mean(r["response_tokens"] for r in rows)
-            print(f"{name:<22}{tokens:>8.0f}{step:>9.3f}{statistics.mean(r['rollout_s'] for r in rows):>11.3f}"
-                  f"{statistics.mean(r['update_s'] for r in rows):>10.3f}"
-                  f"{statistics.mean(r.get('weight_refresh_mb', 0.0) for r in rows):>12.2f}"
-                  f"{statistics.mean(r.get('weight_refresh_s', 0.0) for r in rows):>11.4f}"
-                  + (f"   {base / step:.2f}x the one-process speed" if base else ""))
+            print(
+                f"{name:<22}{tokens:>8.0f}{step:>9.3f}{statistics.mean(r['rollout_s'] for r in rows):>11.3f}"
+                f"{statistics.mean(r['update_s'] for r in rows):>10.3f}"
+                f"{statistics.mean(r.get('weight_refresh_mb', 0.0) for r in rows):>12.2f}"
+                f"{statistics.mean(r.get('weight_refresh_s', 0.0) for r in rows):>11.4f}"
+                + (f"   {base / step:.2f}x the one-process speed" if base else "")
+            )
             base = base or step
 
 

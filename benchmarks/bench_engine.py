@@ -29,8 +29,17 @@ def _sync(device) -> None:
 
 def tiny_model(hidden: int = 128, layers: int = 4, vocab: int = 1024, dtype=torch.float32, device="cpu"):
     """A small random Qwen2 model (the benchmarks' CPU model), drawn on the CPU, then moved."""
-    model = random_causal_lm("qwen2", vocab=vocab, hidden=hidden, layers=layers, heads=4, kv_heads=2,
-                             intermediate=4 * hidden, max_position_embeddings=4096, tie_word_embeddings=True)
+    model = random_causal_lm(
+        "qwen2",
+        vocab=vocab,
+        hidden=hidden,
+        layers=layers,
+        heads=4,
+        kv_heads=2,
+        intermediate=4 * hidden,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
     return model.to(device=device, dtype=dtype)
 
 
@@ -42,7 +51,9 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
 def engine_generate_tps(engine: Engine, prompts, new_tokens: int) -> float:
     """Generated tokens per second of ``engine.generate`` (greedy, exactly new_tokens each)."""
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
-    engine.generate([p[:8] for p in prompts[:2]], SamplingParams(temperature=0.0, max_new_tokens=2))  # warm-up
+    engine.generate(
+        [p[:8] for p in prompts[:2]], SamplingParams(temperature=0.0, max_new_tokens=2)
+    )  # warm-up
     _sync(engine.model.device)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)
@@ -54,10 +65,11 @@ def hf_generate_tps(model, prompts, new_tokens: int) -> float:
     """Generated tokens per second of HF ``generate`` (greedy, default cache) on equal-length prompts."""
     device = next(model.parameters()).device
     ids = torch.tensor(prompts, device=device)
-    kw = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0,
-              "attention_mask": torch.ones_like(ids)}
+    kw = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
-        model.generate(ids[:2, :8], max_new_tokens=2, **{**kw, "attention_mask": torch.ones_like(ids[:2, :8])})
+        model.generate(
+            ids[:2, :8], max_new_tokens=2, **{**kw, "attention_mask": torch.ones_like(ids[:2, :8])}
+        )
         _sync(device)
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
@@ -65,8 +77,16 @@ def hf_generate_tps(model, prompts, new_tokens: int) -> float:
     return (out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - t0)
 
 
-def branching(model, prompts: int, branches: int, prefix: int, new_tokens: int, block_size: int = 16,
-              num_blocks=None, chunk: int = 0) -> dict:
+def branching(
+    model,
+    prompts: int,
+    branches: int,
+    prefix: int,
+    new_tokens: int,
+    block_size: int = 16,
+    num_blocks=None,
+    chunk: int = 0,
+) -> dict:
     """ARPO branching: each of ``prompts`` prefixes of ``prefix`` tokens continues as ``branches``
     branches for ``new_tokens`` sampled tokens.
 
@@ -96,8 +116,7 @@ def branching(model, prompts: int, branches: int, prefix: int, new_tokens: int, 
         for _ in range(new_tokens - 1):
             engine.step(seqs, params)
         _sync(engine.model.device)
-        result[mode] = {"prefill_tokens": engine.stats["prefill_tokens"],
-                        "seconds": time.perf_counter() - t0}
+        result[mode] = {"prefill_tokens": engine.stats["prefill_tokens"], "seconds": time.perf_counter() - t0}
         del engine, seqs
         gc.collect()
         if torch.cuda.is_available():
@@ -108,11 +127,13 @@ def branching(model, prompts: int, branches: int, prefix: int, new_tokens: int, 
 def _in_chunks(seqs, chunk: int, fn) -> None:
     chunk = chunk or len(seqs)
     for i in range(0, len(seqs), chunk):
-        fn(seqs[i:i + chunk])
+        fn(seqs[i : i + chunk])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     # One thread: on a small shared machine, intra-op threads cost more in syncs than they save
@@ -123,19 +144,28 @@ def main() -> None:
     prompts = random_prompts(batch, prompt_len, model.config.vocab_size)
     engine = Engine(model, num_blocks=1024)
     ours, peer = engine_generate_tps(engine, prompts, new), hf_generate_tps(model, prompts, new)
-    print(f"model: Qwen2-shaped, hidden 128, 4 layers, vocab 1024, fp32, CPU, {torch.get_num_threads()} threads\n")
+    print(
+        f"model: Qwen2-shaped, hidden 128, 4 layers, vocab 1024, fp32, CPU, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     print("| workload | ours (tokens/s) | HF generate (tokens/s) | ours / HF |\n|---|---|---|---|")
-    print(f"| generate {batch} x {prompt_len}-token prompts, {new} new tokens, greedy | {ours:.0f} | "
-          f"{peer:.0f} | {ours / peer:.2f}x |")
+    print(
+        f"| generate {batch} x {prompt_len}-token prompts, {new} new tokens, greedy | {ours:.0f} | "
+        f"{peer:.0f} | {ours / peer:.2f}x |"
+    )
     P, Z, L, T = (2, 4, 128, 4) if args.quick else (4, 8, 512, 8)
     branching(model, 2, 2, 16, 2)  # warm-up
     r = branching(model, P, Z, L, T)
-    print(f"\n| branching: {P} prompts x {Z} branches after {L} tokens, {T} new tokens | prefill tokens "
-          "| wall s |\n|---|---|---|")
+    print(
+        f"\n| branching: {P} prompts x {Z} branches after {L} tokens, {T} new tokens | prefill tokens "
+        "| wall s |\n|---|---|---|"
+    )
     for mode in ("fork", "reprefill"):
         print(f"| {mode} | {r[mode]['prefill_tokens']} | {r[mode]['seconds']:.3f} |")
-    print(f"\nfork computes {r['reprefill']['prefill_tokens'] / r['fork']['prefill_tokens']:.1f}x fewer "
-          f"prefill tokens and runs {r['reprefill']['seconds'] / r['fork']['seconds']:.2f}x faster")
+    print(
+        f"\nfork computes {r['reprefill']['prefill_tokens'] / r['fork']['prefill_tokens']:.1f}x fewer "
+        f"prefill tokens and runs {r['reprefill']['seconds'] / r['fork']['seconds']:.2f}x faster"
+    )
 
 
 if __name__ == "__main__":

@@ -51,9 +51,7 @@ def dense_copy_us(prefix_tokens: int, reps: int = 3) -> float:
     shape = (QWEN7B_KV["layers"], 2, prefix_tokens, QWEN7B_KV["kv_heads"], QWEN7B_KV["head_dim"])
     kv = torch.empty(shape, dtype=torch.bfloat16)
     kv.normal_()
-    us = _median_us(lambda: kv.clone(), reps)
-    del kv
-    return us
+    return _median_us(kv.clone, reps)
 
 
 def prepare_step_us(impl, batch: int, context: int = 4096, reps: int = 30) -> float:
@@ -69,26 +67,37 @@ def prepare_step_us(impl, batch: int, context: int = 4096, reps: int = 30) -> fl
 
 def report(prefixes, batches, dense_max: int) -> list[str]:
     native = arpo_fast.native().KVForker
-    lines = ["| prefix tokens | blocks | C++ fork (us) | target 5 us + 50 ns/block | Python fork (us) | dense KV clone (us) | clone / C++ fork |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| prefix tokens | blocks | C++ fork (us) | target 5 us + 50 ns/block | Python fork (us) "
+        "| dense KV clone (us) | clone / C++ fork |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for n in prefixes:
         blocks = n // BLOCK
         ours, ref = fork_us(native, n), fork_us(PyKVForker, n, reps=50)
         target = 5 + 0.05 * blocks
         dense = dense_copy_us(n) if n <= dense_max else float("nan")
-        lines.append(f"| {n} | {blocks} | {ours:.2f} | {target:.1f} ({'met' if ours <= target else 'MISSED'}) "
-                     f"| {ref:.1f} | {dense:.0f} | {dense / ours:.0f}x |")
-    lines += ["", "| B (x 4k tokens) | C++ prepare_step (us) | Python reference (us) | speed-up | target |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {n} | {blocks} | {ours:.2f} | {target:.1f} ({'met' if ours <= target else 'MISSED'}) "
+            f"| {ref:.1f} | {dense:.0f} | {dense / ours:.0f}x |"
+        )
+    lines += [
+        "",
+        "| B (x 4k tokens) | C++ prepare_step (us) | Python reference (us) | speed-up | target |",
+        "|---|---|---|---|---|",
+    ]
     for b in batches:
         ours, ref = prepare_step_us(native, b), prepare_step_us(PyKVForker, b, reps=5)
         goal = "<= 200 us and >= 20x" if b == 1024 else ">= 20x"
         met = ref / ours >= 20 and (b != 1024 or ours <= 200)
-        lines.append(f"| {b} | {ours:.1f} | {ref:.0f} | {ref / ours:.0f}x | {goal} ({'met' if met else 'MISSED'}) |")
+        lines.append(
+            f"| {b} | {ours:.1f} | {ref:.0f} | {ref / ours:.0f}x | {goal} ({'met' if met else 'MISSED'}) |"
+        )
     return lines
 
 
 # -- pytest-benchmark entry points ---------------------------------------------------------------
+
 
 def _fork_case(benchmark, impl, prefix_tokens):
     f = impl(prefix_tokens // BLOCK + 8, BLOCK)
@@ -129,7 +138,9 @@ def test_prepare_step_python_256(benchmark):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--prefixes", type=int, nargs="*", default=[1024, 4096, 16384, 65536])
     parser.add_argument("--batches", type=int, nargs="*", default=[64, 256, 1024])
     parser.add_argument("--dense-max", type=int, default=65536, help="largest prefix for the dense clone")

@@ -18,11 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 try:
     from arpo_fast.kernels import logprob_entropy, logprob_entropy_ref
-except ImportError:  # a source checkout that was never pip-installed: map kernels/ like setup.py
+except ImportError:  # a source checkout that was never pip-installed
     sys.path.insert(0, str(ROOT))
-    import arpo_fast
-
-    arpo_fast.__path__.append(str(ROOT))
     from arpo_fast.kernels import logprob_entropy, logprob_entropy_ref
 
 T, H, V = 256, 128, 16000

@@ -21,12 +21,12 @@ import zlib
 import torch
 from calculator import Calculator
 
-from arpo_fast.train.demo import demo_model, demo_problems, demo_tokenizer, warm_start
 from arpo_fast.engine import Engine
-from arpo_fast.seeds import child_seed
 from arpo_fast.rollout import Protocol
 from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor
 from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout
+from arpo_fast.seeds import child_seed
+from arpo_fast.train.demo import demo_model, demo_problems, demo_tokenizer, warm_start
 
 
 def latency(query: str) -> float:
@@ -60,7 +60,7 @@ def round_rollout(engine, protocol, prompts, n: int, max_tokens: int, executor, 
         open_ = []
         for t, future, call in futures:  # the round ends with its slowest call
             ids = t["proto"].result_ids(future.result().text if future else call.error)
-            ids = ids[:max_tokens - len(t["ids"])]
+            ids = ids[: max_tokens - len(t["ids"])]
             t["ids"] += ids
             if len(t["ids"]) < max_tokens:
                 engine.extend(t["seq"], ids)
@@ -71,7 +71,9 @@ def round_rollout(engine, protocol, prompts, n: int, max_tokens: int, executor, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -86,11 +88,17 @@ def main() -> None:
     results = {}
     with torch.no_grad():
         for name in ("async (arpo_rollout)", "rounds (reference schedule)"):
-            executor = ToolExecutor({"python": Calculator(latency)}, ExecutorConfig(max_workers=64, dedup=False))
+            executor = ToolExecutor(
+                {"python": Calculator(latency)}, ExecutorConfig(max_workers=64, dedup=False)
+            )
             start = time.perf_counter()
             if name.startswith("async"):
-                out = [t.response_ids for t in arpo_rollout(engine, protocol, prompts, cfg, executor=executor,
-                                                            seed=1).trajectories]
+                out = [
+                    t.response_ids
+                    for t in arpo_rollout(
+                        engine, protocol, prompts, cfg, executor=executor, seed=1
+                    ).trajectories
+                ]
             else:
                 out = round_rollout(engine, protocol, prompts, n, max_tokens, executor, seed=1)
             results[name] = (time.perf_counter() - start, out, executor.stats.executed)
@@ -98,8 +106,10 @@ def main() -> None:
     (fast, ours, calls), (slow, theirs, _) = results.values()
     assert ours == theirs, "the two schedules wrote different tokens"
     tokens = sum(len(ids) for ids in ours)
-    print(f"demo model (warm-started), {n_prompts} prompts x {n} trajectories, up to {max_tokens} tokens, "
-          f"{calls} tool calls (20 ms, or 500 ms for one call text in ten), CPU, 1 thread\n")
+    print(
+        f"demo model (warm-started), {n_prompts} prompts x {n} trajectories, up to {max_tokens} tokens, "
+        f"{calls} tool calls (20 ms, or 500 ms for one call text in ten), CPU, 1 thread\n"
+    )
     print("| schedule | wall s | response tokens/s |\n|---|---|---|")
     for name, (seconds, _, _) in results.items():
         print(f"| {name} | {seconds:.2f} | {tokens / seconds:.0f} |")

@@ -19,14 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 try:
     from arpo_fast.kernels import sample_ref
-except ImportError:  # a source checkout that was never pip-installed: map kernels/ like setup.py
+except ImportError:  # a source checkout that was never pip-installed
     sys.path.insert(0, str(ROOT))
-    import arpo_fast
-
-    arpo_fast.__path__.append(str(ROOT))
     from arpo_fast.kernels import sample_ref
 
-from gpu_sampling import exp_race, torch_eager, torch_top_k_top_p
+from gpu_sampling import exp_race, torch_eager, torch_top_k_top_p  # noqa: E402 - after sys.path is set
 
 V = 32000
 

@@ -1,8 +1,9 @@
 """Tool throughput: python-tool calls per second through the executor, search queries per second.
 
 Python: every call starts a cold interpreter in the sandbox mode measured (bubblewrap, the launcher's
-own namespaces, or a throw-away uid; each with its per-run cgroup where the machine allows); the peer is a bare
-``subprocess.run([python, "-c", code])`` with no limits and no sandbox, measured in the same run.
+own namespaces, or a throw-away uid; each with its per-run cgroup where the machine allows); the
+peer is a bare ``subprocess.run([python, "-c", code])`` with no limits and no sandbox, measured in
+the same run.
 Search: a deterministic synthetic corpus (default 100,000 documents, Zipf-distributed words) is
 generated in a temporary directory, indexed once (build time reported), then queried through the
 tool (BM25 + reading and formatting the snippets); the peer is bm25s's bare ``retrieve``.
@@ -56,8 +57,7 @@ def make_corpus(path: str, docs: int, seed: int = 0) -> list[str]:
     """Write ``docs`` synthetic documents; return the vocabulary (for queries)."""
     rng = random.Random(seed)
     syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "po", "da", "fu", "ge", "hi"]
-    vocab = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(2, 4)))
-                    for _ in range(30000)})
+    vocab = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))) for _ in range(30000)})
     weights = [1.0 / (rank + 1) for rank in range(len(vocab))]  # Zipf-like word frequencies
     with open(path, "w") as f:
         for i in range(docs):
@@ -94,20 +94,27 @@ def bench_search(docs: int, queries: int, workdir: str) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calls", type=int, default=40, help="python calls per measurement")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="executor pool sizes")
-    parser.add_argument("--modes", nargs="+", default=["bwrap", "namespaces", "uid"],
-                        help="python tool sandbox modes to measure (those that cannot work here are skipped)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["bwrap", "namespaces", "uid"],
+        help="python tool sandbox modes to measure (those that cannot work here are skipped)",
+    )
     parser.add_argument("--docs", type=int, default=100_000, help="synthetic corpus size")
     parser.add_argument("--queries", type=int, default=1000, help="search queries to time")
     parser.add_argument("--skip-python", action="store_true")
     parser.add_argument("--skip-search", action="store_true")
     args = parser.parse_args()
 
-    print(f"# tools benchmark: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"{time.strftime('%Y-%m-%d')}\n")
+    print(
+        f"# tools benchmark: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
     if not args.skip_python:
         print("| python tool | pool | calls/s |\n|---|---|---|")
         print(f"| bare subprocess (peer, sequential) | 1 | {bench_bare_subprocess(args.calls):.1f} |")

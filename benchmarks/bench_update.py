@@ -40,9 +40,18 @@ from arpo_fast.train.packing import build_trees, split_tree
 from arpo_fast.train.update import UpdateConfig, micro_batches, mini_batches
 
 
-def arpo_workload(seed: int, prompts: int, prompt_len: int = 1536, response=(1024, 4096),
-                  result=(64, 512), calls=(1, 3), rollouts: int = 16, initial: int = 8,
-                  branch_p: float = 0.3, vocab: int = 151_936):
+def arpo_workload(
+    seed: int,
+    prompts: int,
+    prompt_len: int = 1536,
+    response=(1024, 4096),
+    result=(64, 512),
+    calls=(1, 3),
+    rollouts: int = 16,
+    initial: int = 8,
+    branch_p: float = 0.3,
+    vocab: int = 151_936,
+):
     """Trajectories and node sizes of an ARPO step (module docstring), shaped as ``arpo_rollout``
     returns them; the token ids are random. Returns (trajectories, node_tokens, branch points)."""
     rng = random.Random(seed)
@@ -53,13 +62,15 @@ def arpo_workload(seed: int, prompts: int, prompt_len: int = 1536, response=(102
         made = []
         for _ in range(initial):  # one branch slot each (M - N = N), as the tree splits them
             source = _Growing(rng, vocab, [], [], [next(ids)], 0, rng.uniform(*response), rng.randint(*calls))
-            for at in source.results(result):
+            for _ in source.results(result):
                 if not source.forked and rng.random() < branch_p:
                     made.append(source.fork(ids, node_tokens, rng.uniform(*response)))
                     branch_points += 1
             made.append(source)
-        made += [_Growing(rng, vocab, [], [], [next(ids)], 0, rng.uniform(*response), rng.randint(*calls))
-                 for _ in range(rollouts - len(made))]
+        made += [
+            _Growing(rng, vocab, [], [], [next(ids)], 0, rng.uniform(*response), rng.randint(*calls))
+            for _ in range(rollouts - len(made))
+        ]
         for g in made:
             for _ in g.results(result):  # copies and fills (a source is written already)
                 pass
@@ -99,8 +110,16 @@ class _Growing:
         shared = list(self.path)
         self.path.append(next(ids))
         self.start, self.forked = at, True
-        copy = _Growing(self.rng, self.vocab, list(self.resp), list(self.mask), shared + [next(ids)], at,
-                        max(length, at + 1), self.rng.randint(0, self.calls))
+        copy = _Growing(
+            self.rng,
+            self.vocab,
+            list(self.resp),
+            list(self.mask),
+            shared + [next(ids)],
+            at,
+            max(length, at + 1),
+            self.rng.randint(0, self.calls),
+        )
         copy.forked = True
         return copy
 
@@ -125,14 +144,24 @@ def small_model(vocab: int = 2048):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=256, intermediate_size=768,
-                                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=1024, tie_word_embeddings=True)).eval()
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+        )
+    ).eval()
 
 
 def shrunk_workload(prompts: int, seed: int = 1, vocab: int = 2048):
-    trajs, node_tokens, _ = arpo_workload(seed, prompts, prompt_len=192, response=(128, 512), result=(8, 64),
-                                          vocab=vocab)
+    trajs, node_tokens, _ = arpo_workload(
+        seed, prompts, prompt_len=192, response=(128, 512), result=(8, 64), vocab=vocab
+    )
     adv = [torch.randn(len(t.response_ids)) for t in trajs]
     return trajs, node_tokens, adv
 
@@ -152,8 +181,13 @@ def peak_rss(prompts: int, checkpointing: str, budget: int) -> float:
     model = small_model()
     trajs, node_tokens, adv = shrunk_workload(prompts)
     before = _high_water_kib()
-    timed_update(model, trajs, node_tokens, adv,
-                 UpdateConfig(micro_batch_tokens=budget, gradient_checkpointing=checkpointing))
+    timed_update(
+        model,
+        trajs,
+        node_tokens,
+        adv,
+        UpdateConfig(micro_batch_tokens=budget, gradient_checkpointing=checkpointing),
+    )
     return (_high_water_kib() - before) / 1024
 
 
@@ -168,10 +202,13 @@ def _high_water_kib() -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer prompts and repeats")
-    parser.add_argument("--peak-rss", nargs=3, metavar=("PROMPTS", "CHECKPOINTING", "BUDGET"),
-                        help=argparse.SUPPRESS)  # one measurement, in the fresh process it runs in
+    parser.add_argument(
+        "--peak-rss", nargs=3, metavar=("PROMPTS", "CHECKPOINTING", "BUDGET"), help=argparse.SUPPRESS
+    )  # one measurement, in the fresh process it runs in
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     if args.peak_rss:
@@ -184,8 +221,10 @@ def main() -> None:
     budget = 2048
     model = small_model()
     trajs, node_tokens, adv = shrunk_workload(prompts)
-    cfgs = {packed: UpdateConfig(packed_update=packed, micro_batch_tokens=budget, mini_batch_prompts=prompts)
-            for packed in (True, False)}
+    cfgs = {
+        packed: UpdateConfig(packed_update=packed, micro_batch_tokens=budget, mini_batch_prompts=prompts)
+        for packed in (True, False)
+    }
     runs = {True: [], False: []}
     for r in range(repeats + 1):  # interleaved, so that load from elsewhere hits both alike
         for packed, cfg in cfgs.items():
@@ -195,30 +234,49 @@ def main() -> None:
     times = {packed: statistics.median(r) for packed, r in runs.items()}
     best = {packed: min(r) for packed, r in runs.items()}
     shrunk = forward_tokens(trajs, node_tokens, cfgs[True])
-    print(f"CPU update, Qwen2 {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {prompts} prompts "
-          f"x 16 trajectories (prompt 192, responses 128-512), micro-batches of {budget} tokens, median of "
-          f"{repeats} (best): packed {times[True]:.2f} s ({best[True]:.2f} s), per trajectory "
-          f"{times[False]:.2f} s ({best[False]:.2f} s): {times[True] / times[False]:.2f}x "
-          f"({best[True] / best[False]:.2f}x); forward tokens {shrunk['packed']} vs {shrunk['padded']} padded")
+    print(
+        f"CPU update, Qwen2 {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+        f"{prompts} prompts "
+        f"x 16 trajectories (prompt 192, responses 128-512), micro-batches of {budget} tokens, median of "
+        f"{repeats} (best): packed {times[True]:.2f} s ({best[True]:.2f} s), per trajectory "
+        f"{times[False]:.2f} s ({best[False]:.2f} s): {times[True] / times[False]:.2f}x "
+        f"({best[True] / best[False]:.2f}x); forward tokens {shrunk['packed']} vs {shrunk['padded']} padded"
+    )
 
-    peak = {c: float(subprocess.run([sys.executable, __file__, "--peak-rss", str(prompts), c, str(budget)],
-                                    check=True, capture_output=True, text=True).stdout.split()[-1])
-            for c in ("false", "true")}
-    print(f"peak memory of the packed update (resident set growth, fresh process): checkpointing off "
-          f"{peak['false']:.0f} MiB, on {peak['true']:.0f} MiB")
+    peak = {
+        c: float(
+            subprocess.run(
+                [sys.executable, __file__, "--peak-rss", str(prompts), c, str(budget)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.split()[-1]
+        )
+        for c in ("false", "true")
+    }
+    print(
+        f"peak memory of the packed update (resident set growth, fresh process): checkpointing off "
+        f"{peak['false']:.0f} MiB, on {peak['true']:.0f} MiB"
+    )
 
     steps = 2 if args.quick else 8
     trajs, node_tokens, branch_points = arpo_workload(0, 16 * steps)
-    print(f"synthetic ARPO step: {16 * steps} prompts x 16 trajectories, "
-          f"{branch_points / len(trajs) * 32:.1f} branch points per 32 trajectories")
+    print(
+        f"synthetic ARPO step: {16 * steps} prompts x 16 trajectories, "
+        f"{branch_points / len(trajs) * 32:.1f} branch points per 32 trajectories"
+    )
     default = UpdateConfig()
     for budget in sorted({default.micro_batch_tokens, 32768, 65536}, reverse=True):
         tokens = forward_tokens(trajs, node_tokens, UpdateConfig(micro_batch_tokens=budget))
-        print(f"  micro-batches of {budget} tokens: unpacked {tokens['unpacked']} (padded {tokens['padded']}), "
-              f"each tree once {tokens['unique']}, packed (split trees' context included) {tokens['packed']}: "
-              f"{tokens['packed'] / tokens['unpacked']:.3f} of unpacked")
-    print(f"packed/unpacked forward tokens at the default --micro-batch-tokens {budget}: "
-          f"ratio {tokens['packed'] / tokens['unpacked']:.3f}")
+        print(
+            f"  micro-batches of {budget} tokens: unpacked {tokens['unpacked']} (padded {tokens['padded']}), "
+            f"each tree once {tokens['unique']}, packed (split trees' context included) {tokens['packed']}: "
+            f"{tokens['packed'] / tokens['unpacked']:.3f} of unpacked"
+        )
+    print(
+        f"packed/unpacked forward tokens at the default --micro-batch-tokens {budget}: "
+        f"ratio {tokens['packed'] / tokens['unpacked']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ a random one. The tests import this module (benchmarks run as scripts and cannot
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from arpo_fast.rollout.tools.base import ToolResult
 
@@ -26,8 +26,12 @@ class Calculator:
         time.sleep(self.delay(query))
         body = query.strip()
         try:  # what the model wrote is not always arithmetic
-            text = str(eval(body[len("print("):-1] if body.startswith("print(") else body,  # noqa: S307
-                            {"__builtins__": {}}))
+            text = str(
+                eval(
+                    body[len("print(") : -1] if body.startswith("print(") else body,  # noqa: S307
+                    {"__builtins__": {}},
+                )
+            )
         except Exception as exc:  # noqa: BLE001
             text = type(exc).__name__
         return ToolResult(text + self.end)

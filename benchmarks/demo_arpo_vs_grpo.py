@@ -36,27 +36,56 @@ def table(runs: dict[str, Path]) -> str:
     (a_steps, a_evals, a_sum), (g_steps, g_evals, g_sum) = data["ARPO"], data["GRPO"]
 
     def row(label, a, g, fmt="{:.1f}", ratio=True):
-        lines.append(f"| {label} | {fmt.format(a)} | {fmt.format(g)} | {a / g:.2f} |" if ratio and g
-                     else f"| {label} | {fmt.format(a)} | {fmt.format(g)} | |")
+        lines.append(
+            f"| {label} | {fmt.format(a)} | {fmt.format(g)} | {a / g:.2f} |"
+            if ratio and g
+            else f"| {label} | {fmt.format(a)} | {fmt.format(g)} | |"
+        )
 
     row("trajectories per step", _mean(a_steps, "trajectories"), _mean(g_steps, "trajectories"), "{:.0f}")
-    row("tool calls made per step (mean over steps)", _mean(a_steps, "tool_calls"), _mean(g_steps, "tool_calls"))
-    row("tool calls per trajectory's text (mean over steps)", _mean(a_steps, "tool_calls_per_traj"),
-        _mean(g_steps, "tool_calls_per_traj"), "{:.2f}")
+    row(
+        "tool calls made per step (mean over steps)",
+        _mean(a_steps, "tool_calls"),
+        _mean(g_steps, "tool_calls"),
+    )
+    row(
+        "tool calls per trajectory's text (mean over steps)",
+        _mean(a_steps, "tool_calls_per_traj"),
+        _mean(g_steps, "tool_calls_per_traj"),
+        "{:.2f}",
+    )
     row("generated tokens per step", _mean(a_steps, "model_tokens"), _mean(g_steps, "model_tokens"), "{:.0f}")
-    row("branch points per step", _mean(a_steps, "branch_points"), _mean(g_steps, "branch_points"), "{:.1f}", False)
+    row(
+        "branch points per step",
+        _mean(a_steps, "branch_points"),
+        _mean(g_steps, "branch_points"),
+        "{:.1f}",
+        False,
+    )
     row("rollout seconds per step", _mean(a_steps, "rollout_s"), _mean(g_steps, "rollout_s"), "{:.2f}")
-    row("held-out greedy accuracy at step 0", a_sum["warm_start_accuracy"], g_sum["warm_start_accuracy"],
-        "{:.3f}", False)
+    row(
+        "held-out greedy accuracy at step 0",
+        a_sum["warm_start_accuracy"],
+        g_sum["warm_start_accuracy"],
+        "{:.3f}",
+        False,
+    )
     for a, g in zip(a_evals[1:], g_evals[1:]):
-        row(f"held-out greedy accuracy after step {a['step']}", a["eval/accuracy"], g["eval/accuracy"], "{:.3f}",
-            False)
+        row(
+            f"held-out greedy accuracy after step {a['step']}",
+            a["eval/accuracy"],
+            g["eval/accuracy"],
+            "{:.3f}",
+            False,
+        )
     row("wall seconds (whole job)", a_sum["wall_s"], g_sum["wall_s"], "{:.0f}")
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", nargs="?", help="folder for the two runs")
     parser.add_argument("--table", nargs=2, metavar=("ARPO_RUN", "GRPO_RUN"), help="only tabulate two runs")
     args, extra = parser.parse_known_args()
@@ -68,7 +97,9 @@ def main() -> None:
         runs = {"ARPO": Path(args.out) / "arpo", "GRPO": Path(args.out) / "grpo"}
         for name, path in runs.items():
             flags = ["--initial", "16"] if name == "GRPO" else []
-            subprocess.run([sys.executable, "-m", "arpo_fast.train", "--out", str(path), *flags, *extra], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "arpo_fast.train", "--out", str(path), *flags, *extra], check=True
+            )
     print(table(runs))
 
 

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_distributed import run
 from report import Row
 
@@ -28,10 +27,26 @@ SECTION = "distributed"
 def rows(smoke: bool) -> list[Row]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     steps, prompts = (2, 2) if smoke else (4, 8)
-    args = ["--demo-warm-start", "20" if smoke else "200", "--tools", "", "--eval-data", "none",
-            "--steps", str(steps),
-            "--prompts-per-step", str(prompts), "--rollouts", "4" if smoke else "16", "--initial",
-            "2" if smoke else "8", "--max-response-tokens", "16" if smoke else "128", "--device", device]
+    args = [
+        "--demo-warm-start",
+        "20" if smoke else "200",
+        "--tools",
+        "",
+        "--eval-data",
+        "none",
+        "--steps",
+        str(steps),
+        "--prompts-per-step",
+        str(prompts),
+        "--rollouts",
+        "4" if smoke else "16",
+        "--initial",
+        "2" if smoke else "8",
+        "--max-response-tokens",
+        "16" if smoke else "128",
+        "--device",
+        device,
+    ]
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         times = {}
@@ -41,18 +56,39 @@ def rows(smoke: bool) -> list[Row]:
             if procs:
                 refresh_s = statistics.mean(r["weight_refresh_s"] for r in measured)
         case = f"demo steps, {prompts} prompts, {device}"
-        out.append(Row(SECTION, case, "step s, torchrun x1 (FSDP2)", times[1], peer="python -m (one process)",
-                       peer_value=times[0], target="overhead = ratio - 1"))
+        out.append(
+            Row(
+                SECTION,
+                case,
+                "step s, torchrun x1 (FSDP2)",
+                times[1],
+                peer="python -m (one process)",
+                peer_value=times[0],
+                target="overhead = ratio - 1",
+            )
+        )
         out.append(Row(SECTION, case, "weight refresh s per step", refresh_s))
         start = time.perf_counter()
         # a smoke run on the CPU: one step, a short warm start, no evaluation, PyTorch paths (not the
         # Triton interpreter)
         quick = ["--steps", "1", "--demo-warm-start", "20", "--eval-data", "none"] if smoke else []
         env = dict(os.environ, TRITON_INTERPRET="0") if device == "cpu" else None
-        job = subprocess.run([sys.executable, "-m", "arpo_fast.train", "--out", str(Path(tmp) / "job")]
-                             + quick, capture_output=True, text=True, env=env)
-        out.append(Row(SECTION, "python -m arpo_fast.train (the default job)", "wall s",
-                       time.perf_counter() - start, target="exits 0", ok=job.returncode == 0))
+        job = subprocess.run(
+            [sys.executable, "-m", "arpo_fast.train", "--out", str(Path(tmp) / "job")] + quick,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        out.append(
+            Row(
+                SECTION,
+                "python -m arpo_fast.train (the default job)",
+                "wall s",
+                time.perf_counter() - start,
+                target="exits 0",
+                ok=job.returncode == 0,
+            )
+        )
         if job.returncode != 0:
             print(job.stderr[-2000:], flush=True)
     return out

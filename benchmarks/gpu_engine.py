@@ -17,7 +17,7 @@ from __future__ import annotations
 import gc
 
 import torch
-from arpo_fast.kernels import paged_attention_decode, paged_attention_decode_ref
+from accuracy import max_rel_err
 from bench_engine import (
     branching,
     engine_generate_tps,
@@ -25,11 +25,11 @@ from bench_engine import (
     random_prompts,
     tiny_model,
 )
-from accuracy import max_rel_err
 from report import Row, bench_us, copy_bandwidth_gbs
 
 from arpo_fast.engine import Engine
 from arpo_fast.engine.random_model import random_causal_lm
+from arpo_fast.kernels import paged_attention_decode, paged_attention_decode_ref
 
 SECTION = "engine"
 HF_NEW_TOKENS = 256
@@ -37,10 +37,22 @@ HF_NEW_TOKENS = 256
 
 def qwen25_05b(device: str):
     """Qwen2.5-0.5B's shape (config values as published), random weights drawn on ``device``, bf16."""
-    return random_causal_lm("qwen2", vocab=151936, hidden=896, layers=24, heads=14, kv_heads=2,
-                            intermediate=4864, device=device, dtype=torch.bfloat16,
-                            max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                            tie_word_embeddings=True, use_sliding_window=False)
+    return random_causal_lm(
+        "qwen2",
+        vocab=151936,
+        hidden=896,
+        layers=24,
+        heads=14,
+        kv_heads=2,
+        intermediate=4864,
+        device=device,
+        dtype=torch.bfloat16,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+    )
 
 
 def _release() -> None:
@@ -69,11 +81,21 @@ def decode_rows(smoke: bool, device: str) -> list[Row]:
     rows = []
     err = _logit_error(model, device)
     limit = 1e-4 if smoke else 5e-2  # fp32 on the CPU; bf16 on the GPU (different reduction orders)
-    rows.append(Row(SECTION, f"prompt logits vs HF forward ({model.dtype})", "max rel err", err,
-                    target=f"<= {limit:g}", ok=err <= limit))
+    rows.append(
+        Row(
+            SECTION,
+            f"prompt logits vs HF forward ({model.dtype})",
+            "max rel err",
+            err,
+            target=f"<= {limit:g}",
+            ok=err <= limit,
+        )
+    )
     configs = [("eager", {"cuda_graphs": False})]
     if device == "cuda":  # the default on CUDA
-        configs.append(("CUDA graphs (default)", {"max_graph_batch": B, "max_seq_len": prompt_len + new + 16}))
+        configs.append(
+            ("CUDA graphs (default)", {"max_graph_batch": B, "max_seq_len": prompt_len + new + 16})
+        )
     hf = hf_generate_tps(model, prompts, hf_new)
     for name, kw in configs:
         engine = Engine(model, **kw)
@@ -81,9 +103,18 @@ def decode_rows(smoke: bool, device: str) -> list[Row]:
         captured = engine._graphs is not None and bool(engine._graphs.graphs)
         judged = not smoke and name != "eager"  # the target is for the default (graphs) path
         label = name if captured or name == "eager" else f"{name} (capture failed: eager)"
-        rows.append(Row(SECTION, f"decode {B} seqs x {new} new tokens, {label}", "tokens/s", ours,
-                        peer=f"HF generate ({hf_new} new tokens)", peer_value=hf,
-                        target=">= 5x HF" if judged else "", ok=ours >= 5 * hf if judged else None))
+        rows.append(
+            Row(
+                SECTION,
+                f"decode {B} seqs x {new} new tokens, {label}",
+                "tokens/s",
+                ours,
+                peer=f"HF generate ({hf_new} new tokens)",
+                peer_value=hf,
+                target=">= 5x HF" if judged else "",
+                ok=ours >= 5 * hf if judged else None,
+            )
+        )
         del engine
         _release()
     del model
@@ -112,10 +143,18 @@ def attention_rows(smoke: bool, device: str) -> list[Row]:
         ours = kv_bytes / bench_us(lambda a=args: paged_attention_decode(*a)) / 1e3
         ref = kv_bytes / bench_us(lambda a=args: paged_attention_decode_ref(*a), reps=5) / 1e3
         main = (B, ctx) == (256, 4096)
-        rows.append(Row(SECTION, f"paged decode attention B={B} ctx={ctx} heads {H}/{Hk} d={D}",
-                        "K/V GB/s", ours, peer="gather + SDPA", peer_value=ref,
-                        target=f">= 60% of copy bw {hbm:.0f}" if main else f"copy bw {hbm:.0f}",
-                        ok=ours >= 0.6 * hbm if main and not smoke else None))
+        rows.append(
+            Row(
+                SECTION,
+                f"paged decode attention B={B} ctx={ctx} heads {H}/{Hk} d={D}",
+                "K/V GB/s",
+                ours,
+                peer="gather + SDPA",
+                peer_value=ref,
+                target=f">= 60% of copy bw {hbm:.0f}" if main else f"copy bw {hbm:.0f}",
+                ok=ours >= 0.6 * hbm if main and not smoke else None,
+            )
+        )
         del args
         _release()
     return rows
@@ -130,11 +169,26 @@ def branching_rows(smoke: bool, device: str) -> list[Row]:
     _release()
     case = f"branching {P} prompts x {Z} branches after {L} tokens, {T} new"
     fork, re = r["fork"], r["reprefill"]
-    return [Row(SECTION, case, "prefill tokens (fork)", fork["prefill_tokens"], peer="re-prefill each branch",
-                peer_value=re["prefill_tokens"]),
-            Row(SECTION, case, "wall s (fork)", fork["seconds"], peer="re-prefill each branch",
-                peer_value=re["seconds"], target="faster than re-prefill",
-                ok=None if smoke else fork["seconds"] < re["seconds"])]
+    return [
+        Row(
+            SECTION,
+            case,
+            "prefill tokens (fork)",
+            fork["prefill_tokens"],
+            peer="re-prefill each branch",
+            peer_value=re["prefill_tokens"],
+        ),
+        Row(
+            SECTION,
+            case,
+            "wall s (fork)",
+            fork["seconds"],
+            peer="re-prefill each branch",
+            peer_value=re["seconds"],
+            target="faster than re-prefill",
+            ok=None if smoke else fork["seconds"] < re["seconds"],
+        ),
+    ]
 
 
 def rows(smoke: bool) -> list[Row]:

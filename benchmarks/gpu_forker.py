@@ -6,9 +6,9 @@ Layout: Qwen2.5-7B's KV (28 layers, 4 KV heads, head dim 128), bf16, 16-token bl
 from __future__ import annotations
 
 import torch
+from report import Row, bench_us
 
 from arpo_fast.engine.kv_cache import PagedKVCache
-from report import Row, bench_us
 
 SECTION = "forker"
 
@@ -50,7 +50,7 @@ def _cow_is_correct(device: str) -> bool:
     for seq, n in zip(seqs, [1, 2, 3, 4]):
         for layer in range(2):
             k, v = _by_slot(cache, layer)[:, _slots(cache, seq)]
-            want = torch.cat([data[layer], new[layer, offset:offset + n]])
+            want = torch.cat([data[layer], new[layer, offset : offset + n]])
             if not (torch.equal(k, want) and torch.equal(v, -want)):
                 return False
         offset += n
@@ -61,9 +61,11 @@ def rows(smoke: bool) -> list[Row]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     layers, heads, dim = (2, 2, 16) if smoke else (28, 4, 128)
     correct = _cow_is_correct(device)
-    out = [Row(SECTION, f"copy-on-write correctness ({device})", "ok", float(correct), target="1", ok=correct)]
+    out = [
+        Row(SECTION, f"copy-on-write correctness ({device})", "ok", float(correct), target="1", ok=correct)
+    ]
     # Prefixes end in a partial block, so each branch pays one block copy in every layer.
-    for prefix in ([257] if smoke else [4097, 32769]):
+    for prefix in [257] if smoke else [4097, 32769]:
         out.append(_branch_row(prefix, layers, heads, dim, device))
     return out
 
@@ -80,5 +82,13 @@ def _branch_row(prefix: int, layers: int, heads: int, dim: int, device: str) -> 
 
     dense = torch.zeros(layers, 2, prefix, heads, dim, dtype=cache.kv.dtype, device=device)
     ours, peer = bench_us(branch), bench_us(dense.clone)
-    return Row(SECTION, f"branch after {prefix}-token prefix", "us", ours, "dense KV clone", peer,
-               target="< dense clone", ok=ours < peer)
+    return Row(
+        SECTION,
+        f"branch after {prefix}-token prefix",
+        "us",
+        ours,
+        "dense KV clone",
+        peer,
+        target="< dense clone",
+        ok=ours < peer,
+    )

@@ -10,17 +10,17 @@ CPU) to check that the script works.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 
 import torch
-
 from accuracy import rel_err
-from report import Row, load_kernels as _kernels, bench_us
+from report import Row, bench_us
+from report import load_kernels as _kernels
 
 SECTION = "logprob_entropy"
 TEMPERATURE = 0.7
-
 
 
 def _inputs(T, H, V, dtype, device):
@@ -66,8 +66,7 @@ def _peers(kernels):
     """name -> callable(hidden, weight, targets, grads) doing forward + backward."""
     peers = {
         "ours": lambda h, w, t, g: _step(kernels.logprob_entropy, h, w, t, g, temperature=TEMPERATURE),
-        "PyTorch": lambda h, w, t, g: _step(kernels.logprob_entropy_ref, h, w, t, g,
-                                            temperature=TEMPERATURE),
+        "PyTorch": lambda h, w, t, g: _step(kernels.logprob_entropy_ref, h, w, t, g, temperature=TEMPERATURE),
     }
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -93,8 +92,9 @@ def _speed_rows(kernels, T, H, V, dtype, device) -> list[Row]:
     results, errors = {}, {}
     for name, fn in _peers(kernels).items():
         try:
-            us = bench_us(lambda: fn(hidden, weight, targets, grads), warmup=1, reps=3)
-            gb = _peak_extra_gb(lambda: fn(hidden, weight, targets, grads)) if device == "cuda" else None
+            run = functools.partial(fn, hidden, weight, targets, grads)
+            us = bench_us(run, warmup=1, reps=3)
+            gb = _peak_extra_gb(run) if device == "cuda" else None
             results[name] = (us / 1000.0, gb)
         except Exception as exc:  # e.g. the plain path running out of memory: report, go on
             errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
@@ -109,13 +109,24 @@ def _speed_rows(kernels, T, H, V, dtype, device) -> list[Row]:
             continue
         # The time target is judged on a GPU only: under the CPU interpreter timings mean nothing.
         is_plain = name == "PyTorch" and device == "cuda"
-        rows.append(Row(SECTION, case, "time ms", ours[0], name, ms,
-                        "<= PyTorch" if is_plain else "", (ours[0] <= ms) if is_plain else None))
+        rows.append(
+            Row(
+                SECTION,
+                case,
+                "time ms",
+                ours[0],
+                name,
+                ms,
+                "<= PyTorch" if is_plain else "",
+                (ours[0] <= ms) if is_plain else None,
+            )
+        )
         if gb is not None:
             rows.append(Row(SECTION, case, "peak extra GB (grads incl.)", ours[1], name, gb))
     if ours[1] is not None:
-        rows.append(Row(SECTION, case, "peak extra GB (grads incl.)", ours[1], "", None, "<= 2 GB",
-                        ours[1] <= 2.0))
+        rows.append(
+            Row(SECTION, case, "peak extra GB (grads incl.)", ours[1], "", None, "<= 2 GB", ours[1] <= 2.0)
+        )
     if "PyTorch" not in results and "PyTorch" in errors:
         rows.append(Row(SECTION, case, f"time ms (PyTorch failed: {errors['PyTorch'][:60]})", ours[0]))
     del hidden, weight, targets, grads
@@ -136,8 +147,18 @@ def _accuracy_rows(kernels, T, H, V, dtype, device) -> list[Row]:
     rows = []
     for name, o, p, e in zip(("logprobs", "entropy", "grad_hidden", "grad_weight"), ours, plain, exact):
         err, ref_err = rel_err(o, e), rel_err(p, e)
-        rows.append(Row(SECTION, case, f"{name} rel err vs fp64", err, "PyTorch same dtype", ref_err,
-                        "<= 2x peer + 1e-6", err <= 2 * ref_err + 1e-6))
+        rows.append(
+            Row(
+                SECTION,
+                case,
+                f"{name} rel err vs fp64",
+                err,
+                "PyTorch same dtype",
+                ref_err,
+                "<= 2x peer + 1e-6",
+                err <= 2 * ref_err + 1e-6,
+            )
+        )
     del hidden, weight, ours, plain, exact, h64, w64
     _free()
     return rows
@@ -149,8 +170,9 @@ def rows(smoke: bool) -> list[Row]:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     if smoke:
-        return (_accuracy_rows(kernels, 37, 19, 1000, torch.bfloat16, device)
-                + _speed_rows(kernels, 64, 32, 500, torch.bfloat16, device))
+        return _accuracy_rows(kernels, 37, 19, 1000, torch.bfloat16, device) + _speed_rows(
+            kernels, 64, 32, 500, torch.bfloat16, device
+        )
     out = _accuracy_rows(kernels, 2048, 1024, 32001, torch.bfloat16, device)
     out += _accuracy_rows(kernels, 1031, 512, 32001, torch.float32, device)
     out += _speed_rows(kernels, 16384, 3584, 152064, torch.bfloat16, device)

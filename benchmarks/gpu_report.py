@@ -25,8 +25,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Shortest first: a run cut short by a time limit loses the fewest rows.
-SECTIONS = ["gpu_forker", "gpu_sampling", "gpu_logprob_entropy", "gpu_engine", "gpu_train", "gpu_distributed",
-            "gpu_update"]
+SECTIONS = [
+    "gpu_forker",
+    "gpu_sampling",
+    "gpu_logprob_entropy",
+    "gpu_engine",
+    "gpu_train",
+    "gpu_distributed",
+    "gpu_update",
+]
 
 
 def device_name() -> str:
@@ -38,7 +45,9 @@ def device_name() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on any machine")
     parser.add_argument("--only", nargs="*", default=None, help="run only these sections")
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
@@ -49,10 +58,9 @@ def main() -> int:
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")
     import report
-    from report import markdown, markdown_line
-
     import torch
     import triton
+    from report import markdown, markdown_line
 
     def emit(text: str) -> None:
         print(text, flush=True)
@@ -63,9 +71,11 @@ def main() -> int:
     if args.out is not None:
         args.out.write_text("")
     report.ON_ROW.append(lambda row: emit("row: " + markdown_line(row)))
-    head = (f"# arpo_fast GPU report\n\ndevice: {device_name()}; torch {torch.__version__}; "
-            f"triton {triton.__version__}; date {datetime.date.today()}; "
-            f"command: python benchmarks/gpu_report.py{' --smoke' if args.smoke else ''}\n")
+    head = (
+        f"# arpo_fast GPU report\n\ndevice: {device_name()}; torch {torch.__version__}; "
+        f"triton {triton.__version__}; date {datetime.date.today()}; "
+        f"command: python benchmarks/gpu_report.py{' --smoke' if args.smoke else ''}\n"
+    )
     emit(head)
     rows, failures = [], 0
     for name in args.only or SECTIONS:

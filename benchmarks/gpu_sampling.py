@@ -18,12 +18,12 @@ from __future__ import annotations
 import math
 
 import torch
-from report import Row, load_kernels as _kernels, bench_us, copy_bandwidth_gbs
+from report import Row, bench_us, copy_bandwidth_gbs
+from report import load_kernels as _kernels
 
 SECTION = "sampling"
 V_FULL = 151936
 TOP_K, TOP_P = 50, 0.9
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,8 +123,9 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
         "exp race (PyTorch)": _try_us("exp race", lambda: exp_race(logits, temps), fails, **kw),
     }
     if compiled is not None:
-        peers["torch.compile race"] = _try_us("torch.compile race", lambda: compiled(logits, temps),
-                                              fails, **kw)
+        peers["torch.compile race"] = _try_us(
+            "torch.compile race", lambda: compiled(logits, temps), fails, **kw
+        )
     rows = [Row(SECTION, case, "us eager", ours, name, us) for name, us in peers.items() if us]
     rows += [Row(SECTION, case, f"({name} failed: {why[:60]})", ours) for name, why in fails.items()]
 
@@ -134,78 +135,121 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
     if device == "cuda":
         graph = _graph_us(lambda: k.sample(logits, temps, seeds, pos))
         small, large = B <= 16, B >= 256
-        rows.append(Row(SECTION, case, "us CUDA graph", graph, "PyTorch eager", peers["PyTorch eager"],
-                        "<= 15 us" if small else "", (graph <= 15.0) if small else None))
+        rows.append(
+            Row(
+                SECTION,
+                case,
+                "us CUDA graph",
+                graph,
+                "PyTorch eager",
+                peers["PyTorch eager"],
+                "<= 15 us" if small else "",
+                (graph <= 15.0) if small else None,
+            )
+        )
         pct = 100 * floor / graph
-        rows.append(Row(SECTION, case, "% of floor (CUDA graph)", pct, "", None,
-                        ">= 70%" if large else "", (pct >= 70.0) if large else None))
+        rows.append(
+            Row(
+                SECTION,
+                case,
+                "% of floor (CUDA graph)",
+                pct,
+                "",
+                None,
+                ">= 70%" if large else "",
+                (pct >= 70.0) if large else None,
+            )
+        )
         if large:
             # Inside an engine's decode graph the sampler shares the graph's launch: 20 calls in
             # one graph, over 4 logits buffers in turn (each evicted from L2 by the next three).
             bufs = [logits] + [torch.randn_like(logits) for _ in range(3)]
             many = _graph_us(lambda: [k.sample(bufs[i % 4], temps, seeds, pos) for i in range(20)]) / 20
-            rows.append(Row(SECTION, case, "us per call, 20 calls in one CUDA graph", many,
-                            "floor us", floor))
+            rows.append(
+                Row(SECTION, case, "us per call, 20 calls in one CUDA graph", many, "floor us", floor)
+            )
             del bufs
         # The streaming pass alone: what the finish step (one row each) adds is the difference.
         stats = _graph_us(lambda: k.sampling._launch(logits, temps, seeds, pos, None, finish=False))
         rows.append(Row(SECTION, case, "us CUDA graph, streaming pass alone", stats, "floor us", floor))
 
     topkp = bench_us(lambda: k.sample(logits, temps, seeds, pos, top_k=TOP_K, top_p=TOP_P), **kw)
-    peer = _try_us("PyTorch top-k/top-p", lambda: torch_top_k_top_p(logits, temps, TOP_K, TOP_P),
-                   fails, **kw)
-    rows.append(Row(SECTION, case, f"us eager, top-k {TOP_K} top-p {TOP_P}", topkp,
-                    "PyTorch sort top-k/top-p", peer))
+    peer = _try_us("PyTorch top-k/top-p", lambda: torch_top_k_top_p(logits, temps, TOP_K, TOP_P), fails, **kw)
+    rows.append(
+        Row(SECTION, case, f"us eager, top-k {TOP_K} top-p {TOP_P}", topkp, "PyTorch sort top-k/top-p", peer)
+    )
     if device == "cuda" and B <= 16:  # the path has no host syncs: it can sit in a decode graph
         try:
             graph = _graph_us(lambda: k.sample(logits, temps, seeds, pos, top_k=TOP_K, top_p=TOP_P))
-            rows.append(Row(SECTION, case, f"us CUDA graph, top-k {TOP_K} top-p {TOP_P}", graph,
-                            "PyTorch sort top-k/top-p (eager)", peer))
+            rows.append(
+                Row(
+                    SECTION,
+                    case,
+                    f"us CUDA graph, top-k {TOP_K} top-p {TOP_P}",
+                    graph,
+                    "PyTorch sort top-k/top-p (eager)",
+                    peer,
+                )
+            )
         except Exception as exc:
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60] if str(exc) else ''}"
             print(f"(sampling: top-k/top-p in a CUDA graph failed: {why})")
             rows.append(Row(SECTION, case, f"(top-k/top-p in a CUDA graph failed: {why})", topkp))
     top_p = bench_us(lambda: k.sample(logits, temps, seeds, pos, top_p=TOP_P), **kw)
     peer = _try_us("PyTorch top-p", lambda: torch_top_k_top_p(logits, temps, None, TOP_P), fails, **kw)
-    rows.append(Row(SECTION, case, f"us eager, top-p {TOP_P} (whole rows sorted)", top_p,
-                    "PyTorch sort top-p", peer))
+    rows.append(
+        Row(SECTION, case, f"us eager, top-p {TOP_P} (whole rows sorted)", top_p, "PyTorch sort top-p", peer)
+    )
     return rows
 
 
 # Streaming-pass launches timed: (chunk, warps per program, chunks each warp reads in turn,
 # pipeline stages, persistent programs per SM or 0). Chunks of 2048 would need 64 entries per
 # thread: they spill under the 64-register cap.
-STREAM = ([(1024, warps, loop, 1, 0) for warps in (1, 2, 4) for loop in (1, 4)]
-          + [(512, 4, 1, 1, 0), (512, 4, 4, 1, 0)]
-          + [(1024, 1, 4, 2, 0), (1024, 4, 4, 2, 0), (1024, 1, 8, 3, 0)]
-          + [(1024, 1, 1, 1, 32), (1024, 1, 1, 2, 16), (1024, 4, 1, 2, 8)])
+STREAM = (
+    [(1024, warps, loop, 1, 0) for warps in (1, 2, 4) for loop in (1, 4)]
+    + [(512, 4, 1, 1, 0), (512, 4, 4, 1, 0)]
+    + [(1024, 1, 4, 2, 0), (1024, 4, 4, 2, 0), (1024, 1, 8, 3, 0)]
+    + [(1024, 1, 1, 1, 32), (1024, 1, 1, 2, 16), (1024, 4, 1, 2, 8)]
+)
 FINISH = [(True, 2, 256), (True, 2, 128), (False, 2, 256), (False, 4, 256)]  # fused, warps, run
 
 
 def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
     """The launch choices the default is picked from, each timed in a CUDA graph against the floor:
     the streaming pass alone for each launch in STREAM, then the whole sampler with the best of
-    those, its finish step fused into the pass or a kernel of its own, and two run lengths. (Chunk and run length are part of the sampled arithmetic: other defaults would move a
-    token only where its uniform lands within rounding of a boundary.)"""
+    those, its finish step fused into the pass or a kernel of its own, and two run lengths. (Chunk
+    and run length are part of the sampled arithmetic: other defaults would move a token only where
+    its uniform lands within rounding of a boundary.)"""
     logits, temps, seeds, pos = _speed_inputs(B, V, torch.bfloat16, device)
     floor = _floor_us(logits, bw_gbs)
     timer = _graph_us if device == "cuda" else (lambda fn: bench_us(fn, warmup=1, reps=2))
     LaunchConfig = k.sampling.LaunchConfig
 
     def timed(config, finish):
-        return timer(lambda: k.sampling._launch(logits, temps, seeds, pos, None, config=config,
-                                                finish=finish))
+        return timer(
+            lambda: k.sampling._launch(logits, temps, seeds, pos, None, config=config, finish=finish)
+        )
 
     rows, stats_us, whole_us = [], {}, {}
     case = f"tuning B={B} V={V} bf16"
     metric = "us CUDA graph (ratio: fraction of floor)"
     for chunk, warps, loop, stages, persistent in STREAM:
-        config = LaunchConfig(chunk, warps, loop=loop, stages=stages, fused=not persistent,
-                              persistent=persistent)
+        config = LaunchConfig(
+            chunk, warps, loop=loop, stages=stages, fused=not persistent, persistent=persistent
+        )
         stats_us[config] = timed(config, False)
         how = f", {persistent} persistent programs per SM" if persistent else f" x {loop} chunks"
-        rows.append(Row(SECTION, f"{case}: streaming pass, chunk {chunk}, {warps} warps{how}, "
-                        f"{stages} stages", metric, stats_us[config], "floor us", floor))
+        rows.append(
+            Row(
+                SECTION,
+                f"{case}: streaming pass, chunk {chunk}, {warps} warps{how}, {stages} stages",
+                metric,
+                stats_us[config],
+                "floor us",
+                floor,
+            )
+        )
     best = min(stats_us, key=stats_us.get)
     for fused, warps, run in FINISH:
         if fused and best.persistent:  # persistent programs finish in a kernel of its own
@@ -213,11 +257,25 @@ def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
         config = best._replace(fused=fused, finish_warps=warps, run=run)
         whole_us[config] = timed(config, True)
         how = "finish fused" if fused else f"finish kernel of {warps} warps"
-        rows.append(Row(SECTION, f"{case}: whole sampler, {tuple(config)}: {how}, runs of {run}",
-                        metric, whole_us[config], "floor us", floor))
+        rows.append(
+            Row(
+                SECTION,
+                f"{case}: whole sampler, {tuple(config)}: {how}, runs of {run}",
+                metric,
+                whole_us[config],
+                "floor us",
+                floor,
+            )
+        )
     best = min(whole_us, key=whole_us.get)
-    rows.append(Row(SECTION, f"{case}: fastest {tuple(best)} (default {tuple(k.sampling._default_config(V))})",
-                    "% of floor (CUDA graph)", 100 * floor / whole_us[best]))
+    rows.append(
+        Row(
+            SECTION,
+            f"{case}: fastest {tuple(best)} (default {tuple(k.sampling._default_config(V))})",
+            "% of floor (CUDA graph)",
+            100 * floor / whole_us[best],
+        )
+    )
     return rows
 
 
@@ -254,8 +312,9 @@ def _value_rows(k, B, V, dtype, device) -> list[Row]:
         err = (got.double() - want).abs()
         worst = (err / want.abs().clamp_min(1e-3)).max().item()
         ok = bool((err <= 1e-4 * want.abs() + 1e-7).all())
-        rows.append(Row(SECTION, case, f"{name} max rel err vs fp64", worst, "", None,
-                        "<= 1e-4 (+1e-7 abs)", ok))
+        rows.append(
+            Row(SECTION, case, f"{name} max rel err vs fp64", worst, "", None, "<= 1e-4 (+1e-7 abs)", ok)
+        )
     return rows
 
 
@@ -287,9 +346,18 @@ def _chi2_rows(k, n, device) -> list[Row]:
         stray = int(counts[probs == 0].sum())
         df = int(live.sum()) - 1
         thr = _chi2_threshold(df)
-        rows.append(Row(SECTION, f"chi-square V={V} T={temp} top_k={top_k} top_p={top_p}, {n} draws",
-                        "chi2 statistic", stat, "threshold (alpha 1e-4)", thr, "< threshold, no stray",
-                        stat < thr and stray == 0))
+        rows.append(
+            Row(
+                SECTION,
+                f"chi-square V={V} T={temp} top_k={top_k} top_p={top_p}, {n} draws",
+                "chi2 statistic",
+                stat,
+                "threshold (alpha 1e-4)",
+                thr,
+                "< threshold, no stray",
+                stat < thr and stray == 0,
+            )
+        )
     return rows
 
 
@@ -304,8 +372,18 @@ def _far_tail_rows(k, V, gap, B, reps, device) -> list[Row]:
     hits = sum(int((k.sample(logits, 1.0, r, pos).tokens == tail).sum()) for r in range(reps))
     n = B * reps
     expect, sd = n * p, math.sqrt(n * p * (1 - p))
-    return [Row(SECTION, f"far tail: token {gap} nats below top, V={V}, {n} draws", "hits", hits,
-                "expected", expect, "within 5 sd", abs(hits - expect) <= 5 * sd)]
+    return [
+        Row(
+            SECTION,
+            f"far tail: token {gap} nats below top, V={V}, {n} draws",
+            "hits",
+            hits,
+            "expected",
+            expect,
+            "within 5 sd",
+            abs(hits - expect) <= 5 * sd,
+        )
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import math
 import tempfile
 
 import torch
-
 from report import Row
 
 SECTION = "train"
@@ -25,11 +24,15 @@ def rows(smoke: bool) -> list[Row]:
     from arpo_fast.train.loop import train
 
     cuda = torch.cuda.is_available()
-    size = dict(steps=1, rollouts=2, initial=1, max_response_tokens=8) if smoke else \
-        dict(steps=3, rollouts=16, initial=8, max_response_tokens=256, prompts_per_step=8)
+    size = (
+        dict(steps=1, rollouts=2, initial=1, max_response_tokens=8)
+        if smoke
+        else dict(steps=3, rollouts=16, initial=8, max_response_tokens=256, prompts_per_step=8)
+    )
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig.from_flat(out=out, device="cuda" if cuda else "cpu", demo_warm_start=0,
-                                    tools="python", **size)
+        cfg = TrainConfig.from_flat(
+            out=out, device="cuda" if cuda else "cpu", demo_warm_start=0, tools="python", **size
+        )
         tok = demo_tokenizer()
         model = demo_model(tok, seed=0, layers=2 if smoke else 8, hidden=64 if smoke else 512)
         model = model.to(cfg.device)
@@ -42,8 +45,14 @@ def rows(smoke: bool) -> list[Row]:
     ok = all(math.isfinite(m["loss"]) for m in history)
     case = f"demo step ({where}), {cfg.prompts_per_step} prompts x {cfg.rollout.rollouts} trajectories"
     return [
-        Row(SECTION, case, "rollout tokens/s", last["response_tokens"] / last["rollout_s"],
-            target="runs, loss finite", ok=ok),
+        Row(
+            SECTION,
+            case,
+            "rollout tokens/s",
+            last["response_tokens"] / last["rollout_s"],
+            target="runs, loss finite",
+            ok=ok,
+        ),
         Row(SECTION, case, "update tokens/s", last["tokens"] / last["update_s"]),
         Row(SECTION, case, "first step's update s (compiles flex_attention on CUDA)", history[0]["update_s"]),
         Row(SECTION, case, "tool calls", float(last["tool_calls"])),

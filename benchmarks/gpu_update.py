@@ -17,7 +17,6 @@ import statistics
 import time
 
 import torch
-
 from report import Row
 
 SECTION = "update"
@@ -28,10 +27,25 @@ def _model(smoke: bool, device):
 
     from arpo_fast.train.demo import move_model
 
-    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2) if smoke else \
-        dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-             num_attention_heads=14, num_key_value_heads=2)
+    shape = (
+        dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        if smoke
+        else dict(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+        )
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2ForCausalLM(Qwen2Config(max_position_embeddings=8192, tie_word_embeddings=True, **shape))
@@ -59,8 +73,15 @@ def _update(model, work, device, **settings) -> tuple[float, float, dict]:
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
     start = time.perf_counter()
-    metrics = update(model, optimizer, trajs, adv, UpdateConfig(mini_batch_prompts=16, **settings),
-                     pad_id=0, node_tokens=node_tokens)
+    metrics = update(
+        model,
+        optimizer,
+        trajs,
+        adv,
+        UpdateConfig(mini_batch_prompts=16, **settings),
+        pad_id=0,
+        node_tokens=node_tokens,
+    )
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -82,8 +103,10 @@ def rows(smoke: bool) -> list[Row]:
     work = (trajs, node_tokens, [torch.randn(len(t.response_ids), generator=g) for t in trajs])
     repeats = 1 if smoke else 3
     attention = {p: UpdateConfig(packed_update=p).resolved(device)[0] for p in (True, False)}
-    case = (f"{'tiny' if smoke else 'Qwen2.5-0.5B shapes'}, {attention[True]} vs {attention[False]}, "
-            f"2 prompts x 16 trajectories")
+    case = (
+        f"{'tiny' if smoke else 'Qwen2.5-0.5B shapes'}, {attention[True]} vs {attention[False]}, "
+        f"2 prompts x 16 trajectories"
+    )
     times, runs, first = {True: [], False: []}, {}, []
     for r in range(repeats + 1):  # the first round warms up (and compiles flex_attention)
         for packed in (True, False):
@@ -91,22 +114,56 @@ def rows(smoke: bool) -> list[Row]:
             if r:
                 times[packed].append(seconds)
             else:  # printed at once: a run cut short still shows how long the first update took
-                first.append(Row(SECTION, case, f"first update s ({'packed' if packed else 'per trajectory'}, "
-                                 "compiles)", seconds))
+                first.append(
+                    Row(
+                        SECTION,
+                        case,
+                        f"first update s ({'packed' if packed else 'per trajectory'}, compiles)",
+                        seconds,
+                    )
+                )
     packed, plain = (statistics.median(times[p]) for p in (True, False))
     out = first + [
-        Row(SECTION, case, "update s", packed, "per trajectory", plain, target="<= 0.7x of per trajectory",
-            ok=packed <= 0.7 * plain),
-        Row(SECTION, case, "forward tokens", runs[True]["forward_tokens"], "per trajectory",
-            runs[False]["forward_tokens"]),
-        Row(SECTION, case, "loss difference from per trajectory", abs(runs[True]["loss"] - runs[False]["loss"]),
-            target="<= 1e-2 (bf16)", ok=abs(runs[True]["loss"] - runs[False]["loss"]) <= 1e-2),
+        Row(
+            SECTION,
+            case,
+            "update s",
+            packed,
+            "per trajectory",
+            plain,
+            target="<= 0.7x of per trajectory",
+            ok=packed <= 0.7 * plain,
+        ),
+        Row(
+            SECTION,
+            case,
+            "forward tokens",
+            runs[True]["forward_tokens"],
+            "per trajectory",
+            runs[False]["forward_tokens"],
+        ),
+        Row(
+            SECTION,
+            case,
+            "loss difference from per trajectory",
+            abs(runs[True]["loss"] - runs[False]["loss"]),
+            target="<= 1e-2 (bf16)",
+            ok=abs(runs[True]["loss"] - runs[False]["loss"]) <= 1e-2,
+        ),
     ]
     if device.type == "cuda":
         _, on, _ = _update(model, work, device, gradient_checkpointing="true")
         _, off, _ = _update(model, work, device, gradient_checkpointing="false")
-        out.append(Row(SECTION, case + ", 16384-token micro-batches", "peak memory GB (checkpointing on)", on,
-                       "checkpointing off", off))
+        out.append(
+            Row(
+                SECTION,
+                case + ", 16384-token micro-batches",
+                "peak memory GB (checkpointing on)",
+                on,
+                "checkpointing off",
+                off,
+            )
+        )
         for budget in (32768, 65536):  # memory only: a new row length may compile flex_attention again
             _, peak, m = _update(model, work, device, micro_batch_tokens=budget)
             larger = case + f", {budget}-token micro-batches, checkpointing on"

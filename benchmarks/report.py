@@ -5,12 +5,12 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Optional
 
 import torch
-
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,16 +20,13 @@ def load_kernels():
     try:
         from arpo_fast import kernels
     except ImportError:
-        # setup.py maps kernels/ to arpo_fast.kernels; without an install, do the same mapping here.
+        # arpo_fast/kernels/__init__.py finds the op modules in kernels/ by itself.
         sys.path.insert(0, str(ROOT))
-        import arpo_fast
-
-        arpo_fast.__path__.append(str(ROOT))
         from arpo_fast import kernels
     return kernels
 
 
-ON_ROW: list[Callable[["Row"], None]] = []
+ON_ROW: list[Callable[[Row], None]] = []
 
 
 @dataclass
@@ -64,8 +61,17 @@ class Row:
             ratio = f"{(self.ours / self.peer_value) if higher else (self.peer_value / self.ours):.2f}x"
         verdict = "" if self.ok is None else ("yes" if self.ok else "NO")
         peer_value = "" if self.peer_value is None else f"{self.peer_value:.4g}"
-        return [self.section, self.case, self.metric, f"{self.ours:.4g}", self.peer, peer_value,
-                ratio, self.target, verdict]
+        return [
+            self.section,
+            self.case,
+            self.metric,
+            f"{self.ours:.4g}",
+            self.peer,
+            peer_value,
+            ratio,
+            self.target,
+            verdict,
+        ]
 
 
 # "ours vs peer": how many times better our figure is (> 1: ours is better), by the metric's sense.

@@ -22,11 +22,38 @@ from ._dispatch import next_power_of_2, use_triton
 
 
 @triton.jit
-def _rotary_kv_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, kc_ptr, vc_ptr, slot_ptr,
-                            sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sc_t, so_t, so_h,
-                            skc_blk, skc_tok, skc_h, svc_blk, svc_tok, svc_h,
-                            H: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr,
-                            BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PAGE: tl.constexpr):
+def _rotary_kv_write_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_out_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    sv_t,
+    sv_h,
+    sc_t,
+    so_t,
+    so_h,
+    skc_blk,
+    skc_tok,
+    skc_h,
+    svc_blk,
+    svc_tok,
+    svc_h,
+    H: tl.constexpr,
+    HK: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    PAGE: tl.constexpr,
+):
     t = tl.program_id(0)
     t64 = t.to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)
@@ -86,19 +113,32 @@ def rotary_kv_write_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) -> to
 def _check(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) -> None:
     N, _, D = q.shape
     if k.shape != v.shape or k.shape[0] != N or k.shape[2] != D or D % 2:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need [N, heads, D] "
-                         "with one N and one even D")
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need [N, heads, D] "
+            "with one N and one even D"
+        )
     if cos.shape != (N, D) or sin.shape != (N, D):
-        raise ValueError(f"cos and sin must be [N, D] = [{N}, {D}], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+        raise ValueError(
+            f"cos and sin must be [N, D] = [{N}, {D}], got {tuple(cos.shape)}, {tuple(sin.shape)}"
+        )
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[2:] != k.shape[1:]:
         raise ValueError(f"caches {tuple(k_cache.shape)} do not hold [*, *, {k.shape[1]}, {D}] entries")
     if slot_mapping.shape != (N,) or slot_mapping.dtype != torch.int64:
-        raise ValueError(f"slot_mapping must be int64 [{N}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+        raise ValueError(
+            f"slot_mapping must be int64 [{N}], got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+        )
 
 
-def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> torch.Tensor:
+def rotary_kv_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
     """Rotate q and k, store rotated k and v in the paged cache, return rotated q.
 
     Args:
@@ -126,9 +166,32 @@ def rotary_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
         return out
     half = D // 2
     _rotary_kv_write_kernel[(N,)](
-        q, k, v, cos, sin, out, k_cache, v_cache, slot_mapping,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
-        out.stride(0), out.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        H=H, HK=HK, HALF=half, BLOCK_H=next_power_of_2(max(H, HK)),
-        BLOCK_HALF=next_power_of_2(half), PAGE=page, num_warps=1 if H * D <= 2048 else 4)
+        q,
+        k,
+        v,
+        cos,
+        sin,
+        out,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cos.stride(0),
+        out.stride(0),
+        out.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        H=H,
+        HK=HK,
+        HALF=half,
+        BLOCK_H=next_power_of_2(max(H, HK)),
+        BLOCK_HALF=next_power_of_2(half),
+        PAGE=page,
+        num_warps=1 if H * D <= 2048 else 4,
+    )
     return out

@@ -31,7 +31,8 @@ The two Triton kernels are in ``logprob_entropy_kernels.py``; the argument check
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 
@@ -64,8 +65,9 @@ def _vocab_blocks(vocab: int, chunk: int) -> Iterator[tuple[int, int]]:
         yield v0, min(vocab, v0 + chunk)
 
 
-def _logits_block(hidden: torch.Tensor, weight: torch.Tensor, v0: int, v1: int,
-                  buf: torch.Tensor) -> torch.Tensor:
+def _logits_block(
+    hidden: torch.Tensor, weight: torch.Tensor, v0: int, v1: int, buf: torch.Tensor
+) -> torch.Tensor:
     """Logits of vocabulary entries [v0, v1): [T, v1 - v0] in the input dtype, inside ``buf``.
 
     ``buf`` is a flat workspace of at least T * chunk elements, reused by every block so the
@@ -77,6 +79,7 @@ def _logits_block(hidden: torch.Tensor, weight: torch.Tensor, v0: int, v1: int,
 
 # ---- per-block statistics and gradients: a Triton and a PyTorch implementation of each ----
 
+
 def _fold_block_triton(block, col0, tgt, m, s, w, zt, inv_temp):
     """See ``_logprob_entropy_fwd_kernel``; ``block`` is a contiguous [T, n] logits block."""
     rows, n = block.shape
@@ -84,8 +87,19 @@ def _fold_block_triton(block, col0, tgt, m, s, w, zt, inv_temp):
         return
     blk = min(4096, max(16, next_power_of_2(n)))
     _logprob_entropy_fwd_kernel[(rows,)](
-        block, block.stride(0), n, col0, tgt, m, s, w, zt, inv_temp,
-        BLOCK=blk, num_warps=8 if blk >= 2048 else 4)
+        block,
+        block.stride(0),
+        n,
+        col0,
+        tgt,
+        m,
+        s,
+        w,
+        zt,
+        inv_temp,
+        BLOCK=blk,
+        num_warps=8 if blk >= 2048 else 4,
+    )
 
 
 def _grad_block_triton(block, col0, tgt, logz, ent, glp, gent, inv_temp):
@@ -96,8 +110,8 @@ def _grad_block_triton(block, col0, tgt, logz, ent, glp, gent, inv_temp):
     blk = min(2048, max(16, next_power_of_2(n)))
     grid = (rows, cdiv(n, blk))
     _logprob_entropy_bwd_kernel[grid](
-        block, block.stride(0), n, col0, tgt, logz, ent, glp, gent, inv_temp,
-        BLOCK=blk, num_warps=4)
+        block, block.stride(0), n, col0, tgt, logz, ent, glp, gent, inv_temp, BLOCK=blk, num_warps=4
+    )
 
 
 def _fold_block_torch(block, col0, tgt, m, s, w, zt, inv_temp):
@@ -131,11 +145,11 @@ def _grad_block_torch(block, col0, tgt, logz, ent, glp, gent, inv_temp):
     block.copy_(d)
 
 
-_BACKENDS = {True: (_fold_block_triton, _grad_block_triton),
-             False: (_fold_block_torch, _grad_block_torch)}
+_BACKENDS = {True: (_fold_block_triton, _grad_block_triton), False: (_fold_block_torch, _grad_block_torch)}
 
 
 # ---- the two passes ----
+
 
 def _forward_stats(hidden, weight, tgt, inv_temp, chunk, triton_path):
     """logZ, entropy and the tempered target logit, each fp32 [T], one vocabulary block at a time.
@@ -159,8 +173,9 @@ def _forward_stats(hidden, weight, tgt, inv_temp, chunk, triton_path):
     return logz, ent, zt
 
 
-def _backward_grads(hidden, weight, tgt, logz, ent, glp, gent, inv_temp, chunk, triton_path,
-                    need_hidden, need_weight):
+def _backward_grads(
+    hidden, weight, tgt, logz, ent, glp, gent, inv_temp, chunk, triton_path, need_hidden, need_weight
+):
     """grad_hidden [T, H] (hidden's dtype) and grad_weight [V, H] (weight's dtype), or None."""
     grad_block = _BACKENDS[triton_path][1]
     T, V = hidden.shape[0], weight.shape[0]
@@ -206,8 +221,19 @@ class _LogprobEntropy(torch.autograd.Function):
         glp = _row_grad(g_logprobs, valid)
         gent = _row_grad(g_entropy, valid)
         grad_hidden, grad_weight = _backward_grads(
-            hidden, weight, tgt, logz, ent, glp, gent, ctx.inv_temp, ctx.chunk, ctx.triton_path,
-            need_hidden, need_weight)
+            hidden,
+            weight,
+            tgt,
+            logz,
+            ent,
+            glp,
+            gent,
+            ctx.inv_temp,
+            ctx.chunk,
+            ctx.triton_path,
+            need_hidden,
+            need_weight,
+        )
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
@@ -219,6 +245,7 @@ def _row_grad(g: Optional[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
 
 
 # ---- public functions ----
+
 
 def logprob_entropy(
     hidden: torch.Tensor,
@@ -260,8 +287,9 @@ def logprob_entropy(
         check_targets = not targets.is_cuda
     if check_targets:
         check_target_range(targets, weight.shape[0], ignore_index)
-    return _logprob_entropy(hidden, weight, targets, temperature, chunk_size, ignore_index,
-                            use_triton(hidden))
+    return _logprob_entropy(
+        hidden, weight, targets, temperature, chunk_size, ignore_index, use_triton(hidden)
+    )
 
 
 def _logprob_entropy(hidden, weight, targets, temperature, chunk_size, ignore_index, triton_path):
@@ -276,5 +304,6 @@ def _logprob_entropy(hidden, weight, targets, temperature, chunk_size, ignore_in
     valid = targets != ignore_index
     tgt = torch.where(valid, targets, -1).contiguous()
     logprobs, entropy = _LogprobEntropy.apply(
-        hidden2, weight, tgt, valid, 1.0 / float(temperature), chunk, triton_path)
+        hidden2, weight, tgt, valid, 1.0 / float(temperature), chunk, triton_path
+    )
     return logprobs.view(lead), entropy.view(lead)

@@ -10,7 +10,16 @@ import triton.language as tl
 
 @triton.jit
 def _logprob_entropy_fwd_kernel(
-    logits_ptr, stride_row, n_cols, col0, tgt_ptr, m_ptr, s_ptr, w_ptr, zt_ptr, inv_temp,
+    logits_ptr,
+    stride_row,
+    n_cols,
+    col0,
+    tgt_ptr,
+    m_ptr,
+    s_ptr,
+    w_ptr,
+    zt_ptr,
+    inv_temp,
     BLOCK: tl.constexpr,
 ):
     """Fold one row of a logits block into that row's running (m, s, w) and pick its target.
@@ -50,7 +59,16 @@ def _logprob_entropy_fwd_kernel(
 
 @triton.jit
 def _logprob_entropy_bwd_kernel(
-    logits_ptr, stride_row, n_cols, col0, tgt_ptr, logz_ptr, ent_ptr, glp_ptr, gent_ptr, inv_temp,
+    logits_ptr,
+    stride_row,
+    n_cols,
+    col0,
+    tgt_ptr,
+    logz_ptr,
+    ent_ptr,
+    glp_ptr,
+    gent_ptr,
+    inv_temp,
     BLOCK: tl.constexpr,
 ):
     """Overwrite one tile of a logits block with dL/dlogits, in the block's dtype.

@@ -14,24 +14,34 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def check_inputs(hidden, weight, targets, temperature, dtypes) -> None:
     """Shapes, dtypes (hidden and weight share one of ``dtypes``), devices and temperature."""
     if hidden.dim() < 1 or weight.dim() != 2:
-        raise ValueError(f"hidden must be [..., H] and weight [V, H]; got hidden {tuple(hidden.shape)}"
-                         f" and weight {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden must be [..., H] and weight [V, H]; got hidden {tuple(hidden.shape)}"
+            f" and weight {tuple(weight.shape)}"
+        )
     if hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden size mismatch: hidden is {tuple(hidden.shape)} but weight is "
-                         f"{tuple(weight.shape)} (expected weight [V, {hidden.shape[-1]}])")
+        raise ValueError(
+            f"hidden size mismatch: hidden is {tuple(hidden.shape)} but weight is "
+            f"{tuple(weight.shape)} (expected weight [V, {hidden.shape[-1]}])"
+        )
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its "
-                         f"last dim), got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have shape {tuple(hidden.shape[:-1])} (hidden without its "
+            f"last dim), got {tuple(targets.shape)}"
+        )
     if hidden.dtype not in dtypes or weight.dtype != hidden.dtype:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"hidden and weight must share one dtype among {names}; got hidden "
-                        f"{hidden.dtype} and weight {weight.dtype} (cast one, e.g. "
-                        f"weight.to(hidden.dtype), outside the call so autograd sees the cast)")
+        raise TypeError(
+            f"hidden and weight must share one dtype among {names}; got hidden "
+            f"{hidden.dtype} and weight {weight.dtype} (cast one, e.g. "
+            f"weight.to(hidden.dtype), outside the call so autograd sees the cast)"
+        )
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"targets must be int64 (or int32) token ids, got {targets.dtype}")
     if hidden.device != weight.device or hidden.device != targets.device:
-        raise ValueError(f"hidden, weight and targets must be on one device; got {hidden.device}, "
-                         f"{weight.device} and {targets.device}")
+        raise ValueError(
+            f"hidden, weight and targets must be on one device; got {hidden.device}, "
+            f"{weight.device} and {targets.device}"
+        )
     if not float(temperature) > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if weight.shape[0] == 0:
@@ -43,8 +53,10 @@ def check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> 
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if bool(bad.any()):
         pos = int(bad.flatten().nonzero()[0])
-        raise ValueError(f"target {int(targets.flatten()[pos])} at flat position {pos} is outside "
-                         f"the vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})")
+        raise ValueError(
+            f"target {int(targets.flatten()[pos])} at flat position {pos} is outside "
+            f"the vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})"
+        )
 
 
 def logprob_entropy_ref(

@@ -33,8 +33,9 @@ LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------- Triton kernels
 @triton.jit
-def _load_kv_tile(ptr, tables_ptr, stride_tb, b, t, tmask, kvh, s_blk, s_tok, s_h, d, dmask,
-                  PAGE: tl.constexpr):
+def _load_kv_tile(
+    ptr, tables_ptr, stride_tb, b, t, tmask, kvh, s_blk, s_tok, s_h, d, dmask, PAGE: tl.constexpr
+):
     """Keys or values of tokens t ([BLOCK_N]) of sequence b, through its block table: [BLOCK_N, BLOCK_D]."""
     page = tl.load(tables_ptr + b * stride_tb + t // PAGE, mask=tmask, other=0).to(tl.int64)
     row = page * s_blk + (t % PAGE).to(tl.int64) * s_tok + kvh * s_h
@@ -42,13 +43,36 @@ def _load_kv_tile(ptr, tables_ptr, stride_tb, b, t, tmask, kvh, s_blk, s_tok, s_
 
 
 @triton.jit
-def _attend_tile(q, acc, m_i, l_i, visible, k_ptr, v_ptr, tables_ptr, stride_tb, b, t, tmask, kvh,
-                 sk_blk, sk_tok, sk_h, sv_blk, sv_tok, sv_h, d, dmask, qk_scale,
-                 PAGE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _attend_tile(
+    q,
+    acc,
+    m_i,
+    l_i,
+    visible,
+    k_ptr,
+    v_ptr,
+    tables_ptr,
+    stride_tb,
+    b,
+    t,
+    tmask,
+    kvh,
+    sk_blk,
+    sk_tok,
+    sk_h,
+    sv_blk,
+    sv_tok,
+    sv_h,
+    d,
+    dmask,
+    qk_scale,
+    PAGE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """One key tile of the online softmax: scores of q [rows, BLOCK_D] against keys t, masked to
     ``visible`` ([rows or 1, BLOCK_N]), folded into (acc, m_i, l_i), which it returns updated."""
-    k = _load_kv_tile(k_ptr, tables_ptr, stride_tb, b, t, tmask, kvh, sk_blk, sk_tok, sk_h,
-                      d, dmask, PAGE)
+    k = _load_kv_tile(k_ptr, tables_ptr, stride_tb, b, t, tmask, kvh, sk_blk, sk_tok, sk_h, d, dmask, PAGE)
     if UPCAST:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -57,8 +81,7 @@ def _attend_tile(q, acc, m_i, l_i, visible, k_ptr, v_ptr, tables_ptr, stride_tb,
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_kv_tile(v_ptr, tables_ptr, stride_tb, b, t, tmask, kvh, sv_blk, sv_tok, sv_h,
-                      d, dmask, PAGE)
+    v = _load_kv_tile(v_ptr, tables_ptr, stride_tb, b, t, tmask, kvh, sv_blk, sv_tok, sv_h, d, dmask, PAGE)
     if UPCAST:
         v = v.to(tl.float32)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -66,12 +89,39 @@ def _attend_tile(q, acc, m_i, l_i, visible, k_ptr, v_ptr, tables_ptr, stride_tb,
 
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, tables_ptr, lens_ptr,
-                         sq_b, sq_h, sk_blk, sk_tok, sk_h, sv_blk, sv_tok, sv_h, so_b, so_h, so_s,
-                         stride_tb, qk_scale, num_splits,
-                         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                         SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _paged_decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    m_ptr,
+    l_ptr,
+    tables_ptr,
+    lens_ptr,
+    sq_b,
+    sq_h,
+    sk_blk,
+    sk_tok,
+    sk_h,
+    sv_blk,
+    sv_tok,
+    sv_h,
+    so_b,
+    so_h,
+    so_s,
+    stride_tb,
+    qk_scale,
+    num_splits,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -80,8 +130,9 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, tables_ptr,
     gmask = g < G
     dmask = d < D
     heads = kvh * G + g
-    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=gmask[:, None] & dmask[None, :], other=0.0
+    )
     if UPCAST:
         q = q.to(tl.float32)
     ctx = tl.load(lens_ptr + b)
@@ -97,9 +148,33 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, tables_ptr,
     for start in range(lo, hi, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
         tmask = t < hi
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, tmask[None, :], k_ptr, v_ptr, tables_ptr,
-                                     stride_tb, b, t, tmask, kvh, sk_blk, sk_tok, sk_h, sv_blk,
-                                     sv_tok, sv_h, d, dmask, qk_scale, PAGE, PRECISION, UPCAST)
+        acc, m_i, l_i = _attend_tile(
+            q,
+            acc,
+            m_i,
+            l_i,
+            tmask[None, :],
+            k_ptr,
+            v_ptr,
+            tables_ptr,
+            stride_tb,
+            b,
+            t,
+            tmask,
+            kvh,
+            sk_blk,
+            sk_tok,
+            sk_h,
+            sv_blk,
+            sv_tok,
+            sv_h,
+            d,
+            dmask,
+            qk_scale,
+            PAGE,
+            PRECISION,
+            UPCAST,
+        )
 
     omask = gmask[:, None] & dmask[None, :]
     if SPLIT:
@@ -110,17 +185,43 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, tables_ptr,
         tl.store(l_ptr + base, l_i, mask=gmask)
     else:
         out = acc / l_i[:, None]
-        tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=omask)
+        tl.store(
+            out_ptr + b * so_b + heads[:, None] * so_h + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=omask,
+        )
 
 
 @triton.jit
-def _paged_extend_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, cu_ptr,
-                         sq_t, sq_h, sk_blk, sk_tok, sk_h, sv_blk, sv_tok, sv_h, so_t, so_h,
-                         stride_tb, qk_scale,
-                         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _paged_extend_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    tables_ptr,
+    lens_ptr,
+    cu_ptr,
+    sq_t,
+    sq_h,
+    sk_blk,
+    sk_tok,
+    sk_h,
+    sv_blk,
+    sv_tok,
+    sv_h,
+    so_t,
+    so_h,
+    stride_tb,
+    qk_scale,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     tile = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -136,8 +237,9 @@ def _paged_extend_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, cu_
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     rows = (q_start + m).to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * sq_t + h * sq_h + d[None, :],
-                mask=mmask[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0
+    )
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -150,37 +252,78 @@ def _paged_extend_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, cu_
         tmask = t < end
         # Key 0 is visible to every row, so the running max is finite after the first tile.
         visible = tmask[None, :] & (t[None, :] <= qpos[:, None])
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, visible, k_ptr, v_ptr, tables_ptr,
-                                     stride_tb, b, t, tmask, kvh, sk_blk, sk_tok, sk_h, sv_blk,
-                                     sv_tok, sv_h, d, dmask, qk_scale, PAGE, PRECISION, UPCAST)
+        acc, m_i, l_i = _attend_tile(
+            q,
+            acc,
+            m_i,
+            l_i,
+            visible,
+            k_ptr,
+            v_ptr,
+            tables_ptr,
+            stride_tb,
+            b,
+            t,
+            tmask,
+            kvh,
+            sk_blk,
+            sk_tok,
+            sk_h,
+            sv_blk,
+            sv_tok,
+            sv_h,
+            d,
+            dmask,
+            qk_scale,
+            PAGE,
+            PRECISION,
+            UPCAST,
+        )
     out = acc / l_i[:, None]
-    tl.store(out_ptr + rows[:, None] * so_t + h * so_h + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    tl.store(
+        out_ptr + rows[:, None] * so_t + h * so_h + d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mmask[:, None] & dmask[None, :],
+    )
 
 
 # On a GPU the decode kernel picks its key tile and pipeline depth by measurement (once per head
 # layout); the interpreter runs one fixed configuration.
-_DECODE_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
-                   for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s)
+    for n in (32, 64, 128)
+    for w in (4, 8)
+    for s in (2, 3, 4)
+]
 _paged_decode_tuned = triton.autotune(_DECODE_CONFIGS, key=["G", "D", "PAGE", "SPLIT"])(_paged_decode_kernel)
 
 
 # ----------------------------------------------------------------------------- launchers
-def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-           context_lens: torch.Tensor) -> tuple[int, int, int]:
+def _check(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> tuple[int, int, int]:
     """Validate shapes and dtypes; return (group size G, kv heads, head dim)."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must both be [blocks, page, kv_heads, head_dim], "
-                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"k_cache and v_cache must both be [blocks, page, kv_heads, head_dim], "
+            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     _, page, kv_heads, head_dim = k_cache.shape
     if page & (page - 1):
         raise ValueError(f"page size must be a power of two, got {page}")
     if q.shape[-1] != head_dim or q.shape[-2] % kv_heads:
-        raise ValueError(f"q {tuple(q.shape)} does not fit kv_heads={kv_heads}, head_dim={head_dim}: "
-                         "q heads must be a multiple of kv heads")
+        raise ValueError(
+            f"q {tuple(q.shape)} does not fit kv_heads={kv_heads}, head_dim={head_dim}: "
+            "q heads must be a multiple of kv heads"
+        )
     if q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
-        raise ValueError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, "
-                         f"{v_cache.dtype}")
+        raise ValueError(
+            f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
         raise ValueError("block_tables and context_lens must be int32")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
@@ -242,11 +385,32 @@ def _decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, num_s
     else:
         kernel, tiles = _paged_decode_tuned, {}
     kernel[(B, kv_heads, num_splits)](
-        q, k_cache, v_cache, target, m, l, block_tables, context_lens,
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], *strides,
-        block_tables.stride(0), scale * LOG2E, num_splits,
-        G=G, D=D, BLOCK_G=block_g, BLOCK_D=block_d, PAGE=page, SPLIT=split,
-        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), **tiles)
+        q,
+        k_cache,
+        v_cache,
+        target,
+        m,
+        l,
+        block_tables,
+        context_lens,
+        q.stride(0),
+        q.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        *strides,
+        block_tables.stride(0),
+        scale * LOG2E,
+        num_splits,
+        G=G,
+        D=D,
+        BLOCK_G=block_g,
+        BLOCK_D=block_d,
+        PAGE=page,
+        SPLIT=split,
+        PRECISION=_precision(q.dtype),
+        UPCAST=_upcast(q.dtype),
+        **tiles,
+    )
     if split:
         out.copy_(_merge_splits(acc, m, l, D))
     return out
@@ -265,11 +429,31 @@ def _extend_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q
         return out
     grid = (cdiv(max_seqlen_q, block_m), B, H)
     _paged_extend_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q,
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        out.stride(0), out.stride(1), block_tables.stride(0), scale * LOG2E,
-        G=G, D=D, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=block_n, PAGE=page,
-        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), num_warps=4)
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        context_lens,
+        cu_seqlens_q,
+        q.stride(0),
+        q.stride(1),
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        scale * LOG2E,
+        G=G,
+        D=D,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        PAGE=page,
+        PRECISION=_precision(q.dtype),
+        UPCAST=_upcast(q.dtype),
+        num_warps=4,
+    )
     return out
 
 
@@ -284,34 +468,46 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 
 def _sdpa(q, k, v, mask, scale):
     """q [B, H, M, D], k/v [B, Hk, L, D], mask bool [B, 1, M, L] (True = attend)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
-def paged_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_tables: torch.Tensor, context_lens: torch.Tensor,
-                               scale: float | None = None, num_splits: int | None = None
-                               ) -> torch.Tensor:
+def paged_attention_decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """Reference of ``paged_attention_decode``: gather the pages, then masked SDPA (same signature;
     ``num_splits`` is accepted and ignored)."""
     _G, _, D = _check(q, k_cache, v_cache, block_tables, context_lens)
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     k, v = _gather(k_cache, block_tables), _gather(v_cache, block_tables)
     t = torch.arange(k.shape[2], device=q.device)
     mask = (t[None, :] < context_lens[:, None].long())[:, None, None, :]
     return _sdpa(q[:, :, None, :], k, v, mask, scale)[:, :, 0, :]
 
 
-def paged_attention_extend_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_tables: torch.Tensor, context_lens: torch.Tensor,
-                               cu_seqlens_q: torch.Tensor, max_seqlen_q: int,
-                               scale: float | None = None) -> torch.Tensor:
+def paged_attention_extend_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Reference of ``paged_attention_extend``: pad the queries per sequence, gather the pages,
     causal-masked SDPA, unpad."""
     _check(q, k_cache, v_cache, block_tables, context_lens)
     N, _H, D = q.shape
     B = context_lens.shape[0]
-    scale = D ** -0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else scale
     if N == 0 or B == 0:
         return torch.empty_like(q)
     cu = cu_seqlens_q.long()
@@ -330,10 +526,15 @@ def paged_attention_extend_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 # ----------------------------------------------------------------------------- public API
-def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float | None = None, num_splits: int | None = None
-                           ) -> torch.Tensor:
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """Attention of one new query per sequence over its paged K/V.
 
     Args:
@@ -354,10 +555,16 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return paged_attention_decode_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
-def paged_attention_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           cu_seqlens_q: torch.Tensor, max_seqlen_q: int,
-                           scale: float | None = None) -> torch.Tensor:
+def paged_attention_extend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Causal attention of several new tokens per sequence over the cached prefix and themselves.
 
     Args:
@@ -374,7 +581,9 @@ def paged_attention_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if use_triton(q):
-        return _extend_triton(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-                              max_seqlen_q, scale)
-    return paged_attention_extend_ref(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-                                      max_seqlen_q, scale)
+        return _extend_triton(
+            q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale
+        )
+    return paged_attention_extend_ref(
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_seqlen_q, scale
+    )

@@ -115,8 +115,9 @@ def _resolved(config: LaunchConfig) -> LaunchConfig:
     if config.persistent < 0:
         raise ValueError(f"persistent must be at least 0, got {config.persistent}")
     if config.persistent and config.fused:
-        raise ValueError("a persistent streaming pass leaves the finish step to its own kernel: "
-                         "set fused=False")
+        raise ValueError(
+            "a persistent streaming pass leaves the finish step to its own kernel: set fused=False"
+        )
     return config._replace(run=run)
 
 
@@ -149,8 +150,15 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[key]
 
 
-def _launch(logits: torch.Tensor, temperature, seed, position, lo,
-            config: LaunchConfig | None = None, finish: bool = True) -> SampleOutput:
+def _launch(
+    logits: torch.Tensor,
+    temperature,
+    seed,
+    position,
+    lo,
+    config: LaunchConfig | None = None,
+    finish: bool = True,
+) -> SampleOutput:
     """Run the kernels on logits [B, V] (any strides); lo: fp32 [B] threshold or None.
     ``config`` replaces the default launch config (tests and tuning). ``finish=False`` runs the
     streaming pass alone (benchmarks time it separately); the outputs are then left unwritten."""
@@ -163,17 +171,29 @@ def _launch(logits: torch.Tensor, temperature, seed, position, lo,
     seed = row_arg(seed, B, torch.int64, dev)
     pos_t = None if position is None else row_arg(position, B, torch.int64, dev)[0]
     if B > _MAX_GRID_ROWS:  # rows are independent: launch slices of them
-        def rows(v, i):
-            return v[i:i + _MAX_GRID_ROWS] if isinstance(v, torch.Tensor) else v
 
-        parts = [_launch(rows(logits, i), rows(_either(temp), i), rows(_either(seed), i),
-                         rows(pos_t, i), rows(lo, i), config, finish)
-                 for i in range(0, B, _MAX_GRID_ROWS)]
+        def rows(v, i):
+            return v[i : i + _MAX_GRID_ROWS] if isinstance(v, torch.Tensor) else v
+
+        parts = [
+            _launch(
+                rows(logits, i),
+                rows(_either(temp), i),
+                rows(_either(seed), i),
+                rows(pos_t, i),
+                rows(lo, i),
+                config,
+                finish,
+            )
+            for i in range(0, B, _MAX_GRID_ROWS)
+        ]
         return SampleOutput(*(torch.cat(field) for field in zip(*parts)))
-    out = SampleOutput(torch.empty(B, dtype=torch.int64, device=dev),
-                       torch.empty(B, dtype=torch.float32, device=dev),
-                       torch.empty(B, dtype=torch.float32, device=dev),
-                       torch.empty(B, dtype=torch.bool, device=dev))
+    out = SampleOutput(
+        torch.empty(B, dtype=torch.int64, device=dev),
+        torch.empty(B, dtype=torch.float32, device=dev),
+        torch.empty(B, dtype=torch.float32, device=dev),
+        torch.empty(B, dtype=torch.bool, device=dev),
+    )
     if B > 0:
         _run_kernels(logits, temp, seed, pos_t, lo, config, finish, out)
     return out
@@ -184,8 +204,9 @@ def _either(arg):
     return arg[1] if arg[0] is None else arg[0]
 
 
-def _run_kernels(logits, temp, seed, pos_t, lo, config: LaunchConfig, finish: bool,
-                 out: SampleOutput) -> None:
+def _run_kernels(
+    logits, temp, seed, pos_t, lo, config: LaunchConfig, finish: bool, out: SampleOutput
+) -> None:
     """The launches of ``_launch`` for B in [1, _MAX_GRID_ROWS] rows; temp and seed are
     ``row_arg`` pairs, pos_t an int64 [B] tensor or None. Writes ``out`` when ``finish``."""
     (temp_t, temp_s), (seed_t, seed_s) = temp, seed
@@ -199,16 +220,29 @@ def _run_kernels(logits, temp, seed, pos_t, lo, config: LaunchConfig, finish: bo
     inner = min(run, 128 // logits.element_size())
     # One allocation: chunk records (m, s, w, m) [B, nc, 4], then run sums c [B, nc, runs].
     buf = torch.empty((4 + runs) * B * nc, dtype=torch.float32, device=dev)
-    rec, c = buf[:4 * B * nc], buf[4 * B * nc:]
+    rec, c = buf[: 4 * B * nc], buf[4 * B * nc :]
     fused = finish and config.fused
     dummy = rec  # stands in for absent optional pointers; never read
-    args = (logits, logits.stride(0), logits.stride(1),
-            temp_t if temp_t is not None else dummy, 0.0 if temp_t is not None else float(temp_s),
-            lo if lo is not None else dummy,
-            seed_t if seed_t is not None else dummy, 0 if seed_t is not None else int(seed_s),
-            pos_t if pos_t is not None else dummy, rec, c)
-    flags = dict(BLOCK_NC=max(16, next_power_of_2(nc)), PER_ROW_TEMP=temp_t is not None,
-                 HAS_LO=lo is not None, PER_ROW_SEED=seed_t is not None, HAS_POS=pos_t is not None)
+    args = (
+        logits,
+        logits.stride(0),
+        logits.stride(1),
+        temp_t if temp_t is not None else dummy,
+        0.0 if temp_t is not None else float(temp_s),
+        lo if lo is not None else dummy,
+        seed_t if seed_t is not None else dummy,
+        0 if seed_t is not None else int(seed_s),
+        pos_t if pos_t is not None else dummy,
+        rec,
+        c,
+    )
+    flags = dict(
+        BLOCK_NC=max(16, next_power_of_2(nc)),
+        PER_ROW_TEMP=temp_t is not None,
+        HAS_LO=lo is not None,
+        PER_ROW_SEED=seed_t is not None,
+        HAS_POS=pos_t is not None,
+    )
     # maxnreg: the finish step inside the fused kernel would take it to 79 registers on sm_90;
     # capped at 64 one-warp programs fill the 32 blocks an SM can hold (no spills with triton 3.6;
     # with triton 3.9 the fused kernel spills a few dozen bytes).
@@ -217,17 +251,47 @@ def _run_kernels(logits, temp, seed, pos_t, lo, config: LaunchConfig, finish: bo
         steps = cdiv(B * ncf, W)
         per_program = cdiv(steps, min(steps, config.persistent * _sm_count(dev)))
         _sample_persistent_kernel[(cdiv(steps, per_program),)](
-            *args[:6], rec, c, B, V, nc, ncf, per_program, steps, RUNS=runs, G=run // inner,
-            I=inner, W=W, PER_ROW_TEMP=flags["PER_ROW_TEMP"], HAS_LO=flags["HAS_LO"],
-            STAGES=config.stages, num_warps=W, maxnreg=64)
+            *args[:6],
+            rec,
+            c,
+            B,
+            V,
+            nc,
+            ncf,
+            per_program,
+            steps,
+            RUNS=runs,
+            G=run // inner,
+            I=inner,
+            W=W,
+            PER_ROW_TEMP=flags["PER_ROW_TEMP"],
+            HAS_LO=flags["HAS_LO"],
+            STAGES=config.stages,
+            num_warps=W,
+            maxnreg=64,
+        )
     else:  # (persistent programs need W <= ncf, and int32 chunk counts)
         _sample_kernel[(cdiv(nc, W * config.loop), B)](
-            *args, _row_counters(dev, B) if fused else dummy, *out, V, nc,
-            RUNS=runs, G=run // inner, I=inner, W=W, LOOP=config.loop, FUSED=fused,
-            STAGES=config.stages, **flags, num_warps=W, maxnreg=64)
+            *args,
+            _row_counters(dev, B) if fused else dummy,
+            *out,
+            V,
+            nc,
+            RUNS=runs,
+            G=run // inner,
+            I=inner,
+            W=W,
+            LOOP=config.loop,
+            FUSED=fused,
+            STAGES=config.stages,
+            **flags,
+            num_warps=W,
+            maxnreg=64,
+        )
     if finish and not fused:
-        _sample_finish_kernel[(B,)](*args, *out, V, nc, RUNS=runs, RUN=run, **flags,
-                                    num_warps=config.finish_warps)
+        _sample_finish_kernel[(B,)](
+            *args, *out, V, nc, RUNS=runs, RUN=run, **flags, num_warps=config.finish_warps
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,8 +299,9 @@ def _run_kernels(logits, temp, seed, pos_t, lo, config: LaunchConfig, finish: bo
 # ----------------------------------------------------------------------------------------------
 
 
-def _sample_triton(logits, temperature=1.0, seed=0, position=None, top_k=None, top_p=None,
-                   config: LaunchConfig | None = None) -> SampleOutput:
+def _sample_triton(
+    logits, temperature=1.0, seed=0, position=None, top_k=None, top_p=None, config: LaunchConfig | None = None
+) -> SampleOutput:
     """The Triton path; top_k and top_p as ``active_truncation`` returns them (None: off);
     ``config`` overrides the launch (tests, tuning)."""
     lo = None
@@ -245,9 +310,16 @@ def _sample_triton(logits, temperature=1.0, seed=0, position=None, top_k=None, t
     return _launch(logits, temperature, seed_int64(seed), position, lo, config)
 
 
-def sample(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorOrInt = 0,
-           position: torch.Tensor | None = None, top_k: TensorOrInt | None = 0,
-           top_p: TensorOrFloat | None = 1.0, *, check: bool = False) -> SampleOutput:
+def sample(
+    logits: torch.Tensor,
+    temperature: TensorOrFloat = 1.0,
+    seed: TensorOrInt = 0,
+    position: torch.Tensor | None = None,
+    top_k: TensorOrInt | None = 0,
+    top_p: TensorOrFloat | None = 1.0,
+    *,
+    check: bool = False,
+) -> SampleOutput:
     """Sample one token per row, with its log-prob and the distribution's entropy.
 
     Args:

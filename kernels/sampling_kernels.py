@@ -10,8 +10,7 @@ from .counter_rng import uniform53
 
 
 @triton.jit
-def _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, start, V,
-               N: tl.constexpr, HAS_LO: tl.constexpr):
+def _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, start, V, N: tl.constexpr, HAS_LO: tl.constexpr):
     """Entries [start, start + N) of one row as fp32 [N]; padding and truncated entries are -inf."""
     offs = start + tl.arange(0, N)
     # int64 row offset; int32 column offsets (the launcher guarantees V * stride_v < 2^31), which
@@ -25,8 +24,7 @@ def _load_span(logits_ptr, stride_b, stride_v, lo_ptr, row, start, V,
 
 
 @triton.jit
-def _chunk_stats(x, out, ok, a, lo, rec_ptr, c_ptr, scale,
-                 RUNS: tl.constexpr, HAS_LO: tl.constexpr):
+def _chunk_stats(x, out, ok, a, lo, rec_ptr, c_ptr, scale, RUNS: tl.constexpr, HAS_LO: tl.constexpr):
     """The stats of W chunks, one per warp: x fp32 [RUNS, W, G, I]. Writes each chunk's record
     (m, s, w, m) and its run sums at record index out (row * NC + chunk, int64 [1, W, 1, 1])
     where ok."""
@@ -43,18 +41,19 @@ def _chunk_stats(x, out, ok, a, lo, rec_ptr, c_ptr, scale,
     wd = tl.sum(tl.sum(e * tl.maximum(d, -1000.0), 2, keep_dims=True), 3, keep_dims=True)
     # One record (m, s, w, m) per chunk: with several warps per program, each store changes
     # the layout through shared memory, so one store for the three saves barriers.
-    rec = tl.join(tl.join(m, tl.sum(c, 0, keep_dims=True)),
-                  tl.join(tl.sum(wd, 0, keep_dims=True), m))
+    rec = tl.join(tl.join(m, tl.sum(c, 0, keep_dims=True)), tl.join(tl.sum(wd, 0, keep_dims=True), m))
     field = tl.arange(0, 2)  # join puts its new dim last: rec[..., i, j] is field 2j + i
-    rec_off = (out[:, :, :, :, None, None] * 4 + field[None, None, None, None, :, None]
-               + field[None, None, None, None, None, :] * 2)
+    rec_off = (
+        out[:, :, :, :, None, None] * 4
+        + field[None, None, None, None, :, None]
+        + field[None, None, None, None, None, :] * 2
+    )
     tl.store(rec_ptr + rec_off, rec, mask=ok[:, :, :, :, None, None])
     tl.store(c_ptr + out * RUNS + a, c, mask=ok)
 
 
 @triton.jit
-def _row_scale_lo(row, temp_ptr, temp_scalar, lo_ptr,
-                  PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr):
+def _row_scale_lo(row, temp_ptr, temp_scalar, lo_ptr, PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr):
     """(scale, lo) of rows ``row`` (any shape): scale = log2(e) / T (T <= 0: 1), lo the top-k/top-p
     threshold (0.0, unused, without one)."""
     if PER_ROW_TEMP:
@@ -76,13 +75,38 @@ def _row_scale_lo(row, temp_ptr, temp_scalar, lo_ptr,
 
 
 @triton.jit(do_not_specialize=["seed_scalar"])  # a seed of 1 must not become a constexpr
-def _sample_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
-                   seed_ptr, seed_scalar, pos_ptr, rec_ptr, c_ptr, count_ptr,
-                   tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NC,
-                   RUNS: tl.constexpr, G: tl.constexpr, I: tl.constexpr, W: tl.constexpr,
-                   LOOP: tl.constexpr, BLOCK_NC: tl.constexpr, PER_ROW_TEMP: tl.constexpr,
-                   HAS_LO: tl.constexpr, PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr,
-                   FUSED: tl.constexpr, STAGES: tl.constexpr):
+def _sample_kernel(
+    logits_ptr,
+    stride_b,
+    stride_v,
+    temp_ptr,
+    temp_scalar,
+    lo_ptr,
+    seed_ptr,
+    seed_scalar,
+    pos_ptr,
+    rec_ptr,
+    c_ptr,
+    count_ptr,
+    tok_ptr,
+    logp_ptr,
+    ent_ptr,
+    valid_ptr,
+    V,
+    NC,
+    RUNS: tl.constexpr,
+    G: tl.constexpr,
+    I: tl.constexpr,
+    W: tl.constexpr,
+    LOOP: tl.constexpr,
+    BLOCK_NC: tl.constexpr,
+    PER_ROW_TEMP: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    PER_ROW_SEED: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    FUSED: tl.constexpr,
+    STAGES: tl.constexpr,
+):
     """The streaming pass over chunks [pid * W * LOOP, (pid + 1) * W * LOOP) of one row: W warps,
     each reading LOOP chunks. Writes each chunk's record (m, s, w, m) into fp32 [B, NC, 4] and
     its run sums into fp32 [B, NC, RUNS]. With FUSED, the last program of the row to get here
@@ -123,18 +147,59 @@ def _sample_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr
         arrived = tl.atomic_add(count_ptr + row, 1, sem="acq_rel", scope="gpu")
         if arrived == tl.num_programs(0) - 1:
             tl.store(count_ptr + row, 0)  # ready for the next call
-            _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
-                        seed_ptr, seed_scalar, pos_ptr, rec_ptr, c_ptr,
-                        tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NC, RUNS, RUN, BLOCK_NC,
-                        PER_ROW_TEMP, HAS_LO, PER_ROW_SEED, HAS_POS)
+            _finish_row(
+                row,
+                logits_ptr,
+                stride_b,
+                stride_v,
+                temp_ptr,
+                temp_scalar,
+                lo_ptr,
+                seed_ptr,
+                seed_scalar,
+                pos_ptr,
+                rec_ptr,
+                c_ptr,
+                tok_ptr,
+                logp_ptr,
+                ent_ptr,
+                valid_ptr,
+                V,
+                NC,
+                RUNS,
+                RUN,
+                BLOCK_NC,
+                PER_ROW_TEMP,
+                HAS_LO,
+                PER_ROW_SEED,
+                HAS_POS,
+            )
 
 
 @triton.jit
-def _sample_persistent_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
-                              rec_ptr, c_ptr, B, V, NC, NCF, steps_per_program, steps,
-                              RUNS: tl.constexpr, G: tl.constexpr, I: tl.constexpr,
-                              W: tl.constexpr, PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr,
-                              STAGES: tl.constexpr):
+def _sample_persistent_kernel(
+    logits_ptr,
+    stride_b,
+    stride_v,
+    temp_ptr,
+    temp_scalar,
+    lo_ptr,
+    rec_ptr,
+    c_ptr,
+    B,
+    V,
+    NC,
+    NCF,
+    steps_per_program,
+    steps,
+    RUNS: tl.constexpr,
+    G: tl.constexpr,
+    I: tl.constexpr,
+    W: tl.constexpr,
+    PER_ROW_TEMP: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    STAGES: tl.constexpr,
+):
     """The streaming pass with a grid sized to the GPU, not to the batch: the batch's full chunks
     (NCF per row), in row-major order, go in steps of W (one per warp); program pid takes steps
     [pid * steps_per_program, ...) in turn, crossing rows as it goes, so every program streams
@@ -161,8 +226,7 @@ def _sample_persistent_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_sca
     for _ in tl.range(first, tl.minimum(first + steps_per_program, steps), num_stages=STAGES):
         live = row < B  # the last step's warps may run past the batch: they read row 0
         x = tl.load(logits_ptr + tl.where(live, at, 0) + inner * stride_v)
-        scale, lo = _row_scale_lo(tl.where(live, row, 0), temp_ptr, temp_scalar, lo_ptr,
-                                  PER_ROW_TEMP, HAS_LO)
+        scale, lo = _row_scale_lo(tl.where(live, row, 0), temp_ptr, temp_scalar, lo_ptr, PER_ROW_TEMP, HAS_LO)
         _chunk_stats(x.to(tl.float32), out, live, a, lo, rec_ptr, c_ptr, scale, RUNS, HAS_LO)
         chunk += W  # the launcher makes sure W <= NCF, so a step crosses at most one row end
         at += W * CHUNK * stride_v
@@ -177,34 +241,109 @@ def _sample_persistent_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_sca
             last = first_row + warp
             r = tl.minimum(last, B - 1)
             offs = NCF * CHUNK + inner
-            x = tl.load(logits_ptr + r.to(tl.int64) * stride_b + offs * stride_v, mask=offs < V,
-                        other=float("-inf"))
+            x = tl.load(
+                logits_ptr + r.to(tl.int64) * stride_b + offs * stride_v, mask=offs < V, other=float("-inf")
+            )
             scale_r, lo_r = _row_scale_lo(r, temp_ptr, temp_scalar, lo_ptr, PER_ROW_TEMP, HAS_LO)
-            _chunk_stats(x.to(tl.float32), r.to(tl.int64) * NC + NCF, last < B, a, lo_r, rec_ptr,
-                         c_ptr, scale_r, RUNS, HAS_LO)
+            _chunk_stats(
+                x.to(tl.float32),
+                r.to(tl.int64) * NC + NCF,
+                last < B,
+                a,
+                lo_r,
+                rec_ptr,
+                c_ptr,
+                scale_r,
+                RUNS,
+                HAS_LO,
+            )
 
 
 @triton.jit(do_not_specialize=["seed_scalar"])
-def _sample_finish_kernel(logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
-                          seed_ptr, seed_scalar, pos_ptr, rec_ptr, c_ptr,
-                          tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NC,
-                          RUNS: tl.constexpr, RUN: tl.constexpr, BLOCK_NC: tl.constexpr,
-                          PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr,
-                          PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr):
+def _sample_finish_kernel(
+    logits_ptr,
+    stride_b,
+    stride_v,
+    temp_ptr,
+    temp_scalar,
+    lo_ptr,
+    seed_ptr,
+    seed_scalar,
+    pos_ptr,
+    rec_ptr,
+    c_ptr,
+    tok_ptr,
+    logp_ptr,
+    ent_ptr,
+    valid_ptr,
+    V,
+    NC,
+    RUNS: tl.constexpr,
+    RUN: tl.constexpr,
+    BLOCK_NC: tl.constexpr,
+    PER_ROW_TEMP: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    PER_ROW_SEED: tl.constexpr,
+    HAS_POS: tl.constexpr,
+):
     """The finish step as its own kernel (LaunchConfig.fused False): one program per row."""
-    _finish_row(tl.program_id(0), logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
-                seed_ptr, seed_scalar, pos_ptr, rec_ptr, c_ptr,
-                tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NC, RUNS, RUN, BLOCK_NC,
-                PER_ROW_TEMP, HAS_LO, PER_ROW_SEED, HAS_POS)
+    _finish_row(
+        tl.program_id(0),
+        logits_ptr,
+        stride_b,
+        stride_v,
+        temp_ptr,
+        temp_scalar,
+        lo_ptr,
+        seed_ptr,
+        seed_scalar,
+        pos_ptr,
+        rec_ptr,
+        c_ptr,
+        tok_ptr,
+        logp_ptr,
+        ent_ptr,
+        valid_ptr,
+        V,
+        NC,
+        RUNS,
+        RUN,
+        BLOCK_NC,
+        PER_ROW_TEMP,
+        HAS_LO,
+        PER_ROW_SEED,
+        HAS_POS,
+    )
 
 
 @triton.jit
-def _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_ptr,
-                seed_ptr, seed_scalar, pos_ptr, rec_ptr, c_ptr,
-                tok_ptr, logp_ptr, ent_ptr, valid_ptr, V, NC,
-                RUNS: tl.constexpr, RUN: tl.constexpr, BLOCK_NC: tl.constexpr,
-                PER_ROW_TEMP: tl.constexpr, HAS_LO: tl.constexpr,
-                PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr):
+def _finish_row(
+    row,
+    logits_ptr,
+    stride_b,
+    stride_v,
+    temp_ptr,
+    temp_scalar,
+    lo_ptr,
+    seed_ptr,
+    seed_scalar,
+    pos_ptr,
+    rec_ptr,
+    c_ptr,
+    tok_ptr,
+    logp_ptr,
+    ent_ptr,
+    valid_ptr,
+    V,
+    NC,
+    RUNS: tl.constexpr,
+    RUN: tl.constexpr,
+    BLOCK_NC: tl.constexpr,
+    PER_ROW_TEMP: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    PER_ROW_SEED: tl.constexpr,
+    HAS_POS: tl.constexpr,
+):
     """One row: merge the chunk stats, draw the token, write token/log-prob/entropy/valid.
     A sampled token is found in three steps, each a float64 cumulative sum: the chunk (from the
     chunk masses), the run inside it (from the streaming pass's run sums), and the entry inside
@@ -220,8 +359,9 @@ def _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_p
     base = row.to(tl.int64) * NC
     m_t, delta, mass, total, entropy, e_max = _merge_chunks(rec_ptr, base, idx, NC, scale)
     valid = (total > 0.0) & (total < float("inf"))  # False for NaN too
-    pick, frac = _pick_chunk(mass, idx, _row_uniform(row, seed_ptr, seed_scalar, pos_ptr,
-                                                     PER_ROW_SEED, HAS_POS))
+    pick, frac = _pick_chunk(
+        mass, idx, _row_uniform(row, seed_ptr, seed_scalar, pos_ptr, PER_ROW_SEED, HAS_POS)
+    )
     first_max = tl.min(tl.where(m_t == tl.max(m_t, 0), idx, BLOCK_NC), 0)
     ch = tl.where(greedy, first_max, pick)
     ch = tl.where(valid, ch, 0)
@@ -234,9 +374,23 @@ def _finish_row(row, logits_ptr, stride_b, stride_v, temp_ptr, temp_scalar, lo_p
         tok_in = tl.argmax(x_all, 0)
         e_tok = e_max
     else:
-        tok_in, e_tok = _pick_in_chunk(logits_ptr, stride_b, stride_v, lo_ptr, c_ptr, row,
-                                       base + ch, ch * CHUNK, m_ch, scale, frac, V, RUNS, RUN,
-                                       HAS_LO)
+        tok_in, e_tok = _pick_in_chunk(
+            logits_ptr,
+            stride_b,
+            stride_v,
+            lo_ptr,
+            c_ptr,
+            row,
+            base + ch,
+            ch * CHUNK,
+            m_ch,
+            scale,
+            frac,
+            V,
+            RUNS,
+            RUN,
+            HAS_LO,
+        )
     # The token's mass relative to R is e_tok 2^delta_ch; taking the log of e_tok itself (not of
     # its d) lets e_tok's own rounding cancel against the same term inside S.
     delta_ch = tl.sum(tl.where(idx == ch, delta, 0.0), 0)
@@ -279,14 +433,12 @@ def _merge_chunks(rec_ptr, base, idx, NC, scale):
     # fma(rho, S, 0) rounds rho * S once, as the streaming pass rounded e_max * rho into W; a plain
     # product could be fused with the subtraction, and ln S - ln e_max (not ln(S / e_max), whose
     # division is approximate) is exactly 0 when S == e_max.
-    entropy = (tl.log(total) - tl.log(e_max)
-               - 0.6931471805599453 * (w_all - tl.fma(rho, total, 0.0)) / total)
+    entropy = tl.log(total) - tl.log(e_max) - 0.6931471805599453 * (w_all - tl.fma(rho, total, 0.0)) / total
     return m_t, delta, mass, total, entropy, e_max
 
 
 @triton.jit
-def _row_uniform(row, seed_ptr, seed_scalar, pos_ptr, PER_ROW_SEED: tl.constexpr,
-                 HAS_POS: tl.constexpr):
+def _row_uniform(row, seed_ptr, seed_scalar, pos_ptr, PER_ROW_SEED: tl.constexpr, HAS_POS: tl.constexpr):
     """The row's 53-bit uniform (float64), from its seed and position (0 without positions)."""
     if PER_ROW_SEED:
         seed = tl.load(seed_ptr + row).to(tl.int64)
@@ -315,8 +467,23 @@ def _pick_chunk(mass, idx, u):
 
 
 @triton.jit
-def _pick_in_chunk(logits_ptr, stride_b, stride_v, lo_ptr, c_ptr, row, out, start, m_ch, scale,
-                   frac, V, RUNS: tl.constexpr, RUN: tl.constexpr, HAS_LO: tl.constexpr):
+def _pick_in_chunk(
+    logits_ptr,
+    stride_b,
+    stride_v,
+    lo_ptr,
+    c_ptr,
+    row,
+    out,
+    start,
+    m_ch,
+    scale,
+    frac,
+    V,
+    RUNS: tl.constexpr,
+    RUN: tl.constexpr,
+    HAS_LO: tl.constexpr,
+):
     """The entry at fraction ``frac`` of the mass of the chunk whose record index is ``out`` and
     whose first entry is ``start`` (max m_ch): (its index in the chunk, its mass e_tok)."""
     # The run holding the target, from the run sums of the streaming pass.

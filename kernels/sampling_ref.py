@@ -55,8 +55,9 @@ def raise_if_invalid(out: SampleOutput) -> None:
     bad = (~out.valid).nonzero().flatten().tolist()
     if bad:
         shown = ", ".join(map(str, bad[:20])) + (" ..." if len(bad) > 20 else "")
-        raise ValueError(f"sample: {len(bad)} row(s) of logits have a NaN or +inf entry or are "
-                         f"entirely -inf: rows {shown}")
+        raise ValueError(
+            f"sample: {len(bad)} row(s) of logits have a NaN or +inf entry or are entirely -inf: rows {shown}"
+        )
 
 
 def row_values(value, B: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -138,9 +139,16 @@ def _inverse_cdf_ref(mass: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.minimum(tok, last)
 
 
-def sample_ref(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: TensorOrInt = 0,
-               position: torch.Tensor | None = None, top_k: TensorOrInt | None = 0,
-               top_p: TensorOrFloat | None = 1.0, *, check: bool = False) -> SampleOutput:
+def sample_ref(
+    logits: torch.Tensor,
+    temperature: TensorOrFloat = 1.0,
+    seed: TensorOrInt = 0,
+    position: torch.Tensor | None = None,
+    top_k: TensorOrInt | None = 0,
+    top_p: TensorOrFloat | None = 1.0,
+    *,
+    check: bool = False,
+) -> SampleOutput:
     """Pure-PyTorch reference of ``sample``: same signature, same rule, same uniforms.
 
     In fp32 like the kernel: z = (x - max) / T, S = sum exp(z), log-prob = z_tok - log S and
@@ -169,8 +177,10 @@ def sample_ref(logits: torch.Tensor, temperature: TensorOrFloat = 1.0, seed: Ten
     entropy = log_total - torch.where(mass > 0, mass * z, 0.0).sum(1) / total
     valid = (total > 0) & (total < float("inf"))  # False for NaN and +inf rows too
 
-    u = uniform53_ref(row_values(seed_int64(seed), B, torch.int64, dev),
-                      row_values(0 if position is None else position, B, torch.int64, dev))
+    u = uniform53_ref(
+        row_values(seed_int64(seed), B, torch.int64, dev),
+        row_values(0 if position is None else position, B, torch.int64, dev),
+    )
     tok = torch.where(greedy, torch.argmax(x, dim=1), _inverse_cdf_ref(mass, u))
     tok = torch.where(valid, tok, -1)
     logp = z.gather(1, tok.clamp(0, V - 1)[:, None])[:, 0] - log_total

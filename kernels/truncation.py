@@ -32,11 +32,25 @@ def _kept_mass(base, start, offs, n, lo, top, t):
 
 
 @triton.jit(do_not_specialize=["k_scalar"])  # a k of 1 must not become a constexpr
-def _truncation_threshold_kernel(cand_ptr, stride_c, n, V, k_ptr, k_scalar, p_ptr, p_scalar,
-                                 temp_ptr, temp_scalar, lo_ptr,
-                                 HAS_K: tl.constexpr, PER_ROW_K: tl.constexpr,
-                                 HAS_P: tl.constexpr, PER_ROW_P: tl.constexpr,
-                                 PER_ROW_TEMP: tl.constexpr, BLOCK: tl.constexpr):
+def _truncation_threshold_kernel(
+    cand_ptr,
+    stride_c,
+    n,
+    V,
+    k_ptr,
+    k_scalar,
+    p_ptr,
+    p_scalar,
+    temp_ptr,
+    temp_scalar,
+    lo_ptr,
+    HAS_K: tl.constexpr,
+    PER_ROW_K: tl.constexpr,
+    HAS_P: tl.constexpr,
+    PER_ROW_P: tl.constexpr,
+    PER_ROW_TEMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One row: candidates [n] sorted descending (any float dtype) -> the fp32 threshold."""
     row = tl.program_id(0)
     base = cand_ptr + row.to(tl.int64) * stride_c
@@ -97,10 +111,23 @@ def truncation_threshold_triton(logits: torch.Tensor, temperature, top_k, top_p)
     n = cand.shape[1]
     block = min(1024, max(16, next_power_of_2(n)))
     _truncation_threshold_kernel[(B,)](
-        cand, cand.stride(0), n, V, lo if k_t is None else k_t, int(k_s or 0),
-        lo if p_t is None else p_t, float(p_s or 0.0), lo if t_t is None else t_t, float(t_s or 0.0),
+        cand,
+        cand.stride(0),
+        n,
+        V,
+        lo if k_t is None else k_t,
+        int(k_s or 0),
+        lo if p_t is None else p_t,
+        float(p_s or 0.0),
+        lo if t_t is None else t_t,
+        float(t_s or 0.0),
         lo,
-        HAS_K=top_k is not None, PER_ROW_K=k_t is not None, HAS_P=top_p is not None,
-        PER_ROW_P=p_t is not None, PER_ROW_TEMP=t_t is not None, BLOCK=block,
-        num_warps=4 if block >= 512 else 1)
+        HAS_K=top_k is not None,
+        PER_ROW_K=k_t is not None,
+        HAS_P=top_p is not None,
+        PER_ROW_P=p_t is not None,
+        PER_ROW_TEMP=t_t is not None,
+        BLOCK=block,
+        num_warps=4 if block >= 512 else 1,
+    )
     return lo

@@ -60,7 +60,7 @@ def kept(logits, temperature, top_k=None, top_p=None):
     keep = torch.ones_like(x, dtype=torch.bool)
     order = torch.sort(x, dim=1, descending=True).values
     if top_k is not None and 0 < top_k < V:
-        keep &= x >= order[:, top_k - 1: top_k]
+        keep &= x >= order[:, top_k - 1 : top_k]
     if top_p is not None and top_p < 1:
         t = _row_temps(temperature, B)[:, None]
         z = torch.where(keep, (x - order[:, :1]) / t, float("-inf"))
@@ -130,10 +130,17 @@ VOCAB = 300
 # What sets each family apart. The initializer range is wider than the default so that logits are
 # spread out and greedy decoding has no near-ties that float rounding could flip.
 _ARCH_CONFIG = {
-    "llama": {"tie_word_embeddings": False,  # Llama-3 rope scaling, untied head, attention bias off
-              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
-                               "rope_theta": 10000.0}},
+    "llama": {
+        "tie_word_embeddings": False,  # Llama-3 rope scaling, untied head, attention bias off
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 10000.0,
+        },
+    },
     "qwen2": {"tie_word_embeddings": True},  # qkv bias, tied embeddings
     "qwen3": {"head_dim": 32, "tie_word_embeddings": False},  # q/k norms, head_dim != hidden / heads
 }
@@ -144,10 +151,18 @@ def tiny_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
     config fields."""
     if arch not in _ARCH_CONFIG:
         raise ValueError(arch)
-    config = {"max_position_embeddings": 512, "initializer_range": 0.2, "bos_token_id": 1,
-              "eos_token_id": 2, "pad_token_id": 0, **_ARCH_CONFIG[arch], **overrides}
-    return random_causal_lm(arch, vocab=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2,
-                            intermediate=128, seed=seed, **config)
+    config = {
+        "max_position_embeddings": 512,
+        "initializer_range": 0.2,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        **_ARCH_CONFIG[arch],
+        **overrides,
+    }
+    return random_causal_lm(
+        arch, vocab=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, seed=seed, **config
+    )
 
 
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
@@ -159,11 +174,16 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     dev = model.device
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids], device=dev),
-                             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=dev),
-                             do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
-                             pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids], device=dev),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=dev),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
 
 
 @contextmanager

@@ -3,7 +3,7 @@
 import os
 import shutil
 import tempfile
-from functools import lru_cache
+from functools import cache
 
 import pytest
 
@@ -14,7 +14,7 @@ SANDBOXES = ("bwrap", "namespaces", "uid")
 """The isolating modes; ``unsafe`` is tested only where a test says so."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def unavailable(mode: str) -> str:
     """Why ``mode`` cannot run here ('' when it can)."""
     try:
@@ -26,8 +26,10 @@ def unavailable(mode: str) -> str:
 
 def params(modes=SANDBOXES) -> list:
     """pytest params for ``modes``, each skipped (with the reason) where it cannot run."""
-    return [pytest.param(m, marks=pytest.mark.skipif(bool(unavailable(m)), reason=unavailable(m)[:200]))
-            for m in modes]
+    return [
+        pytest.param(m, marks=pytest.mark.skipif(bool(unavailable(m)), reason=unavailable(m)[:200]))
+        for m in modes
+    ]
 
 
 def make_tool(request, mode: str, **settings) -> PythonTool:

@@ -245,8 +245,13 @@ def policy_loss_loop(lp, old, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=
                 ent_total = ent_total + entropy[b, t]
     n = max(count, 1)
     loss = total / n - coef * ent_total / n
-    metrics = dict(clip_fraction=clipped / n, dual_clip_fraction=dualed / n, approx_kl=kl / n,
-                   ratio_mean=ratio_sum / n, tokens=float(count))
+    metrics = dict(
+        clip_fraction=clipped / n,
+        dual_clip_fraction=dualed / n,
+        approx_kl=kl / n,
+        ratio_mean=ratio_sum / n,
+        tokens=float(count),
+    )
     return loss, metrics
 
 

@@ -19,13 +19,25 @@ SYSTEM = "Reason step by step and put the final answer within \x08oxed{}."
 
 
 def _reference_rows():
-    return [{"data_source": "math", "ability": "math", "extra_info": {"index": 0, "split": "train"},
-             "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is 6 * 7?"}],
-             "reward_model": {"ground_truth": "42", "style": "rule"}},
-            {"data_source": "hotpotqa", "ability": "qa", "extra_info": {"index": 1, "split": "train"},
-             "prompt": [{"role": "system", "content": "No box here."},
-                        {"role": "user", "content": "Capital of France?"}],
-             "reward_model": {"ground_truth": "Paris", "style": "rule"}}]
+    return [
+        {
+            "data_source": "math",
+            "ability": "math",
+            "extra_info": {"index": 0, "split": "train"},
+            "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is 6 * 7?"}],
+            "reward_model": {"ground_truth": "42", "style": "rule"},
+        },
+        {
+            "data_source": "hotpotqa",
+            "ability": "qa",
+            "extra_info": {"index": 1, "split": "train"},
+            "prompt": [
+                {"role": "system", "content": "No box here."},
+                {"role": "user", "content": "Capital of France?"},
+            ],
+            "reward_model": {"ground_truth": "Paris", "style": "rule"},
+        },
+    ]
 
 
 def test_reference_parquet_rows_load_with_boxed_repaired(tmp_path, caplog):
@@ -43,7 +55,8 @@ def test_reference_parquet_rows_load_with_boxed_repaired(tmp_path, caplog):
     examples = load_examples(str(path), tok)
     assert [e.ground_truth for e in examples] == ["42", "Paris"]
     assert examples[0].prompt_ids == tok.encode(
-        "Reason step by step and put the final answer within \\boxed{}.\nWhat is 6 * 7?\n")
+        "Reason step by step and put the final answer within \\boxed{}.\nWhat is 6 * 7?\n"
+    )
 
 
 def test_jsonl_with_the_reference_shape_loads_too(tmp_path):
@@ -55,9 +68,13 @@ def test_jsonl_with_the_reference_shape_loads_too(tmp_path):
 
 def test_numpy_ground_truths_become_lists():
     """pandas hands the reference's list columns over as numpy arrays."""
-    row = normalize_row({"prompt": np.array([{"role": "user", "content": "Q"}], dtype=object),
-                         "reward_model": {"ground_truth": np.array(["Paris", "paris, france"])},
-                         "data_source": None})
+    row = normalize_row(
+        {
+            "prompt": np.array([{"role": "user", "content": "Q"}], dtype=object),
+            "reward_model": {"ground_truth": np.array(["Paris", "paris, france"])},
+            "data_source": None,
+        }
+    )
     assert row["ground_truth"] == ["Paris", "paris, france"] and type(row["ground_truth"]) is list
     assert row["prompt"] == [{"role": "user", "content": "Q"}] and "data_source" not in row
 
@@ -78,17 +95,21 @@ def _bad_inputs(tmp_path):
     no_column = tmp_path / "no_truth.parquet"
     pq.write_table(pa.Table.from_pylist([{"prompt": "Q", "answer": "1"}]), no_column)
     bad_parquet_row = tmp_path / "bad_row.parquet"
-    pq.write_table(pa.Table.from_pylist([{"prompt": "Q", "ground_truth": "1"},
-                                         {"prompt": "", "ground_truth": "2"}]), bad_parquet_row)
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "Q", "ground_truth": "1"}, {"prompt": "", "ground_truth": "2"}]),
+        bad_parquet_row,
+    )
     corrupt = tmp_path / "cut.parquet"
     corrupt.write_bytes(b"PAR1" + b"\0" * 64)
-    return [(tmp_path / "missing.jsonl", "missing.jsonl: no such file"),
-            (folder, "folder: is a directory"),
-            (binary, "weights.bin: neither a JSONL file .* nor a Parquet file"),
-            (bad_row, "bad.jsonl:2: 'ground_truth'"),
-            (no_column, "no_truth.parquet: no 'ground_truth' column .*its columns: prompt, answer"),
-            (bad_parquet_row, "bad_row.parquet: row 2: 'prompt' must be"),
-            (corrupt, "cut.parquet: cannot read it as Parquet")]
+    return [
+        (tmp_path / "missing.jsonl", "missing.jsonl: no such file"),
+        (folder, "folder: is a directory"),
+        (binary, "weights.bin: neither a JSONL file .* nor a Parquet file"),
+        (bad_row, "bad.jsonl:2: 'ground_truth'"),
+        (no_column, "no_truth.parquet: no 'ground_truth' column .*its columns: prompt, answer"),
+        (bad_parquet_row, "bad_row.parquet: row 2: 'prompt' must be"),
+        (corrupt, "cut.parquet: cannot read it as Parquet"),
+    ]
 
 
 def test_bad_files_get_a_one_line_error_naming_them(tmp_path, capsys):
@@ -120,8 +141,9 @@ def test_a_tokenizer_of_ones_own_beside_a_qwen2_config_needs_its_own_folder(tmp_
     tok.save_pretrained(tok_dir)
     text = "<python>print(123 * 456)</python>"
     assert AutoTokenizer.from_pretrained(model_dir).encode(text) != tok.encode(text)  # the trap
-    cfg = TrainConfig.from_flat(model=str(model_dir), tokenizer=str(tok_dir), out=str(tmp_path / "run"),
-                                tools="", eval_data="none")
+    cfg = TrainConfig.from_flat(
+        model=str(model_dir), tokenizer=str(tok_dir), out=str(tmp_path / "run"), tools="", eval_data="none"
+    )
     run = setup(cfg)
     assert run.tokenizer.encode(text) == tok.encode(text)
     assert cfg.lr == 1e-6  # a model of one's own gets the reference's learning rate, not the demo's

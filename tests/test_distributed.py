@@ -15,9 +15,34 @@ import torch
 
 from arpo_fast.train.report import read_rows, split_rows
 
-STEPS = ["--demo-warm-start", "0", "--tools", "", "--reward", "by_length", "--prompts-per-step", "4",
-         "--rollouts", "4", "--initial", "2", "--max-response-tokens", "10", "--mini-batch-prompts", "2", "--lr", "1e-3",
-         "--dtype", "fp32", "--device", "cpu", "--seed", "3", "--kl-coef", "0.05"]
+STEPS = [
+    "--demo-warm-start",
+    "0",
+    "--tools",
+    "",
+    "--reward",
+    "by_length",
+    "--prompts-per-step",
+    "4",
+    "--rollouts",
+    "4",
+    "--initial",
+    "2",
+    "--max-response-tokens",
+    "10",
+    "--mini-batch-prompts",
+    "2",
+    "--lr",
+    "1e-3",
+    "--dtype",
+    "fp32",
+    "--device",
+    "cpu",
+    "--seed",
+    "3",
+    "--kl-coef",
+    "0.05",
+]
 
 
 # a reward that varies from one trajectory to the next even for an untrained model, so that the
@@ -53,8 +78,16 @@ def _env():
 def _run(procs, args, module, timeout=600):
     """``procs`` processes under torchrun (0: plain python); returns the finished process."""
     if procs:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               str(procs), *module, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(procs),
+            *module,
+            *args,
+        ]
     else:
         cmd = [sys.executable, *module, *args]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
@@ -75,8 +108,14 @@ def _evals(out):
     return {r["step"]: r for r in split_rows(read_rows(out))[1]}
 
 
-EVAL_KEYS = ("eval/accuracy", "eval/format_ok", "eval/reward", "eval/tool_calls",
-             "eval/response_tokens", "eval/examples")
+EVAL_KEYS = (
+    "eval/accuracy",
+    "eval/format_ok",
+    "eval/reward",
+    "eval/tool_calls",
+    "eval/response_tokens",
+    "eval/examples",
+)
 
 
 def _weights(out):
@@ -85,8 +124,17 @@ def _weights(out):
     return load_file(str(out / "checkpoint" / "model" / "model.safetensors"))
 
 
-ROLLOUT_KEYS = ("reward", "correct", "format_ok", "trajectories", "branch_points", "fills",
-                "response_tokens", "shared_tokens", "tokens")
+ROLLOUT_KEYS = (
+    "reward",
+    "correct",
+    "format_ok",
+    "trajectories",
+    "branch_points",
+    "fills",
+    "response_tokens",
+    "shared_tokens",
+    "tokens",
+)
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +211,9 @@ def test_a_setting_that_fails_is_reported_once(script, tmp_path):
 def test_a_failing_rank_stops_every_rank_with_its_message(script, tmp_path):
     """Rank 1's reward raises mid-run: both processes end, non-zero, in bounded time, and the
     failing rank's error is printed once."""
-    proc = _run(2, STEPS + ["--steps", "2", "--out", str(tmp_path / "f"), "--fail-on-rank-1"], script,
-                timeout=300)
+    proc = _run(
+        2, STEPS + ["--steps", "2", "--out", str(tmp_path / "f"), "--fail-on-rank-1"], script, timeout=300
+    )
     assert proc.returncode != 0
     assert proc.stderr.count("arpo_fast.train: error (rank 1): RuntimeError: rank one's reward broke") == 1
     assert not (tmp_path / "f" / "checkpoint").exists()  # nothing half-written

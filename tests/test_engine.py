@@ -15,8 +15,11 @@ from helpers import (
 
 from arpo_fast.engine import Engine, SamplingParams
 
-PROMPTS = [[1, 5, 9, 200, 17, 3, 3, 41, 7, 250, 11, 12, 13, 14, 15, 16, 99, 98, 97, 96, 95, 94, 93],
-           [1, 77], [299, 0, 150, 151, 152, 30, 31, 32, 33, 34, 35, 36, 37]]
+PROMPTS = [
+    [1, 5, 9, 200, 17, 3, 3, 41, 7, 250, 11, 12, 13, 14, 15, 16, 99, 98, 97, 96, 95, 94, 93],
+    [1, 77],
+    [299, 0, 150, 151, 152, 30, 31, 32, 33, 34, 35, 36, 37],
+]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=64, ignore_eos=True)
 
 
@@ -51,7 +54,7 @@ def test_decode_steps_through_triton_kernels_match_hf():
     for p, out in zip(PROMPTS[1:], outs):
         assert out.token_ids == hf_greedy(model, p, 3)
         full = hf_logits(model, p + out.token_ids[:-1]).log_softmax(-1)
-        expected = full[len(p) - 1:].gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        expected = full[len(p) - 1 :].gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(out.logprobs), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -76,8 +79,8 @@ def test_fork_equals_recompute(at):
         fresh = engine.add(prefix + tail)
         ours = engine.logits([child], all_positions=True)[0]
         ref = engine.logits([fresh], all_positions=True)[0]
-    assert max_rel_err(ours, ref[-len(ours):]) <= 1e-5
-    assert max_rel_err(ours, hf_logits(model, prefix + tail)[-len(ours):]) <= 1e-4
+    assert max_rel_err(ours, ref[-len(ours) :]) <= 1e-5
+    assert max_rel_err(ours, hf_logits(model, prefix + tail)[-len(ours) :]) <= 1e-4
     # The parent is untouched by the child's writes into their shared tail block.
     with pytorch_kernels():
         parent = engine.logits([seq])[0]
@@ -102,10 +105,12 @@ def test_extend_after_decode_equals_recompute():
 def test_sampling_is_reproducible_and_independent_of_the_batch():
     model = tiny_model("qwen2")
     with pytorch_kernels():
-        alone = Engine(model, num_blocks=64).generate([PROMPTS[0]], SamplingParams(max_new_tokens=12),
-                                                      seeds=[42])
-        batched = Engine(model, num_blocks=64).generate(PROMPTS, SamplingParams(max_new_tokens=12),
-                                                        seeds=[42, 1, 2])
+        alone = Engine(model, num_blocks=64).generate(
+            [PROMPTS[0]], SamplingParams(max_new_tokens=12), seeds=[42]
+        )
+        batched = Engine(model, num_blocks=64).generate(
+            PROMPTS, SamplingParams(max_new_tokens=12), seeds=[42, 1, 2]
+        )
     assert alone[0].token_ids == batched[0].token_ids
     torch.testing.assert_close(torch.tensor(alone[0].logprobs), torch.tensor(batched[0].logprobs))
 
@@ -172,7 +177,9 @@ def test_pool_size_from_a_byte_budget():
     engine = Engine(model, block_size=16, kv_memory=10 * per_block + 5)
     assert engine.free_blocks == 10
     assert engine.cache.kv.dtype == torch.float32
-    assert all(0 <= t < VOCAB for t in engine.generate([[1, 2]], SamplingParams(max_new_tokens=3))[0].token_ids)
+    assert all(
+        0 <= t < VOCAB for t in engine.generate([[1, 2]], SamplingParams(max_new_tokens=3))[0].token_ids
+    )
 
 
 @pytest.mark.gpu

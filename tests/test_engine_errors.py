@@ -34,9 +34,17 @@ class CharTokenizer:
         return "".join(chr(97 + t % 26) for t in ids)
 
 
-@pytest.mark.parametrize("bad,match", [([], "empty"), ([1, VOCAB], "outside the vocabulary"),
-                                       ([-1, 3], "outside the vocabulary"), (["x"], "integers"),
-                                       ([1, 2.5], "integers"), (None, "integers")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ([], "empty"),
+        ([1, VOCAB], "outside the vocabulary"),
+        ([-1, 3], "outside the vocabulary"),
+        (["x"], "integers"),
+        ([1, 2.5], "integers"),
+        (None, "integers"),
+    ],
+)
 def test_add_and_extend_reject_bad_tokens(engine, bad, match):
     seq = engine.add([1, 2, 3])
     before = _snapshot(engine)
@@ -51,9 +59,15 @@ def test_add_and_extend_reject_bad_tokens(engine, bad, match):
 def test_unknown_sequences_raise(engine):
     seq = engine.add([1, 2, 3])
     engine.free(seq)
-    for call in (lambda: engine.extend(seq, [1]), lambda: engine.step([seq]), lambda: engine.fork(seq, 1),
-                 lambda: engine.free(seq), lambda: engine.logits([seq]), lambda: engine.step([12345]),
-                 lambda: engine.tokens("7")):
+    for call in (
+        lambda: engine.extend(seq, [1]),
+        lambda: engine.step([seq]),
+        lambda: engine.fork(seq, 1),
+        lambda: engine.free(seq),
+        lambda: engine.logits([seq]),
+        lambda: engine.step([12345]),
+        lambda: engine.tokens("7"),
+    ):
         with pytest.raises(UnknownSequenceError, match="unknown sequence"):
             call()
     assert engine.live() == [] and engine.free_blocks == 16
@@ -158,15 +172,20 @@ def test_preemption_defers_but_never_loses_a_sequence():
 
 def test_stop_conditions():
     model = tiny_model("qwen2")
-    free_run = Engine(model, num_blocks=32).generate(
-        [[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))[0].token_ids
+    free_run = (
+        Engine(model, num_blocks=32)
+        .generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))[0]
+        .token_ids
+    )
     greedy = {"temperature": 0.0, "max_new_tokens": 12}
 
     def first(tok):
         return free_run.index(tok) + 1
 
     engine = Engine(model, num_blocks=32, tokenizer=CharTokenizer())
-    out = engine.generate([[1, 2, 3]], SamplingParams(stop_token_ids=[free_run[5]], ignore_eos=True, **greedy))[0]
+    out = engine.generate(
+        [[1, 2, 3]], SamplingParams(stop_token_ids=[free_run[5]], ignore_eos=True, **greedy)
+    )[0]
     assert out.token_ids == free_run[: first(free_run[5])] and out.finish_reason == "stop_token"
     text = CharTokenizer().decode(free_run)
     out = engine.generate([[1, 2, 3]], SamplingParams(stop=[text[3:5]], ignore_eos=True, **greedy))[0]
@@ -185,10 +204,19 @@ def test_unsupported_models_are_rejected_by_name():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match="unsupported model type 'gpt2'.*llama, qwen2, qwen3"):
         Engine(gpt2, num_blocks=4)
-    sliding = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=2, num_attention_heads=2,
-                                           num_key_value_heads=1, use_sliding_window=True,
-                                           sliding_window=8, max_window_layers=0))
+    sliding = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=0,
+        )
+    )
     with pytest.raises(ValueError, match="sliding-window"):
         Engine(sliding, num_blocks=4)
 
@@ -220,6 +248,7 @@ def test_python_reference_forker_gives_the_same_result():
     prompts = [[1, 2, 3, 4, 5], list(range(20, 33))]
     params = SamplingParams(temperature=1.0, max_new_tokens=6, ignore_eos=True)
     native = Engine(model, block_size=4, num_blocks=8, on_pool_exhausted="preempt").generate(prompts, params)
-    python = Engine(model, block_size=4, num_blocks=8, on_pool_exhausted="preempt",
-                    forker="python").generate(prompts, params)
+    python = Engine(model, block_size=4, num_blocks=8, on_pool_exhausted="preempt", forker="python").generate(
+        prompts, params
+    )
     assert [o.token_ids for o in native] == [o.token_ids for o in python]

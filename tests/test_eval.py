@@ -26,12 +26,15 @@ def _torch_paths(monkeypatch):
     """The engine's PyTorch paths, as on a user's CPU (the kernels are tested on their own)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
+
 THINK = "<think>t</think>"
 # per prompt: (ground truth, greedy answer's segments, one per tool round)
-GREEDY = [("2", [THINK + "<python>print(1+1)</python>", "<answer>\\boxed{2}</answer>"]),  # tool, right
-          ("5", [THINK + "<answer>\\boxed{5}</answer>"]),                                  # right
-          ("9", [THINK + "<answer>\\boxed{8}</answer>"]),                                  # wrong
-          ("1", ["<answer>\\boxed{1}</answer>"])]                                          # no <think>
+GREEDY = [
+    ("2", [THINK + "<python>print(1+1)</python>", "<answer>\\boxed{2}</answer>"]),  # tool, right
+    ("5", [THINK + "<answer>\\boxed{5}</answer>"]),  # right
+    ("9", [THINK + "<answer>\\boxed{8}</answer>"]),  # wrong
+    ("1", ["<answer>\\boxed{1}</answer>"]),
+]  # no <think>
 K = 4
 
 
@@ -42,7 +45,9 @@ class AnswerEngine:
     def __init__(self, tok, eval_seed):
         self.tok, self.vocab_size, self.seqs = tok, len(tok), {}
         self.prompts = {tuple(tok.encode(f"Q{p}\n")): p for p in range(len(GREEDY))}
-        self.sample_of = {child_seed(child_seed(eval_seed, p), j): j for p in range(len(GREEDY)) for j in range(K)}
+        self.sample_of = {
+            child_seed(child_seed(eval_seed, p), j): j for p in range(len(GREEDY)) for j in range(K)
+        }
 
     def add(self, prompt, seed=0):
         self.seqs[len(self.seqs)] = {"p": self.prompts[tuple(prompt)], "seed": seed, "round": 0, "i": 0}
@@ -73,7 +78,9 @@ class AnswerEngine:
             tokens.append(ids[s["i"]] if s["i"] < len(ids) else self.tok.eos_token_id)
             s["i"] += 1
         n = len(seqs)
-        return StepOutput(torch.tensor(tokens), torch.full((n,), -0.5), torch.ones(n), torch.ones(n, dtype=torch.bool))
+        return StepOutput(
+            torch.tensor(tokens), torch.full((n,), -0.5), torch.ones(n), torch.ones(n, dtype=torch.bool)
+        )
 
 
 class Calculator:
@@ -83,7 +90,7 @@ class Calculator:
     def submit(self, name, query):
         self.calls.append(query)
         future = Future()
-        future.set_result(ToolResult(str(eval(query[len("print("):-1], {"__builtins__": {}}))))  # noqa: S307
+        future.set_result(ToolResult(str(eval(query[len("print(") : -1], {"__builtins__": {}}))))  # noqa: S307
         return future
 
     def new_step(self):
@@ -92,20 +99,27 @@ class Calculator:
 
 def test_eval_numbers_on_a_scripted_model():
     tok = demo_tokenizer()
-    cfg = TrainConfig.from_flat(out="unused", eval_samples=K, eval_temperature=0.7, seed=3,
-                                max_response_tokens=48)
+    cfg = TrainConfig.from_flat(
+        out="unused", eval_samples=K, eval_temperature=0.7, seed=3, max_response_tokens=48
+    )
     engine = AnswerEngine(tok, child_seed(cfg.seed, EVAL_SEED_INDEX))
-    run = types.SimpleNamespace(cfg=cfg, engine=engine, executor=Calculator(), tokenizer=tok,
-                                protocol=Protocol(tok, eos_token_ids=[tok.eos_token_id]), rewards=RewardConfig())
+    run = types.SimpleNamespace(
+        cfg=cfg,
+        engine=engine,
+        executor=Calculator(),
+        tokenizer=tok,
+        protocol=Protocol(tok, eos_token_ids=[tok.eos_token_id]),
+        rewards=RewardConfig(),
+    )
     examples = [Example(tok.encode(f"Q{p}\n"), truth, "demo") for p, (truth, _) in enumerate(GREEDY)]
     row = evaluate(run, examples, 7, score)
     assert row["step"] == 7 and row["eval/examples"] == 4
-    assert row["eval/accuracy"] == 0.5          # prompts 0 (through the tool) and 1
-    assert row["eval/format_ok"] == 0.75        # prompt 3 has no <think>
+    assert row["eval/accuracy"] == 0.5  # prompts 0 (through the tool) and 1
+    assert row["eval/format_ok"] == 0.75  # prompt 3 has no <think>
     assert row["eval/tool_calls"] == 0.25
     assert row["eval/reward"] == pytest.approx((1 + 1 + 0 - 1) / 4)
-    assert row[f"eval/pass@{K}"] == 0.75        # prompts 1, 2 and 3 have a right sample
-    assert row[f"eval/mean@{K}"] == 6 / 16      # 0 + 1 + 2 + 3 right samples of 16
+    assert row[f"eval/pass@{K}"] == 0.75  # prompts 1, 2 and 3 have a right sample
+    assert row[f"eval/mean@{K}"] == 6 / 16  # 0 + 1 + 2 + 3 right samples of 16
     assert row[f"eval/tool_calls@{K}"] == 0
     result = len(tok.encode(" <result>\n2\n</result>"))
     written = [sum(len(tok.encode(s)) for s in plan) for _, plan in GREEDY]
@@ -115,8 +129,17 @@ def test_eval_numbers_on_a_scripted_model():
 
 
 def test_a_run_evaluates_at_step_0_and_at_the_end_and_leaves_its_summary_and_plot(tmp_path):
-    cfg = TrainConfig.from_flat(out=str(tmp_path / "run"), steps=2, prompts_per_step=2, rollouts=4, initial=2,
-                                max_response_tokens=8, demo_warm_start=0, tools="", eval_every=1)
+    cfg = TrainConfig.from_flat(
+        out=str(tmp_path / "run"),
+        steps=2,
+        prompts_per_step=2,
+        rollouts=4,
+        initial=2,
+        max_response_tokens=8,
+        demo_warm_start=0,
+        tools="",
+        eval_every=1,
+    )
     history = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/accuracy" in r]
@@ -135,8 +158,17 @@ def test_a_run_evaluates_at_step_0_and_at_the_end_and_leaves_its_summary_and_plo
 def test_eval_can_be_switched_off_and_a_data_file_has_no_default_held_out_set(tmp_path):
     assert TrainConfig.from_flat(data=str(tmp_path / "x.jsonl")).eval_data == "none"
     assert TrainConfig.from_flat().eval_data == "demo"
-    cfg = TrainConfig.from_flat(out=str(tmp_path / "run"), steps=1, prompts_per_step=1, rollouts=2, initial=1,
-                                max_response_tokens=4, demo_warm_start=0, tools="", eval_data="none")
+    cfg = TrainConfig.from_flat(
+        out=str(tmp_path / "run"),
+        steps=1,
+        prompts_per_step=1,
+        rollouts=2,
+        initial=1,
+        max_response_tokens=4,
+        demo_warm_start=0,
+        tools="",
+        eval_data="none",
+    )
     train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1] and "eval/accuracy" not in rows[0]
@@ -150,14 +182,25 @@ def test_report_to_tensorboard_without_the_package_is_a_one_line_error(tmp_path,
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
     assert main(["--report-to", "tensorboard", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("arpo_fast.train: error: --report-to tensorboard needs the tensorboard package: "
-                   "pip install 'arpo_fast[tensorboard]'")
+    assert err == (
+        "arpo_fast.train: error: --report-to tensorboard needs the tensorboard package: "
+        "pip install 'arpo_fast[tensorboard]'"
+    )
 
 
 def test_report_to_tensorboard_writes_the_scalars(tmp_path):
     pytest.importorskip("tensorboard")
-    cfg = TrainConfig.from_flat(out=str(tmp_path / "run"), steps=1, prompts_per_step=1, rollouts=2, initial=1,
-                                max_response_tokens=4, demo_warm_start=0, tools="", report_to="tensorboard")
+    cfg = TrainConfig.from_flat(
+        out=str(tmp_path / "run"),
+        steps=1,
+        prompts_per_step=1,
+        rollouts=2,
+        initial=1,
+        max_response_tokens=4,
+        demo_warm_start=0,
+        tools="",
+        report_to="tensorboard",
+    )
     train(cfg)
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
@@ -180,7 +223,9 @@ class _Terminal(io.StringIO):
 
 
 @pytest.mark.parametrize("terminal", [True, False])
-def test_a_progress_bar_on_a_terminal_and_one_line_per_step_otherwise(tmp_path, monkeypatch, capsys, terminal):
+def test_a_progress_bar_on_a_terminal_and_one_line_per_step_otherwise(
+    tmp_path, monkeypatch, capsys, terminal
+):
     from arpo_fast.train.report import Reporter
 
     stderr = _Terminal() if terminal else io.StringIO()
@@ -189,8 +234,17 @@ def test_a_progress_bar_on_a_terminal_and_one_line_per_step_otherwise(tmp_path, 
     reporter = Reporter(cfg, 0, lambda row, steps: f"step {row['step']}/{steps} line")
     for step in (1, 2):
         reporter.step({"step": step, "reward": 0.5, "tool_calls_per_traj": 0.25})
-    reporter.evaluation({"step": 2, "eval/accuracy": 0.75, "eval/format_ok": 1.0, "eval/tool_calls": 1.0,
-                         "eval/response_tokens": 40.0, "eval/examples": 4, "eval/s": 0.1})
+    reporter.evaluation(
+        {
+            "step": 2,
+            "eval/accuracy": 0.75,
+            "eval/format_ok": 1.0,
+            "eval/tool_calls": 1.0,
+            "eval/response_tokens": 40.0,
+            "eval/examples": 4,
+            "eval/s": 0.1,
+        }
+    )
     reporter.close(None)
     out = capsys.readouterr().out
     assert ("step 1/2 line" in out) != terminal

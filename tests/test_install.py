@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _run_from_root(*args, timeout=300):
     """``python args...`` started from the repository root; the completed process."""
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def test_transformers_builds_a_qwen2_model_from_the_repository_root():
@@ -67,8 +66,9 @@ def test_kernels_from_the_repository_root_is_never_our_folder():
 def test_the_kernels_api_is_importable_from_anywhere(tmp_path):
     code = "import arpo_fast.kernels as k; print(k.sample.__module__, k.logprob_entropy.__module__)"
     for cwd in (ROOT, tmp_path):
-        proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split() == ["arpo_fast.kernels.sampling", "arpo_fast.kernels.logprob_entropy"]
 
@@ -93,8 +93,9 @@ def test_no_module_of_ours_shadows_an_installed_distribution():
     """Every top-level name an installed distribution provides (transformers' dependencies
     included) must not also be a module or regular package in a folder we put on ``sys.path``."""
     provided = importlib.metadata.packages_distributions()
-    clashes = {name: (str(path), provided[name]) for name, path in _our_top_level_names().items()
-               if name in provided}
+    clashes = {
+        name: (str(path), provided[name]) for name, path in _our_top_level_names().items() if name in provided
+    }
     assert not clashes, f"these would shadow installed packages: {clashes}"
 
 
@@ -106,21 +107,54 @@ def test_a_saved_checkpoint_trains_one_step_from_the_repository_root(tmp_path, a
     from arpo_fast.train.demo import demo_tokenizer
 
     tok = demo_tokenizer()
-    model = random_causal_lm(arch, vocab=len(tok), hidden=32, layers=1, intermediate=64,
-                             max_position_embeddings=256, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
+    model = random_causal_lm(
+        arch,
+        vocab=len(tok),
+        hidden=32,
+        layers=1,
+        intermediate=64,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model_dir, tok_dir = tmp_path / "model", tmp_path / "tokenizer"
     model.save_pretrained(model_dir)
     tok.save_pretrained(tok_dir)
     data = tmp_path / "train.jsonl"
-    rows = [{"prompt": f"What is {a} + {a}?", "ground_truth": str(2 * a), "data_source": "toy"} for a in range(4)]
+    rows = [
+        {"prompt": f"What is {a} + {a}?", "ground_truth": str(2 * a), "data_source": "toy"} for a in range(4)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     proc = _run_from_root(
-        "-m", "arpo_fast.train", "--model", str(model_dir), "--tokenizer", str(tok_dir),
-        "--data", str(data), "--tools", "", "--eval-data", "none", "--steps", "1",
-        "--prompts-per-step", "2", "--rollouts", "4", "--initial", "2", "--max-response-tokens", "8",
-        "--device", "cpu", "--out", str(out), timeout=600)
+        "-m",
+        "arpo_fast.train",
+        "--model",
+        str(model_dir),
+        "--tokenizer",
+        str(tok_dir),
+        "--data",
+        str(data),
+        "--tools",
+        "",
+        "--eval-data",
+        "none",
+        "--steps",
+        "1",
+        "--prompts-per-step",
+        "2",
+        "--rollouts",
+        "4",
+        "--initial",
+        "2",
+        "--max-response-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(row.get("step") == 1 for row in rows), rows

@@ -26,7 +26,7 @@ def write_kv(cache, layer, slot_mapping, k, v):
 def read_kv(cache, layer, seq):
     """A sequence's K and V, [length, HEADS, DIM] each, read through its block table."""
     table = torch.as_tensor(cache.forker.block_table(seq), dtype=torch.int64)
-    kv = cache.kv[layer, :, table].flatten(1, 2)[:, :cache.length(seq)]
+    kv = cache.kv[layer, :, table].flatten(1, 2)[:, : cache.length(seq)]
     return kv[0], kv[1]
 
 

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from arpo_fast.kernels import rotary_kv_write, rotary_kv_write_ref
 from helpers import assert_rule
+
+from arpo_fast.kernels import rotary_kv_write, rotary_kv_write_ref
 
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
 
@@ -32,8 +33,10 @@ def test_matches_reference_and_float64(N, H, HK, D, page, dtype):
     kv_ref = kv.clone()
     ours = rotary_kv_write(q, k, v, cos, sin, kv[0], kv[1], slots)
     ref = rotary_kv_write_ref(q, k, v, cos, sin, kv_ref[0], kv_ref[1], slots)
-    for mine, theirs, exact in ((ours, ref, _exact(q, cos, sin)),
-                                (kv[0].flatten(0, 1)[slots], kv_ref[0].flatten(0, 1)[slots], _exact(k, cos, sin))):
+    for mine, theirs, exact in (
+        (ours, ref, _exact(q, cos, sin)),
+        (kv[0].flatten(0, 1)[slots], kv_ref[0].flatten(0, 1)[slots], _exact(k, cos, sin)),
+    ):
         assert_rule(mine, theirs, exact, FLOOR[dtype])
     torch.testing.assert_close(kv[1].flatten(0, 1)[slots], v, rtol=0, atol=0)
     untouched = torch.ones(kv.shape[1] * kv.shape[2], dtype=torch.bool)

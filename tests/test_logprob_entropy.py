@@ -14,12 +14,12 @@ import math
 
 import pytest
 import torch
+from helpers import assert_rule
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arpo_fast.kernels import logprob_entropy, logprob_entropy_ref
 from arpo_fast.kernels.logprob_entropy import _logprob_entropy, default_chunk_size
-from helpers import assert_rule
 
 FLOOR = 1e-6
 OUTPUTS = ("logprobs", "entropy", "grad_hidden", "grad_weight")
@@ -54,16 +54,18 @@ def _check_against_float64(T, H, V, dtype, temperature, chunk_size, triton_path)
 
     got = _run(ours, hidden, weight, targets, g_lp, g_ent)
     ref = _run(logprob_entropy_ref, hidden, weight, targets, g_lp, g_ent, temperature=temperature)
-    exact = _run(logprob_entropy_ref, hidden.double(), weight.double(), targets, g_lp, g_ent,
-                 temperature=temperature)
+    exact = _run(
+        logprob_entropy_ref, hidden.double(), weight.double(), targets, g_lp, g_ent, temperature=temperature
+    )
     assert all(x.dtype == torch.float32 for x in got[:2])
     assert got[2].dtype == dtype and got[3].dtype == dtype
     assert_rule(got, ref, exact, FLOOR, OUTPUTS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,H,V,chunk", [(37, 19, 1000, 300), (37, 19, 97, None), (5, 3, 1, None),
-                                         (64, 32, 256, 100)])
+@pytest.mark.parametrize(
+    "T,H,V,chunk", [(37, 19, 1000, 300), (37, 19, 97, None), (5, 3, 1, None), (64, 32, 256, 100)]
+)
 @pytest.mark.parametrize("temperature", [0.7, 1.3])
 def test_triton_matches_float64(T, H, V, chunk, dtype, temperature):
     _check_against_float64(T, H, V, dtype, temperature, chunk, triton_path=True)
@@ -80,8 +82,14 @@ def test_fp16_triton_matches_float64():
 
 
 @settings(max_examples=25, deadline=None)
-@given(T=st.integers(1, 9), H=st.integers(1, 8), V=st.integers(1, 70), chunk=st.integers(1, 80),
-       temperature=st.floats(0.3, 3.0), seed=st.integers(0, 2**31 - 1))
+@given(
+    T=st.integers(1, 9),
+    H=st.integers(1, 8),
+    V=st.integers(1, 70),
+    chunk=st.integers(1, 80),
+    temperature=st.floats(0.3, 3.0),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_blocked_torch_path_any_shape(T, H, V, chunk, temperature, seed):
     """Any small shape and chunking, fp32: close to float64 (loose fixed bounds, fast path)."""
     torch.manual_seed(seed)
@@ -92,8 +100,9 @@ def test_blocked_torch_path_any_shape(T, H, V, chunk, temperature, seed):
         return _logprob_entropy(h, w, t, temperature, chunk, -100, False)
 
     got = _run(ours, hidden, weight, targets, g_lp, g_ent)
-    exact = _run(logprob_entropy_ref, hidden.double(), weight.double(), targets, g_lp, g_ent,
-                 temperature=temperature)
+    exact = _run(
+        logprob_entropy_ref, hidden.double(), weight.double(), targets, g_lp, g_ent, temperature=temperature
+    )
     for a, b in zip(got, exact):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
@@ -109,8 +118,7 @@ def test_triton_path_any_shape(T, V, chunk, seed):
         return _logprob_entropy(h, w, t, 1.3, chunk, -100, True)
 
     got = _run(ours, hidden, weight, targets, g_lp, g_ent)
-    exact = _run(logprob_entropy_ref, hidden.double(), weight.double(), targets, g_lp, g_ent,
-                 temperature=1.3)
+    exact = _run(logprob_entropy_ref, hidden.double(), weight.double(), targets, g_lp, g_ent, temperature=1.3)
     for a, b in zip(got, exact):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
@@ -198,8 +206,9 @@ def test_gradient_of_weight_alone():
 
 def test_large_logits_stay_finite():
     hidden, weight, targets = _inputs(16, 8, 300, torch.float32, scale=200.0)
-    lp, ent, gh, gw = _run(logprob_entropy, hidden, weight, targets, torch.randn(16), torch.randn(16),
-                           chunk_size=50)
+    lp, ent, gh, gw = _run(
+        logprob_entropy, hidden, weight, targets, torch.randn(16), torch.randn(16), chunk_size=50
+    )
     for x in (lp, ent, gh, gw):
         assert torch.isfinite(x).all()
     assert (lp <= 0).all() and (ent >= -1e-5).all()
@@ -241,16 +250,19 @@ def test_unchecked_out_of_range_target_gives_nan_not_a_wrong_number():
     assert torch.isnan(lp[2]) and torch.isfinite(lp[[0, 1, 3, 4]]).all() and torch.isfinite(ent).all()
 
 
-@pytest.mark.parametrize("case,exc,pattern", [
-    ("hidden_size", ValueError, "hidden size mismatch"),
-    ("targets_shape", ValueError, "targets must have shape"),
-    ("dtype_mix", TypeError, "share one dtype"),
-    ("float64", TypeError, "share one dtype"),
-    ("float_targets", TypeError, "targets must be int64"),
-    ("temperature", ValueError, "temperature must be > 0"),
-    ("chunk", ValueError, "chunk_size must be >= 1"),
-    ("weight_rank", ValueError, r"weight \[V, H\]"),
-])
+@pytest.mark.parametrize(
+    "case,exc,pattern",
+    [
+        ("hidden_size", ValueError, "hidden size mismatch"),
+        ("targets_shape", ValueError, "targets must have shape"),
+        ("dtype_mix", TypeError, "share one dtype"),
+        ("float64", TypeError, "share one dtype"),
+        ("float_targets", TypeError, "targets must be int64"),
+        ("temperature", ValueError, "temperature must be > 0"),
+        ("chunk", ValueError, "chunk_size must be >= 1"),
+        ("weight_rank", ValueError, r"weight \[V, H\]"),
+    ],
+)
 def test_bad_inputs_are_clear_errors(case, exc, pattern):
     hidden, weight, targets = _inputs(6, 4, 20, torch.float32)
     kw = {}
@@ -303,8 +315,9 @@ def test_kernels_compile_for_hopper():
     import sys
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
     err = proc.stderr[-3000:]
     if proc.returncode and ("ptxas" in err or "ImportError" in err or "cannot import" in err):
         pytest.skip(f"this Triton cannot compile for CUDA here: {err.splitlines()[-1]}")
@@ -312,6 +325,7 @@ def test_kernels_compile_for_hopper():
 
 
 # ---- GPU: real sizes (skipped without CUDA) ----
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

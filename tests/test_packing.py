@@ -12,19 +12,22 @@ import warnings
 
 import pytest
 import torch
-
 from helpers import ARCHS, VOCAB, assert_rule, tiny_model
 
-from arpo_fast.algo import (CopyAdvantages, group_advantages, policy_loss, shared_policy_loss,
-                            token_advantages)
+from arpo_fast.algo import CopyAdvantages, group_advantages, policy_loss, shared_policy_loss, token_advantages
 from arpo_fast.rollout.tree import Trajectory
-from arpo_fast.train.attention import (attention_implementation, key_bounds, path_masks, resolve_attention,
-                                       tree_block_mask, tree_mask)
+from arpo_fast.train.attention import (
+    attention_implementation,
+    key_bounds,
+    path_masks,
+    resolve_attention,
+    tree_block_mask,
+    tree_mask,
+)
+from arpo_fast.train.contexts import ContextCache
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.packing import build_trees, pack_trees
-from arpo_fast.train.contexts import ContextCache
-from arpo_fast.train.update import (LogprobModel, UpdateConfig, pack, token_logprobs, tree_logprobs,
-                                    update)
+from arpo_fast.train.update import LogprobModel, UpdateConfig, pack, token_logprobs, tree_logprobs, update
 
 
 @pytest.fixture(autouse=True)
@@ -41,8 +44,10 @@ def random_rollout(seed: int, prompts: int = 3, initial: int = 2, fork: float = 
     trajs, node_tokens = [], {}
     for p in range(prompts):
         prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 6))]
-        queue = [dict(resp=[], mask=[], lp=[], path=[next(ids)], start=0, left=rng.randint(1, 3),
-                      kind=kind) for kind in ["initial"] * initial + ["fill"] * fills]
+        queue = [
+            dict(resp=[], mask=[], lp=[], path=[next(ids)], start=0, left=rng.randint(1, 3), kind=kind)
+            for kind in ["initial"] * initial + ["fill"] * fills
+        ]
         while queue:
             st = queue.pop(0)
             for seg in range(st["left"]):
@@ -60,8 +65,17 @@ def random_rollout(seed: int, prompts: int = 3, initial: int = 2, fork: float = 
             if rng.random() < 0.2:
                 st["lp"][-1] = math.nan
             node_tokens[st["path"][-1]] = len(st["resp"]) - st["start"]
-            trajs.append(Trajectory(p, prompt, st["kind"], response_ids=st["resp"], loss_mask=st["mask"],
-                                    logprobs=st["lp"], path=st["path"]))
+            trajs.append(
+                Trajectory(
+                    p,
+                    prompt,
+                    st["kind"],
+                    response_ids=st["resp"],
+                    loss_mask=st["mask"],
+                    logprobs=st["lp"],
+                    path=st["path"],
+                )
+            )
     return trajs, node_tokens
 
 
@@ -72,8 +86,15 @@ def _fork(st: dict, ids, node_tokens: dict, left: int) -> dict:
         node_tokens[st["path"][-1]] = at - st["start"]
         st["path"].append(next(ids))
         st["start"] = at
-    return dict(resp=list(st["resp"]), mask=list(st["mask"]), lp=list(st["lp"]),
-                path=st["path"][:-1] + [next(ids)], start=at, left=left, kind="branch")
+    return dict(
+        resp=list(st["resp"]),
+        mask=list(st["mask"]),
+        lp=list(st["lp"]),
+        path=st["path"][:-1] + [next(ids)],
+        start=at,
+        left=left,
+        kind="branch",
+    )
 
 
 def _advantages(trajs, node_tokens, mode: str, seed: int):
@@ -100,9 +121,20 @@ def _run(model, trajs, adv, node_tokens, lr=0.0, dist=None, reference=None, **cf
     """One update of a copy of ``model``: (metrics, each step's gradients, the updated copy)."""
     model = copy.deepcopy(model)
     recorder = []
-    optimizer = MasterWeights(model.parameters(), lambda ps: recorder.append(_Recorder(ps, lr)) or recorder[0])
-    metrics = update(model, optimizer, trajs, adv, UpdateConfig(**cfg), pad_id=0, node_tokens=node_tokens,
-                     dist=dist, reference=copy.deepcopy(reference))
+    optimizer = MasterWeights(
+        model.parameters(), lambda ps: recorder.append(_Recorder(ps, lr)) or recorder[0]
+    )
+    metrics = update(
+        model,
+        optimizer,
+        trajs,
+        adv,
+        UpdateConfig(**cfg),
+        pad_id=0,
+        node_tokens=node_tokens,
+        dist=dist,
+        reference=copy.deepcopy(reference),
+    )
     return metrics, recorder[0].grads, model
 
 
@@ -115,8 +147,14 @@ def _per_token(model, trajs, node_tokens, attention="sdpa", context=True):
     packed = {}
     with torch.no_grad(), attention_implementation(model, attention, packed=True):
         cache = ContextCache(LogprobModel(model), 1.0, attention, trainable=False)
-        for tb in pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
-                             node_tokens, budget=48, context=context):
+        for tb in pack_trees(
+            trajs,
+            [torch.zeros(len(t.response_ids)) for t in trajs],
+            range(len(trajs)),
+            node_tokens,
+            budget=48,
+            context=context,
+        ):
             tb = tb.to(device)
             lp = tree_logprobs(model, tb, 1.0, attention, cache.kv(tb))[0]
             cache.done(tb)
@@ -152,8 +190,11 @@ def test_packed_log_probs_equal_per_trajectory(kind, context):
 CASES = [  # (model, attribution, settings); budgets of 48 tokens split every tree
     ("qwen2", "soft", dict(mini_batch_prompts=1, micro_batch_tokens=48)),
     ("llama", "hard", dict(mini_batch_prompts=2, micro_batch_tokens=48, dual_clip=0.0)),
-    ("qwen2", "hard", dict(mini_batch_prompts=1, micro_batch_tokens=10_000, entropy_coef=0.05,
-                           rollout_is_cap=2.0)),
+    (
+        "qwen2",
+        "hard",
+        dict(mini_batch_prompts=1, micro_batch_tokens=10_000, entropy_coef=0.05, rollout_is_cap=2.0),
+    ),
     ("llama", "soft", dict(mini_batch_prompts=3, micro_batch_tokens=64, rollout_is_cap=1.5)),
     ("qwen3", "soft", dict(mini_batch_prompts=1, micro_batch_tokens=64, kl_coef=0.5)),
 ]
@@ -171,8 +212,9 @@ def test_packed_update_equals_per_trajectory_update(kind, mode, settings):
     lr = cfg.pop("lr")
     reference = tiny_model(kind, seed=33) if cfg.get("kl_coef") else None  # the KL's other policy
     packed, g_packed, m_packed = _run(model, trajs, adv, node_tokens, lr=lr, reference=reference, **cfg)
-    plain, g_plain, m_plain = _run(model, trajs, adv, node_tokens, lr=lr, reference=reference,
-                                   packed_update=False, **cfg)
+    plain, g_plain, m_plain = _run(
+        model, trajs, adv, node_tokens, lr=lr, reference=reference, packed_update=False, **cfg
+    )
     assert ("kl" in plain) == bool(reference) and plain.get("kl", 1.0) > 0
     assert packed["optimizer_steps"] == plain["optimizer_steps"] == math.ceil(3 / cfg["mini_batch_prompts"])
     assert packed["forward_tokens"] < plain["forward_tokens"]
@@ -223,8 +265,9 @@ def test_stand_in_micro_batches_change_nothing(packed_update, budget):
     cfg = dict(mini_batch_prompts=2, packed_update=packed_update, micro_batch_tokens=budget, kl_coef=0.1)
     reference = tiny_model("qwen2", seed=5)
     alone, g1, _ = _run(model, trajs, adv, node_tokens, lr=0.2, reference=reference, **cfg)
-    padded, g2, _ = _run(model, trajs, adv, node_tokens, lr=0.2, dist=_OneRankOfMany(), reference=reference,
-                         **cfg)
+    padded, g2, _ = _run(
+        model, trajs, adv, node_tokens, lr=0.2, dist=_OneRankOfMany(), reference=reference, **cfg
+    )
     assert padded == pytest.approx(alone)
     for a, b in zip(g1[-1], g2[-1]):
         torch.testing.assert_close(a, b)
@@ -237,9 +280,12 @@ def test_activation_checkpointing_gives_the_same_gradients(budget):
     model = tiny_model("llama")
     trajs, node_tokens = random_rollout(seed=8)
     adv = _advantages(trajs, node_tokens, "soft", seed=9)
-    _, plain, _ = _run(model, trajs, adv, node_tokens, gradient_checkpointing="false", micro_batch_tokens=budget)
-    _, checkpointed, _ = _run(model, trajs, adv, node_tokens, gradient_checkpointing="true",
-                              micro_batch_tokens=budget)
+    _, plain, _ = _run(
+        model, trajs, adv, node_tokens, gradient_checkpointing="false", micro_batch_tokens=budget
+    )
+    _, checkpointed, _ = _run(
+        model, trajs, adv, node_tokens, gradient_checkpointing="true", micro_batch_tokens=budget
+    )
     for a, b in zip(plain[0], checkpointed[0]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
@@ -263,8 +309,14 @@ def test_every_query_sees_exactly_its_own_path(budget, context):
     trajectory through it; for a predicted token, exactly its trajectory's tokens before it. A
     split tree's prompt goes through the model once with ``context``."""
     trajs, node_tokens = random_rollout(seed=10, prompts=4, initial=3, fork=0.8)
-    batches = pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
-                         node_tokens, budget, context=context)
+    batches = pack_trees(
+        trajs,
+        [torch.zeros(len(t.response_ids)) for t in trajs],
+        range(len(trajs)),
+        node_tokens,
+        budget,
+        context=context,
+    )
     texts = {tuple(t.prompt_ids + t.response_ids) for t in trajs}
     trees = build_trees(trajs, range(len(trajs)), node_tokens)
     unique = sum(len(tr.prompt) + sum(n.length for n in tr.nodes[1:]) for tr in trees)
@@ -284,7 +336,7 @@ def test_every_query_sees_exactly_its_own_path(budget, context):
             keys = visible[i].nonzero().flatten()
             assert positions[keys].tolist() == list(range(int(b.position_ids[i]) + 1))
             prefix = tuple(ids[keys].tolist())
-            assert any(text[:len(prefix)] == prefix for text in texts)
+            assert any(text[: len(prefix)] == prefix for text in texts)
         for (t, k), h, target in zip(b.origin.tolist(), b.hidden_index.tolist(), b.targets.tolist()):
             keys = visible[h].nonzero().flatten()
             assert ids[keys].tolist() == trajs[t].prompt_ids + trajs[t].response_ids[:k]
@@ -300,8 +352,14 @@ def test_every_query_sees_exactly_its_own_path(budget, context):
 
 def test_rows_of_independent_sequences_for_the_varlen_kernels():
     trajs, node_tokens = random_rollout(seed=11)
-    batches = pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
-                         node_tokens, 60, share=False)
+    batches = pack_trees(
+        trajs,
+        [torch.zeros(len(t.response_ids)) for t in trajs],
+        range(len(trajs)),
+        node_tokens,
+        60,
+        share=False,
+    )
     assert sum(len(b.piece_starts) - 1 for b in batches) == len(trajs)
     for b in batches:
         i = torch.arange(b.tokens)
@@ -340,16 +398,26 @@ def test_tree_block_mask_is_the_one_create_block_mask_finds(block):
     lengths, with_context = set(), 0
     for seed, budget in itertools.product(range(3), (10_000, 300, 60)):
         trajs, node_tokens = random_rollout(seed=40 + seed, prompts=4, initial=3, fork=0.8)
-        rows = pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
-                          node_tokens, budget)
+        rows = pack_trees(
+            trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)), node_tokens, budget
+        )
         causal = torch.full((2 * block,), 2 * block)  # one causal row, a whole number of blocks
-        for end, lo_c, hi_c in [(b.subtree_end, b.context_lo, b.context_hi) for b in rows] + [(causal, None, None)]:
+        for end, lo_c, hi_c in [(b.subtree_end, b.context_lo, b.context_hi) for b in rows] + [
+            (causal, None, None)
+        ]:
             lo, hi = key_bounds(end, lo_c, hi_c)
             T, K = end.numel(), lo.numel()
             lengths.add(T)
             got = tree_block_mask(lo, hi, T, block)
-            want = create_block_mask(lambda b, h, q, kv: (lo[kv] <= q) & (q < hi[kv]), 1, None, T, K,
-                                     device="cpu", BLOCK_SIZE=block)
+            want = create_block_mask(
+                lambda b, h, q, kv: (lo[kv] <= q) & (q < hi[kv]),
+                1,
+                None,
+                T,
+                K,
+                device="cpu",
+                BLOCK_SIZE=block,
+            )
             assert got.seq_lengths == want.seq_lengths and got.BLOCK_SIZE == want.BLOCK_SIZE
             if K == T:
                 for a, b in zip(got.as_tuple(), want.as_tuple()):
@@ -385,8 +453,13 @@ def test_packed_flex_attention_is_compiled_once_for_rows_of_any_length(monkeypat
         cache = ContextCache(LogprobModel(model), 1.0, "flex_attention", trainable=False)
         for seed, budget in itertools.product(range(2), (700, 150)):
             trajs, node_tokens = random_rollout(seed=50 + seed, prompts=8, initial=4, fork=0.8)
-            for b in pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
-                                node_tokens, budget):
+            for b in pack_trees(
+                trajs,
+                [torch.zeros(len(t.response_ids)) for t in trajs],
+                range(len(trajs)),
+                node_tokens,
+                budget,
+            ):
                 rows.append((b.tokens, b.context_tokens))
                 tree_logprobs(model, b, 1.0, "flex_attention", cache.kv(b))
                 cache.done(b)
@@ -400,8 +473,9 @@ def test_a_node_holding_other_tokens_is_refused():
     shared = next(i for i, t in enumerate(trajs) if t.kind == "branch")
     trajs[shared].response_ids[0] = (trajs[shared].response_ids[0] + 1) % VOCAB
     with pytest.raises(ValueError, match="holds other tokens"):
-        pack_trees(trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)),
-                   node_tokens, 100)
+        pack_trees(
+            trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)), node_tokens, 100
+        )
 
 
 @pytest.mark.parametrize("dual_clip", [3.0, 1.1, None])
@@ -414,10 +488,20 @@ def test_the_shared_loss_is_the_sum_over_copies(dual_clip):
     adv[1:3, 10:20] = 0.0
     entropy = torch.rand(n)
     expand = lambda x: x[None].expand(copies, n)  # noqa: E731
-    want, want_m = policy_loss(expand(logprobs), expand(old), adv, torch.ones(copies, n), 0.2, 0.28,
-                               dual_clip, entropy=expand(entropy), entropy_coef=0.01)
-    got, got_m = shared_policy_loss(logprobs, old, CopyAdvantages.of(adv), 0.2, 0.28, dual_clip,
-                                    entropy=entropy, entropy_coef=0.01)
+    want, want_m = policy_loss(
+        expand(logprobs),
+        expand(old),
+        adv,
+        torch.ones(copies, n),
+        0.2,
+        0.28,
+        dual_clip,
+        entropy=expand(entropy),
+        entropy_coef=0.01,
+    )
+    got, got_m = shared_policy_loss(
+        logprobs, old, CopyAdvantages.of(adv), 0.2, 0.28, dual_clip, entropy=entropy, entropy_coef=0.01
+    )
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(*(torch.autograd.grad(x, logprobs)[0] for x in (got, want)))
     assert got_m == pytest.approx(want_m)
@@ -435,8 +519,13 @@ def _fp64_gradient(model, trajs, adv):
         ids = torch.tensor([t.prompt_ids + t.response_ids], device=device)
         hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
         start = len(t.prompt_ids) - 1
-        lps.append(logprob_entropy_ref(hidden[start:start + len(t.response_ids)], model.lm_head.weight,
-                                       torch.tensor(t.response_ids, device=device))[0])
+        lps.append(
+            logprob_entropy_ref(
+                hidden[start : start + len(t.response_ids)],
+                model.lm_head.weight,
+                torch.tensor(t.response_ids, device=device),
+            )[0]
+        )
     lp = torch.cat(lps)
     mask = torch.tensor([m for t in trajs for m in t.loss_mask], dtype=torch.bool, device=device)
     loss, _ = policy_loss(lp[None], lp.detach()[None], torch.cat(adv).double().to(device)[None], mask[None])
@@ -451,17 +540,36 @@ def _bf16_check(model, trajs, node_tokens, adv, attention="sdpa"):
     mask = torch.tensor([m for t in trajs for m in t.loss_mask], dtype=torch.bool, device=lp64.device)
     model16 = copy.deepcopy(model).to(torch.bfloat16)
     got, want = _per_token(model16, trajs, node_tokens, attention)
-    grads = [torch.cat([g.flatten() for g in _run(model16, trajs, adv, node_tokens, packed_update=packed,
-                                                  attn_implementation=attention if packed else "sdpa")[1][0]])
-             for packed in (True, False)]
-    assert_rule([got, grads[0]], [want, grads[1]], [lp64[mask], torch.cat([g.flatten() for g in grad64])],
-                floor=1e-6, names=["log-probs", "gradient"])
+    grads = [
+        torch.cat(
+            [
+                g.flatten()
+                for g in _run(
+                    model16,
+                    trajs,
+                    adv,
+                    node_tokens,
+                    packed_update=packed,
+                    attn_implementation=attention if packed else "sdpa",
+                )[1][0]
+            ]
+        )
+        for packed in (True, False)
+    ]
+    assert_rule(
+        [got, grads[0]],
+        [want, grads[1]],
+        [lp64[mask], torch.cat([g.flatten() for g in grad64])],
+        floor=1e-6,
+        names=["log-probs", "gradient"],
+    )
 
 
 def test_bf16_is_within_twice_the_per_trajectory_error():
     trajs, node_tokens = random_rollout(seed=15, prompts=2)
-    _bf16_check(tiny_model("qwen2", seed=14), trajs, node_tokens,
-                _advantages(trajs, node_tokens, "soft", seed=16))
+    _bf16_check(
+        tiny_model("qwen2", seed=14), trajs, node_tokens, _advantages(trajs, node_tokens, "soft", seed=16)
+    )
 
 
 def test_auto_attention_per_device():
@@ -477,7 +585,9 @@ def test_auto_attention_per_device():
 
 
 @pytest.mark.parametrize("checkpointing", ["false", "true"])
-def test_flex_attention_update_with_prompt_contexts_matches_per_trajectory_on_the_cpu(checkpointing, monkeypatch):
+def test_flex_attention_update_with_prompt_contexts_matches_per_trajectory_on_the_cpu(
+    checkpointing, monkeypatch
+):
     """The packed rows' flex_attention path, forward and backward, with split trees whose groups
     attend to their prompt context: eager flex_attention on the CPU (torch refuses its CPU backward
     up front; its eager reference is device-agnostic, so the check is lifted here) gives the
@@ -490,10 +600,14 @@ def test_flex_attention_update_with_prompt_contexts_matches_per_trajectory_on_th
     model = tiny_model("qwen2", seed=17)
     trajs, node_tokens = random_rollout(seed=18, prompts=3)
     adv = _advantages(trajs, node_tokens, "soft", seed=19)
-    cfg = dict(mini_batch_prompts=2, micro_batch_tokens=48, grad_clip=0.0, gradient_checkpointing=checkpointing)
+    cfg = dict(
+        mini_batch_prompts=2, micro_batch_tokens=48, grad_clip=0.0, gradient_checkpointing=checkpointing
+    )
     with warnings.catch_warnings():  # flex_attention uncompiled says it is slow
         warnings.simplefilter("ignore")
-        packed, g1, _ = _run(model, trajs, adv, node_tokens, lr=0.2, attn_implementation="flex_attention", **cfg)
+        packed, g1, _ = _run(
+            model, trajs, adv, node_tokens, lr=0.2, attn_implementation="flex_attention", **cfg
+        )
     plain, g2, _ = _run(model, trajs, adv, node_tokens, lr=0.2, packed_update=False, **cfg)
     assert packed["forward_tokens"] < plain["forward_tokens"]
     assert packed["loss"] == pytest.approx(plain["loss"], rel=1e-5, abs=1e-6)
@@ -513,8 +627,9 @@ def test_packed_update_on_cuda_matches_per_trajectory(attention):
     adv = _advantages(trajs, node_tokens, "soft", seed=19)
     cfg = dict(mini_batch_prompts=2, micro_batch_tokens=48, grad_clip=0.0)
     packed, g1, _ = _run(model, trajs, adv, node_tokens, lr=0.2, attn_implementation=attention, **cfg)
-    plain, g2, _ = _run(model, trajs, adv, node_tokens, lr=0.2, packed_update=False,
-                        attn_implementation="sdpa", **cfg)
+    plain, g2, _ = _run(
+        model, trajs, adv, node_tokens, lr=0.2, packed_update=False, attn_implementation="sdpa", **cfg
+    )
     assert packed["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-6)
     for step1, step2 in zip(g1, g2, strict=True):
         for a, b in zip(step1, step2):
@@ -524,8 +639,13 @@ def test_packed_update_on_cuda_matches_per_trajectory(attention):
 @pytest.mark.gpu
 def test_bf16_flex_attention_is_within_twice_the_per_trajectory_error():
     trajs, node_tokens = random_rollout(seed=23, prompts=2)
-    _bf16_check(tiny_model("llama", seed=25).cuda(), trajs, node_tokens,
-                _advantages(trajs, node_tokens, "soft", seed=24), attention="flex_attention")
+    _bf16_check(
+        tiny_model("llama", seed=25).cuda(),
+        trajs,
+        node_tokens,
+        _advantages(trajs, node_tokens, "soft", seed=24),
+        attention="flex_attention",
+    )
 
 
 @pytest.mark.gpu
@@ -534,8 +654,9 @@ def test_flash_varlen_rows_match_padded_rows():
     model = tiny_model("llama", seed=20).to(torch.bfloat16).cuda()
     trajs, node_tokens = random_rollout(seed=21, prompts=3)
     adv = _advantages(trajs, node_tokens, "soft", seed=22)
-    varlen, _, _ = _run(model, trajs, adv, node_tokens, packed_update=False,
-                        attn_implementation="flash_attention_2")
+    varlen, _, _ = _run(
+        model, trajs, adv, node_tokens, packed_update=False, attn_implementation="flash_attention_2"
+    )
     padded, _, _ = _run(model, trajs, adv, node_tokens, packed_update=False, attn_implementation="sdpa")
     assert varlen["forward_tokens"] < padded["forward_tokens"]
     assert varlen["loss"] == pytest.approx(padded["loss"], rel=2e-2, abs=1e-3)

@@ -7,6 +7,8 @@ error in the same dtype, plus a small relative floor for fp32 where both are a f
 
 import pytest
 import torch
+from helpers import assert_rule
+
 from arpo_fast.kernels import (
     paged_attention_decode,
     paged_attention_decode_ref,
@@ -14,7 +16,6 @@ from arpo_fast.kernels import (
     paged_attention_extend_ref,
 )
 from arpo_fast.kernels.paged_attention import _decode_triton, _extend_triton
-from helpers import assert_rule
 
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 
@@ -44,7 +45,7 @@ def _dense_f64(q, k_cache, v_cache, tables, lens, n_new, scale):
         v = v_cache.reshape(-1, *v_cache.shape[2:])[idx].double()
         G = H // k.shape[1]
         k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-        qb = q[row:row + n].double()
+        qb = q[row : row + n].double()
         s = torch.einsum("mhd,thd->hmt", qb, k) * scale
         pos = torch.arange(ctx - n, ctx)
         s = s.masked_fill(torch.arange(ctx)[None, None, :] > pos[None, :, None], float("-inf"))
@@ -65,7 +66,7 @@ CASES = [  # lens, page, q_heads, kv_heads, head_dim
 def test_decode_matches_float64(lens, page, H, Hk, D, dtype):
     k_cache, v_cache, tables, ctx = _paged_inputs(lens, page, Hk, D, dtype)
     q = torch.randn(len(lens), H, D).to(dtype)
-    scale = D ** -0.5
+    scale = D**-0.5
     exact = _dense_f64(q, k_cache, v_cache, tables, ctx, [1] * len(lens), scale)
     ref = paged_attention_decode_ref(q, k_cache, v_cache, tables, ctx)
     ours = paged_attention_decode(q, k_cache, v_cache, tables, ctx)
@@ -77,8 +78,8 @@ def test_decode_matches_float64(lens, page, H, Hk, D, dtype):
 def test_decode_split_context_matches_unsplit(splits):
     k_cache, v_cache, tables, ctx = _paged_inputs([100, 3, 64], 16, 2, 32, torch.float32)
     q = torch.randn(3, 4, 32)
-    one = _decode_triton(q, k_cache, v_cache, tables, ctx, 32 ** -0.5, 1)
-    many = _decode_triton(q, k_cache, v_cache, tables, ctx, 32 ** -0.5, splits)
+    one = _decode_triton(q, k_cache, v_cache, tables, ctx, 32**-0.5, 1)
+    many = _decode_triton(q, k_cache, v_cache, tables, ctx, 32**-0.5, splits)
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
 
 
@@ -95,7 +96,7 @@ def test_extend_matches_float64(lens, n_new, page, H, Hk, D, dtype):
     k_cache, v_cache, tables, ctx = _paged_inputs(lens, page, Hk, D, dtype)
     q = torch.randn(sum(n_new), H, D).to(dtype)
     cu = torch.tensor([0] + n_new, dtype=torch.int32).cumsum(0).to(torch.int32)
-    exact = _dense_f64(q, k_cache, v_cache, tables, ctx, n_new, D ** -0.5)
+    exact = _dense_f64(q, k_cache, v_cache, tables, ctx, n_new, D**-0.5)
     ref = paged_attention_extend_ref(q, k_cache, v_cache, tables, ctx, cu, max(n_new))
     ours = paged_attention_extend(q, k_cache, v_cache, tables, ctx, cu, max(n_new))
     assert ours.dtype == dtype and ours.shape == q.shape
@@ -144,7 +145,7 @@ def test_gpu_decode_and_extend_qwen7b_layout(dtype):
     k_cache, v_cache, tables, ctx = _paged_inputs(lens, 16, 4, 128, dtype)
     k_cache, v_cache, tables, ctx = k_cache.cuda(), v_cache.cuda(), tables.cuda(), ctx.cuda()
     q = torch.randn(4, 28, 128, device="cuda").to(dtype)
-    exact = _dense_f64(q.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(), ctx.cpu(), [1] * 4, 128 ** -0.5)
+    exact = _dense_f64(q.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(), ctx.cpu(), [1] * 4, 128**-0.5)
     ref = paged_attention_decode_ref(q, k_cache, v_cache, tables, ctx).cpu()
     for splits in (None, 1, 7):
         ours = paged_attention_decode(q, k_cache, v_cache, tables, ctx, num_splits=splits).cpu()
@@ -152,7 +153,7 @@ def test_gpu_decode_and_extend_qwen7b_layout(dtype):
     n_new = [300, 1, 777, 5]
     q = torch.randn(sum(n_new), 28, 128, device="cuda").to(dtype)
     cu = torch.tensor([0] + n_new).cumsum(0).to(torch.int32).cuda()
-    exact = _dense_f64(q.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(), ctx.cpu(), n_new, 128 ** -0.5)
+    exact = _dense_f64(q.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(), ctx.cpu(), n_new, 128**-0.5)
     ref = paged_attention_extend_ref(q, k_cache, v_cache, tables, ctx, cu, 777).cpu()
     ours = paged_attention_extend(q, k_cache, v_cache, tables, ctx, cu, 777).cpu()
     assert_rule(ours, ref, exact, FLOOR[torch.bfloat16])

@@ -6,12 +6,19 @@ that a closing tag merges with the text around it.
 """
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from arpo_fast.rollout.protocol import (Protocol, ProtocolConfig, StopDetector, TokenBytes,
-                                        format_result, parse_tool_call)
+from arpo_fast.rollout.protocol import (
+    Protocol,
+    ProtocolConfig,
+    StopDetector,
+    TokenBytes,
+    format_result,
+    parse_tool_call,
+)
 
 CORPUS = [
     "<think>I should compute this.</think><python>\nprint(1 + 2)\n</python> <result>\n3\n</result>",
@@ -24,8 +31,12 @@ def _byte_level(vocab_size: int, split_words: bool = True) -> PreTrainedTokenize
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
@@ -33,24 +44,52 @@ def _byte_level(vocab_size: int, split_words: bool = True) -> PreTrainedTokenize
 def _sentencepiece_like() -> PreTrainedTokenizerFast:
     """Metaspace words plus <0xNN> byte-fallback tokens, like Llama-2's tokenizer."""
     pieces = ["<unk>", "<eos>"] + [f"<0x{b:02X}>" for b in range(256)]
-    words = ["\u2581<python>", "print(1)", "</python>", "</", "python>", "\u2581x", "<answer>",
-             "</answer>", "\u2581", "<", "/", ">", "p", "y", "t", "h", "o", "n", "a", "s", "w", "e", "r"]
+    words = [
+        "\u2581<python>",
+        "print(1)",
+        "</python>",
+        "</",
+        "python>",
+        "\u2581x",
+        "<answer>",
+        "</answer>",
+        "\u2581",
+        "<",
+        "/",
+        ">",
+        "p",
+        "y",
+        "t",
+        "h",
+        "o",
+        "n",
+        "a",
+        "s",
+        "w",
+        "e",
+        "r",
+    ]
     vocab = {p: i for i, p in enumerate(pieces + words)}
     tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                     decoders.Fuse()])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
 def tokenizers():
-    return {"bytes": _byte_level(258), "small": _byte_level(300), "large": _byte_level(1000),
-            "merged": _byte_level(1000, split_words=False)}
+    return {
+        "bytes": _byte_level(258),
+        "small": _byte_level(300),
+        "large": _byte_level(1000),
+        "merged": _byte_level(1000, split_words=False),
+    }
 
 
-def _events(tokenizer, text, config=ProtocolConfig(), tools=None):
-    traj = Protocol(tokenizer, config, available_tools=tools).new_trajectory()
+def _events(tokenizer, text, config=None, tools=None):
+    traj = Protocol(tokenizer, config or ProtocolConfig(), available_tools=tools).new_trajectory()
     events = []
     for tid in tokenizer.encode(text, add_special_tokens=False):
         event = traj.feed(tid)
@@ -132,19 +171,23 @@ def test_by_default_the_answer_does_not_stop_generation(tokenizers):
     assert [e.kind for e in events] == ["call"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("<python>a = 1 <search>q</search>", "never closed"),
-    ("<python>  \n </python>", "empty"),
-    ("print(1)</python>", "without an opening"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("<python>a = 1 <search>q</search>", "never closed"),
+        ("<python>  \n </python>", "empty"),
+        ("print(1)</python>", "without an opening"),
+    ],
+)
 def test_malformed_calls_say_what_is_wrong(tokenizers, text, message):
     _, events = _events(tokenizers["small"], text)
     assert events[0].kind == "call" and not events[0].call.ok
     assert message in events[0].call.error
 
 
-@pytest.mark.parametrize("body", ["s = '<search>'\nprint(s)", "a = '<result>x</result>'",
-                                  "print('<answer> and <search>q')"])
+@pytest.mark.parametrize(
+    "body", ["s = '<search>'\nprint(s)", "a = '<result>x</result>'", "print('<answer> and <search>q')"]
+)
 def test_tags_in_code_that_the_protocol_does_not_act_on_are_text(tokenizers, body):
     _, events = _events(tokenizers["small"], f"<python>{body}</python>")
     assert events[0].kind == "call" and events[0].call.ok and events[0].call.body == body
@@ -193,8 +236,9 @@ def test_result_tokens_and_new_segment(tokenizers):
     assert tok.decode(ids) == " <result>\n1\n</result>"
     assert format_result("x\udcff") == " <result>\nx\ufffd\n</result>"
     # the next call's body comes from the new segment only
-    events = [e for e in map(traj.feed, tok.encode("<python>print(2)</python>",
-                                                    add_special_tokens=False)) if e]
+    events = [
+        e for e in map(traj.feed, tok.encode("<python>print(2)</python>", add_special_tokens=False)) if e
+    ]
     assert events[0].call.body == "print(2)"
 
 
@@ -246,8 +290,25 @@ def test_detector_work_per_token_is_constant(tokenizers):
     assert long < short * 5
 
 
-PIECES = st.sampled_from(["<python>", "</python>", "<search>", "</search>", "</answer>", "</",
-                          "python", ">", "x", " ", "é", "中", "\n", "</pyth", "on>"])
+PIECES = st.sampled_from(
+    [
+        "<python>",
+        "</python>",
+        "<search>",
+        "</search>",
+        "</answer>",
+        "</",
+        "python",
+        ">",
+        "x",
+        " ",
+        "é",
+        "中",
+        "\n",
+        "</pyth",
+        "on>",
+    ]
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -270,4 +331,4 @@ def test_incremental_detection_matches_whole_text_search(tokenizers, pieces):
             assert found is None
         else:  # the stop is inside the token that completed it
             assert found is not None and found >= expected
-            assert len(tok.decode(ids[:n - 1])) < expected
+            assert len(tok.decode(ids[: n - 1])) < expected

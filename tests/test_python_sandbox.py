@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from python_tool_modes import SANDBOXES, make_tool, params, unavailable
 
 from arpo_fast.rollout.tools import interpreter, python_tool, sandbox, uids
 from arpo_fast.rollout.tools.fs import remove_tree
 from arpo_fast.rollout.tools.python_tool import PythonTool, PythonToolConfig
 from arpo_fast.rollout.tools.uids import UidPool, UidPoolExhausted
-from python_tool_modes import SANDBOXES, make_tool, params, unavailable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the trainer's uid must differ)")
@@ -76,8 +76,11 @@ def test_auto_without_bubblewrap_still_isolates(monkeypatch, request, tmp_path, 
     users cannot read); auto must still drop the trainer's privileges."""
     monkeypatch.setattr(python_tool, "_CHOSEN", {})
     real_why_not = sandbox.why_not
-    monkeypatch.setattr(sandbox, "why_not", lambda mode, python: "hidden by the test"
-                        if mode in hidden else real_why_not(mode, python))
+    monkeypatch.setattr(
+        sandbox,
+        "why_not",
+        lambda mode, python: "hidden by the test" if mode in hidden else real_why_not(mode, python),
+    )
     tool = make_tool(request, "auto", timeout_s=10)
     assert tool.isolation.mode == ("namespaces" if hidden == ("bwrap",) else "uid")
     out = _json(tool(_privileges_code(str(tmp_path / "canary"))))
@@ -95,8 +98,9 @@ def test_setuid_programs_give_nothing_back(tool):
         if os.statvfs(folder).f_flag & os.ST_NOSUID or os.stat(program).st_uid != 0:
             pytest.skip("no set-uid root program can be made here")
         t = PythonTool(PythonToolConfig(sandbox=tool.mode, extra_ro_paths=(folder,)))
-        result = t(f"import subprocess\n"
-                   f"print(subprocess.run([{program!r}], capture_output=True, text=True).stdout)")
+        result = t(
+            f"import subprocess\nprint(subprocess.run([{program!r}], capture_output=True, text=True).stdout)"
+        )
         assert result.ok and "uid=" in result.text and "euid=0" not in result.text, result.text
     finally:
         shutil.rmtree(folder)
@@ -165,9 +169,11 @@ def test_files_in_memory_count_against_the_memory_limit(tool, request):
     if tool.mode == "uid":
         pytest.skip("the uid mode's files are on the host's disk")
     t = make_tool(request, tool.mode, memory_mb=128, max_disk_mb=1024, max_file_mb=1024)
-    code = ("written = 0\ntry:\n    with open('/tmp/f', 'wb') as f:\n        for _ in range(384):\n"
-            "            f.write(b'x' * (1 << 20)); f.flush(); written += 1\n"
-            "finally:\n    print(written, flush=True)")
+    code = (
+        "written = 0\ntry:\n    with open('/tmp/f', 'wb') as f:\n        for _ in range(384):\n"
+        "            f.write(b'x' * (1 << 20)); f.flush(); written += 1\n"
+        "finally:\n    print(written, flush=True)"
+    )
     result = t(code)
     assert result.status == "error" and "SIGKILL" in result.text
     assert "memory limit of 128 MB" in result.text
@@ -195,8 +201,10 @@ def test_open_files_are_capped(tool):
 
 
 def test_tmpdir_is_writable_and_capped(tool):
-    code = ("import os, tempfile\nfd, path = tempfile.mkstemp()\nos.write(fd, b'x')\n"
-            "print(os.path.dirname(path) == os.environ['TMPDIR'] == os.getcwd())")
+    code = (
+        "import os, tempfile\nfd, path = tempfile.mkstemp()\nos.write(fd, b'x')\n"
+        "print(os.path.dirname(path) == os.environ['TMPDIR'] == os.getcwd())"
+    )
     assert tool(code).text == "True\n"
 
 
@@ -289,13 +297,16 @@ def test_a_call_with_no_free_uid_reads_back_an_error(monkeypatch, tmp_path):
 # -- 5. every byte back to the model obeys the cap ----------------------------------------------
 
 
-@pytest.mark.parametrize("code", [
-    "raise ValueError('v' * 20000)",
-    "print('o' * 3990)\nraise ValueError('v' * 20000)",
-    "import sys\nfor i in range(50):\n    sys.stderr.write('e' * 500 + '\\n')\nsys.exit(1)",
-    "print('t' * 5000, flush=True)\nwhile True:\n    pass",
-    "import os, signal\nprint('k' * 5000, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "raise ValueError('v' * 20000)",
+        "print('o' * 3990)\nraise ValueError('v' * 20000)",
+        "import sys\nfor i in range(50):\n    sys.stderr.write('e' * 500 + '\\n')\nsys.exit(1)",
+        "print('t' * 5000, flush=True)\nwhile True:\n    pass",
+        "import os, signal\nprint('k' * 5000, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)",
+    ],
+)
 @pytest.mark.parametrize("cap", [4000, 60])
 def test_error_output_obeys_the_cap(request, code, cap):
     mode = next((m for m in SANDBOXES if not unavailable(m)), "unsafe")
@@ -347,8 +358,18 @@ def test_seccomp_denies_each_interface(request, mode):
     machine = os.uname().machine
     if machine not in seccomp.ARCHES:
         pytest.skip(f"no seccomp table for {machine}")
-    names = ("io_uring_setup", "unshare", "clone", "clone3", "mount", "keyctl", "bpf", "ptrace",
-             "perf_event_open", "setns")
+    names = (
+        "io_uring_setup",
+        "unshare",
+        "clone",
+        "clone3",
+        "mount",
+        "keyctl",
+        "bpf",
+        "ptrace",
+        "perf_event_open",
+        "setns",
+    )
     numbers = {n: seccomp.syscall_number(n, machine) for n in names}
     out = _json(make_tool(request, mode)(f"NR = {numbers!r}\n" + _SYSCALLS))
     assert out.pop("filter") and out.pop("thread") == "ran" and out.pop("subprocess") == "ran"
@@ -406,8 +427,16 @@ def test_the_readable_copy_is_the_same_interpreter_for_another_uid():
     extension modules (its libpython is the copied one, not the system's)."""
     python = interpreter.readable_copy(sys.executable)
     code = "import json, ssl, sys; print(json.dumps([sys.version]))"
-    done = subprocess.run([python, "-I", "-c", code], user=65534, group=65534, extra_groups=[],
-                          capture_output=True, text=True, timeout=60, cwd="/")
+    done = subprocess.run(
+        [python, "-I", "-c", code],
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
     assert done.returncode == 0, done.stderr[-1000:]
     assert json.loads(done.stdout)[0] == sys.version
 
@@ -423,10 +452,17 @@ def _as_user(tmp_path, bwrap: str, userns: str, uid: int = 65534) -> dict:
     os.chown(secret, uid, uid)
     os.chmod(secret, 0o600)
     try:
-        done = subprocess.run([python, "-c", _CALLER, bwrap, userns, os.path.join(home, "canary"),
-                               _PRIVILEGES, secret], user=uid, group=uid, extra_groups=[],
-                              capture_output=True, text=True, timeout=120, cwd=home,
-                              env={"HOME": home, "PATH": os.environ["PATH"], "TMPDIR": home})
+        done = subprocess.run(
+            [python, "-c", _CALLER, bwrap, userns, os.path.join(home, "canary"), _PRIVILEGES, secret],
+            user=uid,
+            group=uid,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=home,
+            env={"HOME": home, "PATH": os.environ["PATH"], "TMPDIR": home},
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert not os.path.exists(os.path.join(home, "canary"))
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -436,8 +472,10 @@ def _as_user(tmp_path, bwrap: str, userns: str, uid: int = 65534) -> dict:
 
 def test_modes_are_killed_with_their_session(tool):
     """A run that ignores SIGTERM and forks is gone once the call returns."""
-    code = ("import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-            "for _ in range(3):\n    os.fork()\ntime.sleep(60)")
+    code = (
+        "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "for _ in range(3):\n    os.fork()\ntime.sleep(60)"
+    )
     t = PythonTool(PythonToolConfig(sandbox=tool.mode, timeout_s=1, tmp_root=tool.config.tmp_root))
     assert t(code).status == "timeout"
     time.sleep(0.3)
@@ -454,7 +492,6 @@ def _uid_of(pid: str) -> int:
 def _pool_range(tool) -> range:
     pool = tool.isolation.uids
     return range(pool._base, pool._base + UidPool.PER_PROCESS) if pool else range(0)
-
 
 
 _DYING_TRAINER = """
@@ -485,8 +522,11 @@ def test_a_run_ends_with_its_trainer(mode, tmp_path):
     mark = f"{os.getpid()}_{mode}"
     root = tempfile.mkdtemp(prefix="arpo_dying_")
     os.chmod(root, 0o755)
-    trainer = subprocess.Popen([sys.executable, "-c", _DYING_TRAINER.replace("MARK", mark), mode, root],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", _DYING_TRAINER.replace("MARK", mark), mode, root],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert trainer.stdout.readline() == b"ready\n"
         deadline = time.monotonic() + 10

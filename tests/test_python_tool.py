@@ -13,12 +13,12 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from python_tool_modes import make_tool, params
 
 from arpo_fast.rollout.tools import python_tool, sandbox
 from arpo_fast.rollout.tools.python_tool import PythonTool, PythonToolConfig, clean_code, dedent, unfence
 from arpo_fast.rollout.tools.sandbox import SandboxUnavailable
 from arpo_fast.rollout.tools.uids import UidPool
-from python_tool_modes import make_tool, params
 
 
 @pytest.fixture(scope="module", params=params())
@@ -56,11 +56,15 @@ def test_error_returns_the_last_lines(tool):
 def test_limit_hints_see_past_interleaved_tracebacks(tool):
     """Forked processes failing together interleave their tracebacks, so the error line may sit
     above the last lines kept; the limit hint still comes."""
-    code = ("import sys\nsys.stderr.write('BlockingIOError: [Errno 11] Resource temporarily unavailable\\n'"
-            " + 'Traceback (most recent call last):\\n' * 10)\nsys.exit(1)")
+    code = (
+        "import sys\nsys.stderr.write('BlockingIOError: [Errno 11] Resource temporarily unavailable\\n'"
+        " + 'Traceback (most recent call last):\\n' * 10)\nsys.exit(1)"
+    )
     result = tool(code)
     assert result.status == "error"
-    assert result.text.splitlines()[-1] == f"(The limit is {tool.config.max_processes} processes and threads.)"
+    assert (
+        result.text.splitlines()[-1] == f"(The limit is {tool.config.max_processes} processes and threads.)"
+    )
 
 
 def test_syntax_error_and_empty_code(tool):
@@ -123,8 +127,10 @@ def test_network_is_off(tool):
     server.settimeout(0.5)
     port = server.getsockname()[1]
     try:
-        code = (f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
-                "print('connected')")
+        code = (
+            f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+            "print('connected')"
+        )
         result = tool(code)
         assert result.status == "error" and "connected" not in result.text
         with pytest.raises(socket.timeout):
@@ -141,9 +147,11 @@ def test_killing_its_parent_harms_nobody(tool):
 
 
 def test_leftover_background_process_is_killed(tool):
-    result = tool("import subprocess, sys\n"
-                  "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-                  "print('parent done')")
+    result = tool(
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print('parent done')"
+    )
     assert result.ok and result.text == "parent done\n"
     time.sleep(0.2)
     assert _uids_left(tool) == 0
@@ -199,13 +207,16 @@ def test_dedent_matches_textwrap(text):
     assert dedent(text) == textwrap.dedent(text)
 
 
-@pytest.mark.parametrize("body", [
-    "```\n" + " " * 48_000 + "x",
-    "```\n" + "\n" * 48_000 + "x",
-    "```\n" + " \n" * 24_000 + "``",
-    " " * 48_000 + "```",
-    "```python\n" + "a" * 48_000,
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "```\n" + " " * 48_000 + "x",
+        "```\n" + "\n" * 48_000 + "x",
+        "```\n" + " \n" * 24_000 + "``",
+        " " * 48_000 + "```",
+        "```python\n" + "a" * 48_000,
+    ],
+)
 def test_fence_scan_is_linear(body):
     """48k characters of model text cost the trainer thread milliseconds (the regex took seconds)."""
     start = time.perf_counter()

@@ -3,9 +3,19 @@ Every expected score below is worked out by hand in the comment next to it."""
 
 import pytest
 
-from arpo_fast.rollout.rewards import (RewardConfig, RewardResult, compute_reward, exact_match,
-                                       last_boxed, math_equal, normalize_answer, register_reward,
-                                       token_f1, unbox, validate_format)
+from arpo_fast.rollout.rewards import (
+    RewardConfig,
+    RewardResult,
+    compute_reward,
+    exact_match,
+    last_boxed,
+    math_equal,
+    normalize_answer,
+    register_reward,
+    token_f1,
+    unbox,
+    validate_format,
+)
 
 SEARCH = "<search>query</search> <result>\nfound\n</result>"
 PYTHON = "<python>print(1)</python> <result>\n1\n</result>"
@@ -22,16 +32,19 @@ def score(text, truth, source="any"):
 # -- normalisation and F1 ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw, normal", [
-    ("The Eiffel Tower", "eiffel tower"),        # case and the article
-    ("an apple, a pear", "apple pear"),          # articles and punctuation
-    ("  New   YORK\n", "new york"),              # whitespace
-    ("U.S.A.", "usa"),                           # punctuation inside a word
-    ("1,000", "1000"),                           # numbers lose their separators...
-    ("3.14", "314"),                             # ...and decimal points (SQuAD's rule)
-    ("ant theory", "ant theory"),                # 'an'/'the' only as whole words
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "raw, normal",
+    [
+        ("The Eiffel Tower", "eiffel tower"),  # case and the article
+        ("an apple, a pear", "apple pear"),  # articles and punctuation
+        ("  New   YORK\n", "new york"),  # whitespace
+        ("U.S.A.", "usa"),  # punctuation inside a word
+        ("1,000", "1000"),  # numbers lose their separators...
+        ("3.14", "314"),  # ...and decimal points (SQuAD's rule)
+        ("ant theory", "ant theory"),  # 'an'/'the' only as whole words
+        ("", ""),
+    ],
+)
 def test_normalize_answer(raw, normal):
     assert normalize_answer(raw) == normal
 
@@ -42,7 +55,7 @@ def test_token_f1_by_hand():
     assert token_f1("Paris, France", "Paris") == pytest.approx(2 / 3)
     # pred {a b c d} vs gold {b c e}: same 2, P = 2/4, R = 2/3, F1 = 2*(1/2)(2/3)/(7/6) = 4/7
     assert token_f1("a1 b c d", "b c e") == pytest.approx(0.5714285714)
-    assert token_f1("12", "12.0") == 0.0          # "12" vs "120"
+    assert token_f1("12", "12.0") == 0.0  # "12" vs "120"
     assert token_f1("", "Paris") == 0.0 and token_f1("Paris", "") == 0.0
     # yes/no must match exactly: 'yes' vs 'yes it is' scores 0, not 1/2
     assert token_f1("yes", "yes, it is") == 0.0
@@ -84,18 +97,24 @@ def test_last_boxed_with_nested_braces():
 # -- format rules ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("<answer>\\boxed{x}</answer>", "no <think>"),
-    ("<think>a</think><think>b<answer>\\boxed{x}</answer>", "not paired"),
-    ("<think>a</think><answer>\\boxed{x}</answer><answer>\\boxed{y}</answer>", "exactly one"),
-    ("<think>a</think>", "exactly one"),
-    ("<think>a</think><search>q</search><answer>\\boxed{x}</answer>", "search/result tags are incomplete"),
-    ("<think>a</think><search>q<result>r</result></search><answer>\\boxed{x}</answer>", "wrong order"),
-    ("<think>a</think><python>x</python> <result>r<answer>\\boxed{x}</answer>", "incomplete"),
-    ("<think>a</think></answer>\\boxed{x}<answer>", "comes before"),
-    ("<think>a</think><answer>Paris</answer>", "no \\boxed{}"),
-    ("<think>a</think><answer>\\boxed{Paris</answer>", "no \\boxed{}"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("<answer>\\boxed{x}</answer>", "no <think>"),
+        ("<think>a</think><think>b<answer>\\boxed{x}</answer>", "not paired"),
+        ("<think>a</think><answer>\\boxed{x}</answer><answer>\\boxed{y}</answer>", "exactly one"),
+        ("<think>a</think>", "exactly one"),
+        (
+            "<think>a</think><search>q</search><answer>\\boxed{x}</answer>",
+            "search/result tags are incomplete",
+        ),
+        ("<think>a</think><search>q<result>r</result></search><answer>\\boxed{x}</answer>", "wrong order"),
+        ("<think>a</think><python>x</python> <result>r<answer>\\boxed{x}</answer>", "incomplete"),
+        ("<think>a</think></answer>\\boxed{x}<answer>", "comes before"),
+        ("<think>a</think><answer>Paris</answer>", "no \\boxed{}"),
+        ("<think>a</think><answer>\\boxed{Paris</answer>", "no \\boxed{}"),
+    ],
+)
 def test_bad_formats(text, reason):
     valid, why = validate_format(text)
     assert not valid and reason in why
@@ -111,15 +130,15 @@ def test_good_format():
 
 
 def test_reference_scores_by_hand():
-    assert score(response(), "Paris") == 1.0                                  # F1 1, no tools
-    assert score(response(calls=[SEARCH]), "Paris") == 1.0                   # one tool: no bonus
+    assert score(response(), "Paris") == 1.0  # F1 1, no tools
+    assert score(response(calls=[SEARCH]), "Paris") == 1.0  # one tool: no bonus
     assert score(response(calls=[SEARCH, PYTHON]), "Paris") == pytest.approx(1.1)
     # F1 2/3 ('paris france' vs 'paris') plus the bonus for both tools
     both = response("\\boxed{Paris, France}", [PYTHON, SEARCH])
     assert score(both, "Paris") == pytest.approx(2 / 3 + 0.1)
     assert score(response("\\boxed{Berlin}", [SEARCH, PYTHON]), "Paris") == 0.0  # wrong: no bonus
-    assert score(response("\\boxed{}"), "Paris") == 0.0                       # empty answer
-    assert score(response(), "") == 0.0                                       # missing ground truth
+    assert score(response("\\boxed{}"), "Paris") == 0.0  # empty answer
+    assert score(response(), "") == 0.0  # missing ground truth
     # nested braces: '\\frac{1}{2}' normalises to 'frac12' on both sides
     assert score(response("\\boxed{\\frac{1}{2}}"), "\\frac{1}{2}") == 1.0
     # a closing brace elsewhere passes the format check, but no \boxed{} closes: -1
@@ -193,8 +212,12 @@ def _reward(tok, pieces, truth):
 
 def test_special_tokens_are_skipped_as_in_the_reference(demo_tok):
     # a special token the model wrote inside its answer no longer breaks the match
-    pieces = [("model", "<think>t</think><answer>\\boxed{Par"), ("special", demo_tok.pad_token_id),
-              ("model", "is}</answer>"), ("special", demo_tok.eos_token_id)]
+    pieces = [
+        ("model", "<think>t</think><answer>\\boxed{Par"),
+        ("special", demo_tok.pad_token_id),
+        ("model", "is}</answer>"),
+        ("special", demo_tok.eos_token_id),
+    ]
     assert _reward(demo_tok, pieces, "Paris").score == 1.0
 
 

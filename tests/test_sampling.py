@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from arpo_fast.kernels import SampleOutput, sample, sample_ref
 from arpo_fast.kernels.sampling import LaunchConfig, _sample_triton
 
-
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -72,7 +71,7 @@ def test_kernel_noncontiguous_views():
     """A row-strided view of a larger buffer, and a column-strided (transposed) one."""
     B, V = 3, 700
     big = random_logits(B, V + 50, torch.bfloat16)
-    view = big[:, 17:17 + V]
+    view = big[:, 17 : 17 + V]
     tall = random_logits(V, B).t()  # stride (1, B)
     for logits in (view, tall):
         out = _sample_triton(logits, 0.9, 5, torch.arange(B))
@@ -117,9 +116,15 @@ def test_greedy_is_argmax_with_ties_to_lowest_index(impl):
 
 
 @settings(max_examples=40, deadline=None)
-@given(B=st.integers(1, 5), V=st.integers(1, 300), temp=st.sampled_from([0.0, 1e-3, 0.3, 1.0, 7.0]),
-       scale=st.sampled_from([0.1, 3.0, 1e4]), masked=st.floats(0.0, 0.9),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(-2**63, 2**63 - 1))
+@given(
+    B=st.integers(1, 5),
+    V=st.integers(1, 300),
+    temp=st.sampled_from([0.0, 1e-3, 0.3, 1.0, 7.0]),
+    scale=st.sampled_from([0.1, 3.0, 1e4]),
+    masked=st.floats(0.0, 0.9),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(-(2**63), 2**63 - 1),
+)
 def test_reference_properties(B, V, temp, scale, masked, dtype, seed):
     """Any rows: a valid token has a finite logit, log-prob <= 0, 0 <= entropy <= ln(live entries),
     and the values match float64."""

@@ -76,8 +76,11 @@ def test_uniforms_are_uniform_and_cover_53_bits():
 
 
 CHI2_CASES = [
-    dict(temperature=1.0), dict(temperature=0.5), dict(temperature=3.0),
-    dict(temperature=1.0, top_k=3), dict(temperature=0.8, top_p=0.7),
+    dict(temperature=1.0),
+    dict(temperature=0.5),
+    dict(temperature=3.0),
+    dict(temperature=1.0, top_k=3),
+    dict(temperature=0.8, top_p=0.7),
     dict(temperature=1.2, top_k=5, top_p=0.8),
 ]
 
@@ -87,22 +90,23 @@ def test_reference_chi_square(case):
     V, n = 12, 40_000
     row = torch.randn(1, V) * 1.5
     logits = row.expand(n, V)
-    out = sample_ref(logits, case["temperature"], 2024, torch.arange(n),
-                     case.get("top_k"), case.get("top_p"))
+    out = sample_ref(logits, case["temperature"], 2024, torch.arange(n), case.get("top_k"), case.get("top_p"))
     keep = kept(row, case["temperature"], case.get("top_k"), case.get("top_p"))[0]
     stat, df = _chi2(out.tokens, _probs64(row[0], case["temperature"], keep))
     assert stat < _chi2_threshold(df), f"chi2 {stat:.1f} with {df} dof"
 
 
-@pytest.mark.parametrize("case", [dict(temperature=0.7), dict(temperature=1.0, top_k=4, top_p=0.9)],
-                         ids=["t0.7", "topk-topp"])
+@pytest.mark.parametrize(
+    "case", [dict(temperature=0.7), dict(temperature=1.0, top_k=4, top_p=0.9)], ids=["t0.7", "topk-topp"]
+)
 def test_kernel_chi_square(case):
     """Few draws (the interpreter is slow); the GPU test and the reference test draw many more."""
     V, n = 6, 150
     row = torch.tensor([[0.3, -1.0, 1.2, 0.0, -0.4, 0.8]])
     logits = row.expand(n, V)
-    out = _sample_triton(logits, case["temperature"], 77, torch.arange(n), case.get("top_k"),
-                         case.get("top_p"))
+    out = _sample_triton(
+        logits, case["temperature"], 77, torch.arange(n), case.get("top_k"), case.get("top_p")
+    )
     keep = kept(row, case["temperature"], case.get("top_k"), case.get("top_p"))[0]
     stat, df = _chi2(out.tokens, _probs64(row[0], case["temperature"], keep))
     assert stat < _chi2_threshold(df), f"chi2 {stat:.1f} with {df} dof"
@@ -158,8 +162,14 @@ def test_gpu_chi_square():
     # single token, and then there is nothing to test).
     row = torch.linspace(-2.0, 1.0, V)[torch.tensor([3, 11, 0, 7, 5, 9, 1, 10, 2, 8, 6, 4])][None].cuda()
     for case in CHI2_CASES:
-        out = sample(row.expand(n, V), case["temperature"], 99, torch.arange(n, device="cuda"),
-                     case.get("top_k"), case.get("top_p"))
+        out = sample(
+            row.expand(n, V),
+            case["temperature"],
+            99,
+            torch.arange(n, device="cuda"),
+            case.get("top_k"),
+            case.get("top_p"),
+        )
         keep = kept(row.cpu(), case["temperature"], case.get("top_k"), case.get("top_p"))[0]
         stat, df = _chi2(out.tokens.cpu(), _probs64(row[0].cpu(), case["temperature"], keep))
         assert df >= 2, f"{case}: only {df + 1} categories"

@@ -22,15 +22,23 @@ def test_kernel_token_independent_of_chunk_size():
     assert torch.equal(tokens[0], sample_ref(logits, 1.0, seeds, pos).tokens)
 
 
-@pytest.mark.parametrize("config", [LaunchConfig(64, 2, 4, 64, True), LaunchConfig(64, 1, 2, 16, False),
-                                    LaunchConfig(128, 4, 1, 128, False), LaunchConfig(64, 4, 1, 1, True),
-                                    LaunchConfig(32, 8, 1, 32, True),
-                                    LaunchConfig(32, 2, 1, 16, True, 3), LaunchConfig(64, 1, 2, 64, False, 4),
-                                    LaunchConfig(16, 1, 2, 16, True, 4, 2),
-                                    LaunchConfig(32, 2, 1, 8, True, 2, 3),
-                                    LaunchConfig(16, 1, 2, 16, False, stages=2, persistent=3),
-                                    LaunchConfig(32, 4, 1, 32, False, persistent=5)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "config",
+    [
+        LaunchConfig(64, 2, 4, 64, True),
+        LaunchConfig(64, 1, 2, 16, False),
+        LaunchConfig(128, 4, 1, 128, False),
+        LaunchConfig(64, 4, 1, 1, True),
+        LaunchConfig(32, 8, 1, 32, True),
+        LaunchConfig(32, 2, 1, 16, True, 3),
+        LaunchConfig(64, 1, 2, 64, False, 4),
+        LaunchConfig(16, 1, 2, 16, True, 4, 2),
+        LaunchConfig(32, 2, 1, 8, True, 2, 3),
+        LaunchConfig(16, 1, 2, 16, False, stages=2, persistent=3),
+        LaunchConfig(32, 4, 1, 32, False, persistent=5),
+    ],
+    ids=str,
+)
 def test_launch_configs_give_the_same_samples(config):
     """Under the interpreter the warp count, the chunks per warp, the pipeline stages, a
     persistent grid and fusing the finish step change nothing computed; the run length changes
@@ -66,8 +74,7 @@ def test_persistent_streaming_pass_writes_the_same_records(warps, persistent):
         seeds, pos = torch.arange(B) * 3, torch.arange(B)
         rows = LaunchConfig(32, warps, 1, 16, False)
         want = _sample_triton(logits, temps, seeds, pos, top_k=40, config=rows)
-        got = _sample_triton(logits, temps, seeds, pos, top_k=40,
-                             config=rows._replace(persistent=persistent))
+        got = _sample_triton(logits, temps, seeds, pos, top_k=40, config=rows._replace(persistent=persistent))
         for a, b in zip(got, want):
             assert torch.equal(a, b)
 
@@ -114,8 +121,9 @@ def test_bad_launch_config_is_refused():
     with pytest.raises(ValueError, match="stages must be at least 1"):
         _sample_triton(random_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, stages=0))
     with pytest.raises(ValueError, match="persistent must be at least 0"):
-        _sample_triton(random_logits(1, 100), 1.0, 0, None,
-                       config=LaunchConfig(64, fused=False, persistent=-1))
+        _sample_triton(
+            random_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, fused=False, persistent=-1)
+        )
     with pytest.raises(ValueError, match="set fused=False"):
         _sample_triton(random_logits(1, 100), 1.0, 0, None, config=LaunchConfig(64, persistent=4))
 
@@ -126,15 +134,24 @@ def test_bad_launch_config_is_refused():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [LaunchConfig(1024, 1, 2, 256, False), LaunchConfig(1024, 2),
-                                    LaunchConfig(1024, 4), LaunchConfig(1024, 8, 4, 128, False),
-                                    LaunchConfig(2048, 1, 2, 512), LaunchConfig(512, 1),
-                                    LaunchConfig(1024, 1, loop=4), LaunchConfig(1024, 2, loop=3),
-                                    LaunchConfig(1024, 1, loop=4, stages=2),
-                                    LaunchConfig(1024, 4, loop=4, stages=3),
-                                    LaunchConfig(1024, 1, fused=False, stages=2, persistent=16),
-                                    LaunchConfig(1024, 4, fused=False, persistent=8)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "config",
+    [
+        LaunchConfig(1024, 1, 2, 256, False),
+        LaunchConfig(1024, 2),
+        LaunchConfig(1024, 4),
+        LaunchConfig(1024, 8, 4, 128, False),
+        LaunchConfig(2048, 1, 2, 512),
+        LaunchConfig(512, 1),
+        LaunchConfig(1024, 1, loop=4),
+        LaunchConfig(1024, 2, loop=3),
+        LaunchConfig(1024, 1, loop=4, stages=2),
+        LaunchConfig(1024, 4, loop=4, stages=3),
+        LaunchConfig(1024, 1, fused=False, stages=2, persistent=16),
+        LaunchConfig(1024, 4, fused=False, persistent=8),
+    ],
+    ids=str,
+)
 def test_gpu_launch_configs_agree_with_the_default(config):
     """The launches the GPU report's tuning rows time agree with the default launch. Not bit for
     bit: the chunk and run length change the sums; a uniform within rounding of a boundary may
@@ -178,8 +195,9 @@ def test_gpu_fused_finish_is_stable_across_calls_and_graphs():
     # The separate finish kernel sums a row's chunk stats in another order than the fused step (on
     # an H200 the entropy differed in its last bits): same tokens, values within rounding. Repeated
     # fused calls must agree bit for bit with the first.
-    unfused = _sample_triton(logits, temps, seeds, pos,
-                             config=LaunchConfig(1024, warps=4, finish_warps=4, fused=False))
+    unfused = _sample_triton(
+        logits, temps, seeds, pos, config=LaunchConfig(1024, warps=4, finish_warps=4, fused=False)
+    )
     first = sample(logits, temps, seeds, pos)
     assert torch.equal(first.tokens, unfused.tokens)
     torch.testing.assert_close(first.logprobs, unfused.logprobs, rtol=1e-5, atol=1e-6)
@@ -200,4 +218,4 @@ def test_gpu_fused_finish_is_stable_across_calls_and_graphs():
             graph.replay()
             sample(logits[:300], temps[:300], seeds[:300], pos[:300])
             torch.cuda.synchronize()
-            assert torch.equal(out.tokens, unfused.tokens[:len(out.tokens)])
+            assert torch.equal(out.tokens, unfused.tokens[: len(out.tokens)])

@@ -28,7 +28,7 @@ def test_reference_row_token_independent_of_batch_of_1000():
     seeds, pos = torch.randint(0, 2**62, (1000,)), torch.arange(1000) * 3
     batch = sample_ref(logits, 0.9, seeds, pos)
     for r in (0, 1, 511, 999):
-        alone = sample_ref(logits[r:r + 1], 0.9, seeds[r:r + 1], pos[r:r + 1])
+        alone = sample_ref(logits[r : r + 1], 0.9, seeds[r : r + 1], pos[r : r + 1])
         assert batch.tokens[r] == alone.tokens[0]
 
 
@@ -66,7 +66,7 @@ def test_gpu_invariance_batch_of_1000():
     pos = torch.arange(1000, device="cuda")
     batch = sample(logits, 1.0, seeds, pos)
     for r in (0, 17, 999):
-        alone = sample(logits[r:r + 1], 1.0, seeds[r:r + 1], pos[r:r + 1])
+        alone = sample(logits[r : r + 1], 1.0, seeds[r : r + 1], pos[r : r + 1])
         assert batch.tokens[r] == alone.tokens[0] and batch.logprobs[r] == alone.logprobs[0]
     other = _sample_triton(logits[:200], 1.0, seeds[:200], pos[:200], config=LaunchConfig(512))
     assert (other.tokens == batch.tokens[:200]).float().mean() >= 0.99

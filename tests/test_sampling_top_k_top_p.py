@@ -29,7 +29,7 @@ def test_truncation_per_row_tensors():
     lo = truncation_threshold(logits, 1.0, k, p)
     for b in range(B):
         kb = int(k[b]) if 0 < k[b] < V else None
-        want = kept(logits[b:b + 1], 1.0, kb, float(p[b]))[0]
+        want = kept(logits[b : b + 1], 1.0, kb, float(p[b]))[0]
         assert torch.equal(logits[b] >= lo[b], want)
 
 
@@ -47,8 +47,10 @@ def test_truncation_values_that_keep_everything_take_the_one_pass_path(monkeypat
     monkeypatch.setattr(sampling, "truncation_threshold_triton", no_threshold)
     monkeypatch.setattr(sampling_ref, "truncation_threshold", no_threshold)
     for top_k, top_p in ((-1, 1.0), (0, None), (V, None), (None, 1.0), (V + 5, 1.5)):
-        got = [sample(logits, temps, seeds, pos, top_k, top_p),
-               sample_ref(logits, temps, seeds, pos, top_k, top_p)]
+        got = [
+            sample(logits, temps, seeds, pos, top_k, top_p),
+            sample_ref(logits, temps, seeds, pos, top_k, top_p),
+        ]
         for out, ref in zip(got, want):
             for a, b in zip(out, ref):
                 assert torch.equal(a, b)

@@ -124,12 +124,15 @@ def test_a_failing_search_reads_back_an_error(corpus, monkeypatch):
     assert result.status == "error" and "ZeroDivisionError" in result.text
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", "line 2: not a valid JSON line"),
-    ('["a list"]', "line 2: expected a JSON object"),
-    ('{"id": 1, "title": "t"}', "line 2: the document has no string 'text' field"),
-    ('{"text": "x", "title": 5}', "line 2: 'title' must be a string"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "line 2: not a valid JSON line"),
+        ('["a list"]', "line 2: expected a JSON object"),
+        ('{"id": 1, "title": "t"}', "line 2: the document has no string 'text' field"),
+        ('{"text": "x", "title": 5}', "line 2: 'title' must be a string"),
+    ],
+)
 def test_bad_corpus_lines_are_named(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"id": "ok", "text": "fine"}\n' + line + "\n")
@@ -176,9 +179,18 @@ class _Service:
                     self.send_response(action)
                     self.end_headers()
                     return
-                payload = (b"not json" if action == "garbage" else json.dumps({"results": [
-                    {"id": "r1", "title": f"About {body['query']}", "text": "x" * 50},
-                    {"id": "r2", "title": "Second", "snippet": "second result"}]}).encode())
+                payload = (
+                    b"not json"
+                    if action == "garbage"
+                    else json.dumps(
+                        {
+                            "results": [
+                                {"id": "r1", "title": f"About {body['query']}", "text": "x" * 50},
+                                {"id": "r2", "title": "Second", "snippet": "second result"},
+                            ]
+                        }
+                    ).encode()
+                )
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
@@ -206,8 +218,9 @@ def _http(service, **kw):
 
 def test_http_result_format(service):
     result = _http(service, snippet_chars=10)("weather")
-    assert result.ok and result.text == ("Page 1: About weather\nxxxxxxxxxx...\n\n"
-                                         "Page 2: Second\nsecond res...")
+    assert result.ok and result.text == (
+        "Page 1: About weather\nxxxxxxxxxx...\n\nPage 2: Second\nsecond res..."
+    )
     assert service.requests == [{"query": "weather", "top_k": 5}]
 
 

@@ -29,10 +29,31 @@ def evaluate(program: bytes, nr: int, arch: int, args=(0,) * 6) -> int:
             raise AssertionError(f"unexpected opcode {code:#x}")
 
 
-DENIED = ["unshare", "setns", "mount", "umount2", "pivot_root", "open_tree", "move_mount", "fsopen",
-          "fsmount", "mount_setattr", "io_uring_setup", "io_uring_enter", "io_uring_register",
-          "keyctl", "add_key", "request_key", "bpf", "ptrace", "process_vm_readv",
-          "process_vm_writev", "perf_event_open", "userfaultfd", "open_by_handle_at"]
+DENIED = [
+    "unshare",
+    "setns",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "open_tree",
+    "move_mount",
+    "fsopen",
+    "fsmount",
+    "mount_setattr",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "bpf",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "perf_event_open",
+    "userfaultfd",
+    "open_by_handle_at",
+]
 ABSENT = ["clone3", "memfd_create", "shmget", "msgget", "semget"]
 EPERM, ENOSYS = seccomp.RET_ERRNO | errno.EPERM, seccomp.RET_ERRNO | errno.ENOSYS
 
@@ -58,8 +79,9 @@ def test_absent_with_enosys(machine, name):
     assert _run(machine, name) == ENOSYS
 
 
-@pytest.mark.parametrize("flag", [0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
-                                  0x20000000, 0x40000000])
+@pytest.mark.parametrize(
+    "flag", [0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000]
+)
 def test_clone_with_a_namespace_flag_is_denied(machine, flag):
     assert _run(machine, "clone", (flag | 17, 0, 0, 0, 0, 0)) == EPERM
 

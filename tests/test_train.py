@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from arpo_fast.rollout import RewardResult, register_reward
+from arpo_fast.rollout.tree import Trajectory
+from arpo_fast.train import report
 from arpo_fast.train.checkpoint import CheckpointError, find_checkpoint, load_trainer_state
 from arpo_fast.train.config import TrainConfig, build_parser, parse_config
 from arpo_fast.train.data import encode_prompt, load_examples, read_rows, step_batch
 from arpo_fast.train.demo import demo_model, demo_tokenizer
+from arpo_fast.train.loop import main, train
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.update import UpdateConfig, micro_batches, pack, token_logprobs, update
-from arpo_fast.rollout import RewardResult, register_reward
-from arpo_fast.rollout.tree import Trajectory
-from arpo_fast.train import report
-from arpo_fast.train.loop import main, train
 
 
 @pytest.fixture(autouse=True)
@@ -29,8 +29,16 @@ def _torch_paths(monkeypatch):
 
 
 def _small(tmp_path, **kw):
-    base = dict(out=str(tmp_path / "run"), steps=2, prompts_per_step=2, rollouts=4, initial=2,
-                max_response_tokens=24, demo_warm_start=0, tools="")
+    base = dict(
+        out=str(tmp_path / "run"),
+        steps=2,
+        prompts_per_step=2,
+        rollouts=4,
+        initial=2,
+        max_response_tokens=24,
+        demo_warm_start=0,
+        tools="",
+    )
     base.update(kw)
     return TrainConfig.from_flat(**base)
 
@@ -60,11 +68,14 @@ def test_demo_trains_end_to_end_with_tools_and_branches(tmp_path):
 def length_data(tmp_path):
     """Four prompts whose reward is the response's length in characters / 100: it varies even for
     a random model, so every step really updates the weights."""
-    register_reward("test_length", lambda response, truth, **kw: RewardResult(len(response) / 100, "length"),
-                    replace=True)
+    register_reward(
+        "test_length", lambda response, truth, **kw: RewardResult(len(response) / 100, "length"), replace=True
+    )
     path = tmp_path / "length.jsonl"
-    rows = [{"prompt": f"Say something, {i}.\n", "ground_truth": "", "data_source": "test_length"}
-            for i in range(4)]
+    rows = [
+        {"prompt": f"Say something, {i}.\n", "ground_truth": "", "data_source": "test_length"}
+        for i in range(4)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
@@ -113,15 +124,19 @@ def test_an_earlier_run_is_never_overwritten(tmp_path, capsys):
         train(_small(tmp_path / "empty", resume=True))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"reward": "nope"}, "no reward named 'nope'"),
-    ({"reward_by_source": '{"a": "nope"}'}, "no reward named 'nope'"),
-    ({"reward_by_source": "[1]"}, "--reward-by-source must be a JSON object"),
-    ({"tool_settings": "{oops"}, "--tool-settings: not valid JSON"),
-    ({"tools": "python", "tool_settings": '{"search": {}}'}, "not in --tools: search"),
-    ({"tools": "calculator"}, "no tool named 'calculator'"),
-    ({"model": "/nonexistent/model"}, "not 'demo' and not a local model directory"),
-    ({"data": "/nonexistent/data.jsonl"}, "data.jsonl: no such file")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"reward": "nope"}, "no reward named 'nope'"),
+        ({"reward_by_source": '{"a": "nope"}'}, "no reward named 'nope'"),
+        ({"reward_by_source": "[1]"}, "--reward-by-source must be a JSON object"),
+        ({"tool_settings": "{oops"}, "--tool-settings: not valid JSON"),
+        ({"tools": "python", "tool_settings": '{"search": {}}'}, "not in --tools: search"),
+        ({"tools": "calculator"}, "no tool named 'calculator'"),
+        ({"model": "/nonexistent/model"}, "not 'demo' and not a local model directory"),
+        ({"data": "/nonexistent/data.jsonl"}, "data.jsonl: no such file"),
+    ],
+)
 def test_bad_settings_fail_before_anything_is_written(tmp_path, kwargs, match):
     with pytest.raises((ValueError, KeyError, OSError), match=match):
         train(_small(tmp_path, **kwargs))
@@ -139,17 +154,40 @@ def test_a_save_cut_between_its_renames_still_resumes(tmp_path):
 
 def test_cli_runs_and_rejects_bad_values(tmp_path, capsys):
     out = str(tmp_path / "cli")
-    assert main(["--steps", "1", "--prompts-per-step", "1", "--rollouts", "2", "--initial", "1",
-                 "--max-response-tokens", "8", "--demo-warm-start", "0", "--tools", "", "--out", out]) == 0
+    assert (
+        main(
+            [
+                "--steps",
+                "1",
+                "--prompts-per-step",
+                "1",
+                "--rollouts",
+                "2",
+                "--initial",
+                "1",
+                "--max-response-tokens",
+                "8",
+                "--demo-warm-start",
+                "0",
+                "--tools",
+                "",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     assert "step 1/1" in capsys.readouterr().out
-    for argv, message in ((["--steps", "0"], "--steps must be >= 1"),
-                          (["--initial", "9", "--rollouts", "4"], "initial"),
-                          (["--temperature", "0"], "--temperature must be > 0"),
-                          (["--advantage", "mean"], "--advantage must be"),
-                          (["--resume", "maybe"], "expected true or false"),
-                          (["--clip-low", "1"], "--clip-low must be < 1"),
-                          (["--dual-clip", "0.5"], "--dual-clip must be > 1"),
-                          (["--micro-batch-tokens", "0"], "--micro-batch-tokens must be >= 1")):
+    for argv, message in (
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--initial", "9", "--rollouts", "4"], "initial"),
+        (["--temperature", "0"], "--temperature must be > 0"),
+        (["--advantage", "mean"], "--advantage must be"),
+        (["--resume", "maybe"], "expected true or false"),
+        (["--clip-low", "1"], "--clip-low must be < 1"),
+        (["--dual-clip", "0.5"], "--dual-clip must be > 1"),
+        (["--micro-batch-tokens", "0"], "--micro-batch-tokens must be >= 1"),
+    ):
         with pytest.raises(SystemExit):
             parse_config(argv)
         assert message in capsys.readouterr().err
@@ -170,11 +208,13 @@ def test_cli_runs_and_rejects_bad_values(tmp_path, capsys):
 
 def test_data_errors_name_the_line(tmp_path, tok):
     path = tmp_path / "d.jsonl"
-    cases = [('{"prompt": "hi", "ground_truth": "1"}\n{oops\n', "d.jsonl:2: not valid JSON"),
-             ('{"prompt": "hi"}\n', "d.jsonl:1: 'ground_truth'"),
-             ('{"prompt": [], "ground_truth": "1"}\n', "d.jsonl:1: 'prompt'"),
-             ('[1, 2]\n', "d.jsonl:1: expected a JSON object"),
-             ('\n\n', "no examples")]
+    cases = [
+        ('{"prompt": "hi", "ground_truth": "1"}\n{oops\n', "d.jsonl:2: not valid JSON"),
+        ('{"prompt": "hi"}\n', "d.jsonl:1: 'ground_truth'"),
+        ('{"prompt": [], "ground_truth": "1"}\n', "d.jsonl:1: 'prompt'"),
+        ("[1, 2]\n", "d.jsonl:1: expected a JSON object"),
+        ("\n\n", "no examples"),
+    ]
     for text, message in cases:
         path.write_text(text)
         with pytest.raises(ValueError, match=message):
@@ -187,8 +227,10 @@ def test_data_errors_name_the_line(tmp_path, tok):
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     assert encode_prompt(tok, messages) == tok.encode("S\nU\n")  # no chat template: joined
     templated = demo_tokenizer()
-    templated.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    templated.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     assert encode_prompt(templated, messages) == tok.encode("<system>S\n<user>U\n<assistant>")
 
 
@@ -211,9 +253,16 @@ def _trajectories(tok, prompts=(0, 0)):
     prompt = tok.encode("Problem: what is 2 + 2?\n")
     good, bad = tok.encode("<answer>\\boxed{4}</answer>"), tok.encode("<answer>\\boxed{5}</answer>")
     tool = tok.encode(" <result>\n4\n</result>")
-    return [Trajectory(prompts[0], prompt, "initial", response_ids=good + tool,
-                       loss_mask=[1] * len(good) + [0] * len(tool)),
-            Trajectory(prompts[1], prompt, "initial", response_ids=bad, loss_mask=[1] * len(bad))]
+    return [
+        Trajectory(
+            prompts[0],
+            prompt,
+            "initial",
+            response_ids=good + tool,
+            loss_mask=[1] * len(good) + [0] * len(tool),
+        ),
+        Trajectory(prompts[1], prompt, "initial", response_ids=bad, loss_mask=[1] * len(bad)),
+    ]
 
 
 def _sequence_logprob(model, tok, trajs):
@@ -231,7 +280,9 @@ def test_update_moves_probability_toward_the_better_answer(tok, mini_batch_promp
     trajs = _trajectories(tok, prompts=(0, 1))
     before = _sequence_logprob(model, tok, trajs)
     adv = [torch.full((len(t.response_ids),), a) for t, a in zip(trajs, (1.0, -1.0))]
-    optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.05))  # along the gradient
+    optimizer = MasterWeights(
+        model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.05)
+    )  # along the gradient
     cfg = UpdateConfig(mini_batch_prompts=mini_batch_prompts, micro_batch_tokens=40)
     metrics = update(model, optimizer, trajs, adv, cfg, tok.pad_token_id)
     after = _sequence_logprob(model, tok, trajs)
@@ -254,14 +305,17 @@ def test_mini_batches_are_whole_groups_of_prompts():
 def test_the_logged_loss_is_the_token_mean_over_the_step(tok):
     """Micro-batches of different sizes: the logged loss is that of the whole batch at once, not the
     plain mean of the micro-batches' losses."""
-    trajs = _trajectories(tok) + [Trajectory(0, tok.encode("Q\n"), "initial", response_ids=[5],
-                                             loss_mask=[1])]
+    trajs = _trajectories(tok) + [
+        Trajectory(0, tok.encode("Q\n"), "initial", response_ids=[5], loss_mask=[1])
+    ]
     adv = [torch.full((len(t.response_ids),), a) for t, a in zip(trajs, (1.0, -1.0, 0.5))]
     losses = []
     for tokens in (10_000, 1):  # one micro-batch; one trajectory each
         model = demo_model(tok, seed=1).eval()
         optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
-        metrics = update(model, optimizer, trajs, adv, UpdateConfig(micro_batch_tokens=tokens), tok.pad_token_id)
+        metrics = update(
+            model, optimizer, trajs, adv, UpdateConfig(micro_batch_tokens=tokens), tok.pad_token_id
+        )
         losses.append(metrics["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
@@ -298,8 +352,9 @@ def test_truncated_importance_sampling_weights_each_token(tok):
         before = [p.detach().clone() for p in model.parameters()]
         adv = [torch.full((len(t.response_ids),), a) for t, a in zip(trajs, (1.0, -1.0))]
         optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.01))
-        m = update(model, optimizer, trajs, adv, UpdateConfig(rollout_is_cap=cap, grad_clip=0.0),
-                   tok.pad_token_id)
+        m = update(
+            model, optimizer, trajs, adv, UpdateConfig(rollout_is_cap=cap, grad_clip=0.0), tok.pad_token_id
+        )
         deltas[cap] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
         if cap:
             assert m["is_weight"] == pytest.approx(min(2.0, cap), rel=1e-4)
@@ -338,8 +393,11 @@ def test_a_non_finite_gradient_skips_the_step_and_keeps_the_weights(tok):
 def test_training_steps_on_cuda_in_bf16(tmp_path):
     """The whole loop on a GPU: CUDA-graph decode in the rollout, the Triton log-prob kernel in the
     update, bf16 weights."""
-    history = train(_small(tmp_path, device="cuda", dtype="bf16", tools="python", demo_warm_start=100,
-                           max_response_tokens=48))
+    history = train(
+        _small(
+            tmp_path, device="cuda", dtype="bf16", tools="python", demo_warm_start=100, max_response_tokens=48
+        )
+    )
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in history)
     assert any(m["grad_norm"] > 0 for m in history)
 
@@ -348,9 +406,19 @@ def test_training_steps_on_cuda_in_bf16(tmp_path):
 def test_reference_semantics_kl_and_importance_sampling_on_cuda(tmp_path):
     """The reference's branching rule (top-10 entropies read off CUDA-graph replays), the KL term
     and truncated importance sampling, on a GPU in bf16: the rollout/trainer mismatch is small."""
-    history = train(_small(tmp_path, device="cuda", dtype="bf16", tools="python", demo_warm_start=100,
-                           max_response_tokens=48, arpo_semantics="reference", kl_coef=0.01,
-                           rollout_is_cap=2.0))
+    history = train(
+        _small(
+            tmp_path,
+            device="cuda",
+            dtype="bf16",
+            tools="python",
+            demo_warm_start=100,
+            max_response_tokens=48,
+            arpo_semantics="reference",
+            kl_coef=0.01,
+            rollout_is_cap=2.0,
+        )
+    )
     assert all(torch.isfinite(torch.tensor([m["loss"], m["kl"], m["is_weight"]])).all() for m in history)
     assert all(m["logprob_mismatch_mean"] < 0.05 for m in history)
 
@@ -397,7 +465,9 @@ def test_tool_tags_follow_the_tools_of_the_run(tmp_path, tok):
                     events[text] = event
         call = events["<calculator>6*7</calculator>"].call
         assert call.ok and call.name == "calculator" and run.executor.run(call.name, call.body).text == "42"
-        assert "Unknown tool 'python'; available: calculator" in events["<python>print(1)</python>"].call.error
+        assert (
+            "Unknown tool 'python'; available: calculator" in events["<python>print(1)</python>"].call.error
+        )
     finally:
         run.executor.shutdown()
 
@@ -465,7 +535,10 @@ def test_errors_are_one_line_naming_the_file_or_flag(tmp_path, capsys):
         (["--data", str(folder)], f"--data: {folder}: is a directory"),
         (["--out", str(afile)], f"--out {afile}: exists and is not a directory"),
         (["--tool-settings", "[" * 100_000 + "]" * 100_000], "--tool-settings: JSON nested too deeply"),
-        (["--tool-settings", '{"python": 5}'], "--tool-settings: the settings of 'python' must be a JSON object"),
+        (
+            ["--tool-settings", '{"python": 5}'],
+            "--tool-settings: the settings of 'python' must be a JSON object",
+        ),
         (["--tool-settings", '{"python": {"bogus": 1}}'], "--tool-settings: python:"),
         (["--model", str(folder)], f"--model {folder}: no config.json there"),
         (["--model", str(no_weights)], f"--model {no_weights}: cannot load it ("),

@@ -16,11 +16,11 @@ import pytest
 import torch
 from helpers import Calculator
 
-from arpo_fast.train.demo import demo_model
 from arpo_fast.engine import Engine, StepOutput
-from arpo_fast.seeds import child_seed
 from arpo_fast.rollout import Protocol, ProtocolConfig
 from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout
+from arpo_fast.seeds import child_seed
+from arpo_fast.train.demo import demo_model
 
 CALL = "<python>print(1+1)</python>"
 ANSWER = "<answer>\\boxed{2}</answer>"
@@ -52,8 +52,10 @@ class ScriptedEngine:
     def fork(self, seq, n, at=None):
         s = self.seqs[seq]
         at = len(s["tokens"]) if at is None else at
-        kids = [self._new(child_seed(s["seed"], s["forks"] + j), s["tokens"][:at], s["marks"][:at])
-                for j in range(n)]
+        kids = [
+            self._new(child_seed(s["seed"], s["forks"] + j), s["tokens"][:at], s["marks"][:at])
+            for j in range(n)
+        ]
         s["forks"] += n
         return kids
 
@@ -87,8 +89,13 @@ class ScriptedEngine:
         top = None  # the scripted top-10 entropy is the scripted entropy halved
         if top_entropy is not None:
             top = torch.tensor([e / 2 if w else float("nan") for e, w in zip(ents, top_entropy)])
-        return StepOutput(torch.tensor(tokens), torch.full((n,), -0.5), torch.tensor(ents),
-                          torch.ones(n, dtype=torch.bool), top)
+        return StepOutput(
+            torch.tensor(tokens),
+            torch.full((n,), -0.5),
+            torch.tensor(ents),
+            torch.ones(n, dtype=torch.bool),
+            top,
+        )
 
 
 class Tools:
@@ -113,11 +120,24 @@ class Tools:
         return future
 
 
-def _run(tok, plan, config, entropy=lambda seed, r, i: 1.0, tools=None, seed=0, prompts=None,
-         max_calls=3, stop_at_answer=True, **engine_kw):
+def _run(
+    tok,
+    plan,
+    config,
+    entropy=lambda seed, r, i: 1.0,
+    tools=None,
+    seed=0,
+    prompts=None,
+    max_calls=3,
+    stop_at_answer=True,
+    **engine_kw,
+):
     engine = ScriptedEngine(tok, plan, entropy, **engine_kw)
-    protocol = Protocol(tok, ProtocolConfig(max_calls=max_calls, stop_at_answer=stop_at_answer),
-                        eos_token_ids=[tok.eos_token_id])
+    protocol = Protocol(
+        tok,
+        ProtocolConfig(max_calls=max_calls, stop_at_answer=stop_at_answer),
+        eos_token_ids=[tok.eos_token_id],
+    )
     prompts = prompts or [tok.encode("Problem: what is 1 + 1?\n"), tok.encode("Problem: 2?\n")]
     out = arpo_rollout(engine, protocol, prompts, config, executor=tools or Tools(), seed=seed)
     return out, engine, prompts
@@ -143,14 +163,19 @@ def test_answers_without_tools_then_fill_the_budget(tok):
 
 def test_tool_result_is_appended_with_mask_zero(tok):
     tools = Tools()
-    out, engine, prompts = _run(tok, lambda s: [CALL, ANSWER], ARPOConfig(rollouts=1, initial=1),
-                                tools=tools, prompts=[tok.encode("Problem: 1 + 1\n")])
+    out, engine, prompts = _run(
+        tok,
+        lambda s: [CALL, ANSWER],
+        ARPOConfig(rollouts=1, initial=1),
+        tools=tools,
+        prompts=[tok.encode("Problem: 1 + 1\n")],
+    )
     (t,) = out.trajectories
     result = tok.encode(" <result>\n2\n</result>")
     call = tok.encode(CALL)
     assert t.response_ids == call + result + tok.encode(ANSWER)
     assert t.loss_mask == [1] * len(call) + [0] * len(result) + [1] * len(tok.encode(ANSWER))
-    assert t.logprobs[len(call):len(call) + len(result)] == [0.0] * len(result)
+    assert t.logprobs[len(call) : len(call) + len(result)] == [0.0] * len(result)
     assert t.tool_calls == 1 and tools.calls == [("python", "print(1+1)")]
     # the engine saw exactly prompt + response
     assert engine.finished[0] == tok.encode("Problem: 1 + 1\n") + t.response_ids
@@ -243,11 +268,13 @@ def test_response_limit_ends_trajectories_and_truncates_results(tok):
 def test_call_limit_and_malformed_calls(tok):
     tools = Tools()
     cfg = ARPOConfig(rollouts=1, initial=1)
-    (t,) = _run(tok, lambda s: [CALL, CALL, ANSWER], cfg, tools=tools, max_calls=1,
-                prompts=[tok.encode("Q\n")])[0].trajectories
+    (t,) = _run(
+        tok, lambda s: [CALL, CALL, ANSWER], cfg, tools=tools, max_calls=1, prompts=[tok.encode("Q\n")]
+    )[0].trajectories
     assert t.finish_reason == "limit" and len(tools.calls) == 1
-    (t,) = _run(tok, lambda s: ["<python></python>", ANSWER], cfg, tools=tools,
-                prompts=[tok.encode("Q\n")])[0].trajectories
+    (t,) = _run(tok, lambda s: ["<python></python>", ANSWER], cfg, tools=tools, prompts=[tok.encode("Q\n")])[
+        0
+    ].trajectories
     assert len(tools.calls) == 1  # the empty call was not run; its error was read back
     text = _text(tok, t.response_ids)
     assert "<result>" in text and t.finish_reason == "answer"
@@ -282,10 +309,18 @@ def test_an_engine_error_frees_every_sequence(tok):
     assert not engine.seqs
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"initial": 0}, "initial"), ({"rollouts": 2, "initial": 3}, "initial"), ({"branches": 1}, "branches"),
-    ({"entropy_tokens": 0}, "entropy_tokens"), ({"threshold": 1.5}, "threshold"),
-    ({"entropy_weight": float("nan")}, "entropy_weight"), ({"max_response_tokens": 0}, "max_response")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"initial": 0}, "initial"),
+        ({"rollouts": 2, "initial": 3}, "initial"),
+        ({"branches": 1}, "branches"),
+        ({"entropy_tokens": 0}, "entropy_tokens"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"entropy_weight": float("nan")}, "entropy_weight"),
+        ({"max_response_tokens": 0}, "max_response"),
+    ],
+)
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ARPOConfig(**kwargs)
@@ -374,8 +409,14 @@ def test_a_contested_budget_gives_the_same_tree_whoever_answers_first(tok):
     cfg = ARPOConfig(rollouts=3, initial=2, entropy_tokens=2, threshold=1.0)
     trees = []
     for delays in ([0.3, 0.0], [0.0, 0.3], [0.1, 0.1]):
-        out, _, _ = _run(tok, lambda s: [CALL, ANSWER], cfg, tools=OrderedTools(delays),
-                         prompts=[tok.encode("Q\n")], seed=3)
+        out, _, _ = _run(
+            tok,
+            lambda s: [CALL, ANSWER],
+            cfg,
+            tools=OrderedTools(delays),
+            prompts=[tok.encode("Q\n")],
+            seed=3,
+        )
         trees.append([(t.kind, t.parent, t.response_ids, t.path) for t in out.trajectories])
     assert trees[0] == trees[1] == trees[2]
     assert [kind for kind, *_ in trees[0]] == ["initial", "branch", "initial"]
@@ -389,8 +430,15 @@ def test_random_tool_delays_never_change_the_trees(tok):
     runs = []
     for k in range(3):
         rng = random.Random(k)
-        out, _, _ = _run(tok, plan, cfg, entropy=entropy, seed=11, prompts=[tok.encode("Q\n")] * 3,
-                         tools=OrderedTools([rng.random() * 0.02 for _ in range(200)]))
+        out, _, _ = _run(
+            tok,
+            plan,
+            cfg,
+            entropy=entropy,
+            seed=11,
+            prompts=[tok.encode("Q\n")] * 3,
+            tools=OrderedTools([rng.random() * 0.02 for _ in range(200)]),
+        )
         runs.append([(t.prompt_index, t.kind, t.parent, t.response_ids, t.path) for t in out.trajectories])
         assert out.stats["branch_points"] > 0
     assert runs[0] == runs[1] == runs[2]
@@ -405,8 +453,13 @@ def test_shares_of_the_branch_budget():
 
 def test_by_default_trajectories_run_on_to_eos_past_the_answer(tok):
     """As in the reference: </answer> does not stop generation; EOS does, and is part of the response."""
-    out, engine, _ = _run(tok, lambda s: [ANSWER + " more"], ARPOConfig(rollouts=1, initial=1),
-                          prompts=[tok.encode("Q\n")], stop_at_answer=False)
+    out, engine, _ = _run(
+        tok,
+        lambda s: [ANSWER + " more"],
+        ARPOConfig(rollouts=1, initial=1),
+        prompts=[tok.encode("Q\n")],
+        stop_at_answer=False,
+    )
     (t,) = out.trajectories
     assert t.finish_reason == "eos" and t.response_ids == tok.encode(ANSWER + " more") + [tok.eos_token_id]
     assert not engine.seqs
@@ -414,8 +467,14 @@ def test_by_default_trajectories_run_on_to_eos_past_the_answer(tok):
 
 def test_a_call_past_the_limit_ends_with_a_model_written_eos(tok):
     tools = Tools()
-    (t,) = _run(tok, lambda s: [CALL, CALL, ANSWER], ARPOConfig(rollouts=1, initial=1), tools=tools,
-                max_calls=1, prompts=[tok.encode("Q\n")])[0].trajectories
+    (t,) = _run(
+        tok,
+        lambda s: [CALL, CALL, ANSWER],
+        ARPOConfig(rollouts=1, initial=1),
+        tools=tools,
+        max_calls=1,
+        prompts=[tok.encode("Q\n")],
+    )[0].trajectories
     assert t.finish_reason == "limit" and len(tools.calls) == 1
     assert t.response_ids[-1] == tok.eos_token_id and t.loss_mask[-1] == 1
     assert t.response_ids[:-1] == tok.encode(CALL) + tok.encode(" <result>\n2\n</result>") + tok.encode(CALL)
@@ -441,8 +500,15 @@ def test_reference_semantics_decide_at_the_call_from_the_segment_before_it(tok):
     def rate(rise, plan):
         # the scripted top-10 entropy is half the scripted entropy: a rise of 2 * rise * ln V there
         entropy = lambda seed, r, i: 1.0 + (2 * rise * log_v if r > 0 else 0.0)  # noqa: E731
-        cfg = ARPOConfig(rollouts=4, initial=2, entropy_tokens=2, threshold=0.3, entropy_weight=1.0,
-                         arpo_semantics="reference", entropy_reduce="mean")
+        cfg = ARPOConfig(
+            rollouts=4,
+            initial=2,
+            entropy_tokens=2,
+            threshold=0.3,
+            entropy_weight=1.0,
+            arpo_semantics="reference",
+            entropy_reduce="mean",
+        )
         out, _, _ = _run(tok, plan, cfg, entropy=entropy, prompts=prompts)
         trajs = out.trajectories
         initial = [i for i, t in enumerate(trajs) if t.kind == "initial"]
@@ -476,13 +542,25 @@ def test_reference_semantics_on_the_real_engine(tok, warm_model, monkeypatch):
 
     engine.step = spy
     protocol = Protocol(tok, eos_token_ids=[tok.eos_token_id])
-    cfg = ARPOConfig(rollouts=6, initial=3, entropy_tokens=4, threshold=1.0, max_response_tokens=48,
-                     arpo_semantics="reference")
+    cfg = ARPOConfig(
+        rollouts=6,
+        initial=3,
+        entropy_tokens=4,
+        threshold=1.0,
+        max_response_tokens=48,
+        arpo_semantics="reference",
+    )
     from arpo_fast.train.demo import demo_problems
 
     with torch.no_grad():
-        out = arpo_rollout(engine, protocol, [tok.encode(row["prompt"]) for row in demo_problems(2)], cfg,
-                           executor=Tools(), seed=5)
+        out = arpo_rollout(
+            engine,
+            protocol,
+            [tok.encode(row["prompt"]) for row in demo_problems(2)],
+            cfg,
+            executor=Tools(),
+            seed=5,
+        )
     assert len(out.trajectories) == 12 and not engine.live() and out.stats["tool_calls"] > 0
     assert any(t.kind == "branch" for t in out.trajectories)
     assert 0 < sum(asked) < sum(len(t.response_ids) for t in out.trajectories)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import random_logits
 
 from arpo_fast.kernels.sampling_ref import truncation_threshold
 from arpo_fast.kernels.truncation import truncation_threshold_triton
-from helpers import random_logits
 
 # Rows with every entry -inf (or a NaN) make the interpreter's numpy compute -inf - -inf: expected.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

@@ -8,5 +8,13 @@ here imports the rest of the package.
 from arpo_fast.algo.advantages import group_advantages, shared_token_count, token_advantages
 from arpo_fast.algo.loss import CopyAdvantages, aggregate, kl_k3, policy_loss, shared_policy_loss
 
-__all__ = ["CopyAdvantages", "aggregate", "group_advantages", "kl_k3", "policy_loss", "shared_policy_loss",
-           "shared_token_count", "token_advantages"]
+__all__ = [
+    "CopyAdvantages",
+    "aggregate",
+    "group_advantages",
+    "kl_k3",
+    "policy_loss",
+    "shared_policy_loss",
+    "shared_token_count",
+    "token_advantages",
+]

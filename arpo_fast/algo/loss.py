@@ -146,8 +146,9 @@ def _clipped_loss(log_ratio, adv, clip_low, clip_high, dual_clip):
     return per_token, stats
 
 
-def _metrics(stats: dict[str, torch.Tensor], m: torch.Tensor,
-             count: torch.Tensor | None = None) -> dict[str, float]:
+def _metrics(
+    stats: dict[str, torch.Tensor], m: torch.Tensor, count: torch.Tensor | None = None
+) -> dict[str, float]:
     """Token-means of each statistic, fetched from the device in one transfer. With ``count`` (each
     token's copies), ``stats`` hold each token's sum over its copies and the means are over copies."""
     with torch.no_grad():
@@ -156,8 +157,10 @@ def _metrics(stats: dict[str, torch.Tensor], m: torch.Tensor,
             n = m.sum().to(torch.float64)
         else:
             n = torch.where(m, count, 0).to(torch.float64).sum()
-            means = [torch.where(m, v.detach().to(torch.float64), 0.0).sum() / n.clamp_min(1)
-                     for v in stats.values()]
+            means = [
+                torch.where(m, v.detach().to(torch.float64), 0.0).sum() / n.clamp_min(1)
+                for v in stats.values()
+            ]
         values = torch.stack([*means, n]).tolist()
     return dict(zip([*stats, "tokens"], values))
 
@@ -167,11 +170,11 @@ class CopyAdvantages:
     """Per token (each [n], fp32): what its copies bring to :func:`shared_policy_loss`. ``count`` is
     also the token's weight in every token-mean (loss, entropy, metrics; a KL term would use it too)."""
 
-    pos: torch.Tensor      # sum over copies of max(A, 0)
-    neg: torch.Tensor      # sum over copies of max(-A, 0)
-    n_pos: torch.Tensor    # copies with A > 0
-    n_neg: torch.Tensor    # copies with A < 0
-    count: torch.Tensor    # copies
+    pos: torch.Tensor  # sum over copies of max(A, 0)
+    neg: torch.Tensor  # sum over copies of max(-A, 0)
+    n_pos: torch.Tensor  # copies with A > 0
+    n_neg: torch.Tensor  # copies with A < 0
+    count: torch.Tensor  # copies
 
     NAMES = ("pos", "neg", "n_pos", "n_neg", "count")
 
@@ -179,8 +182,13 @@ class CopyAdvantages:
     def of(cls, adv: torch.Tensor) -> CopyAdvantages:
         """From the advantages of every copy: [copies, n]."""
         adv = adv.float()
-        return cls(adv.clamp(min=0).sum(0), (-adv).clamp(min=0).sum(0), (adv > 0).sum(0).float(),
-                   (adv < 0).sum(0).float(), torch.full((adv.shape[1],), float(adv.shape[0])))
+        return cls(
+            adv.clamp(min=0).sum(0),
+            (-adv).clamp(min=0).sum(0),
+            (adv > 0).sum(0).float(),
+            (adv < 0).sum(0).float(),
+            torch.full((adv.shape[1],), float(adv.shape[0])),
+        )
 
     @classmethod
     def cat(cls, parts: list[CopyAdvantages]) -> CopyAdvantages:
@@ -223,23 +231,31 @@ def shared_policy_loss(
         over copies.
     """
     if logprobs.dim() != 1 or _shape(old_logprobs) != tuple(logprobs.shape):
-        raise ValueError(f"logprobs and old_logprobs must be [n]; got {_shape(logprobs)} and "
-                         f"{_shape(old_logprobs)}")
+        raise ValueError(
+            f"logprobs and old_logprobs must be [n]; got {_shape(logprobs)} and {_shape(old_logprobs)}"
+        )
     _check_params(clip_low, clip_high, dual_clip, entropy is not None, entropy_coef)
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
     count = copies.count.to(dtype)
     m = count > 0
-    log_ratio, ones = (x[0] for x in _masked_inputs(logprobs[None], old_logprobs[None],
-                                                     torch.ones_like(count)[None], m[None], dtype))
+    log_ratio, ones = (
+        x[0]
+        for x in _masked_inputs(
+            logprobs[None], old_logprobs[None], torch.ones_like(count)[None], m[None], dtype
+        )
+    )
     # a copy's loss and statistics depend on its advantage's sign only, its loss scaling with |A|
     (up, up_stats), (down, down_stats), (_, flat_stats) = (
-        _clipped_loss(log_ratio, sign * ones, clip_low, clip_high, dual_clip) for sign in (1.0, -1.0, 0.0))
+        _clipped_loss(log_ratio, sign * ones, clip_low, clip_high, dual_clip) for sign in (1.0, -1.0, 0.0)
+    )
     n_pos, n_neg = copies.n_pos.to(dtype), copies.n_neg.to(dtype)
     per_token = copies.pos.to(dtype) * up + copies.neg.to(dtype) * down
     total = count.sum().clamp_min(1)
     loss = torch.where(m, per_token, 0.0).sum() / total
-    stats = {k: n_pos * up_stats[k] + n_neg * down_stats[k] + (count - n_pos - n_neg) * flat_stats[k]
-             for k in up_stats}
+    stats = {
+        k: n_pos * up_stats[k] + n_neg * down_stats[k] + (count - n_pos - n_neg) * flat_stats[k]
+        for k in up_stats
+    }
     if entropy is not None:
         ent = entropy.to(dtype)
         if entropy_coef != 0:

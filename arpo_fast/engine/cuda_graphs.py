@@ -51,8 +51,16 @@ class DecodeGraphs:
         self.replays = 0
 
     def _step(self, bs: int):
-        batch = Batch(self.ids[:bs], self.positions[:bs], self.slots[:bs], self.tables[:bs],
-                      self.lens[:bs], self.cu[:bs + 1], self.rows[:bs], 1)
+        batch = Batch(
+            self.ids[:bs],
+            self.positions[:bs],
+            self.slots[:bs],
+            self.tables[:bs],
+            self.lens[:bs],
+            self.cu[: bs + 1],
+            self.rows[:bs],
+            1,
+        )
         logits = self.model.forward(self.cache, batch)
         return sample(logits, self.temp[:bs], self.seed[:bs], self.pos[:bs]), logits
 
@@ -79,8 +87,15 @@ class DecodeGraphs:
     def fits(self, B: int, width: int) -> bool:
         return 0 < B <= self.max_batch and width <= self.max_width
 
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor, step, temp: torch.Tensor,
-            seed: torch.Tensor, sample_pos: torch.Tensor):
+    def run(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        step,
+        temp: torch.Tensor,
+        seed: torch.Tensor,
+        sample_pos: torch.Tensor,
+    ):
         """Replay the graph of the smallest captured size >= B. tokens, positions (of the pending
         tokens), temp, seed, sample_pos (the sampler's positions): [B] on the device; ``step``: the
         cache's StepTensors for these B sequences (one token each). Returns the sampler's output

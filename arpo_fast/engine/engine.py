@@ -35,9 +35,9 @@ from arpo_fast.engine.kv_cache import PagedKVCache
 from arpo_fast.engine.model import PagedModel
 from arpo_fast.engine.params import EngineConfig, SamplingParams
 from arpo_fast.engine.sequence import SeqState, build_batch
-from arpo_fast.seeds import MAX_SEED, child_seed
 from arpo_fast.errors import PoolExhaustedError, UnknownSequenceError
 from arpo_fast.kernels import sample
+from arpo_fast.seeds import MAX_SEED, child_seed
 
 
 class StepOutput(NamedTuple):
@@ -74,10 +74,18 @@ class Engine:
     used in place). Extra keyword arguments go to ``EngineConfig``; ``tokenizer`` (anything with
     ``decode(list[int]) -> str``) is only needed for stop strings."""
 
-    def __init__(self, model: torch.nn.Module, block_size: int = 16, num_blocks: int | None = None,
-                 kv_memory: int | None = None, tokenizer=None, **config):
-        self.config = EngineConfig(block_size=block_size, num_blocks=num_blocks, kv_memory=kv_memory,
-                                   **config)
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_memory: int | None = None,
+        tokenizer=None,
+        **config,
+    ):
+        self.config = EngineConfig(
+            block_size=block_size, num_blocks=num_blocks, kv_memory=kv_memory, **config
+        )
         self.model = PagedModel(model)
         self.hf_config = model.config
         self.tokenizer = tokenizer
@@ -88,8 +96,16 @@ class Engine:
             self.config.cuda_graphs = m.device.type == "cuda"
         # With graphs, one extra block is the padding rows' trash block (see cuda_graphs.py).
         extra = 1 if self.config.cuda_graphs else 0
-        self.cache = PagedKVCache(m.num_layers, self._pool_blocks() + extra, self.config.block_size,
-                                  m.num_kv_heads, m.head_dim, m.dtype, m.device, self.config.forker)
+        self.cache = PagedKVCache(
+            m.num_layers,
+            self._pool_blocks() + extra,
+            self.config.block_size,
+            m.num_kv_heads,
+            m.head_dim,
+            m.dtype,
+            m.device,
+            self.config.forker,
+        )
         self._graphs = self._make_graphs() if self.config.cuda_graphs else None
         self._seqs: dict[int, SeqState] = {}
         self._next_id = 0
@@ -117,14 +133,18 @@ class Engine:
         elif self.model.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.model.device)
             # Memory this process's caching allocator holds but does not use is free to us too.
-            cached = torch.cuda.memory_reserved(self.model.device) - torch.cuda.memory_allocated(self.model.device)
+            cached = torch.cuda.memory_reserved(self.model.device) - torch.cuda.memory_allocated(
+                self.model.device
+            )
             budget = int((free + cached) * cfg.gpu_memory_fraction)
         else:
             budget = cfg.cpu_kv_memory
         blocks = min(budget // per_block, 2**31 - 1)
         if blocks < 1:
-            raise ValueError(f"a KV budget of {budget} bytes holds no block of {per_block} bytes "
-                             f"(block_size {cfg.block_size})")
+            raise ValueError(
+                f"a KV budget of {budget} bytes holds no block of {per_block} bytes "
+                f"(block_size {cfg.block_size})"
+            )
         return blocks
 
     # ------------------------------------------------------------------ validation helpers
@@ -184,8 +204,13 @@ class Engine:
         kv = self.cache.fork(state.kv, n, share) if state.kv is not None else [None] * n
         children = []
         for j in range(n):
-            child = SeqState(child_seed(state.seed, state.forks + j), state.tokens[:at], 0, kv[j],
-                             share if kv[j] is not None else 0)
+            child = SeqState(
+                child_seed(state.seed, state.forks + j),
+                state.tokens[:at],
+                0,
+                kv[j],
+                share if kv[j] is not None else 0,
+            )
             children.append(self._new_state(child))
         state.forks += n
         return children
@@ -256,8 +281,7 @@ class Engine:
 
     def _victim(self, running: list[SeqState]) -> SeqState | None:
         ids = {id(s) for s in running}
-        others = [s for s in self._seqs.values() if id(s) not in ids and s.kv is not None
-                  and s.computed > 0]
+        others = [s for s in self._seqs.values() if id(s) not in ids and s.kv is not None and s.computed > 0]
         if others:
             return max(others, key=lambda s: s.order)
         if len(running) > 1:
@@ -309,9 +333,12 @@ class Engine:
             for s, t in zip(states, held):
                 s.tokens.append(t)
 
-    def step(self, seqs: Sequence[int],
-             params: SamplingParams | Sequence[SamplingParams] | None = None,
-             top_entropy: Sequence[bool] | None = None) -> StepOutput:
+    def step(
+        self,
+        seqs: Sequence[int],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        top_entropy: Sequence[bool] | None = None,
+    ) -> StepOutput:
         """One forward over all pending tokens of ``seqs``, then one sampled token per sequence,
         which becomes that sequence's pending token. ``params``: one for all, or one per sequence
         (only temperature, top_k and top_p matter here). ``top_entropy``: per sequence, whether to
@@ -335,12 +362,15 @@ class Engine:
             if t >= 0:
                 s.tokens.append(t)
         if bad:
-            raise FloatingPointError(f"step: non-finite logits for batch rows {bad[:5]}; their KV "
-                                     "is kept but no token was appended")
+            raise FloatingPointError(
+                f"step: non-finite logits for batch rows {bad[:5]}; their KV "
+                "is kept but no token was appended"
+            )
         return self._scatter(len(states), rows, out, top)
 
-    def _compute_step(self, running: list[SeqState], meta, params: list[SamplingParams],
-                      wanted: list[int] | None):
+    def _compute_step(
+        self, running: list[SeqState], meta, params: list[SamplingParams], wanted: list[int] | None
+    ):
         """Forward and sample, and the top-10 entropy of the ``wanted`` running rows; a plain
         decode step replays a CUDA graph when they are enabled."""
         dev = self.model.device
@@ -367,7 +397,7 @@ class Engine:
             try:
                 self._graphs.capture()
             except Exception as exc:  # noqa: BLE001 - a failed capture costs speed, never the rollout
-                warnings.warn(f"CUDA graph capture failed ({exc!r}); decoding eagerly")
+                warnings.warn(f"CUDA graph capture failed ({exc!r}); decoding eagerly", stacklevel=2)
                 self._graphs = None
                 return False
         return True
@@ -381,18 +411,29 @@ class Engine:
     @staticmethod
     def _scatter(B: int, rows: list[int], out, top: torch.Tensor | None) -> StepOutput:
         if len(rows) == B:
-            return StepOutput(out.tokens.cpu(), out.logprobs, out.entropy, torch.ones(B, dtype=torch.bool), top)
+            return StepOutput(
+                out.tokens.cpu(), out.logprobs, out.entropy, torch.ones(B, dtype=torch.bool), top
+            )
         dev = out.logprobs.device
         idx = torch.tensor(rows, dtype=torch.int64)
         tokens = torch.full((B,), -1, dtype=torch.int64).index_copy_(0, idx, out.tokens.cpu())
         nan = torch.full((B,), float("nan"), device=dev)
         ran = torch.zeros(B, dtype=torch.bool).index_fill_(0, idx, True)
         top = None if top is None else nan.index_copy(0, idx.to(dev), top)
-        return StepOutput(tokens, nan.index_copy(0, idx.to(dev), out.logprobs),
-                          nan.index_copy(0, idx.to(dev), out.entropy), ran, top)
+        return StepOutput(
+            tokens,
+            nan.index_copy(0, idx.to(dev), out.logprobs),
+            nan.index_copy(0, idx.to(dev), out.entropy),
+            ran,
+            top,
+        )
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
-                 seeds: Sequence[int] | None = None):
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | None = None,
+        seeds: Sequence[int] | None = None,
+    ):
         """Complete every prompt; returns one ``Completion`` per prompt (see ``generation.py``)."""
         from arpo_fast.engine.generation import generate
 

@@ -178,9 +178,7 @@ class PyKVForker:
         # A shared tail written by all of its holders is copied by all but the last writer.
         needed += sum(c - (c == self._ref[b]) for b, c in cow.items())
         if needed > len(self._free):
-            raise self._exhausted(
-                needed, f"a step of {len(seqs)} sequences and {sum(new_tokens)} new tokens"
-            )
+            raise self._exhausted(needed, f"a step of {len(seqs)} sequences and {sum(new_tokens)} new tokens")
         slots = []
         for seq, n in zip(seqs, new_tokens):
             start = self._lengths[seq]

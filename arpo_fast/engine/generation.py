@@ -22,8 +22,7 @@ class Completion:
     finish_reason: str | None = None
 
 
-def _stop_reason(engine, params: SamplingParams, out: Completion,
-                 stops: StopStrings | None) -> str | None:
+def _stop_reason(engine, params: SamplingParams, out: Completion, stops: StopStrings | None) -> str | None:
     token = out.token_ids[-1]
     if not params.ignore_eos and token in engine.eos_token_ids:
         return "eos"
@@ -36,8 +35,9 @@ def _stop_reason(engine, params: SamplingParams, out: Completion,
     return None
 
 
-def generate(engine, prompts: Sequence[Sequence[int]], params: SamplingParams,
-             seeds: Sequence[int] | None = None) -> list[Completion]:
+def generate(
+    engine, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int] | None = None
+) -> list[Completion]:
     """Add every prompt, step the unfinished ones until each stops; frees its sequences on return
     (and on error, so a failed call leaves the pool as it found it)."""
     if params.stop and engine.tokenizer is None:
@@ -78,8 +78,14 @@ def _groups(lengths: list[int], budget: int) -> list[list[int]]:
     return groups + [current] if current else groups
 
 
-def _step(engine, seqs, rows: list[int], outs: list[Completion], params: SamplingParams,
-          stops: list[StopStrings | None]) -> list[int]:
+def _step(
+    engine,
+    seqs,
+    rows: list[int],
+    outs: list[Completion],
+    params: SamplingParams,
+    stops: list[StopStrings | None],
+) -> list[int]:
     """Step the sequences of ``rows``, record their tokens; returns the rows still unfinished."""
     step = engine.step([seqs[i] for i in rows], params)
     tokens, ran = step.tokens.tolist(), step.ran.tolist()

@@ -8,7 +8,8 @@ and V before the step's KV writes.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,9 +42,17 @@ class PagedKVCache:
     ``k(layer)`` and ``v(layer)`` are [num_blocks, block_size, kv_heads, head_dim] views.
     """
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 forker: str = "native"):
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        forker: str = "native",
+    ):
         for name, value in [("num_layers", num_layers), ("kv_heads", kv_heads), ("head_dim", head_dim)]:
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -54,8 +63,9 @@ class PagedKVCache:
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
+    def bytes_per_block(
+        num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
         element = torch.empty((), dtype=dtype).element_size()
         return num_layers * 2 * block_size * kv_heads * head_dim * element
 

@@ -53,21 +53,27 @@ class PagedModel:
         config = getattr(hf_model, "config", None)
         model_type = getattr(config, "model_type", type(hf_model).__name__)
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported model type {model_type!r}: the engine supports "
-                             f"{', '.join(SUPPORTED_MODEL_TYPES)} causal LMs from transformers")
+            raise ValueError(
+                f"unsupported model type {model_type!r}: the engine supports "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} causal LMs from transformers"
+            )
         if not hasattr(hf_model, "lm_head") or not hasattr(hf_model, "model"):
-            raise ValueError(f"expected a *ForCausalLM model with .model and .lm_head, got "
-                             f"{type(hf_model).__name__}")
+            raise ValueError(
+                f"expected a *ForCausalLM model with .model and .lm_head, got {type(hf_model).__name__}"
+            )
         self.hf = hf_model
         self.inner = hf_model.model
         self.layers = list(self.inner.layers)
         self._check_attention(config)
         attn = self.layers[0].self_attn
-        self.head_dim = int(getattr(attn, "head_dim", None) or getattr(config, "head_dim", None)
-                            or config.hidden_size // config.num_attention_heads)
+        self.head_dim = int(
+            getattr(attn, "head_dim", None)
+            or getattr(config, "head_dim", None)
+            or config.hidden_size // config.num_attention_heads
+        )
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.scale = float(getattr(attn, "scaling", self.head_dim ** -0.5))
+        self.scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
         self.vocab_size = self.inner.embed_tokens.num_embeddings
         self.rotary = getattr(self.inner, "rotary_emb", None) or getattr(attn, "rotary_emb", None)
         if self.rotary is None:
@@ -76,15 +82,19 @@ class PagedModel:
         if "dynamic" in rope_type or rope_type == "longrope":
             # Their frequencies depend on the longest position in the forward's batch, so a token's
             # K/V would depend on which sequences shared its step.
-            raise ValueError(f"rope type {rope_type!r} is not supported (batch-dependent frequencies); "
-                             "default, linear, llama3, yarn and other static types are")
+            raise ValueError(
+                f"rope type {rope_type!r} is not supported (batch-dependent frequencies); "
+                "default, linear, llama3, yarn and other static types are"
+            )
 
     def _check_attention(self, config) -> None:
         for i, layer in enumerate(self.layers):
             window = getattr(layer.self_attn, "sliding_window", None)
             if window is not None:
-                raise ValueError(f"layer {i} uses sliding-window attention (window {window}); the "
-                                 "engine implements full causal attention only")
+                raise ValueError(
+                    f"layer {i} uses sliding-window attention (window {window}); the "
+                    "engine implements full causal attention only"
+                )
         if getattr(config, "num_key_value_heads", None) is None:
             raise ValueError("config.num_key_value_heads is missing")
 
@@ -115,8 +125,9 @@ class PagedModel:
         if batch.max_new == 1:
             o = paged_attention_decode(q, kc, vc, batch.block_tables, batch.context_lens, self.scale)
         else:
-            o = paged_attention_extend(q, kc, vc, batch.block_tables, batch.context_lens,
-                                       batch.cu_seqlens, batch.max_new, self.scale)
+            o = paged_attention_extend(
+                q, kc, vc, batch.block_tables, batch.context_lens, batch.cu_seqlens, batch.max_new, self.scale
+            )
         return attn.o_proj(o.reshape(N, self.num_heads * self.head_dim))
 
     @torch.no_grad()
@@ -133,5 +144,6 @@ class PagedModel:
         return self.hf.lm_head(h)
 
     def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype | None = None) -> int:
-        return PagedKVCache.bytes_per_block(self.num_layers, block_size, self.num_kv_heads,
-                                            self.head_dim, dtype or self.dtype)
+        return PagedKVCache.bytes_per_block(
+            self.num_layers, block_size, self.num_kv_heads, self.head_dim, dtype or self.dtype
+        )

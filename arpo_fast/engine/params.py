@@ -85,4 +85,6 @@ class EngineConfig:
         if self.max_graph_batch < 1:
             raise ValueError(f"max_graph_batch must be >= 1, got {self.max_graph_batch}")
         if self.on_pool_exhausted not in ("raise", "preempt"):
-            raise ValueError(f"on_pool_exhausted must be 'raise' or 'preempt', got {self.on_pool_exhausted!r}")
+            raise ValueError(
+                f"on_pool_exhausted must be 'raise' or 'preempt', got {self.on_pool_exhausted!r}"
+            )

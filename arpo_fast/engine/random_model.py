@@ -19,10 +19,20 @@ _CLASSES = {  # arch -> (config class, model class) in transformers
 ARCHS = tuple(_CLASSES)
 
 
-def random_causal_lm(arch: str = "qwen2", *, vocab: int, hidden: int, layers: int, heads: int = 4,
-                     kv_heads: int = 2, intermediate: int | None = None, seed: int = 0,
-                     device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                     **config: Any) -> torch.nn.Module:
+def random_causal_lm(
+    arch: str = "qwen2",
+    *,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **config: Any,
+) -> torch.nn.Module:
     """A ``{Llama,Qwen2,Qwen3}ForCausalLM`` with random weights, in eval mode.
 
     vocab, hidden, layers, heads, kv_heads: the config's ``vocab_size``, ``hidden_size``,
@@ -40,9 +50,15 @@ def random_causal_lm(arch: str = "qwen2", *, vocab: int, hidden: int, layers: in
     import transformers
 
     config_cls, model_cls = (getattr(transformers, name) for name in _CLASSES[arch])
-    cfg = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
-                     num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                     **config)
+    cfg = config_cls(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        **config,
+    )
     torch.manual_seed(seed)
     with torch.device(device) if device is not None else nullcontext():
         model = model_cls(cfg)

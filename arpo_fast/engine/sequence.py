@@ -40,8 +40,7 @@ def build_batch(states: list[SeqState], meta, device: torch.device, all_position
     starts = np.fromiter((s.computed for s in states), dtype=np.int64, count=len(states))
     cu = np.zeros(len(states) + 1, dtype=np.int64)
     np.cumsum(counts, out=cu[1:])
-    ids = np.fromiter((t for s in states for t in s.tokens[s.computed:]), dtype=np.int64,
-                      count=int(cu[-1]))
+    ids = np.fromiter((t for s in states for t in s.tokens[s.computed :]), dtype=np.int64, count=int(cu[-1]))
     positions = np.arange(cu[-1], dtype=np.int64) + np.repeat(starts - cu[:-1], counts)
     rows = np.arange(cu[-1], dtype=np.int64) if all_positions else cu[1:] - 1
 
@@ -49,5 +48,13 @@ def build_batch(states: list[SeqState], meta, device: torch.device, all_position
         t = torch.from_numpy(a if dtype is None else a.astype(dtype))
         return t.to(device, non_blocking=True)
 
-    return Batch(dev(ids), dev(positions), meta.slot_mapping, meta.block_tables, meta.context_lens,
-                 dev(cu, np.int32), dev(rows), int(counts.max()))
+    return Batch(
+        dev(ids),
+        dev(positions),
+        meta.slot_mapping,
+        meta.block_tables,
+        meta.context_lens,
+        dev(cu, np.int32),
+        dev(rows),
+        int(counts.max()),
+    )

@@ -6,10 +6,29 @@ python sandbox, BM25 and HTTP search, and the concurrent executor. ``rewards``: 
 scoring and others, chosen per ``data_source``. Only ``tree`` and ``engine_api`` import the engine.
 """
 
-from arpo_fast.rollout.protocol import (Event, Protocol, ProtocolConfig, StopDetector, ToolCall,
-                                        TrajectoryProtocol, format_result, parse_tool_call)
+from arpo_fast.rollout.protocol import (
+    Event,
+    Protocol,
+    ProtocolConfig,
+    StopDetector,
+    ToolCall,
+    TrajectoryProtocol,
+    format_result,
+    parse_tool_call,
+)
 from arpo_fast.rollout.rewards import RewardConfig, RewardResult, compute_reward, register_reward
 
-__all__ = ["Event", "Protocol", "ProtocolConfig", "RewardConfig", "RewardResult", "StopDetector",
-           "ToolCall", "TrajectoryProtocol", "compute_reward", "format_result", "parse_tool_call",
-           "register_reward"]
+__all__ = [
+    "Event",
+    "Protocol",
+    "ProtocolConfig",
+    "RewardConfig",
+    "RewardResult",
+    "StopDetector",
+    "ToolCall",
+    "TrajectoryProtocol",
+    "compute_reward",
+    "format_result",
+    "parse_tool_call",
+    "register_reward",
+]

@@ -3,7 +3,8 @@ drives, as a ``typing.Protocol``, so that a scripted engine can stand in for it 
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Optional, Protocol
 
 from arpo_fast.engine.engine import StepOutput
 from arpo_fast.engine.params import SamplingParams

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from arpo_fast.text import StopStrings, TokenBytes
 
@@ -38,8 +39,9 @@ class ProtocolConfig:
         names = [*self.tool_names, self.result_tag, self.answer_tag, self.think_tag]
         for name in names:
             if not isinstance(name, str) or not _TAG_NAME.match(name):
-                raise ValueError(f"tag name {name!r} must be letters, digits, '_' or '-' "
-                                 "and start with a letter or '_'")
+                raise ValueError(
+                    f"tag name {name!r} must be letters, digits, '_' or '-' and start with a letter or '_'"
+                )
         if len(set(names)) != len(names):
             raise ValueError(f"tag names must be distinct, got {names}")
         if not self.tool_names:
@@ -93,7 +95,7 @@ def parse_tool_call(segment: str, name: str, close_at: int, config: ProtocolConf
     start = segment.rfind(open_tag, 0, close_at)
     if start < 0:
         return ToolCall(name, "", f"{config.close_tag(name)} was written without an opening {open_tag}.")
-    body = segment[start + len(open_tag):close_at]
+    body = segment[start + len(open_tag) : close_at]
     problem = _body_problem(segment[:start], body, config)
     return ToolCall(name, body, problem)
 
@@ -115,8 +117,7 @@ def _body_problem(before: str, body: str, config: ProtocolConfig) -> Optional[st
         return f"The call contains the tag {inner[0]}: tool calls cannot be nested."
     for other in config.tool_names:
         if before.count(config.open_tag(other)) > before.count(config.close_tag(other)):
-            return (f"An earlier {config.open_tag(other)} was never closed with "
-                    f"{config.close_tag(other)}.")
+            return f"An earlier {config.open_tag(other)} was never closed with {config.close_tag(other)}."
     if not body.strip():
         return "The call is empty: write the query or code between the tags."
     if any("\udc80" <= ch <= "\udcff" for ch in body):
@@ -139,9 +140,13 @@ class StopDetector:
     (:class:`~arpo_fast.text.StopStrings` over the protocol's closing tags), in O(1) work
     per token."""
 
-    def __init__(self, tokenizer: Any, config: ProtocolConfig = ProtocolConfig(),
-                 eos_token_ids: Optional[Iterable[int]] = None,
-                 token_bytes: Optional[TokenBytes] = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        config: ProtocolConfig = ProtocolConfig(),
+        eos_token_ids: Optional[Iterable[int]] = None,
+        token_bytes: Optional[TokenBytes] = None,
+    ):
         self.config = config
         if eos_token_ids is None:
             eos = getattr(tokenizer, "eos_token_id", None)
@@ -172,7 +177,7 @@ class StopDetector:
         name = self._tool_of[hit[0]]
         return ("answer", None, hit[1]) if name is None else ("call", name, hit[1])
 
-    def fork(self) -> "StopDetector":
+    def fork(self) -> StopDetector:
         """An independent copy (for a branch that continues from the same point)."""
         twin = copy.copy(self)
         twin._strings = self._strings.fork()
@@ -182,9 +187,13 @@ class StopDetector:
 class Protocol:
     """Per-tokenizer protocol: formats and encodes tool results, and makes per-trajectory states."""
 
-    def __init__(self, tokenizer: Any, config: ProtocolConfig = ProtocolConfig(),
-                 eos_token_ids: Optional[Iterable[int]] = None,
-                 available_tools: Optional[Iterable[str]] = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        config: ProtocolConfig = ProtocolConfig(),
+        eos_token_ids: Optional[Iterable[int]] = None,
+        available_tools: Optional[Iterable[str]] = None,
+    ):
         self.tokenizer = tokenizer
         self.config = config
         self.token_bytes = TokenBytes(tokenizer)
@@ -202,10 +211,9 @@ class Protocol:
 
     def result_ids(self, output: str) -> list[int]:
         """Token ids of `` <result>\\n{output}\\n</result>``, encoded alone (no BOS), loss mask 0."""
-        return list(self.tokenizer.encode(format_result(output, self.config),
-                                          add_special_tokens=False))
+        return list(self.tokenizer.encode(format_result(output, self.config), add_special_tokens=False))
 
-    def new_trajectory(self) -> "TrajectoryProtocol":
+    def new_trajectory(self) -> TrajectoryProtocol:
         return TrajectoryProtocol(self)
 
 
@@ -231,19 +239,27 @@ class TrajectoryProtocol:
         if kind == "eos":
             return Event("eos")
         stop_len = len(self.protocol.config.close_tag(name or self.protocol.config.answer_tag))
-        trailing = text[start + stop_len:]
+        trailing = text[start + stop_len :]
         if kind == "answer":
             return Event("answer", trailing=trailing)
         if self.calls >= self.protocol.config.max_calls:
             # past the limit the call is not run; the reference appends EOS and ends the trajectory
-            return Event("limit", ToolCall(name, "", f"The limit of {self.protocol.config.max_calls} "
-                                           "tool calls per answer was reached."), trailing)
+            return Event(
+                "limit",
+                ToolCall(
+                    name,
+                    "",
+                    f"The limit of {self.protocol.config.max_calls} tool calls per answer was reached.",
+                ),
+                trailing,
+            )
         self.calls += 1
         call = parse_tool_call(text, name, start, self.protocol.config)
         tools = self.protocol.available_tools
         if call.ok and tools is not None and name not in tools:
-            call = ToolCall(name, call.body, f"Unknown tool '{name}'; available: "
-                                             f"{', '.join(sorted(tools)) or 'none'}.")
+            call = ToolCall(
+                name, call.body, f"Unknown tool '{name}'; available: {', '.join(sorted(tools)) or 'none'}."
+            )
         return Event("call", call, trailing)
 
     def result_ids(self, output: str) -> list[int]:
@@ -251,7 +267,7 @@ class TrajectoryProtocol:
         self.detector.reset()
         return self.protocol.result_ids(output)
 
-    def fork(self) -> "TrajectoryProtocol":
+    def fork(self) -> TrajectoryProtocol:
         """An independent copy that shares the call count so far (for a branch)."""
         twin = copy.copy(self)
         twin.detector = self.detector.fork()

@@ -15,8 +15,9 @@ import re
 import string
 import threading
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from arpo_fast.rollout.protocol import ProtocolConfig
 
@@ -84,8 +85,9 @@ def _calls_have_results(text: str, name: str, tags: ProtocolConfig) -> tuple[boo
     return True, ""
 
 
-def response_text(tokenizer, response_ids: Sequence[int], loss_mask: Sequence[int],
-                  tags: ProtocolConfig = DEFAULT_TAGS) -> str:
+def response_text(
+    tokenizer, response_ids: Sequence[int], loss_mask: Sequence[int], tags: ProtocolConfig = DEFAULT_TAGS
+) -> str:
     """What the model wrote, as the reward reads it: its tokens decoded with special tokens
     skipped, each tool result block (the tokens with loss mask 0) reduced to its bare tags. What a
     tool printed can then neither fake an answer, nor a call that earns the bonus, nor break the
@@ -131,7 +133,7 @@ def last_boxed(text: str) -> Optional[str]:
         elif text[i] == "}":
             depth -= 1
             if depth == 0:
-                return text[start:i + 1]
+                return text[start : i + 1]
     return None
 
 
@@ -140,9 +142,9 @@ def unbox(boxed: Optional[str]) -> str:
     if boxed is None:
         raise ValueError("no closed \\boxed{} in the answer")
     if boxed.startswith("\\boxed "):
-        return boxed[len("\\boxed "):]
+        return boxed[len("\\boxed ") :]
     if boxed.startswith("\\boxed{") and boxed.endswith("}"):
-        return boxed[len("\\boxed{"):-1]
+        return boxed[len("\\boxed{") : -1]
     raise ValueError(f"not a \\boxed{{}} expression: {boxed[:50]!r}")
 
 
@@ -172,8 +174,9 @@ def _one_truth(value: Any) -> str:
         return value
     if isinstance(value, numbers.Number) and not isinstance(value, bool):
         return str(value)  # the reference crashes on a numeric ground truth
-    raise TypeError(f"ground truth {value!r} ({type(value).__name__}) is not a string, a number or a "
-                    "list of those")
+    raise TypeError(
+        f"ground truth {value!r} ({type(value).__name__}) is not a string, a number or a list of those"
+    )
 
 
 def _as_list(ground_truth: Any) -> list[str]:
@@ -241,9 +244,14 @@ def math_equal(prediction: str, ground_truth: GroundTruth) -> float:
 # -- the reward -----------------------------------------------------------------------------
 
 
-def gated_score(response: str, ground_truth: GroundTruth, compare: Callable[[str, GroundTruth], float],
-                eos_token: Optional[str] = None, tool_bonus: float = 0.1,
-                tags: ProtocolConfig = DEFAULT_TAGS) -> RewardResult:
+def gated_score(
+    response: str,
+    ground_truth: GroundTruth,
+    compare: Callable[[str, GroundTruth], float],
+    eos_token: Optional[str] = None,
+    tool_bonus: float = 0.1,
+    tags: ProtocolConfig = DEFAULT_TAGS,
+) -> RewardResult:
     """The reference's pipeline with any answer comparison: format gate (-1), last ``\\boxed{}``
     of the answer (-1 if missing), ``compare``, and ``tool_bonus`` when the score is positive and
     every tool was called."""
@@ -251,7 +259,7 @@ def gated_score(response: str, ground_truth: GroundTruth, compare: Callable[[str
     if not valid:
         return RewardResult(-1.0, f"bad format: {reason}")
     if eos_token and response.endswith(eos_token):
-        response = response[:-len(eos_token)]
+        response = response[: -len(eos_token)]
     answer_part = extract_answer(response, tags)
     if answer_part is None:
         return RewardResult(-1.0, "cannot extract the answer")
@@ -303,9 +311,13 @@ class RewardConfig:
             get_reward(name)  # fail at start-up, not at the first reward of that source
 
 
-def compute_reward(data_source: str, response: str, ground_truth: GroundTruth,
-                   config: Optional[RewardConfig] = None,
-                   eos_token: Optional[str] = None) -> RewardResult:
+def compute_reward(
+    data_source: str,
+    response: str,
+    ground_truth: GroundTruth,
+    config: Optional[RewardConfig] = None,
+    eos_token: Optional[str] = None,
+) -> RewardResult:
     """Score one finished trajectory with the reward chosen for its ``data_source``
     (default config: the reference's F1 scoring for every source)."""
     config = config or RewardConfig()

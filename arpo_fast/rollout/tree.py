@@ -36,9 +36,10 @@ same trajectories whatever order the tools finish in, up to the model's own floa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -54,27 +55,38 @@ from arpo_fast.settings import require_counts, setting
 class ARPOConfig:
     """Tree-rollout settings (defaults: the reference's reasoning runs)."""
 
-    rollouts: int = setting(16, "M: trajectories per prompt, branches and fresh fills included (the GRPO "
-                            "group size).")
+    rollouts: int = setting(
+        16, "M: trajectories per prompt, branches and fresh fills included (the GRPO group size)."
+    )
     initial: int = setting(8, "N: trajectories started per prompt before any branching.")
     branches: int = setting(2, "Z: paths after a branch point (the trajectory and Z - 1 copies).")
-    entropy_tokens: int = setting(20, "k: tokens after a tool result (and at the start) whose entropies "
-                                  "are compared.")
+    entropy_tokens: int = setting(
+        20, "k: tokens after a tool result (and at the start) whose entropies are compared."
+    )
     threshold: float = setting(0.5, "tau: the branch probability when the entropy did not change.")
-    entropy_weight: float = setting(0.2, "beta: how much a normalised entropy rise raises the branch "
-                                    "probability.")
-    entropy_reduce: str = setting("sum", "'sum' of the k tokens' entropies (the reference's scale) or "
-                                  "their 'mean' (k times weaker: the branch probability stays near tau).")
-    arpo_semantics: str = setting("ours", "'ours' (decide k tokens after each tool result, full-"
-                                  "distribution entropy) or 'reference' (decide at each call from the "
-                                  "segment before it, entropy over the top 10 tokens; see docs/training.md).")
-    max_response_tokens: int = setting(4096, "Tokens after the prompt, tool results included; a longer "
-                                       "trajectory ends as ``length``.")
+    entropy_weight: float = setting(
+        0.2, "beta: how much a normalised entropy rise raises the branch probability."
+    )
+    entropy_reduce: str = setting(
+        "sum",
+        "'sum' of the k tokens' entropies (the reference's scale) or "
+        "their 'mean' (k times weaker: the branch probability stays near tau).",
+    )
+    arpo_semantics: str = setting(
+        "ours",
+        "'ours' (decide k tokens after each tool result, full-"
+        "distribution entropy) or 'reference' (decide at each call from the "
+        "segment before it, entropy over the top 10 tokens; see docs/training.md).",
+    )
+    max_response_tokens: int = setting(
+        4096, "Tokens after the prompt, tool results included; a longer trajectory ends as ``length``."
+    )
 
     def __post_init__(self):
         if not 1 <= self.initial <= self.rollouts:
-            raise ValueError(f"need 1 <= initial <= rollouts, got initial={self.initial}, "
-                             f"rollouts={self.rollouts}")
+            raise ValueError(
+                f"need 1 <= initial <= rollouts, got initial={self.initial}, rollouts={self.rollouts}"
+            )
         if self.branches < 2:
             raise ValueError(f"branches must be >= 2 (a branch point makes Z paths), got {self.branches}")
         require_counts(self, "entropy_tokens", "max_response_tokens")
@@ -99,15 +111,15 @@ class _Window:
 @dataclass
 class _Live:
     seq: int
-    key: int                      # for this trajectory's branch draws
+    key: int  # for this trajectory's branch draws
     protocol: TrajectoryProtocol
-    share: int                    # branch slots this trajectory may still use
-    node_start: int = 0           # response index where the open (last) node of the path starts
+    share: int  # branch slots this trajectory may still use
+    node_start: int = 0  # response index where the open (last) node of the path starts
     h_init: Optional[float] = None
     window: Optional[_Window] = None  # the entropies being measured now
     fork_protocol: Optional[TrajectoryProtocol] = None  # the protocol state at the fork point
     segment_h: Optional[float] = None  # reference rule: H of the segment the next call ends
-    pending: int = 0              # copies decided at a call, forked when its result is in
+    pending: int = 0  # copies decided at a call, forked when its result is in
     copies: int = 0
 
 
@@ -121,8 +133,16 @@ def _split(total: int, parts: int) -> list[int]:
 
 
 class _TreeRollout:
-    def __init__(self, engine: RolloutEngine, protocol: Protocol, executor, config: ARPOConfig,
-                 sampling: SamplingParams, seed: int, prompt_seeds: Optional[Sequence[int]]):
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        protocol: Protocol,
+        executor,
+        config: ARPOConfig,
+        sampling: SamplingParams,
+        seed: int,
+        prompt_seeds: Optional[Sequence[int]],
+    ):
         self.engine, self.protocol, self.executor = engine, protocol, executor
         self.config, self.sampling, self.seed = config, sampling, seed
         self.prompt_seeds = prompt_seeds
@@ -131,13 +151,15 @@ class _TreeRollout:
         self.trajs: list[Trajectory] = []
         self.names: list[tuple[int, ...]] = []  # (start index, copy index, copy index, ...)
         self.live: dict[int, _Live] = {}
-        self.active: dict[int, None] = {}   # ordered set of trajectories ready to decode
-        self.waiting: dict[int, Future] = {}   # identical calls may share one future
+        self.active: dict[int, None] = {}  # ordered set of trajectories ready to decode
+        self.waiting: dict[int, Future] = {}  # identical calls may share one future
         self.created: list[int] = []
         self.open: list[int] = []
         self.node_tokens: dict[int, int] = {}
-        self.stats = dict.fromkeys(("branch_points", "branch_copies", "fills", "tool_calls",
-                                    "model_tokens", "tool_tokens", "steps"), 0)
+        self.stats = dict.fromkeys(
+            ("branch_points", "branch_copies", "fills", "tool_calls", "model_tokens", "tool_tokens", "steps"),
+            0,
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, prompts: Sequence[Sequence[int]]) -> Rollout:
@@ -145,8 +167,9 @@ class _TreeRollout:
         if self.prompt_seeds is None:
             self.prompt_seeds = [child_seed(self.seed, p) for p in range(len(prompts))]
         elif len(self.prompt_seeds) != len(prompts):
-            raise ValueError(f"arpo_rollout: {len(self.prompt_seeds)} prompt seeds for "
-                             f"{len(prompts)} prompts")
+            raise ValueError(
+                f"arpo_rollout: {len(self.prompt_seeds)} prompt seeds for {len(prompts)} prompts"
+            )
         self.created, self.open = [0] * len(prompts), [0] * len(prompts)
         cfg = self.config
         shares = _split(cfg.rollouts - cfg.initial, cfg.initial)
@@ -225,8 +248,9 @@ class _TreeRollout:
             measured = out.entropy
         self.stats["steps"] += 1
         tokens, ran = out.tokens.tolist(), out.ran.tolist()
-        logprobs, entropies, measured = torch.stack(
-            [out.logprobs, out.entropy, measured]).float().cpu().tolist()
+        logprobs, entropies, measured = (
+            torch.stack([out.logprobs, out.entropy, measured]).float().cpu().tolist()
+        )
         for r, i in enumerate(rows):
             if ran[r]:
                 self._on_token(i, tokens[r], logprobs[r], entropies[r], measured[r])
@@ -369,10 +393,19 @@ class _TreeRollout:
         p = t.prompt_index
         for seq, share in zip(children, shares[1:]):
             c = len(self.trajs)
-            self.trajs.append(Trajectory(
-                p, t.prompt_ids, "branch", parent=i, response_ids=t.response_ids[:at],
-                loss_mask=t.loss_mask[:at], logprobs=t.logprobs[:at],
-                entropies=t.entropies[:at], path=shared + [self._new_node()]))
+            self.trajs.append(
+                Trajectory(
+                    p,
+                    t.prompt_ids,
+                    "branch",
+                    parent=i,
+                    response_ids=t.response_ids[:at],
+                    loss_mask=t.loss_mask[:at],
+                    logprobs=t.logprobs[:at],
+                    entropies=t.entropies[:at],
+                    path=shared + [self._new_node()],
+                )
+            )
             live.copies += 1
             self.names.append(self.names[i] + (live.copies,))
             # keys take hash indices from 2^40 up, branch draws (_uniform) positions below that
@@ -387,9 +420,16 @@ class _TreeRollout:
         self.open[p] += n
 
 
-def arpo_rollout(engine: RolloutEngine, protocol: Protocol, prompts: Sequence[Sequence[int]],
-                 config: Optional[ARPOConfig] = None, sampling: Optional[SamplingParams] = None,
-                 executor=None, seed: int = 0, prompt_seeds: Optional[Sequence[int]] = None) -> Rollout:
+def arpo_rollout(
+    engine: RolloutEngine,
+    protocol: Protocol,
+    prompts: Sequence[Sequence[int]],
+    config: Optional[ARPOConfig] = None,
+    sampling: Optional[SamplingParams] = None,
+    executor=None,
+    seed: int = 0,
+    prompt_seeds: Optional[Sequence[int]] = None,
+) -> Rollout:
     """Roll out ``config.rollouts`` trajectories per prompt as ARPO trees (module docstring).
 
     Args:
@@ -407,8 +447,9 @@ def arpo_rollout(engine: RolloutEngine, protocol: Protocol, prompts: Sequence[Se
     its branches), an order that does not depend on when tools finished. The engine holds none of
     them afterwards, also when this raises.
     """
-    run = _TreeRollout(engine, protocol, executor, config or ARPOConfig(),
-                       sampling or SamplingParams(), seed, prompt_seeds)
+    run = _TreeRollout(
+        engine, protocol, executor, config or ARPOConfig(), sampling or SamplingParams(), seed, prompt_seeds
+    )
     try:
         return run.run(prompts)
     finally:

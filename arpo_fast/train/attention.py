@@ -56,9 +56,11 @@ def resolve_attention(name: str, packed: bool, device: torch.device) -> str:
         return "flash_attention_2" if cuda and flash_attn_installed() else "sdpa"
     if name == "flash_attention_2":
         if packed:
-            raise ValueError("attn_implementation flash_attention_2 runs independent sequences only and "
-                             "cannot express a tree's mask: use flex_attention or sdpa, or "
-                             "--packed-update false")
+            raise ValueError(
+                "attn_implementation flash_attention_2 runs independent sequences only and "
+                "cannot express a tree's mask: use flex_attention or sdpa, or "
+                "--packed-update false"
+            )
         if not (cuda and flash_attn_installed()):
             raise ValueError("attn_implementation flash_attention_2 needs CUDA and the flash-attn package")
     return name
@@ -67,8 +69,10 @@ def resolve_attention(name: str, packed: bool, device: torch.device) -> str:
 def check_model(model, packed: bool) -> None:
     """A packed update needs every layer to attend to the whole path (no sliding window)."""
     if packed and "sliding_attention" in (getattr(model.config, "layer_types", None) or ()):
-        raise ValueError("the model has sliding-window attention layers, which the tree-packed update "
-                         "does not mask; use --packed-update false")
+        raise ValueError(
+            "the model has sliding-window attention layers, which the tree-packed update "
+            "does not mask; use --packed-update false"
+        )
 
 
 @contextlib.contextmanager
@@ -96,7 +100,7 @@ def path_masks(path_keys: torch.Tensor, path_sizes: list[tuple[int, int]], conte
     out = []
     for keys, (K, q) in zip(path_keys.split([k for k, _ in path_sizes]), path_sizes):
         depth = torch.arange(K, device=keys.device)
-        out.append((keys, keys[K - q:] - context, depth[None, :] <= depth[K - q:, None]))
+        out.append((keys, keys[K - q :] - context, depth[None, :] <= depth[K - q :, None]))
     return out
 
 
@@ -165,8 +169,18 @@ def _causal(query, key, value, scaling) -> tuple[torch.Tensor, None]:
     return out.transpose(1, 2).contiguous(), None
 
 
-def path_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                        tree_paths=None, tree_context=None, **kwargs):
+def path_sdpa_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    tree_paths=None,
+    tree_context=None,
+    **kwargs,
+):
     """Attention over a packed row, one ``scaled_dot_product_attention`` per path.
 
     ``query`` [1, H, T, D], ``key``/``value`` [1, Hkv, T, D]; ``tree_paths`` from
@@ -183,15 +197,24 @@ def path_sdpa_attention(module, query, key, value, attention_mask, scaling=None,
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
     outs, rows = [], []
     for keys, queries, mask in tree_paths:
-        outs.append(torch.nn.functional.scaled_dot_product_attention(
-            query.index_select(2, queries), key.index_select(2, keys), value.index_select(2, keys),
-            attn_mask=mask, dropout_p=dropout, scale=scaling))
+        outs.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                query.index_select(2, queries),
+                key.index_select(2, keys),
+                value.index_select(2, keys),
+                attn_mask=mask,
+                dropout_p=dropout,
+                scale=scaling,
+            )
+        )
         rows.append(queries)
     order = torch.argsort(torch.cat(rows))  # every row position is one path's query exactly once
     return torch.cat(outs, dim=2).index_select(2, order).transpose(1, 2).contiguous(), None
 
 
-def key_bounds(subtree_end: torch.Tensor, context_lo=None, context_hi=None) -> tuple[torch.Tensor, torch.Tensor]:
+def key_bounds(
+    subtree_end: torch.Tensor, context_lo=None, context_hi=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi) int64 [C + T]: key k (the C context keys, then the row's) is seen by the row's
     queries lo[k] <= i < hi[k]; a row key j by j..subtree_end[j] - 1 (``packing.TreeBatch``)."""
     lo, hi = torch.arange(subtree_end.numel(), device=subtree_end.device), subtree_end
@@ -248,8 +271,9 @@ def tree_block_mask(lo: torch.Tensor, hi: torch.Tensor, T: int, block: int = FLE
     def visible(b, h, q, kv):
         return (lo[kv] <= q) & (q < hi[kv])
 
-    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=(block, block),
-                                    mask_mod=visible, seq_lengths=(T, K))
+    return BlockMask.from_kv_blocks(
+        *ordered(partial), *ordered(full), BLOCK_SIZE=(block, block), mask_mod=visible, seq_lengths=(T, K)
+    )
 
 
 def flex_kernel(device: torch.device):
@@ -265,8 +289,9 @@ def flex_kernel(device: torch.device):
     return _compiled_flex[device.type, backend]
 
 
-def tree_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                        tree_context=None, **kwargs):
+def tree_flex_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, tree_context=None, **kwargs
+):
     """flex_attention over a packed row with its ``BlockMask`` (:func:`tree_block_mask`).
 
     ``query`` [1, H, T, D], ``key``/``value`` [1, Hkv, T, D]; ``tree_context`` as in
@@ -282,8 +307,9 @@ def tree_flex_attention(module, query, key, value, attention_mask, scaling=None,
     if query.shape[1] & (query.shape[1] - 1):  # flex_attention's grouped heads want a power of two
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-    out = flex_kernel(query.device)(query, key, value, block_mask=attention_mask, scale=scaling,
-                                    enable_gqa=key.shape[1] != query.shape[1])
+    out = flex_kernel(query.device)(
+        query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -308,6 +334,7 @@ def _checkpointed(forward):
         if not torch.is_grad_enabled():  # nothing to recompute for
             return forward(*args, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
     return run
 
 

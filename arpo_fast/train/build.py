@@ -38,8 +38,9 @@ def check_model_source(cfg: TrainConfig, resuming: bool) -> None:
         return
     if cfg.model == "demo":
         if cfg.tokenizer and not resuming:
-            raise ValueError("--tokenizer: the demo model builds its own tokenizer; --tokenizer goes "
-                             "with --model DIR")
+            raise ValueError(
+                "--tokenizer: the demo model builds its own tokenizer; --tokenizer goes with --model DIR"
+            )
         return
     path = Path(cfg.model)
     if not path.is_dir():
@@ -69,11 +70,19 @@ def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype, verb
         model = move_model(demo_model(tokenizer, seed=cfg.seed), device, dtype)
         if cfg.demo_warm_start:
             t0 = time.perf_counter()
-            loss = warm_start(model, tokenizer, cfg.demo_warm_start, seed=cfg.seed,
-                              log=(lambda line: print(line, flush=True)) if verbose else None)
+            loss = warm_start(
+                model,
+                tokenizer,
+                cfg.demo_warm_start,
+                seed=cfg.seed,
+                log=(lambda line: print(line, flush=True)) if verbose else None,
+            )
             if verbose:
-                print(f"demo warm start: {cfg.demo_warm_start} supervised steps, loss {loss:.3f}, "
-                      f"{time.perf_counter() - t0:.1f}s", flush=True)
+                print(
+                    f"demo warm start: {cfg.demo_warm_start} supervised steps, loss {loss:.3f}, "
+                    f"{time.perf_counter() - t0:.1f}s",
+                    flush=True,
+                )
         return model.eval(), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,8 +113,10 @@ def tool_settings(cfg: TrainConfig) -> dict:
         raise ValueError(f"--tool-settings names tools not in --tools: {', '.join(unknown)}")
     for name, value in settings.items():
         if not isinstance(value, dict):
-            raise ValueError(f"--tool-settings: the settings of {name!r} must be a JSON object, got "
-                             f"{json.dumps(value)[:60]}")
+            raise ValueError(
+                f"--tool-settings: the settings of {name!r} must be a JSON object, got "
+                f"{json.dumps(value)[:60]}"
+            )
     return settings
 
 
@@ -134,6 +145,9 @@ def protocol_for(cfg: TrainConfig, tokenizer, executor: Optional[ToolExecutor], 
     usual tags stay recognised, so a call to a tool this run lacks reads back an error instead of
     passing as plain text."""
     names = tuple(executor.tools) if executor is not None else ()
-    tags = ProtocolConfig(tool_names=tuple(dict.fromkeys(ProtocolConfig().tool_names + names)),
-                          max_calls=cfg.max_calls, stop_at_answer=cfg.stop_at_answer)
+    tags = ProtocolConfig(
+        tool_names=tuple(dict.fromkeys(ProtocolConfig().tool_names + names)),
+        max_calls=cfg.max_calls,
+        stop_at_answer=cfg.stop_at_answer,
+    )
     return Protocol(tokenizer, tags, eos_token_ids=eos_token_ids, available_tools=names)

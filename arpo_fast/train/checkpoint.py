@@ -65,16 +65,19 @@ def save_checkpoint(out_dir: str, model, tokenizer, optimizer, step: int, config
             model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "tokenizer")
     if dist is None:
-        torch.save({"format": FORMAT, "step": step, "optimizer": optimizer.state_dict(), "config": config},
-                   tmp / "trainer.pt")
+        torch.save(
+            {"format": FORMAT, "step": step, "optimizer": optimizer.state_dict(), "config": config},
+            tmp / "trainer.pt",
+        )
     else:
         import torch.distributed.checkpoint as dcp
 
         dist.barrier()
         dcp.save(optimizer.state_dict(), checkpoint_id=str(tmp / "trainer"))
         if main:
-            (tmp / "trainer.json").write_text(json.dumps({"format": FORMAT, "step": step, "config": config,
-                                                          "world_size": dist.world}))
+            (tmp / "trainer.json").write_text(
+                json.dumps({"format": FORMAT, "step": step, "config": config, "world_size": dist.world})
+            )
     if main:
         _remove(old)
         if final.exists():
@@ -106,8 +109,10 @@ def check_checkpoint_names(out_dir) -> None:
     project did not write (saving would rename or remove it)."""
     for path in (Path(out_dir) / name for name in NAMES):
         if (path.exists() or path.is_symlink()) and not is_ours(path):
-            raise CheckpointError(f"{path} exists but was not written by arpo_fast (no {MARKER} "
-                                  "file): it was left untouched; move it away or choose another --out")
+            raise CheckpointError(
+                f"{path} exists but was not written by arpo_fast (no {MARKER} "
+                "file): it was left untouched; move it away or choose another --out"
+            )
 
 
 def _remove(path: Path) -> None:
@@ -121,22 +126,30 @@ def validate_checkpoint(path: Path, distributed: bool = False) -> dict:
     wrong, having changed nothing."""
     state = load_trainer_state(path)
     if state.get("sharded") and not distributed:
-        raise CheckpointError(f"the checkpoint {path} was written by a distributed run: resume it "
-                              "under torchrun (any number of processes, --nproc-per-node 1 included)")
+        raise CheckpointError(
+            f"the checkpoint {path} was written by a distributed run: resume it "
+            "under torchrun (any number of processes, --nproc-per-node 1 included)"
+        )
     if distributed and not state.get("sharded"):
-        raise CheckpointError(f"the checkpoint {path} was written by a one-process run: resume it with "
-                              "python -m arpo_fast.train")
+        raise CheckpointError(
+            f"the checkpoint {path} was written by a one-process run: resume it with "
+            "python -m arpo_fast.train"
+        )
     parts = [("model/config.json", "the model's config"), ("tokenizer", "the tokenizer")]
     if state.get("sharded"):
         parts.append(("trainer/.metadata", "the sharded trainer state"))
     for part, what in parts:
         if not (Path(path) / part).exists():
-            raise CheckpointError(f"the checkpoint {path} is incomplete: {what} ({part}) is missing. "
-                                  "It was left untouched, and so was the run's metrics.jsonl")
+            raise CheckpointError(
+                f"the checkpoint {path} is incomplete: {what} ({part}) is missing. "
+                "It was left untouched, and so was the run's metrics.jsonl"
+            )
     weights = Path(path) / "model"
     if not any(weights.glob("*.safetensors")) and not any(weights.glob("*.bin")):
-        raise CheckpointError(f"the checkpoint {path} is incomplete: model/ holds no weights. It was "
-                              "left untouched, and so was the run's metrics.jsonl")
+        raise CheckpointError(
+            f"the checkpoint {path} is incomplete: model/ holds no weights. It was "
+            "left untouched, and so was the run's metrics.jsonl"
+        )
     return state
 
 
@@ -162,10 +175,13 @@ def load_trainer_state(path: Path) -> dict:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever broke the file, the user needs the same advice
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"cannot read the checkpoint {file} ({type(exc).__name__}: {first}). "
-                              "It was left untouched: move it away to start afresh, or pass another "
-                              "--out") from None
+        raise CheckpointError(
+            f"cannot read the checkpoint {file} ({type(exc).__name__}: {first}). "
+            "It was left untouched: move it away to start afresh, or pass another "
+            "--out"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("step"), int):
-        raise CheckpointError(f"{file} is not an arpo_fast checkpoint of format {FORMAT}; it was left "
-                              "untouched")
+        raise CheckpointError(
+            f"{file} is not an arpo_fast checkpoint of format {FORMAT}; it was left untouched"
+        )
     return state

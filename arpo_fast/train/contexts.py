@@ -43,8 +43,8 @@ class ContextCache:
         self.model, self.temperature, self.attention = model, temperature, attention
         self.trainable = trainable
         self.live: dict[int, list] = {}  # id(context) -> [output, keys given, values given, groups left]
-        self.held: list[list] = []       # after start(): every run, stand-ins included, in order
-        self.tokens = 0                  # context tokens run through the model
+        self.held: list[list] = []  # after start(): every run, stand-ins included, in order
+        self.tokens = 0  # context tokens run through the model
 
     def start(self, plan: list, runs: int, pad_id: int) -> None:
         """Run the contexts of ``plan`` (a mini-batch's micro-batches) now, then stand-ins of one
@@ -67,8 +67,10 @@ class ContextCache:
                 self.live[id(context)] = self._run(context)
         entries = [self.live[id(c)] for c in contexts]
         layers = range(len(entries[0][1]))
-        return ContextKV([torch.cat([e[1][i] for e in entries], dim=2) for i in layers],
-                         [torch.cat([e[2][i] for e in entries], dim=2) for i in layers])
+        return ContextKV(
+            [torch.cat([e[1][i] for e in entries], dim=2) for i in layers],
+            [torch.cat([e[2][i] for e in entries], dim=2) for i in layers],
+        )
 
     def _run(self, context: PromptContext) -> list:
         trainable = self.trainable and torch.is_grad_enabled()
@@ -105,8 +107,9 @@ class ContextCache:
         self.live.clear()
 
 
-def plan_cache(model, temperature: float, attention: str, trainable: bool, plan: list, lockstep,
-               k: int) -> ContextCache:
+def plan_cache(
+    model, temperature: float, attention: str, trainable: bool, plan: list, lockstep, k: int
+) -> ContextCache:
     """The :class:`ContextCache` of mini-batch ``k`` (``plan``) for ``model``; with ``lockstep`` (a
     distributed run: (context runs per mini-batch, the same on every rank; pad id)) its contexts
     run up front."""

@@ -76,16 +76,21 @@ def _row_problem(row: Any) -> str | None:
         return f"expected a JSON object, got {type(row).__name__}"
     prompt = row.get("prompt")
     if isinstance(prompt, list):
-        if not prompt or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                 and isinstance(m.get("role"), str) for m in prompt):
+        if not prompt or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and isinstance(m.get("role"), str)
+            for m in prompt
+        ):
             return "'prompt' as a list must hold {role, content} string objects"
     elif not isinstance(prompt, str) or not prompt:
         return "'prompt' must be a non-empty string or a list of chat messages"
     truth = row.get("ground_truth")
-    if not (isinstance(truth, str) or (isinstance(truth, list) and truth
-                                       and all(isinstance(t, str) for t in truth))):
-        return ("'ground_truth' (or 'reward_model.ground_truth') must be a string or a non-empty "
-                "list of strings")
+    if not (
+        isinstance(truth, str)
+        or (isinstance(truth, list) and truth and all(isinstance(t, str) for t in truth))
+    ):
+        return (
+            "'ground_truth' (or 'reward_model.ground_truth') must be a string or a non-empty list of strings"
+        )
     if not isinstance(row.get("data_source", ""), str):
         return "'data_source' must be a string"
     return None
@@ -120,13 +125,24 @@ def _parquet_rows(path: Path) -> list[tuple[str, Any]]:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"{path}: cannot read it as Parquet ({first})") from None
     names = table.column_names
-    truth_in_reward_model = ("reward_model" in names and pa.types.is_struct(table.schema.field("reward_model").type)
-                             and table.schema.field("reward_model").type.get_field_index("ground_truth") >= 0)
-    missing = [c for c, ok in (("prompt", "prompt" in names),
-                               ("ground_truth", "ground_truth" in names or truth_in_reward_model)) if not ok]
+    truth_in_reward_model = (
+        "reward_model" in names
+        and pa.types.is_struct(table.schema.field("reward_model").type)
+        and table.schema.field("reward_model").type.get_field_index("ground_truth") >= 0
+    )
+    missing = [
+        c
+        for c, ok in (
+            ("prompt", "prompt" in names),
+            ("ground_truth", "ground_truth" in names or truth_in_reward_model),
+        )
+        if not ok
+    ]
     if missing:
-        raise ValueError(f"{path}: no {' or '.join(repr(m) for m in missing)} column (nor "
-                         f"reward_model.ground_truth); its columns: {', '.join(names)}")
+        raise ValueError(
+            f"{path}: no {' or '.join(repr(m) for m in missing)} column (nor "
+            f"reward_model.ground_truth); its columns: {', '.join(names)}"
+        )
     return [(f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
 
 
@@ -151,8 +167,12 @@ def read_rows(path: str) -> list[dict]:
     if not rows:
         raise ValueError(f"{path}: no examples (the file is empty)")
     if repaired:
-        log.info("%s: repaired \\boxed (stored as a backspace and 'oxed') in %d of %d rows",
-                 path, repaired, len(rows))
+        log.info(
+            "%s: repaired \\boxed (stored as a backspace and 'oxed') in %d of %d rows",
+            path,
+            repaired,
+            len(rows),
+        )
     return rows
 
 
@@ -178,8 +198,13 @@ def source_rows(source: str, flag: str) -> list[dict] | None:
         raise ValueError(f"{flag}: {exc}") from None
 
 
-def load_examples(source: str, tokenizer, max_prompt_tokens: int | None = None,
-                  demo_split: str = "train", rows: list[dict] | None = None) -> list[Example]:
+def load_examples(
+    source: str,
+    tokenizer,
+    max_prompt_tokens: int | None = None,
+    demo_split: str = "train",
+    rows: list[dict] | None = None,
+) -> list[Example]:
     """``source``: 'demo' (the demo's ``demo_split`` problems) or a JSONL or Parquet path, whose
     ``rows`` (``read_rows``) may be given already read. Prompts longer than ``max_prompt_tokens``
     are an error."""
@@ -193,8 +218,10 @@ def load_examples(source: str, tokenizer, max_prompt_tokens: int | None = None,
         if not ids:
             raise ValueError(f"{source}: example {number} encodes to no tokens")
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            raise ValueError(f"{source}: example {number} has {len(ids)} prompt tokens, more than "
-                             f"the model's {max_prompt_tokens}")
+            raise ValueError(
+                f"{source}: example {number} has {len(ids)} prompt tokens, more than "
+                f"the model's {max_prompt_tokens}"
+            )
         examples.append(Example(ids, row["ground_truth"], row.get("data_source", "default")))
     return examples
 

@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from arpo_fast.rollout.protocol import format_result
 
-SYSTEM = ("Solve it. Run Python inside <python></python> if you like; answer as "
-          "<answer>\\boxed{...}</answer>.")
+SYSTEM = "Solve it. Run Python inside <python></python> if you like; answer as <answer>\\boxed{...}</answer>."
 """The instruction in front of every demo problem."""
 
 SOURCE = "demo_arithmetic"
@@ -68,7 +68,7 @@ def demo_splits(seed: int = 0) -> dict[str, list[tuple[int, int]]]:
             pairs.append(pair)
     out, start = {}, 0
     for name, n in SIZES.items():
-        out[name], start = pairs[start:start + n], start + n
+        out[name], start = pairs[start : start + n], start + n
     return out
 
 
@@ -90,8 +90,11 @@ def _solution(a: int, b: int, guess: int | None = None) -> list[str]:
     tool; the guessed digits are the piece not trained on (see ``_warm_texts``)."""
     if guess is not None:
         return [f"<think>{GUESS_THOUGHT.format(a=a, b=b)}</think><answer>\\boxed{{", str(guess), "}</answer>"]
-    return [f"<think>{TOOL_THOUGHT.format(a=a, b=b)}</think><python>print({a} * {b})</python>",
-            format_result(f"{a * b}\n"), f"<answer>\\boxed{{{a * b}}}</answer>"]
+    return [
+        f"<think>{TOOL_THOUGHT.format(a=a, b=b)}</think><python>print({a} * {b})</python>",
+        format_result(f"{a * b}\n"),
+        f"<answer>\\boxed{{{a * b}}}</answer>",
+    ]
 
 
 def _warm_texts(seed: int) -> list[tuple[str, list[str]]]:
@@ -103,7 +106,7 @@ def _warm_texts(seed: int) -> list[tuple[str, list[str]]]:
     texts = []
     for a, b in demo_splits()["warm"]:
         digits = len(str(a * b))
-        guess = None if rng.random() < TOOL_SHARE else rng.randint(10 ** (digits - 1), 10 ** digits - 1)
+        guess = None if rng.random() < TOOL_SHARE else rng.randint(10 ** (digits - 1), 10**digits - 1)
         texts.append((_prompt(a, b), _solution(a, b, guess)))
     return texts
 
@@ -116,13 +119,20 @@ def demo_tokenizer(vocab_size: int = 512):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"</?[a-z]+>"), behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"</?[a-z]+>"), behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     texts = ["".join([p, *s]) for p, s in _warm_texts(0)[:512]]
     texts += ["".join([_prompt(100, 200), *_solution(100, 200, guess)]) for guess in (None, 20000)]
     tok.train_from_iterator(texts, trainer)
@@ -134,11 +144,19 @@ def demo_model(tokenizer, seed: int = 0, layers: int = 3, hidden: int = 128):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
 
@@ -167,7 +185,7 @@ def _batch(rows, pad_id: int):
     for r, (prompt, solution, mask) in enumerate(rows):
         end = len(prompt) + len(solution)
         ids[r, :end] = torch.tensor(prompt + solution)
-        labels[r, len(prompt):end] = torch.tensor([t if m else -100 for t, m in zip(solution, mask)])
+        labels[r, len(prompt) : end] = torch.tensor([t if m else -100 for t, m in zip(solution, mask)])
         attention[r, :end] = 1
     return ids, labels, attention
 
@@ -183,8 +201,15 @@ def _encode_solution(tokenizer, pieces: list[str]) -> tuple[list[int], list[int]
     return ids + [tokenizer.eos_token_id], mask + [1]
 
 
-def warm_start(model, tokenizer, steps: int = 600, lr: float = 3e-3, batch: int = 32, seed: int = 0,
-               log: Optional[Callable[[str], None]] = None) -> float:
+def warm_start(
+    model,
+    tokenizer,
+    steps: int = 600,
+    lr: float = 3e-3,
+    batch: int = 32,
+    seed: int = 0,
+    log: Optional[Callable[[str], None]] = None,
+) -> float:
     """Supervised steps on solutions of the warm-start split, the loss on what the model writes and
     EOS (not on prompts or tool results, as in the RL update), with a cosine learning-rate decay.
     The first ``TOOL_FIRST`` of the steps see only solutions that call python (the model learns the
@@ -201,15 +226,19 @@ def warm_start(model, tokenizer, steps: int = 600, lr: float = 3e-3, batch: int 
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))
+    )
     rng = random.Random(seed)
     loss = torch.tensor(float("nan"))
     model.train()
     for step in range(1, steps + 1):
         rows = tool_only if step <= TOOL_FIRST * steps else mix
-        ids, labels, attention = _batch([rows[rng.randrange(len(rows))] for _ in range(batch)],
-                                        tokenizer.pad_token_id)
-        loss = model(input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)).loss
+        ids, labels, attention = _batch(
+            [rows[rng.randrange(len(rows))] for _ in range(batch)], tokenizer.pad_token_id
+        )
+        loss = model(
+            input_ids=ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)
+        ).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -20,8 +20,9 @@ import datetime
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -94,8 +95,7 @@ def init(device: str, timeout_s: float) -> Optional[Dist]:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, world, local, dev)
 
 
@@ -197,6 +197,7 @@ class ShardedPolicy:
     def load_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self.scorer, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        set_state_dict(
+            self.scorer, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
         self.refresh()

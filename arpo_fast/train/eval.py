@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from arpo_fast.engine import SamplingParams
 from arpo_fast.rollout.tree import arpo_rollout
@@ -27,12 +28,22 @@ def _rollout(run, examples: Sequence, k: int, temperature: float, seed: int, pos
     import torch
 
     config = dataclasses.replace(run.cfg.rollout, rollouts=k, initial=k)
-    sampling = SamplingParams(temperature, top_k=run.cfg.top_k if temperature > 0 else 0,
-                              top_p=run.cfg.top_p if temperature > 0 else 1.0)
+    sampling = SamplingParams(
+        temperature,
+        top_k=run.cfg.top_k if temperature > 0 else 0,
+        top_p=run.cfg.top_p if temperature > 0 else 1.0,
+    )
     with torch.no_grad():  # a prompt's draws depend on its place in the whole set, not in a share
-        rollout = arpo_rollout(run.engine, run.protocol, [e.prompt_ids for e in examples], config,
-                               sampling, run.executor, seed=seed,
-                               prompt_seeds=[child_seed(seed, i) for i in positions])
+        rollout = arpo_rollout(
+            run.engine,
+            run.protocol,
+            [e.prompt_ids for e in examples],
+            config,
+            sampling,
+            run.executor,
+            seed=seed,
+            prompt_seeds=[child_seed(seed, i) for i in positions],
+        )
     if run.executor is not None:
         run.executor.new_step()  # an evaluation's calls are not served to the next training step
     return rollout.trajectories
@@ -51,17 +62,20 @@ def evaluate(run, examples: Sequence, step: int, score, positions: Optional[Sequ
     trajs = _rollout(run, examples, 1, 0.0, 0, positions)
     rewards = score(trajs, examples, run.tokenizer, run.rewards)
     n = max(len(trajs), 1)  # a rank's share of a small set may be empty
-    row = {"step": step,
-           "eval/accuracy": sum(r.correctness for r in rewards) / n,
-           "eval/format_ok": sum(r.score > -1 for r in rewards) / n,
-           "eval/reward": sum(r.score for r in rewards) / n,
-           "eval/tool_calls": sum(t.tool_calls for t in trajs) / n,
-           "eval/response_tokens": sum(len(t.response_ids) for t in trajs) / n,
-           "eval/examples": len(trajs)}
+    row = {
+        "step": step,
+        "eval/accuracy": sum(r.correctness for r in rewards) / n,
+        "eval/format_ok": sum(r.score > -1 for r in rewards) / n,
+        "eval/reward": sum(r.score for r in rewards) / n,
+        "eval/tool_calls": sum(t.tool_calls for t in trajs) / n,
+        "eval/response_tokens": sum(len(t.response_ids) for t in trajs) / n,
+        "eval/examples": len(trajs),
+    }
     k = cfg.eval_samples
     if k:
-        trajs = _rollout(run, examples, k, cfg.eval_temperature, child_seed(cfg.seed, EVAL_SEED_INDEX),
-                         positions)
+        trajs = _rollout(
+            run, examples, k, cfg.eval_temperature, child_seed(cfg.seed, EVAL_SEED_INDEX), positions
+        )
         correct = [r.correctness for r in score(trajs, examples, run.tokenizer, run.rewards)]
         best = [0.0] * len(examples)
         for t, c in zip(trajs, correct):

@@ -43,8 +43,15 @@ from arpo_fast.rollout.tools.executor import ToolExecutor
 from arpo_fast.rollout.tree import arpo_rollout
 from arpo_fast.seeds import child_seed
 from arpo_fast.train import build, distributed, metrics, report
-from arpo_fast.train.checkpoint import (NAMES, CheckpointError, check_checkpoint_names, find_checkpoint,
-                                        load_sharded_state, save_checkpoint, validate_checkpoint)
+from arpo_fast.train.checkpoint import (
+    NAMES,
+    CheckpointError,
+    check_checkpoint_names,
+    find_checkpoint,
+    load_sharded_state,
+    save_checkpoint,
+    validate_checkpoint,
+)
 from arpo_fast.train.config import TrainConfig, parse_config
 from arpo_fast.train.data import load_examples, source_rows, step_batch
 from arpo_fast.train.eval import evaluate
@@ -57,10 +64,15 @@ log = logging.getLogger("arpo_fast.train")
 def score(trajectories, examples, tokenizer, rewards: RewardConfig) -> list:
     """The reward of each trajectory, chosen by its example's ``data_source``, on what the model
     wrote (special tokens skipped, tool results opaque: ``rollout.rewards.response_text``)."""
-    return [compute_reward(examples[t.prompt_index].data_source,
-                           response_text(tokenizer, t.response_ids, t.loss_mask),
-                           examples[t.prompt_index].ground_truth, rewards)
-            for t in trajectories]
+    return [
+        compute_reward(
+            examples[t.prompt_index].data_source,
+            response_text(tokenizer, t.response_ids, t.loss_mask),
+            examples[t.prompt_index].ground_truth,
+            rewards,
+        )
+        for t in trajectories
+    ]
 
 
 @dataclass
@@ -110,11 +122,14 @@ def _check_out(cfg: TrainConfig, distributed_run: bool) -> tuple[Optional[Path],
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
     if not cfg.resume:
-        taken = [p.name for p in (out / "metrics.jsonl", *(out / n for n in NAMES))
-                 if p.exists() or p.is_symlink()]
+        taken = [
+            p.name for p in (out / "metrics.jsonl", *(out / n for n in NAMES)) if p.exists() or p.is_symlink()
+        ]
         if taken:
-            raise ValueError(f"{out} already holds a run ({', '.join(taken)}); pass --resume true to "
-                             "continue it, or choose another --out")
+            raise ValueError(
+                f"{out} already holds a run ({', '.join(taken)}); pass --resume true to "
+                "continue it, or choose another --out"
+            )
         return None, None
     checkpoint = find_checkpoint(cfg.out)
     if checkpoint is None:
@@ -130,8 +145,11 @@ def _prepare_out(cfg: TrainConfig, state: Optional[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = out / "metrics.jsonl"
     if state is not None and metrics_file.exists():
-        rows = [line for line in metrics_file.read_text(encoding="utf-8").splitlines()
-                if _step_of(line) <= state["step"]]
+        rows = [
+            line
+            for line in metrics_file.read_text(encoding="utf-8").splitlines()
+            if _step_of(line) <= state["step"]
+        ]
         tmp = out / "metrics.jsonl.tmp"
         tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
         tmp.replace(metrics_file)  # whole or not at all
@@ -166,13 +184,17 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
             model, tokenizer = build.load_model(cfg, checkpoint, device, dtype, verbose=d is None or d.main)
         longest = model.config.max_position_embeddings - 1
         examples = load_examples(cfg.data, tokenizer, longest, rows=rows)
-        eval_examples = [] if cfg.eval_data == "none" else \
-            load_examples(cfg.eval_data, tokenizer, longest, demo_split="heldout", rows=eval_rows)
+        eval_examples = (
+            []
+            if cfg.eval_data == "none"
+            else load_examples(cfg.eval_data, tokenizer, longest, demo_split="heldout", rows=eval_rows)
+        )
         update_plan = cfg.update.describe(device)  # e.g. flash_attention_2 without flash-attn fails here
         starting = None
         if cfg.update.kl_coef:  # the policy the run started from: a resumed run loads it again
-            starting = model if checkpoint is None else \
-                build.load_model(cfg, None, device, dtype, verbose=False)[0]
+            starting = (
+                model if checkpoint is None else build.load_model(cfg, None, device, dtype, verbose=False)[0]
+            )
     reference = None
     if starting is not None:
         reference = distributed.shard(starting, d, dtype) if d else copy.deepcopy(starting)
@@ -195,8 +217,23 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     engine = Engine(model, tokenizer=tokenizer, on_pool_exhausted="preempt", **kv)
     executor = build.tool_executor(cfg, settings)
     protocol = build.protocol_for(cfg, tokenizer, executor, engine.eos_token_ids)
-    return Run(cfg, model, tokenizer, optimizer, scorer, engine, protocol, executor, examples, rewards,
-               start, d, reference, eval_examples, started)
+    return Run(
+        cfg,
+        model,
+        tokenizer,
+        optimizer,
+        scorer,
+        engine,
+        protocol,
+        executor,
+        examples,
+        rewards,
+        start,
+        d,
+        reference,
+        eval_examples,
+        started,
+    )
 
 
 class AgreedError(ValueError):
@@ -231,9 +268,16 @@ def train_step(run: Run, step: int) -> dict:
     step_seed = child_seed(cfg.seed, step)
     t0 = time.perf_counter()
     with torch.no_grad():  # a prompt's tree depends on (seed, step, its position) only
-        rollout = arpo_rollout(run.engine, run.protocol, [e.prompt_ids for e in batch], cfg.rollout,
-                               sampling, run.executor, seed=step_seed,
-                               prompt_seeds=[child_seed(step_seed, j) for j in mine])
+        rollout = arpo_rollout(
+            run.engine,
+            run.protocol,
+            [e.prompt_ids for e in batch],
+            cfg.rollout,
+            sampling,
+            run.executor,
+            seed=step_seed,
+            prompt_seeds=[child_seed(step_seed, j) for j in mine],
+        )
     if run.executor is not None:
         run.executor.new_step()
     t1 = time.perf_counter()
@@ -244,19 +288,36 @@ def train_step(run: Run, step: int) -> dict:
     t2 = time.perf_counter()
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     per = cfg.update.mini_batch_prompts  # mini-batches are numbered over the whole step's prompts
-    update_metrics = update(run.scorer, run.optimizer, trajs, advantages, cfg.update, pad_id,
-                            cfg.temperature, dist=d,
-                            mini_batch_ids=[mine[t.prompt_index] // per for t in trajs],
-                            num_mini_batches=math.ceil(cfg.prompts_per_step / per), reference=run.reference,
-                            node_tokens=rollout.node_tokens)
+    update_metrics = update(
+        run.scorer,
+        run.optimizer,
+        trajs,
+        advantages,
+        cfg.update,
+        pad_id,
+        cfg.temperature,
+        dist=d,
+        mini_batch_ids=[mine[t.prompt_index] // per for t in trajs],
+        num_mini_batches=math.ceil(cfg.prompts_per_step / per),
+        reference=run.reference,
+        node_tokens=rollout.node_tokens,
+    )
     t3 = time.perf_counter()
     extra = {"attn_implementation": cfg.update.resolved(next(run.scorer.parameters()).device)[0]}
     if d is not None:
         moved = run.optimizer.take_refresh_stats()
-        extra |= {"weight_refresh_mb": round(moved["bytes"] / 2**20, 3),
-                  "weight_refresh_s": round(moved["seconds"], 4)}
-    return metrics.step_row(step + 1, metrics.rollout_sums(rollout, rewards), update_metrics,
-                            {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2}, d, extra)
+        extra |= {
+            "weight_refresh_mb": round(moved["bytes"] / 2**20, 3),
+            "weight_refresh_s": round(moved["seconds"], 4),
+        }
+    return metrics.step_row(
+        step + 1,
+        metrics.rollout_sums(rollout, rewards),
+        update_metrics,
+        {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2},
+        d,
+        extra,
+    )
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None) -> list[dict]:
@@ -298,8 +359,15 @@ def fit(run: Run) -> list[dict]:
             if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 _evaluate(run, step + 1, reporter)
             if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                checkpoint = save_checkpoint(cfg.out, run.model, run.tokenizer, run.optimizer, step + 1,
-                                             dataclasses.asdict(cfg), run.dist)
+                checkpoint = save_checkpoint(
+                    cfg.out,
+                    run.model,
+                    run.tokenizer,
+                    run.optimizer,
+                    step + 1,
+                    dataclasses.asdict(cfg),
+                    run.dist,
+                )
     finally:
         if run.executor is not None:
             run.executor.shutdown(wait=False)
@@ -347,8 +415,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a distributed run: say which rank failed, and how
         if not ranked:
             raise
-        print(f"arpo_fast.train: error (rank {rank}): {type(exc).__name__}: {describe_error(exc)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"arpo_fast.train: error (rank {rank}): {type(exc).__name__}: {describe_error(exc)}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1  # torchrun then stops the other ranks
     finally:
         if out_is_new:  # a run that failed before writing anything leaves no empty folder behind
@@ -359,6 +430,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if s["final_accuracy"] is not None:
             start = "" if s["warm_start_accuracy"] is None else f"{s['warm_start_accuracy']:.2f} -> "
             print(f"held-out accuracy {start}{s['final_accuracy']:.2f}", flush=True)
-        print(f"{s['steps']} steps in {s['wall_s']:.0f}s; checkpoint, metrics.jsonl, metrics.png and "
-              f"summary.json in {cfg.out}", flush=True)
+        print(
+            f"{s['steps']} steps in {s['wall_s']:.0f}s; checkpoint, metrics.jsonl, metrics.png and "
+            f"summary.json in {cfg.out}",
+            flush=True,
+        )
     return 0

@@ -21,24 +21,36 @@ SUMMED = ("forward_tokens",)  # counts of each rank's own work
 def rollout_sums(rollout, rewards) -> dict[str, float]:
     """This rank's additive counts of a step's rollout and rewards."""
     total, unique = shared_token_count(rollout.paths())
-    return {"trajectories": len(rollout.trajectories), "reward": sum(r.score for r in rewards),
-            "tool_calls_per_traj": sum(t.tool_calls for t in rollout.trajectories),
-            "correct": sum(r.correctness > 0 for r in rewards),
-            "format_ok": sum(r.score > -1 for r in rewards),
-            "tool_calls": rollout.stats["tool_calls"], "branch_points": rollout.stats["branch_points"],
-            "fills": rollout.stats["fills"], "response_tokens": total, "shared_tokens": total - unique,
-            "model_tokens": rollout.stats["model_tokens"]}
+    return {
+        "trajectories": len(rollout.trajectories),
+        "reward": sum(r.score for r in rewards),
+        "tool_calls_per_traj": sum(t.tool_calls for t in rollout.trajectories),
+        "correct": sum(r.correctness > 0 for r in rewards),
+        "format_ok": sum(r.score > -1 for r in rewards),
+        "tool_calls": rollout.stats["tool_calls"],
+        "branch_points": rollout.stats["branch_points"],
+        "fills": rollout.stats["fills"],
+        "response_tokens": total,
+        "shared_tokens": total - unique,
+        "model_tokens": rollout.stats["model_tokens"],
+    }
 
 
-def step_row(step: int, sums: dict, update: dict, times: dict, dist=None,
-             extra: Optional[dict] = None) -> dict:
+def step_row(
+    step: int, sums: dict, update: dict, times: dict, dist=None, extra: Optional[dict] = None
+) -> dict:
     """The metrics row of ``step`` from this rank's ``rollout_sums``, ``update`` metrics (token
     means over its ``tokens``) and stage ``times``, reduced over ``dist``'s ranks when given."""
     if dist is not None:
         sums, update, times = _reduce(sums, update, times, dist)
     n = max(sums["trajectories"], 1)
-    row = {"step": step, "reward": sums["reward"] / n, "correct": sums["correct"] / n,
-           "format_ok": sums["format_ok"] / n, "tool_calls_per_traj": sums["tool_calls_per_traj"] / n}
+    row = {
+        "step": step,
+        "reward": sums["reward"] / n,
+        "correct": sums["correct"] / n,
+        "format_ok": sums["format_ok"] / n,
+        "tool_calls_per_traj": sums["tool_calls_per_traj"] / n,
+    }
     row.update({k: int(v) for k, v in sums.items() if k not in row})
     row.update({k: round(v, 6) for k, v in update.items()})
     row.update(extra or {})
@@ -53,20 +65,26 @@ def _reduce(sums: dict, update: dict, times: dict, dist) -> tuple[dict, dict, di
     weighted = [k for k in keys if k not in SAME_ON_EVERY_RANK + LARGEST + SUMMED]
     summed = [k for k in SUMMED if k in keys]
     sum_keys = sorted(sums)
-    totals = dist.sum([sums[k] for k in sum_keys] + [tokens]
-                      + [update.get(k, 0.0) * tokens for k in weighted] + [update.get(k, 0.0) for k in summed])
-    largest = dist.max([update.get(k, float("-inf")) for k in LARGEST if k in keys]
-                       + [update.get(k, float("-inf")) for k in SAME_ON_EVERY_RANK if k in keys]
-                       + [times[k] for k in sorted(times)])
+    totals = dist.sum(
+        [sums[k] for k in sum_keys]
+        + [tokens]
+        + [update.get(k, 0.0) * tokens for k in weighted]
+        + [update.get(k, 0.0) for k in summed]
+    )
+    largest = dist.max(
+        [update.get(k, float("-inf")) for k in LARGEST if k in keys]
+        + [update.get(k, float("-inf")) for k in SAME_ON_EVERY_RANK if k in keys]
+        + [times[k] for k in sorted(times)]
+    )
     out_sums = dict(zip(sum_keys, totals))
     all_tokens = totals[len(sum_keys)]
-    means = totals[len(sum_keys) + 1:len(totals) - len(summed)]
+    means = totals[len(sum_keys) + 1 : len(totals) - len(summed)]
     out_update = {k: v / max(all_tokens, 1) for k, v in zip(weighted, means)}
-    out_update.update(zip(summed, totals[len(totals) - len(summed):]))
+    out_update.update(zip(summed, totals[len(totals) - len(summed) :]))
     named = [k for k in LARGEST if k in keys] + [k for k in SAME_ON_EVERY_RANK if k in keys]
     out_update.update(zip(named, largest))
     out_update["tokens"] = all_tokens
-    out_times = dict(zip(sorted(times), largest[len(named):]))
+    out_times = dict(zip(sorted(times), largest[len(named) :]))
     return out_sums, out_update, out_times
 
 
@@ -84,10 +102,12 @@ def eval_row(row: dict, dist) -> dict:
 
 def line(m: dict, steps: int) -> str:
     """One step as a line of the log."""
-    return (f"step {m['step']}/{steps}  reward {m['reward']:+.3f}  correct {m['correct']:.2f}  "
-            f"format {m['format_ok']:.2f}  calls/traj {m['tool_calls_per_traj']:.2f}  "
-            f"traj {m['trajectories']}  calls {m['tool_calls']}  "
-            f"branches {m['branch_points']}  tokens {m['response_tokens']} "
-            f"(shared {m['shared_tokens']})  loss {m.get('loss', 0.0):+.4f}  "
-            f"clip {m.get('clip_fraction', 0.0):.3f}  grad {m['grad_norm']:.3f}  "
-            f"rollout {m['rollout_s']:.1f}s  update {m['update_s']:.1f}s")
+    return (
+        f"step {m['step']}/{steps}  reward {m['reward']:+.3f}  correct {m['correct']:.2f}  "
+        f"format {m['format_ok']:.2f}  calls/traj {m['tool_calls_per_traj']:.2f}  "
+        f"traj {m['trajectories']}  calls {m['tool_calls']}  "
+        f"branches {m['branch_points']}  tokens {m['response_tokens']} "
+        f"(shared {m['shared_tokens']})  loss {m.get('loss', 0.0):+.4f}  "
+        f"clip {m.get('clip_fraction', 0.0):.3f}  grad {m['grad_norm']:.3f}  "
+        f"rollout {m['rollout_s']:.1f}s  update {m['update_s']:.1f}s"
+    )

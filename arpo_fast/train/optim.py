@@ -25,11 +25,15 @@ class MasterWeights:
 
     def __init__(self, params, make_optimizer=None, *, lr: float = 1e-6, weight_decay: float = 0.0):
         self.params = [p for p in params if p.requires_grad]
-        self.master = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_()
-                       for p in self.params]
+        self.master = [
+            p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_()
+            for p in self.params
+        ]
         self.copied = [i for i, (p, m) in enumerate(zip(self.params, self.master)) if m is not p]
-        self._hooks = [self.params[i].register_post_accumulate_grad_hook(
-            lambda p, m=self.master[i]: _move_grad(p, m)) for i in self.copied]
+        self._hooks = [
+            self.params[i].register_post_accumulate_grad_hook(lambda p, m=self.master[i]: _move_grad(p, m))
+            for i in self.copied
+        ]
         if make_optimizer is None:
             self.inner = torch.optim.AdamW(self.master, lr=lr, weight_decay=weight_decay)
         else:
@@ -66,16 +70,20 @@ class MasterWeights:
             m.grad = None
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.inner.state_dict(),
-                "master": {i: self.master[i].detach().clone() for i in self.copied}}
+        return {
+            "optimizer": self.inner.state_dict(),
+            "master": {i: self.master[i].detach().clone() for i in self.copied},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the optimizer's state and the fp32 masters (and from them the model's weights)."""
         masters = state.get("master", {})
         expected = set(self.copied)
         if set(masters) != expected:
-            raise ValueError(f"optimizer state has fp32 masters for {len(masters)} parameters, this "
-                             f"model needs them for {len(expected)} (was it saved in another dtype?)")
+            raise ValueError(
+                f"optimizer state has fp32 masters for {len(masters)} parameters, this "
+                f"model needs them for {len(expected)} (was it saved in another dtype?)"
+            )
         self.inner.load_state_dict(state["optimizer"])
         with torch.no_grad():
             for i, saved in masters.items():

@@ -36,8 +36,9 @@ copies share one log-prob (``algo/loss.py``, ``shared_policy_loss``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -66,26 +67,26 @@ class TreeBatch:
     ``T`` tokens go through the model; ``n`` of them are predicted: the model-written response tokens
     this micro-batch owns, each once, standing for all of its copies."""
 
-    input_ids: torch.Tensor      # int64 [T]
-    position_ids: torch.Tensor   # int64 [T]: depth along the token's own path
-    subtree_end: torch.Tensor    # int64 [T]: key j is visible to query i iff j <= i < subtree_end[j]
-    hidden_index: torch.Tensor   # int64 [n]: the row position whose hidden state predicts the token
-    targets: torch.Tensor        # int64 [n]
-    copies: CopyAdvantages       # fp32 [n] each: the advantages of the token's copies
+    input_ids: torch.Tensor  # int64 [T]
+    position_ids: torch.Tensor  # int64 [T]: depth along the token's own path
+    subtree_end: torch.Tensor  # int64 [T]: key j is visible to query i iff j <= i < subtree_end[j]
+    hidden_index: torch.Tensor  # int64 [n]: the row position whose hidden state predicts the token
+    targets: torch.Tensor  # int64 [n]
+    copies: CopyAdvantages  # fp32 [n] each: the advantages of the token's copies
     rollout_logprobs: torch.Tensor  # fp32 [n]: the sampler's (NaN where it drew none)
-    origin: torch.Tensor         # int64 [n, 2]: (trajectory, response offset) of the token's first copy
-    path_keys: torch.Tensor      # int64 [sum of K]: per path, the row positions of its tokens in order
+    origin: torch.Tensor  # int64 [n, 2]: (trajectory, response offset) of the token's first copy
+    path_keys: torch.Tensor  # int64 [sum of K]: per path, the row positions of its tokens in order
     path_sizes: list[tuple[int, int]]  # per path (K, q): its tokens, and how many at its end are its
-                                       # own queries (each row position is one path's query once)
-    piece_starts: list[int]      # where each piece starts in the row, then T (cu_seqlens of chains)
-    model_tokens: int            # model-written tokens counted per copy (copies.count's sum)
-    dummy: bool = False          # a stand-in that counts for nothing (distributed.py: equal counts)
+    # own queries (each row position is one path's query once)
+    piece_starts: list[int]  # where each piece starts in the row, then T (cu_seqlens of chains)
+    model_tokens: int  # model-written tokens counted per copy (copies.count's sum)
+    dummy: bool = False  # a stand-in that counts for nothing (distributed.py: equal counts)
     # Prompt contexts the row attends to, their keys in this order in front of the row's own (C in
     # all); path_keys count those C keys first. Context key c is seen by the row's queries
     # context_lo[c] <= i < context_hi[c] (the group it is the prompt of).
     contexts: list[PromptContext] = field(default_factory=list)
-    context_lo: Optional[torch.Tensor] = None   # int64 [C]
-    context_hi: Optional[torch.Tensor] = None   # int64 [C]
+    context_lo: Optional[torch.Tensor] = None  # int64 [C]
+    context_hi: Optional[torch.Tensor] = None  # int64 [C]
 
     @property
     def tokens(self) -> int:
@@ -96,18 +97,21 @@ class TreeBatch:
         return sum(c.tokens for c in self.contexts)
 
     def to(self, device) -> TreeBatch:
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
-                 if isinstance(getattr(self, f.name), (torch.Tensor, CopyAdvantages))}
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), (torch.Tensor, CopyAdvantages))
+        }
         return replace(self, **moved)
 
 
 @dataclass
 class _Node:
-    first: int            # the trajectory whose tokens it holds (the first one through it)
-    start: int            # offset in that trajectory's response (0 for the prompt)
+    first: int  # the trajectory whose tokens it holds (the first one through it)
+    start: int  # offset in that trajectory's response (0 for the prompt)
     length: int
-    parent: int           # index in Tree.nodes, -1 for the prompt
-    trajs: list[int] = field(default_factory=list)     # trajectories through it: its copies
+    parent: int  # index in Tree.nodes, -1 for the prompt
+    trajs: list[int] = field(default_factory=list)  # trajectories through it: its copies
     children: list[int] = field(default_factory=list)
 
 
@@ -125,8 +129,9 @@ class Tree:
         return sum(n.length for n in self.nodes)
 
 
-def build_trees(trajectories, rows: Sequence[int], node_tokens: Optional[Mapping[int, int]],
-                share: bool = True) -> list[Tree]:
+def build_trees(
+    trajectories, rows: Sequence[int], node_tokens: Optional[Mapping[int, int]], share: bool = True
+) -> list[Tree]:
     """The trees of the trajectories ``rows``: one per prompt (same ``prompt_index`` and prompt
     tokens) when ``share``, with shared nodes from ``Trajectory.path`` and ``node_tokens`` (without
     them only the prompt is shared); one chain per trajectory otherwise. A node must hold the same
@@ -142,8 +147,10 @@ def build_trees(trajectories, rows: Sequence[int], node_tokens: Optional[Mapping
 def _tree(trajectories, members: list[int], node_tokens) -> Tree:
     prompt = list(trajectories[members[0]].prompt_ids)
     if not prompt:
-        raise ValueError(f"trajectory {members[0]} has an empty prompt; the update needs at least one "
-                         "prompt token to predict the first response token")
+        raise ValueError(
+            f"trajectory {members[0]} has an empty prompt; the update needs at least one "
+            "prompt token to predict the first response token"
+        )
     nodes = [_Node(members[0], 0, len(prompt), -1)]
     index: dict[object, int] = {}
     paths = []
@@ -166,8 +173,9 @@ def _tree(trajectories, members: list[int], node_tokens) -> Tree:
             path.append(u)
             offset += n
         if offset != len(t.response_ids):
-            raise ValueError(f"trajectory {i}: its path's nodes hold {offset} tokens, its response "
-                             f"{len(t.response_ids)}")
+            raise ValueError(
+                f"trajectory {i}: its path's nodes hold {offset} tokens, its response {len(t.response_ids)}"
+            )
         paths.append((i, path))
     order = {u: k for k, u in enumerate(_preorder(nodes))}
     paths.sort(key=lambda p: order[p[1][-1]])
@@ -178,11 +186,13 @@ def _check_shared(trajectories, node: _Node, i: int, node_id, parent: int, offse
     t, first = trajectories[i], trajectories[node.first]
     s, e = node.start, node.start + node.length
     if node.parent != parent or node.start != offset:
-        raise ValueError(f"node {node_id} follows another prefix in trajectory {i} than in "
-                         f"trajectory {node.first}")
+        raise ValueError(
+            f"node {node_id} follows another prefix in trajectory {i} than in trajectory {node.first}"
+        )
     if t.response_ids[s:e] != first.response_ids[s:e] or t.loss_mask[s:e] != first.loss_mask[s:e]:
-        raise ValueError(f"node {node_id} holds other tokens in trajectory {i} than in trajectory "
-                         f"{node.first}")
+        raise ValueError(
+            f"node {node_id} holds other tokens in trajectory {i} than in trajectory {node.first}"
+        )
 
 
 def _preorder(nodes: list[_Node], keep=None, root: int = 0) -> list[int]:
@@ -200,9 +210,9 @@ def _preorder(nodes: list[_Node], keep=None, root: int = 0) -> list[int]:
 @dataclass
 class _Piece:
     tree: Tree
-    nodes: set[int]       # laid out: the union of some paths (closed under ancestors)
-    owned: set[int]       # whose loss counts here
-    size: int             # tokens laid out in the row
+    nodes: set[int]  # laid out: the union of some paths (closed under ancestors)
+    owned: set[int]  # whose loss counts here
+    size: int  # tokens laid out in the row
     context: Optional[PromptContext] = None  # the prompt but its last token, run apart
 
 
@@ -220,8 +230,10 @@ def split_tree(tree: Tree, budget: int, context: bool = True) -> list[_Piece]:
     units = [set(_preorder(tree.nodes, root=c)) for c in tree.nodes[0].children]
     sizes = [sum(tree.nodes[u].length for u in unit) for unit in units]
     fits = [i for i, size in enumerate(sizes) if prompt + size <= budget]
-    groups = [({0}.union(*(units[fits[i]] for i in b)), prompt + sum(sizes[fits[i]] for i in b))
-              for b in _first_fit([sizes[i] for i in fits], budget - prompt)]
+    groups = [
+        ({0}.union(*(units[fits[i]] for i in b)), prompt + sum(sizes[fits[i]] for i in b))
+        for b in _first_fit([sizes[i] for i in fits], budget - prompt)
+    ]
     for i in sorted(set(range(len(units))) - set(fits)):
         groups += _path_runs(tree, [p for _, p in tree.paths if p[1] in units[i]], budget, prompt)
     carried = PromptContext(_long(tree.prompt[:-1]), len(groups)) if shared else None
@@ -269,18 +281,29 @@ def _first_fit(sizes: list[int], budget: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def pack_trees(trajectories, advantages: Sequence[torch.Tensor], rows: Sequence[int],
-               node_tokens: Optional[Mapping[int, int]], budget: int, share: bool = True,
-               context: bool = True) -> list[TreeBatch]:
+def pack_trees(
+    trajectories,
+    advantages: Sequence[torch.Tensor],
+    rows: Sequence[int],
+    node_tokens: Optional[Mapping[int, int]],
+    budget: int,
+    share: bool = True,
+    context: bool = True,
+) -> list[TreeBatch]:
     """The micro-batches of trajectories ``rows`` (host tensors; see the module docstring).
 
     ``advantages``: per trajectory (indexed like ``trajectories``), fp32 [len(response)]; a token's
     copies bring theirs together (``CopyAdvantages``). ``context``: split trees share their prompt
     as a :class:`PromptContext` (else each group lays the prompt out again)."""
-    pieces = [p for tree in build_trees(trajectories, rows, node_tokens, share)
-              for p in split_tree(tree, budget, context and share)]
-    return [_layout([pieces[i] for i in b], trajectories, advantages)
-            for b in _first_fit([p.size for p in pieces], budget)]
+    pieces = [
+        p
+        for tree in build_trees(trajectories, rows, node_tokens, share)
+        for p in split_tree(tree, budget, context and share)
+    ]
+    return [
+        _layout([pieces[i] for i in b], trajectories, advantages)
+        for b in _first_fit([p.size for p in pieces], budget)
+    ]
 
 
 class _Row:
@@ -314,26 +337,41 @@ def _layout(pieces: list[_Piece], trajectories, advantages) -> TreeBatch:
     copies = CopyAdvantages.cat(row.copies).select(keep)
     sizes = [c.tokens for c in row.contexts]
     offsets, C = np.cumsum([0] + sizes[:-1], dtype=np.int64), sum(sizes)
-    path_keys = [keys + C if c < 0 else np.concatenate([np.arange(offsets[c], offsets[c] + sizes[c]), keys + C])
-                 for c, keys in row.path_keys]
+    path_keys = [
+        keys + C if c < 0 else np.concatenate([np.arange(offsets[c], offsets[c] + sizes[c]), keys + C])
+        for c, keys in row.path_keys
+    ]
     bounds = np.repeat(np.array(row.context_spans, dtype=np.int64).reshape(-1, 2), sizes, axis=0)
     return TreeBatch(
-        input_ids=ids, position_ids=_long(row.pos), subtree_end=_long(row.end), hidden_index=hidden[keep],
-        targets=ids[at[keep]], copies=copies,
+        input_ids=ids,
+        position_ids=_long(row.pos),
+        subtree_end=_long(row.end),
+        hidden_index=hidden[keep],
+        targets=ids[at[keep]],
+        copies=copies,
         rollout_logprobs=torch.from_numpy(np.array(row.rollout, dtype=np.float32))[keep],
-        origin=origin[keep], path_sizes=[(K + (sizes[c] if c >= 0 else 0), q)
-                                         for (c, _), (K, q) in zip(row.path_keys, row.path_sizes)],
+        origin=origin[keep],
+        path_sizes=[
+            (K + (sizes[c] if c >= 0 else 0), q) for (c, _), (K, q) in zip(row.path_keys, row.path_sizes)
+        ],
         path_keys=torch.from_numpy(np.concatenate(path_keys or [np.zeros(0, np.int64)])),
-        piece_starts=row.starts, model_tokens=int(copies.count.sum()), contexts=row.contexts,
-        context_lo=torch.from_numpy(bounds[:, 0].copy()), context_hi=torch.from_numpy(bounds[:, 1].copy()))
+        piece_starts=row.starts,
+        model_tokens=int(copies.count.sum()),
+        contexts=row.contexts,
+        context_lo=torch.from_numpy(bounds[:, 0].copy()),
+        context_hi=torch.from_numpy(bounds[:, 1].copy()),
+    )
 
 
 def _predicted(nodes: list[tuple[int, int, int, int, int]]) -> tuple[torch.Tensor, ...]:
     """For every token of the predicted nodes (``_Row.nodes``): its row position, the row position
     whose hidden state predicts it (the previous one, or for a node's first token the last token
     before the node on its path), and its (trajectory, response offset)."""
-    start, size, before, traj, offset = (np.array(c, dtype=np.int64).reshape(-1) for c in zip(*nodes)) \
-        if nodes else (np.zeros(0, dtype=np.int64),) * 5
+    start, size, before, traj, offset = (
+        (np.array(c, dtype=np.int64).reshape(-1) for c in zip(*nodes))
+        if nodes
+        else (np.zeros(0, dtype=np.int64),) * 5
+    )
     within = np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size)  # index inside its node
     at = np.repeat(start, size) + within
     hidden = np.where(within == 0, np.repeat(before, size), at - 1)
@@ -348,7 +386,7 @@ def _long(values: list[int]) -> torch.Tensor:
 def _lay_piece(row: _Row, piece: _Piece, trajectories, advantages) -> None:
     tree, prompt_len = piece.tree, len(piece.tree.prompt)
     spans: dict[int, tuple[int, int]] = {}
-    last: dict[int, int] = {}    # node -> row index of the last token on its path so far
+    last: dict[int, int] = {}  # node -> row index of the last token on its path so far
     order = _preorder(tree.nodes, piece.nodes)
     first = len(row.ids)
     for u in order:
@@ -356,11 +394,11 @@ def _lay_piece(row: _Row, piece: _Piece, trajectories, advantages) -> None:
         a = len(row.ids)
         if u == 0:
             laid = 1 if piece.context is not None else prompt_len  # the rest is the context
-            row.ids.extend(tree.prompt[prompt_len - laid:])
+            row.ids.extend(tree.prompt[prompt_len - laid :])
             row.pos.extend(range(prompt_len - laid, prompt_len))
         else:
             t = trajectories[node.first]
-            row.ids.extend(t.response_ids[node.start:node.start + node.length])
+            row.ids.extend(t.response_ids[node.start : node.start + node.length])
             row.pos.extend(range(prompt_len + node.start, prompt_len + node.start + node.length))
         spans[u] = (a, len(row.ids))
         last[u] = len(row.ids) - 1 if node.length else last[node.parent]
@@ -405,6 +443,7 @@ def _predict(row: _Row, node: _Node, a: int, before: int, trajectories, advantag
     s, e = node.start, node.start + node.length
     row.nodes.append((a, e - s, before, node.first, s))
     row.mask.extend(first.loss_mask[s:e])
-    row.rollout.extend(first.logprobs[s:e] if len(first.logprobs) == len(first.response_ids)
-                       else [math.nan] * (e - s))
+    row.rollout.extend(
+        first.logprobs[s:e] if len(first.logprobs) == len(first.response_ids) else [math.nan] * (e - s)
+    )
     row.copies.append(CopyAdvantages.of(torch.stack([advantages[i][s:e] for i in node.trajs])))

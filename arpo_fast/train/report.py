@@ -19,8 +19,9 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 TENSORBOARD_HINT = "pip install 'arpo_fast[tensorboard]'"
 
@@ -31,7 +32,9 @@ def _tensorboard_writer(log_dir: Optional[Path]):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ValueError(f"--report-to tensorboard needs the tensorboard package: {TENSORBOARD_HINT}") from None
+        raise ValueError(
+            f"--report-to tensorboard needs the tensorboard package: {TENSORBOARD_HINT}"
+        ) from None
     return SummaryWriter(str(log_dir)) if log_dir is not None else None
 
 
@@ -71,7 +74,10 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
 PANELS = (  # title, [(metrics key, label)]
     ("reward (training rollouts)", [("reward", "mean reward"), ("correct", "correct")]),
     ("held-out accuracy", [("eval/accuracy", "greedy pass@1")]),
-    ("tool calls per trajectory", [("tool_calls_per_traj", "training"), ("eval/tool_calls", "held-out greedy")]),
+    (
+        "tool calls per trajectory",
+        [("tool_calls_per_traj", "training"), ("eval/tool_calls", "held-out greedy")],
+    ),
     ("branch points per step", [("branch_points", "branch points")]),
     ("tokens shared by branches per step", [("shared_tokens", "shared"), ("response_tokens", "all")]),
     ("format ok", [("format_ok", "training"), ("eval/format_ok", "held-out greedy")]),
@@ -87,7 +93,7 @@ def plot(out: Path, rows: list[dict]) -> Path:
     for i, (title, series) in enumerate(PANELS):
         ax = fig.add_subplot(2, 3, i + 1)
         if title == "held-out accuracy":
-            series = series + [(k, k[len("eval/"):]) for k in sampled]
+            series = series + [(k, k[len("eval/") :]) for k in sampled]
         for key, label in series:
             xs, ys = _series(rows, key)
             if xs:
@@ -107,23 +113,28 @@ def summary(rows: list[dict], wall_s: float, checkpoint: Optional[Path]) -> dict
     steps, evals = split_rows(rows)
     start = next((r for r in evals if r["step"] == 0), None)
     rate = "tool_calls_per_traj"
-    return {"warm_start_accuracy": start["eval/accuracy"] if start else None,
-            "final_accuracy": evals[-1]["eval/accuracy"] if evals else None,
-            "final_eval_step": evals[-1]["step"] if evals else None,
-            "steps": steps[-1]["step"] if steps else 0,
-            "wall_s": round(wall_s, 1),
-            "tool_calls_per_trajectory_first": steps[0].get(rate) if steps else None,
-            "tool_calls_per_trajectory_last": steps[-1].get(rate) if steps else None,
-            "checkpoint": str(checkpoint) if checkpoint else None}
+    return {
+        "warm_start_accuracy": start["eval/accuracy"] if start else None,
+        "final_accuracy": evals[-1]["eval/accuracy"] if evals else None,
+        "final_eval_step": evals[-1]["step"] if evals else None,
+        "steps": steps[-1]["step"] if steps else 0,
+        "wall_s": round(wall_s, 1),
+        "tool_calls_per_trajectory_first": steps[0].get(rate) if steps else None,
+        "tool_calls_per_trajectory_last": steps[-1].get(rate) if steps else None,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+    }
 
 
 def eval_line(row: dict) -> str:
-    extra = "".join(f"  {k[len('eval/'):]} {v:.2f}" for k, v in row.items()
-                    if k.startswith(("eval/pass@", "eval/mean@")))
-    return (f"eval @ step {row['step']}: accuracy {row['eval/accuracy']:.2f}{extra}  format "
-            f"{row['eval/format_ok']:.2f}  tool calls/answer {row['eval/tool_calls']:.2f}  "
-            f"response {row['eval/response_tokens']:.1f} tokens  ({row['eval/examples']} held-out, "
-            f"{row['eval/s']:.1f}s)")
+    extra = "".join(
+        f"  {k[len('eval/') :]} {v:.2f}" for k, v in row.items() if k.startswith(("eval/pass@", "eval/mean@"))
+    )
+    return (
+        f"eval @ step {row['step']}: accuracy {row['eval/accuracy']:.2f}{extra}  format "
+        f"{row['eval/format_ok']:.2f}  tool calls/answer {row['eval/tool_calls']:.2f}  "
+        f"response {row['eval/response_tokens']:.1f} tokens  ({row['eval/examples']} held-out, "
+        f"{row['eval/s']:.1f}s)"
+    )
 
 
 class Reporter:
@@ -133,7 +144,9 @@ class Reporter:
     def __init__(self, cfg, start: int, line: Callable[[dict, int], str], started: Optional[float] = None):
         self.cfg, self.out, self.line = cfg, Path(cfg.out), line
         self.started = time.perf_counter() if started is None else started
-        self.writer = _tensorboard_writer(self.out / "tensorboard") if cfg.report_to == "tensorboard" else None
+        self.writer = (
+            _tensorboard_writer(self.out / "tensorboard") if cfg.report_to == "tensorboard" else None
+        )
         self.bar = None
         self.latest: dict[str, float] = {}
         if sys.stderr.isatty():
@@ -141,8 +154,14 @@ class Reporter:
 
             # the size given, as tqdm hides its bar where the terminal reports none (a bare pty)
             size = shutil.get_terminal_size()
-            self.bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", ncols=size.columns,
-                            nrows=size.lines)
+            self.bar = tqdm(
+                total=cfg.steps,
+                initial=start,
+                desc="train",
+                unit="step",
+                ncols=size.columns,
+                nrows=size.lines,
+            )
 
     def _write(self, row: dict) -> None:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:

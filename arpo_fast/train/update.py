@@ -30,17 +30,25 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from arpo_fast.algo import CopyAdvantages, aggregate, kl_k3, policy_loss, shared_policy_loss
 from arpo_fast.kernels import logprob_entropy
 from arpo_fast.settings import require_counts, require_non_negative, setting
-from arpo_fast.train.attention import (IMPLEMENTATIONS, activation_checkpointing, attention_implementation,
-                                       check_model, path_masks, resolve_attention, resolve_checkpointing,
-                                       tree_mask)
+from arpo_fast.train.attention import (
+    IMPLEMENTATIONS,
+    activation_checkpointing,
+    attention_implementation,
+    check_model,
+    path_masks,
+    resolve_attention,
+    resolve_checkpointing,
+    tree_mask,
+)
 from arpo_fast.train.contexts import context_order, plan_cache
 from arpo_fast.train.packing import PromptContext, TreeBatch, pack_trees
 
@@ -49,14 +57,14 @@ from arpo_fast.train.packing import PromptContext, TreeBatch, pack_trees
 class PackedBatch:
     """A micro-batch: right-padded [b, L] inputs, and flat per-response-token rows and targets."""
 
-    rows: list[int]               # trajectory indices
-    input_ids: torch.Tensor       # int64 [b, L]
+    rows: list[int]  # trajectory indices
+    input_ids: torch.Tensor  # int64 [b, L]
     attention_mask: torch.Tensor  # int64 [b, L]
-    positions: torch.Tensor       # int64 [n]: flat index into [b * L] of each hidden state used
-    targets: torch.Tensor         # int64 [n]: the response token that hidden state predicts
-    loss_mask: torch.Tensor       # bool [n]
+    positions: torch.Tensor  # int64 [n]: flat index into [b * L] of each hidden state used
+    targets: torch.Tensor  # int64 [n]: the response token that hidden state predicts
+    loss_mask: torch.Tensor  # bool [n]
     rollout_logprobs: torch.Tensor  # fp32 [n]: the sampler's (NaN for a token it did not sample)
-    model_tokens: int             # loss_mask's count, known on the host
+    model_tokens: int  # loss_mask's count, known on the host
 
 
 def mini_batches(prompt_index: Sequence[int], prompts_per_batch: int) -> list[list[int]]:
@@ -91,8 +99,8 @@ def pack(trajectories, rows: list[int], pad_id: int, device) -> PackedBatch:
     positions, targets, mask, rollout = [], [], [], []
     for r, (i, seq) in enumerate(zip(rows, seqs)):
         t = trajectories[i]
-        ids[r, :len(seq)] = torch.tensor(seq)
-        attn[r, :len(seq)] = 1
+        ids[r, : len(seq)] = torch.tensor(seq)
+        attn[r, : len(seq)] = 1
         start = r * width + len(t.prompt_ids) - 1  # the hidden state before each response token
         positions.extend(range(start, start + len(t.response_ids)))
         targets.extend(t.response_ids)
@@ -100,21 +108,30 @@ def pack(trajectories, rows: list[int], pad_id: int, device) -> PackedBatch:
         known = len(t.logprobs) == len(t.response_ids)
         rollout.extend(t.logprobs if known else [math.nan] * len(t.response_ids))
     as_dev = lambda x, dt: torch.tensor(x, dtype=dt).to(device)  # noqa: E731
-    return PackedBatch(rows, ids.to(device), attn.to(device), as_dev(positions, torch.int64),
-                       as_dev(targets, torch.int64), as_dev(mask, torch.bool),
-                       as_dev(rollout, torch.float32), sum(mask))
+    return PackedBatch(
+        rows,
+        ids.to(device),
+        attn.to(device),
+        as_dev(positions, torch.int64),
+        as_dev(targets, torch.int64),
+        as_dev(mask, torch.bool),
+        as_dev(rollout, torch.float32),
+        sum(mask),
+    )
 
 
 def token_logprobs(model, batch: PackedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy (fp32 [n]) of each response token under the model at ``temperature``."""
-    hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         use_cache=False).last_hidden_state
+    hidden = model.model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)
     return logprob_entropy(hidden, model.lm_head.weight, batch.targets, temperature)
 
 
-def tree_logprobs(model, batch: TreeBatch, temperature: float, implementation: str,
-                  context=None) -> tuple[torch.Tensor, torch.Tensor]:
+def tree_logprobs(
+    model, batch: TreeBatch, temperature: float, implementation: str, context=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy (fp32 [n]) of each predicted token of a packed row, the model's
     attention running as ``implementation`` (set with ``attention.attention_implementation``);
     ``context``: the keys and values of the row's prompt contexts (``contexts.ContextCache``)."""
@@ -125,16 +142,19 @@ def tree_logprobs(model, batch: TreeBatch, temperature: float, implementation: s
         longest = max(b - a for a, b in zip(batch.piece_starts, batch.piece_starts[1:]))
         attend = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     elif implementation == "flex_attention":
-        attend = dict(attention_mask=tree_mask(batch.subtree_end, implementation, batch.context_lo,
-                                               batch.context_hi))
+        attend = dict(
+            attention_mask=tree_mask(batch.subtree_end, implementation, batch.context_lo, batch.context_hi)
+        )
     else:
         attend = dict(tree_paths=path_masks(batch.path_keys, batch.path_sizes, batch.context_tokens))
     if batch.contexts:
         attend["tree_context"] = context
-    hidden = model.model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
-                         use_cache=False, **attend).last_hidden_state[0]
-    return logprob_entropy(hidden.index_select(0, batch.hidden_index), model.lm_head.weight,
-                           batch.targets, temperature)
+    hidden = model.model(
+        input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False, **attend
+    ).last_hidden_state[0]
+    return logprob_entropy(
+        hidden.index_select(0, batch.hidden_index), model.lm_head.weight, batch.targets, temperature
+    )
 
 
 class LogprobModel(torch.nn.Module):
@@ -153,8 +173,9 @@ class LogprobModel(torch.nn.Module):
         if isinstance(batch, PromptContext):  # a prompt context alone; ``context``: its ContextRun
             ids = batch.input_ids.to(self.policy.device)[None]
             positions = torch.arange(ids.shape[1], device=ids.device)[None]
-            return self.policy.model(input_ids=ids, position_ids=positions, use_cache=False,
-                                     tree_context=context).last_hidden_state
+            return self.policy.model(
+                input_ids=ids, position_ids=positions, use_cache=False, tree_context=context
+            ).last_hidden_state
         if isinstance(batch, TreeBatch):
             logprobs, entropy = tree_logprobs(self.policy, batch, temperature, attention, context)
         else:
@@ -170,11 +191,31 @@ def _dummy_batch(pad_id: int, device, packed: bool):
     nan = torch.full((1,), math.nan, device=device)
     if packed:
         zero = torch.zeros(1, device=device)
-        return TreeBatch(pad, one, one + 1, one, pad, CopyAdvantages(zero, zero, zero, zero, zero), nan,
-                         torch.zeros(1, 2, dtype=torch.int64, device=device), one, [(1, 1)], [0, 1], 0,
-                         dummy=True)
-    return PackedBatch([], pad[None], torch.ones((1, 1), dtype=torch.int64, device=device), one, pad,
-                       torch.zeros(1, dtype=torch.bool, device=device), nan, 0)
+        return TreeBatch(
+            pad,
+            one,
+            one + 1,
+            one,
+            pad,
+            CopyAdvantages(zero, zero, zero, zero, zero),
+            nan,
+            torch.zeros(1, 2, dtype=torch.int64, device=device),
+            one,
+            [(1, 1)],
+            [0, 1],
+            0,
+            dummy=True,
+        )
+    return PackedBatch(
+        [],
+        pad[None],
+        torch.ones((1, 1), dtype=torch.int64, device=device),
+        one,
+        pad,
+        torch.zeros(1, dtype=torch.bool, device=device),
+        nan,
+        0,
+    )
 
 
 def _is_dummy(batch) -> bool:
@@ -192,55 +233,91 @@ class UpdateConfig:
 
     clip_low: float = setting(0.2, "A token's ratio counts down to 1 - clip_low.")
     clip_high: float = setting(0.2, "A token's ratio counts up to 1 + clip_high.")
-    dual_clip: float = setting(3.0, "Bound on the loss of a negative-advantage token, in units of |A| (0: "
-                               "no dual clip).")
+    dual_clip: float = setting(
+        3.0, "Bound on the loss of a negative-advantage token, in units of |A| (0: no dual clip)."
+    )
     entropy_coef: float = setting(0.0, "Weight of the entropy bonus (the reference: 0).")
     grad_clip: float = setting(1.0, "Clip the gradient's global norm to this (0: no clipping).")
-    mini_batch_prompts: int = setting(16, "Prompts per optimizer step (the reference: 16); a step of "
-                                      "--prompts-per-step prompts takes ceil(prompts / this) steps.")
-    micro_batch_tokens: int = setting(16384, "Most tokens in one forward/backward of the update (packed: "
-                                      "the row, a split tree's shared branches included, its prompt "
-                                      "run once apart; per trajectory: padded).")
-    kl_coef: float = setting(0.0, "Weight of the KL penalty to a frozen copy of the starting policy (k3 "
-                             "estimator on model-written tokens); 0, the reference implementation's "
-                             "value, holds no such copy.")
-    rollout_is_cap: float = setting(0.0, "Weight each token's loss by min(exp(old - rollout log-prob), "
-                                    "this): truncated importance sampling for the rollout/trainer "
-                                    "mismatch (0: off).")
-    packed_update: bool = setting(True, "Lay each prompt's rollout tree out once, so shared tokens go "
-                                  "through the model once (false: every trajectory from its first "
-                                  "token, right-padded; the same loss).")
-    attn_implementation: str = setting("auto", "Attention of the update: auto (packed: flex_attention on "
-                                       "CUDA, sdpa on the CPU; per trajectory: flash_attention_2 when "
-                                       "flash-attn is installed, else sdpa), sdpa, flex_attention or "
-                                       "flash_attention_2 (per trajectory only).")
-    gradient_checkpointing: str = setting("auto", "Recompute each decoder layer in backward instead of "
-                                          "keeping its activations: auto (on CUDA, off on the CPU), "
-                                          "true or false.")
+    mini_batch_prompts: int = setting(
+        16,
+        "Prompts per optimizer step (the reference: 16); a step of "
+        "--prompts-per-step prompts takes ceil(prompts / this) steps.",
+    )
+    micro_batch_tokens: int = setting(
+        16384,
+        "Most tokens in one forward/backward of the update (packed: "
+        "the row, a split tree's shared branches included, its prompt "
+        "run once apart; per trajectory: padded).",
+    )
+    kl_coef: float = setting(
+        0.0,
+        "Weight of the KL penalty to a frozen copy of the starting policy (k3 "
+        "estimator on model-written tokens); 0, the reference implementation's "
+        "value, holds no such copy.",
+    )
+    rollout_is_cap: float = setting(
+        0.0,
+        "Weight each token's loss by min(exp(old - rollout log-prob), "
+        "this): truncated importance sampling for the rollout/trainer "
+        "mismatch (0: off).",
+    )
+    packed_update: bool = setting(
+        True,
+        "Lay each prompt's rollout tree out once, so shared tokens go "
+        "through the model once (false: every trajectory from its first "
+        "token, right-padded; the same loss).",
+    )
+    attn_implementation: str = setting(
+        "auto",
+        "Attention of the update: auto (packed: flex_attention on "
+        "CUDA, sdpa on the CPU; per trajectory: flash_attention_2 when "
+        "flash-attn is installed, else sdpa), sdpa, flex_attention or "
+        "flash_attention_2 (per trajectory only).",
+    )
+    gradient_checkpointing: str = setting(
+        "auto",
+        "Recompute each decoder layer in backward instead of "
+        "keeping its activations: auto (on CUDA, off on the CPU), "
+        "true or false.",
+    )
 
     def __post_init__(self):
-        require_non_negative(self, "clip_low", "clip_high", "entropy_coef", "grad_clip", "dual_clip",
-                             "rollout_is_cap", "kl_coef")
+        require_non_negative(
+            self,
+            "clip_low",
+            "clip_high",
+            "entropy_coef",
+            "grad_clip",
+            "dual_clip",
+            "rollout_is_cap",
+            "kl_coef",
+        )
         if self.clip_low >= 1:
             raise ValueError(f"clip_low must be < 1, got {self.clip_low}")
         if self.dual_clip and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (or 0 for off), got {self.dual_clip}")
         require_counts(self, "mini_batch_prompts", "micro_batch_tokens")
         if self.attn_implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"attn_implementation must be one of {', '.join(IMPLEMENTATIONS)}, got "
-                             f"{self.attn_implementation!r}")
+            raise ValueError(
+                f"attn_implementation must be one of {', '.join(IMPLEMENTATIONS)}, got "
+                f"{self.attn_implementation!r}"
+            )
         resolve_checkpointing(self.gradient_checkpointing, "cpu")  # checks the value
 
     def resolved(self, device) -> tuple[str, bool]:
         """(attention implementation, activation checkpointing) on ``device``."""
-        return (resolve_attention(self.attn_implementation, self.packed_update, device),
-                resolve_checkpointing(self.gradient_checkpointing, device))
+        return (
+            resolve_attention(self.attn_implementation, self.packed_update, device),
+            resolve_checkpointing(self.gradient_checkpointing, device),
+        )
 
     def describe(self, device) -> str:
         attention, checkpointing = self.resolved(device)
         layout = "tree-packed" if self.packed_update else "per-trajectory"
-        return (f"{layout} update, attention {attention}, gradient checkpointing "
-                f"{'on' if checkpointing else 'off'}")
+        return (
+            f"{layout} update, attention {attention}, gradient checkpointing "
+            f"{'on' if checkpointing else 'off'}"
+        )
 
 
 class _Mismatch:
@@ -258,7 +335,8 @@ class _Mismatch:
         w = torch.where(keep, weights.float(), 0.0)
         if diff.numel():
             total, most, over, count = torch.stack(
-                [(w * diff).sum(), diff.max(), (w * (diff > 0.1)).sum(), w.sum()]).tolist()
+                [(w * diff).sum(), diff.max(), (w * (diff > 0.1)).sum(), w.sum()]
+            ).tolist()
             self.total += total
             self.max = max(self.max, most)
             self.over += over
@@ -266,8 +344,11 @@ class _Mismatch:
 
     def metrics(self) -> dict[str, float]:
         n = max(self.count, 1)
-        return {"logprob_mismatch_mean": self.total / n, "logprob_mismatch_max": self.max,
-                "logprob_mismatch_share": self.over / n}
+        return {
+            "logprob_mismatch_mean": self.total / n,
+            "logprob_mismatch_max": self.max,
+            "logprob_mismatch_share": self.over / n,
+        }
 
 
 def is_weights(old: torch.Tensor, rollout: torch.Tensor, cap: float) -> torch.Tensor:
@@ -277,20 +358,43 @@ def is_weights(old: torch.Tensor, rollout: torch.Tensor, cap: float) -> torch.Te
     return torch.where(torch.isfinite(rollout), log_w.exp(), torch.ones_like(log_w))
 
 
-def _plans(trajectories, advantages, cfg: UpdateConfig, pad_id: int, device, attention: str,
-           node_tokens, groups: list[list[int]]) -> list[list]:
+def _plans(
+    trajectories,
+    advantages,
+    cfg: UpdateConfig,
+    pad_id: int,
+    device,
+    attention: str,
+    node_tokens,
+    groups: list[list[int]],
+) -> list[list]:
     """Per mini-batch (``groups`` of trajectory indices), its micro-batches on ``device``; split
     trees run their prompt once (``packing.PromptContext``), and the groups of a tree come one
     after another."""
     if cfg.packed_update or attention == "flash_attention_2":  # padding-free rows
-        plans = [[b.to(device) for b in pack_trees(trajectories, advantages, share, node_tokens,
-                                                   cfg.micro_batch_tokens, share=cfg.packed_update)]
-                 for share in groups]
+        plans = [
+            [
+                b.to(device)
+                for b in pack_trees(
+                    trajectories,
+                    advantages,
+                    share,
+                    node_tokens,
+                    cfg.micro_batch_tokens,
+                    share=cfg.packed_update,
+                )
+            ]
+            for share in groups
+        ]
         return [context_order(plan) for plan in plans]
     lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
-    return [[pack(trajectories, [share[j] for j in g], pad_id, device)
-             for g in micro_batches([lengths[i] for i in share], cfg.micro_batch_tokens)]
-            for share in groups]
+    return [
+        [
+            pack(trajectories, [share[j] for j in g], pad_id, device)
+            for g in micro_batches([lengths[i] for i in share], cfg.micro_batch_tokens)
+        ]
+        for share in groups
+    ]
 
 
 def _weights(batch) -> torch.Tensor:
@@ -313,14 +417,22 @@ def _loss(batch, logprobs, old_lp, entropy, ref_lp, advantages, cfg: UpdateConfi
     clip = (cfg.clip_low, cfg.clip_high, cfg.dual_clip or None)
     if isinstance(batch, TreeBatch):
         copies = batch.copies if weights is None else batch.copies.scaled(weights)
-        loss, metrics = shared_policy_loss(logprobs, old_lp, copies, *clip, entropy=entropy,
-                                           entropy_coef=cfg.entropy_coef)
+        loss, metrics = shared_policy_loss(
+            logprobs, old_lp, copies, *clip, entropy=entropy, entropy_coef=cfg.entropy_coef
+        )
     else:
         adv = torch.cat([advantages[i] for i in batch.rows]).to(logprobs.device)
         if weights is not None:  # a weight w >= 0 on a token's clipped loss is a weight on its A
             adv = adv * weights
-        loss, metrics = policy_loss(logprobs[None], old_lp[None], adv[None], batch.loss_mask[None], *clip,
-                                    entropy=entropy[None], entropy_coef=cfg.entropy_coef)
+        loss, metrics = policy_loss(
+            logprobs[None],
+            old_lp[None],
+            adv[None],
+            batch.loss_mask[None],
+            *clip,
+            entropy=entropy[None],
+            entropy_coef=cfg.entropy_coef,
+        )
     if ref_lp is not None:
         kl = _token_mean(kl_k3(logprobs, ref_lp), batch)
         loss = loss + cfg.kl_coef * kl
@@ -336,10 +448,21 @@ def _token_mean(values: torch.Tensor, batch) -> torch.Tensor:
     return torch.where(count > 0, values * count, 0.0).sum() / count.sum().clamp_min(1)
 
 
-def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: UpdateConfig,
-           pad_id: int, temperature: float = 1.0, *, dist=None,
-           mini_batch_ids: Optional[Sequence[int]] = None, num_mini_batches: int = 0,
-           reference=None, node_tokens=None) -> dict[str, float]:
+def update(
+    model,
+    optimizer,
+    trajectories,
+    advantages: list[torch.Tensor],
+    cfg: UpdateConfig,
+    pad_id: int,
+    temperature: float = 1.0,
+    *,
+    dist=None,
+    mini_batch_ids: Optional[Sequence[int]] = None,
+    num_mini_batches: int = 0,
+    reference=None,
+    node_tokens=None,
+) -> dict[str, float]:
     """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
     per trajectory): one step of ``optimizer`` (``optim.MasterWeights``, or the sharded policy of a
     distributed run) per mini-batch of ``cfg.mini_batch_prompts`` prompts.
@@ -377,8 +500,14 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
     if dist is not None:  # global token counts; the same number of micro-batches on every rank
         plan_tokens = dist.sum(plan_tokens)
         counts = dist.max([len(plan) for plan in plans])
-        plans = [plan + [_dummy_batch(pad_id, device, cfg.packed_update or attention == "flash_attention_2")
-                         for _ in range(int(c) - len(plan))] for plan, c in zip(plans, counts)]
+        plans = [
+            plan
+            + [
+                _dummy_batch(pad_id, device, cfg.packed_update or attention == "flash_attention_2")
+                for _ in range(int(c) - len(plan))
+            ]
+            for plan, c in zip(plans, counts)
+        ]
         # and as many prompt-context runs, up front (contexts.py)
         runs = dist.max([len({id(c) for b in plan for c in getattr(b, "contexts", [])}) for plan in plans])
         lockstep = ([int(r) for r in runs], pad_id)
@@ -387,12 +516,34 @@ def update(model, optimizer, trajectories, advantages: list[torch.Tensor], cfg: 
         for m in (scorer, reference) if reference is not None else (scorer,):
             stack.enter_context(attention_implementation(m.policy, attention, packed=cfg.packed_update))
         stack.enter_context(activation_checkpointing(scorer.policy, checkpointing))
-        return _run(scorer, reference, optimizer, plans, plan_tokens, scale, advantages, cfg, temperature,
-                    attention, lockstep)
+        return _run(
+            scorer,
+            reference,
+            optimizer,
+            plans,
+            plan_tokens,
+            scale,
+            advantages,
+            cfg,
+            temperature,
+            attention,
+            lockstep,
+        )
 
 
-def _run(scorer, reference, optimizer, plans, plan_tokens, scale: float, advantages, cfg: UpdateConfig,
-         temperature: float, attention: str, lockstep=None) -> dict:
+def _run(
+    scorer,
+    reference,
+    optimizer,
+    plans,
+    plan_tokens,
+    scale: float,
+    advantages,
+    cfg: UpdateConfig,
+    temperature: float,
+    attention: str,
+    lockstep=None,
+) -> dict:
     old, forward = {}, 0
     with torch.no_grad():  # later mini-batches see a moved policy: keep the rollout policy's values
         for k, plan in enumerate(plans[1:], 1):
@@ -408,8 +559,9 @@ def _run(scorer, reference, optimizer, plans, plan_tokens, scale: float, advanta
     grad_norm = 0.0
     for k, (plan, total) in enumerate(zip(plans, plan_tokens)):
         cache = plan_cache(scorer, temperature, attention, True, plan, lockstep, k)
-        ref_cache = plan_cache(reference if cfg.kl_coef else None, temperature, attention, False, plan, lockstep,
-                               k)
+        ref_cache = plan_cache(
+            reference if cfg.kl_coef else None, temperature, attention, False, plan, lockstep, k
+        )
         for batch in plan:
             logprobs, entropy = scorer(batch, temperature, attention, cache.kv(batch))
             old_lp = old.get(id(batch), logprobs.detach())
@@ -438,8 +590,13 @@ def _run(scorer, reference, optimizer, plans, plan_tokens, scale: float, advanta
         optimizer.zero_grad()
     out = {k: v / max(tokens, 1) for k, v in sums.items()}
     out.update(mismatch.metrics())
-    out.update(tokens=float(tokens), grad_norm=grad_norm, optimizer_steps=float(len(plans)),
-               skipped_updates=float(skipped), forward_tokens=float(forward))
+    out.update(
+        tokens=float(tokens),
+        grad_norm=grad_norm,
+        optimizer_steps=float(len(plans)),
+        skipped_updates=float(skipped),
+        forward_tokens=float(forward),
+    )
     return out
 
 

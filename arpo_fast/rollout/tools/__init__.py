@@ -7,7 +7,8 @@ Built-in: ``python`` (sandboxed interpreter), ``search`` (local BM25) and ``http
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from arpo_fast.rollout.tools.base import Tool, ToolResult
 

@@ -81,7 +81,7 @@ class CgroupParent:
         self._stale: list[RunCgroup] = []
         atexit.register(self.close)
 
-    def create(self, memory_bytes: int, pids: int) -> "RunCgroup":
+    def create(self, memory_bytes: int, pids: int) -> RunCgroup:
         """A fresh cgroup for one run with its limits set; raises OSError when that fails."""
         with self._lock:
             name = f"run-{next(self._names)}"
@@ -100,8 +100,7 @@ class CgroupParent:
             else:
                 _write(os.path.join(dirs["memory"], "memory.limit_in_bytes"), str(memory_bytes))
                 # swap counts too where swap accounting is on
-                _try_write(os.path.join(dirs["memory"], "memory.memsw.limit_in_bytes"),
-                           str(memory_bytes))
+                _try_write(os.path.join(dirs["memory"], "memory.memsw.limit_in_bytes"), str(memory_bytes))
                 _write(os.path.join(dirs["pids"], "pids.max"), str(pids))
         except OSError:
             run.remove(quiet=True)
@@ -149,8 +148,11 @@ class RunCgroup:
 
     def oom_killed(self) -> bool:
         """Whether the kernel killed a process of the run for going over the memory limit."""
-        path = (os.path.join(self.dirs[""], "memory.events") if "" in self.dirs
-                else os.path.join(self.dirs["memory"], "memory.oom_control"))
+        path = (
+            os.path.join(self.dirs[""], "memory.events")
+            if "" in self.dirs
+            else os.path.join(self.dirs["memory"], "memory.oom_control")
+        )
         try:
             fields = dict(line.split() for line in _read(path).splitlines() if line.strip())
         except (OSError, ValueError):
@@ -245,7 +247,7 @@ def _remove_stale(base: str) -> None:
     except OSError:
         return
     for name in names:
-        pid = name[len("arpo_fast-"):]
+        pid = name[len("arpo_fast-") :]
         if not name.startswith("arpo_fast-") or not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
             continue
         folder = os.path.join(base, name)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Optional
 
 from arpo_fast.rollout.tools.base import Tool, ToolResult
 
@@ -61,7 +62,7 @@ class ToolExecutor:
         self._lock = threading.Lock()
         self._step_cache: dict[tuple[str, str], Future] = {}
 
-    def submit(self, name: str, query: str) -> "Future[ToolResult]":
+    def submit(self, name: str, query: str) -> Future[ToolResult]:
         """Start a call (or join an identical one from this step) and return its future."""
         with self._lock:
             self.stats.submitted += 1
@@ -76,8 +77,9 @@ class ToolExecutor:
             if tool is None:
                 self.stats.errors += 1
                 available = ", ".join(sorted(self.tools)) or "none"
-                outer.set_result(ToolResult(f"Unknown tool '{name}'; available: {available}.",
-                                            "unknown_tool"))
+                outer.set_result(
+                    ToolResult(f"Unknown tool '{name}'; available: {available}.", "unknown_tool")
+                )
                 return outer
             self.stats.executed += 1
         inner = self._pool.submit(self._run, tool, name, query)
@@ -97,7 +99,7 @@ class ToolExecutor:
     def shutdown(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
-    def __enter__(self) -> "ToolExecutor":
+    def __enter__(self) -> ToolExecutor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -138,4 +140,3 @@ def _settle(future: Future, result: ToolResult) -> bool:
         return True
     except Exception:  # InvalidStateError: already resolved
         return False
-

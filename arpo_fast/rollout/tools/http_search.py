@@ -140,8 +140,12 @@ def _parse(payload: bytes) -> list[dict]:
 
 def _hit(result: dict, index: int) -> Hit:
     text = result.get("text") or result.get("snippet") or result.get("contents") or ""
-    return Hit(str(result.get("id", index)), str(result.get("title") or ""), str(text),
-               float(result.get("score") or 0.0))
+    return Hit(
+        str(result.get("id", index)),
+        str(result.get("title") or ""),
+        str(text),
+        float(result.get("score") or 0.0),
+    )
 
 
 def _load_cache(path: Optional[str]) -> dict[str, list[dict]]:

@@ -24,29 +24,39 @@ from functools import lru_cache
 log = logging.getLogger("arpo_fast.rollout.tools.python")
 
 _COPY_FORMAT = 2  # bump when the layout of the copy changes
-_INFO = ("import json, sys, sysconfig; print(json.dumps({'prefix': sys.prefix, 'base_prefix': "
-         "sys.base_prefix, 'executable': sys.executable, 'version': '%d.%d' % sys.version_info[:2], "
-         "'path': sys.path, 'libdir': sysconfig.get_config_var('LIBDIR') or '', "
-         "'ldlibrary': sysconfig.get_config_var('LDLIBRARY') or ''}))")
+_INFO = (
+    "import json, sys, sysconfig; print(json.dumps({'prefix': sys.prefix, 'base_prefix': "
+    "sys.base_prefix, 'executable': sys.executable, 'version': '%d.%d' % sys.version_info[:2], "
+    "'path': sys.path, 'libdir': sysconfig.get_config_var('LIBDIR') or '', "
+    "'ldlibrary': sysconfig.get_config_var('LDLIBRARY') or ''}))"
+)
 
 
 @lru_cache(maxsize=8)
 def info(python: str) -> dict:
     """The interpreter's prefixes, version, ``sys.path`` and shared library (run once, cached)."""
-    out = subprocess.run([python, "-I", "-c", _INFO], capture_output=True, text=True, timeout=60,
-                         check=True).stdout
+    out = subprocess.run(
+        [python, "-I", "-c", _INFO], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     return json.loads(out)
 
 
-_COMPILE = ("import marshal, sys; "
-            "sys.stdout.buffer.write(marshal.dumps(compile(sys.stdin.read(), 'launcher.py', 'exec')))")
+_COMPILE = (
+    "import marshal, sys; "
+    "sys.stdout.buffer.write(marshal.dumps(compile(sys.stdin.read(), 'launcher.py', 'exec')))"
+)
 
 
 @lru_cache(maxsize=8)
 def compiled(python: str, source: str) -> bytes:
     """``source`` compiled by ``python`` and marshalled (the format is the interpreter's own)."""
-    return subprocess.run([python, "-I", "-S", "-c", _COMPILE], input=source.encode(),
-                          capture_output=True, timeout=60, check=True).stdout
+    return subprocess.run(
+        [python, "-I", "-S", "-c", _COMPILE],
+        input=source.encode(),
+        capture_output=True,
+        timeout=60,
+        check=True,
+    ).stdout
 
 
 def roots(python: str) -> tuple[str, ...]:
@@ -118,8 +128,10 @@ def _cache_dir() -> str:
             continue
         if _trusted(path):
             return path
-    raise OSError("no root-owned cache folder for the interpreter copy (tried /var/cache/arpo_fast "
-                  f"and {tempfile.gettempdir()}/arpo_fast)")
+    raise OSError(
+        "no root-owned cache folder for the interpreter copy (tried /var/cache/arpo_fast "
+        f"and {tempfile.gettempdir()}/arpo_fast)"
+    )
 
 
 def _trusted(path: str) -> bool:
@@ -143,8 +155,7 @@ def _build(i: dict, dest: str, final: str) -> None:
     if i["ldlibrary"].endswith(".so") or ".so." in i["ldlibrary"]:
         for name in os.listdir(i["libdir"]):
             if name.startswith(f"libpython{version}") and ".so" in name:
-                shutil.copy2(os.path.join(i["libdir"], name), os.path.join(lib, name),
-                             follow_symlinks=False)
+                shutil.copy2(os.path.join(i["libdir"], name), os.path.join(lib, name), follow_symlinks=False)
     stdlib = os.path.join(base, "lib", f"python{version}")
     skip = shutil.ignore_patterns("site-packages", "test", "idlelib", "tkinter", "turtledemo")
     shutil.copytree(stdlib, os.path.join(lib, f"python{version}"), symlinks=True, ignore=skip)
@@ -159,16 +170,20 @@ def _build(i: dict, dest: str, final: str) -> None:
     with open(os.path.join(i["prefix"], "pyvenv.cfg")) as f:
         system_site = "include-system-site-packages = true" in f.read().replace("True", "true")
     with open(os.path.join(venv, "pyvenv.cfg"), "w") as f:
-        f.write(f"home = {os.path.join(final, 'base', 'bin')}\n"
-                f"include-system-site-packages = {'true' if system_site else 'false'}\n"
-                f"version = {version}\n")
+        f.write(
+            f"home = {os.path.join(final, 'base', 'bin')}\n"
+            f"include-system-site-packages = {'true' if system_site else 'false'}\n"
+            f"version = {version}\n"
+        )
     if system_site:
         os.rmdir(site)
         _link_or_copy(os.path.join(stdlib, "site-packages"), site)
     venv_lib = os.path.join(venv, "lib", f"python{version}")
     os.makedirs(venv_lib)
-    _link_or_copy(os.path.join(i["prefix"], "lib", f"python{version}", "site-packages"),
-                  os.path.join(venv_lib, "site-packages"))
+    _link_or_copy(
+        os.path.join(i["prefix"], "lib", f"python{version}", "site-packages"),
+        os.path.join(venv_lib, "site-packages"),
+    )
 
 
 def _relative_runpath(exe: str, libdir: str) -> None:

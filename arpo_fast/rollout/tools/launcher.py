@@ -115,8 +115,8 @@ def unescape(field):
     """A mountinfo field with its octal escapes (``\\040`` for a space) decoded."""
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:
             out.append(field[i])
@@ -132,8 +132,9 @@ def remount_read_only(libc, top):
             if point == top or point.startswith(top + "/"):
                 points.append(point)
     for point in points:
-        libc.mount(None, point, None,
-                   MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | mount_flags(point))
+        libc.mount(
+            None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | mount_flags(point)
+        )
 
 
 def make_path(path, is_dir=True):
@@ -167,16 +168,26 @@ def build_root(libc, ns):
     os.chdir("/")
     # the run's writable space first: paths bound below may lie under /tmp
     os.mkdir("/newroot/tmp")
-    libc.mount("tmpfs", "/newroot/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-               f"size={ns['tmp_bytes']},nr_inodes={ns['tmp_inodes']},mode=1777")
+    libc.mount(
+        "tmpfs",
+        "/newroot/tmp",
+        "tmpfs",
+        MS_NOSUID | MS_NODEV,
+        f"size={ns['tmp_bytes']},nr_inodes={ns['tmp_inodes']},mode=1777",
+    )
     os.mkdir("/newroot/proc")
     libc.mount("proc", "/newroot/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     os.mkdir("/newroot/dev")
     libc.mount("tmpfs", "/newroot/dev", "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=0755")
     for dev in ns["devices"]:
         bind(libc, "/dev/" + dev, read_only=False)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("shm", "/tmp")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("shm", "/tmp"),
+    ):
         os.symlink(target, "/newroot/dev/" + name)
     for top, link in ns["top"]:
         if link is not None:
@@ -199,11 +210,22 @@ def enter_namespaces(libc, cfg):
     """Fork into new namespaces; returns in the process that runs the program (PID 2)."""
     ns, user = cfg["ns"], cfg["uid"] is None
     outer_uid, outer_gid = os.getuid(), os.getgid()
-    libc("unshare", CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWUTS
-         | CLONE_NEWCGROUP | (CLONE_NEWUSER if user else 0))
+    libc(
+        "unshare",
+        CLONE_NEWNS
+        | CLONE_NEWPID
+        | CLONE_NEWIPC
+        | CLONE_NEWNET
+        | CLONE_NEWUTS
+        | CLONE_NEWCGROUP
+        | (CLONE_NEWUSER if user else 0),
+    )
     if user:  # the caller's own uid, mapped to itself; no other uid exists inside
-        for name, text in (("setgroups", "deny"), ("uid_map", f"{outer_uid} {outer_uid} 1"),
-                           ("gid_map", f"{outer_gid} {outer_gid} 1")):
+        for name, text in (
+            ("setgroups", "deny"),
+            ("uid_map", f"{outer_uid} {outer_uid} 1"),
+            ("gid_map", f"{outer_gid} {outer_gid} 1"),
+        ):
             with open(f"/proc/self/{name}", "w") as f:
                 f.write(text)
     alive_r, alive_w = os.pipe()

@@ -78,17 +78,29 @@ class PythonToolConfig:
 
     def __post_init__(self):
         if self.sandbox == "none":
-            raise ValueError("sandbox='none' is gone: use 'auto' (isolated without bubblewrap too) "
-                             "or, to run model code as your own user, 'unsafe'")
+            raise ValueError(
+                "sandbox='none' is gone: use 'auto' (isolated without bubblewrap too) "
+                "or, to run model code as your own user, 'unsafe'"
+            )
         if self.sandbox not in sandbox.MODES:
             raise ValueError(f"sandbox must be one of {', '.join(sandbox.MODES)}; got {self.sandbox!r}")
-        for key in ("timeout_s", "memory_mb", "max_processes", "process_memory_mb", "max_open_files",
-                    "max_file_mb", "max_disk_mb", "max_output_chars", "kill_after_output_bytes"):
+        for key in (
+            "timeout_s",
+            "memory_mb",
+            "max_processes",
+            "process_memory_mb",
+            "max_open_files",
+            "max_file_mb",
+            "max_disk_mb",
+            "max_output_chars",
+            "kill_after_output_bytes",
+        ):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         if self.max_open_files < 16:
-            raise ValueError(f"max_open_files must be at least 16 (the interpreter needs some), "
-                             f"got {self.max_open_files}")
+            raise ValueError(
+                f"max_open_files must be at least 16 (the interpreter needs some), got {self.max_open_files}"
+            )
         if self.error_lines < 0:
             raise ValueError(f"error_lines must be >= 0, got {self.error_lines}")
         self.extra_ro_paths = tuple(os.path.abspath(p) for p in self.extra_ro_paths)
@@ -112,23 +124,23 @@ def unfence(body: str) -> str:
     if not body.startswith("```", start):
         return body
     newline = body.find("\n", start + 3)
-    if newline < 0 or not set(body[start + 3:newline].rstrip(" \t")) <= _LANG:
+    if newline < 0 or not set(body[start + 3 : newline].rstrip(" \t")) <= _LANG:
         return body
     end = len(body.rstrip())
     if end - 3 < newline + 1 or not body.startswith("```", end - 3):
         return body
-    return body[newline + 1:end - 3].rstrip()
+    return body[newline + 1 : end - 3].rstrip()
 
 
 def dedent(text: str) -> str:
     """``textwrap.dedent`` with string methods only: the same result, a few times faster on long
     whitespace runs (its regular expressions backtrack over them), and linear."""
     lines = [line if line.strip(" \t") else "" for line in text.split("\n")]
-    indents = [line[:len(line) - len(line.lstrip(" \t"))] for line in lines if line]
+    indents = [line[: len(line) - len(line.lstrip(" \t"))] for line in lines if line]
     margin = os.path.commonprefix(indents) if indents else ""
     if not margin:
         return "\n".join(lines)
-    return "\n".join(line[len(margin):] for line in lines)
+    return "\n".join(line[len(margin) :] for line in lines)
 
 
 def clean_code(body: str) -> str:
@@ -158,8 +170,7 @@ class PythonTool:
             if not code:
                 return ToolResult("No code to run: the call was empty."[:cap], "bad_input")
             if "\x00" in code:
-                return ToolResult("The code contains a NUL character and cannot be run."[:cap],
-                                  "bad_input")
+                return ToolResult("The code contains a NUL character and cannot be run."[:cap], "bad_input")
             return execute(self.config, self.isolation, code)
         except Exception as exc:  # a tool never raises into the rollout
             log.exception("python tool: a call failed")
@@ -180,16 +191,29 @@ def _limits(config: PythonToolConfig, iso: Isolation) -> list[tuple[str, int]]:
     if iso.mode == "unsafe" and not sandbox.is_root():
         # the caller's own uid: its other threads count against RLIMIT_NPROC too
         procs += tasks_of_uid(os.getuid())
-    return [("RLIMIT_AS", per_process_mb << 20), ("RLIMIT_CPU", int(math.ceil(config.timeout_s)) + 1),
-            ("RLIMIT_FSIZE", config.max_file_mb << 20), ("RLIMIT_CORE", 0),
-            ("RLIMIT_NOFILE", config.max_open_files), ("RLIMIT_NPROC", procs)]
+    return [
+        ("RLIMIT_AS", per_process_mb << 20),
+        ("RLIMIT_CPU", int(math.ceil(config.timeout_s)) + 1),
+        ("RLIMIT_FSIZE", config.max_file_mb << 20),
+        ("RLIMIT_CORE", 0),
+        ("RLIMIT_NOFILE", config.max_open_files),
+        ("RLIMIT_NPROC", procs),
+    ]
 
 
 def _env(cwd: str) -> dict[str, str]:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8", "MPLBACKEND": "Agg",
-            # one thread per math library: threads count against the process limit
-            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": cwd,
+        "TMPDIR": cwd,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "MPLBACKEND": "Agg",
+        # one thread per math library: threads count against the process limit
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
 
 
 def _site(python: str) -> dict:
@@ -197,22 +221,45 @@ def _site(python: str) -> dict:
     return {"path": [p for p in info["path"] if p], "prefix": info["prefix"]}
 
 
-def command(config: PythonToolConfig, iso: Isolation, uid: Optional[int], cwd: str, code: int,
-            seccomp_fd: Optional[int]) -> list[str]:
+def command(
+    config: PythonToolConfig,
+    iso: Isolation,
+    uid: Optional[int],
+    cwd: str,
+    code: int,
+    seccomp_fd: Optional[int],
+) -> list[str]:
     """The command line of one run (before the cgroup prefix)."""
     tmp_bytes = config.max_disk_mb << 20
-    settings = {"mode": iso.mode, "code_fd": code, "limits": _limits(config, iso), "uid": uid,
-                "parent": os.getpid(),
-                "cwd": cwd, "unshare_net": iso.mode in ("uid", "unsafe") and iso.net_private,
-                "shield": iso.mode == "unsafe",
-                "seccomp": iso.seccomp.hex() if iso.seccomp and iso.mode != "bwrap" else "",
-                "ns": (sandbox.namespace_settings(iso.python, config.extra_ro_paths, tmp_bytes)
-                       if iso.mode == "namespaces" else None),
-                "site": _site(iso.python)}
+    settings = {
+        "mode": iso.mode,
+        "code_fd": code,
+        "limits": _limits(config, iso),
+        "uid": uid,
+        "parent": os.getpid(),
+        "cwd": cwd,
+        "unshare_net": iso.mode in ("uid", "unsafe") and iso.net_private,
+        "shield": iso.mode == "unsafe",
+        "seccomp": iso.seccomp.hex() if iso.seccomp and iso.mode != "bwrap" else "",
+        "ns": (
+            sandbox.namespace_settings(iso.python, config.extra_ro_paths, tmp_bytes)
+            if iso.mode == "namespaces"
+            else None
+        ),
+        "site": _site(iso.python),
+    }
     # -S: the launcher sets the path itself (see launcher.site_like); -u: what was printed before
     # a timeout or a crash still reaches the model
-    cmd = [iso.python, "-I", "-S", "-u", "-c", _BOOT, interpreter.compiled(iso.python, LAUNCHER).hex(),
-           marshal.dumps(settings).hex()]
+    cmd = [
+        iso.python,
+        "-I",
+        "-S",
+        "-u",
+        "-c",
+        _BOOT,
+        interpreter.compiled(iso.python, LAUNCHER).hex(),
+        marshal.dumps(settings).hex(),
+    ]
     if iso.mode == "bwrap":
         cmd = sandbox.bwrap_command(iso.python, config.extra_ro_paths, tmp_bytes, seccomp_fd) + cmd
     return cmd
@@ -291,8 +338,10 @@ def _choose(config: PythonToolConfig) -> Isolation:
                 _log_choice(config, iso, groups_why)
                 return iso
         reasons.append(f"{mode}: {' '.join(why.split())}")
-    raise SandboxUnavailable(f"python tool: sandbox={config.sandbox!r} cannot isolate model code "
-                             f"here ({'; '.join(reasons)}); {sandbox.HOW_TO_FIX}")
+    raise SandboxUnavailable(
+        f"python tool: sandbox={config.sandbox!r} cannot isolate model code "
+        f"here ({'; '.join(reasons)}); {sandbox.HOW_TO_FIX}"
+    )
 
 
 def _try_mode(config: PythonToolConfig, mode: str, groups) -> tuple[Optional[Isolation], str]:
@@ -308,7 +357,7 @@ def _try_mode(config: PythonToolConfig, mode: str, groups) -> tuple[Optional[Iso
         except (OSError, ValueError) as exc:
             return None, f"no interpreter the run's uid can read ({exc})"
     why = ""
-    for net_private in ((True, False) if mode in ("uid", "unsafe") else (True,)):
+    for net_private in (True, False) if mode in ("uid", "unsafe") else (True,):
         iso = Isolation(mode, python, uids, groups, net_private, seccomp.filter_program())
         why = _probe(config, iso)
         if not why:
@@ -340,8 +389,10 @@ def _log_choice(config: PythonToolConfig, iso: Isolation, groups_why: str) -> No
     if not iso.net_private:
         notes.append("network ON (no network namespace could be made)")
     if iso.mode == "uid":
-        notes.append("shares the host's file system (readable where others may read), IPC and "
-                     "/tmp; what a run leaves in /tmp, /var/tmp and /dev/shm is removed after it")
+        notes.append(
+            "shares the host's file system (readable where others may read), IPC and "
+            "/tmp; what a run leaves in /tmp, /var/tmp and /dev/shm is removed after it"
+        )
     if iso.mode == "unsafe":
         notes.append(f"code runs as this process's uid ({os.getuid()}): use only for trusted code")
     quiet = iso.mode in ("bwrap", "namespaces") or (iso.mode == "uid" and config.sandbox == "uid")

@@ -23,8 +23,9 @@ LINE_KEPT = 1024
 class Run:
     """Start ``cmd``, collect its output within the caps and the deadline, build the result."""
 
-    def __init__(self, config, cmd: list[str], env: dict[str, str], pass_fds: tuple[int, ...],
-                 process_mb: int):
+    def __init__(
+        self, config, cmd: list[str], env: dict[str, str], pass_fds: tuple[int, ...], process_mb: int
+    ):
         self.config, self.cmd, self.env, self.pass_fds = config, cmd, env, pass_fds
         self.process_mb = process_mb  # each process's address-space limit
         self.stdout = bytearray()
@@ -38,9 +39,16 @@ class Run:
     def execute(self) -> int:
         """Run to the end (or the deadline); return the exit status."""
         self.started = time.monotonic()
-        proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd="/", env=self.env,
-                                start_new_session=True, pass_fds=self.pass_fds)
+        proc = subprocess.Popen(
+            self.cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd="/",
+            env=self.env,
+            start_new_session=True,
+            pass_fds=self.pass_fds,
+        )
         try:
             self._drain(proc, self.started + self.config.timeout_s)
         finally:
@@ -71,7 +79,7 @@ class Run:
                         continue
                     self.printed += len(chunk)
                     if key.data == "out":
-                        self.stdout += chunk[:max(0, keep - len(self.stdout))]
+                        self.stdout += chunk[: max(0, keep - len(self.stdout))]
                     else:
                         self._take_stderr(chunk)
                 if self.printed > self.config.kill_after_output_bytes:
@@ -83,7 +91,7 @@ class Run:
             if i:
                 self._end_line(b"\n")
             room = LINE_KEPT - len(self._line)
-            self._line += part[:max(0, room)]
+            self._line += part[: max(0, room)]
             self._line_cut |= len(part) > room
 
     def _end_line(self, end: bytes) -> None:
@@ -104,8 +112,9 @@ class Run:
             tail = f"Timed out after {cfg.timeout_s:g} s (the time limit); the program was stopped."
         elif stopped or rc == 0:
             status, tail = "ok", ""
-        elif ((rc == SETUP_FAILED and self.stderr_tail.startswith(b"sandbox: "))
-              or (rc == JOIN_FAILED and self.stderr_tail.startswith(b"sh: "))):
+        elif (rc == SETUP_FAILED and self.stderr_tail.startswith(b"sandbox: ")) or (
+            rc == JOIN_FAILED and self.stderr_tail.startswith(b"sh: ")
+        ):
             first = self.stderr_tail.decode("utf-8", "replace").splitlines()[0]
             status, tail = "sandbox_error", f"The sandbox could not be set up: {first}"
         else:
@@ -113,7 +122,7 @@ class Run:
         text, truncated = compose(out, self.printed, stopped, tail, cfg.max_output_chars)
         if status == "ok" and not out.strip():
             text = "The code ran and printed nothing (use print() to show results)."
-            text = text[:cfg.max_output_chars]
+            text = text[: cfg.max_output_chars]
         return ToolResult(text, status, elapsed, truncated, info)
 
 
@@ -132,8 +141,10 @@ def compose(out: str, printed: int, stopped: bool, tail: str, cap: int) -> tuple
 
 
 def _cut_note(shown: int, printed: int, stopped: bool) -> str:
-    return (f"\n[output cut: only the first {shown} characters are shown; the program printed "
-            f"{'more than ' if stopped else ''}{printed} bytes{' and was stopped' if stopped else ''}]")
+    return (
+        f"\n[output cut: only the first {shown} characters are shown; the program printed "
+        f"{'more than ' if stopped else ''}{printed} bytes{' and was stopped' if stopped else ''}]"
+    )
 
 
 def clip_lines(text: str, budget: int) -> str:
@@ -143,7 +154,7 @@ def clip_lines(text: str, budget: int) -> str:
         return text
     lines = text.split("\n")
     width = max(40, budget // len(lines))
-    lines = [ln if len(ln) <= width else ln[:width - 13] + " [... cut]" for ln in lines]
+    lines = [ln if len(ln) <= width else ln[: width - 13] + " [... cut]" for ln in lines]
     while len(lines) > 1 and len("\n".join(lines)) > budget:
         lines.pop(0)
     return "\n".join(lines)[-budget:] if budget > 0 else ""
@@ -153,19 +164,22 @@ def error_text(stderr_tail: bytes, rc: int, cfg, over_memory: bool, process_mb: 
     """The last ``error_lines`` lines of stderr, plus what stopped the program and a hint when a
     limit was the cause."""
     err = bytes(stderr_tail).decode("utf-8", "replace").rstrip()
-    lines = [ln for ln in err.splitlines() if ln.strip()][-cfg.error_lines:]
+    lines = [ln for ln in err.splitlines() if ln.strip()][-cfg.error_lines :]
     text = "\n".join(lines)
     signum = -rc if rc < 0 else (rc - 128 if rc > 128 else 0)
     if signum:
-        text = _join(text, f"The program was killed by signal {_signal_name(signum)}"
-                           f"{_signal_hint(signum, cfg)}.")
+        text = _join(
+            text, f"The program was killed by signal {_signal_name(signum)}{_signal_hint(signum, cfg)}."
+        )
     elif not text:
         text = f"The program exited with status {rc}."
     # The hints look at the whole captured tail, not only the last lines kept: when many forked
     # processes fail at once, their tracebacks interleave and the error line may sit higher up.
     if over_memory:
-        text += (f"\n(The run went over its memory limit of {cfg.memory_mb} MB, counted over all of "
-                 "its processes and files.)")
+        text += (
+            f"\n(The run went over its memory limit of {cfg.memory_mb} MB, counted over all of "
+            "its processes and files.)"
+        )
     elif "MemoryError" in err:
         per_process = f"{process_mb} MB per process, " if process_mb < cfg.memory_mb else ""
         text += f"\n(The memory limit is {per_process}{cfg.memory_mb} MB for the run.)"
@@ -213,7 +227,7 @@ def code_fd(code: str) -> int:
     data = code.encode("utf-8", "surrogateescape")
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 

@@ -36,10 +36,12 @@ RUN_DIR = "/tmp"
 """The run's working directory (and HOME, TMPDIR) inside bwrap and namespaces: a size-capped tmpfs."""
 DEVICES = ("null", "zero", "full", "random", "urandom")
 TOP_DIRS = ("bin", "lib", "lib64", "lib32", "sbin")
-HOW_TO_FIX = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora/RHEL: dnf install "
-              "bubblewrap; Arch: pacman -S bubblewrap), or run model code as your own user at your "
-              "own risk with sandbox='unsafe' (trainer: --tool-settings "
-              "'{\"python\": {\"sandbox\": \"unsafe\"}}')")
+HOW_TO_FIX = (
+    "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora/RHEL: dnf install "
+    "bubblewrap; Arch: pacman -S bubblewrap), or run model code as your own user at your "
+    "own risk with sandbox='unsafe' (trainer: --tool-settings "
+    '\'{"python": {"sandbox": "unsafe"}}\')'
+)
 
 
 class SandboxUnavailable(ValueError):
@@ -83,8 +85,10 @@ def why_not(mode: str, python: str) -> Optional[str]:
 
 
 def _userns_allowed() -> bool:
-    for path, bad in (("/proc/sys/kernel/unprivileged_userns_clone", "0"),
-                      ("/proc/sys/user/max_user_namespaces", "0")):
+    for path, bad in (
+        ("/proc/sys/kernel/unprivileged_userns_clone", "0"),
+        ("/proc/sys/user/max_user_namespaces", "0"),
+    ):
         try:
             with open(path) as f:
                 if f.read().strip() == bad:
@@ -109,7 +113,7 @@ def run_cgroups() -> tuple[Optional[cgroups.CgroupParent], str]:
 
 def _ancestors(path: str) -> list[str]:
     parts = path.strip("/").split("/")[:-1]
-    return ["/" + "/".join(parts[:i + 1]) for i in range(len(parts))]
+    return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def read_only_paths(python: str, extra_ro: tuple[str, ...]) -> list[str]:
@@ -129,23 +133,51 @@ def top_dirs() -> list[tuple[str, Optional[str]]]:
     return out
 
 
-def bwrap_command(python: str, extra_ro: tuple[str, ...], tmp_bytes: int,
-                  seccomp_fd: Optional[int]) -> list[str]:
+def bwrap_command(
+    python: str, extra_ro: tuple[str, ...], tmp_bytes: int, seccomp_fd: Optional[int]
+) -> list[str]:
     """The bubblewrap command line: read-only interpreter and /usr, a size-capped /tmp as the only
     writable place (it is also the run's directory), a minimal /dev, and nothing else."""
-    cmd = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-           "--unshare-cgroup-try", "--die-with-parent", "--new-session"]
+    cmd = [
+        "bwrap",
+        "--unshare-pid",
+        "--unshare-net",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent",
+        "--new-session",
+    ]
     if not is_root():
         cmd.append("--unshare-user")  # unprivileged bwrap needs a user namespace
     if seccomp_fd is not None:
         cmd += ["--seccomp", str(seccomp_fd)]
     # /tmp first: an interpreter or venv that lives under /tmp is bound on top of it below
-    cmd += ["--proc", "/proc", "--perms", "1777", "--size", str(tmp_bytes), "--tmpfs", "/tmp",
-            "--perms", "0755", "--size", "65536", "--tmpfs", "/dev"]
+    cmd += [
+        "--proc",
+        "/proc",
+        "--perms",
+        "1777",
+        "--size",
+        str(tmp_bytes),
+        "--tmpfs",
+        "/tmp",
+        "--perms",
+        "0755",
+        "--size",
+        "65536",
+        "--tmpfs",
+        "/dev",
+    ]
     for dev in DEVICES:
         cmd += ["--dev-bind", f"/dev/{dev}", f"/dev/{dev}"]
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("shm", "/tmp")):
+    for name, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("shm", "/tmp"),
+    ):
         cmd += ["--symlink", target, f"/dev/{name}"]
     for path, link in top_dirs():
         cmd += ["--symlink", link, path] if link is not None else ["--ro-bind", path, path]
@@ -170,5 +202,11 @@ def namespace_settings(python: str, extra_ro: tuple[str, ...], tmp_bytes: int) -
     if pivot is None:
         raise SandboxUnavailable(f"the namespaces mode does not know this machine ({machine})")
     ro = [p for p in read_only_paths(python, extra_ro) if os.path.exists(p)]
-    return {"top": top_dirs(), "ro": sorted(ro), "devices": DEVICES, "tmp_bytes": tmp_bytes,
-            "tmp_inodes": max(4096, tmp_bytes >> 14), "pivot_root_nr": pivot}
+    return {
+        "top": top_dirs(),
+        "ro": sorted(ro),
+        "devices": DEVICES,
+        "tmp_bytes": tmp_bytes,
+        "tmp_inodes": max(4096, tmp_bytes >> 14),
+        "pivot_root_nr": pivot,
+    }

@@ -17,8 +17,9 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -50,8 +51,7 @@ class SearchConfig:
         if not self.corpus_path:
             raise ValueError("corpus_path is required: a JSONL file of {id, title, text} objects")
         if self.top_k < 1 or self.snippet_chars < 1:
-            raise ValueError(f"top_k and snippet_chars must be >= 1, got {self.top_k}, "
-                             f"{self.snippet_chars}")
+            raise ValueError(f"top_k and snippet_chars must be >= 1, got {self.top_k}, {self.snippet_chars}")
 
 
 @dataclass(frozen=True)
@@ -124,13 +124,18 @@ class BM25Search:
             return ToolResult(f"The search failed: {type(exc).__name__}: {exc}", "error")
         if not hits:
             return ToolResult(f"No results found for '{query[:200]}'.", "ok", time.monotonic() - start)
-        return ToolResult(format_hits(hits, self.config.snippet_chars), "ok", time.monotonic() - start,
-                          info={"ids": [h.id for h in hits]})
+        return ToolResult(
+            format_hits(hits, self.config.snippet_chars),
+            "ok",
+            time.monotonic() - start,
+            info={"ids": [h.id for h in hits]},
+        )
 
     def search(self, query: str, k: int) -> list[Hit]:
         """The ``k`` best documents for ``query`` (fewer when fewer match any query term)."""
-        words = self._bm25s.tokenize([query], stopwords=self.config.stopwords, return_ids=False,
-                                     show_progress=False)[0]
+        words = self._bm25s.tokenize(
+            [query], stopwords=self.config.stopwords, return_ids=False, show_progress=False
+        )[0]
         words = [w for w in words if w in self._vocab]
         if not words:
             return []
@@ -151,15 +156,24 @@ class BM25Search:
     def _manifest(self) -> dict:
         stat = os.stat(self.config.corpus_path)
         c = self.config
-        return {"format": INDEX_FORMAT, "corpus_size": stat.st_size, "corpus_mtime_ns": stat.st_mtime_ns,
-                "k1": c.k1, "b": c.b, "method": c.method, "stopwords": c.stopwords}
+        return {
+            "format": INDEX_FORMAT,
+            "corpus_size": stat.st_size,
+            "corpus_mtime_ns": stat.st_mtime_ns,
+            "k1": c.k1,
+            "b": c.b,
+            "method": c.method,
+            "stopwords": c.stopwords,
+        }
 
     def _load_or_build(self):
         state = _index_state(self.index_dir)
         if state == "foreign":
-            raise ValueError(f"index_dir {self.index_dir} is not empty and holds no search index of "
-                             f"arpo_fast (no {MARKER}); give a new or empty folder: the index is "
-                             "never written over files it did not write")
+            raise ValueError(
+                f"index_dir {self.index_dir} is not empty and holds no search index of "
+                f"arpo_fast (no {MARKER}); give a new or empty folder: the index is "
+                "never written over files it did not write"
+            )
         manifest = self._manifest()
         if state == "ours":
             try:
@@ -189,8 +203,7 @@ class BM25Search:
         retriever.index(tokens, show_progress=False)
         spans = np.asarray(spans, dtype=np.int64)
         self._save(retriever, spans, manifest)
-        log.info("built the search index of %d documents in %.1f s", len(spans),
-                 time.monotonic() - started)
+        log.info("built the search index of %d documents in %.1f s", len(spans), time.monotonic() - started)
         return retriever, spans
 
     def _save(self, retriever, spans: np.ndarray, manifest: dict) -> None:
@@ -210,8 +223,11 @@ class BM25Search:
                 _swap_in(tmp, self.index_dir)
             tmp = None
         except OSError as exc:
-            log.warning("could not cache the search index in %s (%s); it will be rebuilt next time",
-                        self.index_dir, exc)
+            log.warning(
+                "could not cache the search index in %s (%s); it will be rebuilt next time",
+                self.index_dir,
+                exc,
+            )
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)  # our own build folder
@@ -219,8 +235,15 @@ class BM25Search:
 
 MARKER = "arpo_fast_index.json"
 """Names the files of an index folder that arpo_fast wrote, with the manifest they were built for."""
-_LEGACY_FILES = {"manifest.json", "spans.npy", "params.index.json", "vocab.index.json",
-                 "data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy"}
+_LEGACY_FILES = {
+    "manifest.json",
+    "spans.npy",
+    "params.index.json",
+    "vocab.index.json",
+    "data.csc.index.npy",
+    "indices.csc.index.npy",
+    "indptr.csc.index.npy",
+}
 
 
 def _read_marker(folder: str) -> dict:

@@ -63,7 +63,8 @@ class UidPool:
                     raise UidPoolExhausted(
                         f"no run uid became free within {timeout_s:g} s: {len(self._retired)} of "
                         f"{self.PER_PROCESS} are held by processes that outlived their runs and the "
-                        "rest are in use (kill the leftover processes or restart the trainer)")
+                        "rest are in use (kill the leftover processes or restart the trainer)"
+                    )
                 self._cond.wait(min(left, 0.5))
             # oldest released first: a uid rests as long as possible between runs
             return self._base + self._free.pop(0)
@@ -75,7 +76,7 @@ class UidPool:
                 self._free.append(uid - self._base)
 
     @classmethod
-    def shared(cls) -> "UidPool":
+    def shared(cls) -> UidPool:
         """The process's pool: every tool in a process must draw from the same range."""
         global _SHARED
         with _SHARED_LOCK:
@@ -157,9 +158,17 @@ def sweep_uid(uid: int, wait_s: float = 2.0) -> bool:
     if not UidPool.is_private(uid) or not has_processes(uid):
         return True
     try:  # `kill -KILL -1` run as uid signals every process of that uid except itself
-        subprocess.run([_KILL, "-KILL", "-1"], user=uid, group=uid, extra_groups=[],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       timeout=10, check=False)
+        subprocess.run(
+            [_KILL, "-KILL", "-1"],
+            user=uid,
+            group=uid,
+            extra_groups=[],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("could not sweep leftover processes of uid %d: %s", uid, exc)
     deadline = time.monotonic() + wait_s
