@@ -2,6 +2,8 @@
 model's own forward, in-place adapter updates seen by the next step, adapters it cannot apply refused
 (tiny random models, CPU; the CUDA-graph check needs a GPU)."""
 
+import copy
+
 import pytest
 import torch
 from helpers import ARCHS, hf_logits, max_rel_err, pytorch_kernels, rel_err, tiny_lora_model, tiny_model
@@ -147,27 +149,40 @@ def _merged():
     return model
 
 
+def _decode_once(engine, seeds):
+    """Fresh sequences of PROMPTS: a prefill step, then one decode step (on CUDA, a graph replay).
+    Returns their tokens before the decode step (pending token included) and its output."""
+    seqs = [engine.add(p, seed=s) for p, s in zip(PROMPTS, seeds)]
+    engine.step(seqs)
+    tokens = [engine.tokens(s) for s in seqs]
+    out = engine.step(seqs)
+    for s in seqs:
+        engine.free(s)
+    return tokens, out
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 0.15)])
 def test_gpu_cuda_graphs_see_in_place_adapter_updates(dtype, tol):
-    """Decode steps replayed from CUDA graphs, captured before the adapters move: after an in-place
-    update the next replayed step's log-probs are those of the updated PEFT model, not the old one."""
+    """Decode steps replayed from CUDA graphs captured before the adapters move: after an in-place
+    update, a new sequence's replayed step has the log-probs of the updated PEFT model, not of the
+    old one (which differs by several nats). In bf16 both sides round logits of a few units to
+    bf16, a few hundredths each, hence the wider tolerance."""
     model = tiny_lora_model("qwen3", dtype=dtype).cuda()
     engine = Engine(model, block_size=16, num_blocks=64, max_graph_batch=8, max_seq_len=256)
-    seqs = [engine.add(p, seed=i) for i, p in enumerate(PROMPTS)]
-    for _ in range(3):  # a prefill, then decode steps that capture and replay the graphs
-        engine.step(seqs)
+    _decode_once(engine, [0, 1, 2])  # captures the graphs
     assert engine._graphs is not None and engine._graphs.replays > 0
-    old = [hf_logits(model, engine.tokens(s)).log_softmax(-1)[-1] for s in seqs]
+    old_model = copy.deepcopy(model)
     with torch.no_grad():
         for _, p in adapter_parameters(model):
             p.add_(torch.randn_like(p) * 0.3)
     replays = engine._graphs.replays
-    tokens = [engine.tokens(s) for s in seqs]
-    out = engine.step(seqs)
+    tokens, out = _decode_once(engine, [0, 1, 2])
     assert engine._graphs.replays == replays + 1
+    stale = []
     for i, t in enumerate(tokens):
-        new = hf_logits(model, t).log_softmax(-1)[-1]
         token = int(out.tokens[i])
-        assert abs(float(out.logprobs[i]) - float(new[token])) <= tol
-        assert (new - old[i]).abs().max() > 20 * tol  # the update moved the distribution
+        new = hf_logits(model, t).log_softmax(-1)[-1, token]
+        assert abs(float(out.logprobs[i]) - float(new)) <= tol
+        stale.append(abs(float(out.logprobs[i]) - float(hf_logits(old_model, t).log_softmax(-1)[-1, token])))
+    assert max(stale) > 0.5  # the old adapters would have given other log-probs

@@ -6,7 +6,8 @@
 - :func:`save_merged` writes a plain ``transformers`` model (``AutoModelForCausalLM.from_pretrained``
   loads it) whose projections are W + scale * B A, computed in fp32 and rounded once to the base
   dtype. The live model is not touched: the merged weights are built one projection at a time and
-  moved to the CPU, so the device holds one extra projection at most.
+  moved to the CPU, so the device holds one extra projection at most (the CPU holds them all,
+  about the model's size in its dtype, until they are written).
 
 Each writes into a new or empty folder, never over files already there.
 """
