@@ -199,3 +199,20 @@ def pytorch_kernels():
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = old
+
+
+def tiny_lora_model(arch: str, rank: int = 4, alpha: float = 8.0, seed: int = 0, dtype=None, **settings):
+    """``tiny_model(arch)`` (cast to ``dtype`` if given) with LoRA adapters (``arpo_fast.train.lora``)
+    whose B is drawn at random instead of zero, so that the adapters change the model's output."""
+    from arpo_fast.train.lora import LoraSettings, adapter_parameters, add_lora
+
+    model = tiny_model(arch, seed=seed)
+    if dtype is not None:
+        model.to(dtype)
+    add_lora(model, LoraSettings(rank, alpha, **settings), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in adapter_parameters(model):
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model

@@ -1,9 +1,11 @@
 """A paged-KV forward pass for Llama-family models that runs on the Hugging Face model's own modules.
 
-Nothing is copied or converted: every projection, norm, MLP, embedding and the LM head is the live
+Nothing is copied or converted: every projection, norm, embedding and the LM head is the live
 ``transformers`` module (or its parameter), so an optimizer step on the trained model is seen by the
-next rollout forward. Rotary cos/sin come from the model's own rotary module, which covers the
-Llama-3 ``rope_scaling`` and the other RoPE variants that ``transformers`` implements.
+next rollout forward. A model with ``peft`` LoRA adapters runs on its frozen base projections plus
+the live adapters, which the engine applies itself (``lora.py``): no merged copy, nothing to refresh.
+Rotary cos/sin come from the model's own rotary module, which covers the Llama-3 ``rope_scaling`` and
+the other RoPE variants that ``transformers`` implements.
 
 A step is ragged: the new tokens of all sequences are flattened to [N, hidden] (prefill chunks, tool
 results and single-token decodes mixed), attention reads the paged cache, and logits are computed
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from arpo_fast.engine.kv_cache import PagedKVCache
+from arpo_fast.engine.lora import check_adapters_applied, layer_projections
 from arpo_fast.kernels import (
     paged_attention_decode,
     paged_attention_extend,
@@ -47,9 +50,13 @@ class Batch:
 
 
 class PagedModel:
-    """Wraps a ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` for paged steps."""
+    """Wraps a ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` for paged steps,
+    with or without ``peft`` LoRA adapters on its projections (a ``PeftModel`` is unwrapped). Build it
+    after the adapters are added: the projections are resolved here, once."""
 
     def __init__(self, hf_model: torch.nn.Module):
+        if hasattr(hf_model, "get_base_model"):  # a PeftModel: the transformers model inside it
+            hf_model = hf_model.get_base_model()
         config = getattr(hf_model, "config", None)
         model_type = getattr(config, "model_type", type(hf_model).__name__)
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -65,6 +72,8 @@ class PagedModel:
         self.inner = hf_model.model
         self.layers = list(self.inner.layers)
         self._check_attention(config)
+        self.projections = [layer_projections(layer, i) for i, layer in enumerate(self.layers)]
+        check_adapters_applied(hf_model, self.layers)
         attn = self.layers[0].self_attn
         self.head_dim = int(
             getattr(attn, "head_dim", None)
@@ -113,11 +122,11 @@ class PagedModel:
     def _attention(self, i: int, x: torch.Tensor, cos, sin, cache: PagedKVCache, batch: Batch):
         """Self-attention of layer i on x [N, hidden]: rotates q/k and writes the new K/V in one
         kernel, then reads the paged cache."""
-        attn = self.layers[i].self_attn
+        attn, proj = self.layers[i].self_attn, self.projections[i]
         N = x.shape[0]
-        q = attn.q_proj(x).view(N, self.num_heads, self.head_dim)
-        k = attn.k_proj(x).view(N, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(N, self.num_kv_heads, self.head_dim)
+        q = proj.q(x).view(N, self.num_heads, self.head_dim)
+        k = proj.k(x).view(N, self.num_kv_heads, self.head_dim)
+        v = proj.v(x).view(N, self.num_kv_heads, self.head_dim)
         if getattr(attn, "q_norm", None) is not None:  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         kc, vc = cache.k(i), cache.v(i)
@@ -128,7 +137,12 @@ class PagedModel:
             o = paged_attention_extend(
                 q, kc, vc, batch.block_tables, batch.context_lens, batch.cu_seqlens, batch.max_new, self.scale
             )
-        return attn.o_proj(o.reshape(N, self.num_heads * self.head_dim))
+        return proj.o(o.reshape(N, self.num_heads * self.head_dim))
+
+    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The gated MLP of layer i (Llama / Qwen2 / Qwen3: down(act(gate(x)) * up(x)))."""
+        proj = self.projections[i]
+        return proj.down(self.layers[i].mlp.act_fn(proj.gate(x)) * proj.up(x))
 
     @torch.no_grad()
     def forward(self, cache: PagedKVCache, batch: Batch) -> torch.Tensor:
@@ -139,7 +153,7 @@ class PagedModel:
         cos, sin = cos[0], sin[0]  # [N, head_dim]
         for i, layer in enumerate(self.layers):
             h = h + self._attention(i, layer.input_layernorm(h), cos, sin, cache, batch)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._mlp(i, layer.post_attention_layernorm(h))
         h = self.inner.norm(h.index_select(0, batch.logit_rows))
         return self.hf.lm_head(h)
 
