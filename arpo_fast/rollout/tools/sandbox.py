@@ -66,6 +66,16 @@ class Isolation:
     notes: list[str] = field(default_factory=list)
 
 
+def budget(config, iso: Isolation) -> tuple[int, int]:
+    """(processes, address-space MB per process) of a run under ``config`` (a PythonToolConfig):
+    with a cgroup the run's totals are enforced as such; without one they are split so that their
+    product stays within memory_mb."""
+    if iso.cgroups is not None:
+        return config.max_processes, config.memory_mb
+    procs = max(1, min(config.max_processes, config.memory_mb // config.process_memory_mb))
+    return procs, config.memory_mb // procs
+
+
 def candidates(asked: str) -> list[str]:
     """The modes to try, in order, for the ``sandbox`` setting ``asked``."""
     if asked == "auto":
