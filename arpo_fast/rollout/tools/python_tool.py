@@ -116,6 +116,12 @@ class PythonToolConfig:
             raise ValueError(f"tmp_root: {self.tmp_root!r} is not a directory")
 
 
+def check_config(config: PythonToolConfig) -> None:
+    """What a trainer checks before anything slow: that a sandbox this config asks for works here
+    (the probe's result is kept, so the tool built later does not probe again)."""
+    choice.choose(config, execute)
+
+
 _LANG = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_+-")
 
 

@@ -54,6 +54,17 @@ class SearchConfig:
             raise ValueError(f"top_k and snippet_chars must be >= 1, got {self.top_k}, {self.snippet_chars}")
 
 
+def check_config(config: SearchConfig) -> None:
+    """Quick checks before anything slow: the corpus is a readable file, and the index folder is
+    new, empty or an index of ours (the index itself is built or loaded with the tool)."""
+    path = config.corpus_path
+    if not os.path.isfile(path):
+        raise ValueError(f"corpus_path {path}: {'is a directory' if os.path.isdir(path) else 'no such file'}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"corpus_path {path}: not readable")
+    _index_state(config.index_dir or path + ".bm25s", refuse_foreign=True)
+
+
 @dataclass(frozen=True)
 class Hit:
     """One retrieved document."""
@@ -167,13 +178,7 @@ class BM25Search:
         }
 
     def _load_or_build(self):
-        state = _index_state(self.index_dir)
-        if state == "foreign":
-            raise ValueError(
-                f"index_dir {self.index_dir} is not empty and holds no search index of "
-                f"arpo_fast (no {MARKER}); give a new or empty folder: the index is "
-                "never written over files it did not write"
-            )
+        state = _index_state(self.index_dir, refuse_foreign=True)
         manifest = self._manifest()
         if state == "ours":
             try:
@@ -294,17 +299,22 @@ def _our_files(folder: str) -> Optional[set]:
         return None
 
 
-def _index_state(folder: str) -> str:
-    """``missing``, ``empty``, ``ours`` (an index arpo_fast wrote) or ``foreign``."""
+def _index_state(folder: str, refuse_foreign: bool = False) -> str:
+    """``missing``, ``empty``, ``ours`` (an index arpo_fast wrote) or ``foreign`` (a ValueError
+    with ``refuse_foreign``)."""
     if not os.path.lexists(folder):
         return "missing"
-    if not os.path.isdir(folder) or os.path.islink(folder):
-        return "foreign"
-    names = set(os.listdir(folder))
-    if not names:
-        return "empty"
-    ours = _our_files(folder)
-    return "ours" if ours is not None and names <= ours else "foreign"
+    state = "foreign"
+    if os.path.isdir(folder) and not os.path.islink(folder):
+        names = set(os.listdir(folder))
+        ours = _our_files(folder) if names else None
+        state = "empty" if not names else "ours" if ours is not None and names <= ours else "foreign"
+    if state == "foreign" and refuse_foreign:
+        raise ValueError(
+            f"index_dir {folder} is not empty and holds no search index of arpo_fast (no {MARKER}); "
+            "give a new or empty folder: the index is never written over files it did not write"
+        )
+    return state
 
 
 def _swap_in(new: str, folder: str) -> None:
