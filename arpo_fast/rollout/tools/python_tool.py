@@ -22,7 +22,9 @@ from typing import Optional
 
 from arpo_fast.rollout.tools import choice, interpreter, sandbox
 from arpo_fast.rollout.tools.base import ToolResult
+from arpo_fast.rollout.tools.cgroups import RunCgroup
 from arpo_fast.rollout.tools.fs import remove_tree
+from arpo_fast.rollout.tools.reap import Orphans
 from arpo_fast.rollout.tools.run import Run, bytes_fd, code_fd
 from arpo_fast.rollout.tools.sandbox import Isolation, budget
 from arpo_fast.rollout.tools.uids import UidPoolExhausted, sweep_files, sweep_uid, tasks_of_uid
@@ -230,19 +232,13 @@ def _site(python: str) -> dict:
     return {"path": [p for p in info["path"] if p], "prefix": info["prefix"]}
 
 
-def command(
-    config: PythonToolConfig,
-    iso: Isolation,
-    uid: Optional[int],
-    cwd: str,
-    code: int,
-    seccomp_fd: Optional[int],
-) -> list[str]:
-    """The command line of one run (before the cgroup prefix)."""
+def command(config: PythonToolConfig, iso: Isolation, uid: Optional[int], cwd: str, fds: dict) -> list[str]:
+    """The command line of one run (before the cgroup prefix); ``fds``: the program's descriptor
+    (``code``) and, for bubblewrap, the filter's (``seccomp``) and the info pipe's (``info``)."""
     tmp_bytes = config.max_disk_mb << 20
     settings = {
         "mode": iso.mode,
-        "code_fd": code,
+        "code_fd": fds["code"],
         "limits": _limits(config, iso),
         "uid": uid,
         "parent": os.getpid(),
@@ -270,50 +266,71 @@ def command(
         marshal.dumps(settings).hex(),
     ]
     if iso.mode == "bwrap":
-        cmd = sandbox.bwrap_command(iso.python, config.extra_ro_paths, tmp_bytes, seccomp_fd) + cmd
+        bwrap = sandbox.bwrap_command(
+            iso.python, config.extra_ro_paths, tmp_bytes, fds.get("seccomp"), fds.get("info")
+        )
+        cmd = bwrap + cmd
     return cmd
 
 
 def execute(config: PythonToolConfig, iso: Isolation, code: str) -> ToolResult:
     """One run of ``code``: set up its uid, directory and cgroup, run it, clean up after it."""
     procs, process_mb = budget(config, iso)
-    uid = iso.uids.acquire(max(30.0, config.timeout_s)) if iso.uids else None
-    workdir, group, fds = None, None, []
+    held = _Held(iso, iso.uids.acquire(max(30.0, config.timeout_s)) if iso.uids else None)
     try:
         cwd = sandbox.RUN_DIR
         if iso.mode in ("uid", "unsafe"):  # no mount namespace: a directory on the host
-            workdir = cwd = tempfile.mkdtemp(prefix="arpo_py_", dir=config.tmp_root)
-            if uid is not None:
-                os.chown(workdir, uid, uid)
-        fds.append(code_fd(code))
-        filter_fd = None
+            held.workdir = cwd = tempfile.mkdtemp(prefix="arpo_py_", dir=config.tmp_root)
+            if held.uid is not None:
+                os.chown(held.workdir, held.uid, held.uid)
+        held.fds["code"] = code_fd(code)
         if iso.mode == "bwrap" and iso.seccomp:
-            filter_fd = bytes_fd(iso.seccomp)
-            fds.append(filter_fd)
-        cmd = command(config, iso, uid, cwd, fds[0], filter_fd)
+            held.fds["seccomp"] = bytes_fd(iso.seccomp)
+        info_fd = None
+        if iso.mode == "bwrap" and held.orphans.active:  # its init may come back to us: learn its pid
+            info_fd, held.fds["info"] = os.pipe()
+            held.fds["info_read"] = info_fd
+        cmd = command(config, iso, held.uid, cwd, held.fds)
         if iso.cgroups is not None:
-            group = iso.cgroups.create(config.memory_mb << 20, procs + SANDBOX_OVERHEAD_PROCESSES)
-            cmd = group.wrap(cmd)
-        run = Run(config, cmd, _env(cwd), tuple(fds), process_mb)
+            held.group = iso.cgroups.create(config.memory_mb << 20, procs + SANDBOX_OVERHEAD_PROCESSES)
+            cmd = held.group.wrap(cmd)
+        passed = tuple(fd for name, fd in held.fds.items() if name != "info_read")
+        run = Run(config, cmd, _env(cwd), passed, process_mb, held.orphans, info_fd)
         rc = run.execute()
-        return run.result(rc, over_memory=group is not None and group.oom_killed())
+        return run.result(rc, over_memory=held.group is not None and held.group.oom_killed())
     finally:
-        _clean_up(iso, uid, group, workdir, fds)
+        held.release()
 
 
-def _clean_up(iso: Isolation, uid: Optional[int], group, workdir: Optional[str], fds: list[int]) -> None:
-    """After a run: its cgroup emptied and removed, its uid swept (and in the uid mode the shared
-    temporary folders), its host directory removed. The uid goes back to the pool only if clean."""
-    for fd in fds:
-        os.close(fd)
-    clean = True
-    if group is not None:
-        clean = group.kill_all()
-        group.remove()
-    if uid is not None:
-        if iso.mode == "uid":  # no PID namespace took its processes down
-            clean = sweep_uid(uid) and clean
-            sweep_files(uid)
-        iso.uids.release(uid, clean)
-    if workdir is not None:
-        remove_tree(workdir)
+@dataclass
+class _Held:
+    """What one run holds, given back by :meth:`release` whatever happened."""
+
+    iso: Isolation
+    uid: Optional[int]
+    workdir: Optional[str] = None
+    group: Optional[RunCgroup] = None
+    fds: dict[str, int] = field(default_factory=dict)
+    orphans: Orphans = field(default_factory=Orphans)
+    """Where the trainer is a subreaper or PID 1: the run's processes that may end as its zombies."""
+
+    def release(self) -> None:
+        """The cgroup emptied and removed, the uid swept (in the uid mode the shared temporary
+        folders too), orphans reaped, the host directory removed. The uid goes back to the pool
+        only if clean."""
+        for fd in self.fds.values():
+            os.close(fd)
+        clean = True
+        if self.group is not None:
+            self.orphans.watch(self.group.pids() if self.orphans.active else ())
+            clean = self.group.kill_all()
+            self.group.remove()
+        if self.uid is not None and self.iso.mode == "uid":  # no PID namespace took them down
+            clean = sweep_uid(self.uid, orphans=self.orphans) and clean
+            sweep_files(self.uid)
+        self.orphans.reap(wait_s=1.0)
+        self.orphans.close()
+        if self.uid is not None:
+            self.iso.uids.release(self.uid, clean)
+        if self.workdir is not None:
+            remove_tree(self.workdir)

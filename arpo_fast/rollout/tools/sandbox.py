@@ -144,10 +144,15 @@ def top_dirs() -> list[tuple[str, Optional[str]]]:
 
 
 def bwrap_command(
-    python: str, extra_ro: tuple[str, ...], tmp_bytes: int, seccomp_fd: Optional[int]
+    python: str,
+    extra_ro: tuple[str, ...],
+    tmp_bytes: int,
+    seccomp_fd: Optional[int],
+    info_fd: Optional[int] = None,
 ) -> list[str]:
     """The bubblewrap command line: read-only interpreter and /usr, a size-capped /tmp as the only
-    writable place (it is also the run's directory), a minimal /dev, and nothing else."""
+    writable place (it is also the run's directory), a minimal /dev, and nothing else. ``info_fd``:
+    where bubblewrap writes the pid of its namespace's init (see ``reap.py``)."""
     cmd = [
         "bwrap",
         "--unshare-pid",
@@ -162,6 +167,8 @@ def bwrap_command(
         cmd.append("--unshare-user")  # unprivileged bwrap needs a user namespace
     if seccomp_fd is not None:
         cmd += ["--seccomp", str(seccomp_fd)]
+    if info_fd is not None:
+        cmd += ["--info-fd", str(info_fd)]
     # /tmp first: an interpreter or venv that lives under /tmp is bound on top of it below
     cmd += [
         "--proc",

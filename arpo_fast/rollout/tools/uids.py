@@ -17,6 +17,7 @@ import time
 from typing import Optional
 
 from arpo_fast.rollout.tools.fs import remove_tree
+from arpo_fast.rollout.tools.reap import Orphans
 
 log = logging.getLogger("arpo_fast.rollout.tools.python")
 
@@ -71,6 +72,7 @@ class UidPool:
 
     def _revive(self) -> None:
         for uid in list(self._retired):
+            reap_uid(uid)  # its leftovers' zombies, where they came back to this process
             if not has_processes(uid):
                 self._retired.remove(uid)
                 self._free.append(uid - self._base)
@@ -136,27 +138,48 @@ def tasks_of_uid(uid: int) -> int:
 _KILL = shutil.which("kill") or "/bin/kill"
 
 
-def has_processes(uid: int) -> bool:
-    """Whether any process runs as ``uid`` (one stat per process: cheap enough for every call)."""
+def pids_of(uid: int) -> list[int]:
+    """Processes (zombies included) running as ``uid``: one stat per process, cheap enough for
+    every call."""
+    found = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 if os.stat(f"/proc/{pid}").st_uid == uid:
-                    return True
+                    found.append(int(pid))
             except OSError:  # the process ended while we looked
                 continue
-    return False
+    return found
 
 
-def sweep_uid(uid: int, wait_s: float = 2.0) -> bool:
+def has_processes(uid: int) -> bool:
+    """Whether any process (a zombie too) runs as ``uid``."""
+    return bool(pids_of(uid))
+
+
+def reap_uid(uid: int, orphans: Optional[Orphans] = None) -> None:
+    """Wait for the zombies of ``uid`` that are this process's children (a private uid's processes
+    are all leftovers of runs; see ``reap.py``)."""
+    if not UidPool.is_private(uid):
+        return
+    mine = orphans or Orphans()
+    mine.watch(pids_of(uid) if mine.active else ())
+    mine.reap()
+    if orphans is None:
+        mine.close()
+
+
+def sweep_uid(uid: int, wait_s: float = 2.0, orphans: Optional[Orphans] = None) -> bool:
     """Kill every process left running as ``uid`` (children that escaped the process group) and
     wait for them to be gone; True when none is left. Zombies still count against RLIMIT_NPROC
-    until reaped, so a uid is reused only once it is clean.
+    until reaped, so a uid is reused only once it is clean; where they come back to this process
+    (a subreaper or PID 1), they are reaped here, through ``orphans`` when given.
 
     Only the pool's private uids are swept: a shared uid such as "nobody" (used where the uid map is
     too narrow) may own processes of other programs on the host, which must never be signalled."""
     if not UidPool.is_private(uid) or not has_processes(uid):
         return True
+    reap_uid(uid, orphans)
     try:  # `kill -KILL -1` run as uid signals every process of that uid except itself
         subprocess.run(
             [_KILL, "-KILL", "-1"],
@@ -172,12 +195,14 @@ def sweep_uid(uid: int, wait_s: float = 2.0) -> bool:
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("could not sweep leftover processes of uid %d: %s", uid, exc)
     deadline = time.monotonic() + wait_s
-    while has_processes(uid):
+    while True:
+        reap_uid(uid, orphans)
+        if not has_processes(uid):
+            return True
         if time.monotonic() > deadline:
             log.warning("processes of uid %d outlived the sweep; that uid is retired", uid)
             return False
         time.sleep(0.01)
-    return True
 
 
 def sweep_files(uid: int, dirs: tuple[str, ...] = SHARED_TMP_DIRS) -> None:
