@@ -8,7 +8,7 @@ from typing import Optional
 
 import pytest
 
-from arpo_fast.rollout.tools import check_tool_settings, create_tool, register_tool, sandbox
+from arpo_fast.rollout.tools import check_tool_settings, choice, create_tool, register_tool, sandbox
 from arpo_fast.rollout.tools.python_tool import PythonToolConfig
 from arpo_fast.rollout.tools.validate import build_settings, close_match, json_depth, load_json
 from arpo_fast.train import build
@@ -81,6 +81,7 @@ def test_a_bad_tool_setting_is_one_line_before_the_model_loads(tmp_path, capsys,
 def test_a_sandbox_that_cannot_work_here_fails_before_the_model_loads(
     tmp_path, capsys, monkeypatch, no_loading
 ):
+    monkeypatch.setattr(choice, "_CHOSEN", {})  # no choice made earlier in this process
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
     out = tmp_path / "run"
     assert (

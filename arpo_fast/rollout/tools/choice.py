@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Optional
 
-from arpo_fast.rollout.tools import interpreter, sandbox, seccomp
+from arpo_fast.rollout.tools import hostdirs, interpreter, sandbox, seccomp
 from arpo_fast.rollout.tools.base import ToolResult
 from arpo_fast.rollout.tools.sandbox import Isolation, SandboxUnavailable, budget
 from arpo_fast.rollout.tools.uids import UidPool
@@ -48,7 +48,7 @@ def _choose(config: PythonToolConfig, execute: Execute) -> Isolation:
         if why is None:
             iso, why = _try_mode(config, mode, groups, execute)
             if iso is not None:
-                _log_choice(config, iso, groups_why)
+                _log_choice(config, iso, groups_why, reasons)
                 return iso
         reasons.append(f"{mode}: {' '.join(why.split())}")
     raise SandboxUnavailable(
@@ -71,9 +71,17 @@ def _try_mode(
             python = interpreter.readable_copy(config.python)
         except (OSError, ValueError) as exc:
             return None, f"no interpreter the run's uid can read ({exc})"
+    # the uid mode shares the host's file system: every folder all users may write to is swept
+    shared = hostdirs.writable_dirs() if mode == "uid" else ()
+    if uids is not None:
+        taken = uids.collision(shared or hostdirs.usual())
+        if taken:
+            return None, taken
+    # ... and its network: no socket and no message queue can be made there
+    program = seccomp.filter_program(host_shared=mode == "uid")
     why = ""
     for net_private in (True, False) if mode in ("uid", "unsafe") else (True,):
-        iso = Isolation(mode, python, uids, groups, net_private, seccomp.filter_program())
+        iso = Isolation(mode, python, uids, groups, net_private, program, shared_dirs=shared)
         why = _probe(config, iso, execute)
         if not why:
             return iso, ""
@@ -93,21 +101,28 @@ def _probe(config: PythonToolConfig, iso: Isolation, execute: Execute) -> str:
     return ""
 
 
-def _log_choice(config: PythonToolConfig, iso: Isolation, groups_why: str) -> None:
+def _log_choice(config: PythonToolConfig, iso: Isolation, groups_why: str, passed_over: list[str]) -> None:
+    """One line: the mode (for ``auto``: which it picked, and why not the stronger ones), the
+    limits, and what the mode leaves open."""
     procs, per_process = budget(config, iso)
     notes = [f"sandbox {iso.mode}"]
+    if config.sandbox == "auto":
+        why = f" ({'; '.join(passed_over)})" if passed_over else ""
+        notes = [f"sandbox auto picked {iso.mode}{why}"]
     if iso.cgroups is not None:
         notes.append(f"a cgroup per run ({config.memory_mb} MB, {procs} processes in all)")
     else:
         notes.append(f"no cgroup per run ({groups_why}): {procs} processes of {per_process} MB each")
     notes.append("seccomp filter on" if iso.seccomp else "no seccomp filter (unknown architecture)")
-    if not iso.net_private:
-        notes.append("network ON (no network namespace could be made)")
     if iso.mode == "uid":
         notes.append(
-            "shares the host's file system (readable where others may read), IPC and "
-            "/tmp; what a run leaves in /tmp, /var/tmp and /dev/shm is removed after it"
+            "shares the host's file system (readable where others may read), process list and IPC; "
+            f"sockets and message queues refused{'' if iso.seccomp else ' only with a filter'}; what a "
+            f"run leaves in the {len(iso.shared_dirs)} world-writable folders is removed after it "
+            "(docs/tools.md: what each mode holds)"
         )
+    elif not iso.net_private:
+        notes.append("network ON (no network namespace could be made)")
     if iso.mode == "unsafe":
         notes.append(f"code runs as this process's uid ({os.getuid()}): use only for trusted code")
     quiet = iso.mode in ("bwrap", "namespaces") or (iso.mode == "uid" and config.sandbox == "uid")

@@ -327,7 +327,7 @@ class _Held:
             self.group.remove()
         if self.uid is not None and self.iso.mode == "uid":  # no PID namespace took them down
             clean = sweep_uid(self.uid, orphans=self.orphans) and clean
-            sweep_files(self.uid)
+            sweep_files(self.uid, self.iso.shared_dirs)
         self.orphans.reap(wait_s=1.0)
         self.orphans.close()
         if self.uid is not None:

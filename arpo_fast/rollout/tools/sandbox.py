@@ -64,6 +64,8 @@ class Isolation:
     net_private: bool = True
     seccomp: Optional[bytes] = None
     notes: list[str] = field(default_factory=list)
+    shared_dirs: tuple[str, ...] = ()
+    """The uid mode: the host's world-writable folders, swept of what each run's uid left there."""
 
 
 def budget(config, iso: Isolation) -> tuple[int, int]:

@@ -10,18 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import stat
 import subprocess
 import threading
 import time
+from collections.abc import Container
 from typing import Optional
 
-from arpo_fast.rollout.tools.fs import remove_tree
+from arpo_fast.rollout.tools import hostdirs
 from arpo_fast.rollout.tools.reap import Orphans
 
 log = logging.getLogger("arpo_fast.rollout.tools.python")
-
-SHARED_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 class UidPoolExhausted(RuntimeError):
@@ -46,6 +44,26 @@ class UidPool:
         self._retired: list[int] = []
         self._base = self.BASE + (self._pid % 4_194_304) * self.PER_PROCESS
         self._fits = _uid_map_allows(self._base + self.PER_PROCESS)
+        self._checked: dict[tuple[str, ...], str] = {}
+
+    def collision(self, dirs: tuple[str, ...]) -> str:
+        """'' when this pool's uids are its own on this host, else one line saying what else has
+        one of them: a user or group in /etc/passwd or /etc/group, a running process, or a file in
+        the folders ``dirs``. Such a uid could read that user's files, and the sweep after a run
+        would kill their processes and remove their files. Checked once per set of folders."""
+        with self._cond:
+            if os.getpid() != self._pid:
+                self._reset()
+            if not self._fits:  # the shared "nobody" of a narrow uid map is never swept
+                return ""
+            if dirs not in self._checked:
+                # the uids out now are ours: their processes and files are runs'
+                found = find_owner(frozenset(self._base + i for i in self._free), dirs)
+                last = self._base + self.PER_PROCESS - 1
+                self._checked[dirs] = (
+                    f"the run uids {self._base}-{last} are not free here ({found})" if found else ""
+                )
+            return self._checked[dirs]
 
     def acquire(self, timeout_s: float = 30.0) -> int:
         """A free uid; raises :class:`UidPoolExhausted` after ``timeout_s`` without one."""
@@ -104,6 +122,37 @@ class UidPool:
 
 _SHARED: Optional[UidPool] = None
 _SHARED_LOCK = threading.Lock()
+
+
+ACCOUNT_FILES = ("/etc/passwd", "/etc/group")
+
+
+def find_owner(owners: Container[int], dirs: tuple[str, ...]) -> str:
+    """What on this host has an id in ``owners`` ('' for nothing): an account, a process (any of
+    its real, effective, saved and file-system uids and gids) or a file in ``dirs``."""
+    for path in ACCOUNT_FILES:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    fields = line.split(":")
+                    if len(fields) > 2 and fields[2].strip().isdigit() and int(fields[2]) in owners:
+                        return f"{path} has {fields[0]!r} with id {int(fields[2])}"
+        except OSError:
+            continue
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                ids = [int(x) for line in f if line.startswith(("Uid:", "Gid:")) for x in line.split()[1:]]
+        except (OSError, ValueError):  # the process ended while we looked
+            continue
+        held = [i for i in ids if i in owners]
+        if held:
+            return f"process {pid} runs as {held[0]}"
+    for path in hostdirs.owned_entries(dirs, owners, by_group=True):
+        return f"{path} is owned by one of them"
+    return ""
 
 
 def _uid_map_allows(uid: int) -> bool:
@@ -205,32 +254,8 @@ def sweep_uid(uid: int, wait_s: float = 2.0, orphans: Optional[Orphans] = None) 
         time.sleep(0.01)
 
 
-def sweep_files(uid: int, dirs: tuple[str, ...] = SHARED_TMP_DIRS) -> None:
-    """Remove what ``uid`` left in the shared temporary directories: entries it owns at their top
-    level and one level inside world-writable sticky folders there (``/tmp/.X11-unix`` and the
-    like). Deeper files in folders of other users are not searched for."""
-    if not UidPool.is_private(uid):
-        return
-    for top in dirs:
-        for entry in _entries(top):
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if st.st_uid == uid:
-                remove_tree(entry.path)
-            elif stat.S_ISDIR(st.st_mode) and st.st_mode & 0o1002 == 0o1002:
-                for inner in _entries(entry.path):
-                    try:
-                        if inner.stat(follow_symlinks=False).st_uid == uid:
-                            remove_tree(inner.path)
-                    except OSError:
-                        continue
-
-
-def _entries(path: str) -> list[os.DirEntry]:
-    try:
-        with os.scandir(path) as it:
-            return list(it)
-    except OSError:
-        return []
+def sweep_files(uid: int, dirs: Optional[tuple[str, ...]] = None) -> None:
+    """Remove what ``uid`` left in the world-writable folders ``dirs`` (default: the usual ones;
+    see ``hostdirs.py``). Only the pool's private uids are swept."""
+    if UidPool.is_private(uid):
+        hostdirs.remove_owned(uid, dirs)
