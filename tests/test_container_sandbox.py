@@ -192,3 +192,20 @@ def test_a_collision_refuses_the_uid_mode_in_one_line(tmp_path, monkeypatch):
         os.rmdir(root)
     message = str(info.value)
     assert "\n" not in message and "uid: the run uids" in message and "'alice'" in message
+
+
+def test_the_summary_names_each_tools_sandbox(request, monkeypatch):
+    from python_tool_modes import make_tool
+
+    from arpo_fast.train.config import TrainConfig
+    from arpo_fast.train.loop import train
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tool = make_tool(request, "auto")  # a host folder any run uid can enter, removed afterwards
+    out = os.path.join(tool.config.tmp_root, "run")
+    flat = dict(out=out, steps=1, prompts_per_step=1, rollouts=2, initial=1, max_response_tokens=8)
+    flat.update(demo_warm_start=0, eval_data="none", tools="python")
+    flat["tool_settings"] = json.dumps({"python": {"tmp_root": tool.config.tmp_root}})
+    train(TrainConfig.from_flat(**flat))
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["sandbox"] == {"python": tool.mode}
