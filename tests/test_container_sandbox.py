@@ -124,6 +124,19 @@ def test_world_writable_folders_are_found_where_others_can_reach_them(tmp_path):
     assert "stopped after 2 folders" in note
 
 
+def test_the_walk_skips_pseudo_read_only_network_and_fuse_mounts(tmp_path):
+    mountinfo = tmp_path / "mountinfo"
+    lines = [
+        "22 1 0:21 / /proc rw,nosuid - proc proc rw",
+        "30 1 0:30 / /data rw,relatime - fuse.gcsfuse bucket rw",
+        "31 1 0:31 / /mnt/nfs rw - nfs4 server:/x rw",
+        "32 1 8:1 / /opt/ro ro,relatime - ext4 /dev/sda1 ro",
+        "33 1 8:2 / /scratch\\040space rw - ext4 /dev/sda2 rw",
+    ]
+    mountinfo.write_text("\n".join(lines) + "\n")
+    assert hostdirs._skipped_mounts(str(mountinfo)) == {"/proc", "/data", "/mnt/nfs", "/opt/ro"}
+
+
 def test_what_a_uid_owns_in_those_folders_is_swept(tmp_path):
     shared = tmp_path / "shared"
     (shared / "inner").mkdir(parents=True)
