@@ -15,6 +15,7 @@ ways (data loader workers, compile workers) are never touched: their owners wait
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import time
@@ -24,16 +25,22 @@ from typing import Optional
 PR_GET_CHILD_SUBREAPER = 37
 
 
+@functools.cache
+def _libc() -> Optional[ctypes.CDLL]:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def is_reaper() -> bool:
-    """Whether orphans of this process's descendants come back to it."""
+    """Whether orphans of this process's descendants come back to it (asked of the kernel each
+    time: code in this process may make it a subreaper after it started)."""
     if os.getpid() == 1:
         return True
     flag = ctypes.c_int(0)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None or libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) != 0:
         return False
     return flag.value != 0
 
