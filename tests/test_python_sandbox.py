@@ -4,6 +4,7 @@ every mode available here; one runs the tool as an unprivileged caller."""
 
 import atexit
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from python_tool_modes import SANDBOXES, make_tool, params, unavailable
 
-from arpo_fast.rollout.tools import interpreter, python_tool, sandbox, uids
+from arpo_fast.rollout.tools import choice, interpreter, sandbox, uids
 from arpo_fast.rollout.tools.fs import remove_tree
 from arpo_fast.rollout.tools.python_tool import PythonTool, PythonToolConfig
 from arpo_fast.rollout.tools.uids import UidPool, UidPoolExhausted
@@ -74,7 +75,7 @@ def test_code_never_runs_with_the_trainers_privileges(tool, tmp_path):
 def test_auto_without_bubblewrap_still_isolates(monkeypatch, request, tmp_path, hidden):
     """A fresh machine: no bwrap, the default interpreter (here a pyenv under /root that other
     users cannot read); auto must still drop the trainer's privileges."""
-    monkeypatch.setattr(python_tool, "_CHOSEN", {})
+    monkeypatch.setattr(choice, "_CHOSEN", {})
     real_why_not = sandbox.why_not
     monkeypatch.setattr(
         sandbox,
@@ -225,8 +226,10 @@ for folder in ("/tmp", "/var/tmp", "/dev/shm", "."):
         open(os.path.join(folder, "arpo_left_MARK"), "w").write("x")
     except OSError:
         pass
-s = socket.socket(socket.AF_UNIX)
-s.bind("/tmp/arpo_sock_MARK")
+try:  # the uid mode refuses sockets
+    socket.socket(socket.AF_UNIX).bind("/tmp/arpo_sock_MARK")
+except PermissionError:
+    pass
 print("left")
 """
 _LOOK = """
@@ -281,7 +284,7 @@ def test_uid_pool_times_out_when_every_uid_is_retired(monkeypatch):
     assert UidPool.is_private(pool.acquire(timeout_s=0.3))  # a retired uid comes back once clean
 
 
-def test_a_call_with_no_free_uid_reads_back_an_error(monkeypatch, tmp_path):
+def test_a_call_with_no_free_uid_reads_back_an_error(monkeypatch, tmp_path, caplog):
     if unavailable("namespaces") or os.geteuid() != 0:
         pytest.skip("needs a root caller")
     tool = PythonTool(PythonToolConfig(sandbox="namespaces", tmp_root=str(tmp_path)))
@@ -290,8 +293,11 @@ def test_a_call_with_no_free_uid_reads_back_an_error(monkeypatch, tmp_path):
         raise UidPoolExhausted("no run uid became free")
 
     monkeypatch.setattr(tool.isolation.uids, "acquire", exhausted)
-    result = tool("print(1)")
+    with caplog.at_level(logging.WARNING, logger="arpo_fast.rollout.tools.python"):
+        result = tool("print(1)")
     assert result.status == "sandbox_error" and "no run uid" in result.text
+    logged = [r for r in caplog.records if "no run uid" in r.getMessage()]
+    assert logged and all(r.exc_info is None and "\n" not in r.getMessage() for r in logged)
 
 
 # -- 5. every byte back to the model obeys the cap ----------------------------------------------
@@ -381,7 +387,7 @@ def test_seccomp_denies_each_interface(request, mode):
 
 _CALLER = """
 import json, os, sys
-from arpo_fast.rollout.tools import python_tool, sandbox
+from arpo_fast.rollout.tools import choice, python_tool, sandbox
 from arpo_fast.rollout.tools.python_tool import PythonTool, PythonToolConfig
 if sys.argv[1] == "no-bwrap":
     sandbox.shutil.which = lambda name: None

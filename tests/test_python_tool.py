@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from python_tool_modes import make_tool, params
 
-from arpo_fast.rollout.tools import python_tool, sandbox
+from arpo_fast.rollout.tools import choice, python_tool, sandbox
 from arpo_fast.rollout.tools.python_tool import PythonTool, PythonToolConfig, clean_code, dedent, unfence
 from arpo_fast.rollout.tools.sandbox import SandboxUnavailable
 from arpo_fast.rollout.tools.uids import UidPool
@@ -227,6 +227,24 @@ def test_fence_scan_is_linear(body):
 # -- settings, choice of the sandbox ----------------------------------------------------------
 
 
+def test_a_huge_call_is_refused_before_it_is_read(tmp_path):
+    """Megabytes of short lines are refused by their length alone: no parsing, no copy of them."""
+    import tracemalloc
+
+    tool = PythonTool(PythonToolConfig(tmp_root=str(tmp_path), max_code_chars=1000))
+    assert tool("print(1)\n" * 100).ok  # 900 characters: under the cap
+    huge = "x=1\n" * 1_000_000
+    tracemalloc.start()
+    try:
+        result = tool(huge)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.status == "bad_input" and "4,000,000 characters" in result.text
+    assert "limit of 1,000" in result.text and peak < 1 << 20
+    assert PythonToolConfig().max_code_chars == 100_000  # the documented default
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="sandbox must be one of"):
         PythonToolConfig(sandbox="docker")
@@ -244,7 +262,7 @@ def test_config_errors():
 
 
 def test_the_choice_is_logged_once(caplog, monkeypatch, tmp_path):
-    monkeypatch.setattr(python_tool, "_CHOSEN", {})
+    monkeypatch.setattr(choice, "_CHOSEN", {})
     with caplog.at_level(logging.INFO, logger="arpo_fast.rollout.tools.python"):
         for _ in range(2):
             assert PythonTool(PythonToolConfig(tmp_root=str(tmp_path)))("print(1)").ok
@@ -252,7 +270,7 @@ def test_the_choice_is_logged_once(caplog, monkeypatch, tmp_path):
 
 
 def test_missing_bwrap_is_no_reason_to_run_unisolated(monkeypatch, tmp_path):
-    monkeypatch.setattr(python_tool, "_CHOSEN", {})
+    monkeypatch.setattr(choice, "_CHOSEN", {})
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
     tool = PythonTool(PythonToolConfig(sandbox="auto", tmp_root=str(tmp_path)))
     assert tool.mode in ("namespaces", "uid") and tool("print(2)").text == "2\n"
@@ -262,7 +280,7 @@ def test_missing_bwrap_is_no_reason_to_run_unisolated(monkeypatch, tmp_path):
 
 def test_refusal_says_how_to_install_and_how_to_opt_out(monkeypatch):
     """Where nothing can isolate the code, the tool refuses at construction, in one line."""
-    monkeypatch.setattr(python_tool, "_CHOSEN", {})
+    monkeypatch.setattr(choice, "_CHOSEN", {})
     monkeypatch.setattr(sandbox, "candidates", lambda asked: ["bwrap", "namespaces"])
     monkeypatch.setattr(sandbox, "why_not", lambda mode, python: f"{mode} is not allowed here")
     with pytest.raises(SandboxUnavailable) as info:

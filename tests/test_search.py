@@ -106,6 +106,37 @@ def test_index_dir_new_empty_or_ours(corpus, tmp_path, monkeypatch):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".arpo_bm25s")]  # no build leftovers
 
 
+@pytest.mark.parametrize("stale", [False, True])
+def test_a_marker_naming_other_files_is_refused_and_deletes_nothing(corpus, tmp_path, stale):
+    """A marker is data anybody may have written (an index shipped beside a corpus): names in it
+    that this code never writes, outside the folder or not, are refused and never removed."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    (tmp_path / "victim").write_text("mine too")
+    folder = tmp_path / "IDX"
+    folder.mkdir()
+    marker = {"format": 2, "files": [str(victim), "../victim"], "manifest": {}}
+    if stale:  # a real index of ours first, then its marker rewritten
+        BM25Search(SearchConfig(corpus_path=corpus, index_dir=str(folder)))
+        marker["files"] += sorted(os.listdir(folder))
+    (folder / "arpo_fast_index.json").write_text(json.dumps(marker))
+    with pytest.raises(ValueError) as info:
+        BM25Search(SearchConfig(corpus_path=corpus, index_dir=str(folder)))
+    message = str(info.value)
+    assert "arpo_fast_index.json lists" in message and "victim" in message and "\n" not in message
+    assert victim.read_text() == "mine" and (tmp_path / "victim").read_text() == "mine too"
+    assert "arpo_fast_index.json" in os.listdir(folder)
+
+
+def test_a_marker_that_is_not_json_is_refused(corpus, tmp_path):
+    folder = tmp_path / "IDX"
+    folder.mkdir()
+    (folder / "arpo_fast_index.json").write_text("[" * 100_000)
+    with pytest.raises(ValueError, match="is not an index marker"):
+        BM25Search(SearchConfig(corpus_path=corpus, index_dir=str(folder)))
+    assert (folder / "arpo_fast_index.json").read_text() == "[" * 100_000
+
+
 def test_an_index_of_the_earlier_format_is_replaced(corpus):
     folder = corpus + ".bm25s"
     os.makedirs(folder)

@@ -103,6 +103,29 @@ def test_foreign_abis_fail(machine):
         assert _run(machine, 0x40000000 | 1) == ENOSYS  # x32 write
 
 
+def test_a_run_sharing_the_host_gets_no_socket_and_no_message_queue(machine):
+    shared = seccomp.build(machine, host_shared=True)
+    arch = seccomp.ARCHES[machine][0]
+    for name in ("socket", "mq_open", "mq_unlink"):
+        nr = seccomp.syscall_number(name, machine)
+        assert evaluate(shared, nr, arch) == EPERM
+        assert _run(machine, name) == seccomp.RET_ALLOW  # the other modes have their own network
+    pair = seccomp.syscall_number("socketpair", machine)
+    assert evaluate(shared, pair, arch, (seccomp.AF_UNIX, 0, 0, 0, 0, 0)) == seccomp.RET_ALLOW
+    for family in (2, 10, 16, 17):  # AF_INET, AF_INET6, AF_NETLINK, AF_PACKET
+        assert evaluate(shared, pair, arch, (family, 0, 0, 0, 0, 0)) == EPERM
+    for name in DENIED:  # and everything the plain filter denies
+        assert evaluate(shared, seccomp.syscall_number(name, machine), arch) == EPERM
+    assert (
+        evaluate(shared, seccomp.syscall_number("clone", machine), arch, (0x10000000 | 17,) + (0,) * 5)
+        == EPERM
+    )
+    assert (
+        evaluate(shared, seccomp.syscall_number("clone", machine), arch, (17,) + (0,) * 5)
+        == seccomp.RET_ALLOW
+    )
+
+
 def test_unknown_machines_get_no_filter():
     assert seccomp.filter_program("riscv64") is None
     assert seccomp.filter_program("amd64") == seccomp.build("x86_64")

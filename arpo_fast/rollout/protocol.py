@@ -107,14 +107,20 @@ def _stop_tags(config: ProtocolConfig) -> tuple[str, ...]:
 
 
 def _body_problem(before: str, body: str, config: ProtocolConfig) -> Optional[str]:
-    """Why a call body cannot run (nested or unclosed tags, empty, not UTF-8), or None.
+    """Why a call body cannot run (nested or unclosed tags, a closing result tag, empty, not
+    UTF-8), or None.
 
     Only a tag the protocol acts on makes a call nested. A body runs up to the first stop tag, so
     from the detector it never holds one; other tags (``<search>`` or ``<result>`` in a string
-    literal of python code) are the body's own text."""
+    literal of python code) are the body's own text. The closing result tag is the one exception:
+    it ends what a tool answered, so model-written text holding it could pass for the end of a
+    tool result, in the history and to the format check; such a call is not run."""
     inner = [t for t in _stop_tags(config) if t in body]
     if inner:
         return f"The call contains the tag {inner[0]}: tool calls cannot be nested."
+    result_close = config.close_tag(config.result_tag)
+    if result_close in body:
+        return f"The call contains {result_close}, which only a tool's answer may hold; it was not run."
     for other in config.tool_names:
         if before.count(config.open_tag(other)) > before.count(config.close_tag(other)):
             return f"An earlier {config.open_tag(other)} was never closed with {config.close_tag(other)}."

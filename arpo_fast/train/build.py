@@ -4,7 +4,6 @@ a one-line message naming its flag, before anything is written."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -12,8 +11,9 @@ from typing import Optional
 import torch
 
 from arpo_fast.rollout import Protocol, ProtocolConfig, RewardConfig
-from arpo_fast.rollout.tools import create_tool
+from arpo_fast.rollout.tools import check_tool_settings, create_tool, tool_names
 from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor
+from arpo_fast.rollout.tools.validate import close_match, load_json, shown
 from arpo_fast.train.config import TrainConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -95,39 +95,51 @@ def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype, verb
 
 
 def _json_object(text: str, flag: str, shape: str) -> dict:
-    try:
-        value = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{flag}: not valid JSON ({exc.msg}); expected {shape}") from None
-    except RecursionError:
-        raise ValueError(f"{flag}: JSON nested too deeply; expected {shape}") from None
+    value = load_json(text, flag)
+    if value is None:
+        return {}
     if not isinstance(value, dict):
         raise ValueError(f"{flag} must be a JSON object: {shape}")
     return value
 
 
 def tool_settings(cfg: TrainConfig) -> dict:
+    """Each tool's settings from ``--tool-settings``, checked with the names in ``--tools`` before
+    anything slow: unknown tools and settings (with the close match), values of the wrong type,
+    missing files and a sandbox that cannot work here each fail in one line naming the flag."""
     settings = _json_object(cfg.tool_settings, "--tool-settings", "{tool name: {setting: value}}")
-    unknown = sorted(set(settings) - set(cfg.tool_names))
-    if unknown:
-        raise ValueError(f"--tool-settings names tools not in --tools: {', '.join(unknown)}")
+    known = tool_names()
+    for name in cfg.tool_names:
+        if name not in known:
+            raise ValueError(
+                f"--tools: no tool named {name!r}{close_match(name, known)}; available: {', '.join(known)}"
+            )
+    extra = sorted(set(settings) - set(cfg.tool_names))
+    if extra:
+        hint = close_match(extra[0], cfg.tool_names)
+        raise ValueError(f"--tool-settings names tools not in --tools: {', '.join(extra)}{hint}")
     for name, value in settings.items():
         if not isinstance(value, dict):
             raise ValueError(
-                f"--tool-settings: the settings of {name!r} must be a JSON object, got "
-                f"{json.dumps(value)[:60]}"
+                f"--tool-settings: the settings of {name!r} must be a JSON object, got {shown(value)}"
             )
+    for name in cfg.tool_names:
+        try:
+            check_tool_settings(name, **settings.get(name, {}))
+        except ValueError as exc:
+            raise ValueError(f"--tool-settings: {name}: {' '.join(str(exc).split())}") from None
     return settings
 
 
 def tool_executor(cfg: TrainConfig, settings: dict) -> Optional[ToolExecutor]:
-    """The run's tools, each built from its ``--tool-settings``, behind one executor."""
+    """The run's tools, each built from its ``--tool-settings`` (checked by :func:`tool_settings`),
+    behind one executor."""
     tools = []
     for name in cfg.tool_names:
         try:
             tools.append(create_tool(name, **settings.get(name, {})))
-        except TypeError as exc:  # an unknown setting name
-            raise ValueError(f"--tool-settings: {name}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--tool-settings: {name}: {' '.join(str(exc).split())}") from None
     config = ExecutorConfig(max_workers=cfg.tool_workers)
     return ToolExecutor({t.name: t for t in tools}, config) if tools else None
 

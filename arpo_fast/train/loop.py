@@ -372,7 +372,8 @@ def fit(run: Run) -> list[dict]:
         if run.executor is not None:
             run.executor.shutdown(wait=False)
         if reporter is not None:
-            run.summary = reporter.close(checkpoint or find_checkpoint(cfg.out))
+            sandboxes = run.executor.sandboxes() if run.executor is not None else {}
+            run.summary = reporter.close(checkpoint or find_checkpoint(cfg.out), {"sandbox": sandboxes})
     return history
 
 

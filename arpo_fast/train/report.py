@@ -6,7 +6,7 @@
   tokens against the step, redrawn after each evaluation (from ``metrics.jsonl``, so a resumed run
   draws its whole history).
 * ``summary.json``: the accuracy at step 0 and at the end, the tool calls per trajectory at the
-  first and last step, steps, wall seconds and the checkpoint's path.
+  first and last step, steps, wall seconds, the checkpoint's path and each tool's sandbox mode.
 * The console: a progress bar over steps with the latest reward, accuracy and tool-call rate when
   stderr is a terminal, one line per step otherwise; one line per evaluation either way.
 * ``--report-to tensorboard``: every number also goes to ``out/tensorboard``.
@@ -195,12 +195,16 @@ class Reporter:
             self.bar.set_postfix(self.latest, refresh=True)
         plot(self.out, read_rows(self.out))
 
-    def close(self, checkpoint: Optional[Path]) -> dict:
-        """Write ``summary.json`` (and return it); close the bar and the TensorBoard writer."""
+    def close(self, checkpoint: Optional[Path], extra: Optional[dict] = None) -> dict:
+        """Write ``summary.json`` (and return it), with the fields of ``extra`` added; close the bar
+        and the TensorBoard writer."""
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-        result = summary(read_rows(self.out), time.perf_counter() - self.started, checkpoint)
+        result = {
+            **summary(read_rows(self.out), time.perf_counter() - self.started, checkpoint),
+            **(extra or {}),
+        }
         (self.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return result

@@ -87,6 +87,11 @@ class ToolExecutor:
         self._arm_watchdog(outer, name)
         return outer
 
+    def sandboxes(self) -> dict[str, str]:
+        """How each tool that has a sandbox isolates its runs (``{"python": "bwrap"}``), for the
+        run's log and summary."""
+        return {name: t.mode for name, t in self.tools.items() if isinstance(getattr(t, "mode", None), str)}
+
     def run(self, name: str, query: str) -> ToolResult:
         """Submit and wait (for scripts and tests)."""
         return self.submit(name, query).result()

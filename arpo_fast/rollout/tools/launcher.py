@@ -24,7 +24,8 @@ import resource  # before the uid drop: a C extension the new uid might not be a
 import select
 import sys
 
-PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 22, 24, 38
+PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_CAPBSET_DROP = 1, 22, 24
+PR_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 36, 38
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x2000000, 0x4000000, 0x8000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
@@ -88,6 +89,21 @@ def exit_like(status):
     """Exit as the waited-for child did (a signal becomes 128 + its number)."""
     code = os.waitstatus_to_exitcode(status)
     os._exit(code if code >= 0 else 128 - code)
+
+
+def reap_until(pid):
+    """Reap children (the program's orphans too) until ``pid`` ends, then those that have ended
+    since, and exit as ``pid`` did; the caller's cleanup kills whatever still runs."""
+    while True:
+        done, status = os.wait()
+        if done == pid:
+            break
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+    exit_like(status)
 
 
 def set_limits(limits):
@@ -242,10 +258,7 @@ def enter_namespaces(libc, cfg):
     os.chdir(cfg["cwd"])
     child = os.fork()
     if child:  # process 1: reap orphans until the program ends; the kernel then kills the rest
-        while True:
-            done, status = os.wait()
-            if done == child:
-                exit_like(status)
+        reap_until(child)
     os.close(alive_r)
     if user:
         libc.drop_capabilities()
@@ -280,10 +293,12 @@ def isolate(cfg):
                 die_with_parent(libc, cfg["parent"])  # a uid change cleared it
         os.chdir(cfg["cwd"])
         if cfg["shield"]:
-            # the program's parent is this throw-away process, not the caller
+            # the program's parent is this throw-away process, not the caller; a subreaper, so
+            # that orphans of the program do not become the caller's zombies
+            libc.prctl(PR_CHILD_SUBREAPER, 1)
             pid = os.fork()
             if pid:
-                exit_like(os.waitpid(pid, 0)[1])
+                reap_until(pid)
             die_with_parent(libc, os.getppid())
     set_limits(cfg["limits"])
     if libc is not None:  # bubblewrap has done both

@@ -14,20 +14,20 @@ import logging
 import marshal
 import math
 import os
-import subprocess
 import sys
 import tempfile
-import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from arpo_fast.rollout.tools import interpreter, sandbox, seccomp
+from arpo_fast.rollout.tools import choice, interpreter, sandbox
 from arpo_fast.rollout.tools.base import ToolResult
+from arpo_fast.rollout.tools.cgroups import RunCgroup
 from arpo_fast.rollout.tools.fs import remove_tree
+from arpo_fast.rollout.tools.reap import Orphans
 from arpo_fast.rollout.tools.run import Run, bytes_fd, code_fd
-from arpo_fast.rollout.tools.sandbox import Isolation, SandboxUnavailable
-from arpo_fast.rollout.tools.uids import UidPool, sweep_files, sweep_uid, tasks_of_uid
+from arpo_fast.rollout.tools.sandbox import Isolation, budget
+from arpo_fast.rollout.tools.uids import UidPoolExhausted, sweep_files, sweep_uid, tasks_of_uid
 
 log = logging.getLogger("arpo_fast.rollout.tools.python")
 LAUNCHER = Path(__file__).with_name("launcher.py").read_text()
@@ -62,6 +62,10 @@ class PythonToolConfig:
     """Characters returned to the model, all notes and error lines included."""
     kill_after_output_bytes: int = 1 << 20
     """Stop the program once it has printed this much: the rest would be thrown away anyway."""
+    max_code_chars: int = 100_000
+    """Longest call accepted, in characters (about 25k tokens, more than a response usually holds).
+    Checked before anything else reads the call: a longer one reads back an error at once, so a
+    huge call neither stalls the trainer's thread nor takes its memory."""
     error_lines: int = 6
     """How many last lines of the error (stderr) are returned when the code fails."""
     sandbox: str = "auto"
@@ -94,6 +98,7 @@ class PythonToolConfig:
             "max_disk_mb",
             "max_output_chars",
             "kill_after_output_bytes",
+            "max_code_chars",
         ):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
@@ -111,6 +116,12 @@ class PythonToolConfig:
             raise ValueError(f"python: {self.python!r} is not an executable file")
         if self.tmp_root is not None and not os.path.isdir(self.tmp_root):
             raise ValueError(f"tmp_root: {self.tmp_root!r} is not a directory")
+
+
+def check_config(config: PythonToolConfig) -> None:
+    """What a trainer checks before anything slow: that a sandbox this config asks for works here
+    (the probe's result is kept, so the tool built later does not probe again)."""
+    choice.choose(config, execute)
 
 
 _LANG = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_+-")
@@ -156,7 +167,7 @@ class PythonTool:
     def __init__(self, config: Optional[PythonToolConfig] = None):
         self.config = config or PythonToolConfig()
         self.name = self.config.name
-        self.isolation = choose(self.config)
+        self.isolation = choice.choose(self.config, execute)
 
     @property
     def mode(self) -> str:
@@ -165,6 +176,12 @@ class PythonTool:
 
     def __call__(self, query: str) -> ToolResult:
         cap = self.config.max_output_chars
+        if len(query) > self.config.max_code_chars:  # before any parsing: O(1), nothing copied
+            return ToolResult(
+                f"The code is {len(query):,} characters long, more than the limit of "
+                f"{self.config.max_code_chars:,}; it was not run."[:cap],
+                "bad_input",
+            )
         try:
             code = clean_code(query)
             if not code:
@@ -172,18 +189,12 @@ class PythonTool:
             if "\x00" in code:
                 return ToolResult("The code contains a NUL character and cannot be run."[:cap], "bad_input")
             return execute(self.config, self.isolation, code)
+        except UidPoolExhausted as exc:  # an expected condition: one line, no traceback
+            log.warning("python tool: a call was not run: %s", exc)
+            return ToolResult(f"The code could not be run: {exc}"[:cap], "sandbox_error")
         except Exception as exc:  # a tool never raises into the rollout
             log.exception("python tool: a call failed")
             return ToolResult(f"The code could not be run: {exc}"[:cap], "sandbox_error")
-
-
-def budget(config: PythonToolConfig, iso: Isolation) -> tuple[int, int]:
-    """(processes, address-space MB per process) of a run: with a cgroup the run's totals are
-    enforced as such; without one they are split so that their product stays within memory_mb."""
-    if iso.cgroups is not None:
-        return config.max_processes, config.memory_mb
-    procs = max(1, min(config.max_processes, config.memory_mb // config.process_memory_mb))
-    return procs, config.memory_mb // procs
 
 
 def _limits(config: PythonToolConfig, iso: Isolation) -> list[tuple[str, int]]:
@@ -221,19 +232,13 @@ def _site(python: str) -> dict:
     return {"path": [p for p in info["path"] if p], "prefix": info["prefix"]}
 
 
-def command(
-    config: PythonToolConfig,
-    iso: Isolation,
-    uid: Optional[int],
-    cwd: str,
-    code: int,
-    seccomp_fd: Optional[int],
-) -> list[str]:
-    """The command line of one run (before the cgroup prefix)."""
+def command(config: PythonToolConfig, iso: Isolation, uid: Optional[int], cwd: str, fds: dict) -> list[str]:
+    """The command line of one run (before the cgroup prefix); ``fds``: the program's descriptor
+    (``code``) and, for bubblewrap, the filter's (``seccomp``) and the info pipe's (``info``)."""
     tmp_bytes = config.max_disk_mb << 20
     settings = {
         "mode": iso.mode,
-        "code_fd": code,
+        "code_fd": fds["code"],
         "limits": _limits(config, iso),
         "uid": uid,
         "parent": os.getpid(),
@@ -261,139 +266,71 @@ def command(
         marshal.dumps(settings).hex(),
     ]
     if iso.mode == "bwrap":
-        cmd = sandbox.bwrap_command(iso.python, config.extra_ro_paths, tmp_bytes, seccomp_fd) + cmd
+        bwrap = sandbox.bwrap_command(
+            iso.python, config.extra_ro_paths, tmp_bytes, fds.get("seccomp"), fds.get("info")
+        )
+        cmd = bwrap + cmd
     return cmd
 
 
 def execute(config: PythonToolConfig, iso: Isolation, code: str) -> ToolResult:
     """One run of ``code``: set up its uid, directory and cgroup, run it, clean up after it."""
     procs, process_mb = budget(config, iso)
-    uid = iso.uids.acquire(max(30.0, config.timeout_s)) if iso.uids else None
-    workdir, group, fds = None, None, []
+    held = _Held(iso, iso.uids.acquire(max(30.0, config.timeout_s)) if iso.uids else None)
     try:
         cwd = sandbox.RUN_DIR
         if iso.mode in ("uid", "unsafe"):  # no mount namespace: a directory on the host
-            workdir = cwd = tempfile.mkdtemp(prefix="arpo_py_", dir=config.tmp_root)
-            if uid is not None:
-                os.chown(workdir, uid, uid)
-        fds.append(code_fd(code))
-        filter_fd = None
+            held.workdir = cwd = tempfile.mkdtemp(prefix="arpo_py_", dir=config.tmp_root)
+            if held.uid is not None:
+                os.chown(held.workdir, held.uid, held.uid)
+        held.fds["code"] = code_fd(code)
         if iso.mode == "bwrap" and iso.seccomp:
-            filter_fd = bytes_fd(iso.seccomp)
-            fds.append(filter_fd)
-        cmd = command(config, iso, uid, cwd, fds[0], filter_fd)
+            held.fds["seccomp"] = bytes_fd(iso.seccomp)
+        info_fd = None
+        if iso.mode == "bwrap" and held.orphans.active:  # its init may come back to us: learn its pid
+            info_fd, held.fds["info"] = os.pipe()
+            held.fds["info_read"] = info_fd
+        cmd = command(config, iso, held.uid, cwd, held.fds)
         if iso.cgroups is not None:
-            group = iso.cgroups.create(config.memory_mb << 20, procs + SANDBOX_OVERHEAD_PROCESSES)
-            cmd = group.wrap(cmd)
-        run = Run(config, cmd, _env(cwd), tuple(fds), process_mb)
+            held.group = iso.cgroups.create(config.memory_mb << 20, procs + SANDBOX_OVERHEAD_PROCESSES)
+            cmd = held.group.wrap(cmd)
+        passed = tuple(fd for name, fd in held.fds.items() if name != "info_read")
+        run = Run(config, cmd, _env(cwd), passed, process_mb, held.orphans, info_fd)
         rc = run.execute()
-        return run.result(rc, over_memory=group is not None and group.oom_killed())
+        return run.result(rc, over_memory=held.group is not None and held.group.oom_killed())
     finally:
-        _clean_up(iso, uid, group, workdir, fds)
+        held.release()
 
 
-def _clean_up(iso: Isolation, uid: Optional[int], group, workdir: Optional[str], fds: list[int]) -> None:
-    """After a run: its cgroup emptied and removed, its uid swept (and in the uid mode the shared
-    temporary folders), its host directory removed. The uid goes back to the pool only if clean."""
-    for fd in fds:
-        os.close(fd)
-    clean = True
-    if group is not None:
-        clean = group.kill_all()
-        group.remove()
-    if uid is not None:
-        if iso.mode == "uid":  # no PID namespace took its processes down
-            clean = sweep_uid(uid) and clean
-            sweep_files(uid)
-        iso.uids.release(uid, clean)
-    if workdir is not None:
-        remove_tree(workdir)
+@dataclass
+class _Held:
+    """What one run holds, given back by :meth:`release` whatever happened."""
 
+    iso: Isolation
+    uid: Optional[int]
+    workdir: Optional[str] = None
+    group: Optional[RunCgroup] = None
+    fds: dict[str, int] = field(default_factory=dict)
+    orphans: Orphans = field(default_factory=Orphans)
+    """Where the trainer is a subreaper or PID 1: the run's processes that may end as its zombies."""
 
-# -- choosing the sandbox ---------------------------------------------------------------------
-
-_CHOICE_LOCK = threading.Lock()
-_CHOSEN: dict[tuple, Isolation] = {}
-# touches the standard library (fails when the interpreter is unreadable after the uid drop)
-PROBE_CODE = "import json, os, socket, traceback\nprint(os.getuid())"
-
-
-def choose(config: PythonToolConfig) -> Isolation:
-    """The isolation for ``config`` on this machine: probed once per process and setting, logged."""
-    key = (os.getpid(), config.sandbox, config.python, config.extra_ro_paths, config.tmp_root)
-    with _CHOICE_LOCK:
-        if key not in _CHOSEN:
-            _CHOSEN[key] = _choose(config)
-        return _CHOSEN[key]
-
-
-def _choose(config: PythonToolConfig) -> Isolation:
-    groups, groups_why = sandbox.run_cgroups()
-    reasons = []
-    for mode in sandbox.candidates(config.sandbox):
-        why = sandbox.why_not(mode, config.python)
-        if why is None:
-            iso, why = _try_mode(config, mode, groups)
-            if iso is not None:
-                _log_choice(config, iso, groups_why)
-                return iso
-        reasons.append(f"{mode}: {' '.join(why.split())}")
-    raise SandboxUnavailable(
-        f"python tool: sandbox={config.sandbox!r} cannot isolate model code "
-        f"here ({'; '.join(reasons)}); {sandbox.HOW_TO_FIX}"
-    )
-
-
-def _try_mode(config: PythonToolConfig, mode: str, groups) -> tuple[Optional[Isolation], str]:
-    root = sandbox.is_root()
-    uids = UidPool.shared() if root and mode != "unsafe" else None
-    python = config.python
-    if mode == "uid":
-        tmp = config.tmp_root or tempfile.gettempdir()
-        if not interpreter.reachable_by_others(tmp):
-            return None, f"tmp_root {tmp} is not reachable by other users (give one they can enter)"
-        try:
-            python = interpreter.readable_copy(config.python)
-        except (OSError, ValueError) as exc:
-            return None, f"no interpreter the run's uid can read ({exc})"
-    why = ""
-    for net_private in (True, False) if mode in ("uid", "unsafe") else (True,):
-        iso = Isolation(mode, python, uids, groups, net_private, seccomp.filter_program())
-        why = _probe(config, iso)
-        if not why:
-            return iso, ""
-    return None, why
-
-
-def _probe(config: PythonToolConfig, iso: Isolation) -> str:
-    """Run a tiny program in ``iso``; '' when it worked (and not as root unless unsafe), else why."""
-    try:
-        result = execute(replace(config, timeout_s=30.0, max_output_chars=4000), iso, PROBE_CODE)
-    except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as exc:
-        return str(exc)
-    if not result.ok or not result.text.strip().isdigit():
-        return " ".join(result.text.split())[-300:]
-    if sandbox.is_root() and iso.mode != "unsafe" and int(result.text) == 0:
-        return "the probe ran as root"  # never: each mode drops to a throw-away uid
-    return ""
-
-
-def _log_choice(config: PythonToolConfig, iso: Isolation, groups_why: str) -> None:
-    procs, per_process = budget(config, iso)
-    notes = [f"sandbox {iso.mode}"]
-    if iso.cgroups is not None:
-        notes.append(f"a cgroup per run ({config.memory_mb} MB, {procs} processes in all)")
-    else:
-        notes.append(f"no cgroup per run ({groups_why}): {procs} processes of {per_process} MB each")
-    notes.append("seccomp filter on" if iso.seccomp else "no seccomp filter (unknown architecture)")
-    if not iso.net_private:
-        notes.append("network ON (no network namespace could be made)")
-    if iso.mode == "uid":
-        notes.append(
-            "shares the host's file system (readable where others may read), IPC and "
-            "/tmp; what a run leaves in /tmp, /var/tmp and /dev/shm is removed after it"
-        )
-    if iso.mode == "unsafe":
-        notes.append(f"code runs as this process's uid ({os.getuid()}): use only for trusted code")
-    quiet = iso.mode in ("bwrap", "namespaces") or (iso.mode == "uid" and config.sandbox == "uid")
-    (log.info if quiet else log.warning)("python tool: %s", "; ".join(notes))
+    def release(self) -> None:
+        """The cgroup emptied and removed, the uid swept (in the uid mode the shared temporary
+        folders too), orphans reaped, the host directory removed. The uid goes back to the pool
+        only if clean."""
+        for fd in self.fds.values():
+            os.close(fd)
+        clean = True
+        if self.group is not None:
+            self.orphans.watch(self.group.pids() if self.orphans.active else ())
+            clean = self.group.kill_all()
+            self.group.remove()
+        if self.uid is not None and self.iso.mode == "uid":  # no PID namespace took them down
+            clean = sweep_uid(self.uid, orphans=self.orphans) and clean
+            sweep_files(self.uid, self.iso.shared_dirs)
+        self.orphans.reap(wait_s=1.0)
+        self.orphans.close()
+        if self.uid is not None:
+            self.iso.uids.release(self.uid, clean)
+        if self.workdir is not None:
+            remove_tree(self.workdir)

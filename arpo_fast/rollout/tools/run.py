@@ -3,16 +3,19 @@ what it printed into the text the model reads, never longer than ``max_output_ch
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import selectors
 import signal
 import subprocess
 import time
+from typing import Optional
 
 from arpo_fast.rollout.tools.base import ToolResult
 from arpo_fast.rollout.tools.cgroups import JOIN_FAILED
 from arpo_fast.rollout.tools.launcher import SETUP_FAILED
+from arpo_fast.rollout.tools.reap import Orphans, group_members
 
 STDERR_KEPT = 16384
 """Bytes of the end of stderr kept (the error lines are taken from these)."""
@@ -24,10 +27,20 @@ class Run:
     """Start ``cmd``, collect its output within the caps and the deadline, build the result."""
 
     def __init__(
-        self, config, cmd: list[str], env: dict[str, str], pass_fds: tuple[int, ...], process_mb: int
+        self,
+        config,
+        cmd: list[str],
+        env: dict[str, str],
+        pass_fds: tuple[int, ...],
+        process_mb: int,
+        orphans: Optional[Orphans] = None,
+        info_fd: Optional[int] = None,
     ):
         self.config, self.cmd, self.env, self.pass_fds = config, cmd, env, pass_fds
         self.process_mb = process_mb  # each process's address-space limit
+        self.orphans = orphans or Orphans(active=False)
+        self.info_fd = info_fd  # bubblewrap's --info-fd: the pid of the namespace's init
+        self._info = bytearray()
         self.stdout = bytearray()
         self.stderr_tail = bytearray()
         self._line = bytearray()  # the stderr line being read, its first LINE_KEPT bytes
@@ -52,6 +65,7 @@ class Run:
         try:
             self._drain(proc, self.started + self.config.timeout_s)
         finally:
+            self.orphans.watch(group_members(proc.pid) if self.orphans.active else ())
             kill_group(proc)
             proc.stdout.close()
             proc.stderr.close()
@@ -62,8 +76,11 @@ class Run:
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ, "out")
             sel.register(proc.stderr, selectors.EVENT_READ, "err")
+            if self.info_fd is not None:
+                sel.register(self.info_fd, selectors.EVENT_READ, "info")
+            streams = {"out", "err"}
             exited_at = None
-            while sel.get_map():
+            while streams:
                 now = time.monotonic()
                 if now >= deadline:
                     self.reason = "timeout"
@@ -74,8 +91,12 @@ class Run:
                     return  # a leftover child holds the pipes open; the run is over
                 for key, _ in sel.select(timeout=min(0.1, deadline - now)):
                     chunk = os.read(key.fd, 1 << 16)
+                    if key.data == "info":
+                        self._take_info(chunk, sel)
+                        continue
                     if not chunk:
                         sel.unregister(key.fileobj)
+                        streams.discard(key.data)
                         continue
                     self.printed += len(chunk)
                     if key.data == "out":
@@ -85,6 +106,19 @@ class Run:
                 if self.printed > self.config.kill_after_output_bytes:
                     self.reason = "output_limit"
                     return
+
+    def _take_info(self, chunk: bytes, sel: selectors.BaseSelector) -> None:
+        """bubblewrap's JSON ``{"child-pid": N}``, written at start: N (its namespace's init)
+        is held at once, while it is surely the run's own process."""
+        self._info += chunk[: 4096 - len(self._info)]
+        try:
+            pid = json.loads(self._info).get("child-pid")
+        except (ValueError, AttributeError):
+            pid = None
+        if isinstance(pid, int):
+            self.orphans.watch([pid])
+        if pid is not None or not chunk or len(self._info) >= 4096:
+            sel.unregister(self.info_fd)
 
     def _take_stderr(self, chunk: bytes) -> None:
         for i, part in enumerate(chunk.split(b"\n")):

@@ -64,6 +64,18 @@ class Isolation:
     net_private: bool = True
     seccomp: Optional[bytes] = None
     notes: list[str] = field(default_factory=list)
+    shared_dirs: tuple[str, ...] = ()
+    """The uid mode: the host's world-writable folders, swept of what each run's uid left there."""
+
+
+def budget(config, iso: Isolation) -> tuple[int, int]:
+    """(processes, address-space MB per process) of a run under ``config`` (a PythonToolConfig):
+    with a cgroup the run's totals are enforced as such; without one they are split so that their
+    product stays within memory_mb."""
+    if iso.cgroups is not None:
+        return config.max_processes, config.memory_mb
+    procs = max(1, min(config.max_processes, config.memory_mb // config.process_memory_mb))
+    return procs, config.memory_mb // procs
 
 
 def candidates(asked: str) -> list[str]:
@@ -134,10 +146,15 @@ def top_dirs() -> list[tuple[str, Optional[str]]]:
 
 
 def bwrap_command(
-    python: str, extra_ro: tuple[str, ...], tmp_bytes: int, seccomp_fd: Optional[int]
+    python: str,
+    extra_ro: tuple[str, ...],
+    tmp_bytes: int,
+    seccomp_fd: Optional[int],
+    info_fd: Optional[int] = None,
 ) -> list[str]:
     """The bubblewrap command line: read-only interpreter and /usr, a size-capped /tmp as the only
-    writable place (it is also the run's directory), a minimal /dev, and nothing else."""
+    writable place (it is also the run's directory), a minimal /dev, and nothing else. ``info_fd``:
+    where bubblewrap writes the pid of its namespace's init (see ``reap.py``)."""
     cmd = [
         "bwrap",
         "--unshare-pid",
@@ -152,6 +169,8 @@ def bwrap_command(
         cmd.append("--unshare-user")  # unprivileged bwrap needs a user namespace
     if seccomp_fd is not None:
         cmd += ["--seccomp", str(seccomp_fd)]
+    if info_fd is not None:
+        cmd += ["--info-fd", str(info_fd)]
     # /tmp first: an interpreter or venv that lives under /tmp is bound on top of it below
     cmd += [
         "--proc",

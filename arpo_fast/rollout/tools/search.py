@@ -54,6 +54,17 @@ class SearchConfig:
             raise ValueError(f"top_k and snippet_chars must be >= 1, got {self.top_k}, {self.snippet_chars}")
 
 
+def check_config(config: SearchConfig) -> None:
+    """Quick checks before anything slow: the corpus is a readable file, and the index folder is
+    new, empty or an index of ours (the index itself is built or loaded with the tool)."""
+    path = config.corpus_path
+    if not os.path.isfile(path):
+        raise ValueError(f"corpus_path {path}: {'is a directory' if os.path.isdir(path) else 'no such file'}")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"corpus_path {path}: not readable")
+    _index_state(config.index_dir or path + ".bm25s", refuse_foreign=True)
+
+
 @dataclass(frozen=True)
 class Hit:
     """One retrieved document."""
@@ -167,20 +178,14 @@ class BM25Search:
         }
 
     def _load_or_build(self):
-        state = _index_state(self.index_dir)
-        if state == "foreign":
-            raise ValueError(
-                f"index_dir {self.index_dir} is not empty and holds no search index of "
-                f"arpo_fast (no {MARKER}); give a new or empty folder: the index is "
-                "never written over files it did not write"
-            )
+        state = _index_state(self.index_dir, refuse_foreign=True)
         manifest = self._manifest()
         if state == "ours":
             try:
                 if _read_marker(self.index_dir)["manifest"] == manifest:
                     return self._load()
                 log.info("search index at %s is stale; rebuilding", self.index_dir)
-            except (OSError, ValueError, KeyError):
+            except (OSError, KeyError, TypeError, json.JSONDecodeError):
                 pass  # no usable index yet
         return self._build(manifest)
 
@@ -217,6 +222,10 @@ class BM25Search:
             retriever.save(tmp, show_progress=False)
             np.save(os.path.join(tmp, "spans.npy"), spans)
             files = sorted(os.listdir(tmp))
+            if not set(files) <= INDEX_FILES:  # a marker must only ever name files of this list
+                raise OSError(
+                    f"bm25s wrote files this index does not know: {sorted(set(files) - INDEX_FILES)}"
+                )
             with open(os.path.join(tmp, MARKER), "w") as f:
                 json.dump({"format": INDEX_FORMAT, "files": files, "manifest": manifest}, f)
             with _SAVE_LOCK:
@@ -235,56 +244,86 @@ class BM25Search:
 
 MARKER = "arpo_fast_index.json"
 """Names the files of an index folder that arpo_fast wrote, with the manifest they were built for."""
-_LEGACY_FILES = {
-    "manifest.json",
-    "spans.npy",
-    "params.index.json",
-    "vocab.index.json",
-    "data.csc.index.npy",
-    "indices.csc.index.npy",
-    "indptr.csc.index.npy",
-}
+INDEX_FILES = frozenset(
+    {
+        "spans.npy",
+        "params.index.json",
+        "vocab.index.json",
+        "data.csc.index.npy",
+        "indices.csc.index.npy",
+        "indptr.csc.index.npy",
+        "nonoccurrence_array.index.npy",
+    }
+)
+"""Every name this code (and bm25s for it) writes into an index folder: the only names a marker may
+list, and so the only files ever removed from one. A marker is data that anybody may have written
+(an index shipped beside a corpus): a name outside this list is refused, never acted on."""
+_LEGACY_FILES = INDEX_FILES - {"nonoccurrence_array.index.npy"} | {"manifest.json"}
 
 
 def _read_marker(folder: str) -> dict:
-    with open(os.path.join(folder, MARKER)) as f:
-        marker = json.load(f)
-    if not isinstance(marker, dict) or not isinstance(marker.get("files"), list):
-        raise ValueError(f"{folder}/{MARKER} is not an index marker")
+    """The marker of ``folder``; ValueError (one line) when it lists anything but our own names."""
+    path = os.path.join(folder, MARKER)
+    with open(path, "rb") as f:
+        text = f.read(1 << 20)
+    try:
+        marker = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ValueError(f"{path} is not an index marker (not valid JSON)") from None
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, list):
+        raise ValueError(f"{path} is not an index marker (no list of files)")
+    for name in files:
+        if not isinstance(name, str) or name not in INDEX_FILES | {MARKER}:
+            shown = json.dumps(name)[:80] if isinstance(name, str) else type(name).__name__
+            raise ValueError(
+                f"{path} lists {shown}, which is not a file of a search index: refusing to use "
+                "or replace that folder (remove the marker, or choose another index_dir)"
+            )
     return marker
 
 
 def _our_files(folder: str) -> Optional[set]:
-    """The files of an index folder that arpo_fast wrote, or None when it is not such a folder."""
-    try:
-        return {*_read_marker(folder)["files"], MARKER}
-    except (OSError, ValueError):
-        pass
+    """The files of an index folder that arpo_fast wrote, or None when it is not such a folder.
+    A marker that lists a name outside :data:`INDEX_FILES` raises ValueError."""
+    if os.path.lexists(os.path.join(folder, MARKER)):
+        try:
+            return {*_read_marker(folder)["files"], MARKER}
+        except OSError:
+            return None
     try:  # format 1 (no marker yet): a manifest of ours and bm25s's files only
         with open(os.path.join(folder, "manifest.json")) as f:
             legacy = json.load(f).get("format") == 1
         return set(_LEGACY_FILES) if legacy and set(os.listdir(folder)) <= _LEGACY_FILES else None
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
 
-def _index_state(folder: str) -> str:
-    """``missing``, ``empty``, ``ours`` (an index arpo_fast wrote) or ``foreign``."""
+def _index_state(folder: str, refuse_foreign: bool = False) -> str:
+    """``missing``, ``empty``, ``ours`` (an index arpo_fast wrote) or ``foreign`` (a ValueError
+    with ``refuse_foreign``)."""
     if not os.path.lexists(folder):
         return "missing"
-    if not os.path.isdir(folder) or os.path.islink(folder):
-        return "foreign"
-    names = set(os.listdir(folder))
-    if not names:
-        return "empty"
-    ours = _our_files(folder)
-    return "ours" if ours is not None and names <= ours else "foreign"
+    state = "foreign"
+    if os.path.isdir(folder) and not os.path.islink(folder):
+        names = set(os.listdir(folder))
+        ours = _our_files(folder) if names else None
+        state = "empty" if not names else "ours" if ours is not None and names <= ours else "foreign"
+    if state == "foreign" and refuse_foreign:
+        raise ValueError(
+            f"index_dir {folder} is not empty and holds no search index of arpo_fast (no {MARKER}); "
+            "give a new or empty folder: the index is never written over files it did not write"
+        )
+    return state
 
 
 def _swap_in(new: str, folder: str) -> None:
     """Put the folder ``new`` at ``folder``: an old index of ours is moved aside and only its own
     files are deleted; anything else there stops the swap (OSError)."""
-    state = _index_state(folder)
+    try:
+        state = _index_state(folder)
+    except ValueError as exc:
+        raise OSError(str(exc)) from None
     if state == "foreign":
         raise OSError(f"{folder} now holds files that are not ours")
     if state in ("missing", "empty"):
@@ -299,13 +338,25 @@ def _swap_in(new: str, folder: str) -> None:
         os.rename(old + "/index", folder)
         os.rmdir(old)
         raise
-    for name in ours:
-        try:
-            os.unlink(os.path.join(old, "index", name))
-        except FileNotFoundError:
-            pass
-    os.rmdir(os.path.join(old, "index"))
+    _remove_names(os.path.join(old, "index"), ours)
     os.rmdir(old)
+
+
+def _remove_names(folder: str, names: set) -> None:
+    """Unlink the plain names ``names`` (checked against :data:`INDEX_FILES`) inside ``folder``,
+    through a descriptor of that folder, then the folder itself."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for name in names:
+            if name not in INDEX_FILES | {MARKER} | _LEGACY_FILES:
+                raise OSError(f"refusing to remove {name!r}: not a file of a search index")
+            try:
+                os.unlink(name, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+    finally:
+        os.close(fd)
+    os.rmdir(folder)
 
 
 _SAVE_LOCK = threading.Lock()

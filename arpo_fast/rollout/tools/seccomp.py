@@ -6,7 +6,9 @@ io_uring, keyrings, eBPF, ptrace and cross-process memory access, perf events, u
 ways of holding memory outside every file-size and address-space limit (``memfd_create`` and System
 V IPC). ``clone3`` takes its flags in memory that seccomp cannot read, so it fails with ``ENOSYS``:
 glibc then falls back to ``clone``, whose flags are checked. Syscalls of another ABI (i386 or x32 on
-x86_64) fail with ``ENOSYS`` too. Everything else is allowed.
+x86_64) fail with ``ENOSYS`` too. Everything else is allowed. Where a run shares the host's network
+and file system (the ``uid`` mode), ``socket``, ``mq_open`` and ``mq_unlink`` are denied as well, and
+``socketpair`` is allowed for ``AF_UNIX`` only.
 
 bubblewrap loads the program with ``--seccomp FD``; the other sandbox modes install it with
 ``prctl(PR_SET_SECCOMP)`` after ``PR_SET_NO_NEW_PRIVS`` (see ``launcher.py``). Only x86_64 and
@@ -73,6 +75,18 @@ _ABSENT = {
     "semget": (64, 190),
 }
 _CLONE = (56, 220)
+# where the run shares the host's network and file system (the uid mode): no socket can be made, so
+# neither a listener on the host's loopback nor a Unix socket in its file system can be reached, and
+# no POSIX message queue (which lives outside every folder a sweep can see) can be opened
+_HOST_CHANNELS = {
+    "socket": (41, 198),
+    "mq_open": (240, 180),
+    "mq_unlink": (241, 181),
+}
+_SOCKETPAIR = (53, 199)
+"""Allowed for AF_UNIX only: a connected pair reaches nothing outside the run (multiprocessing's
+pipes, asyncio's wake-up pair)."""
+AF_UNIX = 1
 
 ARCHES = {"x86_64": (0xC000003E, 0), "aarch64": (0xC00000B7, 1)}
 """machine name -> (AUDIT_ARCH_* value, column in the tables above)"""
@@ -82,7 +96,7 @@ _X32_BIT = 0x40000000
 def syscall_number(name: str, machine: str) -> int:
     """The number of ``name`` on ``machine`` (x86_64 or aarch64), for tests and callers."""
     column = ARCHES[machine][1]
-    table = {**_DENIED, **_ABSENT, "clone": _CLONE}
+    table = {**_DENIED, **_ABSENT, **_HOST_CHANNELS, "clone": _CLONE, "socketpair": _SOCKETPAIR}
     return table[name][column]
 
 
@@ -90,8 +104,10 @@ def _op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k)
 
 
-def build(machine: str) -> bytes:
-    """The filter program for ``machine``: a packed ``struct sock_filter`` array."""
+def build(machine: str, host_shared: bool = False) -> bytes:
+    """The filter program for ``machine``: a packed ``struct sock_filter`` array. ``host_shared``
+    (a run that shares the host's network and file system): sockets and message queues denied too,
+    socket pairs allowed for AF_UNIX only."""
     audit_arch, column = ARCHES[machine]
     prog = [
         _op(_LD_ABS, _ARCH),
@@ -101,9 +117,20 @@ def build(machine: str) -> bytes:
     ]
     if machine == "x86_64":  # x32 syscalls carry this bit and bypass the table below
         prog += [_op(_JGE, _X32_BIT, jf=1), _op(_RET, RET_ERRNO | errno.ENOSYS)]
-    for numbers, err in ((_DENIED, errno.EPERM), (_ABSENT, errno.ENOSYS)):
+    tables = [(_DENIED, errno.EPERM), (_ABSENT, errno.ENOSYS)]
+    if host_shared:
+        tables.append((_HOST_CHANNELS, errno.EPERM))
+    for numbers, err in tables:
         for nr in sorted({n[column] for n in numbers.values()}):
             prog += [_op(_JEQ, nr, jf=1), _op(_RET, RET_ERRNO | err)]
+    if host_shared:  # socketpair: its domain (first argument) must be AF_UNIX
+        prog += [
+            _op(_JEQ, _SOCKETPAIR[column], jf=4),
+            _op(_LD_ABS, _ARG0_LOW),
+            _op(_JEQ, AF_UNIX, jf=1),
+            _op(_RET, RET_ALLOW),
+            _op(_RET, RET_ERRNO | errno.EPERM),
+        ]
     # clone: refused when its flags (first argument, low 32 bits) ask for a new namespace
     prog += [
         _op(_JEQ, _CLONE[column], jf=3),
@@ -115,8 +142,8 @@ def build(machine: str) -> bytes:
     return b"".join(prog)
 
 
-def filter_program(machine: Optional[str] = None) -> Optional[bytes]:
+def filter_program(machine: Optional[str] = None, host_shared: bool = False) -> Optional[bytes]:
     """The filter for this machine (or ``machine``), or None where no table exists."""
     machine = machine or platform.machine()
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine.lower(), machine)
-    return build(machine) if machine in ARCHES else None
+    return build(machine, host_shared) if machine in ARCHES else None

@@ -10,17 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import stat
 import subprocess
 import threading
 import time
+from collections.abc import Container
 from typing import Optional
 
-from arpo_fast.rollout.tools.fs import remove_tree
+from arpo_fast.rollout.tools import hostdirs
+from arpo_fast.rollout.tools.reap import Orphans
 
 log = logging.getLogger("arpo_fast.rollout.tools.python")
-
-SHARED_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 class UidPoolExhausted(RuntimeError):
@@ -45,6 +44,26 @@ class UidPool:
         self._retired: list[int] = []
         self._base = self.BASE + (self._pid % 4_194_304) * self.PER_PROCESS
         self._fits = _uid_map_allows(self._base + self.PER_PROCESS)
+        self._checked: dict[tuple[str, ...], str] = {}
+
+    def collision(self, dirs: tuple[str, ...]) -> str:
+        """'' when this pool's uids are its own on this host, else one line saying what else has
+        one of them: a user or group in /etc/passwd or /etc/group, a running process, or a file in
+        the folders ``dirs``. Such a uid could read that user's files, and the sweep after a run
+        would kill their processes and remove their files. Checked once per set of folders."""
+        with self._cond:
+            if os.getpid() != self._pid:
+                self._reset()
+            if not self._fits:  # the shared "nobody" of a narrow uid map is never swept
+                return ""
+            if dirs not in self._checked:
+                # the uids out now are ours: their processes and files are runs'
+                found = find_owner(frozenset(self._base + i for i in self._free), dirs)
+                last = self._base + self.PER_PROCESS - 1
+                self._checked[dirs] = (
+                    f"the run uids {self._base}-{last} are not free here ({found})" if found else ""
+                )
+            return self._checked[dirs]
 
     def acquire(self, timeout_s: float = 30.0) -> int:
         """A free uid; raises :class:`UidPoolExhausted` after ``timeout_s`` without one."""
@@ -71,6 +90,7 @@ class UidPool:
 
     def _revive(self) -> None:
         for uid in list(self._retired):
+            reap_uid(uid)  # its leftovers' zombies, where they came back to this process
             if not has_processes(uid):
                 self._retired.remove(uid)
                 self._free.append(uid - self._base)
@@ -102,6 +122,37 @@ class UidPool:
 
 _SHARED: Optional[UidPool] = None
 _SHARED_LOCK = threading.Lock()
+
+
+ACCOUNT_FILES = ("/etc/passwd", "/etc/group")
+
+
+def find_owner(owners: Container[int], dirs: tuple[str, ...]) -> str:
+    """What on this host has an id in ``owners`` ('' for nothing): an account, a process (any of
+    its real, effective, saved and file-system uids and gids) or a file in ``dirs``."""
+    for path in ACCOUNT_FILES:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    fields = line.split(":")
+                    if len(fields) > 2 and fields[2].strip().isdigit() and int(fields[2]) in owners:
+                        return f"{path} has {fields[0]!r} with id {int(fields[2])}"
+        except OSError:
+            continue
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                ids = [int(x) for line in f if line.startswith(("Uid:", "Gid:")) for x in line.split()[1:]]
+        except (OSError, ValueError):  # the process ended while we looked
+            continue
+        held = [i for i in ids if i in owners]
+        if held:
+            return f"process {pid} runs as {held[0]}"
+    for path in hostdirs.owned_entries(dirs, owners, by_group=True):
+        return f"{path} is owned by one of them"
+    return ""
 
 
 def _uid_map_allows(uid: int) -> bool:
@@ -136,27 +187,48 @@ def tasks_of_uid(uid: int) -> int:
 _KILL = shutil.which("kill") or "/bin/kill"
 
 
-def has_processes(uid: int) -> bool:
-    """Whether any process runs as ``uid`` (one stat per process: cheap enough for every call)."""
+def pids_of(uid: int) -> list[int]:
+    """Processes (zombies included) running as ``uid``: one stat per process, cheap enough for
+    every call."""
+    found = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 if os.stat(f"/proc/{pid}").st_uid == uid:
-                    return True
+                    found.append(int(pid))
             except OSError:  # the process ended while we looked
                 continue
-    return False
+    return found
 
 
-def sweep_uid(uid: int, wait_s: float = 2.0) -> bool:
+def has_processes(uid: int) -> bool:
+    """Whether any process (a zombie too) runs as ``uid``."""
+    return bool(pids_of(uid))
+
+
+def reap_uid(uid: int, orphans: Optional[Orphans] = None) -> None:
+    """Wait for the zombies of ``uid`` that are this process's children (a private uid's processes
+    are all leftovers of runs; see ``reap.py``)."""
+    if not UidPool.is_private(uid):
+        return
+    mine = orphans or Orphans()
+    mine.watch(pids_of(uid) if mine.active else ())
+    mine.reap()
+    if orphans is None:
+        mine.close()
+
+
+def sweep_uid(uid: int, wait_s: float = 2.0, orphans: Optional[Orphans] = None) -> bool:
     """Kill every process left running as ``uid`` (children that escaped the process group) and
     wait for them to be gone; True when none is left. Zombies still count against RLIMIT_NPROC
-    until reaped, so a uid is reused only once it is clean.
+    until reaped, so a uid is reused only once it is clean; where they come back to this process
+    (a subreaper or PID 1), they are reaped here, through ``orphans`` when given.
 
     Only the pool's private uids are swept: a shared uid such as "nobody" (used where the uid map is
     too narrow) may own processes of other programs on the host, which must never be signalled."""
     if not UidPool.is_private(uid) or not has_processes(uid):
         return True
+    reap_uid(uid, orphans)
     try:  # `kill -KILL -1` run as uid signals every process of that uid except itself
         subprocess.run(
             [_KILL, "-KILL", "-1"],
@@ -172,40 +244,18 @@ def sweep_uid(uid: int, wait_s: float = 2.0) -> bool:
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("could not sweep leftover processes of uid %d: %s", uid, exc)
     deadline = time.monotonic() + wait_s
-    while has_processes(uid):
+    while True:
+        reap_uid(uid, orphans)
+        if not has_processes(uid):
+            return True
         if time.monotonic() > deadline:
             log.warning("processes of uid %d outlived the sweep; that uid is retired", uid)
             return False
         time.sleep(0.01)
-    return True
 
 
-def sweep_files(uid: int, dirs: tuple[str, ...] = SHARED_TMP_DIRS) -> None:
-    """Remove what ``uid`` left in the shared temporary directories: entries it owns at their top
-    level and one level inside world-writable sticky folders there (``/tmp/.X11-unix`` and the
-    like). Deeper files in folders of other users are not searched for."""
-    if not UidPool.is_private(uid):
-        return
-    for top in dirs:
-        for entry in _entries(top):
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if st.st_uid == uid:
-                remove_tree(entry.path)
-            elif stat.S_ISDIR(st.st_mode) and st.st_mode & 0o1002 == 0o1002:
-                for inner in _entries(entry.path):
-                    try:
-                        if inner.stat(follow_symlinks=False).st_uid == uid:
-                            remove_tree(inner.path)
-                    except OSError:
-                        continue
-
-
-def _entries(path: str) -> list[os.DirEntry]:
-    try:
-        with os.scandir(path) as it:
-            return list(it)
-    except OSError:
-        return []
+def sweep_files(uid: int, dirs: Optional[tuple[str, ...]] = None) -> None:
+    """Remove what ``uid`` left in the world-writable folders ``dirs`` (default: the usual ones;
+    see ``hostdirs.py``). Only the pool's private uids are swept."""
+    if UidPool.is_private(uid):
+        hostdirs.remove_owned(uid, dirs)
