@@ -121,7 +121,7 @@ def test_top_k_and_top_p_reach_the_sampler_as_numbers_when_rows_share_them(monke
     from arpo_fast.engine import engine as engine_module
 
     seen = []
-    monkeypatch.setattr(engine_module, "sample", lambda *args: seen.append(args[4:]))
+    monkeypatch.setattr(engine_module, "sample", lambda *args, **kw: seen.append(args[4:]))
     logits, temp, seeds, pos = torch.zeros(2, VOCAB), torch.ones(2), torch.arange(2), torch.arange(2)
 
     def sampled_with(*params):

@@ -1,0 +1,98 @@
+"""A model whose output layer is larger than its tokenizer, end to end: the engine never samples an
+id past the tokenizer and reports the renormalised distribution's log-probs and entropies. Tiny fp32
+models on the CPU."""
+
+import pytest
+import torch
+from helpers import VOCAB, hf_logits, pytorch_kernels, tiny_model
+
+from arpo_fast.engine import Engine, SamplingParams
+
+LIMIT = 211  # the tokenizer's size; the tiny models have VOCAB = 300 output rows
+PROMPTS = [[1, 5, 9, 200, 17, 3], [1, 77], [150, 151, 152, 30]]
+
+
+class SizedTokenizer:
+    """What the engine reads of a tokenizer here: its length (and decode, for stop strings)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def decode(self, ids, **kw):
+        return " ".join(map(str, ids))
+
+
+def _float64_step(model, ids, temperature, limit):
+    """log p over the first ``limit`` ids of the next-token distribution after ``ids``, float64."""
+    z = hf_logits(model, ids)[-1, :limit].double()
+    return torch.log_softmax(z / (temperature if temperature > 0 else 1.0), dim=-1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_engine_samples_only_the_tokenizers_ids(arch):
+    """Eager decode through the PyTorch sampler (the kernels are tested on their own): every token
+    below len(tokenizer); each log-prob and entropy that of the distribution renormalised over
+    those ids (float64 from the plain HF forward)."""
+    model = tiny_model(arch)
+    engine = Engine(model, block_size=4, num_blocks=64, tokenizer=SizedTokenizer(LIMIT))
+    assert engine.vocab_limit == LIMIT and engine.vocab_size == LIMIT
+    params = SamplingParams(temperature=2.0, max_new_tokens=16, ignore_eos=True)
+    with pytorch_kernels():
+        outs = engine.generate(PROMPTS, params, seeds=[3, 4, 5])
+    tail_mass = []
+    for prompt, out in zip(PROMPTS, outs):
+        assert len(out.token_ids) == 16 and max(out.token_ids) < LIMIT
+        for i, token in enumerate(out.token_ids):
+            ids = prompt + out.token_ids[:i]
+            logp = _float64_step(model, ids, 2.0, LIMIT)
+            assert out.logprobs[i] == pytest.approx(float(logp[token]), abs=1e-5, rel=1e-4)
+            assert out.entropies[i] == pytest.approx(float(-(logp.exp() * logp).sum()), abs=1e-5, rel=1e-4)
+            tail_mass.append(float(torch.softmax(hf_logits(model, ids)[-1] / 2.0, -1)[LIMIT:].sum()))
+    # without the limit about a third of the draws would have landed past it
+    assert sum(tail_mass) / len(tail_mass) > 0.25
+
+
+def test_engine_limit_through_the_interpreted_sampler():
+    model = tiny_model("qwen3")
+    engine = Engine(model, block_size=4, num_blocks=32, tokenizer=SizedTokenizer(LIMIT))
+    outs = engine.generate(PROMPTS[1:2], SamplingParams(temperature=3.0, max_new_tokens=4, ignore_eos=True))
+    assert max(outs[0].token_ids) < LIMIT
+    logp = _float64_step(model, PROMPTS[1], 3.0, LIMIT)
+    assert outs[0].logprobs[0] == pytest.approx(float(logp[outs[0].token_ids[0]]), abs=1e-5, rel=1e-4)
+
+
+def test_no_limit_without_a_smaller_tokenizer():
+    model = tiny_model("qwen2")
+    for tokenizer in (None, SizedTokenizer(VOCAB), SizedTokenizer(VOCAB + 5), object()):
+        engine = Engine(model, num_blocks=8, tokenizer=tokenizer)
+        assert engine.vocab_limit is None and engine.vocab_size == VOCAB
+
+
+@pytest.mark.gpu
+def test_gpu_engine_limit_in_cuda_graph_replays():
+    """Decode steps replayed from CUDA graphs sample with the limit too: every token below it, and
+    the first decode step's tokens and top-10 entropies equal to the eager step's."""
+    model = tiny_model("qwen2").to("cuda")
+    outs = []
+    for graphs in (False, True):
+        engine = Engine(
+            model,
+            num_blocks=64,
+            tokenizer=SizedTokenizer(LIMIT),
+            cuda_graphs=graphs,
+            max_graph_batch=4,
+            max_seq_len=128,
+        )
+        seqs = [engine.add(p, seed=s) for s, p in enumerate(PROMPTS)]
+        engine.step(seqs)  # prefill: eager either way
+        steps = [engine.step(seqs, SamplingParams(temperature=2.0), top_entropy=[True] * 3) for _ in range(8)]
+        assert (engine._graphs is not None and engine._graphs.replays > 0) == graphs
+        outs.append(steps)
+    for steps in outs:
+        assert all(int(step.tokens.max()) < LIMIT for step in steps)
+    first_eager, first_replayed = outs[0][0], outs[1][0]  # the same inputs: the same draw
+    assert torch.equal(first_eager.tokens, first_replayed.tokens)
+    torch.testing.assert_close(first_eager.top_entropy, first_replayed.top_entropy, rtol=1e-4, atol=1e-5)
