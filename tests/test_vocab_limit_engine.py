@@ -1,6 +1,6 @@
 """A model whose output layer is larger than its tokenizer, end to end: the engine never samples an
-id past the tokenizer and reports the renormalised distribution's log-probs and entropies. Tiny fp32
-models on the CPU."""
+id past the tokenizer and reports the renormalised distribution's log-probs and entropies, and a
+training step scores its tokens over the tokenizer's ids. Tiny fp32 models on the CPU."""
 
 import pytest
 import torch
@@ -69,6 +69,66 @@ def test_no_limit_without_a_smaller_tokenizer():
     for tokenizer in (None, SizedTokenizer(VOCAB), SizedTokenizer(VOCAB + 5), object()):
         engine = Engine(model, num_blocks=8, tokenizer=tokenizer)
         assert engine.vocab_limit is None and engine.vocab_size == VOCAB
+
+
+# ------------------------------------------------------------------------------------------------
+# A training step
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_training_step_samples_and_scores_over_the_tokenizers_ids(tok, tmp_path, monkeypatch):
+    """One step of the trainer on the demo with an output layer 64 rows larger than the tokenizer:
+    every trajectory token is below len(tokenizer), the update is told the limit, and each of its
+    log-probs is the float64 log-softmax over the first len(tokenizer) logits."""
+    import arpo_fast.train.loop as loop
+    import arpo_fast.train.update as update
+    from arpo_fast.train.config import TrainConfig
+    from arpo_fast.train.demo import demo_model
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch paths, as on a user's CPU
+    limit = len(tok)
+    model = demo_model(tok, seed=2)
+    model.resize_token_embeddings(limit + 64, mean_resizing=False)
+    assert model.lm_head.weight.shape[0] == limit + 64
+    updates, scored = [], []
+
+    def spy_update(*args, **kw):
+        updates.append((args[2], kw.get("vocab_limit")))
+        return real_update(*args, **kw)
+
+    def spy_logprob_entropy(hidden, weight, targets, temperature=1.0, **kw):
+        out = real_logprob_entropy(hidden, weight, targets, temperature, **kw)
+        scored.append((hidden.detach().double(), weight.detach().double(), targets, temperature, out[0]))
+        return out
+
+    real_update, real_logprob_entropy = loop.update, update.logprob_entropy
+    monkeypatch.setattr(loop, "update", spy_update)
+    monkeypatch.setattr(update, "logprob_entropy", spy_logprob_entropy)
+    cfg = TrainConfig.from_flat(
+        out=str(tmp_path / "run"),
+        steps=1,
+        prompts_per_step=2,
+        rollouts=4,
+        initial=2,
+        max_response_tokens=24,
+        demo_warm_start=0,
+        tools="",
+        eval_data="none",
+    )
+    loop.train(cfg, model, tok)
+    ((trajectories, vocab_limit),) = updates
+    assert vocab_limit == limit
+    ids = [i for t in trajectories for i in t.response_ids]
+    assert len(ids) > 50 and max(ids) < limit
+    assert scored
+    moved = 0.0
+    for hidden, weight, targets, temperature, logprobs in scored:
+        logits = hidden @ weight.t() / temperature
+        want = torch.log_softmax(logits[:, :limit], -1).gather(1, targets[:, None])[:, 0]
+        torch.testing.assert_close(logprobs.double(), want, rtol=1e-4, atol=1e-5)
+        unmasked = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+        moved = max(moved, float((want - unmasked).abs().max()))
+    assert moved > 1e-2  # the extra rows hold real mass: scoring over them would differ
 
 
 @pytest.mark.gpu
