@@ -1,12 +1,14 @@
 """A model whose output layer is larger than its tokenizer, end to end: the engine never samples an
-id past the tokenizer and reports the renormalised distribution's log-probs and entropies, and a
-training step scores its tokens over the tokenizer's ids. Tiny fp32 models on the CPU."""
+id past the tokenizer and reports the renormalised distribution's log-probs and entropies, the top-10
+entropy of ``--arpo-semantics reference`` is vLLM's (the sampled token counted when outside the top
+10), and a training step scores its tokens over the tokenizer's ids. Tiny fp32 models on the CPU."""
 
 import pytest
 import torch
 from helpers import VOCAB, hf_logits, pytorch_kernels, tiny_model
 
 from arpo_fast.engine import Engine, SamplingParams
+from arpo_fast.engine.engine import TOP_ENTROPY_K
 
 LIMIT = 211  # the tokenizer's size; the tiny models have VOCAB = 300 output rows
 PROMPTS = [[1, 5, 9, 200, 17, 3], [1, 77], [150, 151, 152, 30]]
@@ -69,6 +71,44 @@ def test_no_limit_without_a_smaller_tokenizer():
     for tokenizer in (None, SizedTokenizer(VOCAB), SizedTokenizer(VOCAB + 5), object()):
         engine = Engine(model, num_blocks=8, tokenizer=tokenizer)
         assert engine.vocab_limit is None and engine.vocab_size == VOCAB
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference's top-10 entropy: vLLM's returned log-probs, the sampled token included
+# ------------------------------------------------------------------------------------------------
+
+
+def _vllm_top_entropy(logp: torch.Tensor, token: int) -> float:
+    """-sum p log p over the entries vLLM returns with logprobs=10: the 10 most likely ids, and the
+    sampled id as one more when it is not among them (a dict keyed by id: 10 or 11 entries)."""
+    top = logp.topk(TOP_ENTROPY_K).indices.tolist()
+    ids = set(top) | {token}
+    assert len(ids) == (TOP_ENTROPY_K if token in top else TOP_ENTROPY_K + 1)
+    picked = logp[sorted(ids)]
+    return float(-(picked.exp() * picked).sum())
+
+
+@pytest.mark.parametrize("limit", [None, LIMIT])
+def test_top_entropy_counts_the_sampled_token_outside_the_top_10(limit):
+    """At temperature 3 over a few hundred ids nearly every draw is outside the top 10: its term
+    is in the entropy; a greedy row's token is the argmax, inside, and adds nothing."""
+    model = tiny_model("qwen2")
+    tokenizer = SizedTokenizer(limit) if limit else None
+    engine = Engine(model, num_blocks=64, tokenizer=tokenizer)
+    rows = [engine.add(p, seed=s) for s, p in enumerate(PROMPTS)]
+    params = [
+        SamplingParams(temperature=3.0),
+        SamplingParams(temperature=3.0),
+        SamplingParams(temperature=0.0),
+    ]
+    with pytorch_kernels():
+        out = engine.step(rows, params, top_entropy=[True, True, True])
+    outside = 0
+    for prompt, p, token, got in zip(PROMPTS, params, out.tokens.tolist(), out.top_entropy.tolist()):
+        logp = _float64_step(model, prompt, p.temperature, limit or VOCAB)
+        outside += token not in logp.topk(TOP_ENTROPY_K).indices.tolist()
+        assert got == pytest.approx(_vllm_top_entropy(logp, token), abs=1e-5, rel=1e-4)
+    assert outside == 2  # both sampled rows exercise the 11th entry
 
 
 # ------------------------------------------------------------------------------------------------

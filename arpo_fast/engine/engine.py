@@ -349,7 +349,8 @@ class Engine:
         (only temperature, top_k and top_p matter here). ``top_entropy``: per sequence, whether to
         also return the entropy over its ``TOP_ENTROPY_K`` most likely tokens (the reference's
         estimate: -sum p log p over the 10 largest probabilities of the temperature-scaled
-        distribution, p normalised over the whole vocabulary)."""
+        distribution, p normalised over the whole vocabulary, and over the sampled token too when
+        it is not among them, as vLLM returns it)."""
         states = self._states(seqs, "step")
         params = SamplingParams() if params is None else params
         per_row = [params] * len(states) if isinstance(params, SamplingParams) else list(params)
@@ -391,7 +392,7 @@ class Engine:
             out = self._sample(logits, params, temp, seeds, positions, self.vocab_limit)
         if wanted is None:
             return out, None
-        return out, _top_entropy(logits[:, : self.vocab_limit], temp, wanted)
+        return out, _top_entropy(logits[:, : self.vocab_limit], temp, wanted, out.tokens)
 
     def _graph_eligible(self, running, meta, params) -> bool:
         if self._graphs is None or not self._graphs.fits(len(running), meta.block_tables.shape[1]):
@@ -460,15 +461,25 @@ def _rows_wanted(top_entropy: Sequence[bool] | None, rows: list[int], B: int) ->
     return [r for r, i in enumerate(rows) if top_entropy[i]]
 
 
-def _top_entropy(logits: torch.Tensor, temp: torch.Tensor, wanted: list[int]) -> torch.Tensor:
+def _top_entropy(
+    logits: torch.Tensor, temp: torch.Tensor, wanted: list[int], tokens: torch.Tensor
+) -> torch.Tensor:
     """fp32 [B]: -sum p log p over the TOP_ENTROPY_K largest probabilities of each wanted row of
-    ``logits`` at its temperature (greedy rows at 1), NaN elsewhere. Only the wanted rows are read."""
+    ``logits`` at its temperature (greedy rows at 1), NaN elsewhere; a row's sampled token
+    (``tokens``, int64 [B]) counts as one more term when it is not among them: vLLM's log-probs of
+    a step, which the reference sums, hold the top k and the sampled token (k + 1 entries when it
+    is outside the top k). Only the wanted rows are read."""
     idx = torch.tensor(wanted, dtype=torch.int64, device=logits.device)
     t = temp.index_select(0, idx)
     z = logits.index_select(0, idx).float() / torch.where(t > 0, t, torch.ones_like(t))[:, None]
-    top = z.topk(min(TOP_ENTROPY_K, z.shape[1]), dim=1).values - z.logsumexp(dim=1, keepdim=True)
+    logp = z - z.logsumexp(dim=1, keepdim=True)
+    top, top_ids = logp.topk(min(TOP_ENTROPY_K, z.shape[1]), dim=1)
+    tok = tokens.to(logits.device).index_select(0, idx)
+    outside = (tok >= 0) & (top_ids != tok[:, None]).all(dim=1)
+    tok_lp = logp.gather(1, tok.clamp(min=0)[:, None])[:, 0]
+    h = -(top.exp() * top).sum(dim=1) - torch.where(outside, tok_lp.exp() * tok_lp, 0.0)
     out = torch.full((logits.shape[0],), float("nan"), dtype=torch.float32, device=logits.device)
-    return out.index_copy_(0, idx, -(top.exp() * top).sum(dim=1))
+    return out.index_copy_(0, idx, h)
 
 
 def _vocab_limit(rows: int, tokenizer) -> int | None:
