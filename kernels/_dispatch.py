@@ -1,5 +1,6 @@
 """Device dispatch shared by the kernels: Triton on CUDA, the PyTorch reference elsewhere."""
 
+import operator
 import os
 
 import torch
@@ -33,3 +34,17 @@ def row_arg(value, B: int, dtype: torch.dtype, device: torch.device):
     if isinstance(value, torch.Tensor):
         return value.to(device=device, dtype=dtype).reshape(-1).expand(B).contiguous(), None
     return None, value
+
+
+def vocab_in_use(V: int, vocab_limit) -> int:
+    """How many of V vocabulary entries a distribution covers: min(V, vocab_limit), or V for None.
+    ``vocab_limit`` (an int >= 1) is the tokenizer's size where an output layer has rows past it."""
+    if vocab_limit is None:
+        return V
+    try:
+        limit = None if isinstance(vocab_limit, bool) else operator.index(vocab_limit)
+    except TypeError:
+        limit = None
+    if limit is None or limit < 1:
+        raise ValueError(f"vocab_limit must be an int >= 1 or None, got {vocab_limit!r}")
+    return min(V, limit)

@@ -25,6 +25,10 @@ Gradient of the two outputs with respect to the tempered logits z (p = softmax(z
     d H / d z_j      = -p_j (log p_j + H)
 and d/d logit = (1 / temperature) d/dz.
 
+With ``vocab_limit`` (the tokenizer's size, where the LM head has rows past it: Qwen2.5 has 151,936
+rows for 151,665 ids) the distribution covers the first ``vocab_limit`` rows only, as the sampler's
+does: the blocks stop there, so the rows past it cost nothing, and their gradient is zero.
+
 The two Triton kernels are in ``logprob_entropy_kernels.py``; the argument checks and the plain
 [T, V] reference ``logprob_entropy_ref`` in ``logprob_entropy_ref.py``.
 """
@@ -36,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import cdiv, next_power_of_2, use_triton
+from ._dispatch import cdiv, next_power_of_2, use_triton, vocab_in_use
 from .logprob_entropy_kernels import _logprob_entropy_bwd_kernel, _logprob_entropy_fwd_kernel
 from .logprob_entropy_ref import SUPPORTED_DTYPES, check_inputs, check_target_range, logprob_entropy_ref
 
@@ -151,14 +155,15 @@ _BACKENDS = {True: (_fold_block_triton, _grad_block_triton), False: (_fold_block
 # ---- the two passes ----
 
 
-def _forward_stats(hidden, weight, tgt, inv_temp, chunk, triton_path):
-    """logZ, entropy and the tempered target logit, each fp32 [T], one vocabulary block at a time.
+def _forward_stats(hidden, weight, tgt, inv_temp, chunk, triton_path, V):
+    """logZ, entropy and the tempered target logit, each fp32 [T], one vocabulary block at a time,
+    over the first V rows of ``weight``.
 
     A target outside [0, V) never matches a column, so its ``zt`` stays NaN: an unchecked bad
     target yields a NaN log-prob rather than a silently wrong one.
     """
     fold = _BACKENDS[triton_path][0]
-    T, V = hidden.shape[0], weight.shape[0]
+    T = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m = torch.full((T,), float("-inf"), **f32)
     s, w = torch.zeros(T, **f32), torch.zeros(T, **f32)
@@ -174,14 +179,17 @@ def _forward_stats(hidden, weight, tgt, inv_temp, chunk, triton_path):
 
 
 def _backward_grads(
-    hidden, weight, tgt, logz, ent, glp, gent, inv_temp, chunk, triton_path, need_hidden, need_weight
+    hidden, weight, tgt, logz, ent, glp, gent, inv_temp, chunk, triton_path, need_hidden, need_weight, V
 ):
-    """grad_hidden [T, H] (hidden's dtype) and grad_weight [V, H] (weight's dtype), or None."""
+    """grad_hidden [T, H] (hidden's dtype) and grad_weight (weight's shape and dtype; zero past
+    row V, which the distribution does not cover), or None."""
     grad_block = _BACKENDS[triton_path][1]
-    T, V = hidden.shape[0], weight.shape[0]
+    T = hidden.shape[0]
     acc = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
     part = torch.empty_like(hidden) if need_hidden else None
     grad_weight = torch.empty_like(weight) if need_weight else None
+    if need_weight:
+        grad_weight[V:].zero_()
     buf = torch.empty(T * min(chunk, V), dtype=hidden.dtype, device=hidden.device)
     for v0, v1 in _vocab_blocks(V, chunk):
         block = _logits_block(hidden, weight, v0, v1, buf)
@@ -202,12 +210,12 @@ class _LogprobEntropy(torch.autograd.Function):
     """Autograd wrapper: saves only the inputs and fp32 [T] row statistics, recomputes logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, tgt, valid, inv_temp, chunk, triton_path):
-        logz, ent, zt = _forward_stats(hidden, weight, tgt, inv_temp, chunk, triton_path)
+    def forward(ctx, hidden, weight, tgt, valid, inv_temp, chunk, triton_path, vocab):
+        logz, ent, zt = _forward_stats(hidden, weight, tgt, inv_temp, chunk, triton_path, vocab)
         logprobs = torch.where(valid, zt - logz, 0.0)
         entropy = torch.where(valid, ent, 0.0)
         ctx.save_for_backward(hidden, weight, tgt, valid, logz, ent)
-        ctx.inv_temp, ctx.chunk, ctx.triton_path = inv_temp, chunk, triton_path
+        ctx.inv_temp, ctx.chunk, ctx.triton_path, ctx.vocab = inv_temp, chunk, triton_path, vocab
         return logprobs, entropy
 
     @staticmethod
@@ -216,7 +224,7 @@ class _LogprobEntropy(torch.autograd.Function):
         hidden, weight, tgt, valid, logz, ent = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_hidden or need_weight):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         # Ignored rows get no gradient from either output.
         glp = _row_grad(g_logprobs, valid)
         gent = _row_grad(g_entropy, valid)
@@ -233,8 +241,9 @@ class _LogprobEntropy(torch.autograd.Function):
             ctx.triton_path,
             need_hidden,
             need_weight,
+            ctx.vocab,
         )
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def _row_grad(g: Optional[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
@@ -256,6 +265,7 @@ def logprob_entropy(
     chunk_size: Optional[int] = None,
     ignore_index: int = -100,
     check_targets: Optional[bool] = None,
+    vocab_limit: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each target and entropy of each token's distribution, straight from the LM head.
 
@@ -266,7 +276,8 @@ def logprob_entropy(
     Args:
         hidden: [..., H] bf16, fp16 or fp32 - the policy model's last hidden states.
         weight: [V, H], same dtype and device as ``hidden`` - the LM head's weight.
-        targets: [...] int64 (or int32) token ids in [0, V), or ``ignore_index``.
+        targets: [...] int64 (or int32) token ids in [0, V) (or [0, vocab_limit)), or
+            ``ignore_index``.
         temperature: float > 0; the log-prob and entropy are those of the tempered distribution.
         chunk_size: vocabulary columns per block; the working set is one [T, chunk_size] block in
             the input dtype (plus fp32 [T, H] in backward). Default ``default_chunk_size``: about
@@ -275,6 +286,10 @@ def logprob_entropy(
         check_targets: validate that every target is in [0, V) or ``ignore_index`` and raise
             ValueError otherwise. Default: on CPU tensors yes (free), on CUDA no, since the check
             costs a host sync; an unchecked out-of-range target gives a NaN log-prob instead.
+        vocab_limit: int >= 1, or None: the distribution covers ids below it only, renormalised
+            over them, as ``sample(..., vocab_limit=...)`` samples it (pass len(tokenizer) for an
+            LM head with rows past the tokenizer's vocabulary); rows of ``weight`` past it get
+            zero gradient. None, or a limit >= V, is off.
 
     Returns:
         (logprobs, entropy): fp32, each shaped like ``targets``.
@@ -283,27 +298,30 @@ def logprob_entropy(
     blocked algorithm in PyTorch, so CPU memory stays bounded as well.
     """
     check_inputs(hidden, weight, targets, temperature, SUPPORTED_DTYPES)
+    vocab = vocab_in_use(weight.shape[0], vocab_limit)
     if check_targets is None:
         check_targets = not targets.is_cuda
     if check_targets:
-        check_target_range(targets, weight.shape[0], ignore_index)
+        check_target_range(targets, vocab, ignore_index)
     return _logprob_entropy(
-        hidden, weight, targets, temperature, chunk_size, ignore_index, use_triton(hidden)
+        hidden, weight, targets, temperature, chunk_size, ignore_index, use_triton(hidden), vocab
     )
 
 
-def _logprob_entropy(hidden, weight, targets, temperature, chunk_size, ignore_index, triton_path):
+def _logprob_entropy(
+    hidden, weight, targets, temperature, chunk_size, ignore_index, triton_path, vocab_limit=None
+):
     """``logprob_entropy`` after its checks, with the backend chosen by the caller (tests use it)."""
     lead = targets.shape
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1).to(torch.int64)
-    T, V = hidden2.shape[0], weight.shape[0]
+    T, V = hidden2.shape[0], vocab_in_use(weight.shape[0], vocab_limit)
     chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(T, V, hidden.element_size())
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     valid = targets != ignore_index
     tgt = torch.where(valid, targets, -1).contiguous()
     logprobs, entropy = _LogprobEntropy.apply(
-        hidden2, weight, tgt, valid, 1.0 / float(temperature), chunk, triton_path
+        hidden2, weight, tgt, valid, 1.0 / float(temperature), chunk, triton_path, V
     )
     return logprobs.view(lead), entropy.view(lead)

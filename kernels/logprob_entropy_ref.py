@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from ._dispatch import vocab_in_use
+
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -68,6 +70,7 @@ def logprob_entropy_ref(
     chunk_size: Optional[int] = None,
     ignore_index: int = -100,
     check_targets: Optional[bool] = None,
+    vocab_limit: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The plain PyTorch computation: full [T, V] logits, fp32 log_softmax, gather, entropy.
 
@@ -75,9 +78,10 @@ def logprob_entropy_ref(
     also takes fp64 inputs, which then stay fp64 throughout (the test suite's exact reference).
     """
     check_inputs(hidden, weight, targets, temperature, SUPPORTED_DTYPES + (torch.float64,))
+    vocab = vocab_in_use(weight.shape[0], vocab_limit)
     if check_targets is None or check_targets:
-        check_target_range(targets, weight.shape[0], ignore_index)
-    logits = hidden @ weight.t()
+        check_target_range(targets, vocab, ignore_index)
+    logits = hidden @ weight[:vocab].t()  # rows past vocab_limit: not in the distribution
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logp = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
     valid = targets != ignore_index

@@ -33,6 +33,10 @@ depend on the batch, on B, or on the launch (chunk and run sizes move it only th
 rounding of the cumulative sums: a uniform landing within about 1e-7 of a token boundary can move
 by one token).
 
+Ids at and past ``vocab_limit`` (an output layer's rows past the tokenizer's vocabulary) are outside
+the pass: the kernels read the first ``vocab_limit`` entries of each row through a strided view, so
+the limit costs nothing, and those ids are never sampled nor counted in log Z and the entropy.
+
 Greedy rows (temperature <= 0) take the argmax (ties to the lowest index) and report log-prob and
 entropy of the untempered distribution. Top-k/top-p take a second path: a per-row logit threshold
 (``truncation.py``: candidates from ``torch.topk`` or ``torch.sort``, then one kernel) and then the
@@ -56,6 +60,7 @@ from .sampling_ref import (
     raise_if_invalid,
     sample_ref,
     seed_int64,
+    within_vocab,
 )
 from .truncation import truncation_threshold_triton
 
@@ -318,6 +323,7 @@ def sample(
     top_k: TensorOrInt | None = 0,
     top_p: TensorOrFloat | None = 1.0,
     *,
+    vocab_limit: int | None = None,
     check: bool = False,
 ) -> SampleOutput:
     """Sample one token per row, with its log-prob and the distribution's entropy.
@@ -338,6 +344,12 @@ def sample(
             and ``--top-p``; so are p > 1 and None. Either one takes the second path (a sort or
             top-k in PyTorch, then the kernels) unless it is a number that is off: then nothing
             is sorted.
+        vocab_limit: int >= 1, or None: ids >= vocab_limit are never sampled, and log-prob and
+            entropy are those of the distribution over the ids below it (as if the row had
+            vocab_limit entries). For an output layer with rows past the tokenizer's vocabulary
+            (Qwen2.5: 151,936 rows, 151,665 ids), pass len(tokenizer). The pass reads only the
+            first vocab_limit entries of each row: no extra pass, no copy. None, or a limit >= V,
+            is off.
         check: raise a ValueError naming the invalid rows (a host sync).
 
     Returns:
@@ -349,6 +361,7 @@ def sample(
     The default path (no top-k/top-p) makes no host syncs and is CUDA-graph capturable.
     """
     check_args(logits, temperature=temperature, seed=seed, position=position, top_k=top_k, top_p=top_p)
+    logits = within_vocab(logits, vocab_limit)  # a view: the kernels' pass stops at the limit
     top_k, top_p = active_truncation(top_k, top_p, logits.shape[1])
     if use_triton(logits):
         out = _sample_triton(logits, temperature, seed, position, top_k, top_p)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._dispatch import vocab_in_use
 from .counter_rng import uniform53_ref
 
 TensorOrFloat = torch.Tensor | float
@@ -48,6 +49,15 @@ def _check_logits(logits: torch.Tensor) -> None:
         raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     if logits.shape[1] == 0:
         raise ValueError("logits must have at least one vocabulary entry")
+
+
+def within_vocab(logits: torch.Tensor, vocab_limit: int | None) -> torch.Tensor:
+    """The first ``vocab_limit`` columns of logits [B, V] as a view (no copy, no pass over the
+    data): ids at and past the limit are then never sampled, and log-prob and entropy are those of
+    the distribution over the ids below it. None, or a limit >= V, keeps every column."""
+    V = logits.shape[1]
+    limit = vocab_in_use(V, vocab_limit)
+    return logits[:, :limit] if limit < V else logits
 
 
 def raise_if_invalid(out: SampleOutput) -> None:
@@ -147,6 +157,7 @@ def sample_ref(
     top_k: TensorOrInt | None = 0,
     top_p: TensorOrFloat | None = 1.0,
     *,
+    vocab_limit: int | None = None,
     check: bool = False,
 ) -> SampleOutput:
     """Pure-PyTorch reference of ``sample``: same signature, same rule, same uniforms.
@@ -158,6 +169,7 @@ def sample_ref(
     CPU tensors.
     """
     check_args(logits, temperature=temperature, seed=seed, position=position, top_k=top_k, top_p=top_p)
+    logits = within_vocab(logits, vocab_limit)
     B, V = logits.shape
     dev = logits.device
     top_k, top_p = active_truncation(top_k, top_p, V)

@@ -121,7 +121,7 @@ def test_top_k_and_top_p_reach_the_sampler_as_numbers_when_rows_share_them(monke
     from arpo_fast.engine import engine as engine_module
 
     seen = []
-    monkeypatch.setattr(engine_module, "sample", lambda *args: seen.append(args[4:]))
+    monkeypatch.setattr(engine_module, "sample", lambda *args, **kw: seen.append(args[4:]))
     logits, temp, seeds, pos = torch.zeros(2, VOCAB), torch.ones(2), torch.arange(2), torch.arange(2)
 
     def sampled_with(*params):
@@ -260,16 +260,19 @@ def test_prefill_before_fork_shares_the_tool_result():
 
 
 def test_top_entropy_is_the_reference_estimate_for_the_rows_asked():
-    """-sum p log p over each asked row's 10 most likely tokens, from the same logits the sampler
-    read (temperature applied); NaN for rows not asked; eager steps and chunked prefills alike."""
+    """-sum p log p over each asked row's 10 most likely tokens (and its sampled token when it is
+    not among them: ``test_vocab_limit_engine``), from the same logits the sampler read
+    (temperature applied); NaN for rows not asked; eager steps and chunked prefills alike."""
     model = tiny_model("qwen2").eval()
     engine = Engine(model, num_blocks=64)
     a, b = engine.add([1, 2, 3], seed=1), engine.add([4, 5], seed=2)
     with torch.no_grad():
         ref = model(torch.tensor([[1, 2, 3]])).logits[0, -1].float() / 0.7
         out = engine.step([a, b], SamplingParams(temperature=0.7), top_entropy=[True, False])
-    logp = ref.log_softmax(-1).topk(10).values
-    torch.testing.assert_close(out.top_entropy[0], -(logp.exp() * logp).sum(), rtol=1e-4, atol=1e-5)
+    logp = ref.log_softmax(-1)
+    ids = set(logp.topk(10).indices.tolist()) | {int(out.tokens[0])}
+    terms = logp[sorted(ids)]
+    torch.testing.assert_close(out.top_entropy[0], -(terms.exp() * terms).sum(), rtol=1e-4, atol=1e-5)
     assert torch.isnan(out.top_entropy[1]) and out.top_entropy[0] < out.entropy[0] + 1e-6
     plain = engine.step([a, b], SamplingParams(temperature=0.7))
     assert plain.top_entropy is None

@@ -1,6 +1,7 @@
 """Rewards: the reference's format rules and F1 scoring, exact match, math equivalence, routing.
 Every expected score below is worked out by hand in the comment next to it."""
 
+import numpy as np
 import pytest
 
 from arpo_fast.rollout.rewards import (
@@ -239,10 +240,58 @@ def test_a_tool_result_cannot_answer_for_the_model(demo_tok):
     assert response_text(demo_tok, ids[:-3], mask[:-3]).endswith("</python> <result>\n")
 
 
-@pytest.mark.parametrize("truth", [None, b"42", [["42"]], [], {"a": 1}, True])
+@pytest.mark.parametrize("truth", [None, b"42", [["42"]], {"a": 1}, True, {"42"}, np.array([["42"]])])
 def test_a_ground_truth_of_the_wrong_type_is_an_error_naming_it(truth):
-    with pytest.raises(TypeError, match="ground truth"):
+    with pytest.raises(TypeError, match="ground truth") as err:
         compute_reward("any", response("\\boxed{42}"), truth)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("truth", [{"answer": "42"}, {"42"}, frozenset({"42"})])
+def test_dicts_and_sets_are_refused_by_their_type(truth):
+    with pytest.raises(TypeError, match=f"ground truth is a {type(truth).__name__}: give a string"):
+        compute_reward("any", response("\\boxed{42}"), truth)
+
+
+@pytest.mark.parametrize(
+    "truth",
+    [
+        np.array(["London", "Paris"]),  # what pandas hands over for a list column
+        np.array(["London", "Paris"], dtype=object),
+        ("London", "Paris"),
+        np.array("Paris"),  # a 0-d array is one answer
+    ],
+)
+def test_ground_truths_as_arrays_and_tuples(truth):
+    assert compute_reward("any", response(), truth).score == 1.0
+    assert compute_reward("any", response("\\boxed{Rome}"), truth).score == 0.0
+
+
+def test_numeric_arrays_are_compared_as_text():
+    assert compute_reward("any", response("\\boxed{42}"), np.array([7, 42])).score == 1.0
+    assert compute_reward("any", response("\\boxed{2.5}"), np.array([2.5])).score == 1.0
+    assert compute_reward("any", response("\\boxed{42}"), np.int64(42)).score == 1.0
+
+
+def test_a_custom_reward_gets_an_array_as_a_list_of_python_values():
+    seen = []
+    register_reward(
+        "test_seen", lambda text, truth, **kw: seen.append(truth) or RewardResult(0.0, "x"), replace=True
+    )
+    config = RewardConfig(default="test_seen")
+    compute_reward("any", "text", np.array(["a", "b"]), config)
+    compute_reward("any", "text", "a", config)
+    assert seen == [["a", "b"], "a"] and type(seen[0][0]) is str
+
+
+@pytest.mark.parametrize("empty", [[], (), np.array([], dtype=str)])
+def test_an_empty_ground_truth_matches_no_answer(empty):
+    for name in ("arpo_f1", "exact_match"):
+        config = RewardConfig(default=name)
+        result = compute_reward("any", response(calls=[SEARCH, PYTHON]), empty, config)
+        assert (result.score, result.correctness, result.answer) == (0.0, 0.0, "Paris")
+        assert compute_reward("any", "no tags", empty, config).score == -1.0
+    assert token_f1("Paris", empty) == 0.0 and exact_match("", empty) == 0.0
 
 
 def test_numeric_ground_truths_are_compared_as_text():

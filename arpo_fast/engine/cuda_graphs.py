@@ -31,9 +31,9 @@ def batch_sizes(max_batch: int) -> list[int]:
 class DecodeGraphs:
     """Captured decode steps for batch sizes up to ``max_batch`` and block tables up to ``max_width``."""
 
-    def __init__(self, model, cache, max_batch: int, max_width: int):
+    def __init__(self, model, cache, max_batch: int, max_width: int, vocab_limit: int | None = None):
         dev = cache.device
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.vocab_limit = model, cache, vocab_limit
         self.max_batch, self.max_width = max_batch, max_width
         M = max_batch
         self.ids = torch.zeros(M, dtype=torch.int64, device=dev)
@@ -62,7 +62,8 @@ class DecodeGraphs:
             1,
         )
         logits = self.model.forward(self.cache, batch)
-        return sample(logits, self.temp[:bs], self.seed[:bs], self.pos[:bs]), logits
+        out = sample(logits, self.temp[:bs], self.seed[:bs], self.pos[:bs], vocab_limit=self.vocab_limit)
+        return out, logits
 
     @torch.no_grad()
     def capture(self) -> None:

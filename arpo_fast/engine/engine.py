@@ -72,7 +72,10 @@ def _sampler_arg(values: list, off, dtype: torch.dtype, device: torch.device):
 class Engine:
     """Generation engine over a ``transformers`` Llama / Qwen2 / Qwen3 causal LM (its parameters are
     used in place). Extra keyword arguments go to ``EngineConfig``; ``tokenizer`` (anything with
-    ``decode(list[int]) -> str``) is only needed for stop strings."""
+    ``decode(list[int]) -> str``) is needed for stop strings, and where ``len(tokenizer)`` is
+    below the output layer's rows (Qwen2.5: 151,665 ids, 151,936 rows) ids past it are never
+    sampled, as vLLM's ``allowed_token_ids`` does for the reference: the sampler's log-probs and
+    entropies (the top-10 one too) are those of the distribution over the tokenizer's ids."""
 
     def __init__(
         self,
@@ -89,6 +92,7 @@ class Engine:
         self.model = PagedModel(model)
         self.hf_config = model.config
         self.tokenizer = tokenizer
+        self.vocab_limit = _vocab_limit(self.model.vocab_size, tokenizer)
         m = self.model
         if self.config.cuda_graphs and m.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a model on a CUDA device, not {m.device}")
@@ -122,7 +126,7 @@ class Engine:
         cfg = self.config
         max_len = cfg.max_seq_len or int(getattr(self.hf_config, "max_position_embeddings", 32768))
         width = -(-max_len // cfg.block_size)
-        return DecodeGraphs(self.model, self.cache, cfg.max_graph_batch, width)
+        return DecodeGraphs(self.model, self.cache, cfg.max_graph_batch, width, self.vocab_limit)
 
     def _pool_blocks(self) -> int:
         cfg, per_block = self.config, self.model.kv_bytes_per_block(self.config.block_size)
@@ -235,8 +239,9 @@ class Engine:
 
     @property
     def vocab_size(self) -> int:
-        """V: the size of the distributions ``step`` samples from."""
-        return self.model.vocab_size
+        """V: the size of the distributions ``step`` samples from (the tokenizer's, where it is
+        below the output layer's)."""
+        return self.vocab_limit or self.model.vocab_size
 
     @property
     def free_blocks(self) -> int:
@@ -344,7 +349,8 @@ class Engine:
         (only temperature, top_k and top_p matter here). ``top_entropy``: per sequence, whether to
         also return the entropy over its ``TOP_ENTROPY_K`` most likely tokens (the reference's
         estimate: -sum p log p over the 10 largest probabilities of the temperature-scaled
-        distribution, p normalised over the whole vocabulary)."""
+        distribution, p normalised over the whole vocabulary, and over the sampled token too when
+        it is not among them, as vLLM returns it)."""
         states = self._states(seqs, "step")
         params = SamplingParams() if params is None else params
         per_row = [params] * len(states) if isinstance(params, SamplingParams) else list(params)
@@ -383,8 +389,10 @@ class Engine:
         else:
             batch = build_batch(running, meta, dev, all_positions=False)
             logits = self.model.forward(self.cache, batch)
-            out = self._sample(logits, params, temp, seeds, positions)
-        return out, None if wanted is None else _top_entropy(logits, temp, wanted)
+            out = self._sample(logits, params, temp, seeds, positions, self.vocab_limit)
+        if wanted is None:
+            return out, None
+        return out, _top_entropy(logits[:, : self.vocab_limit], temp, wanted, out.tokens)
 
     def _graph_eligible(self, running, meta, params) -> bool:
         if self._graphs is None or not self._graphs.fits(len(running), meta.block_tables.shape[1]):
@@ -403,10 +411,10 @@ class Engine:
         return True
 
     @staticmethod
-    def _sample(logits, params, temp, seeds, positions):
+    def _sample(logits, params, temp, seeds, positions, vocab_limit=None):
         top_k = _sampler_arg([p.top_k for p in params], 0, torch.int64, logits.device)
         top_p = _sampler_arg([p.top_p for p in params], 1.0, torch.float32, logits.device)
-        return sample(logits, temp, seeds, positions, top_k, top_p)
+        return sample(logits, temp, seeds, positions, top_k, top_p, vocab_limit=vocab_limit)
 
     @staticmethod
     def _scatter(B: int, rows: list[int], out, top: torch.Tensor | None) -> StepOutput:
@@ -453,15 +461,35 @@ def _rows_wanted(top_entropy: Sequence[bool] | None, rows: list[int], B: int) ->
     return [r for r, i in enumerate(rows) if top_entropy[i]]
 
 
-def _top_entropy(logits: torch.Tensor, temp: torch.Tensor, wanted: list[int]) -> torch.Tensor:
+def _top_entropy(
+    logits: torch.Tensor, temp: torch.Tensor, wanted: list[int], tokens: torch.Tensor
+) -> torch.Tensor:
     """fp32 [B]: -sum p log p over the TOP_ENTROPY_K largest probabilities of each wanted row of
-    ``logits`` at its temperature (greedy rows at 1), NaN elsewhere. Only the wanted rows are read."""
+    ``logits`` at its temperature (greedy rows at 1), NaN elsewhere; a row's sampled token
+    (``tokens``, int64 [B]) counts as one more term when it is not among them: vLLM's log-probs of
+    a step, which the reference sums, hold the top k and the sampled token (k + 1 entries when it
+    is outside the top k). Only the wanted rows are read."""
     idx = torch.tensor(wanted, dtype=torch.int64, device=logits.device)
     t = temp.index_select(0, idx)
     z = logits.index_select(0, idx).float() / torch.where(t > 0, t, torch.ones_like(t))[:, None]
-    top = z.topk(min(TOP_ENTROPY_K, z.shape[1]), dim=1).values - z.logsumexp(dim=1, keepdim=True)
+    logp = z - z.logsumexp(dim=1, keepdim=True)
+    top, top_ids = logp.topk(min(TOP_ENTROPY_K, z.shape[1]), dim=1)
+    tok = tokens.to(logits.device).index_select(0, idx)
+    outside = (tok >= 0) & (top_ids != tok[:, None]).all(dim=1)
+    tok_lp = logp.gather(1, tok.clamp(min=0)[:, None])[:, 0]
+    h = -(top.exp() * top).sum(dim=1) - torch.where(outside, tok_lp.exp() * tok_lp, 0.0)
     out = torch.full((logits.shape[0],), float("nan"), dtype=torch.float32, device=logits.device)
-    return out.index_copy_(0, idx, -(top.exp() * top).sum(dim=1))
+    return out.index_copy_(0, idx, h)
+
+
+def _vocab_limit(rows: int, tokenizer) -> int | None:
+    """len(tokenizer) where it is below the output layer's ``rows``; else None (no tokenizer, one
+    without a length, or one as large as the layer: nothing to mask)."""
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        return None
+    return size if 0 < size < rows else None
 
 
 def _eos_ids(model) -> frozenset:

@@ -21,7 +21,9 @@ from typing import Any, Optional, Union
 
 from arpo_fast.rollout.protocol import ProtocolConfig
 
-GroundTruth = Union[str, Sequence[str]]
+GroundTruth = Union[str, numbers.Number, Sequence[Union[str, numbers.Number]]]
+"""A string or a number, or a sequence of those (a list, a tuple, a numpy array: what pandas and
+verl hand over for list answers). An empty sequence is allowed: no answer matches it."""
 DEFAULT_TAGS = ProtocolConfig()
 
 
@@ -175,15 +177,28 @@ def _one_truth(value: Any) -> str:
     if isinstance(value, numbers.Number) and not isinstance(value, bool):
         return str(value)  # the reference crashes on a numeric ground truth
     raise TypeError(
-        f"ground truth {value!r} ({type(value).__name__}) is not a string, a number or a list of those"
+        f"ground truth {value!r} ({type(value).__name__}) is not a string, a number or a sequence of those"
     )
 
 
-def _as_list(ground_truth: Any) -> list[str]:
-    """The accepted answers: a string or a number, or a non-empty list or tuple of those."""
-    if isinstance(ground_truth, (list, tuple)):
-        if not ground_truth:
-            raise TypeError("ground truth is an empty list")
+def _is_array(value: Any) -> bool:
+    """A numpy array (or anything shaped like one: a pandas Series, a torch tensor)."""
+    return hasattr(value, "ndim") and hasattr(value, "tolist")
+
+
+def ground_truths(ground_truth: Any) -> list[str]:
+    """The accepted answers as strings: from a string or a number, or any sequence of those (a list,
+    a tuple, a numpy array of strings or numbers). An empty sequence gives no answers, so no
+    prediction matches it (the comparison scores 0). Dicts, sets and other types raise a one-line
+    TypeError naming the type: a dict is no list of answers, and a set has no order to keep."""
+    if _is_array(ground_truth):
+        ground_truth = ground_truth.tolist()  # numpy scalars become Python str, int and float
+    if isinstance(ground_truth, (Mapping, set, frozenset)):
+        raise TypeError(
+            f"ground truth is a {type(ground_truth).__name__}: give a string, a number, "
+            "or a list (or array) of those"
+        )
+    if isinstance(ground_truth, Sequence) and not isinstance(ground_truth, (str, bytes)):
         return [_one_truth(g) for g in ground_truth]
     return [_one_truth(ground_truth)]
 
@@ -192,7 +207,7 @@ def token_f1(prediction: str, ground_truth: GroundTruth) -> float:
     """Best token F1 over the ground truths (yes/no/noanswer must match exactly, as in SQuAD)."""
     best = 0.0
     pred = normalize_answer(prediction)
-    for truth in _as_list(ground_truth):
+    for truth in ground_truths(ground_truth):
         gold = normalize_answer(truth)
         if (pred in _SPECIAL or gold in _SPECIAL) and pred != gold:
             continue
@@ -208,7 +223,7 @@ def token_f1(prediction: str, ground_truth: GroundTruth) -> float:
 def exact_match(prediction: str, ground_truth: GroundTruth) -> float:
     """1.0 if the normalised prediction equals any normalised ground truth."""
     pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(t) for t in _as_list(ground_truth)))
+    return float(any(pred == normalize_answer(t) for t in ground_truths(ground_truth)))
 
 
 class _QuietTimeoutNotice(logging.Filter):
@@ -234,7 +249,7 @@ def math_equal(prediction: str, ground_truth: GroundTruth) -> float:
     pred = math_verify.parse(f"${prediction}$", parsing_timeout=timeout)
     if not pred:
         return 0.0
-    for truth in _as_list(ground_truth):
+    for truth in ground_truths(ground_truth):
         gold = math_verify.parse(f"${truth}$", parsing_timeout=timeout)
         if gold and math_verify.verify(gold, pred, timeout_seconds=timeout):
             return 1.0
@@ -319,7 +334,15 @@ def compute_reward(
     eos_token: Optional[str] = None,
 ) -> RewardResult:
     """Score one finished trajectory with the reward chosen for its ``data_source``
-    (default config: the reference's F1 scoring for every source)."""
+    (default config: the reference's F1 scoring for every source).
+
+    ``ground_truth``: a string or a number, or a sequence of those; a numpy array reaches the
+    reward as a list of Python values. An empty sequence is no answer at all: every prediction
+    is wrong (0 for a well-formed response, -1 for a malformed one). A dict or a set raises
+    TypeError."""
     config = config or RewardConfig()
+    answers = ground_truths(ground_truth)  # a bad type fails here, whichever reward is chosen
+    if _is_array(ground_truth):  # every reward then sees plain Python values
+        ground_truth = answers
     fn = get_reward(config.by_data_source.get(data_source, config.default))
     return fn(response, ground_truth, eos_token=eos_token, tool_bonus=config.tool_bonus)

@@ -301,6 +301,7 @@ def train_step(run: Run, step: int) -> dict:
         num_mini_batches=math.ceil(cfg.prompts_per_step / per),
         reference=run.reference,
         node_tokens=rollout.node_tokens,
+        vocab_limit=run.engine.vocab_limit,
     )
     t3 = time.perf_counter()
     extra = {"attn_implementation": cfg.update.resolved(next(run.scorer.parameters()).device)[0]}

@@ -120,21 +120,25 @@ def pack(trajectories, rows: list[int], pad_id: int, device) -> PackedBatch:
     )
 
 
-def token_logprobs(model, batch: PackedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob and entropy (fp32 [n]) of each response token under the model at ``temperature``."""
+def token_logprobs(
+    model, batch: PackedBatch, temperature: float, vocab_limit: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob and entropy (fp32 [n]) of each response token under the model at ``temperature``,
+    over the ids below ``vocab_limit`` (None: every row of the LM head)."""
     hidden = model.model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).last_hidden_state
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)
-    return logprob_entropy(hidden, model.lm_head.weight, batch.targets, temperature)
+    return logprob_entropy(hidden, model.lm_head.weight, batch.targets, temperature, vocab_limit=vocab_limit)
 
 
 def tree_logprobs(
-    model, batch: TreeBatch, temperature: float, implementation: str, context=None
+    model, batch: TreeBatch, temperature: float, implementation: str, context=None, vocab_limit=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy (fp32 [n]) of each predicted token of a packed row, the model's
     attention running as ``implementation`` (set with ``attention.attention_implementation``);
-    ``context``: the keys and values of the row's prompt contexts (``contexts.ContextCache``)."""
+    ``context``: the keys and values of the row's prompt contexts (``contexts.ContextCache``);
+    ``vocab_limit`` as in :func:`token_logprobs`."""
     if batch.contexts and context is None:
         raise ValueError("a packed row with prompt contexts needs their keys and values")
     if implementation == "flash_attention_2":  # independent sequences: varlen, no mask
@@ -153,7 +157,11 @@ def tree_logprobs(
         input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False, **attend
     ).last_hidden_state[0]
     return logprob_entropy(
-        hidden.index_select(0, batch.hidden_index), model.lm_head.weight, batch.targets, temperature
+        hidden.index_select(0, batch.hidden_index),
+        model.lm_head.weight,
+        batch.targets,
+        temperature,
+        vocab_limit=vocab_limit,
     )
 
 
@@ -163,11 +171,15 @@ class LogprobModel(torch.nn.Module):
     for a :class:`PackedBatch`, :func:`tree_logprobs` for a ``TreeBatch``), or for a
     ``PromptContext`` the decoder's output on it (its keys and values go to ``context``, an
     ``attention.ContextRun``). One module call, so that under FSDP2 the root's parameters
-    (embedding, final norm, LM head) are gathered for exactly that computation."""
+    (embedding, final norm, LM head) are gathered for exactly that computation.
 
-    def __init__(self, policy: torch.nn.Module):
+    ``vocab_limit``: the tokenizer's size where the LM head has rows past it; the distributions
+    then cover the ids below it only, as the rollout engine samples them (``update`` sets it)."""
+
+    def __init__(self, policy: torch.nn.Module, vocab_limit: Optional[int] = None):
         super().__init__()
         self.policy = policy
+        self.vocab_limit = vocab_limit
 
     def forward(self, batch, temperature: float, attention: str = "sdpa", context=None):
         if isinstance(batch, PromptContext):  # a prompt context alone; ``context``: its ContextRun
@@ -177,9 +189,11 @@ class LogprobModel(torch.nn.Module):
                 input_ids=ids, position_ids=positions, use_cache=False, tree_context=context
             ).last_hidden_state
         if isinstance(batch, TreeBatch):
-            logprobs, entropy = tree_logprobs(self.policy, batch, temperature, attention, context)
+            logprobs, entropy = tree_logprobs(
+                self.policy, batch, temperature, attention, context, self.vocab_limit
+            )
         else:
-            logprobs, entropy = token_logprobs(self.policy, batch, temperature)
+            logprobs, entropy = token_logprobs(self.policy, batch, temperature, self.vocab_limit)
         return logprobs.clone(), entropy.clone()  # not views: FSDP2 hooks the outputs for backward
 
 
@@ -462,6 +476,7 @@ def update(
     num_mini_batches: int = 0,
     reference=None,
     node_tokens=None,
+    vocab_limit: Optional[int] = None,
 ) -> dict[str, float]:
     """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
     per trajectory): one step of ``optimizer`` (``optim.MasterWeights``, or the sharded policy of a
@@ -474,7 +489,9 @@ def update(
     ``mini_batch_ids`` (per trajectory, < ``num_mini_batches``) the caller says which mini-batch each
     trajectory belongs to (the same numbering on every rank). ``node_tokens``
     (``Rollout.node_tokens``) lets the packed update share the branch prefixes that
-    ``Trajectory.path`` names; without it only each prompt is shared.
+    ``Trajectory.path`` names; without it only each prompt is shared. ``vocab_limit``: the
+    tokenizer's size where the LM head has rows past it (``Engine.vocab_limit``): log-probs and
+    entropies are then over the ids below it, the distribution the rollout sampled from.
 
     Returns the loss's metrics as token-weighted means over this process's tokens (``tokens``:
     their count, every copy of a shared token included), the rollout/trainer log-prob mismatch, the
@@ -488,6 +505,9 @@ def update(
         raise ValueError("kl_coef > 0 needs the reference policy")
     if reference is not None and not isinstance(reference, LogprobModel):
         reference = LogprobModel(reference)
+    if vocab_limit is not None:  # else each keeps its own (LogprobModel's default: None)
+        for m in (scorer, reference) if reference is not None else (scorer,):
+            m.vocab_limit = vocab_limit
     if mini_batch_ids is None:
         groups = mini_batches([t.prompt_index for t in trajectories], cfg.mini_batch_prompts)
     else:
