@@ -191,8 +191,8 @@ def report(exc: Interrupted, cfg, rank: int, ranked: bool) -> int:
 
     if exc.at_once:
         exc.checkpoint = find_checkpoint(cfg.out)
-    if ranked:
-        distributed.first_to_fail(rank)  # the other ranks' broken collectives stay quiet
-    if rank == 0:
+    first = distributed.first_to_fail(rank) if ranked else True  # later broken collectives stay quiet
+    agreed = not (exc.at_once or exc.setup)  # every rank stopped together: rank 0 speaks for all
+    if (agreed and rank == 0) or (not agreed and first):
         print(f"arpo_fast.train: {exc.describe(cfg.out, cfg.steps, ranked)}", file=sys.stderr, flush=True)
     return exc.exit_code
