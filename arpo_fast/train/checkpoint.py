@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -282,13 +283,13 @@ def load_sharded_state(checkpoint: Path, policy, group=None) -> None:
     try:
         dcp.load(state, checkpoint_id=str(Path(checkpoint) / "trainer"), process_group=group)
     except CheckpointException as exc:  # a BaseException: it would pass every `except Exception`
-        raise _unusable(checkpoint, "its sharded trainer state", _dcp_cause(exc)) from None
+        raise _unusable(checkpoint, "its sharded trainer state", dcp_cause(exc)) from None
     except Exception as exc:  # noqa: BLE001 - raised before DCP's own wrapping (the metadata file)
         raise _unusable(checkpoint, "its sharded trainer state", exc) from None
     policy.load_state_dict(state)
 
 
-def _dcp_cause(exc) -> BaseException:
+def dcp_cause(exc) -> BaseException:
     """The first rank's own error inside DCP's ``CheckpointException``."""
     failures = getattr(exc, "failures", None) or {}
     for rank in sorted(failures):
@@ -317,8 +318,6 @@ def remove_checkpoint(path: Path) -> None:
         if child.name == MARKER:
             continue
         if child.is_dir() and not child.is_symlink():
-            import shutil
-
             shutil.rmtree(child)
         else:
             os.unlink(child)

@@ -33,6 +33,7 @@ from arpo_fast.train.checkpoint import (
     checkpoint_paths,
     complete_checkpoints,
     complete_step,
+    dcp_cause,
     is_empty_folder,
     no_progress_bars,
     removable,
@@ -106,10 +107,6 @@ class Checkpointer:
     def main(self) -> bool:
         return self.dist is None or self.dist.main
 
-    def latest(self) -> Optional[Path]:
-        found = complete_checkpoints(self.out)
-        return found[0][1] if found else None
-
     def save(self, step: int, model, tokenizer, optimizer, config: dict) -> None:
         """Write the checkpoint after ``step`` completed steps (every rank calls this). With
         ``async_save`` the trainer state is still being written on return."""
@@ -138,7 +135,7 @@ class Checkpointer:
             return
         step, future = self._pending
         self._pending = None
-        self._together(lambda: _dcp_result(future))
+        self._together(future.result)
         self._finish(step)
 
     def _begin(self, step: int) -> None:
@@ -195,14 +192,10 @@ class Checkpointer:
             raise CheckpointError(f"cannot write the checkpoint in {self.out}: {error}")
 
 
-def _dcp_result(future) -> None:
-    future.result()
-
-
 def _describe(exc: BaseException) -> str:
-    from arpo_fast.train.checkpoint import _dcp_cause
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    cause = _dcp_cause(exc) if type(exc).__name__ == "CheckpointException" else exc
+    cause = dcp_cause(exc) if isinstance(exc, CheckpointException) else exc
     if isinstance(cause, OSError) and cause.strerror:
         return f"{cause.filename}: {cause.strerror}" if cause.filename else cause.strerror
     text = (str(cause).strip().splitlines() or [""])[0][:200]
