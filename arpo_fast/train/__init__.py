@@ -3,7 +3,9 @@
 ``loop``: setup, one step (rollout -> reward -> advantage -> update) and the loop over steps;
 ``config``: every setting as one dataclass and the command line built from it; ``update``: the
 clipped policy-gradient update over micro-batches; ``optim``: fp32 master weights around AdamW;
-``data``: prompts and their order; ``checkpoint``: atomic checkpoints; ``demo``: the built-in job.
+``data``: prompts and their order; ``checkpoint`` and ``checkpoint_save``: checkpoints that survive
+a crash at any moment; ``run_dir``: the run folder; ``interrupts``: Ctrl-C and SIGTERM; ``demo``:
+the built-in job.
 """
 
 from arpo_fast.train.config import TrainConfig, parse_config

@@ -74,10 +74,24 @@ class TrainConfig:
     dtype: str = setting("auto", "'auto' (bf16 on CUDA, fp32 on the CPU), 'bf16', 'fp16' or 'fp32'.")
     out: str = setting("", "Directory for metrics.jsonl and checkpoints ('': a new runs/arpo-<date>-<time>).")
     dist_timeout_s: float = setting(
+        0.0,
+        "Under torchrun: one value in seconds for --setup-timeout-s, --rollout-timeout-s and "
+        "--update-timeout-s together (0: each its own).",
+    )
+    setup_timeout_s: float = setting(
         1800.0,
-        "Under torchrun: seconds a collective may wait for the other "
-        "ranks before the run fails (rollouts with slow tools run between "
-        "collectives).",
+        "Under torchrun: seconds a rank may wait for the others during setup (loading, the "
+        "demo's warm start) and while a checkpoint is written or read.",
+    )
+    rollout_timeout_s: float = setting(
+        1800.0,
+        "Under torchrun: seconds the first rank done with a step's rollout (or an evaluation) may "
+        "wait for the last; slow tools run there.",
+    )
+    update_timeout_s: float = setting(
+        600.0,
+        "Under torchrun: seconds a collective of the update may wait before the run fails (a "
+        "rank that hangs there; NCCL's flight recorder then dumps each rank's recent collectives).",
     )
     tool_workers: int = setting(
         16,
@@ -85,7 +99,20 @@ class TrainConfig:
         "a sandboxed process: a node runs up to processes x this many).",
     )
     save_every: int = setting(0, "Save a checkpoint every this many steps (0: only after the last step).")
-    resume: bool = setting(False, "Continue from the checkpoint in `out`, if there is one.")
+    keep_checkpoints: int = setting(
+        1, "Complete checkpoints kept: the newest in out/checkpoint, older ones as out/checkpoint-<step>."
+    )
+    async_save: bool = setting(
+        False,
+        "Under torchrun: write the sharded trainer state in the background (dcp.async_save), so "
+        "the next step does not wait for the disk; the next save or the run's end completes it.",
+    )
+    resume: bool | str = setting(
+        False,
+        "true: continue the run in --out from its newest complete checkpoint; auto: continue it if "
+        "there is one, else start there afresh (the same command line for torchrun "
+        "--max-restarts and requeues); false: a new run.",
+    )
     # --- evaluation and reporting
     eval_data: str = setting(
         "",
@@ -132,8 +159,14 @@ class TrainConfig:
     weight_decay: float = setting(0.01, "AdamW's decoupled weight decay (the reference's: 0.01).")
 
     def __post_init__(self):
-        if not (math.isfinite(self.dist_timeout_s) and self.dist_timeout_s > 0):
-            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        if not (math.isfinite(self.dist_timeout_s) and self.dist_timeout_s >= 0):
+            raise ValueError(f"dist_timeout_s must be >= 0, got {self.dist_timeout_s}")
+        for name in ("setup_timeout_s", "rollout_timeout_s", "update_timeout_s"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        self.resume = _resume_mode(self.resume)
         require_counts(self, "steps", "prompts_per_step", "tool_workers")
         require_non_negative(
             self,
@@ -208,6 +241,16 @@ _GROUPS = {"rollout": ARPOConfig, "update": UpdateConfig}
 
 def _names(cls) -> set[str]:
     return {f.name for f in fields(cls)}
+
+
+def _resume_mode(value) -> bool | str:
+    """``--resume``: True, False or "auto" (from a bool or its command-line spelling)."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    try:
+        return _parse_bool(str(value))
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"resume: expected true or false or auto, got {value!r}") from None
 
 
 def _parse_bool(text: str) -> bool:

@@ -16,34 +16,67 @@ A plain ``python -m arpo_fast.train`` does not come here: one process keeps the 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from arpo_fast.train.checkpoint import CheckpointError
+
+
+@dataclass
+class Timeouts:
+    """Seconds a rank may wait for the others, by what it waits for."""
+
+    setup: float = 1800.0
+    """Setup and checkpoints: loading, the demo's warm start, writing and reading checkpoints."""
+    rollout: float = 1800.0
+    """The first rank done with a step's rollout (or an evaluation) waiting for the last."""
+    update: float = 600.0
+    """A collective of the update (FSDP's gathers and reductions): a longer wait means a rank hangs."""
+
+    @classmethod
+    def of(cls, cfg) -> Timeouts:
+        """From the run's settings: ``--dist-timeout-s``, when given, stands for all three."""
+        if cfg.dist_timeout_s:
+            return cls(cfg.dist_timeout_s, cfg.dist_timeout_s, cfg.dist_timeout_s)
+        return cls(cfg.setup_timeout_s, cfg.rollout_timeout_s, cfg.update_timeout_s)
+
 
 @dataclass
 class Dist:
-    """This process's place in the run and the few collectives the trainer uses."""
+    """This process's place in the run and the few collectives the trainer uses.
+
+    Collectives run on the default process group (gloo or NCCL, the update's timeout) unless a
+    ``group`` is named: ``setup_group`` and ``rollout_group`` are gloo groups with the setup's and the
+    rollout's timeouts (long waits happen there, so the update's collectives can fail fast), and
+    ``save_group`` serves asynchronous checkpoint writes, which run in a thread of their own."""
 
     rank: int
     world: int
     local_rank: int
     device: torch.device
+    setup_group: object = None
+    rollout_group: object = None
+    save_group: object = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
-    def _reduce(self, values: Sequence[float], op) -> list[float]:
-        t = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device)
-        dist.all_reduce(t, op=op)
+    def _reduce(self, values: Sequence[float], op, group=None) -> list[float]:
+        device = self._comm_device if group is None else torch.device("cpu")
+        t = torch.tensor(list(values), dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=op, group=group)
         return t.tolist()
 
     @property
@@ -53,17 +86,23 @@ class Dist:
     def sum(self, values: Sequence[float]) -> list[float]:
         return self._reduce(values, dist.ReduceOp.SUM)
 
-    def max(self, values: Sequence[float]) -> list[float]:
-        return self._reduce(values, dist.ReduceOp.MAX)
+    def max(self, values: Sequence[float], group=None) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.MAX, group)
 
-    def gather(self, obj) -> list:
+    def gather(self, obj, group=None) -> list:
         """Every rank's ``obj`` (picklable), on every rank."""
         out = [None] * self.world
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=group)
         return out
 
-    def barrier(self) -> None:
-        dist.barrier()
+    def broadcast(self, obj, group=None):
+        """Rank 0's ``obj`` (picklable), on every rank."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=group)
+        return box[0]
+
+    def barrier(self, group=None) -> None:
+        dist.barrier(group=group)
 
     def mine(self, n: int) -> list[int]:
         """This rank's share of ``n`` items (prompts of a step): every W-th from its rank on."""
@@ -79,12 +118,35 @@ def env_rank() -> int:
     return int(os.environ["RANK"]) if launched_by_torchrun() else 0
 
 
-def init(device: str, timeout_s: float) -> Optional[Dist]:
+FLIGHT_RECORDER = {
+    "TORCH_FR_BUFFER_SIZE": "2000",  # the last 2,000 collectives of each rank, in a ring buffer
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # its name before torch 2.6
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # written out when a collective times out
+}
+"""NCCL's flight recorder: on a timeout each rank dumps its recent collectives (to
+``/tmp/nccl_trace_rank_<rank>`` unless ``TORCH_FR_DUMP_TEMP_FILE`` says otherwise), which
+``torchfrtrace`` reads to name the rank that hung. Settings already in the environment are kept."""
+
+
+def enable_flight_recorder(backend: str, environ=os.environ) -> None:
+    """Switch the flight recorder on for an NCCL run; it must happen before the process group
+    exists (NCCL reads these when it is created)."""
+    if backend == "nccl":
+        for key, value in FLIGHT_RECORDER.items():
+            environ.setdefault(key, value)
+
+
+def _seconds(s: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=s)
+
+
+def init(device: str, timeouts: Optional[Timeouts] = None, async_save: bool = False) -> Optional[Dist]:
     """Join the process group when started by ``torchrun`` (None otherwise). ``device``: the
-    ``--device`` setting; under torchrun a CUDA run uses ``cuda:LOCAL_RANK``. Collectives time out
-    after ``timeout_s``, so a rank that hangs cannot hold the others forever."""
+    ``--device`` setting; under torchrun a CUDA run uses ``cuda:LOCAL_RANK``. A rank that waits
+    longer than ``timeouts`` allow fails, so a rank that hangs cannot hold the others forever."""
     if not launched_by_torchrun():
         return None
+    timeouts = timeouts or Timeouts()
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
@@ -94,14 +156,67 @@ def init(device: str, timeout_s: float) -> Optional[Dist]:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
+    backend = "nccl" if cuda else "gloo"
+    enable_flight_recorder(backend)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return Dist(rank, world, local, dev)
+        dist.init_process_group(backend, timeout=_seconds(timeouts.update))
+    # every rank creates the same groups in the same order (new_group is collective)
+    setup = dist.new_group(backend="gloo", timeout=_seconds(timeouts.setup))
+    rollout = dist.new_group(backend="gloo", timeout=_seconds(timeouts.rollout))
+    save = dist.new_group(backend="gloo", timeout=_seconds(timeouts.setup)) if async_save else None
+    return Dist(rank, world, local, dev, setup, rollout, save, timeouts)
+
+
+class AgreedError(ValueError):
+    """An error of the setup that every rank of a distributed run raises together (the first
+    failing rank's message), so that rank 0 alone reports it."""
+
+
+@contextlib.contextmanager
+def agreed(d: Optional[Dist]):
+    """Run a phase of the setup; in a distributed run the ranks then compare notes, and if any
+    failed, all raise :class:`AgreedError` with the first failure's message."""
+    if d is None:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, CheckpointError, OSError) as exc:
+        error = describe_error(exc)
+    failed = [(rank, e) for rank, e in enumerate(d.gather(error, group=d.setup_group)) if e is not None]
+    if failed:
+        raise AgreedError(failed[0][1])
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the user: the message, or for a failed file operation the path and the reason
+    (``OSError.args[0]`` alone is only the errno)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{where}: {exc.strerror}" if where else exc.strerror
+    text = str(exc.args[0]) if exc.args else str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+FAILED_KEY = "arpo_fast/first_failure"
+
+
+def first_to_fail(rank: int) -> bool:
+    """Claim, in the job's store, the first failure of the run for ``rank``: whether no other rank
+    failed before. A rank whose collective broke because another rank died stays quiet then, and
+    only the rank that failed first reports. True when the store cannot be reached."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        won = store.compare_set(FAILED_KEY, "", str(rank))
+        return (won.decode() if isinstance(won, bytes) else str(won)) == str(rank)
+    except Exception:  # noqa: BLE001 - no store, no process group: this rank reports
+        return True
 
 
 def close(d: Optional[Dist]) -> None:
     if d is not None and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group with it
 
 
 def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype) -> torch.nn.Module:
@@ -201,3 +316,13 @@ class ShardedPolicy:
             self.scorer, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
         self.refresh()
+
+
+def report_error(text: str, rank: int, ranked: bool) -> None:
+    """Print an error of this process; in a distributed run only when no other rank failed first
+    (a rank whose collective broke because another one died would add a misleading second
+    error, such as gloo's "Connection closed by peer")."""
+    if ranked and not first_to_fail(rank):
+        return
+    where = f" (rank {rank})" if ranked else ""
+    print(f"arpo_fast.train: error{where}: {text}", file=sys.stderr, flush=True)

@@ -20,7 +20,6 @@ evaluations (``eval.py``) and the run's plot and summary (``report.py``) show it
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -42,18 +41,19 @@ from arpo_fast.rollout.rewards import response_text
 from arpo_fast.rollout.tools.executor import ToolExecutor
 from arpo_fast.rollout.tree import arpo_rollout
 from arpo_fast.seeds import child_seed
-from arpo_fast.train import build, distributed, metrics, report
+from arpo_fast.train import build, distributed, interrupts, metrics, report, run_dir
 from arpo_fast.train.checkpoint import (
-    NAMES,
     CheckpointError,
-    check_checkpoint_names,
     find_checkpoint,
+    load_model,
+    load_optimizer_state,
     load_sharded_state,
-    save_checkpoint,
-    validate_checkpoint,
 )
+from arpo_fast.train.checkpoint_save import Checkpointer
 from arpo_fast.train.config import TrainConfig, parse_config
 from arpo_fast.train.data import load_examples, source_rows, step_batch
+from arpo_fast.train.distributed import AgreedError, describe_error
+from arpo_fast.train.distributed import agreed as _agreed
 from arpo_fast.train.eval import evaluate
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.update import update
@@ -100,59 +100,13 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     summary: Optional[dict] = None
     """What ``summary.json`` holds, once ``fit`` has written it (rank 0)."""
+    resumed_from: Optional[Path] = None
+    """The checkpoint the run continues from (None: a fresh start)."""
 
     @property
     def main(self) -> bool:
         """Whether this process prints, writes metrics and writes checkpoints."""
         return self.dist is None or self.dist.main
-
-
-def _step_of(line: str) -> float:
-    """The step of a metrics line; a line cut short by a crash (or blank) counts as after all."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
-
-
-def _check_out(cfg: TrainConfig, distributed_run: bool) -> tuple[Optional[Path], Optional[dict]]:
-    """The checkpoint to resume from (with its trainer state), after checking that a fresh run would
-    not overwrite an earlier one or anything else. Reads only."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
-    if not cfg.resume:
-        taken = [
-            p.name for p in (out / "metrics.jsonl", *(out / n for n in NAMES)) if p.exists() or p.is_symlink()
-        ]
-        if taken:
-            raise ValueError(
-                f"{out} already holds a run ({', '.join(taken)}); pass --resume true to "
-                "continue it, or choose another --out"
-            )
-        return None, None
-    checkpoint = find_checkpoint(cfg.out)
-    if checkpoint is None:
-        raise ValueError(f"--resume: no checkpoint in {out}")
-    state = validate_checkpoint(checkpoint, distributed_run)
-    check_checkpoint_names(out)  # the next save may rename or remove any of them
-    return checkpoint, state
-
-
-def _prepare_out(cfg: TrainConfig, state: Optional[dict]) -> None:
-    """Make the run's folder; a resumed run's metrics keep only the rows it does not redo."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_file = out / "metrics.jsonl"
-    if state is not None and metrics_file.exists():
-        rows = [
-            line
-            for line in metrics_file.read_text(encoding="utf-8").splitlines()
-            if _step_of(line) <= state["step"]
-        ]
-        tmp = out / "metrics.jsonl.tmp"
-        tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(metrics_file)  # whole or not at all
 
 
 def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
@@ -165,23 +119,29 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     if model is not None and cfg.resume:
         raise ValueError("setup: resume loads the checkpoint's model; do not pass one")
     started = time.perf_counter()
-    d = distributed.init(cfg.device, cfg.dist_timeout_s)
+    d = distributed.init(cfg.device, distributed.Timeouts.of(cfg), cfg.async_save)
+    if d is not None:  # rank 0's --out for all: the default one is stamped with each rank's clock
+        cfg.out = d.broadcast(cfg.out, group=d.setup_group)
     with _agreed(d):
         rewards = build.reward_config(cfg)  # names and JSON settings fail here, before any loading
         settings = build.tool_settings(cfg)
         report.check(cfg)
         rows = source_rows(cfg.data, "--data")  # a bad data file fails before the model loads
         eval_rows = None if cfg.eval_data == "none" else source_rows(cfg.eval_data, "--eval-data")
-        checkpoint, state = _check_out(cfg, d is not None)
+    if d is not None:
+        with _agreed(d):  # before anything reads --out: every rank must see the same folder
+            run_dir.check_shared(Path(cfg.out), d)
+    with _agreed(d):
+        checkpoint, state = run_dir.check_out(cfg, d is not None)
         build.check_model_source(cfg, resuming=checkpoint is not None)
-    if d is None or d.main:
-        _prepare_out(cfg, state)
     with _agreed(d):
         device, dtype = build.resolve_device(cfg)
         device = d.device if d else device
         torch.manual_seed(cfg.seed)
-        if model is None:
-            model, tokenizer = build.load_model(cfg, checkpoint, device, dtype, verbose=d is None or d.main)
+        if checkpoint is not None:  # every weight read and checked before anything is written
+            model, tokenizer = load_model(checkpoint, device, dtype)
+        elif model is None:
+            model, tokenizer = build.load_model(cfg, None, device, dtype, verbose=d is None or d.main)
         longest = model.config.max_position_embeddings - 1
         examples = load_examples(cfg.data, tokenizer, longest, rows=rows)
         eval_examples = (
@@ -199,16 +159,9 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     if starting is not None:
         reference = distributed.shard(starting, d, dtype) if d else copy.deepcopy(starting)
         reference.requires_grad_(False)
-    if d is None:
-        optimizer = MasterWeights(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scorer = model
-        if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-    else:
-        optimizer = distributed.ShardedPolicy(model, d, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scorer = optimizer.scorer
-        if state is not None:
-            load_sharded_state(checkpoint, optimizer)
+    optimizer, scorer = _optimizer(cfg, model, d, checkpoint, state)
+    if d is None or d.main:  # everything of a resumed run is loaded: now the folder may change
+        run_dir.prepare_out(cfg, state)
     start = 0 if state is None else state["step"]
     if state is not None:
         log.info("resumed from %s after step %d", checkpoint, start)
@@ -233,29 +186,23 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         reference,
         eval_examples,
         started,
+        resumed_from=checkpoint,
     )
 
 
-class AgreedError(ValueError):
-    """An error of the setup that every rank of a distributed run raises together (the first
-    failing rank's message), so that rank 0 alone reports it."""
-
-
-@contextlib.contextmanager
-def _agreed(d: Optional[distributed.Dist]):
-    """Run a phase of the setup; in a distributed run the ranks then compare notes, and if any
-    failed, all raise :class:`AgreedError` with the first failure's message."""
+def _optimizer(cfg: TrainConfig, model, d, checkpoint: Optional[Path], state: Optional[dict]):
+    """(optimizer, scorer): fp32 masters around the model itself (one process) or its FSDP2-sharded
+    copy; a resumed run's state loaded and checked into it."""
     if d is None:
-        yield
-        return
-    error = None
-    try:
-        yield
-    except (ValueError, KeyError, TypeError, CheckpointError, OSError) as exc:
-        error = describe_error(exc)
-    failed = [(rank, e) for rank, e in enumerate(d.gather(error)) if e is not None]
-    if failed:
-        raise AgreedError(failed[0][1])
+        optimizer = MasterWeights(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if state is not None:
+            load_optimizer_state(checkpoint, optimizer, state)
+        return optimizer, model
+    optimizer = distributed.ShardedPolicy(model, d, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if state is not None:
+        with _agreed(d):
+            load_sharded_state(checkpoint, optimizer, group=d.setup_group)
+    return optimizer, optimizer.scorer
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -266,6 +213,7 @@ def train_step(run: Run, step: int) -> dict:
     batch = [run.examples[order[j]] for j in mine]
     sampling = SamplingParams(cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     step_seed = child_seed(cfg.seed, step)
+    interrupts.enter_rollout(d)  # a signal from here to leave_rollout abandons the step at once
     t0 = time.perf_counter()
     with torch.no_grad():  # a prompt's tree depends on (seed, step, its position) only
         rollout = arpo_rollout(
@@ -286,6 +234,7 @@ def train_step(run: Run, step: int) -> dict:
     seq_adv = group_advantages([r.score for r in rewards], [t.prompt_index for t in trajs])
     advantages = token_advantages(seq_adv, rollout.paths(), cfg.advantage)
     t2 = time.perf_counter()
+    interrupts.leave_rollout(d)  # every rank waits here for the slowest rollout, and stops if any does
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     per = cfg.update.mini_batch_prompts  # mini-batches are numbered over the whole step's prompts
     update_metrics = update(
@@ -335,64 +284,71 @@ def _evaluate(run: Run, step: int, reporter: Optional[report.Reporter]) -> None:
     mine = d.mine(len(run.eval_examples)) if d else list(range(len(run.eval_examples)))
     row = evaluate(run, [run.eval_examples[i] for i in mine], step, score, positions=mine)
     if d is not None:
+        d.barrier(group=d.rollout_group)  # the slowest rank's evaluation is waited for here
         row = metrics.eval_row(row, d)
     if reporter is not None:
         reporter.evaluation(row)
+
+
+def _checkpointer(run: Run) -> Checkpointer:
+    cfg = run.cfg
+    saved = run.start if run.resumed_from is not None else None
+    return Checkpointer(
+        cfg.out, run.dist, keep=cfg.keep_checkpoints, async_save=cfg.async_save, saved_step=saved
+    )
+
+
+def _train_step_or_stop(run: Run, step: int) -> Optional[dict]:
+    """:func:`train_step`, or None when a signal (to any rank) stopped the run before the step was
+    complete; then ``interrupts.stopping()`` is the signal."""
+    try:
+        return train_step(run, step)
+    except interrupts.RolloutAbandoned:
+        interrupts.abandoned(run.dist)
+        return None
+    except interrupts.StepAbandoned:
+        return None
 
 
 def fit(run: Run) -> list[dict]:
     """Steps from ``run.start`` to ``cfg.steps``; each one's metrics are shown, appended to
     ``out/metrics.jsonl`` and returned; held-out evaluations at step 0, every ``eval_every`` steps
     and after the last (``report.py``: also the plot and ``summary.json``); checkpoints every
-    ``save_every`` steps and at the end."""
+    ``save_every`` steps and after the last. Stopped by a signal (``interrupts.py``), it saves the
+    last complete step and raises ``interrupts.Interrupted``."""
     cfg = run.cfg
     history = []
     reporter = report.Reporter(cfg, run.start, metrics.line, run.started) if run.main else None
-    checkpoint = None
+    saver = _checkpointer(run)
+    stopped = None
+    interrupts.begin_training()
     try:
         if run.start == 0:
             _evaluate(run, 0, reporter)
         for step in range(run.start, cfg.steps):
-            row = train_step(run, step)
+            row = _train_step_or_stop(run, step)
+            if row is None:
+                stopped = step  # steps done so far
+                break
             history.append(row)
             if reporter is not None:
                 reporter.step(row)
             if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 _evaluate(run, step + 1, reporter)
             if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                checkpoint = save_checkpoint(
-                    cfg.out,
-                    run.model,
-                    run.tokenizer,
-                    run.optimizer,
-                    step + 1,
-                    dataclasses.asdict(cfg),
-                    run.dist,
-                )
+                saver.save(step + 1, run.model, run.tokenizer, run.optimizer, dataclasses.asdict(cfg))
+        if stopped is not None:  # the last complete step, unless it was just saved
+            saver.save(stopped, run.model, run.tokenizer, run.optimizer, dataclasses.asdict(cfg))
+        saver.wait()
     finally:
         if run.executor is not None:
             run.executor.shutdown(wait=False)
         if reporter is not None:
             sandboxes = run.executor.sandboxes() if run.executor is not None else {}
-            run.summary = reporter.close(checkpoint or find_checkpoint(cfg.out), {"sandbox": sandboxes})
+            run.summary = reporter.close(find_checkpoint(cfg.out), {"sandbox": sandboxes})
+    if stopped is not None:
+        raise interrupts.Interrupted(interrupts.stopping(), step=stopped, checkpoint=find_checkpoint(cfg.out))
     return history
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for the user: the message, or for a failed file operation the path and the reason
-    (``OSError.args[0]`` alone is only the errno)."""
-    if isinstance(exc, OSError) and exc.strerror:
-        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
-        return f"{where}: {exc.strerror}" if where else exc.strerror
-    text = str(exc.args[0]) if exc.args else str(exc) or type(exc).__name__
-    return " ".join(text.split())
-
-
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()  # only ever an empty folder
-    except OSError:
-        pass
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -403,29 +359,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     if rank == 0:
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
     out_is_new = rank == 0 and not os.path.lexists(cfg.out)
+    run = None
     try:
-        run = setup(cfg)
-        fit(run)
+        with interrupts.handling():
+            run = setup(cfg)
+            fit(run)
+    except interrupts.Interrupted as exc:  # Ctrl-C or SIGTERM: the last complete step is saved
+        if run is not None and not exc.at_once:
+            distributed.close(run.dist)
+        return interrupts.report(exc, cfg, rank, ranked)
     except AgreedError as exc:  # every rank stops with the same message: rank 0 says it once
         if rank == 0:
             print(f"arpo_fast.train: error: {describe_error(exc)}", file=sys.stderr)
         return 2
     except (ValueError, KeyError, TypeError, CheckpointError, OSError) as exc:  # bad settings, data, files
-        where = f" (rank {rank})" if ranked else ""
-        print(f"arpo_fast.train: error{where}: {describe_error(exc)}", file=sys.stderr)
+        distributed.report_error(describe_error(exc), rank, ranked)
         return 2
     except Exception as exc:  # noqa: BLE001 - a distributed run: say which rank failed, and how
         if not ranked:
             raise
-        print(
-            f"arpo_fast.train: error (rank {rank}): {type(exc).__name__}: {describe_error(exc)}",
-            file=sys.stderr,
-            flush=True,
-        )
+        distributed.report_error(f"{type(exc).__name__}: {describe_error(exc)}", rank, ranked)
         return 1  # torchrun then stops the other ranks
     finally:
-        if out_is_new:  # a run that failed before writing anything leaves no empty folder behind
-            _remove_if_empty(Path(cfg.out))
+        if out_is_new:  # a run that failed before its first step leaves no folder behind
+            run_dir.remove_if_unused(Path(cfg.out))
     distributed.close(run.dist)
     if rank == 0:
         s = run.summary
