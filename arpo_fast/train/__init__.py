@@ -6,7 +6,8 @@ clipped policy-gradient update over micro-batches; ``optim``: fp32 master weight
 ``data``: prompts and their order; ``checkpoint``: atomic checkpoints; ``demo``: the built-in job.
 """
 
-from arpo_fast.train.config import TrainConfig, parse_config
+from arpo_fast.train.cli import parse_config
+from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.loop import Run, fit, main, setup, train, train_step
 
 __all__ = ["Run", "TrainConfig", "fit", "main", "parse_config", "setup", "train", "train_step"]

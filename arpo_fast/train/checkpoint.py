@@ -1,11 +1,11 @@
-"""Checkpoints: ``model/`` (Hugging Face format, loadable on its own), ``tokenizer/`` and the
-trainer's state: ``trainer.pt`` (step, optimizer and fp32 masters, config) for a one-process run;
-for a distributed run ``trainer.json`` (step, config, world size) beside ``trainer/``, the sharded
-fp32 masters and AdamW state written by ``torch.distributed.checkpoint`` (each rank its shards; a
-resume with another number of ranks reshards them).
+"""Checkpoints: ``model/`` (Hugging Face format, the model and its tokenizer, each loadable with
+its Auto class) and the trainer's state: ``trainer.pt`` (step, optimizer and fp32 masters, config)
+for a one-process run; for a distributed run ``trainer.json`` (step, config, world size) beside
+``trainer/``, the sharded fp32 masters and AdamW state written by ``torch.distributed.checkpoint``
+(each rank its shards; a resume with another number of ranks reshards them).
 
-The tokenizer has a folder of its own: beside a model's ``config.json``, ``AutoTokenizer`` would
-pick the tokenizer class of the model type (Qwen2's splits digits apart) over the one saved.
+Checkpoints written before the tokenizer moved beside the model keep it in ``tokenizer/``; they
+still resume. A resumed run loads the tokenizer as the class it was saved as (``build.py``).
 
 A checkpoint is written whole into ``checkpoint.tmp`` and then swapped in by renames, so a crash at
 any moment leaves the previous checkpoint readable (as ``checkpoint`` or, between the two renames,
@@ -63,7 +63,7 @@ def save_checkpoint(out_dir: str, model, tokenizer, optimizer, step: int, config
         (tmp / MARKER).write_text(f"written by arpo_fast after step {step}; removed with its run\n")
         with _no_progress_bars():
             model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "tokenizer")
+        tokenizer.save_pretrained(tmp / "model")
     if dist is None:
         torch.save(
             {"format": FORMAT, "step": step, "optimizer": optimizer.state_dict(), "config": config},
@@ -135,7 +135,10 @@ def validate_checkpoint(path: Path, distributed: bool = False) -> dict:
             f"the checkpoint {path} was written by a one-process run: resume it with "
             "python -m arpo_fast.train"
         )
-    parts = [("model/config.json", "the model's config"), ("tokenizer", "the tokenizer")]
+    tokenizer = "model/tokenizer_config.json"
+    if not (Path(path) / tokenizer).exists() and (Path(path) / "tokenizer").is_dir():
+        tokenizer = "tokenizer"  # written before the tokenizer moved beside the model
+    parts = [("model/config.json", "the model's config"), (tokenizer, "the tokenizer")]
     if state.get("sharded"):
         parts.append(("trainer/.metadata", "the sharded trainer state"))
     for part, what in parts:

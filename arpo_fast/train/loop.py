@@ -31,9 +31,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from arpo_fast.algo import group_advantages, token_advantages
 from arpo_fast.engine import Engine, SamplingParams
@@ -52,8 +53,9 @@ from arpo_fast.train.checkpoint import (
     save_checkpoint,
     validate_checkpoint,
 )
-from arpo_fast.train.config import TrainConfig, parse_config
-from arpo_fast.train.data import load_examples, source_rows, step_batch
+from arpo_fast.train.cli import parse_config
+from arpo_fast.train.config import TrainConfig
+from arpo_fast.train.data import prepare, step_batch
 from arpo_fast.train.eval import evaluate
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.update import update
@@ -82,9 +84,9 @@ class Run:
     cfg: TrainConfig
     model: torch.nn.Module
     """The weights the engine runs on (and the checkpoint saves)."""
-    tokenizer: object
-    optimizer: object
-    """``optim.MasterWeights`` (one process) or ``distributed.ShardedPolicy``."""
+    tokenizer: PreTrainedTokenizerBase
+    optimizer: Union[MasterWeights, distributed.ShardedPolicy]
+    """The fp32 masters and AdamW: ``MasterWeights`` in one process, sharded under torchrun."""
     scorer: torch.nn.Module
     """What the update runs: the model itself, or its FSDP2-sharded copy."""
     engine: Engine
@@ -166,34 +168,34 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         raise ValueError("setup: resume loads the checkpoint's model; do not pass one")
     started = time.perf_counter()
     d = distributed.init(cfg.device, cfg.dist_timeout_s)
-    with _agreed(d):
-        rewards = build.reward_config(cfg)  # names and JSON settings fail here, before any loading
+    if build.set_threads(cfg) is not None and (d is None or d.main):
+        print(f"torch intra-op threads: {torch.get_num_threads()} (--cpu-threads)", flush=True)
+    with _agreed(d):  # every setting and the data are checked here, before any weights load
+        rewards = build.reward_config(cfg)
         settings = build.tool_settings(cfg)
         report.check(cfg)
-        rows = source_rows(cfg.data, "--data")  # a bad data file fails before the model loads
-        eval_rows = None if cfg.eval_data == "none" else source_rows(cfg.eval_data, "--eval-data")
         checkpoint, state = _check_out(cfg, d is not None)
         build.check_model_source(cfg, resuming=checkpoint is not None)
+        device, dtype = build.resolve_device(cfg)
+        device = d.device if d else device
+        update_plan = cfg.update.describe(device)  # e.g. flash_attention_2 without flash-attn fails here
+        if model is None:
+            tokenizer, context = build.load_tokenizer(cfg, checkpoint)  # config.json and tokenizer only
+        else:
+            context = getattr(model.config, "max_position_embeddings", None)
+        examples, eval_examples = prepare(cfg, tokenizer, context)
     if d is None or d.main:
         _prepare_out(cfg, state)
     with _agreed(d):
-        device, dtype = build.resolve_device(cfg)
-        device = d.device if d else device
         torch.manual_seed(cfg.seed)
         if model is None:
-            model, tokenizer = build.load_model(cfg, checkpoint, device, dtype, verbose=d is None or d.main)
-        longest = model.config.max_position_embeddings - 1
-        examples = load_examples(cfg.data, tokenizer, longest, rows=rows)
-        eval_examples = (
-            []
-            if cfg.eval_data == "none"
-            else load_examples(cfg.eval_data, tokenizer, longest, demo_split="heldout", rows=eval_rows)
-        )
-        update_plan = cfg.update.describe(device)  # e.g. flash_attention_2 without flash-attn fails here
+            model = build.load_model(cfg, checkpoint, device, dtype, tokenizer, verbose=d is None or d.main)
         starting = None
         if cfg.update.kl_coef:  # the policy the run started from: a resumed run loads it again
             starting = (
-                model if checkpoint is None else build.load_model(cfg, None, device, dtype, verbose=False)[0]
+                model
+                if checkpoint is None
+                else build.load_model(cfg, None, device, dtype, tokenizer, verbose=False)
             )
     reference = None
     if starting is not None:
@@ -303,7 +305,10 @@ def train_step(run: Run, step: int) -> dict:
         node_tokens=rollout.node_tokens,
     )
     t3 = time.perf_counter()
-    extra = {"attn_implementation": cfg.update.resolved(next(run.scorer.parameters()).device)[0]}
+    extra = {
+        "attn_implementation": cfg.update.resolved(next(run.scorer.parameters()).device)[0],
+        "lr": _learning_rate(run.optimizer),
+    }
     if d is not None:
         moved = run.optimizer.take_refresh_stats()
         extra |= {
@@ -318,6 +323,11 @@ def train_step(run: Run, step: int) -> dict:
         d,
         extra,
     )
+
+
+def _learning_rate(optimizer: Union[MasterWeights, distributed.ShardedPolicy]) -> float:
+    inner = optimizer.inner if isinstance(optimizer, MasterWeights) else optimizer.optimizer
+    return inner.param_groups[0]["lr"]
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None) -> list[dict]:
