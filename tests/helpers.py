@@ -199,3 +199,28 @@ def pytorch_kernels():
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = old
+
+
+TINY_RUN = [  # a run of seconds: no warm start, no tools, two-trajectory trees of short responses
+    "--prompts-per-step", "1", "--rollouts", "2", "--initial", "1", "--max-response-tokens", "8",
+    "--demo-warm-start", "0", "--tools", "", "--eval-data", "none",
+]  # fmt: skip
+
+
+def run_trainer(*args, env=None, timeout=300):
+    """``python -m arpo_fast.train args...`` from the repository root (``env``: added to this
+    process's environment); the completed process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    environ = dict(os.environ, TRITON_INTERPRET="0", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "arpo_fast.train", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environ,
+    )

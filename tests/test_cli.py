@@ -3,34 +3,16 @@ files, the run folder's config.yaml and resuming with it, threads. Subprocess ru
 behaviour is the command line's; each trains at most two tiny steps."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import TINY_RUN as TINY
+from helpers import run_trainer as _train
 
 from arpo_fast.train.cli import parse_config
 from arpo_fast.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [  # a run of seconds: no warm start, no tools, two-trajectory trees of short responses
-    "--prompts-per-step", "1", "--rollouts", "2", "--initial", "1", "--max-response-tokens", "8",
-    "--demo-warm-start", "0", "--tools", "", "--eval-data", "none",
-]  # fmt: skip
-
-
-def _train(*args, env=None, timeout=300):
-    """``python -m arpo_fast.train args...`` from the repository root; the completed process."""
-    environ = dict(os.environ, TRITON_INTERPRET="0", **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "arpo_fast.train", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=environ,
-    )
 
 
 def _one_line_error(proc) -> str:
@@ -174,19 +156,12 @@ def test_resume_restores_the_runs_settings_and_lists_what_the_flags_change(tmp_p
     assert "steps: 2" in (out / "config.yaml").read_text()
 
 
-def test_the_demo_picks_its_thread_count_unless_omp_num_threads_is_set(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+def test_the_demo_picks_its_thread_count_unless_omp_num_threads_is_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert TrainConfig(out="x").cpu_threads == 1 and TrainConfig(out="x", model="/m").cpu_threads is None
-    proc = subprocess.run(
-        [sys.executable, "-m", "arpo_fast.train", *TINY, "--steps", "1", "--out", str(tmp_path / "a")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(env, TRITON_INTERPRET="0"),
-    )
+    proc = _train(*TINY, "--steps", "1", "--out", str(tmp_path / "a"))
     assert proc.returncode == 0, proc.stderr
-    assert "torch intra-op threads: 1 (--cpu-threads)" in proc.stdout + proc.stderr
+    assert "torch intra-op threads: 1 (--cpu-threads)" in proc.stdout
     proc = _train(*TINY, "--steps", "1", "--out", str(tmp_path / "b"), env={"OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0 and "intra-op threads" not in proc.stdout + proc.stderr
 

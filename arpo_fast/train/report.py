@@ -79,7 +79,14 @@ PANELS = (  # title, y-axis label, [(metrics key, label)]
 
 
 def plot(out: Path, rows: list[dict]) -> Path:
-    """Draw ``metrics.png`` from metrics rows (no pyplot: nothing global changes)."""
+    """Draw ``metrics.png`` from metrics rows."""
+    path = out / "metrics.png"
+    figure(out.name, rows).savefig(path, dpi=80)
+    return path
+
+
+def figure(title: str, rows: list[dict]):
+    """The plot of metrics rows as a matplotlib ``Figure`` (no pyplot: nothing global changes)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 7), layout="constrained")
@@ -100,10 +107,8 @@ def plot(out: Path, rows: list[dict]) -> Path:
             ax.legend(fontsize=8)
         elif title == "held-out accuracy":
             ax.text(0.5, 0.5, "no held-out prompts\n(--eval-data)", ha="center", va="center", color="gray")
-    fig.suptitle(f"{out.name}", fontsize=11)
-    path = out / "metrics.png"
-    fig.savefig(path, dpi=80)
-    return path
+    fig.suptitle(title, fontsize=11)
+    return fig
 
 
 def summary(rows: list[dict], wall_s: float, checkpoint: Optional[Path]) -> dict:
