@@ -13,6 +13,7 @@ from arpo_fast.rollout import RewardResult, register_reward
 from arpo_fast.train import report
 from arpo_fast.train.build import reward_config
 from arpo_fast.train.checkpoint import find_checkpoint
+from arpo_fast.train.cli import parse_config
 from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.data import prepare
 from arpo_fast.train.loop import train
@@ -51,7 +52,7 @@ def test_a_run_without_held_out_prompts_draws_its_curves_and_logs_the_learning_r
     assert "no held-out prompts" in " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
 
 
-def test_the_checkpoint_loads_with_the_auto_classes_and_old_checkpoints_resume(tmp_path):
+def test_the_checkpoint_loads_with_the_auto_classes_and_old_checkpoints_resume(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from arpo_fast.train.demo import demo_tokenizer
@@ -70,6 +71,11 @@ def test_the_checkpoint_loads_with_the_auto_classes_and_old_checkpoints_resume(t
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.move(model_dir / name, old / name)
     assert [m["step"] for m in train(_tiny(tmp_path, steps=2, resume=True))] == [2]
+    # a run written before config.yaml existed resumes with its checkpoint's settings
+    (tmp_path / "run" / "config.yaml").unlink()
+    cfg = parse_config(["--out", str(tmp_path / "run"), "--resume", "true", "--steps", "3"])
+    assert (cfg.steps, cfg.rollout.rollouts, cfg.demo_warm_start, cfg.tools) == (3, 2, 0, "")
+    assert "--steps 2 -> 3 (from" in capsys.readouterr().out
 
 
 def test_report_to_wandb_offline_writes_a_run_folder_and_resumes_the_same_run(tmp_path):

@@ -141,12 +141,13 @@ def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype, toke
     return model.to(device).eval()
 
 
-def set_threads(cfg: TrainConfig) -> Optional[int]:
-    """Set torch's intra-op threads, for the whole process, to ``--cpu-threads`` (when it is not
-    auto, or auto resolved it: the demo's); returns the count set, or None."""
+def set_threads(cfg: TrainConfig, verbose: bool) -> None:
+    """Set torch's intra-op threads, for the whole process, to ``--cpu-threads`` when it is not
+    auto or auto resolved it (the demo's); ``verbose``: say so."""
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
-    return cfg.cpu_threads
+        if verbose:
+            print(f"torch intra-op threads: {cfg.cpu_threads} (--cpu-threads)", flush=True)
 
 
 def _json_object(text: str, flag: str, shape: str) -> dict:

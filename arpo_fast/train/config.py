@@ -22,9 +22,9 @@ from typing import Optional
 
 from arpo_fast.rollout.tree import ARPOConfig
 from arpo_fast.settings import require_counts, require_non_negative, setting
+from arpo_fast.train.demo import DEMO, is_demo
 from arpo_fast.train.demo import LR as DEMO_LR
 from arpo_fast.train.demo import THREADS as DEMO_THREADS
-from arpo_fast.train.demo import is_demo
 from arpo_fast.train.update import UpdateConfig
 
 REFERENCE_LR = 1e-6
@@ -223,7 +223,7 @@ class TrainConfig:
         if self.lr is None:
             self.lr = DEMO_LR if is_demo(self.model) else REFERENCE_LR
         if self.eval_data is None:
-            self.eval_data = "demo" if is_demo(self.data) else "none"
+            self.eval_data = DEMO if is_demo(self.data) else "none"
         if self.cpu_threads is None and is_demo(self.model) and "OMP_NUM_THREADS" not in os.environ:
             self.cpu_threads = DEMO_THREADS
         if self.out is None:

@@ -168,8 +168,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         raise ValueError("setup: resume loads the checkpoint's model; do not pass one")
     started = time.perf_counter()
     d = distributed.init(cfg.device, cfg.dist_timeout_s)
-    if build.set_threads(cfg) is not None and (d is None or d.main):
-        print(f"torch intra-op threads: {torch.get_num_threads()} (--cpu-threads)", flush=True)
+    build.set_threads(cfg, verbose=d is None or d.main)
     with _agreed(d):  # every setting and the data are checked here, before any weights load
         rewards = build.reward_config(cfg)
         settings = build.tool_settings(cfg)
@@ -305,10 +304,8 @@ def train_step(run: Run, step: int) -> dict:
         node_tokens=rollout.node_tokens,
     )
     t3 = time.perf_counter()
-    extra = {
-        "attn_implementation": cfg.update.resolved(next(run.scorer.parameters()).device)[0],
-        "lr": _learning_rate(run.optimizer),
-    }
+    device = next(run.scorer.parameters()).device
+    extra = {"attn_implementation": cfg.update.resolved(device)[0], "lr": _learning_rate(run.optimizer)}
     if d is not None:
         moved = run.optimizer.take_refresh_stats()
         extra |= {
