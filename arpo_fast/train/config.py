@@ -22,9 +22,8 @@ from typing import Optional
 
 from arpo_fast.rollout.tree import ARPOConfig
 from arpo_fast.settings import require_counts, require_non_negative, setting
-from arpo_fast.train.demo import DEMO, is_demo
+from arpo_fast.train.demo import DEMO, is_demo, threads
 from arpo_fast.train.demo import LR as DEMO_LR
-from arpo_fast.train.demo import THREADS as DEMO_THREADS
 from arpo_fast.train.update import UpdateConfig
 
 REFERENCE_LR = 1e-6
@@ -64,8 +63,9 @@ class TrainConfig:
     )
     cpu_threads: Optional[int] = setting(
         None,
-        "Intra-op threads of torch on the CPU (auto: 1 for --model demo, whose tiny matrices "
-        "run slower split over threads; torch's default, OMP_NUM_THREADS or the cores, otherwise).",
+        "Intra-op threads of torch on the CPU (auto: for --model demo, the cores the load average "
+        "leaves free, at least 1, as its tiny matrices slow down when a thread waits for a busy "
+        "core; otherwise torch's default: OMP_NUM_THREADS or the cores).",
     )
     tools: str = setting(
         "python", "Comma-separated tools the model may call (python, search, http_search); '' for none."
@@ -225,7 +225,7 @@ class TrainConfig:
         if self.eval_data is None:
             self.eval_data = DEMO if is_demo(self.data) else "none"
         if self.cpu_threads is None and is_demo(self.model) and "OMP_NUM_THREADS" not in os.environ:
-            self.cpu_threads = DEMO_THREADS
+            self.cpu_threads = threads()
         if self.out is None:
             self.out = time.strftime("runs/arpo-%Y%m%d-%H%M%S")
 

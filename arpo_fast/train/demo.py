@@ -30,6 +30,7 @@ is only a model, a tokenizer, data and default settings; the trainer runs it as 
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 from collections.abc import Callable
@@ -53,10 +54,6 @@ LR = 1e-4
 """The demo's learning rate (``TrainConfig.lr`` resolves to it for ``--model demo`` only): a
 0.6M-parameter model barely moves at the reference's 1e-6."""
 
-THREADS = 1
-"""Torch's intra-op threads for the demo model on the CPU (``--cpu-threads auto``): its matrices
-(hidden 128) are too small to gain from splitting, and on a busy machine each extra thread waits
-for a core (benchmarks/RESULTS.md, "Threads for the demo")."""
 
 TOOL_THOUGHT = "{a} * {b} is too big for my head; run it."
 GUESS_THOUGHT = "{a} * {b}: a guess will do."
@@ -67,6 +64,21 @@ numbers out of the prompt is practised by every solution, not only by the share 
 def is_demo(source: str) -> bool:
     """Whether a ``--model``, ``--data`` or ``--eval-data`` value names the demo's part."""
     return source == DEMO
+
+
+def threads(load: float | None = None, cores: int | None = None) -> int:
+    """Torch's intra-op threads for the demo model (``--cpu-threads auto``): the cores that other
+    work leaves free (``cores`` less the 1-minute ``load`` average, read now by default), at least
+    one. Its matrices (hidden 128) gain little from threads, and on a busy machine a thread that
+    waits for a core holds up every step: benchmarks/RESULTS.md, "Threads for the demo"."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this system: assume none
+            load = 0.0
+    return max(1, min(cores, round(cores - load)))
 
 
 def demo_splits(seed: int = 0) -> dict[str, list[tuple[int, int]]]:
