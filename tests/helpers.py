@@ -216,3 +216,28 @@ def tiny_lora_model(arch: str, rank: int = 4, alpha: float = 8.0, seed: int = 0,
             if ".lora_B." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model
+
+
+TINY_RUN = [  # a run of seconds: no warm start, no tools, two-trajectory trees of short responses
+    "--prompts-per-step", "1", "--rollouts", "2", "--initial", "1", "--max-response-tokens", "8",
+    "--demo-warm-start", "0", "--tools", "", "--eval-data", "none",
+]  # fmt: skip
+
+
+def run_trainer(*args, env=None, timeout=300):
+    """``python -m arpo_fast.train args...`` from the repository root (``env``: added to this
+    process's environment); the completed process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    environ = dict(os.environ, TRITON_INTERPRET="0", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "arpo_fast.train", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environ,
+    )

@@ -83,7 +83,7 @@ def _check_loadable(path: Path, step: int):
     """The checkpoint at ``path`` is whole: every part checked and loaded, with that step's weights."""
     state = validate_checkpoint(path)
     assert state["step"] == step
-    model, _ = load_model(path, "cpu", torch.float32)
+    model = load_model(path, "cpu", torch.float32)
     assert float(model.lm_head.weight[0, 0].detach()) == float(step)
     load_optimizer_state(path, MasterWeights(model.parameters(), lr=1e-3), state)
 

@@ -128,13 +128,17 @@ def test_bad_files_get_a_one_line_error_naming_them(tmp_path, capsys):
 def test_a_tokenizer_of_ones_own_beside_a_qwen2_config_needs_its_own_folder(tmp_path):
     """transformers 5 loads the model type's tokenizer (Qwen2's splits digits its own way) from a
     folder with a Qwen2 config.json; --tokenizer points at the one that was saved."""
+    from tokenizers import Regex, pre_tokenizers
     from transformers import AutoTokenizer
 
     from arpo_fast.train.config import TrainConfig
     from arpo_fast.train.demo import demo_model
     from arpo_fast.train.loop import setup
 
-    tok = demo_tokenizer()
+    tok = demo_tokenizer()  # a tokenizer that splits text its own way (a character at a time)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex("."), "isolated"), pre_tokenizers.ByteLevel(use_regex=False)]
+    )
     model_dir, tok_dir = tmp_path / "model", tmp_path / "tokenizer"
     demo_model(tok, layers=1, hidden=32).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)

@@ -262,7 +262,12 @@ def test_config_errors():
 
 
 def test_the_choice_is_logged_once(caplog, monkeypatch, tmp_path):
+    """Logged once, by the tool that runs code: a settings check before it probes quietly."""
     monkeypatch.setattr(choice, "_CHOSEN", {})
+    monkeypatch.setattr(choice, "_ANNOUNCED", set())
+    with caplog.at_level(logging.INFO, logger="arpo_fast.rollout.tools.python"):
+        python_tool.check_config(PythonToolConfig(tmp_root=str(tmp_path)))
+    assert not [r for r in caplog.records if "python tool: sandbox" in r.message]
     with caplog.at_level(logging.INFO, logger="arpo_fast.rollout.tools.python"):
         for _ in range(2):
             assert PythonTool(PythonToolConfig(tmp_root=str(tmp_path)))("print(1)").ok

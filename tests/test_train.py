@@ -15,7 +15,8 @@ from arpo_fast.rollout import RewardResult, register_reward
 from arpo_fast.rollout.tree import Trajectory
 from arpo_fast.train import report
 from arpo_fast.train.checkpoint import CheckpointError, find_checkpoint, load_trainer_state
-from arpo_fast.train.config import TrainConfig, build_parser, parse_config
+from arpo_fast.train.cli import build_parser, parse_config
+from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.data import encode_prompt, load_examples, read_rows, step_batch
 from arpo_fast.train.demo import demo_model, demo_tokenizer
 from arpo_fast.train.loop import main, train
@@ -44,7 +45,7 @@ def _small(tmp_path, **kw):
 
 
 def test_demo_trains_end_to_end_with_tools_and_branches(tmp_path):
-    cfg = _small(tmp_path, tools="python", max_response_tokens=48, demo_warm_start=100, threshold=1.0)
+    cfg = _small(tmp_path, tools="python", max_response_tokens=64, demo_warm_start=100, threshold=1.0)
     history = train(cfg)
     assert [m["step"] for m in history] == [1, 2]
     steps, evals = report.split_rows(report.read_rows(tmp_path / "run"))
@@ -60,7 +61,7 @@ def test_demo_trains_end_to_end_with_tools_and_branches(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(ckpt / "model")
     text = "<python>print(67 * 64)</python>"
-    assert AutoTokenizer.from_pretrained(ckpt / "tokenizer").encode(text) == demo_tokenizer().encode(text)
+    assert AutoTokenizer.from_pretrained(ckpt / "model").encode(text) == demo_tokenizer().encode(text)
     assert model.config.vocab_size == len(demo_tokenizer())
 
 
@@ -194,9 +195,9 @@ def test_cli_runs_and_rejects_bad_values(tmp_path, capsys):
     cfg = parse_config(["--rollouts", "10", "--clip-high", "0.28", "--steps", "5", "--out", out])
     assert (cfg.rollout.rollouts, cfg.rollout.max_response_tokens) == (10, 64)
     assert (cfg.update.clip_high, cfg.update.clip_low, cfg.steps) == (0.28, 0.2, 5)
-    from arpo_fast.train.config import _flags
+    from arpo_fast.train.flags import all_flags
 
-    assert [f.name for f, doc in _flags(TrainConfig) if not doc.strip()] == []  # every flag explained
+    assert [f.name for f in all_flags() if not f.help.strip()] == []  # every flag explained
     help_text = build_parser().format_help()
     assert "--max-response-tokens" in help_text and "tool results included" in help_text
 

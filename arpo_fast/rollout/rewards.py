@@ -302,6 +302,11 @@ def register_reward(name: str, fn: RewardFn, *, replace: bool = False) -> None:
     _REWARDS[name] = fn
 
 
+def reward_names() -> list[str]:
+    """The names of every registered reward, sorted."""
+    return sorted(_REWARDS)
+
+
 def get_reward(name: str) -> RewardFn:
     if name not in _REWARDS:
         raise KeyError(f"no reward named {name!r}; registered: {', '.join(sorted(_REWARDS))}")

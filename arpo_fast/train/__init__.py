@@ -8,7 +8,8 @@ a crash at any moment; ``run_dir``: the run folder; ``interrupts``: Ctrl-C and S
 the built-in job.
 """
 
-from arpo_fast.train.config import TrainConfig, parse_config
+from arpo_fast.train.cli import parse_config
+from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.loop import Run, fit, main, setup, train, train_step
 
 __all__ = ["Run", "TrainConfig", "fit", "main", "parse_config", "setup", "train", "train_step"]

@@ -4,17 +4,22 @@ a one-line message naming its flag, before anything is written."""
 
 from __future__ import annotations
 
+import difflib
+import json
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from arpo_fast.engine.model import SUPPORTED_MODEL_TYPES
 from arpo_fast.rollout import Protocol, ProtocolConfig, RewardConfig
+from arpo_fast.rollout.rewards import reward_names
 from arpo_fast.rollout.tools import check_tool_settings, create_tool, tool_names
 from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor
 from arpo_fast.rollout.tools.validate import close_match, load_json, shown
 from arpo_fast.train.config import TrainConfig
+from arpo_fast.train.demo import is_demo
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -36,7 +41,7 @@ def check_model_source(cfg: TrainConfig, resuming: bool) -> None:
     ``--model`` again only as the KL reference (``--kl-coef``)."""
     if resuming and not cfg.update.kl_coef:
         return
-    if cfg.model == "demo":
+    if is_demo(cfg.model):
         if cfg.tokenizer and not resuming:
             raise ValueError(
                 "--tokenizer: the demo model builds its own tokenizer; --tokenizer goes with --model DIR"
@@ -60,13 +65,59 @@ def _loaded(what: str, load):
         raise ValueError(f"{what}: cannot load it ({text[:300]})") from None
 
 
-def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype, verbose: bool = True):
-    """The policy and its tokenizer: from the checkpoint when resuming, else the demo or ``--model``
-    (its folders checked by :func:`check_model_source` and ``checkpoint.validate_checkpoint``)."""
-    if checkpoint is None and cfg.model == "demo":
-        from arpo_fast.train.demo import demo_model, demo_tokenizer, move_model, warm_start
+def _saved_tokenizer(folder: Path):
+    """A checkpoint's tokenizer, as the class it was saved as: ``AutoTokenizer`` would take the
+    model type's class instead where the two differ (a tokenizer of one's own beside a Qwen2
+    config.json)."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    try:
+        saved = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        cls = tokenizer_class_from_name(saved.get("tokenizer_class") or "") or AutoTokenizer
+    except (OSError, ValueError):
+        cls = AutoTokenizer
+    return cls.from_pretrained(folder)
+
+
+def load_tokenizer(cfg: TrainConfig, checkpoint: Optional[Path]) -> tuple[object, Optional[int]]:
+    """The run's tokenizer and the model's context (``max_position_embeddings``, None if its config
+    has none), read before any weights: from the checkpoint when resuming, else the demo's or
+    ``--tokenizer``/``--model``'s. A model type the engine does not run fails here."""
+    from transformers import AutoConfig
+
+    if checkpoint is None and is_demo(cfg.model):
+        from arpo_fast.train.demo import demo_config, demo_tokenizer
 
         tokenizer = demo_tokenizer()
+        return tokenizer, demo_config(tokenizer).max_position_embeddings
+    path = checkpoint / "model" if checkpoint is not None else Path(cfg.model)
+    config = _loaded(f"--model {path} (its config.json)", lambda: AutoConfig.from_pretrained(path))
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"--model {path}: model type {kind!r} is not one the engine runs "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if checkpoint is not None:  # beside the model; in tokenizer/ in checkpoints written before
+        folder = path if (path / "tokenizer_config.json").exists() else checkpoint / "tokenizer"
+        tokenizer = _loaded(f"the checkpoint's tokenizer {folder}", lambda: _saved_tokenizer(folder))
+    else:
+        from transformers import AutoTokenizer
+
+        source = cfg.tokenizer or str(path)
+        flag = "--tokenizer" if cfg.tokenizer else "--model"
+        tokenizer = _loaded(f"{flag} {source} (its tokenizer)", lambda: AutoTokenizer.from_pretrained(source))
+    return tokenizer, getattr(config, "max_position_embeddings", None)
+
+
+def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype, tokenizer, verbose: bool = True):
+    """The policy for ``tokenizer`` (:func:`load_tokenizer`'s): from the checkpoint when resuming,
+    else the demo (warm-started) or ``--model`` (its folders checked by :func:`check_model_source`
+    and ``checkpoint.validate_checkpoint``)."""
+    if checkpoint is None and is_demo(cfg.model):
+        from arpo_fast.train.demo import demo_model, move_model, warm_start
+
         model = move_model(demo_model(tokenizer, seed=cfg.seed), device, dtype)
         if cfg.demo_warm_start:
             t0 = time.perf_counter()
@@ -83,15 +134,25 @@ def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype, verb
                     f"{time.perf_counter() - t0:.1f}s",
                     flush=True,
                 )
-        return model.eval(), tokenizer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return model.eval()
+    if checkpoint is not None:
+        from arpo_fast.train.checkpoint import load_model as load_checkpoint_model
 
-    path = checkpoint / "model" if checkpoint is not None else Path(cfg.model)
-    source = str(checkpoint / "tokenizer") if checkpoint is not None else cfg.tokenizer or str(path)
-    flag = "--tokenizer" if cfg.tokenizer and checkpoint is None else "--model"
-    tokenizer = _loaded(f"{flag} {source} (its tokenizer)", lambda: AutoTokenizer.from_pretrained(source))
+        return load_checkpoint_model(checkpoint, device, dtype)
+    from transformers import AutoModelForCausalLM
+
+    path = Path(cfg.model)
     model = _loaded(f"--model {path}", lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
+
+
+def set_threads(cfg: TrainConfig, verbose: bool) -> None:
+    """Set torch's intra-op threads, for the whole process, to ``--cpu-threads`` when it is not
+    auto or auto resolved it (the demo's); ``verbose``: say so."""
+    if cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
+        if verbose:
+            print(f"torch intra-op threads: {cfg.cpu_threads} (--cpu-threads)", flush=True)
 
 
 def _json_object(text: str, flag: str, shape: str) -> dict:
@@ -145,11 +206,19 @@ def tool_executor(cfg: TrainConfig, settings: dict) -> Optional[ToolExecutor]:
 
 
 def reward_config(cfg: TrainConfig) -> RewardConfig:
-    by_source = _json_object(cfg.reward_by_source, "--reward-by-source", "{data_source: reward name}")
-    try:
-        return RewardConfig(default=cfg.reward, by_data_source=by_source)
-    except KeyError as exc:
-        raise ValueError(exc.args[0]) from None
+    """The rewards by ``--reward-key`` value; an unknown reward name fails naming its flag and the
+    closest registered name."""
+    by_source = _json_object(
+        cfg.reward_by_source, "--reward-by-source", f"{{{cfg.reward_key} value: reward name}}"
+    )
+    for flag, name in (("--reward", cfg.reward), *(("--reward-by-source", n) for n in by_source.values())):
+        if name not in reward_names():
+            close = difflib.get_close_matches(str(name), reward_names(), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(
+                f"{flag}: no reward named {name!r}{hint}; registered: {', '.join(reward_names())}"
+            )
+    return RewardConfig(default=cfg.reward, by_data_source=by_source)
 
 
 def protocol_for(cfg: TrainConfig, tokenizer, executor: Optional[ToolExecutor], eos_token_ids) -> Protocol:

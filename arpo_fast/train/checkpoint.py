@@ -1,13 +1,14 @@
 """Checkpoints on disk: their layout, finding the newest complete one, checking and loading it.
 
-A checkpoint folder holds ``model/`` (Hugging Face format, loadable on its own), ``tokenizer/`` and
-the trainer's state: ``trainer.pt`` (step, optimizer and fp32 masters, config) for a one-process
-run; for a distributed run ``trainer.json`` (step, config, world size) beside ``trainer/``, the
-sharded fp32 masters and AdamW state written by ``torch.distributed.checkpoint`` (each rank its
-shards; a resume with another number of ranks reshards them).
+A checkpoint folder holds ``model/`` (Hugging Face format, the model and its tokenizer, each
+loadable with its Auto class) and the trainer's state: ``trainer.pt`` (step, optimizer and fp32
+masters, config) for a one-process run; for a distributed run ``trainer.json`` (step, config, world
+size) beside ``trainer/``, the sharded fp32 masters and AdamW state written by
+``torch.distributed.checkpoint`` (each rank its shards; a resume with another number of ranks
+reshards them).
 
-The tokenizer has a folder of its own: beside a model's ``config.json``, ``AutoTokenizer`` would
-pick the tokenizer class of the model type (Qwen2's splits digits apart) over the one saved.
+Checkpoints written before the tokenizer moved beside the model keep it in ``tokenizer/``; they
+still resume. A resumed run loads the tokenizer as the class it was saved as (``build.py``).
 
 Names in the run folder (``checkpoint_save.py`` writes them):
 
@@ -172,7 +173,10 @@ def validate_checkpoint(path: Path, distributed: bool = False) -> dict:
             f"the checkpoint {path} was written by a one-process run: resume it with "
             "python -m arpo_fast.train"
         )
-    parts = [("model/config.json", "the model's config"), ("tokenizer", "the tokenizer")]
+    tokenizer = "model/tokenizer_config.json"
+    if not (Path(path) / tokenizer).exists() and (Path(path) / "tokenizer").is_dir():
+        tokenizer = "tokenizer"  # written before the tokenizer moved beside the model
+    parts = [("model/config.json", "the model's config"), (tokenizer, "the tokenizer")]
     if state.get("sharded"):
         parts.append(("trainer/.metadata", "the sharded trainer state"))
     for part, what in parts:
@@ -227,15 +231,12 @@ def load_trainer_state(path: Path) -> dict:
 
 
 def load_model(path: Path, device, dtype):
-    """The checkpoint's model and tokenizer, every weight read and matched to the model's config:
-    a damaged, truncated or foreign weights file raises :class:`CheckpointError`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The checkpoint's model, every weight read and matched to the model's config: a damaged,
+    truncated or foreign weights file raises :class:`CheckpointError`. (Its tokenizer is read
+    before, by ``build.load_tokenizer``.)"""
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
-    except Exception as exc:  # noqa: BLE001 - one line, whatever the tokenizer library raised
-        raise _unusable(path, "its tokenizer", exc) from None
     try:
         with no_progress_bars():
             model, info = AutoModelForCausalLM.from_pretrained(
@@ -251,7 +252,7 @@ def load_model(path: Path, device, dtype):
                 f"({kind.replace('_', ' ')}: {names}). It was left untouched, and so was the run's "
                 "metrics.jsonl"
             )
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
 
 
 def load_optimizer_state(path: Path, optimizer, state: dict) -> None:

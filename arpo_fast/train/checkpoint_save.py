@@ -149,7 +149,7 @@ class Checkpointer:
     def _write_model(tmp: Path, model, tokenizer) -> None:
         with no_progress_bars():
             model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "tokenizer")
+        tokenizer.save_pretrained(tmp / "model")
 
     def _save_shards(self, step: int, tmp: Path, state: dict) -> None:
         import torch.distributed.checkpoint as dcp

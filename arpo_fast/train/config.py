@@ -1,25 +1,33 @@
-"""The training run's settings as one dataclass, and the command line built from it.
+"""The training run's settings as one dataclass.
 
 Every field is a ``--kebab-case`` flag whose help text the field carries (``arpo_fast.settings``),
 the fields of the tree rollout's ``ARPOConfig`` and the update's ``UpdateConfig`` included; the
-defaults are the built-in demo's (see ``demo.py``), with the reference's algorithm settings.
+defaults are the built-in demo's (see ``demo.py``), with the reference's algorithm settings. The
+command line is built from these fields in ``cli.py``; ``run_config.py`` reads and writes them as
+YAML (``--config FILE``, the run folder's ``config.yaml``).
+
+A setting whose default depends on the job is ``None`` here, shown and written as ``auto``, and
+resolved in one place, :meth:`TrainConfig._resolve_auto`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, fields
 from typing import Optional
 
 from arpo_fast.rollout.tree import ARPOConfig
-from arpo_fast.settings import help_of, require_counts, require_non_negative, setting
+from arpo_fast.settings import require_counts, require_non_negative, setting
+from arpo_fast.train.demo import DEMO, is_demo, threads
+from arpo_fast.train.demo import LR as DEMO_LR
 from arpo_fast.train.update import UpdateConfig
 
 REFERENCE_LR = 1e-6
+REPORT_TARGETS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -28,9 +36,9 @@ class TrainConfig:
     model: str = setting(
         "demo", "'demo' (a tiny random Qwen2 and its tokenizer) or a local Hugging Face model directory."
     )
-    tokenizer: str = setting(
-        "",
-        "Directory of the tokenizer ('': the model's). A tokenizer of your own "
+    tokenizer: Optional[str] = setting(
+        None,
+        "Directory of the tokenizer (auto: the model's). A tokenizer of your own "
         "saved beside a model's config.json may load as the model type's instead.",
     )
     data: str = setting(
@@ -38,15 +46,26 @@ class TrainConfig:
     )
     reward: str = setting(
         "arpo_f1",
-        "Reward of every example whose data_source is not in "
-        "`reward_by_source` (arpo_f1, exact_match, math, or one added with "
+        "Reward of every example whose --reward-key value is not in "
+        "--reward-by-source (arpo_f1, exact_match, math, or one added with "
         "arpo_fast.rollout.register_reward).",
     )
     reward_by_source: str = setting(
-        "", 'JSON object mapping a data_source to its reward name, e.g. \'{"gsm8k": "math"}\'.'
+        "", 'JSON object mapping a --reward-key value to its reward name, e.g. \'{"gsm8k": "math"}\'.'
+    )
+    reward_key: str = setting(
+        "data_source",
+        "The data column whose value picks each example's reward in --reward-by-source, "
+        "e.g. ability (a row without it counts as 'default').",
     )
     demo_warm_start: int = setting(
         600, "Supervised warm-up steps of the demo model on well-formed solutions (0: start random)."
+    )
+    cpu_threads: Optional[int] = setting(
+        None,
+        "Intra-op threads of torch on the CPU (auto: for --model demo, the cores the load average "
+        "leaves free, at least 1, as its tiny matrices slow down when a thread waits for a busy "
+        "core; otherwise torch's default: OMP_NUM_THREADS or the cores).",
     )
     tools: str = setting(
         "python", "Comma-separated tools the model may call (python, search, http_search); '' for none."
@@ -67,12 +86,14 @@ class TrainConfig:
     # --- the run
     steps: int = setting(30, "Training steps (each: rollout, reward, advantage, update).")
     prompts_per_step: int = setting(
-        8, "Prompts rolled out per step; each becomes a tree of `rollouts` trajectories."
+        8, "Prompts rolled out per step; each becomes a tree of --rollouts trajectories."
     )
     seed: int = setting(0, "Seeds the data order, the model's initialisation (demo) and every sampling draw.")
     device: str = setting("auto", "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
     dtype: str = setting("auto", "'auto' (bf16 on CUDA, fp32 on the CPU), 'bf16', 'fp16' or 'fp32'.")
-    out: str = setting("", "Directory for metrics.jsonl and checkpoints ('': a new runs/arpo-<date>-<time>).")
+    out: Optional[str] = setting(
+        None, "Directory of the run: metrics, plot, config.yaml, checkpoints (auto: runs/arpo-<date>-<time>)."
+    )
     dist_timeout_s: float = setting(
         0.0,
         "Under torchrun: one value in seconds for --setup-timeout-s, --rollout-timeout-s and "
@@ -107,29 +128,38 @@ class TrainConfig:
         "Under torchrun: write the sharded trainer state in the background (dcp.async_save), so "
         "the next step does not wait for the disk; the next save or the run's end completes it.",
     )
-    resume: bool | str = setting(
+    resume: Optional[bool] = setting(
         False,
-        "true: continue the run in --out from its newest complete checkpoint; auto: continue it if "
-        "there is one, else start there afresh (the same command line for torchrun "
-        "--max-restarts and requeues); false: a new run.",
+        "true: continue the run in --out from its newest complete checkpoint, with its config.yaml "
+        "(flags given override it); auto: continue it if there is one, else start there afresh "
+        "(the same command line for torchrun --max-restarts and requeues); false: a new run.",
     )
     # --- evaluation and reporting
-    eval_data: str = setting(
-        "",
-        "Held-out prompts, in --data's formats: '' (the demo's held-out problems "
+    eval_data: Optional[str] = setting(
+        None,
+        "Held-out prompts, in --data's formats: auto (the demo's held-out problems "
         "when --data is demo, else none), 'none', 'demo' or a file.",
     )
     eval_every: int = setting(
         5, "Evaluate every this many steps, besides at step 0 and after the last (0: only those two)."
+    )
+    eval_limit: Optional[int] = setting(
+        None,
+        "Evaluate a fixed subset of this many held-out prompts, the same at every evaluation "
+        "(auto: all of them).",
     )
     eval_samples: int = setting(
         0, "k sampled answers per held-out prompt for pass@k and mean@k (0: only greedy pass@1)."
     )
     eval_temperature: float = setting(1.0, "Sampling temperature of the pass@k/mean@k answers.")
     report_to: str = setting(
-        "",
-        "Also write the metrics to: '' (nowhere else) or 'tensorboard' (in "
-        "out/tensorboard; pip install 'arpo_fast[tensorboard]').",
+        "none",
+        "Also write the metrics (and the config, the learning rate) to: none, tensorboard "
+        "(in --out's tensorboard/; pip install 'arpo_fast[tensorboard]'), wandb (pip install "
+        "'arpo_fast[wandb]'; WANDB_MODE=offline works without a network), or both, comma-separated.",
+    )
+    plot_every: int = setting(
+        5, "Redraw metrics.png every this many steps (0: only after evaluations and at the end)."
     )
     # --- rollout (the tree's own settings are in `rollout`)
     rollout: ARPOConfig = setting(
@@ -141,8 +171,8 @@ class TrainConfig:
     )
     top_p: float = setting(1.0, "Nucleus sampling for the rollout (1: off).")
     top_k: int = setting(0, "Top-k sampling for the rollout (0: off).")
-    kv_memory_mb: int = setting(
-        0, "KV-cache pool size in MiB (0: the engine's default share of free memory)."
+    kv_memory_mb: Optional[int] = setting(
+        None, "KV-cache pool size in MiB (auto: the engine's default share of free memory)."
     )
     # --- update (the clipped loss and batching are in `update`)
     update: UpdateConfig = setting(
@@ -151,10 +181,10 @@ class TrainConfig:
     advantage: str = setting(
         "soft", "'soft' (GRPO on the leaves, the reference's default) or 'hard' (shared tokens get the mean)."
     )
-    lr: float = setting(
-        0.0,
-        "AdamW learning rate; 0: the reference's 1e-6, or the demo's 1e-4 with "
-        "--model demo (a 0.6M-parameter model barely moves at 1e-6).",
+    lr: Optional[float] = setting(
+        None,
+        "AdamW learning rate (auto: the reference's 1e-6, or the demo's 1e-4 with "
+        "--model demo: a 0.6M-parameter model barely moves at 1e-6).",
     )
     weight_decay: float = setting(0.01, "AdamW's decoupled weight decay (the reference's: 0.01).")
 
@@ -174,12 +204,16 @@ class TrainConfig:
             "max_calls",
             "save_every",
             "top_k",
-            "kv_memory_mb",
             "weight_decay",
             "eval_every",
             "eval_samples",
-            "lr",
+            "plot_every",
         )
+        for name in ("eval_limit", "kv_memory_mb", "cpu_threads"):
+            if getattr(self, name) is not None:
+                require_counts(self, name)
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be > 0 (or auto), got {self.lr}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(
                 f"temperature must be > 0 (the update needs the sampled distribution's "
@@ -192,117 +226,88 @@ class TrainConfig:
                 f"eval_temperature must be > 0 (greedy pass@1 is always evaluated), "
                 f"got {self.eval_temperature}"
             )
-        if self.report_to not in ("", "tensorboard"):
-            raise ValueError(f"report_to must be '' or 'tensorboard', got {self.report_to!r}")
-        self._resolve_defaults()
+        unknown = [t for t in self.report_targets if t not in REPORT_TARGETS]
+        if unknown or not self.report_to.strip():
+            raise ValueError(
+                f"report_to must be none or a comma-separated list of {', '.join(REPORT_TARGETS)}, "
+                f"got {self.report_to!r}"
+            )
         if self.advantage not in ("soft", "hard"):
             raise ValueError(f"advantage must be 'soft' or 'hard', got {self.advantage!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
-        if self.resume and not self.out:
+        if not self.reward_key.strip():
+            raise ValueError("reward_key must name a data column, e.g. data_source")
+        if self.resume is not False and not self.out:
             raise ValueError("resume needs --out, the directory of the run to continue")
-        if not self.out:
+        self._resolve_auto()
+
+    def _resolve_auto(self) -> None:
+        """The one place where ``auto`` (None) settings get their value for this job; the names of
+        those that did are kept in ``auto_settings``. The demo's learning rate, held-out set and
+        thread count are never inherited by a run on a model or data of its own. ``tokenizer``,
+        ``kv_memory_mb`` and ``eval_limit`` stay None: the model's tokenizer, the engine's pool
+        size and every held-out prompt."""
+        self.auto_settings = frozenset(f.name for f in fields(self) if getattr(self, f.name) is None)
+        if self.lr is None:
+            self.lr = DEMO_LR if is_demo(self.model) else REFERENCE_LR
+        if self.eval_data is None:
+            self.eval_data = DEMO if is_demo(self.data) else "none"
+        if self.cpu_threads is None and is_demo(self.model) and "OMP_NUM_THREADS" not in os.environ:
+            self.cpu_threads = threads()
+        if self.out is None:
             self.out = time.strftime("runs/arpo-%Y%m%d-%H%M%S")
-
-    def _resolve_defaults(self) -> None:
-        """Settings whose default depends on the job: the demo's learning rate and held-out set are
-        never inherited by a run on a model or data of its own."""
-        if not self.lr:
-            from arpo_fast.train.demo import LR
-
-            self.lr = LR if self.model == "demo" else REFERENCE_LR
-        if not self.eval_data:
-            self.eval_data = "demo" if self.data == "demo" else "none"
 
     @classmethod
     def from_flat(cls, **settings) -> TrainConfig:
         """A config from flag-level names: the fields of ``rollout`` and ``update`` sit beside the
         others (``TrainConfig.from_flat(rollouts=4, clip_low=0.1, steps=2)``)."""
-        groups = {name: {} for name in _GROUPS}
+        groups: dict[str, dict] = {name: {} for name in GROUPS}
         top = {}
         for key, value in settings.items():
-            group = next((g for g, c in _GROUPS.items() if key in _names(c)), None)
+            group = next((g for g, c in GROUPS.items() if key in names_of(c)), None)
             (groups[group] if group else top)[key] = value
-        defaults = cls()
+        defaults = cls(out="-")
         for group, sub in groups.items():
             if sub:
                 top[group] = dataclasses.replace(getattr(defaults, group), **sub)
         return cls(**top)
 
+    def flat(self) -> dict:
+        """The settings by flag-level name (``from_flat``'s inverse)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in GROUPS}
+        for group in GROUPS:
+            values |= dataclasses.asdict(getattr(self, group))
+        return values
+
     @property
     def tool_names(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.tools.split(",") if t.strip())
 
+    @property
+    def report_targets(self) -> tuple[str, ...]:
+        """Where the metrics also go (``report_to`` as a tuple; none: empty)."""
+        names = tuple(t.strip() for t in self.report_to.split(",") if t.strip())
+        return () if names == ("none",) else names
 
-_GROUPS = {"rollout": ARPOConfig, "update": UpdateConfig}
+
+GROUPS = {"rollout": ARPOConfig, "update": UpdateConfig}
+"""The fields of TrainConfig that hold settings classes of their own, flattened into flags."""
 
 
-def _names(cls) -> set[str]:
+def names_of(cls) -> set[str]:
     return {f.name for f in fields(cls)}
 
 
-def _resume_mode(value) -> bool | str:
-    """``--resume``: True, False or "auto" (from a bool or its command-line spelling)."""
-    if isinstance(value, bool) or value == "auto":
+def _resume_mode(value) -> Optional[bool]:
+    """``resume``: True, False or None (auto), from a bool, None or their spellings."""
+    if value is None or isinstance(value, bool):
         return value
-    try:
-        return _parse_bool(str(value))
-    except argparse.ArgumentTypeError:
-        raise ValueError(f"resume: expected true or false or auto, got {value!r}") from None
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _flags(cls):
-    """(field, help) of every flag: the config's own fields, with ``rollout`` and ``update``
-    replaced by their fields."""
-    for f in fields(cls):
-        if f.name in _GROUPS:
-            yield from _flags(_GROUPS[f.name])
-        else:
-            yield f, help_of(f)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m arpo_fast.train",
-        description="Train a tool-using agent with ARPO.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    defaults = TrainConfig(out="-")
-    # the fields' own defaults, not the resolved ones: a flag left out is resolved for its job
-    values = {
-        **dataclasses.asdict(defaults.rollout),
-        **dataclasses.asdict(defaults.update),
-        **{f.name: f.default for f in fields(TrainConfig) if f.default is not dataclasses.MISSING},
-    }
-    for f, doc in _flags(TrainConfig):
-        kind = _parse_bool if f.type in ("bool", bool) else {"int": int, "float": float}.get(f.type, str)
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=kind,
-            default=values[f.name],
-            metavar=f.name.upper() if kind is not _parse_bool else "{true,false}",
-            help=doc,
-        )
-    return parser
-
-
-def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
-    """The config from command-line flags; a bad value exits with the field's message."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return TrainConfig.from_flat(**vars(args))
-    except ValueError as exc:  # name the flag, not the field: "steps must be" -> "--steps must be"
-        name, _, rest = str(exc).partition(" ")
-        parser.error(f"--{name.replace('_', '-')} {rest}" if name in vars(args) else str(exc))
+    text = str(value).lower()
+    if text == "auto":
+        return None
+    if text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return text in ("1", "true", "yes", "on")
+    raise ValueError(f"resume: expected true, false or auto, got {value!r}")

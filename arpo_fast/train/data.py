@@ -2,10 +2,11 @@
 tokenise, order per step.
 
 A row is ``{"prompt": str or [{"role": ..., "content": ...}, ...], "ground_truth": str or [str],
-"data_source": str (optional)}``; ``data_source`` picks the reward (``rollout/rewards.py``). Chat
-messages go through the tokenizer's chat template when it has one. The reference's RL files load as
-they are: the ground truth may sit in ``reward_model.ground_truth``, ``extra_info`` and ``ability``
-are ignored, arrays (numpy, from pandas) become lists, and a ``\\boxed`` stored as a backspace and
+"data_source": str (optional)}``; ``data_source``, or the column ``--reward-key`` names (such as
+``ability``), picks the reward (``rollout/rewards.py``). Chat messages go through the tokenizer's
+chat template when it has one. The reference's RL files load as they are: the ground truth may sit
+in ``reward_model.ground_truth``, other columns (``extra_info``, ``ability``) are read only as a
+reward key, arrays (numpy, from pandas) become lists, and a ``\\boxed`` stored as a backspace and
 "oxed" (``"\\boxed"`` written into JSON unescaped) is repaired.
 """
 
@@ -17,6 +18,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
+
+from arpo_fast.train.demo import is_demo
 
 Prompt = Union[str, list]
 log = logging.getLogger("arpo_fast.train.data")
@@ -30,6 +33,8 @@ class Example:
     prompt_ids: list[int]
     ground_truth: Union[str, list]
     data_source: str
+    """The value of the row's ``--reward-key`` column (``data_source`` by default): it picks the
+    reward."""
 
 
 def _plain(value: Any) -> Any:
@@ -190,12 +195,29 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
 def source_rows(source: str, flag: str) -> list[dict] | None:
     """The checked rows of the file that ``flag`` (e.g. ``--data``) names, read before anything
     slow (loading or warm-starting a model) so that a bad file fails at once; None for 'demo'."""
-    if source == "demo":
+    if is_demo(source):
         return None
     try:
         return read_rows(source)
     except ValueError as exc:
         raise ValueError(f"{flag}: {exc}") from None
+
+
+def fixed_subset(n: int, limit: int | None) -> list[int]:
+    """Indices of ``limit`` of ``n`` items drawn once with a fixed seed (all of them when ``limit``
+    is None or not below ``n``), in order: the same subset at every evaluation and in every run."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(0).sample(range(n), limit))
+
+
+def _reward_value(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "default"
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"{where}: its {key!r} is not a single value (--reward-key {key})")
+    return str(value)
 
 
 def load_examples(
@@ -204,26 +226,83 @@ def load_examples(
     max_prompt_tokens: int | None = None,
     demo_split: str = "train",
     rows: list[dict] | None = None,
+    *,
+    reward_key: str = "data_source",
+    flag: str | None = None,
+    limit: int | None = None,
 ) -> list[Example]:
     """``source``: 'demo' (the demo's ``demo_split`` problems) or a JSONL or Parquet path, whose
     ``rows`` (``read_rows``) may be given already read. Prompts longer than ``max_prompt_tokens``
-    are an error."""
+    are an error naming ``flag`` (e.g. ``--data``) when given. Each example's reward is picked by
+    its ``reward_key`` column (a row without it: 'default'); ``limit``: only a fixed subset of that
+    many rows (:func:`fixed_subset`)."""
     from arpo_fast.train.demo import demo_problems
 
+    where = f"{flag}: {source}" if flag else source
     if rows is None:
-        rows = demo_problems(split=demo_split) if source == "demo" else read_rows(source)
+        rows = demo_problems(split=demo_split) if is_demo(source) else read_rows(source)
+    if reward_key != "data_source" and not any(reward_key in row for row in rows):
+        columns = ", ".join(dict.fromkeys(k for row in rows[:100] for k in row))
+        raise ValueError(f"--reward-key {reward_key}: no row of {where} has it; its columns: {columns}")
     examples = []
-    for number, row in enumerate(rows, 1):
+    for number in fixed_subset(len(rows), limit):
+        row = rows[number]
         ids = encode_prompt(tokenizer, row["prompt"])
         if not ids:
-            raise ValueError(f"{source}: example {number} encodes to no tokens")
+            raise ValueError(f"{where}: example {number + 1} encodes to no tokens")
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
             raise ValueError(
-                f"{source}: example {number} has {len(ids)} prompt tokens, more than "
-                f"the model's {max_prompt_tokens}"
+                f"{where}: example {number + 1} has {len(ids)} prompt tokens, more than "
+                f"the model's {max_prompt_tokens} (its context less one token to write)"
             )
-        examples.append(Example(ids, row["ground_truth"], row.get("data_source", "default")))
+        source_value = _reward_value(row, reward_key, f"{where}: example {number + 1}")
+        examples.append(Example(ids, row["ground_truth"], source_value))
     return examples
+
+
+def prepare(cfg, tokenizer, context: int | None) -> tuple[list[Example], list[Example]]:
+    """The run's training and held-out examples, read, checked and tokenised before any weights
+    load: a bad file, a prompt longer than the model's ``context`` (its ``max_position_embeddings``;
+    None: unchecked), a ``--reward-key`` column that no row has, or a ``--reward-by-source`` that
+    matches no example fails here with one line naming its flag."""
+    longest = None if context is None else context - 1
+    rows = source_rows(cfg.data, "--data")
+    key = cfg.reward_key
+    examples = load_examples(cfg.data, tokenizer, longest, rows=rows, reward_key=key, flag="--data")
+    held_out = []
+    if cfg.eval_data != "none":
+        eval_rows = source_rows(cfg.eval_data, "--eval-data")
+        held_out = load_examples(
+            cfg.eval_data,
+            tokenizer,
+            longest,
+            demo_split="heldout",
+            rows=eval_rows,
+            reward_key=key,
+            flag="--eval-data",
+            limit=cfg.eval_limit,
+        )
+    _check_reward_sources(cfg, examples + held_out)
+    return examples, held_out
+
+
+def _check_reward_sources(cfg, examples: list[Example]) -> None:
+    """Every ``--reward-by-source`` entry should match some example: none matching is an error (the
+    map would do nothing: a wrong --reward-key, or misspelt values), some not matching a warning."""
+    if not cfg.reward_by_source:
+        return
+    mapped = set(json.loads(cfg.reward_by_source))
+    seen = {e.data_source for e in examples}
+    missing = sorted(mapped - seen)
+    if not missing:
+        return
+    values = ", ".join(sorted(seen)[:20])
+    if len(missing) == len(mapped):
+        raise ValueError(
+            f"--reward-by-source: no example has {cfg.reward_key} {' or '.join(map(repr, missing))} "
+            f"(--reward-key {cfg.reward_key}; the data's values: {values})"
+        )
+    log.warning("--reward-by-source: no example has %s %s", cfg.reward_key, ", ".join(map(repr, missing)))
 
 
 def step_batch(n_examples: int, per_step: int, step: int, seed: int) -> list[int]:

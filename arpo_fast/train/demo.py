@@ -7,8 +7,9 @@ is only a model, a tokenizer, data and default settings; the trainer runs it as 
   its head; it can copy the numbers into ``<python>print(a * b)</python>`` and the result into
   ``\\boxed{}``. The reward is the reference's (``arpo_f1``: -1 for a bad format, else 1 for the
   exact product and 0 otherwise, a number being one word).
-* **Tokenizer.** A byte-level BPE trained here on the demo's texts, in which every digit and every
-  ``<tag>``/``</tag>`` is one token: copying a number is copying tokens one for one.
+* **Tokenizer.** A byte-level BPE trained here on the demo's texts, splitting text as Qwen2's
+  tokenizer does, in which every digit and every ``<tag>``/``</tag>`` is one token: copying a number
+  is copying tokens one for one.
 * **Model.** A random Qwen2 of 3 layers, hidden 128 (about 0.64M parameters), fp32 on the CPU.
 * **Warm start.** ARPO starts from a supervised model; the demo's is trained for a minute and a
   half on solutions of other problems (``warm_start``). First all of them call python: the model
@@ -29,7 +30,9 @@ is only a model, a tokenizer, data and default settings; the trainer runs it as 
 from __future__ import annotations
 
 import math
+import os
 import random
+import re
 from collections.abc import Callable
 from typing import Optional
 
@@ -38,6 +41,8 @@ from arpo_fast.rollout.protocol import format_result
 SYSTEM = "Solve it. Run Python inside <python></python> if you like; answer as <answer>\\boxed{...}</answer>."
 """The instruction in front of every demo problem."""
 
+DEMO = "demo"
+"""The name that, as ``--model``, ``--data`` or ``--eval-data``, stands for the demo's part."""
 SOURCE = "demo_arithmetic"
 TOOL_SHARE = 0.3
 """Share of the warm start's mixed solutions that call python (the rest answer straight away)."""
@@ -49,10 +54,31 @@ LR = 1e-4
 """The demo's learning rate (``TrainConfig.lr`` resolves to it for ``--model demo`` only): a
 0.6M-parameter model barely moves at the reference's 1e-6."""
 
+
 TOOL_THOUGHT = "{a} * {b} is too big for my head; run it."
 GUESS_THOUGHT = "{a} * {b}: a guess will do."
 """The thoughts of the two kinds of warm-start solution. Both restate the problem: copying the
 numbers out of the prompt is practised by every solution, not only by the share that calls python."""
+
+
+def is_demo(source: str) -> bool:
+    """Whether a ``--model``, ``--data`` or ``--eval-data`` value names the demo's part."""
+    return source == DEMO
+
+
+def threads(load: float | None = None, cores: int | None = None) -> int:
+    """Torch's intra-op threads for the demo model (``--cpu-threads auto``): the cores that other
+    work leaves free (``cores`` less the 1-minute ``load`` average, read now by default), at least
+    one. Its matrices (hidden 128) gain little from threads, and on a busy machine a thread that
+    waits for a core holds up every step: benchmarks/RESULTS.md, "Threads for the demo"."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this system: assume none
+            load = 0.0
+    return max(1, min(cores, round(cores - load)))
 
 
 def demo_splits(seed: int = 0) -> dict[str, list[tuple[int, int]]]:
@@ -111,18 +137,33 @@ def _warm_texts(seed: int) -> list[tuple[str, list[str]]]:
     return texts
 
 
+TAGS = tuple(f"<{c}{t}>" for t in ("think", "python", "result", "answer") for c in ("", "/"))
+"""The protocol's tags: each is one token of the demo's tokenizer."""
+
+
 def demo_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE trained on the demo's texts: any text encodes, EOS is ``<eos>``, each digit
-    and each ``<tag>``/``</tag>`` is one token (the tags are ordinary tokens, so decoding keeps
-    them)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE trained on the demo's texts that splits text as Qwen2's tokenizer does
+    (Qwen2's pre-tokenizer pattern: each digit a piece of its own, so each digit is one token), the
+    tags (``TAGS``) added as ordinary tokens (decoding keeps them), EOS ``<eos>``. Being a Qwen2
+    tokenizer in all but its vocabulary, it loads as itself with ``AutoTokenizer`` from a
+    checkpoint's model folder, whose config.json says Qwen2."""
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(r"</?[a-z]+>"), behavior="isolated"),
-            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -135,16 +176,28 @@ def demo_tokenizer(vocab_size: int = 512):
     )
     texts = ["".join([p, *s]) for p, s in _warm_texts(0)[:512]]
     texts += ["".join([_prompt(100, 200), *_solution(100, 200, guess)]) for guess in (None, 20000)]
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    tags = re.compile("|".join(map(re.escape, TAGS)))
+    tok.train_from_iterator((piece for text in texts for piece in tags.split(text)), trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
+    # unk: Qwen2Tokenizer would otherwise add one of its own (a BPE over bytes never needs it)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<eos>"
+    )
 
 
-def demo_model(tokenizer, seed: int = 0, layers: int = 3, hidden: int = 128):
-    """A random Qwen2 causal LM sized for the CPU (fp32), its vocabulary the tokenizer's."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+"""The pre-tokenizer pattern of Qwen2's tokenizer (transformers' ``Qwen2Tokenizer``), which
+``AutoTokenizer`` applies to any tokenizer saved beside a Qwen2 config.json."""
 
-    config = Qwen2Config(
+
+def demo_config(tokenizer, layers: int = 3, hidden: int = 128):
+    """The demo model's Qwen2 config: 3 layers, hidden 128, a context of 256 positions."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=3 * hidden,
@@ -157,8 +210,15 @@ def demo_model(tokenizer, seed: int = 0, layers: int = 3, hidden: int = 128):
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
+
+
+def demo_model(tokenizer, seed: int = 0, layers: int = 3, hidden: int = 128):
+    """A random Qwen2 causal LM sized for the CPU (fp32), its vocabulary the tokenizer's."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config)
+    return Qwen2ForCausalLM(demo_config(tokenizer, layers, hidden))
 
 
 def move_model(model, device, dtype):

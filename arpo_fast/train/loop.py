@@ -30,9 +30,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from arpo_fast.algo import group_advantages, token_advantages
 from arpo_fast.engine import Engine, SamplingParams
@@ -45,13 +46,13 @@ from arpo_fast.train import build, distributed, interrupts, metrics, report, run
 from arpo_fast.train.checkpoint import (
     CheckpointError,
     find_checkpoint,
-    load_model,
     load_optimizer_state,
     load_sharded_state,
 )
 from arpo_fast.train.checkpoint_save import Checkpointer
-from arpo_fast.train.config import TrainConfig, parse_config
-from arpo_fast.train.data import load_examples, source_rows, step_batch
+from arpo_fast.train.cli import parse_config
+from arpo_fast.train.config import TrainConfig
+from arpo_fast.train.data import prepare, step_batch
 from arpo_fast.train.distributed import AgreedError, describe_error
 from arpo_fast.train.distributed import agreed as _agreed
 from arpo_fast.train.eval import evaluate
@@ -82,9 +83,9 @@ class Run:
     cfg: TrainConfig
     model: torch.nn.Module
     """The weights the engine runs on (and the checkpoint saves)."""
-    tokenizer: object
-    optimizer: object
-    """``optim.MasterWeights`` (one process) or ``distributed.ShardedPolicy``."""
+    tokenizer: PreTrainedTokenizerBase
+    optimizer: Union[MasterWeights, distributed.ShardedPolicy]
+    """The fp32 masters and AdamW: ``MasterWeights`` in one process, sharded under torchrun."""
     scorer: torch.nn.Module
     """What the update runs: the model itself, or its FSDP2-sharded copy."""
     engine: Engine
@@ -116,44 +117,41 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     with its message, before anything is written."""
     if (model is None) != (tokenizer is None):
         raise ValueError("setup: pass both model and tokenizer, or neither")
-    if model is not None and cfg.resume:
+    if model is not None and cfg.resume is not False:
         raise ValueError("setup: resume loads the checkpoint's model; do not pass one")
     started = time.perf_counter()
     d = distributed.init(cfg.device, distributed.Timeouts.of(cfg), cfg.async_save)
     if d is not None:  # rank 0's --out for all: the default one is stamped with each rank's clock
         cfg.out = d.broadcast(cfg.out, group=d.setup_group)
-    with _agreed(d):
-        rewards = build.reward_config(cfg)  # names and JSON settings fail here, before any loading
+    build.set_threads(cfg, verbose=d is None or d.main)
+    with _agreed(d):  # names and JSON settings fail here, before anything reads --out
+        rewards = build.reward_config(cfg)
         settings = build.tool_settings(cfg)
         report.check(cfg)
-        rows = source_rows(cfg.data, "--data")  # a bad data file fails before the model loads
-        eval_rows = None if cfg.eval_data == "none" else source_rows(cfg.eval_data, "--eval-data")
     if d is not None:
         with _agreed(d):  # before anything reads --out: every rank must see the same folder
             run_dir.check_shared(Path(cfg.out), d)
-    with _agreed(d):
+    with _agreed(d):  # the folder, the model's source and the data, before any weights load
         checkpoint, state = run_dir.check_out(cfg, d is not None)
         build.check_model_source(cfg, resuming=checkpoint is not None)
-    with _agreed(d):
         device, dtype = build.resolve_device(cfg)
         device = d.device if d else device
-        torch.manual_seed(cfg.seed)
-        if checkpoint is not None:  # every weight read and checked before anything is written
-            model, tokenizer = load_model(checkpoint, device, dtype)
-        elif model is None:
-            model, tokenizer = build.load_model(cfg, None, device, dtype, verbose=d is None or d.main)
-        longest = model.config.max_position_embeddings - 1
-        examples = load_examples(cfg.data, tokenizer, longest, rows=rows)
-        eval_examples = (
-            []
-            if cfg.eval_data == "none"
-            else load_examples(cfg.eval_data, tokenizer, longest, demo_split="heldout", rows=eval_rows)
-        )
         update_plan = cfg.update.describe(device)  # e.g. flash_attention_2 without flash-attn fails here
+        if model is None:
+            tokenizer, context = build.load_tokenizer(cfg, checkpoint)  # config.json and tokenizer only
+        else:
+            context = getattr(model.config, "max_position_embeddings", None)
+        examples, eval_examples = prepare(cfg, tokenizer, context)
+    with _agreed(d):
+        torch.manual_seed(cfg.seed)
+        if model is None:  # a checkpoint's weights are each read and checked before anything is written
+            model = build.load_model(cfg, checkpoint, device, dtype, tokenizer, verbose=d is None or d.main)
         starting = None
         if cfg.update.kl_coef:  # the policy the run started from: a resumed run loads it again
             starting = (
-                model if checkpoint is None else build.load_model(cfg, None, device, dtype, verbose=False)[0]
+                model
+                if checkpoint is None
+                else build.load_model(cfg, None, device, dtype, tokenizer, verbose=False)
             )
     reference = None
     if starting is not None:
@@ -253,7 +251,8 @@ def train_step(run: Run, step: int) -> dict:
         vocab_limit=run.engine.vocab_limit,
     )
     t3 = time.perf_counter()
-    extra = {"attn_implementation": cfg.update.resolved(next(run.scorer.parameters()).device)[0]}
+    device = next(run.scorer.parameters()).device
+    extra = {"attn_implementation": cfg.update.resolved(device)[0], "lr": _learning_rate(run.optimizer)}
     if d is not None:
         moved = run.optimizer.take_refresh_stats()
         extra |= {
@@ -268,6 +267,11 @@ def train_step(run: Run, step: int) -> dict:
         d,
         extra,
     )
+
+
+def _learning_rate(optimizer: Union[MasterWeights, distributed.ShardedPolicy]) -> float:
+    inner = optimizer.inner if isinstance(optimizer, MasterWeights) else optimizer.optimizer
+    return inner.param_groups[0]["lr"]
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None) -> list[dict]:

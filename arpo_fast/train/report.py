@@ -1,21 +1,21 @@
 """What a run leaves behind and shows while it runs.
 
+* ``config.yaml``: the run's settings (``run_config.py``), written when training starts.
 * ``metrics.jsonl``: one row per training step, and one row per evaluation whose keys start with
   ``eval/`` (``step`` is the number of steps trained before it: 0 is the starting model).
-* ``metrics.png``: reward, held-out accuracy, tool calls per trajectory, branch points and shared
-  tokens against the step, redrawn after each evaluation (from ``metrics.jsonl``, so a resumed run
-  draws its whole history).
+* ``metrics.png``: reward, held-out accuracy, tool calls per trajectory, branch points, shared
+  tokens and format rate against the step, redrawn every ``--plot-every`` steps, after each
+  evaluation and at the end (from ``metrics.jsonl``, so a resumed run draws its whole history).
 * ``summary.json``: the accuracy at step 0 and at the end, the tool calls per trajectory at the
   first and last step, steps, wall seconds, the checkpoint's path and each tool's sandbox mode.
 * The console: a progress bar over steps with the latest reward, accuracy and tool-call rate when
   stderr is a terminal, one line per step otherwise; one line per evaluation either way.
-* ``--report-to tensorboard``: every number also goes to ``out/tensorboard``.
+* ``--report-to tensorboard,wandb``: every number also goes there (``trackers.py``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -23,25 +23,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
-TENSORBOARD_HINT = "pip install 'arpo_fast[tensorboard]'"
-
-
-def _tensorboard_writer(log_dir: Optional[Path]):
-    """A ``SummaryWriter`` (None for ``log_dir`` None: only checks the import); a missing package
-    raises ValueError with the flag and the fix."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ValueError(
-            f"--report-to tensorboard needs the tensorboard package: {TENSORBOARD_HINT}"
-        ) from None
-    return SummaryWriter(str(log_dir)) if log_dir is not None else None
+from arpo_fast.train import run_config, trackers
 
 
 def check(cfg) -> None:
-    """Fail before the run starts when a reporting target cannot be written."""
-    if cfg.report_to == "tensorboard":
-        _tensorboard_writer(None)
+    """Fail before the run starts when a reporting target or the run's config.yaml cannot be
+    written."""
+    trackers.check(cfg.report_targets)
+    run_config.check_writable(cfg.out)
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -71,26 +60,38 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-PANELS = (  # title, [(metrics key, label)]
-    ("reward (training rollouts)", [("reward", "mean reward"), ("correct", "correct")]),
-    ("held-out accuracy", [("eval/accuracy", "greedy pass@1")]),
+PANELS = (  # title, y-axis label, [(metrics key, label)]
+    ("reward (training rollouts)", "per trajectory", [("reward", "mean reward"), ("correct", "correct")]),
+    ("held-out accuracy", "share of prompts", [("eval/accuracy", "greedy pass@1")]),
     (
         "tool calls per trajectory",
+        "calls",
         [("tool_calls_per_traj", "training"), ("eval/tool_calls", "held-out greedy")],
     ),
-    ("branch points per step", [("branch_points", "branch points")]),
-    ("tokens shared by branches per step", [("shared_tokens", "shared"), ("response_tokens", "all")]),
-    ("format ok", [("format_ok", "training"), ("eval/format_ok", "held-out greedy")]),
+    ("branch points per step", "branch points", [("branch_points", "branch points")]),
+    (
+        "tokens shared by branches per step",
+        "tokens",
+        [("shared_tokens", "shared"), ("response_tokens", "all")],
+    ),
+    ("format ok", "share well-formed", [("format_ok", "training"), ("eval/format_ok", "held-out greedy")]),
 )
 
 
 def plot(out: Path, rows: list[dict]) -> Path:
-    """Draw ``metrics.png`` from metrics rows (no pyplot: nothing global changes)."""
+    """Draw ``metrics.png`` from metrics rows."""
+    path = out / "metrics.png"
+    figure(out.name, rows).savefig(path, dpi=80)
+    return path
+
+
+def figure(title: str, rows: list[dict]):
+    """The plot of metrics rows as a matplotlib ``Figure`` (no pyplot: nothing global changes)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 7), layout="constrained")
     sampled = sorted({k for r in rows for k in r if k.startswith(("eval/pass@", "eval/mean@"))})
-    for i, (title, series) in enumerate(PANELS):
+    for i, (title, ylabel, series) in enumerate(PANELS):
         ax = fig.add_subplot(2, 3, i + 1)
         if title == "held-out accuracy":
             series = series + [(k, k[len("eval/") :]) for k in sampled]
@@ -100,13 +101,14 @@ def plot(out: Path, rows: list[dict]) -> Path:
                 ax.plot(xs, ys, marker="o" if key.startswith("eval/") else None, markersize=4, label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"{out.name}", fontsize=11)
-    path = out / "metrics.png"
-    fig.savefig(path, dpi=80)
-    return path
+        elif title == "held-out accuracy":
+            ax.text(0.5, 0.5, "no held-out prompts\n(--eval-data)", ha="center", va="center", color="gray")
+    fig.suptitle(title, fontsize=11)
+    return fig
 
 
 def summary(rows: list[dict], wall_s: float, checkpoint: Optional[Path]) -> dict:
@@ -138,15 +140,15 @@ def eval_line(row: dict) -> str:
 
 
 class Reporter:
-    """Writes each row to ``metrics.jsonl`` (and TensorBoard), shows progress, draws the plot after
-    each evaluation and the summary at the end. ``line(row, steps)`` formats a step's log line."""
+    """Writes the run's config.yaml, then each row to ``metrics.jsonl`` (and the trackers), shows
+    progress, draws the plot every ``--plot-every`` steps, after each evaluation and at the end,
+    and the summary at the end. ``line(row, steps)`` formats a step's log line."""
 
     def __init__(self, cfg, start: int, line: Callable[[dict, int], str], started: Optional[float] = None):
         self.cfg, self.out, self.line = cfg, Path(cfg.out), line
         self.started = time.perf_counter() if started is None else started
-        self.writer = (
-            _tensorboard_writer(self.out / "tensorboard") if cfg.report_to == "tensorboard" else None
-        )
+        run_config.save(cfg)
+        self.trackers = trackers.open_trackers(cfg, run_config.render(cfg), resumed=start > 0)
         self.bar = None
         self.latest: dict[str, float] = {}
         if sys.stderr.isatty():
@@ -166,11 +168,8 @@ class Reporter:
     def _write(self, row: dict) -> None:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
-            self.writer.flush()
+        for tracker in self.trackers:
+            tracker.log(row)
 
     def _say(self, text: str) -> None:
         if self.bar is not None:
@@ -186,6 +185,8 @@ class Reporter:
             self.bar.set_postfix(self.latest, refresh=True)
         else:
             print(self.line(row, self.cfg.steps), flush=True)
+        if self.cfg.plot_every and row["step"] % self.cfg.plot_every == 0:
+            plot(self.out, read_rows(self.out))
 
     def evaluation(self, row: dict) -> None:
         self._write(row)
@@ -196,15 +197,14 @@ class Reporter:
         plot(self.out, read_rows(self.out))
 
     def close(self, checkpoint: Optional[Path], extra: Optional[dict] = None) -> dict:
-        """Write ``summary.json`` (and return it), with the fields of ``extra`` added; close the bar
-        and the TensorBoard writer."""
+        """Draw the plot, write ``summary.json`` (and return it), with the fields of ``extra`` added;
+        close the bar and the trackers."""
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-        result = {
-            **summary(read_rows(self.out), time.perf_counter() - self.started, checkpoint),
-            **(extra or {}),
-        }
+        for tracker in self.trackers:
+            tracker.close()
+        rows = read_rows(self.out)
+        plot(self.out, rows)
+        result = {**summary(rows, time.perf_counter() - self.started, checkpoint), **(extra or {})}
         (self.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return result

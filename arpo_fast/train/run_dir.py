@@ -33,6 +33,7 @@ OUTPUTS = (
     "tensorboard",
     "config.yaml",
     "wandb",
+    "wandb-run-id",
 )
 """Names this project writes into a run folder besides the checkpoints (a writer of a new output
 adds its name here, or a resume refuses the folder)."""
@@ -72,7 +73,7 @@ def _is_run_of_ours(out: Path) -> bool:
     return marker.is_file() and not marker.is_symlink()
 
 
-def _check_fresh(out: Path, resume) -> None:
+def _check_fresh(out: Path, resume: Optional[bool]) -> None:
     """A fresh run starts in a new or empty folder, or in one of ours without a run in it (with
     ``--resume auto``: whatever of ours it holds is from steps that will be redone)."""
     if not out.exists() or not any(out.iterdir()):
@@ -86,7 +87,7 @@ def _check_fresh(out: Path, resume) -> None:
         )
     check_only_ours(out)
     taken = [p.name for p in (out / "metrics.jsonl", *checkpoint_paths(out)) if os.path.lexists(p)]
-    if taken and resume != "auto":
+    if taken and resume is not None:
         raise ValueError(
             f"{out} already holds a run ({', '.join(taken)}); pass --resume true to "
             "continue it (or --resume auto), or choose another --out"
@@ -101,10 +102,10 @@ def check_out(cfg, distributed_run: bool) -> tuple[Optional[Path], Optional[dict
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
     checkpoint = find_checkpoint(cfg.out) if out.is_dir() else None
-    if cfg.resume == "auto" and checkpoint is None:
-        _check_fresh(out, "auto")
+    if cfg.resume is None and checkpoint is None:  # --resume auto
+        _check_fresh(out, None)
         return None, None
-    if not cfg.resume:
+    if cfg.resume is False:
         _check_fresh(out, False)
         return None, None
     if checkpoint is None:

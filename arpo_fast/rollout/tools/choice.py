@@ -23,24 +23,30 @@ if TYPE_CHECKING:
 log = logging.getLogger("arpo_fast.rollout.tools.python")
 
 _CHOICE_LOCK = threading.Lock()
-_CHOSEN: dict[tuple, Isolation] = {}
+_CHOSEN: dict[tuple, tuple[Isolation, Callable[[], None]]] = {}
+_ANNOUNCED: set[tuple] = set()
 Execute = Callable[["PythonToolConfig", Isolation, str], ToolResult]
 """One run of code in an isolation (``python_tool.execute``): how a candidate mode is probed."""
 # touches the standard library (fails when the interpreter is unreadable after the uid drop)
 PROBE_CODE = "import json, os, socket, traceback\nprint(os.getuid())"
 
 
-def choose(config: PythonToolConfig, execute: Execute) -> Isolation:
+def choose(config: PythonToolConfig, execute: Execute, announce: bool = True) -> Isolation:
     """The isolation for ``config`` on this machine: probed once per process and setting (each
-    candidate mode runs a tiny program through ``execute``), logged."""
+    candidate mode runs a tiny program through ``execute``); logged once, at the first call with
+    ``announce`` (a settings check probes quietly, the tool that runs code says what it got)."""
     key = (os.getpid(), config.sandbox, config.python, config.extra_ro_paths, config.tmp_root)
     with _CHOICE_LOCK:
         if key not in _CHOSEN:
             _CHOSEN[key] = _choose(config, execute)
-        return _CHOSEN[key]
+        iso, log_choice = _CHOSEN[key]
+        if announce and key not in _ANNOUNCED:
+            _ANNOUNCED.add(key)
+            log_choice()
+        return iso
 
 
-def _choose(config: PythonToolConfig, execute: Execute) -> Isolation:
+def _choose(config: PythonToolConfig, execute: Execute) -> tuple[Isolation, Callable[[], None]]:
     groups, groups_why = sandbox.run_cgroups()
     reasons = []
     for mode in sandbox.candidates(config.sandbox):
@@ -48,8 +54,7 @@ def _choose(config: PythonToolConfig, execute: Execute) -> Isolation:
         if why is None:
             iso, why = _try_mode(config, mode, groups, execute)
             if iso is not None:
-                _log_choice(config, iso, groups_why, reasons)
-                return iso
+                return iso, lambda: _log_choice(config, iso, groups_why, reasons)
         reasons.append(f"{mode}: {' '.join(why.split())}")
     raise SandboxUnavailable(
         f"python tool: sandbox={config.sandbox!r} cannot isolate model code "

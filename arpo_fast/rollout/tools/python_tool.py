@@ -121,7 +121,7 @@ class PythonToolConfig:
 def check_config(config: PythonToolConfig) -> None:
     """What a trainer checks before anything slow: that a sandbox this config asks for works here
     (the probe's result is kept, so the tool built later does not probe again)."""
-    choice.choose(config, execute)
+    choice.choose(config, execute, announce=False)
 
 
 _LANG = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_+-")
