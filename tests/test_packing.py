@@ -20,7 +20,6 @@ from arpo_fast.train.attention import (
     attention_implementation,
     key_bounds,
     path_masks,
-    resolve_attention,
     tree_block_mask,
     tree_mask,
 )
@@ -28,6 +27,7 @@ from arpo_fast.train.contexts import ContextCache
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.packing import build_trees, pack_trees
 from arpo_fast.train.update import LogprobModel, UpdateConfig, pack, token_logprobs, tree_logprobs, update
+from arpo_fast.train.update_config import resolve_attention
 
 
 @pytest.fixture(autouse=True)

@@ -25,13 +25,11 @@ update, flash_attention_2 (when flash-attn is installed, else sdpa) for the per-
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from typing import Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "flash_attention_2")
 PATH_SDPA = "arpo_path_sdpa"  # the name the packed rows' sdpa is registered under with transformers
 TREE_FLEX = "arpo_tree_flex"  # and their flex_attention
 FLEX_BLOCK = 128  # flex_attention's default block size (queries and keys)
@@ -39,31 +37,6 @@ FLEX_BLOCK = 128  # flex_attention's default block size (queries and keys)
 # (forward only: torch has no CPU flex backward), which is what the tests use.
 FLEX_COMPILE = {"cuda": "inductor"}
 _compiled_flex: dict = {}
-
-
-def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def resolve_attention(name: str, packed: bool, device: torch.device) -> str:
-    """The attention implementation ``name`` (one of ``IMPLEMENTATIONS``) stands for on ``device``."""
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
-    cuda = torch.device(device).type == "cuda"
-    if name == "auto":
-        if packed:
-            return "flex_attention" if cuda else "sdpa"
-        return "flash_attention_2" if cuda and flash_attn_installed() else "sdpa"
-    if name == "flash_attention_2":
-        if packed:
-            raise ValueError(
-                "attn_implementation flash_attention_2 runs independent sequences only and "
-                "cannot express a tree's mask: use flex_attention or sdpa, or "
-                "--packed-update false"
-            )
-        if not (cuda and flash_attn_installed()):
-            raise ValueError("attn_implementation flash_attention_2 needs CUDA and the flash-attn package")
-    return name
 
 
 def check_model(model, packed: bool) -> None:
@@ -336,10 +309,3 @@ def _checkpointed(forward):
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     return run
-
-
-def resolve_checkpointing(name: str, device: torch.device) -> bool:
-    """``auto``: on for CUDA (as in the reference's scripts), off on the CPU."""
-    if name not in ("auto", "true", "false"):
-        raise ValueError(f"gradient_checkpointing must be auto, true or false, got {name!r}")
-    return torch.device(device).type == "cuda" if name == "auto" else name == "true"

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from arpo_fast.rollout.tree import ARPOConfig
+from arpo_fast.rollout.config import ARPOConfig
 from arpo_fast.settings import help_of, require_counts, require_non_negative, setting
-from arpo_fast.train.update import UpdateConfig
+from arpo_fast.train.update_config import UpdateConfig
 
 REFERENCE_LR = 1e-6
 
