@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from arpo_fast.algo import group_advantages, token_advantages
+from arpo_fast.algo import group_advantages, tree_advantages
 from arpo_fast.engine import Engine, SamplingParams
 from arpo_fast.rollout import Protocol, RewardConfig, compute_reward
 from arpo_fast.rollout.rewards import response_text
@@ -284,14 +284,14 @@ def train_step(run: Run, step: int) -> dict:
     rewards = score(rollout.trajectories, batch, run.tokenizer, run.rewards)
     trajs = rollout.trajectories
     seq_adv = group_advantages([r.score for r in rewards], [t.prompt_index for t in trajs])
-    advantages = token_advantages(seq_adv, rollout.paths(), cfg.advantage)
+    advantages = tree_advantages(seq_adv, rollout, cfg.advantage)
     t2 = time.perf_counter()
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     per = cfg.update.mini_batch_prompts  # mini-batches are numbered over the whole step's prompts
     update_metrics = update(
         run.scorer,
         run.optimizer,
-        trajs,
+        rollout,
         advantages,
         cfg.update,
         pad_id,
@@ -300,7 +300,6 @@ def train_step(run: Run, step: int) -> dict:
         mini_batch_ids=[mine[t.prompt_index] // per for t in trajs],
         num_mini_batches=math.ceil(cfg.prompts_per_step / per),
         reference=run.reference,
-        node_tokens=rollout.node_tokens,
     )
     t3 = time.perf_counter()
     extra = {"attn_implementation": cfg.update.resolved(next(run.scorer.parameters()).device)[0]}

@@ -38,6 +38,7 @@ import torch
 
 from arpo_fast.algo import CopyAdvantages, aggregate, kl_k3, policy_loss, shared_policy_loss
 from arpo_fast.kernels import logprob_entropy
+from arpo_fast.rollout.rollout_tree import RolloutTree
 from arpo_fast.train.attention import (
     activation_checkpointing,
     attention_implementation,
@@ -258,13 +259,12 @@ def is_weights(old: torch.Tensor, rollout: torch.Tensor, cap: float) -> torch.Te
 
 
 def _plans(
-    trajectories,
+    record: RolloutTree,
     advantages,
     cfg: UpdateConfig,
     pad_id: int,
     device,
     attention: str,
-    node_tokens,
     groups: list[list[int]],
 ) -> list[list]:
     """Per mini-batch (``groups`` of trajectory indices), its micro-batches on ``device``; split
@@ -275,18 +275,14 @@ def _plans(
             [
                 b.to(device)
                 for b in pack_trees(
-                    trajectories,
-                    advantages,
-                    share,
-                    node_tokens,
-                    cfg.micro_batch_tokens,
-                    share=cfg.packed_update,
+                    record, advantages, share, cfg.micro_batch_tokens, share=cfg.packed_update
                 )
             ]
             for share in groups
         ]
         return [context_order(plan) for plan in plans]
-    lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
+    trajectories = record.trajectories
+    lengths = [len(t.prompt_ids) + t.response_length for t in trajectories]
     return [
         [
             pack(trajectories, [share[j] for j in g], pad_id, device)
@@ -350,7 +346,7 @@ def _token_mean(values: torch.Tensor, batch) -> torch.Tensor:
 def update(
     model,
     optimizer,
-    trajectories,
+    record: RolloutTree,
     advantages: list[torch.Tensor],
     cfg: UpdateConfig,
     pad_id: int,
@@ -360,10 +356,9 @@ def update(
     mini_batch_ids: Optional[Sequence[int]] = None,
     num_mini_batches: int = 0,
     reference=None,
-    node_tokens=None,
 ) -> dict[str, float]:
-    """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
-    per trajectory): one step of ``optimizer`` (``optim.MasterWeights``, or the sharded policy of a
+    """Clipped policy-gradient updates over the trajectories of ``record`` (per-token ``advantages``,
+    one tensor per trajectory): one step of ``optimizer`` (``optim.MasterWeights``, or the sharded policy of a
     distributed run) per mini-batch of ``cfg.mini_batch_prompts`` prompts.
 
     ``model``: the policy, or a :class:`LogprobModel` (sharded with FSDP2 in a distributed run).
@@ -371,9 +366,7 @@ def update(
     ``dist``: this rank of a distributed run (``distributed.Dist``): the token-mean's denominator is
     then the count over every rank, and every rank runs the same number of micro-batches. With
     ``mini_batch_ids`` (per trajectory, < ``num_mini_batches``) the caller says which mini-batch each
-    trajectory belongs to (the same numbering on every rank). ``node_tokens``
-    (``Rollout.node_tokens``) lets the packed update share the branch prefixes that
-    ``Trajectory.path`` names; without it only each prompt is shared.
+    trajectory belongs to (the same numbering on every rank).
 
     Returns the loss's metrics as token-weighted means over this process's tokens (``tokens``:
     their count, every copy of a shared token included), the rollout/trainer log-prob mismatch, the
@@ -388,12 +381,12 @@ def update(
     if reference is not None and not isinstance(reference, LogprobModel):
         reference = LogprobModel(reference)
     if mini_batch_ids is None:
-        groups = mini_batches([t.prompt_index for t in trajectories], cfg.mini_batch_prompts)
+        groups = mini_batches([t.prompt_index for t in record.trajectories], cfg.mini_batch_prompts)
     else:
         groups = [[] for _ in range(num_mini_batches)]
         for i, k in enumerate(mini_batch_ids):
             groups[k].append(i)
-    plans = _plans(trajectories, advantages, cfg, pad_id, device, attention, node_tokens, groups)
+    plans = _plans(record, advantages, cfg, pad_id, device, attention, groups)
     plan_tokens = [sum(b.model_tokens for b in plan) for plan in plans]
     lockstep = None
     if dist is not None:  # global token counts; the same number of micro-batches on every rank
