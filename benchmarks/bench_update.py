@@ -37,7 +37,8 @@ import torch
 
 from arpo_fast.rollout.responses import Response, assemble_tree
 from arpo_fast.train.packing import build_trees, split_tree
-from arpo_fast.train.update import UpdateConfig, micro_batches, mini_batches
+from arpo_fast.train.padded import micro_batches
+from arpo_fast.train.update import UpdateConfig, mini_batches
 
 
 def arpo_workload(
@@ -169,12 +170,12 @@ def shrunk_workload(prompts: int, seed: int = 1, vocab: int = 2048):
 
 def timed_update(model, trajs, node_tokens, adv, cfg: UpdateConfig) -> float:
     from arpo_fast.train.optim import MasterWeights
-    from arpo_fast.train.update import update
+    from arpo_fast.train.update import UpdateData, update
 
     optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
     record = assemble_tree(trajs, node_tokens)
     start = time.perf_counter()
-    update(model, optimizer, record, adv, cfg, pad_id=0)
+    update(model, optimizer, UpdateData(record, adv), cfg)
     return time.perf_counter() - start
 
 

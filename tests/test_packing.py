@@ -23,11 +23,14 @@ from arpo_fast.train.attention import (
     tree_block_mask,
     tree_mask,
 )
+from arpo_fast.train.batch import LogprobModel
 from arpo_fast.train.contexts import ContextCache
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.packing import build_trees, pack_trees
-from arpo_fast.train.update import LogprobModel, UpdateConfig, pack, token_logprobs, tree_logprobs, update
-from arpo_fast.train.update_config import resolve_attention
+from arpo_fast.train.padded import pack, token_logprobs
+from arpo_fast.train.tree_batch import tree_logprobs
+from arpo_fast.train.update import UpdateData, update
+from arpo_fast.train.update_config import UpdateConfig, resolve_attention
 
 
 @pytest.fixture(autouse=True)
@@ -143,10 +146,8 @@ def _run(model, tree, adv, lr=0.0, dist=None, reference=None, **cfg):
     metrics = update(
         model,
         optimizer,
-        tree,
-        adv,
+        UpdateData(tree, adv),
         UpdateConfig(**cfg),
-        pad_id=0,
         dist=dist,
         reference=copy.deepcopy(reference),
     )

@@ -20,7 +20,8 @@ from arpo_fast.train.data import encode_prompt, load_examples, read_rows, step_b
 from arpo_fast.train.demo import demo_model, demo_tokenizer
 from arpo_fast.train.loop import main, train
 from arpo_fast.train.optim import MasterWeights
-from arpo_fast.train.update import UpdateConfig, micro_batches, pack, token_logprobs, update
+from arpo_fast.train.padded import micro_batches, pack, token_logprobs
+from arpo_fast.train.update import UpdateConfig, UpdateData, update
 
 
 @pytest.fixture(autouse=True)
@@ -279,7 +280,7 @@ def test_update_moves_probability_toward_the_better_answer(tok, mini_batch_promp
         model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.05)
     )  # along the gradient
     cfg = UpdateConfig(mini_batch_prompts=mini_batch_prompts, micro_batch_tokens=40)
-    metrics = update(model, optimizer, tree, adv, cfg, tok.pad_token_id)
+    metrics = update(model, optimizer, UpdateData(tree, adv, tok.pad_token_id), cfg)
     after = _sequence_logprob(model, tok, trajs)
     assert after[0] > before[0] and after[1] < before[1]
     assert metrics["tokens"] == sum(sum(t.loss_mask) for t in trajs) and metrics["skipped_updates"] == 0
@@ -309,9 +310,8 @@ def test_the_logged_loss_is_the_token_mean_over_the_step(tok):
     for tokens in (10_000, 1):  # one micro-batch; one trajectory each
         model = demo_model(tok, seed=1).eval()
         optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
-        metrics = update(
-            model, optimizer, tree, adv, UpdateConfig(micro_batch_tokens=tokens), tok.pad_token_id
-        )
+        data = UpdateData(tree, adv, tok.pad_token_id)
+        metrics = update(model, optimizer, data, UpdateConfig(micro_batch_tokens=tokens))
         losses.append(metrics["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
@@ -334,7 +334,7 @@ def test_the_rollout_trainer_mismatch_is_measured(tok):
     trajs = tree.trajectories
     adv = [torch.zeros(len(t.response_ids)) for t in trajs]
     optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
-    m = update(model, optimizer, tree, adv, UpdateConfig(), tok.pad_token_id)
+    m = update(model, optimizer, UpdateData(tree, adv, tok.pad_token_id), UpdateConfig())
     n = sum(sum(t.loss_mask) for t in trajs) - 1
     assert m["logprob_mismatch_max"] == pytest.approx(0.3, abs=1e-5)
     assert m["logprob_mismatch_share"] == pytest.approx(2 / n)
@@ -352,9 +352,8 @@ def test_truncated_importance_sampling_weights_each_token(tok):
         before = [p.detach().clone() for p in model.parameters()]
         adv = [torch.full((len(t.response_ids),), a) for t, a in zip(trajs, (1.0, -1.0))]
         optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.01))
-        m = update(
-            model, optimizer, tree, adv, UpdateConfig(rollout_is_cap=cap, grad_clip=0.0), tok.pad_token_id
-        )
+        data = UpdateData(tree, adv, tok.pad_token_id)
+        m = update(model, optimizer, data, UpdateConfig(rollout_is_cap=cap, grad_clip=0.0))
         deltas[cap] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
         if cap:
             assert m["is_weight"] == pytest.approx(min(2.0, cap), rel=1e-4)
@@ -372,7 +371,12 @@ def test_update_with_tool_tokens_only_masked_out_changes_nothing_through_them(to
     tree = assemble_tree([Response(0, prompt, response_ids=tool, loss_mask=[0] * len(tool))])
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=1.0))
-    update(model, optimizer, tree, [torch.ones(len(tool))], UpdateConfig(grad_clip=0.0), tok.pad_token_id)
+    update(
+        model,
+        optimizer,
+        UpdateData(tree, [torch.ones(len(tool))], tok.pad_token_id),
+        UpdateConfig(grad_clip=0.0),
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -385,7 +389,7 @@ def test_a_non_finite_gradient_skips_the_step_and_keeps_the_weights(tok):
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = MasterWeights(model.parameters(), lr=1e-2)
     adv = [torch.ones(len(t.response_ids)) for t in trajs]
-    metrics = update(model, optimizer, tree, adv, UpdateConfig(), tok.pad_token_id)
+    metrics = update(model, optimizer, UpdateData(tree, adv, tok.pad_token_id), UpdateConfig())
     assert metrics["skipped_updates"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -566,13 +570,14 @@ def test_the_kl_penalty_to_the_starting_policy(tok, tmp_path):
     adv = [torch.zeros(len(t.response_ids)) for t in trajs]
     optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
     cfg = UpdateConfig(kl_coef=0.5)
-    assert update(model, optimizer, tree, adv, cfg, tok.pad_token_id, reference=reference)["kl"] == 0.0
+    data = UpdateData(tree, adv, tok.pad_token_id)
+    assert update(model, optimizer, data, cfg, reference=reference)["kl"] == 0.0
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    m = update(model, optimizer, tree, adv, cfg, tok.pad_token_id, reference=reference)
+    m = update(model, optimizer, data, cfg, reference=reference)
     assert m["kl"] > 0 and m["loss"] == pytest.approx(0.5 * m["kl"], rel=1e-5)  # advantages are zero
     with pytest.raises(ValueError, match="needs the reference policy"):
-        update(model, optimizer, tree, adv, cfg, tok.pad_token_id)
+        update(model, optimizer, data, cfg)
     # in a run: the starting policy is held and the penalty logged
     assert "kl" in train(_small(tmp_path, steps=1, kl_coef=0.1))[0]

@@ -329,7 +329,7 @@ def test_config_errors(kwargs, match):
 def test_real_engine_rollout_matches_the_training_forward(tok):
     """On the paged engine with a tiny random model: every sequence is freed, the pool is whole
     again, and each sampled token's log-prob equals the plain forward's (what the update uses)."""
-    from arpo_fast.train.update import pack, token_logprobs
+    from arpo_fast.train.padded import pack, token_logprobs
 
     model = demo_model(tok, seed=3).eval()
     engine = Engine(model, tokenizer=tok, num_blocks=256)

@@ -105,14 +105,14 @@ def close(d: Optional[Dist]) -> None:
 
 
 def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of ``model`` wrapped for the update (``update.LogprobModel``) and sharded with FSDP2:
+    """A copy of ``model`` wrapped for the update (``batch.LogprobModel``) and sharded with FSDP2:
     its parameters in ``dtype`` (fp32 masters for the trained policy, the model's own dtype for a
     frozen reference), computing in ``model``'s dtype, gradients reduced in fp32. Rank 0's values
     are the ones every rank gets."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import distribute_tensor
 
-    from arpo_fast.train.update import LogprobModel
+    from arpo_fast.train.batch import LogprobModel
 
     compute = next(model.parameters()).dtype
     with torch.device("meta"):
@@ -138,7 +138,7 @@ def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype) -> torch.nn.Modul
 class ShardedPolicy:
     """The trainer's model under FSDP2, beside the full rollout copy the engine runs on.
 
-    ``scorer`` is the policy wrapped for the update (see ``update.LogprobModel``), sharded in fp32:
+    ``scorer`` is the policy wrapped for the update (see ``batch.LogprobModel``), sharded in fp32:
     its parameters are the masters. ``step`` and ``zero_grad`` make it usable where the one-process
     trainer uses ``optim.MasterWeights``; after each optimizer step the rollout copy is refreshed.
     """

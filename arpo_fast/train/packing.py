@@ -25,8 +25,8 @@ micro-batches first-fit by decreasing size.
 **Prompt context.** The groups of a split tree all begin with its prompt. With ``context`` (the
 default), a group lays out only the prompt's last token; the rest of the prompt is a
 :class:`PromptContext`, run through the model once for the whole tree, whose keys and values every
-token of the group attends to in front of the row (``TreeBatch.contexts``; the update carries their
-gradients back through that one run). So no prompt token goes through the model twice.
+token of the group attends to in front of the row (``tree_batch.TreeBatch.contexts``; the update
+carries their gradients back through that one run). So no prompt token goes through the model twice.
 
 **Copies.** A predicted token stands for every trajectory through its node: its advantages reach
 the loss as sums over those copies (``arpo_fast.algo.CopyAdvantages``), which is exact because the
@@ -36,7 +36,7 @@ copies share one log-prob (``algo/loss.py``, ``shared_policy_loss``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -44,65 +44,7 @@ import torch
 
 from arpo_fast.algo import CopyAdvantages
 from arpo_fast.rollout.rollout_tree import RolloutTree, Segment
-
-
-class PromptContext:
-    """The prompt of a split tree but its last token (positions 0..P-2), shared by the tree's groups:
-    the update runs it once and hands its keys and values to every micro-batch that holds a group
-    (``groups`` of them). Identified by the object itself."""
-
-    def __init__(self, input_ids: torch.Tensor, groups: int):
-        self.input_ids = input_ids  # int64 [P - 1], on the host
-        self.groups = groups
-
-    @property
-    def tokens(self) -> int:
-        return self.input_ids.numel()
-
-
-@dataclass
-class TreeBatch:
-    """One packed row of tokens (trees or pieces of trees back to back) and its predicted tokens.
-
-    ``T`` tokens go through the model; ``n`` of them are predicted: the model-written response tokens
-    this micro-batch owns, each once, standing for all of its copies."""
-
-    input_ids: torch.Tensor  # int64 [T]
-    position_ids: torch.Tensor  # int64 [T]: depth along the token's own path
-    subtree_end: torch.Tensor  # int64 [T]: key j is visible to query i iff j <= i < subtree_end[j]
-    hidden_index: torch.Tensor  # int64 [n]: the row position whose hidden state predicts the token
-    targets: torch.Tensor  # int64 [n]
-    copies: CopyAdvantages  # fp32 [n] each: the advantages of the token's copies
-    rollout_logprobs: torch.Tensor  # fp32 [n]: the sampler's (NaN where it drew none)
-    origin: torch.Tensor  # int64 [n, 2]: (trajectory, response offset) of the token's first copy
-    path_keys: torch.Tensor  # int64 [sum of K]: per path, the row positions of its tokens in order
-    path_sizes: list[tuple[int, int]]  # per path (K, q): its tokens, and how many at its end are its
-    # own queries (each row position is one path's query once)
-    piece_starts: list[int]  # where each piece starts in the row, then T (cu_seqlens of chains)
-    model_tokens: int  # model-written tokens counted per copy (copies.count's sum)
-    dummy: bool = False  # a stand-in that counts for nothing (distributed.py: equal counts)
-    # Prompt contexts the row attends to, their keys in this order in front of the row's own (C in
-    # all); path_keys count those C keys first. Context key c is seen by the row's queries
-    # context_lo[c] <= i < context_hi[c] (the group it is the prompt of).
-    contexts: list[PromptContext] = field(default_factory=list)
-    context_lo: Optional[torch.Tensor] = None  # int64 [C]
-    context_hi: Optional[torch.Tensor] = None  # int64 [C]
-
-    @property
-    def tokens(self) -> int:
-        return self.input_ids.numel()
-
-    @property
-    def context_tokens(self) -> int:
-        return sum(c.tokens for c in self.contexts)
-
-    def to(self, device) -> TreeBatch:
-        moved = {
-            f.name: getattr(self, f.name).to(device)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), (torch.Tensor, CopyAdvantages))
-        }
-        return replace(self, **moved)
+from arpo_fast.train.tree_batch import PromptContext, TreeBatch
 
 
 @dataclass
