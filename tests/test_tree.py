@@ -444,6 +444,21 @@ def test_random_tool_delays_never_change_the_trees(tok):
     assert runs[0] == runs[1] == runs[2]
 
 
+def test_the_engine_takes_every_argument_the_rollout_engine_protocol_names():
+    """The protocol states what the tree uses (``top_entropy`` included); the paged engine offers it."""
+    import inspect
+
+    from arpo_fast.rollout.engine_api import RolloutEngine
+
+    calls = [n for n, m in vars(RolloutEngine).items() if callable(m) and not n.startswith("_")]
+    assert {"add", "step", "extend", "fork", "free"} <= set(calls)
+    for name in calls:
+        want = list(inspect.signature(getattr(RolloutEngine, name)).parameters)
+        assert list(inspect.signature(getattr(Engine, name)).parameters)[: len(want)] == want, name
+    assert "top_entropy" in inspect.signature(RolloutEngine.step).parameters
+    assert isinstance(Engine.vocab_size, property)
+
+
 def test_shares_of_the_branch_budget():
     from arpo_fast.rollout.tree import _split
 
