@@ -6,7 +6,9 @@ each as a whole tree, so group advantages need no communication, and a prompt's 
 
 The update is FSDP2 (``fully_shard`` per decoder layer and on the root): fp32 sharded master
 parameters and AdamW state, compute in the rollout dtype (``MixedPrecisionPolicy``), gradients
-reduced and accumulated in fp32. Each rank's engine runs on a full copy of the weights in the
+reduced and accumulated in fp32. FSDP's division of the reduced gradients by the world size is off
+at the source (the update's loss is already the mean over every rank's tokens), so the gradient is
+the sum over ranks, as torchtitan does it. Each rank's engine runs on a full copy of the weights in the
 rollout dtype (:class:`ShardedPolicy.rollout_model`), refreshed in place from the shards after each
 optimizer step: the same storage every step, so captured CUDA graphs stay valid.
 
@@ -113,6 +115,7 @@ def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype) -> torch.nn.Modul
     from torch.distributed.tensor import distribute_tensor
 
     from arpo_fast.train.batch import LogprobModel
+    from arpo_fast.train.hf_adapter import decoder_layers
 
     compute = next(model.parameters()).dtype
     with torch.device("meta"):
@@ -121,9 +124,9 @@ def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype) -> torch.nn.Modul
         param.data = param.data.to(dtype)
     scorer = LogprobModel(policy)
     mp = MixedPrecisionPolicy(param_dtype=None if compute == dtype else compute, reduce_dtype=torch.float32)
-    for layer in policy.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(scorer, mp_policy=mp)
+    for layer in decoder_layers(policy):
+        _sum_gradients(fully_shard(layer, mp_policy=mp))
+    _sum_gradients(fully_shard(scorer, mp_policy=mp))
     scorer.to_empty(device=d.device)
     full = dict(model.named_parameters())
     with torch.no_grad():
@@ -133,6 +136,14 @@ def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype) -> torch.nn.Modul
         for name, buf in policy.named_buffers():  # rotary frequencies: rebuilt, not sharded
             buf.copy_(buffers[name])
     return scorer
+
+
+def _sum_gradients(module) -> None:
+    """Reduce ``module``'s gradients (an FSDP2 unit) as a plain sum over ranks: no division by the
+    world size (torch 2.13's ``set_gradient_divide_factor``), and sum-only collectives, which every
+    backend has (a divide factor of 1 would otherwise ask for NCCL's pre-multiplied sum)."""
+    module.set_gradient_divide_factor(1.0)
+    module.set_force_sum_reduction_for_comms(True)
 
 
 class ShardedPolicy:

@@ -41,7 +41,8 @@ import torch
 
 from arpo_fast.algo import kl_k3
 from arpo_fast.rollout.rollout_tree import RolloutTree
-from arpo_fast.train.attention import activation_checkpointing, attention_implementation, check_model
+from arpo_fast.train.activation_checkpoint import activation_checkpointing
+from arpo_fast.train.attention import attention_implementation, check_model
 from arpo_fast.train.batch import Batch, LogprobModel
 from arpo_fast.train.contexts import ContextCache, context_order
 from arpo_fast.train.packing import pack_trees
@@ -202,7 +203,6 @@ def update(
         cfg=cfg,
         temperature=data.temperature,
         attention=attention,
-        scale=dist.world if dist is not None else 1,
         lockstep=lockstep,
     )
     with contextlib.ExitStack() as stack:
@@ -252,7 +252,6 @@ class _Update:
     cfg: UpdateConfig
     temperature: float
     attention: str
-    scale: float  # FSDP averages gradients over ranks; we want the sum
     lockstep: Optional[_Lockstep] = None
 
     def all(self, plans: list[list[Batch]], totals: list[int]) -> dict[str, float]:
@@ -311,7 +310,7 @@ class _Update:
             return
         done.mismatch.add(old_lp, batch.rollout_logprobs, batch.copy_counts)
         loss, metrics = self.loss(batch, logprobs, old_lp, entropy, ref_lp, done)
-        (loss * (batch.model_tokens * self.scale / max(total, 1))).backward()
+        (loss * (batch.model_tokens / max(total, 1))).backward()  # FSDP2 sums over ranks
         cache.done(batch)  # a split tree's last group: its prompt context's backward
         metrics.pop("tokens")
         metrics["loss"] = float(loss.detach())
