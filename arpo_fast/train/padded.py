@@ -13,6 +13,7 @@ import torch
 
 from arpo_fast.algo import aggregate, policy_loss
 from arpo_fast.kernels import logprob_entropy
+from arpo_fast.train.hf_adapter import hidden_states, lm_head_weight
 from arpo_fast.train.update_config import UpdateConfig
 
 
@@ -137,8 +138,6 @@ def pack(
 
 def token_logprobs(model, batch: PaddedBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob and entropy (fp32 [n]) of each response token under the model at ``temperature``."""
-    hidden = model.model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).last_hidden_state
+    hidden = hidden_states(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)
-    return logprob_entropy(hidden, model.lm_head.weight, batch.targets, temperature)
+    return logprob_entropy(hidden, lm_head_weight(model), batch.targets, temperature)

@@ -14,6 +14,7 @@ import torch
 from arpo_fast.algo import CopyAdvantages, shared_policy_loss
 from arpo_fast.kernels import logprob_entropy
 from arpo_fast.train.attention import path_masks, tree_mask
+from arpo_fast.train.hf_adapter import hidden_states, lm_head_weight
 from arpo_fast.train.update_config import UpdateConfig
 
 
@@ -35,9 +36,7 @@ class PromptContext:
         which keeps each layer's keys and values."""
         ids = self.input_ids.to(policy.device)[None]
         positions = torch.arange(ids.shape[1], device=ids.device)[None]
-        return policy.model(
-            input_ids=ids, position_ids=positions, use_cache=False, tree_context=context
-        ).last_hidden_state
+        return hidden_states(policy, input_ids=ids, position_ids=positions, tree_context=context)
 
 
 @dataclass
@@ -154,9 +153,9 @@ def tree_logprobs(
         attend = dict(tree_paths=path_masks(batch.path_keys, batch.path_sizes, batch.context_tokens))
     if batch.contexts:
         attend["tree_context"] = context
-    hidden = model.model(
-        input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False, **attend
-    ).last_hidden_state[0]
+    hidden = hidden_states(
+        model, input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], **attend
+    )
     return logprob_entropy(
-        hidden.index_select(0, batch.hidden_index), model.lm_head.weight, batch.targets, temperature
+        hidden[0].index_select(0, batch.hidden_index), lm_head_weight(model), batch.targets, temperature
     )
