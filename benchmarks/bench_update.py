@@ -35,9 +35,10 @@ import time
 
 import torch
 
-from arpo_fast.rollout.tree import Trajectory
+from arpo_fast.rollout.responses import Response, assemble_tree
 from arpo_fast.train.packing import build_trees, split_tree
-from arpo_fast.train.update import UpdateConfig, micro_batches, mini_batches
+from arpo_fast.train.padded import micro_batches
+from arpo_fast.train.update import UpdateConfig, mini_batches
 
 
 def arpo_workload(
@@ -75,7 +76,7 @@ def arpo_workload(
             for _ in g.results(result):  # copies and fills (a source is written already)
                 pass
             node_tokens[g.path[-1]] = len(g.resp) - g.start
-            trajs.append(Trajectory(p, prompt, "initial", response_ids=g.resp, loss_mask=g.mask, path=g.path))
+            trajs.append(Response(p, prompt, response_ids=g.resp, loss_mask=g.mask, path=g.path))
     return trajs, node_tokens, branch_points
 
 
@@ -127,12 +128,13 @@ class _Growing:
 def forward_tokens(trajs, node_tokens, cfg: UpdateConfig) -> dict[str, int]:
     """Tokens each layout sends through the model (the grad pass of every mini-batch)."""
     unpacked = padded = packed = unique = 0
+    record = assemble_tree(trajs, node_tokens)
     for share in mini_batches([t.prompt_index for t in trajs], cfg.mini_batch_prompts):
         lengths = [len(trajs[i].prompt_ids) + len(trajs[i].response_ids) for i in share]
         unpacked += sum(lengths)
         groups = micro_batches(lengths, cfg.micro_batch_tokens)
         padded += sum(len(g) * max(lengths[i] for i in g) for g in groups)
-        for tree in build_trees(trajs, share, node_tokens):
+        for tree in build_trees(record, share):
             unique += tree.size
             pieces = split_tree(tree, cfg.micro_batch_tokens)
             context = pieces[0].context  # a split tree's prompt context runs once
@@ -168,11 +170,12 @@ def shrunk_workload(prompts: int, seed: int = 1, vocab: int = 2048):
 
 def timed_update(model, trajs, node_tokens, adv, cfg: UpdateConfig) -> float:
     from arpo_fast.train.optim import MasterWeights
-    from arpo_fast.train.update import update
+    from arpo_fast.train.update import UpdateData, update
 
     optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
+    record = assemble_tree(trajs, node_tokens)
     start = time.perf_counter()
-    update(model, optimizer, trajs, adv, cfg, pad_id=0, node_tokens=node_tokens)
+    update(model, optimizer, UpdateData(record, adv), cfg)
     return time.perf_counter() - start
 
 

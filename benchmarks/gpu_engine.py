@@ -100,7 +100,7 @@ def decode_rows(smoke: bool, device: str) -> list[Row]:
     for name, kw in configs:
         engine = Engine(model, **kw)
         ours = engine_generate_tps(engine, prompts, new)
-        captured = engine._graphs is not None and bool(engine._graphs.graphs)
+        captured = engine.runner.graphs is not None and bool(engine.runner.graphs.graphs)
         judged = not smoke and name != "eager"  # the target is for the default (graphs) path
         label = name if captured or name == "eager" else f"{name} (capture failed: eager)"
         rows.append(

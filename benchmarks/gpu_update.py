@@ -62,10 +62,12 @@ def _free(device) -> None:
 
 def _update(model, work, device, **settings) -> tuple[float, float, dict]:
     """One update: (seconds, peak extra GB, metrics)."""
+    from arpo_fast.rollout.responses import assemble_tree
     from arpo_fast.train.optim import MasterWeights
-    from arpo_fast.train.update import UpdateConfig, update
+    from arpo_fast.train.update import UpdateConfig, UpdateData, update
 
     trajs, node_tokens, adv = work
+    record = assemble_tree(trajs, node_tokens)
     optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
     _free(device)
     cuda = device.type == "cuda"
@@ -74,13 +76,7 @@ def _update(model, work, device, **settings) -> tuple[float, float, dict]:
     base = torch.cuda.memory_allocated() if cuda else 0
     start = time.perf_counter()
     metrics = update(
-        model,
-        optimizer,
-        trajs,
-        adv,
-        UpdateConfig(mini_batch_prompts=16, **settings),
-        pad_id=0,
-        node_tokens=node_tokens,
+        model, optimizer, UpdateData(record, adv), UpdateConfig(mini_batch_prompts=16, **settings)
     )
     if cuda:
         torch.cuda.synchronize()

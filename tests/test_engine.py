@@ -118,14 +118,14 @@ def test_sampling_is_reproducible_and_independent_of_the_batch():
 def test_top_k_and_top_p_reach_the_sampler_as_numbers_when_rows_share_them(monkeypatch):
     """A value every row shares goes to the sampler as a number (top-k then selects k candidates
     per row instead of sorting whole rows); top_k 0 and top_p 1.0 are off; mixed values go per row."""
-    from arpo_fast.engine import engine as engine_module
+    from arpo_fast.engine import runner
 
     seen = []
-    monkeypatch.setattr(engine_module, "sample", lambda *args, **kw: seen.append(args[4:]))
+    monkeypatch.setattr(runner, "sample", lambda *args, **kw: seen.append(args[4:]))
     logits, temp, seeds, pos = torch.zeros(2, VOCAB), torch.ones(2), torch.arange(2), torch.arange(2)
 
     def sampled_with(*params):
-        Engine._sample(logits, list(params), temp, seeds, pos)
+        runner.sample_rows(logits, list(params), temp, seeds, pos)
         return seen.pop()
 
     shared = SamplingParams(top_k=40, top_p=0.9)
@@ -194,7 +194,7 @@ def test_gpu_engine_eager_and_cuda_graphs_agree_with_hf(arch, dtype):
     graphs = Engine(model, block_size=16, num_blocks=256, max_graph_batch=8, max_seq_len=512)
     assert graphs.config.cuda_graphs, "CUDA graphs are the default on a CUDA model"
     a, b = eager.generate(PROMPTS, GREEDY), graphs.generate(PROMPTS, GREEDY)
-    assert graphs._graphs is not None and graphs._graphs.replays > 0, "graph capture failed"
+    assert graphs.runner.graphs is not None and graphs.runner.graphs.replays > 0, "graph capture failed"
     agree = 64 if dtype == torch.float32 else 8  # bf16 and fp16
     for x, y in zip(a, b):
         assert x.token_ids[:agree] == y.token_ids[:agree]
@@ -291,5 +291,5 @@ def test_gpu_top_entropy_from_cuda_graph_replays_matches_eager():
         seqs = [engine.add([1, 2, 3], seed=1), engine.add([4, 5], seed=2)]
         engine.step(seqs)  # prefill: eager either way
         outs.append(engine.step(seqs, SamplingParams(temperature=0.8), top_entropy=[True, True]))
-        assert (engine._graphs is not None and engine._graphs.replays > 0) == graphs
+        assert (engine.runner.graphs is not None and engine.runner.graphs.replays > 0) == graphs
     torch.testing.assert_close(outs[1].top_entropy, outs[0].top_entropy, rtol=1e-4, atol=1e-5)

@@ -225,7 +225,7 @@ def test_cuda_graphs_need_a_cuda_model():
     with pytest.raises(ValueError, match="cuda_graphs needs a model on a CUDA device"):
         Engine(tiny_model("llama"), num_blocks=8, cuda_graphs=True)
     engine = Engine(tiny_model("llama"), num_blocks=8)  # the default: graphs on CUDA models only
-    assert engine.config.cuda_graphs is False and engine._graphs is None
+    assert engine.config.cuda_graphs is False and engine.runner.graphs is None
 
 
 def test_batch_dependent_rope_is_rejected():

@@ -171,14 +171,14 @@ def test_gpu_cuda_graphs_see_in_place_adapter_updates(dtype, tol):
     model = tiny_lora_model("qwen3", dtype=dtype).cuda()
     engine = Engine(model, block_size=16, num_blocks=64, max_graph_batch=8, max_seq_len=256)
     _decode_once(engine, [0, 1, 2])  # captures the graphs
-    assert engine._graphs is not None and engine._graphs.replays > 0
+    assert engine.runner.graphs is not None and engine.runner.graphs.replays > 0
     old_model = copy.deepcopy(model)
     with torch.no_grad():
         for _, p in adapter_parameters(model):
             p.add_(torch.randn_like(p) * 0.3)
-    replays = engine._graphs.replays
+    replays = engine.runner.graphs.replays
     tokens, out = _decode_once(engine, [0, 1, 2])
-    assert engine._graphs.replays == replays + 1
+    assert engine.runner.graphs.replays == replays + 1
     stale = []
     for i, t in enumerate(tokens):
         token = int(out.tokens[i])

@@ -15,19 +15,22 @@ import torch
 from helpers import ARCHS, VOCAB, assert_rule, tiny_model
 
 from arpo_fast.algo import CopyAdvantages, group_advantages, policy_loss, shared_policy_loss, token_advantages
-from arpo_fast.rollout.tree import Trajectory
+from arpo_fast.rollout.responses import Response, assemble_tree
 from arpo_fast.train.attention import (
     attention_implementation,
     key_bounds,
     path_masks,
-    resolve_attention,
     tree_block_mask,
     tree_mask,
 )
+from arpo_fast.train.batch import LogprobModel
 from arpo_fast.train.contexts import ContextCache
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.packing import build_trees, pack_trees
-from arpo_fast.train.update import LogprobModel, UpdateConfig, pack, token_logprobs, tree_logprobs, update
+from arpo_fast.train.padded import pack, token_logprobs
+from arpo_fast.train.tree_batch import tree_logprobs
+from arpo_fast.train.update import UpdateData, update
+from arpo_fast.train.update_config import UpdateConfig, resolve_attention
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +38,12 @@ def _torch_paths(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' PyTorch paths: seconds, not minutes
 
 
-def random_rollout(seed: int, prompts: int = 3, initial: int = 2, fork: float = 0.6, fills: int = 1):
+def random_rollout(seed: int, **kw):
+    """The record of :func:`random_responses`, shaped like ``arpo_rollout``'s."""
+    return assemble_tree(*random_responses(seed, **kw))
+
+
+def random_responses(seed: int, prompts: int = 3, initial: int = 2, fork: float = 0.6, fills: int = 1):
     """Trajectories and node sizes shaped like ``arpo_rollout``'s: segments of model tokens, tool
     results (loss mask 0) after which a trajectory may fork (copies fork again), fills that share
     only the prompt, and now and then a last token with no rollout log-prob (NaN)."""
@@ -66,14 +74,14 @@ def random_rollout(seed: int, prompts: int = 3, initial: int = 2, fork: float = 
                 st["lp"][-1] = math.nan
             node_tokens[st["path"][-1]] = len(st["resp"]) - st["start"]
             trajs.append(
-                Trajectory(
+                Response(
                     p,
                     prompt,
-                    st["kind"],
                     response_ids=st["resp"],
                     loss_mask=st["mask"],
                     logprobs=st["lp"],
                     path=st["path"],
+                    kind=st["kind"],
                 )
             )
     return trajs, node_tokens
@@ -97,12 +105,23 @@ def _fork(st: dict, ids, node_tokens: dict, left: int) -> dict:
     )
 
 
-def _advantages(trajs, node_tokens, mode: str, seed: int):
+def _advantages(tree, mode: str, seed: int):
     rng = random.Random(seed)
+    trajs, node_tokens = tree.trajectories, tree.node_tokens
     rewards = [rng.choice([-1.0, 0.0, 0.5, 1.0]) for _ in trajs]
     seq = group_advantages(rewards, [t.prompt_index for t in trajs])
     paths = [[(n, node_tokens[n]) for n in t.path] for t in trajs]
     return token_advantages(seq, paths, mode)
+
+
+def _unshared(tree):
+    """The same trajectories, each a node of its own: only their prompts are shared."""
+    return assemble_tree(
+        [
+            Response(t.prompt_index, t.prompt_ids, t.response_ids, t.loss_mask, t.logprobs)
+            for t in tree.trajectories
+        ]
+    )
 
 
 class _Recorder(torch.optim.SGD):
@@ -117,7 +136,7 @@ class _Recorder(torch.optim.SGD):
         return super().step(closure)
 
 
-def _run(model, trajs, adv, node_tokens, lr=0.0, dist=None, reference=None, **cfg):
+def _run(model, tree, adv, lr=0.0, dist=None, reference=None, **cfg):
     """One update of a copy of ``model``: (metrics, each step's gradients, the updated copy)."""
     model = copy.deepcopy(model)
     recorder = []
@@ -127,19 +146,17 @@ def _run(model, trajs, adv, node_tokens, lr=0.0, dist=None, reference=None, **cf
     metrics = update(
         model,
         optimizer,
-        trajs,
-        adv,
+        UpdateData(tree, adv),
         UpdateConfig(**cfg),
-        pad_id=0,
-        node_tokens=node_tokens,
         dist=dist,
         reference=copy.deepcopy(reference),
     )
     return metrics, recorder[0].grads, model
 
 
-def _per_token(model, trajs, node_tokens, attention="sdpa", context=True):
+def _per_token(model, tree, attention="sdpa", context=True):
     """Packed and per-trajectory log-probs of every model-written token of every trajectory."""
+    trajs, node_tokens = tree.trajectories, tree.node_tokens
     device = next(model.parameters()).device
     with torch.no_grad(), attention_implementation(model, "sdpa", packed=False):
         batch = pack(trajs, list(range(len(trajs))), 0, device)
@@ -148,10 +165,9 @@ def _per_token(model, trajs, node_tokens, attention="sdpa", context=True):
     with torch.no_grad(), attention_implementation(model, attention, packed=True):
         cache = ContextCache(LogprobModel(model), 1.0, attention, trainable=False)
         for tb in pack_trees(
-            trajs,
+            tree,
             [torch.zeros(len(t.response_ids)) for t in trajs],
             range(len(trajs)),
-            node_tokens,
             budget=48,
             context=context,
         ):
@@ -181,8 +197,9 @@ def test_packed_log_probs_equal_per_trajectory(kind, context):
     """With budgets of 48 tokens every tree is split: its groups attend to the prompt context run
     once (``context``), or each lays out the prompt again."""
     model = tiny_model(kind)
-    trajs, node_tokens = random_rollout(seed=1)
-    got, want = _per_token(model, trajs, node_tokens, context=context)
+    tree = random_rollout(seed=1)
+    trajs = tree.trajectories
+    got, want = _per_token(model, tree, context=context)
     assert len(got) == sum(sum(t.loss_mask) for t in trajs)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
@@ -205,16 +222,14 @@ def test_packed_update_equals_per_trajectory_update(kind, mode, settings):
     """Loss, metrics and each optimizer step's gradient, with the policy moving between
     mini-batches (large SGD steps, tight clips) so that clipping and dual clip take part."""
     model = tiny_model(kind, seed=3)
-    trajs, node_tokens = random_rollout(seed=4, prompts=3, initial=2)
-    adv = _advantages(trajs, node_tokens, mode, seed=5)
+    tree = random_rollout(seed=4, prompts=3, initial=2)
+    adv = _advantages(tree, mode, seed=5)
     cfg = dict(clip_low=0.02, clip_high=0.03, dual_clip=1.05, grad_clip=0.0, lr=0.2)
     cfg.update(settings)
     lr = cfg.pop("lr")
     reference = tiny_model(kind, seed=33) if cfg.get("kl_coef") else None  # the KL's other policy
-    packed, g_packed, m_packed = _run(model, trajs, adv, node_tokens, lr=lr, reference=reference, **cfg)
-    plain, g_plain, m_plain = _run(
-        model, trajs, adv, node_tokens, lr=lr, reference=reference, packed_update=False, **cfg
-    )
+    packed, g_packed, m_packed = _run(model, tree, adv, lr=lr, reference=reference, **cfg)
+    plain, g_plain, m_plain = _run(model, tree, adv, lr=lr, reference=reference, packed_update=False, **cfg)
     assert ("kl" in plain) == bool(reference) and plain.get("kl", 1.0) > 0
     assert packed["optimizer_steps"] == plain["optimizer_steps"] == math.ceil(3 / cfg["mini_batch_prompts"])
     assert packed["forward_tokens"] < plain["forward_tokens"]
@@ -232,10 +247,10 @@ def test_packed_update_equals_per_trajectory_update(kind, mode, settings):
 
 def test_without_node_sizes_only_the_prompt_is_shared_and_the_update_is_the_same():
     model = tiny_model("qwen2")
-    trajs, node_tokens = random_rollout(seed=6)
-    adv = _advantages(trajs, node_tokens, "soft", seed=7)
-    with_nodes, g1, _ = _run(model, trajs, adv, node_tokens)
-    prompt_only, g2, _ = _run(model, trajs, adv, None)
+    tree = random_rollout(seed=6)
+    adv = _advantages(tree, "soft", seed=7)
+    with_nodes, g1, _ = _run(model, tree, adv)
+    prompt_only, g2, _ = _run(model, _unshared(tree), adv)
     assert with_nodes["forward_tokens"] < prompt_only["forward_tokens"]
     assert with_nodes["loss"] == pytest.approx(prompt_only["loss"], rel=1e-5, abs=1e-7)
     for a, b in zip(g1[0], g2[0]):
@@ -260,14 +275,12 @@ def test_stand_in_micro_batches_change_nothing(packed_update, budget):
     """Stand-in micro-batches, and with split trees (48-token rows) the prompt contexts run up
     front with stand-in context runs beside them, as under torchrun: the same update."""
     model = tiny_model("qwen2")
-    trajs, node_tokens = random_rollout(seed=26)
-    adv = _advantages(trajs, node_tokens, "soft", seed=27)
+    tree = random_rollout(seed=26)
+    adv = _advantages(tree, "soft", seed=27)
     cfg = dict(mini_batch_prompts=2, packed_update=packed_update, micro_batch_tokens=budget, kl_coef=0.1)
     reference = tiny_model("qwen2", seed=5)
-    alone, g1, _ = _run(model, trajs, adv, node_tokens, lr=0.2, reference=reference, **cfg)
-    padded, g2, _ = _run(
-        model, trajs, adv, node_tokens, lr=0.2, dist=_OneRankOfMany(), reference=reference, **cfg
-    )
+    alone, g1, _ = _run(model, tree, adv, lr=0.2, reference=reference, **cfg)
+    padded, g2, _ = _run(model, tree, adv, lr=0.2, dist=_OneRankOfMany(), reference=reference, **cfg)
     assert padded == pytest.approx(alone)
     for a, b in zip(g1[-1], g2[-1]):
         torch.testing.assert_close(a, b)
@@ -278,14 +291,10 @@ def test_activation_checkpointing_gives_the_same_gradients(budget):
     """Whole trees, and split ones whose prompt context's gradients go back through its one
     checkpointed run."""
     model = tiny_model("llama")
-    trajs, node_tokens = random_rollout(seed=8)
-    adv = _advantages(trajs, node_tokens, "soft", seed=9)
-    _, plain, _ = _run(
-        model, trajs, adv, node_tokens, gradient_checkpointing="false", micro_batch_tokens=budget
-    )
-    _, checkpointed, _ = _run(
-        model, trajs, adv, node_tokens, gradient_checkpointing="true", micro_batch_tokens=budget
-    )
+    tree = random_rollout(seed=8)
+    adv = _advantages(tree, "soft", seed=9)
+    _, plain, _ = _run(model, tree, adv, gradient_checkpointing="false", micro_batch_tokens=budget)
+    _, checkpointed, _ = _run(model, tree, adv, gradient_checkpointing="true", micro_batch_tokens=budget)
     for a, b in zip(plain[0], checkpointed[0]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
@@ -308,17 +317,13 @@ def test_every_query_sees_exactly_its_own_path(budget, context):
     order, one token per position 0..its own, and read as a prompt and response prefix of a
     trajectory through it; for a predicted token, exactly its trajectory's tokens before it. A
     split tree's prompt goes through the model once with ``context``."""
-    trajs, node_tokens = random_rollout(seed=10, prompts=4, initial=3, fork=0.8)
+    tree = random_rollout(seed=10, prompts=4, initial=3, fork=0.8)
+    trajs = tree.trajectories
     batches = pack_trees(
-        trajs,
-        [torch.zeros(len(t.response_ids)) for t in trajs],
-        range(len(trajs)),
-        node_tokens,
-        budget,
-        context=context,
+        tree, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)), budget, context=context
     )
     texts = {tuple(t.prompt_ids + t.response_ids) for t in trajs}
-    trees = build_trees(trajs, range(len(trajs)), node_tokens)
+    trees = build_trees(tree, range(len(trajs)))
     unique = sum(len(tr.prompt) + sum(n.length for n in tr.nodes[1:]) for tr in trees)
     contexts = {id(c): c.tokens for b in batches for c in b.contexts}
     run = sum(b.tokens for b in batches) + sum(contexts.values())  # each context runs once
@@ -351,14 +356,10 @@ def test_every_query_sees_exactly_its_own_path(budget, context):
 
 
 def test_rows_of_independent_sequences_for_the_varlen_kernels():
-    trajs, node_tokens = random_rollout(seed=11)
+    tree = random_rollout(seed=11)
+    trajs = tree.trajectories
     batches = pack_trees(
-        trajs,
-        [torch.zeros(len(t.response_ids)) for t in trajs],
-        range(len(trajs)),
-        node_tokens,
-        60,
-        share=False,
+        tree, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)), 60, share=False
     )
     assert sum(len(b.piece_starts) - 1 for b in batches) == len(trajs)
     for b in batches:
@@ -373,10 +374,10 @@ def test_packed_flex_attention_gives_the_per_trajectory_logprobs(kind):
     """The packed rows' flex_attention (our block mask and positions, through the model's attention
     interface) gives the per-trajectory log-probs (forward only, eager: the CPU has no flex
     backward)."""
-    trajs, node_tokens = random_rollout(seed=12, prompts=3)
+    tree = random_rollout(seed=12, prompts=3)
     with warnings.catch_warnings():  # flex_attention uncompiled says it is slow
         warnings.simplefilter("ignore")
-        got, want = _per_token(tiny_model(kind), trajs, node_tokens, "flex_attention")
+        got, want = _per_token(tiny_model(kind), tree, "flex_attention")
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
@@ -397,10 +398,9 @@ def test_tree_block_mask_is_the_one_create_block_mask_finds(block):
 
     lengths, with_context = set(), 0
     for seed, budget in itertools.product(range(3), (10_000, 300, 60)):
-        trajs, node_tokens = random_rollout(seed=40 + seed, prompts=4, initial=3, fork=0.8)
-        rows = pack_trees(
-            trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)), node_tokens, budget
-        )
+        tree = random_rollout(seed=40 + seed, prompts=4, initial=3, fork=0.8)
+        trajs = tree.trajectories
+        rows = pack_trees(tree, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)), budget)
         causal = torch.full((2 * block,), 2 * block)  # one causal row, a whole number of blocks
         for end, lo_c, hi_c in [(b.subtree_end, b.context_lo, b.context_hi) for b in rows] + [
             (causal, None, None)
@@ -452,13 +452,10 @@ def test_packed_flex_attention_is_compiled_once_for_rows_of_any_length(monkeypat
     with torch.no_grad(), attention_implementation(model, "flex_attention", packed=True):
         cache = ContextCache(LogprobModel(model), 1.0, "flex_attention", trainable=False)
         for seed, budget in itertools.product(range(2), (700, 150)):
-            trajs, node_tokens = random_rollout(seed=50 + seed, prompts=8, initial=4, fork=0.8)
+            tree = random_rollout(seed=50 + seed, prompts=8, initial=4, fork=0.8)
+            trajs = tree.trajectories
             for b in pack_trees(
-                trajs,
-                [torch.zeros(len(t.response_ids)) for t in trajs],
-                range(len(trajs)),
-                node_tokens,
-                budget,
+                tree, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)), budget
             ):
                 rows.append((b.tokens, b.context_tokens))
                 tree_logprobs(model, b, 1.0, "flex_attention", cache.kv(b))
@@ -469,13 +466,11 @@ def test_packed_flex_attention_is_compiled_once_for_rows_of_any_length(monkeypat
 
 
 def test_a_node_holding_other_tokens_is_refused():
-    trajs, node_tokens = random_rollout(seed=13, fork=1.0)
+    trajs, node_tokens = random_responses(seed=13, fork=1.0)
     shared = next(i for i, t in enumerate(trajs) if t.kind == "branch")
     trajs[shared].response_ids[0] = (trajs[shared].response_ids[0] + 1) % VOCAB
     with pytest.raises(ValueError, match="holds other tokens"):
-        pack_trees(
-            trajs, [torch.zeros(len(t.response_ids)) for t in trajs], range(len(trajs)), node_tokens, 100
-        )
+        assemble_tree(trajs, node_tokens)
 
 
 @pytest.mark.parametrize("dual_clip", [3.0, 1.1, None])
@@ -533,22 +528,22 @@ def _fp64_gradient(model, trajs, adv):
     return lp.detach(), [p.grad for p in model.parameters()]
 
 
-def _bf16_check(model, trajs, node_tokens, adv, attention="sdpa"):
+def _bf16_check(model, tree, adv, attention="sdpa"):
     """The tolerance rule against float64 for the packed update in bf16, the per-trajectory update
     in bf16 as the reference: the log-probs, and one mini-batch's gradient (old = current)."""
+    trajs = tree.trajectories
     lp64, grad64 = _fp64_gradient(model, trajs, adv)
     mask = torch.tensor([m for t in trajs for m in t.loss_mask], dtype=torch.bool, device=lp64.device)
     model16 = copy.deepcopy(model).to(torch.bfloat16)
-    got, want = _per_token(model16, trajs, node_tokens, attention)
+    got, want = _per_token(model16, tree, attention)
     grads = [
         torch.cat(
             [
                 g.flatten()
                 for g in _run(
                     model16,
-                    trajs,
+                    tree,
                     adv,
-                    node_tokens,
                     packed_update=packed,
                     attn_implementation=attention if packed else "sdpa",
                 )[1][0]
@@ -566,10 +561,8 @@ def _bf16_check(model, trajs, node_tokens, adv, attention="sdpa"):
 
 
 def test_bf16_is_within_twice_the_per_trajectory_error():
-    trajs, node_tokens = random_rollout(seed=15, prompts=2)
-    _bf16_check(
-        tiny_model("qwen2", seed=14), trajs, node_tokens, _advantages(trajs, node_tokens, "soft", seed=16)
-    )
+    tree = random_rollout(seed=15, prompts=2)
+    _bf16_check(tiny_model("qwen2", seed=14), tree, _advantages(tree, "soft", seed=16))
 
 
 def test_auto_attention_per_device():
@@ -598,17 +591,15 @@ def test_flex_attention_update_with_prompt_contexts_matches_per_trajectory_on_th
         pytest.skip("this torch checks flex_attention's device elsewhere")
     monkeypatch.setattr(flex, "_validate_device", lambda *args, **kwargs: None)
     model = tiny_model("qwen2", seed=17)
-    trajs, node_tokens = random_rollout(seed=18, prompts=3)
-    adv = _advantages(trajs, node_tokens, "soft", seed=19)
+    tree = random_rollout(seed=18, prompts=3)
+    adv = _advantages(tree, "soft", seed=19)
     cfg = dict(
         mini_batch_prompts=2, micro_batch_tokens=48, grad_clip=0.0, gradient_checkpointing=checkpointing
     )
     with warnings.catch_warnings():  # flex_attention uncompiled says it is slow
         warnings.simplefilter("ignore")
-        packed, g1, _ = _run(
-            model, trajs, adv, node_tokens, lr=0.2, attn_implementation="flex_attention", **cfg
-        )
-    plain, g2, _ = _run(model, trajs, adv, node_tokens, lr=0.2, packed_update=False, **cfg)
+        packed, g1, _ = _run(model, tree, adv, lr=0.2, attn_implementation="flex_attention", **cfg)
+    plain, g2, _ = _run(model, tree, adv, lr=0.2, packed_update=False, **cfg)
     assert packed["forward_tokens"] < plain["forward_tokens"]
     assert packed["loss"] == pytest.approx(plain["loss"], rel=1e-5, abs=1e-6)
     for step1, step2 in zip(g1, g2, strict=True):
@@ -623,13 +614,11 @@ def test_packed_update_on_cuda_matches_per_trajectory(attention):
     checkpointing (the CUDA default), equals the per-trajectory update; several mini-batches and
     split trees."""
     model = tiny_model("qwen2", seed=17).cuda()
-    trajs, node_tokens = random_rollout(seed=18, prompts=3)
-    adv = _advantages(trajs, node_tokens, "soft", seed=19)
+    tree = random_rollout(seed=18, prompts=3)
+    adv = _advantages(tree, "soft", seed=19)
     cfg = dict(mini_batch_prompts=2, micro_batch_tokens=48, grad_clip=0.0)
-    packed, g1, _ = _run(model, trajs, adv, node_tokens, lr=0.2, attn_implementation=attention, **cfg)
-    plain, g2, _ = _run(
-        model, trajs, adv, node_tokens, lr=0.2, packed_update=False, attn_implementation="sdpa", **cfg
-    )
+    packed, g1, _ = _run(model, tree, adv, lr=0.2, attn_implementation=attention, **cfg)
+    plain, g2, _ = _run(model, tree, adv, lr=0.2, packed_update=False, attn_implementation="sdpa", **cfg)
     assert packed["loss"] == pytest.approx(plain["loss"], rel=1e-4, abs=1e-6)
     for step1, step2 in zip(g1, g2, strict=True):
         for a, b in zip(step1, step2):
@@ -638,12 +627,11 @@ def test_packed_update_on_cuda_matches_per_trajectory(attention):
 
 @pytest.mark.gpu
 def test_bf16_flex_attention_is_within_twice_the_per_trajectory_error():
-    trajs, node_tokens = random_rollout(seed=23, prompts=2)
+    tree = random_rollout(seed=23, prompts=2)
     _bf16_check(
         tiny_model("llama", seed=25).cuda(),
-        trajs,
-        node_tokens,
-        _advantages(trajs, node_tokens, "soft", seed=24),
+        tree,
+        _advantages(tree, "soft", seed=24),
         attention="flex_attention",
     )
 
@@ -652,11 +640,9 @@ def test_bf16_flex_attention_is_within_twice_the_per_trajectory_error():
 def test_flash_varlen_rows_match_padded_rows():
     pytest.importorskip("flash_attn")
     model = tiny_model("llama", seed=20).to(torch.bfloat16).cuda()
-    trajs, node_tokens = random_rollout(seed=21, prompts=3)
-    adv = _advantages(trajs, node_tokens, "soft", seed=22)
-    varlen, _, _ = _run(
-        model, trajs, adv, node_tokens, packed_update=False, attn_implementation="flash_attention_2"
-    )
-    padded, _, _ = _run(model, trajs, adv, node_tokens, packed_update=False, attn_implementation="sdpa")
+    tree = random_rollout(seed=21, prompts=3)
+    adv = _advantages(tree, "soft", seed=22)
+    varlen, _, _ = _run(model, tree, adv, packed_update=False, attn_implementation="flash_attention_2")
+    padded, _, _ = _run(model, tree, adv, packed_update=False, attn_implementation="sdpa")
     assert varlen["forward_tokens"] < padded["forward_tokens"]
     assert varlen["loss"] == pytest.approx(padded["loss"], rel=2e-2, abs=1e-3)

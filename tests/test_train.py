@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from arpo_fast.rollout import RewardResult, register_reward
-from arpo_fast.rollout.tree import Trajectory
+from arpo_fast.rollout.responses import Response, assemble_tree
 from arpo_fast.train import report
 from arpo_fast.train.checkpoint import CheckpointError, find_checkpoint, load_trainer_state
 from arpo_fast.train.cli import build_parser, parse_config
@@ -21,7 +21,8 @@ from arpo_fast.train.data import encode_prompt, load_examples, read_rows, step_b
 from arpo_fast.train.demo import demo_model, demo_tokenizer
 from arpo_fast.train.loop import main, train
 from arpo_fast.train.optim import MasterWeights
-from arpo_fast.train.update import UpdateConfig, micro_batches, pack, token_logprobs, update
+from arpo_fast.train.padded import micro_batches, pack, token_logprobs
+from arpo_fast.train.update import UpdateConfig, UpdateData, update
 
 
 @pytest.fixture(autouse=True)
@@ -250,14 +251,8 @@ def _trajectories(tok, prompts=(0, 0)):
     good, bad = tok.encode("<answer>\\boxed{4}</answer>"), tok.encode("<answer>\\boxed{5}</answer>")
     tool = tok.encode(" <result>\n4\n</result>")
     return [
-        Trajectory(
-            prompts[0],
-            prompt,
-            "initial",
-            response_ids=good + tool,
-            loss_mask=[1] * len(good) + [0] * len(tool),
-        ),
-        Trajectory(prompts[1], prompt, "initial", response_ids=bad, loss_mask=[1] * len(bad)),
+        Response(prompts[0], prompt, response_ids=good + tool, loss_mask=[1] * len(good) + [0] * len(tool)),
+        Response(prompts[1], prompt, response_ids=bad, loss_mask=[1] * len(bad)),
     ]
 
 
@@ -273,14 +268,15 @@ def _sequence_logprob(model, tok, trajs):
 @pytest.mark.parametrize("mini_batch_prompts", [16, 1])
 def test_update_moves_probability_toward_the_better_answer(tok, mini_batch_prompts):
     model = demo_model(tok, seed=1).eval()
-    trajs = _trajectories(tok, prompts=(0, 1))
+    tree = assemble_tree(_trajectories(tok, prompts=(0, 1)))
+    trajs = tree.trajectories
     before = _sequence_logprob(model, tok, trajs)
     adv = [torch.full((len(t.response_ids),), a) for t, a in zip(trajs, (1.0, -1.0))]
     optimizer = MasterWeights(
         model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.05)
     )  # along the gradient
     cfg = UpdateConfig(mini_batch_prompts=mini_batch_prompts, micro_batch_tokens=40)
-    metrics = update(model, optimizer, trajs, adv, cfg, tok.pad_token_id)
+    metrics = update(model, optimizer, UpdateData(tree, adv, tok.pad_token_id), cfg)
     after = _sequence_logprob(model, tok, trajs)
     assert after[0] > before[0] and after[1] < before[1]
     assert metrics["tokens"] == sum(sum(t.loss_mask) for t in trajs) and metrics["skipped_updates"] == 0
@@ -301,37 +297,40 @@ def test_mini_batches_are_whole_groups_of_prompts():
 def test_the_logged_loss_is_the_token_mean_over_the_step(tok):
     """Micro-batches of different sizes: the logged loss is that of the whole batch at once, not the
     plain mean of the micro-batches' losses."""
-    trajs = _trajectories(tok) + [
-        Trajectory(0, tok.encode("Q\n"), "initial", response_ids=[5], loss_mask=[1])
-    ]
+    tree = assemble_tree(
+        _trajectories(tok) + [Response(1, tok.encode("Q\n"), response_ids=[5], loss_mask=[1])]
+    )
+    trajs = tree.trajectories
     adv = [torch.full((len(t.response_ids),), a) for t, a in zip(trajs, (1.0, -1.0, 0.5))]
     losses = []
     for tokens in (10_000, 1):  # one micro-batch; one trajectory each
         model = demo_model(tok, seed=1).eval()
         optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
-        metrics = update(
-            model, optimizer, trajs, adv, UpdateConfig(micro_batch_tokens=tokens), tok.pad_token_id
-        )
+        data = UpdateData(tree, adv, tok.pad_token_id)
+        metrics = update(model, optimizer, data, UpdateConfig(micro_batch_tokens=tokens))
         losses.append(metrics["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
-def _with_rollout_logprobs(model, tok, trajs, offset):
-    """``trajs`` whose rollout log-probs are the trainer's plus ``offset(i)`` at token i."""
+def _with_rollout_logprobs(model, tok, responses, offset):
+    """``responses`` whose rollout log-probs are the trainer's plus ``offset(i)`` at token i."""
+    trajs = assemble_tree(responses).trajectories
     with torch.no_grad():
         lp = token_logprobs(model, pack(trajs, list(range(len(trajs))), tok.pad_token_id, "cpu"), 1.0)[0]
-    for t, values in zip(trajs, lp.split([len(t.response_ids) for t in trajs])):
-        t.logprobs = [v + offset(i) for i, v in enumerate(values.tolist())]
-    return trajs
+    for r, values in zip(responses, lp.split([len(t.response_ids) for t in trajs])):
+        r.logprobs = [v + offset(i) for i, v in enumerate(values.tolist())]
+    return responses
 
 
 def test_the_rollout_trainer_mismatch_is_measured(tok):
     model = demo_model(tok, seed=1).eval()
-    trajs = _with_rollout_logprobs(model, tok, _trajectories(tok), lambda i: 0.3 if i == 0 else -0.01)
-    trajs[1].logprobs[1] = float("nan")  # a token the sampler did not draw is left out
+    responses = _with_rollout_logprobs(model, tok, _trajectories(tok), lambda i: 0.3 if i == 0 else -0.01)
+    responses[1].logprobs[1] = float("nan")  # a token the sampler did not draw is left out
+    tree = assemble_tree(responses)
+    trajs = tree.trajectories
     adv = [torch.zeros(len(t.response_ids)) for t in trajs]
     optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
-    m = update(model, optimizer, trajs, adv, UpdateConfig(), tok.pad_token_id)
+    m = update(model, optimizer, UpdateData(tree, adv, tok.pad_token_id), UpdateConfig())
     n = sum(sum(t.loss_mask) for t in trajs) - 1
     assert m["logprob_mismatch_max"] == pytest.approx(0.3, abs=1e-5)
     assert m["logprob_mismatch_share"] == pytest.approx(2 / n)
@@ -344,13 +343,13 @@ def test_truncated_importance_sampling_weights_each_token(tok):
     deltas = {}
     for cap in (0.0, 1.5, 4.0):
         model = demo_model(tok, seed=1).eval()
-        trajs = _with_rollout_logprobs(model, tok, _trajectories(tok), lambda i: -math.log(2))
+        tree = assemble_tree(_with_rollout_logprobs(model, tok, _trajectories(tok), lambda i: -math.log(2)))
+        trajs = tree.trajectories
         before = [p.detach().clone() for p in model.parameters()]
         adv = [torch.full((len(t.response_ids),), a) for t, a in zip(trajs, (1.0, -1.0))]
         optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.01))
-        m = update(
-            model, optimizer, trajs, adv, UpdateConfig(rollout_is_cap=cap, grad_clip=0.0), tok.pad_token_id
-        )
+        data = UpdateData(tree, adv, tok.pad_token_id)
+        m = update(model, optimizer, data, UpdateConfig(rollout_is_cap=cap, grad_clip=0.0))
         deltas[cap] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
         if cap:
             assert m["is_weight"] == pytest.approx(min(2.0, cap), rel=1e-4)
@@ -365,22 +364,28 @@ def test_update_with_tool_tokens_only_masked_out_changes_nothing_through_them(to
     model = demo_model(tok, seed=2).eval()
     prompt = tok.encode("Q\n")
     tool = tok.encode(" <result>\n4\n</result>")
-    traj = [Trajectory(0, prompt, "initial", response_ids=tool, loss_mask=[0] * len(tool))]
+    tree = assemble_tree([Response(0, prompt, response_ids=tool, loss_mask=[0] * len(tool))])
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=1.0))
-    update(model, optimizer, traj, [torch.ones(len(tool))], UpdateConfig(grad_clip=0.0), tok.pad_token_id)
+    update(
+        model,
+        optimizer,
+        UpdateData(tree, [torch.ones(len(tool))], tok.pad_token_id),
+        UpdateConfig(grad_clip=0.0),
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_a_non_finite_gradient_skips_the_step_and_keeps_the_weights(tok):
     model = demo_model(tok, seed=2).eval()
-    trajs = _trajectories(tok)
+    tree = assemble_tree(_trajectories(tok))
+    trajs = tree.trajectories
     with torch.no_grad():
         model.model.norm.weight[0] = float("inf")  # every hidden state, and so the loss, breaks
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = MasterWeights(model.parameters(), lr=1e-2)
     adv = [torch.ones(len(t.response_ids)) for t in trajs]
-    metrics = update(model, optimizer, trajs, adv, UpdateConfig(), tok.pad_token_id)
+    metrics = update(model, optimizer, UpdateData(tree, adv, tok.pad_token_id), UpdateConfig())
     assert metrics["skipped_updates"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -556,17 +561,19 @@ def test_the_kl_penalty_to_the_starting_policy(tok, tmp_path):
 
     model = demo_model(tok, seed=1).eval()
     reference = copy.deepcopy(model)
-    trajs = _trajectories(tok)
+    tree = assemble_tree(_trajectories(tok))
+    trajs = tree.trajectories
     adv = [torch.zeros(len(t.response_ids)) for t in trajs]
     optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
     cfg = UpdateConfig(kl_coef=0.5)
-    assert update(model, optimizer, trajs, adv, cfg, tok.pad_token_id, reference=reference)["kl"] == 0.0
+    data = UpdateData(tree, adv, tok.pad_token_id)
+    assert update(model, optimizer, data, cfg, reference=reference)["kl"] == 0.0
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    m = update(model, optimizer, trajs, adv, cfg, tok.pad_token_id, reference=reference)
+    m = update(model, optimizer, data, cfg, reference=reference)
     assert m["kl"] > 0 and m["loss"] == pytest.approx(0.5 * m["kl"], rel=1e-5)  # advantages are zero
     with pytest.raises(ValueError, match="needs the reference policy"):
-        update(model, optimizer, trajs, adv, cfg, tok.pad_token_id)
+        update(model, optimizer, data, cfg)
     # in a run: the starting policy is held and the penalty logged
     assert "kl" in train(_small(tmp_path, steps=1, kl_coef=0.1))[0]

@@ -329,7 +329,7 @@ def test_config_errors(kwargs, match):
 def test_real_engine_rollout_matches_the_training_forward(tok):
     """On the paged engine with a tiny random model: every sequence is freed, the pool is whole
     again, and each sampled token's log-prob equals the plain forward's (what the update uses)."""
-    from arpo_fast.train.update import pack, token_logprobs
+    from arpo_fast.train.padded import pack, token_logprobs
 
     model = demo_model(tok, seed=3).eval()
     engine = Engine(model, tokenizer=tok, num_blocks=256)
@@ -442,6 +442,21 @@ def test_random_tool_delays_never_change_the_trees(tok):
         runs.append([(t.prompt_index, t.kind, t.parent, t.response_ids, t.path) for t in out.trajectories])
         assert out.stats["branch_points"] > 0
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_the_engine_takes_every_argument_the_rollout_engine_protocol_names():
+    """The protocol states what the tree uses (``top_entropy`` included); the paged engine offers it."""
+    import inspect
+
+    from arpo_fast.rollout.engine_api import RolloutEngine
+
+    calls = [n for n, m in vars(RolloutEngine).items() if callable(m) and not n.startswith("_")]
+    assert {"add", "step", "extend", "fork", "free"} <= set(calls)
+    for name in calls:
+        want = list(inspect.signature(getattr(RolloutEngine, name)).parameters)
+        assert list(inspect.signature(getattr(Engine, name)).parameters)[: len(want)] == want, name
+    assert "top_entropy" in inspect.signature(RolloutEngine.step).parameters
+    assert isinstance(Engine.vocab_size, property)
 
 
 def test_shares_of_the_branch_budget():

@@ -8,7 +8,7 @@ import torch
 from helpers import VOCAB, hf_logits, pytorch_kernels, tiny_model
 
 from arpo_fast.engine import Engine, SamplingParams
-from arpo_fast.engine.engine import TOP_ENTROPY_K
+from arpo_fast.engine.runner import TOP_ENTROPY_K
 
 LIMIT = 211  # the tokenizer's size; the tiny models have VOCAB = 300 output rows
 PROMPTS = [[1, 5, 9, 200, 17, 3], [1, 77], [150, 151, 152, 30]]
@@ -121,7 +121,8 @@ def test_a_training_step_samples_and_scores_over_the_tokenizers_ids(tok, tmp_pat
     every trajectory token is below len(tokenizer), the update is told the limit, and each of its
     log-probs is the float64 log-softmax over the first len(tokenizer) logits."""
     import arpo_fast.train.loop as loop
-    import arpo_fast.train.update as update
+    import arpo_fast.train.padded as padded
+    import arpo_fast.train.tree_batch as tree_batch
     from arpo_fast.train.config import TrainConfig
     from arpo_fast.train.demo import demo_model
 
@@ -133,7 +134,8 @@ def test_a_training_step_samples_and_scores_over_the_tokenizers_ids(tok, tmp_pat
     updates, scored = [], []
 
     def spy_update(*args, **kw):
-        updates.append((args[2], kw.get("vocab_limit")))
+        data = args[2]
+        updates.append((data.record.trajectories, data.vocab_limit))
         return real_update(*args, **kw)
 
     def spy_logprob_entropy(hidden, weight, targets, temperature=1.0, **kw):
@@ -141,9 +143,10 @@ def test_a_training_step_samples_and_scores_over_the_tokenizers_ids(tok, tmp_pat
         scored.append((hidden.detach().double(), weight.detach().double(), targets, temperature, out[0]))
         return out
 
-    real_update, real_logprob_entropy = loop.update, update.logprob_entropy
+    real_update, real_logprob_entropy = loop.update, padded.logprob_entropy
     monkeypatch.setattr(loop, "update", spy_update)
-    monkeypatch.setattr(update, "logprob_entropy", spy_logprob_entropy)
+    for layout in (padded, tree_batch):  # the update's two layouts
+        monkeypatch.setattr(layout, "logprob_entropy", spy_logprob_entropy)
     cfg = TrainConfig.from_flat(
         out=str(tmp_path / "run"),
         steps=1,
@@ -189,7 +192,7 @@ def test_gpu_engine_limit_in_cuda_graph_replays():
         seqs = [engine.add(p, seed=s) for s, p in enumerate(PROMPTS)]
         engine.step(seqs)  # prefill: eager either way
         steps = [engine.step(seqs, SamplingParams(temperature=2.0), top_entropy=[True] * 3) for _ in range(8)]
-        assert (engine._graphs is not None and engine._graphs.replays > 0) == graphs
+        assert (engine.runner.graphs is not None and engine.runner.graphs.replays > 0) == graphs
         outs.append(steps)
     for steps in outs:
         assert all(int(step.tokens.max()) < LIMIT for step in steps)

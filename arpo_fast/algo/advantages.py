@@ -1,9 +1,12 @@
 """Advantages: GRPO outcome advantages per trajectory, and their attribution to tokens of a rollout tree.
 
-ARPO samples a tree per prompt: trajectories share the tokens written before a branch point. A tree
-is described per trajectory by its *path*, the ordered segments ``(node_id, n_tokens)`` whose
+ARPO samples a tree per prompt: trajectories share the tokens written before a branch point. The
+rollout's record (``rollout.rollout_tree.RolloutTree``) holds each tree as segments and each
+trajectory as its path through them: :func:`tree_advantages` reads it as it is. A tree can also be
+described by hand, per trajectory by its *path*, the ordered segments ``(node_id, n_tokens)`` whose
 concatenation is that trajectory's response; a shared node appears in the path of every trajectory
-that passes through it, always with the same token count and the same predecessor.
+that passes through it, always with the same token count and the same predecessor
+(:func:`token_advantages` checks that).
 
 Statistics are taken in float64 and returned in float32, so that the result does not depend on the
 order in which rewards arrive.
@@ -16,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from arpo_fast.rollout.rollout_tree import RolloutTree
 
 SCALES = ("std", "none")
 MODES = ("soft", "hard")
@@ -82,13 +87,31 @@ def token_advantages(seq_advantages, paths: Sequence[Path], mode: str = "soft") 
     Returns:
         n float32 tensors, the i-th of length ``sum(n_tokens of path i)``, on seq_advantages' device.
     """
+    a = _checked(seq_advantages, mode)
+    if len(paths) != a.numel():
+        raise ValueError(f"got {len(paths)} paths for {a.numel()} advantages; need one path per trajectory")
+    return _spread(a, _Tree.from_paths(paths), mode)
+
+
+def tree_advantages(seq_advantages, tree: RolloutTree, mode: str = "soft") -> list[torch.Tensor]:
+    """:func:`token_advantages` over the rollout's record: trajectory i's path is
+    ``tree.trajectories[i].path`` through ``tree.segments``, read as it is (the rollout built it)."""
+    a = _checked(seq_advantages, mode)
+    if len(tree.trajectories) != a.numel():
+        raise ValueError(f"got {len(tree.trajectories)} trajectories for {a.numel()} advantages")
+    return _spread(a, _Tree.from_record(tree), mode)
+
+
+def _checked(seq_advantages, mode: str) -> torch.Tensor:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     a = _as_1d(seq_advantages, "seq_advantages", torch.float64)
-    if len(paths) != a.numel():
-        raise ValueError(f"got {len(paths)} paths for {a.numel()} advantages; need one path per trajectory")
     _check_finite(a, "seq_advantages")
-    tree = _Tree.from_paths(paths)
+    return a
+
+
+def _spread(a: torch.Tensor, tree: _Tree, mode: str) -> list[torch.Tensor]:
+    """Per trajectory of ``tree``, its tokens' advantages (``a``: one per trajectory)."""
     a, dev = a.double(), a.device
     traj = torch.tensor(tree.seg_traj, dtype=torch.int64, device=dev)
     seg_len = torch.tensor(tree.seg_len, dtype=torch.int64, device=dev)
@@ -122,6 +145,16 @@ class _Tree:
     seg_len: list[int] = field(default_factory=list)
     traj_tokens: list[int] = field(default_factory=list)
     node_tokens: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_record(cls, record: RolloutTree) -> _Tree:
+        tree = cls(node_tokens=[len(s) for s in record.segments])
+        for i, t in enumerate(record.trajectories):
+            tree.seg_traj.extend([i] * len(t.path))
+            tree.seg_node.extend(t.path)
+            tree.seg_len.extend(tree.node_tokens[u] for u in t.path)
+            tree.traj_tokens.append(sum(tree.node_tokens[u] for u in t.path))
+        return tree
 
     @classmethod
     def from_paths(cls, paths: Sequence[Path]) -> _Tree:

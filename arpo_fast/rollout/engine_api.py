@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Optional, Protocol
 
-from arpo_fast.engine.engine import StepOutput
 from arpo_fast.engine.params import SamplingParams
+from arpo_fast.engine.runner import StepOutput
 
 
 class RolloutEngine(Protocol):
@@ -22,8 +22,16 @@ class RolloutEngine(Protocol):
         """Start a sequence holding the prompt; returns its handle."""
         ...
 
-    def step(self, seqs: Sequence[int], params: Optional[SamplingParams] = None) -> StepOutput:
-        """Run every pending token of ``seqs`` and sample one token each."""
+    def step(
+        self,
+        seqs: Sequence[int],
+        params: Optional[SamplingParams] = None,
+        top_entropy: Optional[Sequence[bool]] = None,
+    ) -> StepOutput:
+        """Run every pending token of ``seqs`` and sample one token each. The tree reads the
+        output's ``tokens``, ``logprobs``, ``entropy`` and ``ran`` (False: deferred to a later
+        step); ``top_entropy`` (per sequence, whether to measure it) asks for ``top_entropy``, the
+        entropy over the 10 most likely tokens (``arpo_semantics="reference"``)."""
         ...
 
     def extend(self, seq: int, token_ids: Sequence[int]) -> None:

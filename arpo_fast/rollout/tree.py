@@ -44,60 +44,12 @@ from typing import Optional
 import torch
 
 from arpo_fast.engine.params import SamplingParams
+from arpo_fast.rollout.config import ARPOConfig
 from arpo_fast.rollout.engine_api import RolloutEngine
 from arpo_fast.rollout.protocol import Protocol, TrajectoryProtocol
-from arpo_fast.rollout.trajectory import Rollout, Trajectory
+from arpo_fast.rollout.recorder import TreeRecorder
+from arpo_fast.rollout.rollout_tree import RolloutTree
 from arpo_fast.seeds import MAX_SEED, child_seed
-from arpo_fast.settings import require_counts, setting
-
-
-@dataclass(frozen=True)
-class ARPOConfig:
-    """Tree-rollout settings (defaults: the reference's reasoning runs)."""
-
-    rollouts: int = setting(
-        16, "M: trajectories per prompt, branches and fresh fills included (the GRPO group size)."
-    )
-    initial: int = setting(8, "N: trajectories started per prompt before any branching.")
-    branches: int = setting(2, "Z: paths after a branch point (the trajectory and Z - 1 copies).")
-    entropy_tokens: int = setting(
-        20, "k: tokens after a tool result (and at the start) whose entropies are compared."
-    )
-    threshold: float = setting(0.5, "tau: the branch probability when the entropy did not change.")
-    entropy_weight: float = setting(
-        0.2, "beta: how much a normalised entropy rise raises the branch probability."
-    )
-    entropy_reduce: str = setting(
-        "sum",
-        "'sum' of the k tokens' entropies (the reference's scale) or "
-        "their 'mean' (k times weaker: the branch probability stays near tau).",
-    )
-    arpo_semantics: str = setting(
-        "ours",
-        "'ours' (decide k tokens after each tool result, full-"
-        "distribution entropy) or 'reference' (decide at each call from the "
-        "segment before it, entropy over the top 10 tokens; see docs/training.md).",
-    )
-    max_response_tokens: int = setting(
-        4096, "Tokens after the prompt, tool results included; a longer trajectory ends as ``length``."
-    )
-
-    def __post_init__(self):
-        if not 1 <= self.initial <= self.rollouts:
-            raise ValueError(
-                f"need 1 <= initial <= rollouts, got initial={self.initial}, rollouts={self.rollouts}"
-            )
-        if self.branches < 2:
-            raise ValueError(f"branches must be >= 2 (a branch point makes Z paths), got {self.branches}")
-        require_counts(self, "entropy_tokens", "max_response_tokens")
-        if not 0 <= self.threshold <= 1:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
-        if not math.isfinite(self.entropy_weight):
-            raise ValueError(f"entropy_weight must be finite, got {self.entropy_weight}")
-        if self.entropy_reduce not in ("sum", "mean"):
-            raise ValueError(f"entropy_reduce must be 'sum' or 'mean', got {self.entropy_reduce!r}")
-        if self.arpo_semantics not in ("ours", "reference"):
-            raise ValueError(f"arpo_semantics must be 'ours' or 'reference', got {self.arpo_semantics!r}")
 
 
 @dataclass
@@ -114,7 +66,6 @@ class _Live:
     key: int  # for this trajectory's branch draws
     protocol: TrajectoryProtocol
     share: int  # branch slots this trajectory may still use
-    node_start: int = 0  # response index where the open (last) node of the path starts
     h_init: Optional[float] = None
     window: Optional[_Window] = None  # the entropies being measured now
     fork_protocol: Optional[TrajectoryProtocol] = None  # the protocol state at the fork point
@@ -148,22 +99,22 @@ class _TreeRollout:
         self.prompt_seeds = prompt_seeds
         self.reference = config.arpo_semantics == "reference"
         self.log_v = math.log(max(int(engine.vocab_size), 2))
-        self.trajs: list[Trajectory] = []
+        self.record = TreeRecorder([])
         self.names: list[tuple[int, ...]] = []  # (start index, copy index, copy index, ...)
         self.live: dict[int, _Live] = {}
         self.active: dict[int, None] = {}  # ordered set of trajectories ready to decode
         self.waiting: dict[int, Future] = {}  # identical calls may share one future
         self.created: list[int] = []
         self.open: list[int] = []
-        self.node_tokens: dict[int, int] = {}
         self.stats = dict.fromkeys(
             ("branch_points", "branch_copies", "fills", "tool_calls", "model_tokens", "tool_tokens", "steps"),
             0,
         )
 
     # ------------------------------------------------------------------ lifecycle
-    def run(self, prompts: Sequence[Sequence[int]]) -> Rollout:
-        self.prompts = [list(p) for p in prompts]
+    def run(self, prompts: Sequence[Sequence[int]]) -> RolloutTree:
+        self.record = TreeRecorder(prompts)
+        self.prompts = self.record.tree.prompts
         if self.prompt_seeds is None:
             self.prompt_seeds = [child_seed(self.seed, p) for p in range(len(prompts))]
         elif len(self.prompt_seeds) != len(prompts):
@@ -179,22 +130,10 @@ class _TreeRollout:
             self._collect(block=not self.active)
             if self.active:
                 self._step()
-        return self._ordered()
-
-    def _ordered(self) -> Rollout:
-        """The result in an order that does not depend on when tools finished: by prompt, then
-        depth first (a trajectory, then its branches), nodes numbered by first appearance."""
-        order = sorted(range(len(self.trajs)), key=lambda i: (self.trajs[i].prompt_index, self.names[i]))
-        new_index = {old: new for new, old in enumerate(order)}
-        nodes: dict[int, int] = {}
-        trajs = []
-        for i in order:
-            t = self.trajs[i]
-            t.path = [nodes.setdefault(n, len(nodes)) for n in t.path]
-            t.parent = None if t.parent is None else new_index[t.parent]
-            trajs.append(t)
-        node_tokens = {nodes[n]: k for n, k in self.node_tokens.items()}
-        return Rollout(trajs, dict(sorted(node_tokens.items())), self.stats)
+        # an order that does not depend on when tools finished: by prompt, then depth first (a
+        # trajectory, then its branches)
+        trajectories = self.record.tree.trajectories
+        return self.record.finish([(t.prompt_index, n) for t, n in zip(trajectories, self.names)], self.stats)
 
     def release(self) -> None:
         """Free whatever is still held (after an error): the engine's pool is left as found."""
@@ -204,11 +143,6 @@ class _TreeRollout:
         for future in self.waiting.values():
             future.cancel()
 
-    def _new_node(self) -> int:
-        node = len(self.node_tokens)
-        self.node_tokens[node] = 0
-        return node
-
     def _start(self, p: int, shares: list[int], kind: str) -> None:
         """Start one trajectory of prompt ``p`` per entry of ``shares`` (its branch slots)."""
         for share in shares:
@@ -217,20 +151,18 @@ class _TreeRollout:
             self.created[p] += 1
             self.open[p] += 1
             seq = self.engine.add(self.prompts[p], key)
-            i = len(self.trajs)
-            self.trajs.append(Trajectory(p, self.prompts[p], kind, path=[self._new_node()]))
+            i = self.record.start(p, kind)
             self.live[i] = _Live(seq, key, self.protocol.new_trajectory(), share, window=_Window(0))
             self.active[i] = None
         if kind == "fill":
             self.stats["fills"] += len(shares)
 
     def _finish(self, i: int, reason: str) -> None:
-        t, live = self.trajs[i], self.live.pop(i)
-        t.finish_reason, t.tool_calls = reason, live.protocol.calls
-        self.node_tokens[t.path[-1]] = len(t.response_ids) - live.node_start
+        live = self.live.pop(i)
+        self.record.end(i, reason, live.protocol.calls)
         self.active.pop(i, None)
         self.engine.free(live.seq)
-        p = t.prompt_index
+        p = self.record.tree.trajectories[i].prompt_index
         self.open[p] -= 1
         left = self.config.rollouts - self.created[p]
         if self.open[p] == 0 and left > 0:
@@ -255,15 +187,9 @@ class _TreeRollout:
             if ran[r]:
                 self._on_token(i, tokens[r], logprobs[r], entropies[r], measured[r])
 
-    def _append(self, t: Trajectory, ids: list[int], mask: int, logprob: float, entropy: float) -> None:
-        t.response_ids.extend(ids)
-        t.loss_mask.extend([mask] * len(ids))
-        t.logprobs.extend([logprob] * len(ids))
-        t.entropies.extend([entropy] * len(ids))
-
     def _on_token(self, i: int, token: int, logprob: float, entropy: float, measured: float) -> None:
-        t, live = self.trajs[i], self.live[i]
-        self._append(t, [token], 1, logprob, entropy)
+        live = self.live[i]
+        self.record.append(i, [token], 1, logprob, entropy)
         self.stats["model_tokens"] += 1
         event = live.protocol.feed(token)
         window = live.window
@@ -272,7 +198,7 @@ class _TreeRollout:
             if len(window.entropies) >= self.config.entropy_tokens or event is not None:
                 self._close_window(i)
         if event is None:
-            if len(t.response_ids) >= self.config.max_response_tokens:
+            if self.record.lengths[i] >= self.config.max_response_tokens:
                 self._finish(i, "length")
         elif event.kind == "call":
             self._call(i, event.call)
@@ -283,13 +209,13 @@ class _TreeRollout:
 
     def _limit(self, i: int) -> None:
         """A call past the limit is not run; like the reference, end with EOS (model-written)."""
-        t, eos = self.trajs[i], self.protocol.eos_token_id
-        if eos is not None and len(t.response_ids) < self.config.max_response_tokens:
-            self._append(t, [eos], 1, math.nan, math.nan)
+        eos = self.protocol.eos_token_id
+        if eos is not None and self.record.lengths[i] < self.config.max_response_tokens:
+            self.record.append(i, [eos], 1, math.nan, math.nan)
         self._finish(i, "limit")
 
     def _call(self, i: int, call) -> None:
-        if len(self.trajs[i].response_ids) >= self.config.max_response_tokens:
+        if self.record.lengths[i] >= self.config.max_response_tokens:
             self._finish(i, "length")  # no room for the result: do not run the call
             return
         self.stats["tool_calls"] += 1
@@ -311,11 +237,11 @@ class _TreeRollout:
             self._append_result(i, result if isinstance(result, str) else result.text)
 
     def _append_result(self, i: int, text: str) -> None:
-        t, live = self.trajs[i], self.live[i]
+        live = self.live[i]
         ids = live.protocol.result_ids(text)
-        room = self.config.max_response_tokens - len(t.response_ids)
+        room = self.config.max_response_tokens - self.record.lengths[i]
         ids = ids[:room]
-        self._append(t, ids, 0, 0.0, 0.0)
+        self.record.append(i, ids, 0, 0.0, 0.0)
         self.stats["tool_tokens"] += len(ids)
         if len(ids) == room:
             self._finish(i, "length")
@@ -324,11 +250,11 @@ class _TreeRollout:
         if self.reference or live.share > 0:  # the state the copies of a branch here start from
             live.fork_protocol = live.protocol.fork()
         if self.reference:  # measure the next segment; fork the copies decided at the call
-            live.window = _Window(len(t.response_ids))
+            live.window = _Window(self.record.lengths[i])
             if live.pending:
-                self._branch(i, live.pending, len(t.response_ids))
+                self._branch(i, live.pending, self.record.lengths[i])
         elif live.share > 0:  # measure the k tokens after the result, then decide
-            live.window = _Window(len(t.response_ids))
+            live.window = _Window(self.record.lengths[i])
         self.active[i] = None
 
     # ------------------------------------------------------------------ branching
@@ -373,47 +299,29 @@ class _TreeRollout:
         if live.h_init is None:  # the first segment is the baseline: its call is a coin flip
             live.h_init = h_t
         if live.share > 0:
-            live.pending = self._wants_branch(live, h_t, len(self.trajs[i].response_ids))
+            live.pending = self._wants_branch(live, h_t, self.record.lengths[i])
 
     def _branch(self, i: int, n: int, at: int) -> None:
         """Fork ``n`` copies of trajectory ``i`` at response index ``at`` (right after a tool
         result); the slots it has left are split between it and its copies."""
-        t, live = self.trajs[i], self.live[i]
+        live = self.live[i]
         live.pending = 0
-        children = self.engine.fork(live.seq, n, at=len(t.prompt_ids) + at)
-        if at > live.node_start:  # the open node up to the branch point becomes shared
-            self.node_tokens[t.path[-1]] = at - live.node_start
-            t.path.append(self._new_node())
-            live.node_start = at
-        shared = t.path[:-1]
+        p = self.record.tree.trajectories[i].prompt_index
+        children = self.engine.fork(live.seq, n, at=len(self.prompts[p]) + at)
+        copies = self.record.branch(i, at, n)
         shares = _split(live.share - n, n + 1)
         live.share = shares[0]
         self.stats["branch_points"] += 1
         self.stats["branch_copies"] += n
-        p = t.prompt_index
-        for seq, share in zip(children, shares[1:]):
-            c = len(self.trajs)
-            self.trajs.append(
-                Trajectory(
-                    p,
-                    t.prompt_ids,
-                    "branch",
-                    parent=i,
-                    response_ids=t.response_ids[:at],
-                    loss_mask=t.loss_mask[:at],
-                    logprobs=t.logprobs[:at],
-                    entropies=t.entropies[:at],
-                    path=shared + [self._new_node()],
-                )
-            )
+        for c, seq, share in zip(copies, children, shares[1:]):
             live.copies += 1
             self.names.append(self.names[i] + (live.copies,))
             # keys take hash indices from 2^40 up, branch draws (_uniform) positions below that
             key = child_seed(live.key, (1 << 40) + live.copies)
             if self.reference:  # a copy's baseline is its own first segment after the fork
-                copy = _Live(seq, key, live.fork_protocol.fork(), share, at, window=_Window(at))
+                copy = _Live(seq, key, live.fork_protocol.fork(), share, window=_Window(at))
             else:  # a copy keeps its source's baseline
-                copy = _Live(seq, key, live.fork_protocol.fork(), share, at, h_init=live.h_init)
+                copy = _Live(seq, key, live.fork_protocol.fork(), share, h_init=live.h_init)
             self.live[c] = copy
             self.active[c] = None
         self.created[p] += n
@@ -429,7 +337,7 @@ def arpo_rollout(
     executor=None,
     seed: int = 0,
     prompt_seeds: Optional[Sequence[int]] = None,
-) -> Rollout:
+) -> RolloutTree:
     """Roll out ``config.rollouts`` trajectories per prompt as ARPO trees (module docstring).
 
     Args:
@@ -443,7 +351,7 @@ def arpo_rollout(
         prompt_seeds: per prompt, the seed its tree draws from (default: hashed from ``seed`` and the
             prompt's index), so that a prompt's tree can be the same wherever it is rolled out.
 
-    Returns a :class:`Rollout`; trajectories come by prompt, then depth first (a trajectory, then
+    Returns a :class:`RolloutTree`; trajectories come by prompt, then depth first (a trajectory, then
     its branches), an order that does not depend on when tools finished. The engine holds none of
     them afterwards, also when this raises.
     """

@@ -1,10 +1,11 @@
-"""How the update runs the model's attention over packed rows, and activation checkpointing.
+"""How the update runs the model's attention over packed rows.
 
-Hugging Face Llama-family models (Llama, Qwen2, Qwen3; transformers 5) call the attention function
-named by ``config._attn_implementation``, hand it a ready 4-D ``attention_mask`` untouched (a
-``BlockMask`` for ``flex_attention``) and pass extra keyword arguments of the model's forward down
-to it; ``position_ids`` set the rotary positions. So a tree-packed row (``packing.TreeBatch``) runs
-through the model's own forward, its attention as one of:
+Hugging Face Llama-family models (Llama, Qwen2, Qwen3) call the attention function named by
+``config._attn_implementation``, hand it a ready 4-D ``attention_mask`` untouched (a ``BlockMask``
+for ``flex_attention``) and pass extra keyword arguments of the model's forward down to it;
+``position_ids`` set the rotary positions (``hf_adapter.py`` holds those assumptions and the
+versions they were checked against). So a tree-packed row (``tree_batch.TreeBatch``) runs through
+the model's own forward, its attention as one of:
 
 - ``flex_attention`` (CUDA): a block mask from the tree rule (key j visible to query i iff
   j <= i < subtree_end[j]); blocks outside every path are skipped, so attention costs what the
@@ -25,13 +26,12 @@ update, flash_attention_2 (when flash-attn is installed, else sdpa) for the per-
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from typing import Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "flash_attention_2")
+from arpo_fast.train.hf_adapter import attention_function, sliding_window_layers
+
 PATH_SDPA = "arpo_path_sdpa"  # the name the packed rows' sdpa is registered under with transformers
 TREE_FLEX = "arpo_tree_flex"  # and their flex_attention
 FLEX_BLOCK = 128  # flex_attention's default block size (queries and keys)
@@ -41,34 +41,9 @@ FLEX_COMPILE = {"cuda": "inductor"}
 _compiled_flex: dict = {}
 
 
-def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def resolve_attention(name: str, packed: bool, device: torch.device) -> str:
-    """The attention implementation ``name`` (one of ``IMPLEMENTATIONS``) stands for on ``device``."""
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"attn_implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
-    cuda = torch.device(device).type == "cuda"
-    if name == "auto":
-        if packed:
-            return "flex_attention" if cuda else "sdpa"
-        return "flash_attention_2" if cuda and flash_attn_installed() else "sdpa"
-    if name == "flash_attention_2":
-        if packed:
-            raise ValueError(
-                "attn_implementation flash_attention_2 runs independent sequences only and "
-                "cannot express a tree's mask: use flex_attention or sdpa, or "
-                "--packed-update false"
-            )
-        if not (cuda and flash_attn_installed()):
-            raise ValueError("attn_implementation flash_attention_2 needs CUDA and the flash-attn package")
-    return name
-
-
 def check_model(model, packed: bool) -> None:
     """A packed update needs every layer to attend to the whole path (no sliding window)."""
-    if packed and "sliding_attention" in (getattr(model.config, "layer_types", None) or ()):
+    if packed and sliding_window_layers(model):
         raise ValueError(
             "the model has sliding-window attention layers, which the tree-packed update "
             "does not mask; use --packed-update false"
@@ -77,20 +52,14 @@ def check_model(model, packed: bool) -> None:
 
 @contextlib.contextmanager
 def attention_implementation(model, name: str, packed: bool):
-    """The model's layers call attention function ``name`` (a resolved one) inside the block."""
-    config = model.config
-    before = config._attn_implementation
+    """The model's layers call attention function ``name`` (a resolved one) inside the block; for
+    packed rows, ours in place of sdpa and flex_attention."""
+    function = None
     if packed and name in ("sdpa", "flex_attention"):
-        from transformers import AttentionInterface
-
         own = {"sdpa": (PATH_SDPA, path_sdpa_attention), "flex_attention": (TREE_FLEX, tree_flex_attention)}
         name, function = own[name]
-        AttentionInterface.register(name, function)
-    config._attn_implementation = name
-    try:
+    with attention_function(model, name, function):
         yield
-    finally:
-        config._attn_implementation = before
 
 
 def path_masks(path_keys: torch.Tensor, path_sizes: list[tuple[int, int]], context: int = 0) -> list[tuple]:
@@ -311,35 +280,3 @@ def tree_flex_attention(
         query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1]
     )
     return out.transpose(1, 2).contiguous(), None
-
-
-@contextlib.contextmanager
-def activation_checkpointing(model, enabled: bool):
-    """Inside the block each decoder layer keeps only its input for backward and recomputes the
-    rest there (non-reentrant ``torch.utils.checkpoint``), in eval mode too (Hugging Face's own
-    switch only acts in training mode, and the update runs the model in eval mode: no dropout).
-    Module hooks, FSDP2's included, stay outside the checkpoint."""
-    layers = list(model.model.layers) if enabled else []
-    for layer in layers:
-        layer.forward = _checkpointed(layer.forward)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
-def _checkpointed(forward):
-    def run(*args, **kwargs):
-        if not torch.is_grad_enabled():  # nothing to recompute for
-            return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run
-
-
-def resolve_checkpointing(name: str, device: torch.device) -> bool:
-    """``auto``: on for CUDA (as in the reference's scripts), off on the CPU."""
-    if name not in ("auto", "true", "false"):
-        raise ValueError(f"gradient_checkpointing must be auto, true or false, got {name!r}")
-    return torch.device(device).type == "cuda" if name == "auto" else name == "true"

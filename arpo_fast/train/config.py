@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from arpo_fast.rollout.tree import ARPOConfig
+from arpo_fast.rollout.config import ARPOConfig
 from arpo_fast.settings import require_counts, require_non_negative, setting
 from arpo_fast.train.demo import DEMO, is_demo, threads
 from arpo_fast.train.demo import LR as DEMO_LR
-from arpo_fast.train.update import UpdateConfig
+from arpo_fast.train.update_config import UpdateConfig
 
 REFERENCE_LR = 1e-6
 REPORT_TARGETS = ("tensorboard", "wandb")

@@ -23,16 +23,29 @@ back at the mini-batch's end.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from arpo_fast.train.attention import ContextKV, ContextRun
-from arpo_fast.train.packing import PromptContext
+from arpo_fast.train.batch import Batch
+from arpo_fast.train.tree_batch import PromptContext
+
+
+@dataclass(eq=False)
+class _Run:
+    """A prompt context's run: its output (None unless trainable), the keys and values handed to
+    its groups (per layer), and how many of its groups are still to come."""
+
+    output: Optional[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    groups_left: int
 
 
 class ContextCache:
-    """Keys and values of the prompt contexts of one pass over micro-batches (``TreeBatch``).
+    """Keys and values of the prompt contexts of one pass over micro-batches (``batch.Batch``).
 
     ``model(context, temperature, attention, run)`` runs a ``PromptContext`` (``LogprobModel``).
     Call :meth:`kv` before a micro-batch's forward and :meth:`done` after it (after its backward
@@ -42,14 +55,14 @@ class ContextCache:
     def __init__(self, model, temperature: float, attention: str, trainable: bool):
         self.model, self.temperature, self.attention = model, temperature, attention
         self.trainable = trainable
-        self.live: dict[int, list] = {}  # id(context) -> [output, keys given, values given, groups left]
-        self.held: list[list] = []  # after start(): every run, stand-ins included, in order
+        self.live: dict[int, _Run] = {}  # by id(context)
+        self.held: list[_Run] = []  # after start(): every run, stand-ins included, in order
         self.tokens = 0  # context tokens run through the model
 
-    def start(self, plan: list, runs: int, pad_id: int) -> None:
+    def start(self, plan: list[Batch], runs: int, pad_id: int) -> None:
         """Run the contexts of ``plan`` (a mini-batch's micro-batches) now, then stand-ins of one
         ``pad_id`` token up to ``runs`` in all; they go back at :meth:`finish`."""
-        contexts = {id(c): c for batch in plan for c in getattr(batch, "contexts", None) or []}
+        contexts = {id(c): c for batch in plan for c in batch.contexts}
         for context in contexts.values():
             self.live[id(context)] = self._run(context)
             self.held.append(self.live[id(context)])
@@ -57,22 +70,21 @@ class ContextCache:
             self.held.append(self._run(PromptContext(torch.full((1,), pad_id, dtype=torch.int64), 0)))
             self.tokens -= 1
 
-    def kv(self, batch) -> Optional[ContextKV]:
+    def kv(self, batch: Batch) -> Optional[ContextKV]:
         """The keys and values ``batch``'s rows attend to in front of their own (None: no contexts)."""
-        contexts = getattr(batch, "contexts", None)
-        if not contexts:
+        if not batch.contexts:
             return None
-        for context in contexts:
+        for context in batch.contexts:
             if id(context) not in self.live:
                 self.live[id(context)] = self._run(context)
-        entries = [self.live[id(c)] for c in contexts]
-        layers = range(len(entries[0][1]))
+        runs = [self.live[id(c)] for c in batch.contexts]
+        layers = range(len(runs[0].keys))
         return ContextKV(
-            [torch.cat([e[1][i] for e in entries], dim=2) for i in layers],
-            [torch.cat([e[2][i] for e in entries], dim=2) for i in layers],
+            [torch.cat([r.keys[i] for r in runs], dim=2) for i in layers],
+            [torch.cat([r.values[i] for r in runs], dim=2) for i in layers],
         )
 
-    def _run(self, context: PromptContext) -> list:
+    def _run(self, context: PromptContext) -> _Run:
         trainable = self.trainable and torch.is_grad_enabled()
         run = ContextRun(inject=trainable)
         with torch.set_grad_enabled(trainable):
@@ -86,47 +98,34 @@ class ContextCache:
             for i, k, v in zip(layers, keys, values):
                 run.slots[i, "key"].append(k)
                 run.slots[i, "value"].append(v)
-        return [output if trainable else None, keys, values, context.groups]
+        return _Run(output if trainable else None, keys, values, context.groups)
 
-    def done(self, batch) -> None:
+    def done(self, batch: Batch) -> None:
         """``batch`` has had its forward (and backward): a context it was the last group of goes
         back now, unless :meth:`start` ran it."""
-        for context in getattr(batch, "contexts", None) or []:
-            entry = self.live[id(context)]
-            entry[3] -= 1
-            if entry[3] == 0:
+        for context in batch.contexts:
+            run = self.live[id(context)]
+            run.groups_left -= 1
+            if run.groups_left == 0:
                 del self.live[id(context)]
-                if not any(entry is held for held in self.held):
-                    _backward(entry)
+                if not any(run is held for held in self.held):
+                    _backward(run)
 
     def finish(self) -> None:
         """Send back every context :meth:`start` ran, in its order."""
-        for entry in self.held:
-            _backward(entry)
+        for run in self.held:
+            _backward(run)
         self.held.clear()
         self.live.clear()
 
 
-def plan_cache(
-    model, temperature: float, attention: str, trainable: bool, plan: list, lockstep, k: int
-) -> ContextCache:
-    """The :class:`ContextCache` of mini-batch ``k`` (``plan``) for ``model``; with ``lockstep`` (a
-    distributed run: (context runs per mini-batch, the same on every rank; pad id)) its contexts
-    run up front."""
-    cache = ContextCache(model, temperature, attention, trainable)
-    if lockstep is not None and model is not None:
-        cache.start(plan, lockstep[0][k], lockstep[1])
-    return cache
-
-
-def _backward(entry: list) -> None:
+def _backward(run: _Run) -> None:
     """The context's gradients (its leaves' sums, added at its keys and values) back through its run."""
-    output = entry[0]
-    if output is not None:
-        output.backward(torch.zeros_like(output))
+    if run.output is not None:
+        run.output.backward(torch.zeros_like(run.output))
 
 
-def context_order(plan: list) -> list:
+def context_order(plan: list[Batch]) -> list[Batch]:
     """A mini-batch's micro-batches (``TreeBatch``) with the groups of each split tree together, so
     that few prompt contexts are held at once (first-fit packing leaves them scattered)."""
     first: dict[int, int] = {}

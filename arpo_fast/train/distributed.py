@@ -6,7 +6,9 @@ each as a whole tree, so group advantages need no communication, and a prompt's 
 
 The update is FSDP2 (``fully_shard`` per decoder layer and on the root): fp32 sharded master
 parameters and AdamW state, compute in the rollout dtype (``MixedPrecisionPolicy``), gradients
-reduced and accumulated in fp32. Each rank's engine runs on a full copy of the weights in the
+reduced and accumulated in fp32. FSDP's division of the reduced gradients by the world size is off
+at the source (the update's loss is already the mean over every rank's tokens), so the gradient is
+the sum over ranks, as torchtitan does it. Each rank's engine runs on a full copy of the weights in the
 rollout dtype (:class:`ShardedPolicy.rollout_model`), refreshed in place from the shards after each
 optimizer step: the same storage every step, so captured CUDA graphs stay valid.
 
@@ -220,14 +222,15 @@ def close(d: Optional[Dist]) -> None:
 
 
 def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of ``model`` wrapped for the update (``update.LogprobModel``) and sharded with FSDP2:
+    """A copy of ``model`` wrapped for the update (``batch.LogprobModel``) and sharded with FSDP2:
     its parameters in ``dtype`` (fp32 masters for the trained policy, the model's own dtype for a
     frozen reference), computing in ``model``'s dtype, gradients reduced in fp32. Rank 0's values
     are the ones every rank gets."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import distribute_tensor
 
-    from arpo_fast.train.update import LogprobModel
+    from arpo_fast.train.batch import LogprobModel
+    from arpo_fast.train.hf_adapter import decoder_layers
 
     compute = next(model.parameters()).dtype
     with torch.device("meta"):
@@ -236,9 +239,9 @@ def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype) -> torch.nn.Modul
         param.data = param.data.to(dtype)
     scorer = LogprobModel(policy)
     mp = MixedPrecisionPolicy(param_dtype=None if compute == dtype else compute, reduce_dtype=torch.float32)
-    for layer in policy.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(scorer, mp_policy=mp)
+    for layer in decoder_layers(policy):
+        _sum_gradients(fully_shard(layer, mp_policy=mp))
+    _sum_gradients(fully_shard(scorer, mp_policy=mp))
     scorer.to_empty(device=d.device)
     full = dict(model.named_parameters())
     with torch.no_grad():
@@ -250,10 +253,18 @@ def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype) -> torch.nn.Modul
     return scorer
 
 
+def _sum_gradients(module) -> None:
+    """Reduce ``module``'s gradients (an FSDP2 unit) as a plain sum over ranks: no division by the
+    world size (torch 2.13's ``set_gradient_divide_factor``), and sum-only collectives, which every
+    backend has (a divide factor of 1 would otherwise ask for NCCL's pre-multiplied sum)."""
+    module.set_gradient_divide_factor(1.0)
+    module.set_force_sum_reduction_for_comms(True)
+
+
 class ShardedPolicy:
     """The trainer's model under FSDP2, beside the full rollout copy the engine runs on.
 
-    ``scorer`` is the policy wrapped for the update (see ``update.LogprobModel``), sharded in fp32:
+    ``scorer`` is the policy wrapped for the update (see ``batch.LogprobModel``), sharded in fp32:
     its parameters are the masters. ``step`` and ``zero_grad`` make it usable where the one-process
     trainer uses ``optim.MasterWeights``; after each optimizer step the rollout copy is refreshed.
     """

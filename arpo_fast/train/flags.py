@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from arpo_fast.settings import help_of
-from arpo_fast.train.attention import IMPLEMENTATIONS
+from arpo_fast.train.update_config import IMPLEMENTATIONS
 from arpo_fast.train.config import GROUPS, TrainConfig
 
 SECTIONS = {  # title: what the section is about

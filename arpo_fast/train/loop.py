@@ -35,10 +35,11 @@ from typing import Optional, Union
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from arpo_fast.algo import group_advantages, token_advantages
+from arpo_fast.algo import group_advantages, tree_advantages
 from arpo_fast.engine import Engine, SamplingParams
 from arpo_fast.rollout import Protocol, RewardConfig, compute_reward
 from arpo_fast.rollout.rewards import response_text
+from arpo_fast.rollout.rollout_tree import RolloutTree
 from arpo_fast.rollout.tools.executor import ToolExecutor
 from arpo_fast.rollout.tree import arpo_rollout
 from arpo_fast.seeds import child_seed
@@ -57,7 +58,7 @@ from arpo_fast.train.distributed import AgreedError, describe_error
 from arpo_fast.train.distributed import agreed as _agreed
 from arpo_fast.train.eval import evaluate
 from arpo_fast.train.optim import MasterWeights
-from arpo_fast.train.update import update
+from arpo_fast.train.update import UpdateData, numbered_mini_batches, update
 
 log = logging.getLogger("arpo_fast.train")
 
@@ -209,47 +210,17 @@ def train_step(run: Run, step: int) -> dict:
     order = step_batch(len(run.examples), cfg.prompts_per_step, step, cfg.seed)
     mine = d.mine(len(order)) if d else list(range(len(order)))  # positions in the step's prompts
     batch = [run.examples[order[j]] for j in mine]
-    sampling = SamplingParams(cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-    step_seed = child_seed(cfg.seed, step)
     interrupts.enter_rollout(d)  # a signal from here to leave_rollout abandons the step at once
     t0 = time.perf_counter()
-    with torch.no_grad():  # a prompt's tree depends on (seed, step, its position) only
-        rollout = arpo_rollout(
-            run.engine,
-            run.protocol,
-            [e.prompt_ids for e in batch],
-            cfg.rollout,
-            sampling,
-            run.executor,
-            seed=step_seed,
-            prompt_seeds=[child_seed(step_seed, j) for j in mine],
-        )
-    if run.executor is not None:
-        run.executor.new_step()
+    rollout = _roll_out(run, step, [e.prompt_ids for e in batch], mine)
     t1 = time.perf_counter()
     rewards = score(rollout.trajectories, batch, run.tokenizer, run.rewards)
-    trajs = rollout.trajectories
-    seq_adv = group_advantages([r.score for r in rewards], [t.prompt_index for t in trajs])
-    advantages = token_advantages(seq_adv, rollout.paths(), cfg.advantage)
+    seq_adv = group_advantages([r.score for r in rewards], [t.prompt_index for t in rollout.trajectories])
+    advantages = tree_advantages(seq_adv, rollout, cfg.advantage)
     t2 = time.perf_counter()
     interrupts.leave_rollout(d)  # every rank waits here for the slowest rollout, and stops if any does
-    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    per = cfg.update.mini_batch_prompts  # mini-batches are numbered over the whole step's prompts
-    update_metrics = update(
-        run.scorer,
-        run.optimizer,
-        trajs,
-        advantages,
-        cfg.update,
-        pad_id,
-        cfg.temperature,
-        dist=d,
-        mini_batch_ids=[mine[t.prompt_index] // per for t in trajs],
-        num_mini_batches=math.ceil(cfg.prompts_per_step / per),
-        reference=run.reference,
-        node_tokens=rollout.node_tokens,
-        vocab_limit=run.engine.vocab_limit,
-    )
+    data = _update_data(run, rollout, advantages, mine)
+    update_metrics = update(run.scorer, run.optimizer, data, cfg.update, reference=run.reference, dist=d)
     t3 = time.perf_counter()
     device = next(run.scorer.parameters()).device
     extra = {"attn_implementation": cfg.update.resolved(device)[0], "lr": _learning_rate(run.optimizer)}
@@ -259,13 +230,43 @@ def train_step(run: Run, step: int) -> dict:
             "weight_refresh_mb": round(moved["bytes"] / 2**20, 3),
             "weight_refresh_s": round(moved["seconds"], 4),
         }
-    return metrics.step_row(
-        step + 1,
-        metrics.rollout_sums(rollout, rewards),
-        update_metrics,
-        {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2},
-        d,
-        extra,
+    times = {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2}
+    return metrics.step_row(step + 1, metrics.rollout_sums(rollout, rewards), update_metrics, times, d, extra)
+
+
+def _roll_out(run: Run, step: int, prompts: list, mine: list[int]) -> RolloutTree:
+    """This rank's prompts as ARPO trees; a prompt's tree depends on (seed, step, its position in
+    the step's prompts) only."""
+    cfg = run.cfg
+    sampling = SamplingParams(cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    step_seed = child_seed(cfg.seed, step)
+    with torch.no_grad():
+        rollout = arpo_rollout(
+            run.engine,
+            run.protocol,
+            prompts,
+            cfg.rollout,
+            sampling,
+            run.executor,
+            seed=step_seed,
+            prompt_seeds=[child_seed(step_seed, j) for j in mine],
+        )
+    if run.executor is not None:
+        run.executor.new_step()
+    return rollout
+
+
+def _update_data(run: Run, rollout: RolloutTree, advantages: list, mine: list[int]) -> UpdateData:
+    """What the update trains on; mini-batches are numbered over the whole step's prompts, the
+    same on every rank."""
+    cfg = run.cfg
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    per = cfg.update.mini_batch_prompts
+    groups = numbered_mini_batches(
+        [mine[t.prompt_index] // per for t in rollout.trajectories], math.ceil(cfg.prompts_per_step / per)
+    )
+    return UpdateData(
+        rollout, advantages, pad_id, cfg.temperature, mini_batches=groups, vocab_limit=run.engine.vocab_limit
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from arpo_fast.algo import shared_token_count
+from arpo_fast.rollout.rollout_tree import RolloutTree
 
 # the update's metrics that are equal on every rank (or the largest one counts)
 SAME_ON_EVERY_RANK = ("grad_norm", "optimizer_steps", "skipped_updates")
@@ -18,9 +18,9 @@ LARGEST = ("logprob_mismatch_max",)
 SUMMED = ("forward_tokens",)  # counts of each rank's own work
 
 
-def rollout_sums(rollout, rewards) -> dict[str, float]:
-    """This rank's additive counts of a step's rollout and rewards."""
-    total, unique = shared_token_count(rollout.paths())
+def rollout_sums(rollout: RolloutTree, rewards) -> dict[str, float]:
+    """This rank's additive counts of a step's rollout (its record) and rewards."""
+    total, unique = rollout.response_tokens, rollout.unique_tokens
     return {
         "trajectories": len(rollout.trajectories),
         "reward": sum(r.score for r in rewards),

@@ -1,10 +1,10 @@
 """Tree-packed micro-batches: every token of a prompt's rollout tree goes through the model once.
 
 The trajectories of a prompt share the prompt, and a branch shares everything its source wrote
-before the fork: ``Trajectory.path`` lists the tree nodes a response is made of, and
-``Rollout.node_tokens`` their sizes. The per-trajectory update recomputes each shared token once
-per copy; here a tree is laid out once, depth first: the prompt, then each node right after its
-parent (a node's subtree is contiguous)::
+before the fork: the rollout's record (``rollout.rollout_tree.RolloutTree``) holds each prompt's
+tree as segments, each trajectory as its path through them. The per-trajectory update recomputes
+each shared token once per copy; here a tree is laid out once, depth first: the prompt, then each
+segment right after its parent (a node's subtree is contiguous)::
 
     [prompt][a ...][a1 ...][a2 ...][b ...]      a1 and a2 fork from a; b from the prompt
 
@@ -25,8 +25,8 @@ micro-batches first-fit by decreasing size.
 **Prompt context.** The groups of a split tree all begin with its prompt. With ``context`` (the
 default), a group lays out only the prompt's last token; the rest of the prompt is a
 :class:`PromptContext`, run through the model once for the whole tree, whose keys and values every
-token of the group attends to in front of the row (``TreeBatch.contexts``; the update carries their
-gradients back through that one run). So no prompt token goes through the model twice.
+token of the group attends to in front of the row (``tree_batch.TreeBatch.contexts``; the update
+carries their gradients back through that one run). So no prompt token goes through the model twice.
 
 **Copies.** A predicted token stands for every trajectory through its node: its advantages reach
 the loss as sums over those copies (``arpo_fast.algo.CopyAdvantages``), which is exact because the
@@ -35,80 +35,23 @@ copies share one log-prob (``algo/loss.py``, ``shared_policy_loss``).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 
 from arpo_fast.algo import CopyAdvantages
-
-
-class PromptContext:
-    """The prompt of a split tree but its last token (positions 0..P-2), shared by the tree's groups:
-    the update runs it once and hands its keys and values to every micro-batch that holds a group
-    (``groups`` of them). Identified by the object itself."""
-
-    def __init__(self, input_ids: torch.Tensor, groups: int):
-        self.input_ids = input_ids  # int64 [P - 1], on the host
-        self.groups = groups
-
-    @property
-    def tokens(self) -> int:
-        return self.input_ids.numel()
-
-
-@dataclass
-class TreeBatch:
-    """One packed row of tokens (trees or pieces of trees back to back) and its predicted tokens.
-
-    ``T`` tokens go through the model; ``n`` of them are predicted: the model-written response tokens
-    this micro-batch owns, each once, standing for all of its copies."""
-
-    input_ids: torch.Tensor  # int64 [T]
-    position_ids: torch.Tensor  # int64 [T]: depth along the token's own path
-    subtree_end: torch.Tensor  # int64 [T]: key j is visible to query i iff j <= i < subtree_end[j]
-    hidden_index: torch.Tensor  # int64 [n]: the row position whose hidden state predicts the token
-    targets: torch.Tensor  # int64 [n]
-    copies: CopyAdvantages  # fp32 [n] each: the advantages of the token's copies
-    rollout_logprobs: torch.Tensor  # fp32 [n]: the sampler's (NaN where it drew none)
-    origin: torch.Tensor  # int64 [n, 2]: (trajectory, response offset) of the token's first copy
-    path_keys: torch.Tensor  # int64 [sum of K]: per path, the row positions of its tokens in order
-    path_sizes: list[tuple[int, int]]  # per path (K, q): its tokens, and how many at its end are its
-    # own queries (each row position is one path's query once)
-    piece_starts: list[int]  # where each piece starts in the row, then T (cu_seqlens of chains)
-    model_tokens: int  # model-written tokens counted per copy (copies.count's sum)
-    dummy: bool = False  # a stand-in that counts for nothing (distributed.py: equal counts)
-    # Prompt contexts the row attends to, their keys in this order in front of the row's own (C in
-    # all); path_keys count those C keys first. Context key c is seen by the row's queries
-    # context_lo[c] <= i < context_hi[c] (the group it is the prompt of).
-    contexts: list[PromptContext] = field(default_factory=list)
-    context_lo: Optional[torch.Tensor] = None  # int64 [C]
-    context_hi: Optional[torch.Tensor] = None  # int64 [C]
-
-    @property
-    def tokens(self) -> int:
-        return self.input_ids.numel()
-
-    @property
-    def context_tokens(self) -> int:
-        return sum(c.tokens for c in self.contexts)
-
-    def to(self, device) -> TreeBatch:
-        moved = {
-            f.name: getattr(self, f.name).to(device)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), (torch.Tensor, CopyAdvantages))
-        }
-        return replace(self, **moved)
+from arpo_fast.rollout.rollout_tree import RolloutTree, Segment
+from arpo_fast.train.tree_batch import PromptContext, TreeBatch
 
 
 @dataclass
 class _Node:
-    first: int  # the trajectory whose tokens it holds (the first one through it)
-    start: int  # offset in that trajectory's response (0 for the prompt)
+    segment: Optional[Segment]  # the record's segment it lays out (None: the prompt)
+    first: int  # the first trajectory through it
+    start: int  # offset in the response (0 for the prompt)
     length: int
     parent: int  # index in Tree.nodes, -1 for the prompt
     trajs: list[int] = field(default_factory=list)  # trajectories through it: its copies
@@ -117,8 +60,9 @@ class _Node:
 
 @dataclass
 class Tree:
-    """A prompt's tree: ``nodes[0]`` is the prompt; ``paths`` are (trajectory, node indices from the
-    prompt on), in depth-first order of their last node."""
+    """A prompt's tree as one layout unit: ``nodes[0]`` is the prompt, the others the record's
+    segments; ``paths`` are (trajectory, node indices from the prompt on), in depth-first order of
+    their last node."""
 
     prompt: list[int]
     nodes: list[_Node]
@@ -129,70 +73,56 @@ class Tree:
         return sum(n.length for n in self.nodes)
 
 
-def build_trees(
-    trajectories, rows: Sequence[int], node_tokens: Optional[Mapping[int, int]], share: bool = True
-) -> list[Tree]:
-    """The trees of the trajectories ``rows``: one per prompt (same ``prompt_index`` and prompt
-    tokens) when ``share``, with shared nodes from ``Trajectory.path`` and ``node_tokens`` (without
-    them only the prompt is shared); one chain per trajectory otherwise. A node must hold the same
-    tokens in every trajectory that passes through it (ValueError otherwise)."""
-    groups: dict[object, list[int]] = {}
+def build_trees(record: RolloutTree, rows: Sequence[int], share: bool = True) -> list[Tree]:
+    """The layout units of the record's trajectories ``rows``: per prompt its tree, the segments on
+    those trajectories' paths (``share``), or one chain per trajectory (segments laid out again for
+    each trajectory through them)."""
+    if not share:
+        return [_chain(record, i) for i in rows]
+    members: dict[int, list[int]] = {}
     for i in rows:
-        t = trajectories[i]
-        groups.setdefault((t.prompt_index, tuple(t.prompt_ids)) if share else i, []).append(i)
-    use_paths = share and node_tokens is not None
-    return [_tree(trajectories, members, node_tokens if use_paths else None) for members in groups.values()]
+        members.setdefault(record.trajectories[i].prompt_index, []).append(i)
+    return [_prompt_tree(record, p, group) for p, group in members.items()]
 
 
-def _tree(trajectories, members: list[int], node_tokens) -> Tree:
-    prompt = list(trajectories[members[0]].prompt_ids)
+def _root(record: RolloutTree, p: int, rows: list[int]) -> _Node:
+    prompt = record.prompts[p]
     if not prompt:
         raise ValueError(
-            f"trajectory {members[0]} has an empty prompt; the update needs at least one "
+            f"trajectory {rows[0]} has an empty prompt; the update needs at least one "
             "prompt token to predict the first response token"
         )
-    nodes = [_Node(members[0], 0, len(prompt), -1)]
-    index: dict[object, int] = {}
-    paths = []
-    for i in members:
-        t = trajectories[i]
-        nodes[0].trajs.append(i)
-        segments = t.path if node_tokens is not None and t.path else [None]
-        path, offset = [0], 0
-        for node_id in segments:
-            n = len(t.response_ids) if node_id is None else int(node_tokens[node_id])
-            key = ("own", i) if node_id is None else node_id
-            if key in index:
-                u = index[key]
-                _check_shared(trajectories, nodes[u], i, node_id, path[-1], offset)
-            else:
-                u = index[key] = len(nodes)
-                nodes.append(_Node(i, offset, n, path[-1]))
-                nodes[path[-1]].children.append(u)
-            nodes[u].trajs.append(i)
-            path.append(u)
-            offset += n
-        if offset != len(t.response_ids):
-            raise ValueError(
-                f"trajectory {i}: its path's nodes hold {offset} tokens, its response {len(t.response_ids)}"
-            )
-        paths.append((i, path))
+    return _Node(None, rows[0], 0, len(prompt), -1, list(rows))
+
+
+def _prompt_tree(record: RolloutTree, p: int, rows: list[int]) -> Tree:
+    """Prompt ``p``'s tree over the trajectories ``rows`` (all of its trajectories, in practice)."""
+    index: dict[int, int] = {}  # segment -> node, numbered by first appearance
+    for i in rows:
+        for u in record.trajectories[i].path:
+            index.setdefault(u, len(index) + 1)
+    nodes, kept = [_root(record, p, rows)], set(rows)
+    for u in index:
+        s = record.segments[u]
+        trajs = [i for i in s.trajectories if i in kept]
+        parent = 0 if s.parent is None else index[s.parent]
+        nodes.append(_Node(s, trajs[0], s.start, len(s), parent, trajs))
+        nodes[parent].children.append(len(nodes) - 1)
+    paths = [(i, [0] + [index[u] for u in record.trajectories[i].path]) for i in rows]
     order = {u: k for k, u in enumerate(_preorder(nodes))}
-    paths.sort(key=lambda p: order[p[1][-1]])
-    return Tree(prompt, nodes, paths)
+    paths.sort(key=lambda path: order[path[1][-1]])
+    return Tree(record.prompts[p], nodes, paths)
 
 
-def _check_shared(trajectories, node: _Node, i: int, node_id, parent: int, offset: int) -> None:
-    t, first = trajectories[i], trajectories[node.first]
-    s, e = node.start, node.start + node.length
-    if node.parent != parent or node.start != offset:
-        raise ValueError(
-            f"node {node_id} follows another prefix in trajectory {i} than in trajectory {node.first}"
-        )
-    if t.response_ids[s:e] != first.response_ids[s:e] or t.loss_mask[s:e] != first.loss_mask[s:e]:
-        raise ValueError(
-            f"node {node_id} holds other tokens in trajectory {i} than in trajectory {node.first}"
-        )
+def _chain(record: RolloutTree, i: int) -> Tree:
+    """Trajectory ``i`` alone: its prompt, then its segments one after another."""
+    t = record.trajectories[i]
+    nodes = [_root(record, t.prompt_index, [i])]
+    for k, u in enumerate(t.path, 1):
+        s = record.segments[u]
+        nodes.append(_Node(s, i, s.start, len(s), k - 1, [i]))
+        nodes[k - 1].children.append(k)
+    return Tree(t.prompt_ids, nodes, [(i, list(range(len(nodes))))])
 
 
 def _preorder(nodes: list[_Node], keep=None, root: int = 0) -> list[int]:
@@ -282,28 +212,24 @@ def _first_fit(sizes: list[int], budget: int) -> list[list[int]]:
 
 
 def pack_trees(
-    trajectories,
+    record: RolloutTree,
     advantages: Sequence[torch.Tensor],
     rows: Sequence[int],
-    node_tokens: Optional[Mapping[int, int]],
     budget: int,
     share: bool = True,
     context: bool = True,
 ) -> list[TreeBatch]:
-    """The micro-batches of trajectories ``rows`` (host tensors; see the module docstring).
+    """The micro-batches of the record's trajectories ``rows`` (host tensors; see the module
+    docstring).
 
-    ``advantages``: per trajectory (indexed like ``trajectories``), fp32 [len(response)]; a token's
-    copies bring theirs together (``CopyAdvantages``). ``context``: split trees share their prompt
-    as a :class:`PromptContext` (else each group lays the prompt out again)."""
+    ``advantages``: per trajectory (indexed like ``record.trajectories``), fp32 [len(response)]; a
+    token's copies bring theirs together (``CopyAdvantages``). ``share``: trees (else one chain per
+    trajectory). ``context``: split trees share their prompt as a :class:`PromptContext` (else each
+    group lays the prompt out again)."""
     pieces = [
-        p
-        for tree in build_trees(trajectories, rows, node_tokens, share)
-        for p in split_tree(tree, budget, context and share)
+        p for tree in build_trees(record, rows, share) for p in split_tree(tree, budget, context and share)
     ]
-    return [
-        _layout([pieces[i] for i in b], trajectories, advantages)
-        for b in _first_fit([p.size for p in pieces], budget)
-    ]
+    return [_layout([pieces[i] for i in b], advantages) for b in _first_fit([p.size for p in pieces], budget)]
 
 
 class _Row:
@@ -325,11 +251,11 @@ class _Row:
         self.context_spans: list[tuple[int, int]] = []  # the row positions each context is seen from
 
 
-def _layout(pieces: list[_Piece], trajectories, advantages) -> TreeBatch:
+def _layout(pieces: list[_Piece], advantages) -> TreeBatch:
     row = _Row()
     for piece in pieces:
         row.starts.append(len(row.ids))
-        _lay_piece(row, piece, trajectories, advantages)
+        _lay_piece(row, piece, advantages)
     row.starts.append(len(row.ids))
     ids = _long(row.ids)
     at, hidden, origin = _predicted(row.nodes)
@@ -383,7 +309,7 @@ def _long(values: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=np.int64))
 
 
-def _lay_piece(row: _Row, piece: _Piece, trajectories, advantages) -> None:
+def _lay_piece(row: _Row, piece: _Piece, advantages) -> None:
     tree, prompt_len = piece.tree, len(piece.tree.prompt)
     spans: dict[int, tuple[int, int]] = {}
     last: dict[int, int] = {}  # node -> row index of the last token on its path so far
@@ -397,13 +323,12 @@ def _lay_piece(row: _Row, piece: _Piece, trajectories, advantages) -> None:
             row.ids.extend(tree.prompt[prompt_len - laid :])
             row.pos.extend(range(prompt_len - laid, prompt_len))
         else:
-            t = trajectories[node.first]
-            row.ids.extend(t.response_ids[node.start : node.start + node.length])
+            row.ids.extend(node.segment.token_ids)
             row.pos.extend(range(prompt_len + node.start, prompt_len + node.start + node.length))
         spans[u] = (a, len(row.ids))
         last[u] = len(row.ids) - 1 if node.length else last[node.parent]
         if u in piece.owned and u != 0 and node.length:
-            _predict(row, node, a, last[node.parent], trajectories, advantages)
+            _predict(row, node, a, last[node.parent], advantages)
     subtree_end = dict((u, spans[u][1]) for u in order)
     for u in reversed(order):  # children come after their parent in preorder
         p = tree.nodes[u].parent
@@ -435,15 +360,12 @@ def _paths(row: _Row, piece: _Piece, spans: dict[int, tuple[int, int]], context:
             row.path_sizes.append((len(keys), queries))
 
 
-def _predict(row: _Row, node: _Node, a: int, before: int, trajectories, advantages) -> None:
+def _predict(row: _Row, node: _Node, a: int, before: int, advantages) -> None:
     """The tokens of ``node`` (laid out from row index ``a``; ``before``: the row index of the token
     before its first one) as predictions, with their copies' advantages; ``_layout`` keeps the
     model-written ones."""
-    first = trajectories[node.first]
     s, e = node.start, node.start + node.length
     row.nodes.append((a, e - s, before, node.first, s))
-    row.mask.extend(first.loss_mask[s:e])
-    row.rollout.extend(
-        first.logprobs[s:e] if len(first.logprobs) == len(first.response_ids) else [math.nan] * (e - s)
-    )
+    row.mask.extend(node.segment.loss_mask)
+    row.rollout.extend(node.segment.logprobs)
     row.copies.append(CopyAdvantages.of(torch.stack([advantages[i][s:e] for i in node.trajs])))

@@ -4,13 +4,16 @@ A step's trajectories are split into mini-batches of ``mini_batch_prompts`` prom
 groups), one optimizer step each, as in the reference (128 prompts per step in mini-batches of 16:
 8 steps). Each mini-batch is packed into micro-batches of at most ``micro_batch_tokens`` tokens:
 
-- tree-packed (``packed_update``, the default; ``packing.py``): each prompt's tree is laid out once,
+- tree-packed (``packed_update``, the default; ``packing.py``, ``tree_batch.py``): each prompt's
+  tree is laid out once,
   so the prompt and every branch-shared token go through the model once, with no padding, under a
   mask that keeps each token on its own path (``attention.py``); a shared token's copies meet in
   one loss term (``algo.shared_policy_loss``), exactly the per-copy loss; a tree split over
   several micro-batches runs its prompt once (``contexts.py``);
-- per trajectory (``packed_update=False``): every trajectory from its first token, right-padded
-  (padding-free under flash-attn's varlen kernels), the reference's layout.
+- per trajectory (``packed_update=False``; ``padded.py``): every trajectory from its first token,
+  right-padded (padding-free under flash-attn's varlen kernels), the reference's layout.
+
+Both layouts are a ``batch.Batch``, which this module runs without asking which one it holds.
 
 A micro-batch runs the model's decoder once (each layer's activations checkpointed with
 ``gradient_checkpointing``); only the hidden states that predict model-written response tokens go
@@ -30,41 +33,43 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from arpo_fast.algo import CopyAdvantages, aggregate, kl_k3, policy_loss, shared_policy_loss
-from arpo_fast.kernels import logprob_entropy
-from arpo_fast.settings import require_counts, require_non_negative, setting
-from arpo_fast.train.attention import (
-    IMPLEMENTATIONS,
-    activation_checkpointing,
-    attention_implementation,
-    check_model,
-    path_masks,
-    resolve_attention,
-    resolve_checkpointing,
-    tree_mask,
-)
-from arpo_fast.train.contexts import context_order, plan_cache
-from arpo_fast.train.packing import PromptContext, TreeBatch, pack_trees
+from arpo_fast.algo import kl_k3
+from arpo_fast.rollout.rollout_tree import RolloutTree
+from arpo_fast.train.activation_checkpoint import activation_checkpointing
+from arpo_fast.train.attention import attention_implementation, check_model
+from arpo_fast.train.batch import Batch, LogprobModel
+from arpo_fast.train.contexts import ContextCache, context_order
+from arpo_fast.train.packing import pack_trees
+from arpo_fast.train.padded import PaddedBatch, micro_batches, pack
+from arpo_fast.train.tree_batch import TreeBatch
+from arpo_fast.train.update_config import UpdateConfig
 
 
 @dataclass
-class PackedBatch:
-    """A micro-batch: right-padded [b, L] inputs, and flat per-response-token rows and targets."""
+class UpdateData:
+    """What an update trains on: the rollout's record, per trajectory its tokens' advantages (fp32
+    [len(response)]), the pad token, the rollout's temperature, and optionally the trajectories of
+    each mini-batch (default: the trajectories of ``mini_batch_prompts`` consecutive prompts)."""
 
-    rows: list[int]  # trajectory indices
-    input_ids: torch.Tensor  # int64 [b, L]
-    attention_mask: torch.Tensor  # int64 [b, L]
-    positions: torch.Tensor  # int64 [n]: flat index into [b * L] of each hidden state used
-    targets: torch.Tensor  # int64 [n]: the response token that hidden state predicts
-    loss_mask: torch.Tensor  # bool [n]
-    rollout_logprobs: torch.Tensor  # fp32 [n]: the sampler's (NaN for a token it did not sample)
-    model_tokens: int  # loss_mask's count, known on the host
+    record: RolloutTree
+    advantages: list[torch.Tensor]
+    pad_id: int = 0
+    temperature: float = 1.0
+    mini_batches: Optional[list[list[int]]] = None
+    vocab_limit: Optional[int] = None
+    """The tokenizer's size where the LM head has rows past it (``Engine.vocab_limit``): log-probs
+    and entropies are then over the ids below it, the distribution the rollout sampled from."""
+
+    def groups(self, prompts_per_batch: int) -> list[list[int]]:
+        if self.mini_batches is not None:
+            return self.mini_batches
+        return mini_batches([t.prompt_index for t in self.record.trajectories], prompts_per_batch)
 
 
 def mini_batches(prompt_index: Sequence[int], prompts_per_batch: int) -> list[list[int]]:
@@ -72,266 +77,18 @@ def mini_batches(prompt_index: Sequence[int], prompts_per_batch: int) -> list[li
     prompts (in order of first appearance), so a GRPO group is never split."""
     order = list(dict.fromkeys(prompt_index))
     batch_of = {p: k // prompts_per_batch for k, p in enumerate(order)}
-    out: list[list[int]] = [[] for _ in range(math.ceil(len(order) / prompts_per_batch))]
-    for i, p in enumerate(prompt_index):
-        out[batch_of[p]].append(i)
+    return numbered_mini_batches(
+        [batch_of[p] for p in prompt_index], math.ceil(len(order) / prompts_per_batch)
+    )
+
+
+def numbered_mini_batches(batch_of: Sequence[int], count: int) -> list[list[int]]:
+    """Trajectory indices per mini-batch from each trajectory's mini-batch number (< ``count``;
+    a mini-batch may be empty)."""
+    out: list[list[int]] = [[] for _ in range(count)]
+    for i, k in enumerate(batch_of):
+        out[k].append(i)
     return out
-
-
-def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Group indices so that each group's padded size (count x longest) stays within
-    ``max_tokens`` (a longer sequence goes alone); similar lengths go together."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[current[0]] > max_tokens:
-            groups.append(current)
-            current = []
-        current.append(i)
-    return groups + [current] if current else groups
-
-
-def pack(trajectories, rows: list[int], pad_id: int, device) -> PackedBatch:
-    seqs = [trajectories[i].prompt_ids + trajectories[i].response_ids for i in rows]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
-    attn = torch.zeros((len(rows), width), dtype=torch.int64)
-    positions, targets, mask, rollout = [], [], [], []
-    for r, (i, seq) in enumerate(zip(rows, seqs)):
-        t = trajectories[i]
-        ids[r, : len(seq)] = torch.tensor(seq)
-        attn[r, : len(seq)] = 1
-        start = r * width + len(t.prompt_ids) - 1  # the hidden state before each response token
-        positions.extend(range(start, start + len(t.response_ids)))
-        targets.extend(t.response_ids)
-        mask.extend(t.loss_mask)
-        known = len(t.logprobs) == len(t.response_ids)
-        rollout.extend(t.logprobs if known else [math.nan] * len(t.response_ids))
-    as_dev = lambda x, dt: torch.tensor(x, dtype=dt).to(device)  # noqa: E731
-    return PackedBatch(
-        rows,
-        ids.to(device),
-        attn.to(device),
-        as_dev(positions, torch.int64),
-        as_dev(targets, torch.int64),
-        as_dev(mask, torch.bool),
-        as_dev(rollout, torch.float32),
-        sum(mask),
-    )
-
-
-def token_logprobs(
-    model, batch: PackedBatch, temperature: float, vocab_limit: Optional[int] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob and entropy (fp32 [n]) of each response token under the model at ``temperature``,
-    over the ids below ``vocab_limit`` (None: every row of the LM head)."""
-    hidden = model.model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)
-    return logprob_entropy(hidden, model.lm_head.weight, batch.targets, temperature, vocab_limit=vocab_limit)
-
-
-def tree_logprobs(
-    model, batch: TreeBatch, temperature: float, implementation: str, context=None, vocab_limit=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob and entropy (fp32 [n]) of each predicted token of a packed row, the model's
-    attention running as ``implementation`` (set with ``attention.attention_implementation``);
-    ``context``: the keys and values of the row's prompt contexts (``contexts.ContextCache``);
-    ``vocab_limit`` as in :func:`token_logprobs`."""
-    if batch.contexts and context is None:
-        raise ValueError("a packed row with prompt contexts needs their keys and values")
-    if implementation == "flash_attention_2":  # independent sequences: varlen, no mask
-        cu = torch.tensor(batch.piece_starts, dtype=torch.int32, device=batch.input_ids.device)
-        longest = max(b - a for a, b in zip(batch.piece_starts, batch.piece_starts[1:]))
-        attend = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-    elif implementation == "flex_attention":
-        attend = dict(
-            attention_mask=tree_mask(batch.subtree_end, implementation, batch.context_lo, batch.context_hi)
-        )
-    else:
-        attend = dict(tree_paths=path_masks(batch.path_keys, batch.path_sizes, batch.context_tokens))
-    if batch.contexts:
-        attend["tree_context"] = context
-    hidden = model.model(
-        input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False, **attend
-    ).last_hidden_state[0]
-    return logprob_entropy(
-        hidden.index_select(0, batch.hidden_index),
-        model.lm_head.weight,
-        batch.targets,
-        temperature,
-        vocab_limit=vocab_limit,
-    )
-
-
-class LogprobModel(torch.nn.Module):
-    """The policy as the update uses it: ``forward(batch, temperature, attention, context)``
-    returns the log-probs and entropies of a micro-batch's predicted tokens (:func:`token_logprobs`
-    for a :class:`PackedBatch`, :func:`tree_logprobs` for a ``TreeBatch``), or for a
-    ``PromptContext`` the decoder's output on it (its keys and values go to ``context``, an
-    ``attention.ContextRun``). One module call, so that under FSDP2 the root's parameters
-    (embedding, final norm, LM head) are gathered for exactly that computation.
-
-    ``vocab_limit``: the tokenizer's size where the LM head has rows past it; the distributions
-    then cover the ids below it only, as the rollout engine samples them (``update`` sets it)."""
-
-    def __init__(self, policy: torch.nn.Module, vocab_limit: Optional[int] = None):
-        super().__init__()
-        self.policy = policy
-        self.vocab_limit = vocab_limit
-
-    def forward(self, batch, temperature: float, attention: str = "sdpa", context=None):
-        if isinstance(batch, PromptContext):  # a prompt context alone; ``context``: its ContextRun
-            ids = batch.input_ids.to(self.policy.device)[None]
-            positions = torch.arange(ids.shape[1], device=ids.device)[None]
-            return self.policy.model(
-                input_ids=ids, position_ids=positions, use_cache=False, tree_context=context
-            ).last_hidden_state
-        if isinstance(batch, TreeBatch):
-            logprobs, entropy = tree_logprobs(
-                self.policy, batch, temperature, attention, context, self.vocab_limit
-            )
-        else:
-            logprobs, entropy = token_logprobs(self.policy, batch, temperature, self.vocab_limit)
-        return logprobs.clone(), entropy.clone()  # not views: FSDP2 hooks the outputs for backward
-
-
-def _dummy_batch(pad_id: int, device, packed: bool):
-    """One token that counts for nothing: a rank with fewer micro-batches than the others runs
-    these, so that every rank makes the same collective calls."""
-    one = torch.tensor([0], dtype=torch.int64, device=device)
-    pad = torch.full((1,), pad_id, dtype=torch.int64, device=device)
-    nan = torch.full((1,), math.nan, device=device)
-    if packed:
-        zero = torch.zeros(1, device=device)
-        return TreeBatch(
-            pad,
-            one,
-            one + 1,
-            one,
-            pad,
-            CopyAdvantages(zero, zero, zero, zero, zero),
-            nan,
-            torch.zeros(1, 2, dtype=torch.int64, device=device),
-            one,
-            [(1, 1)],
-            [0, 1],
-            0,
-            dummy=True,
-        )
-    return PackedBatch(
-        [],
-        pad[None],
-        torch.ones((1, 1), dtype=torch.int64, device=device),
-        one,
-        pad,
-        torch.zeros(1, dtype=torch.bool, device=device),
-        nan,
-        0,
-    )
-
-
-def _is_dummy(batch) -> bool:
-    return batch.dummy if isinstance(batch, TreeBatch) else not batch.rows
-
-
-@dataclass(frozen=True)
-class UpdateConfig:
-    """The clipped update. Defaults are the reference's (clip 0.2/0.2, dual clip 3, no entropy
-    bonus, gradient norm 1, mini-batches of 16 prompts, one pass over the data); where it differs:
-    ``micro_batch_tokens`` (its scripts batch by tokens too, dynamically, at 2 x (prompt + response
-    length) per GPU: 11,264 in the 7B reasoning run; here 16,384 by default, a packed row holding
-    about 1.6x the trajectories of a padded one), and ``rollout_is_cap`` is off (the reference has
-    no such correction)."""
-
-    clip_low: float = setting(0.2, "A token's ratio counts down to 1 - clip_low.")
-    clip_high: float = setting(0.2, "A token's ratio counts up to 1 + clip_high.")
-    dual_clip: float = setting(
-        3.0, "Bound on the loss of a negative-advantage token, in units of |A| (0: no dual clip)."
-    )
-    entropy_coef: float = setting(0.0, "Weight of the entropy bonus (the reference: 0).")
-    grad_clip: float = setting(1.0, "Clip the gradient's global norm to this (0: no clipping).")
-    mini_batch_prompts: int = setting(
-        16,
-        "Prompts per optimizer step (the reference: 16); a step of "
-        "--prompts-per-step prompts takes ceil(prompts / this) steps.",
-    )
-    micro_batch_tokens: int = setting(
-        16384,
-        "Most tokens in one forward/backward of the update (packed: "
-        "the row, a split tree's shared branches included, its prompt "
-        "run once apart; per trajectory: padded).",
-    )
-    kl_coef: float = setting(
-        0.0,
-        "Weight of the KL penalty to a frozen copy of the starting policy (k3 "
-        "estimator on model-written tokens); 0, the reference implementation's "
-        "value, holds no such copy.",
-    )
-    rollout_is_cap: float = setting(
-        0.0,
-        "Weight each token's loss by min(exp(old - rollout log-prob), "
-        "this): truncated importance sampling for the rollout/trainer "
-        "mismatch (0: off).",
-    )
-    packed_update: bool = setting(
-        True,
-        "Lay each prompt's rollout tree out once, so shared tokens go "
-        "through the model once (false: every trajectory from its first "
-        "token, right-padded; the same loss).",
-    )
-    attn_implementation: str = setting(
-        "auto",
-        "Attention of the update: auto (packed: flex_attention on "
-        "CUDA, sdpa on the CPU; per trajectory: flash_attention_2 when "
-        "flash-attn is installed, else sdpa), sdpa, flex_attention or "
-        "flash_attention_2 (per trajectory only).",
-    )
-    gradient_checkpointing: str = setting(
-        "auto",
-        "Recompute each decoder layer in backward instead of "
-        "keeping its activations: auto (on CUDA, off on the CPU), "
-        "true or false.",
-    )
-
-    def __post_init__(self):
-        require_non_negative(
-            self,
-            "clip_low",
-            "clip_high",
-            "entropy_coef",
-            "grad_clip",
-            "dual_clip",
-            "rollout_is_cap",
-            "kl_coef",
-        )
-        if self.clip_low >= 1:
-            raise ValueError(f"clip_low must be < 1, got {self.clip_low}")
-        if self.dual_clip and self.dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1 (or 0 for off), got {self.dual_clip}")
-        require_counts(self, "mini_batch_prompts", "micro_batch_tokens")
-        if self.attn_implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"attn_implementation must be one of {', '.join(IMPLEMENTATIONS)}, got "
-                f"{self.attn_implementation!r}"
-            )
-        resolve_checkpointing(self.gradient_checkpointing, "cpu")  # checks the value
-
-    def resolved(self, device) -> tuple[str, bool]:
-        """(attention implementation, activation checkpointing) on ``device``."""
-        return (
-            resolve_attention(self.attn_implementation, self.packed_update, device),
-            resolve_checkpointing(self.gradient_checkpointing, device),
-        )
-
-    def describe(self, device) -> str:
-        attention, checkpointing = self.resolved(device)
-        layout = "tree-packed" if self.packed_update else "per-trajectory"
-        return (
-            f"{layout} update, attention {attention}, gradient checkpointing "
-            f"{'on' if checkpointing else 'off'}"
-        )
 
 
 class _Mismatch:
@@ -372,126 +129,54 @@ def is_weights(old: torch.Tensor, rollout: torch.Tensor, cap: float) -> torch.Te
     return torch.where(torch.isfinite(rollout), log_w.exp(), torch.ones_like(log_w))
 
 
-def _plans(
-    trajectories,
-    advantages,
-    cfg: UpdateConfig,
-    pad_id: int,
-    device,
-    attention: str,
-    node_tokens,
-    groups: list[list[int]],
-) -> list[list]:
-    """Per mini-batch (``groups`` of trajectory indices), its micro-batches on ``device``; split
-    trees run their prompt once (``packing.PromptContext``), and the groups of a tree come one
-    after another."""
-    if cfg.packed_update or attention == "flash_attention_2":  # padding-free rows
-        plans = [
-            [
-                b.to(device)
-                for b in pack_trees(
-                    trajectories,
-                    advantages,
-                    share,
-                    node_tokens,
-                    cfg.micro_batch_tokens,
-                    share=cfg.packed_update,
-                )
-            ]
-            for share in groups
-        ]
-        return [context_order(plan) for plan in plans]
-    lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajectories]
-    return [
-        [
-            pack(trajectories, [share[j] for j in g], pad_id, device)
-            for g in micro_batches([lengths[i] for i in share], cfg.micro_batch_tokens)
-        ]
-        for share in groups
-    ]
+@dataclass
+class _Lockstep:
+    """A distributed run's agreement: per mini-batch, how many prompt contexts every rank runs up
+    front (``ContextCache.start``), and the pad token of their stand-ins."""
+
+    runs: list[int]
+    pad_id: int
 
 
-def _weights(batch) -> torch.Tensor:
-    """Per predicted token, how many model-written tokens it stands for."""
-    return batch.copies.count if isinstance(batch, TreeBatch) else batch.loss_mask.float()
+@dataclass
+class _Totals:
+    """What an update adds up over its micro-batches."""
 
+    sums: dict[str, float] = field(default_factory=dict)
+    mismatch: _Mismatch = field(default_factory=_Mismatch)
+    tokens: int = 0
+    skipped: int = 0
+    grad_norm: float = 0.0
+    forward: int = 0
 
-def _forward_tokens(batch) -> int:
-    """The row's tokens (its prompt contexts are counted once each, by ``ContextCache``)."""
-    return batch.tokens if isinstance(batch, TreeBatch) else batch.input_ids.numel()
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
 
-
-def _loss(batch, logprobs, old_lp, entropy, ref_lp, advantages, cfg: UpdateConfig, sums: dict):
-    """The micro-batch's token-mean loss and metrics (the importance weights' sum into ``sums``);
-    with ``ref_lp`` (the reference policy's log-probs) the KL penalty too."""
-    cap = cfg.rollout_is_cap
-    weights = is_weights(old_lp, batch.rollout_logprobs, cap) if cap else None
-    if weights is not None:
-        _add(sums, {"is_weight": float((weights * _weights(batch)).sum())})
-    clip = (cfg.clip_low, cfg.clip_high, cfg.dual_clip or None)
-    if isinstance(batch, TreeBatch):
-        copies = batch.copies if weights is None else batch.copies.scaled(weights)
-        loss, metrics = shared_policy_loss(
-            logprobs, old_lp, copies, *clip, entropy=entropy, entropy_coef=cfg.entropy_coef
+    def metrics(self, steps: int) -> dict[str, float]:
+        out = {k: v / max(self.tokens, 1) for k, v in self.sums.items()}
+        out.update(self.mismatch.metrics())
+        out.update(
+            tokens=float(self.tokens),
+            grad_norm=self.grad_norm,
+            optimizer_steps=float(steps),
+            skipped_updates=float(self.skipped),
+            forward_tokens=float(self.forward),
         )
-    else:
-        adv = torch.cat([advantages[i] for i in batch.rows]).to(logprobs.device)
-        if weights is not None:  # a weight w >= 0 on a token's clipped loss is a weight on its A
-            adv = adv * weights
-        loss, metrics = policy_loss(
-            logprobs[None],
-            old_lp[None],
-            adv[None],
-            batch.loss_mask[None],
-            *clip,
-            entropy=entropy[None],
-            entropy_coef=cfg.entropy_coef,
-        )
-    if ref_lp is not None:
-        kl = _token_mean(kl_k3(logprobs, ref_lp), batch)
-        loss = loss + cfg.kl_coef * kl
-        metrics["kl"] = float(kl.detach())
-    return loss, metrics
-
-
-def _token_mean(values: torch.Tensor, batch) -> torch.Tensor:
-    """Mean over the micro-batch's model-written tokens, each shared token once per copy."""
-    if not isinstance(batch, TreeBatch):
-        return aggregate(values, batch.loss_mask)
-    count = batch.copies.count
-    return torch.where(count > 0, values * count, 0.0).sum() / count.sum().clamp_min(1)
+        return out
 
 
 def update(
-    model,
-    optimizer,
-    trajectories,
-    advantages: list[torch.Tensor],
-    cfg: UpdateConfig,
-    pad_id: int,
-    temperature: float = 1.0,
-    *,
-    dist=None,
-    mini_batch_ids: Optional[Sequence[int]] = None,
-    num_mini_batches: int = 0,
-    reference=None,
-    node_tokens=None,
-    vocab_limit: Optional[int] = None,
+    model, optimizer, data: UpdateData, cfg: UpdateConfig, *, reference=None, dist=None
 ) -> dict[str, float]:
-    """Clipped policy-gradient updates over ``trajectories`` (per-token ``advantages``, one tensor
-    per trajectory): one step of ``optimizer`` (``optim.MasterWeights``, or the sharded policy of a
-    distributed run) per mini-batch of ``cfg.mini_batch_prompts`` prompts.
+    """Clipped policy-gradient updates over ``data``: one step of ``optimizer``
+    (``optim.MasterWeights``, or the sharded policy of a distributed run) per mini-batch.
 
-    ``model``: the policy, or a :class:`LogprobModel` (sharded with FSDP2 in a distributed run).
+    ``model``: the policy, or a ``batch.LogprobModel`` (sharded with FSDP2 in a distributed run).
     ``reference``: the frozen starting policy (the same kinds), needed when ``cfg.kl_coef`` > 0.
     ``dist``: this rank of a distributed run (``distributed.Dist``): the token-mean's denominator is
-    then the count over every rank, and every rank runs the same number of micro-batches. With
-    ``mini_batch_ids`` (per trajectory, < ``num_mini_batches``) the caller says which mini-batch each
-    trajectory belongs to (the same numbering on every rank). ``node_tokens``
-    (``Rollout.node_tokens``) lets the packed update share the branch prefixes that
-    ``Trajectory.path`` names; without it only each prompt is shared. ``vocab_limit``: the
-    tokenizer's size where the LM head has rows past it (``Engine.vocab_limit``): log-probs and
-    entropies are then over the ids below it, the distribution the rollout sampled from.
+    then the count over every rank, and every rank runs the same number of micro-batches (give
+    ``data.mini_batches`` numbered the same on every rank).
 
     Returns the loss's metrics as token-weighted means over this process's tokens (``tokens``:
     their count, every copy of a shared token included), the rollout/trainer log-prob mismatch, the
@@ -505,121 +190,152 @@ def update(
         raise ValueError("kl_coef > 0 needs the reference policy")
     if reference is not None and not isinstance(reference, LogprobModel):
         reference = LogprobModel(reference)
-    if vocab_limit is not None:  # else each keeps its own (LogprobModel's default: None)
+    if data.vocab_limit is not None:  # else each keeps its own (LogprobModel's default: None)
         for m in (scorer, reference) if reference is not None else (scorer,):
-            m.vocab_limit = vocab_limit
-    if mini_batch_ids is None:
-        groups = mini_batches([t.prompt_index for t in trajectories], cfg.mini_batch_prompts)
-    else:
-        groups = [[] for _ in range(num_mini_batches)]
-        for i, k in enumerate(mini_batch_ids):
-            groups[k].append(i)
-    plans = _plans(trajectories, advantages, cfg, pad_id, device, attention, node_tokens, groups)
-    plan_tokens = [sum(b.model_tokens for b in plan) for plan in plans]
+            m.vocab_limit = data.vocab_limit
+    rows = cfg.packed_update or attention == "flash_attention_2"  # padding-free rows
+    plans = [_plan(data, group, cfg, rows, device) for group in data.groups(cfg.mini_batch_prompts)]
+    totals = [sum(b.model_tokens for b in plan) for plan in plans]
     lockstep = None
-    if dist is not None:  # global token counts; the same number of micro-batches on every rank
-        plan_tokens = dist.sum(plan_tokens)
-        counts = dist.max([len(plan) for plan in plans])
-        plans = [
-            plan
-            + [
-                _dummy_batch(pad_id, device, cfg.packed_update or attention == "flash_attention_2")
-                for _ in range(int(c) - len(plan))
-            ]
-            for plan, c in zip(plans, counts)
-        ]
-        # and as many prompt-context runs, up front (contexts.py)
-        runs = dist.max([len({id(c) for b in plan for c in getattr(b, "contexts", [])}) for plan in plans])
-        lockstep = ([int(r) for r in runs], pad_id)
-    scale = dist.world if dist is not None else 1  # FSDP averages gradients over ranks; we want the sum
+    if dist is not None:
+        stand_in = TreeBatch.stand_in if rows else PaddedBatch.stand_in
+        totals, lockstep = _in_lockstep(
+            dist, plans, totals, lambda: stand_in(data.pad_id, device), data.pad_id
+        )
+    run = _Update(
+        scorer=scorer,
+        reference=reference,
+        optimizer=optimizer,
+        cfg=cfg,
+        temperature=data.temperature,
+        attention=attention,
+        lockstep=lockstep,
+    )
     with contextlib.ExitStack() as stack:
         for m in (scorer, reference) if reference is not None else (scorer,):
             stack.enter_context(attention_implementation(m.policy, attention, packed=cfg.packed_update))
         stack.enter_context(activation_checkpointing(scorer.policy, checkpointing))
-        return _run(
-            scorer,
-            reference,
-            optimizer,
-            plans,
-            plan_tokens,
-            scale,
-            advantages,
-            cfg,
-            temperature,
-            attention,
-            lockstep,
+        return run.all(plans, totals)
+
+
+def _plan(data: UpdateData, group: list[int], cfg: UpdateConfig, rows: bool, device) -> list[Batch]:
+    """The micro-batches of one mini-batch (trajectories ``group``) on ``device``: padding-free
+    ``rows`` (trees when ``cfg.packed_update``, with split trees' groups one after another, so that
+    their prompt context runs once), else padded rows."""
+    if rows:
+        packed = pack_trees(
+            data.record, data.advantages, group, cfg.micro_batch_tokens, share=cfg.packed_update
         )
+        return context_order([b.to(device) for b in packed])
+    trajectories = data.record.trajectories
+    lengths = [len(trajectories[i].prompt_ids) + trajectories[i].response_length for i in group]
+    return [
+        pack(trajectories, [group[j] for j in g], data.pad_id, device, data.advantages)
+        for g in micro_batches(lengths, cfg.micro_batch_tokens)
+    ]
 
 
-def _run(
-    scorer,
-    reference,
-    optimizer,
-    plans,
-    plan_tokens,
-    scale: float,
-    advantages,
-    cfg: UpdateConfig,
-    temperature: float,
-    attention: str,
-    lockstep=None,
-) -> dict:
-    old, forward = {}, 0
-    with torch.no_grad():  # later mini-batches see a moved policy: keep the rollout policy's values
+def _in_lockstep(
+    dist, plans: list[list[Batch]], totals: list[int], stand_in: Callable[[], Batch], pad_id: int
+) -> tuple[list, _Lockstep]:
+    """Token counts over every rank, and the same number of micro-batches (``stand_in()`` ones
+    added) and of prompt-context runs (``contexts.py``, stand-ins of ``pad_id``) on every rank."""
+    totals = dist.sum(totals)
+    counts = dist.max([len(plan) for plan in plans])
+    for plan, count in zip(plans, counts):
+        plan.extend(stand_in() for _ in range(int(count) - len(plan)))
+    runs = dist.max([len({id(c) for b in plan for c in b.contexts}) for plan in plans])
+    return totals, _Lockstep([int(r) for r in runs], pad_id)
+
+
+@dataclass
+class _Update:
+    """One update's models and settings, and its passes over the mini-batches."""
+
+    scorer: LogprobModel
+    reference: Optional[LogprobModel]
+    optimizer: object
+    cfg: UpdateConfig
+    temperature: float
+    attention: str
+    lockstep: Optional[_Lockstep] = None
+
+    def all(self, plans: list[list[Batch]], totals: list[int]) -> dict[str, float]:
+        done = _Totals()
+        old = self.old_logprobs(plans, done)
+        for k, (plan, total) in enumerate(zip(plans, totals)):
+            self.mini_batch(k, plan, total, old, done)
+        return done.metrics(len(plans))
+
+    def cache(self, model, trainable: bool, plan: list[Batch], k: int) -> ContextCache:
+        """The prompt contexts of mini-batch ``k`` for ``model``: run up front in lockstep."""
+        cache = ContextCache(model, self.temperature, self.attention, trainable)
+        if self.lockstep is not None and model is not None:
+            cache.start(plan, self.lockstep.runs[k], self.lockstep.pad_id)
+        return cache
+
+    @torch.no_grad()
+    def old_logprobs(self, plans: list[list[Batch]], done: _Totals) -> dict[int, torch.Tensor]:
+        """Later mini-batches see a moved policy: the rollout policy's log-probs of theirs, now."""
+        old = {}
         for k, plan in enumerate(plans[1:], 1):
-            cache = plan_cache(scorer, temperature, attention, False, plan, lockstep, k)
+            cache = self.cache(self.scorer, False, plan, k)
             for batch in plan:
-                old[id(batch)] = scorer(batch, temperature, attention, cache.kv(batch))[0]
+                old[id(batch)] = self.scorer(batch, self.temperature, self.attention, cache.kv(batch))[0]
                 cache.done(batch)
             cache.finish()
-            forward += cache.tokens
-    sums: dict[str, float] = {}
-    mismatch = _Mismatch()
-    tokens = skipped = 0
-    grad_norm = 0.0
-    for k, (plan, total) in enumerate(zip(plans, plan_tokens)):
-        cache = plan_cache(scorer, temperature, attention, True, plan, lockstep, k)
-        ref_cache = plan_cache(
-            reference if cfg.kl_coef else None, temperature, attention, False, plan, lockstep, k
-        )
+            done.forward += cache.tokens
+        return old
+
+    def mini_batch(self, k: int, plan: list[Batch], total: int, old: dict, done: _Totals) -> None:
+        """Forward and backward over mini-batch ``k`` (``total``: its model-written tokens on every
+        rank), then one optimizer step."""
+        cfg = self.cfg
+        cache = self.cache(self.scorer, True, plan, k)
+        ref_cache = self.cache(self.reference if cfg.kl_coef else None, False, plan, k)
         for batch in plan:
-            logprobs, entropy = scorer(batch, temperature, attention, cache.kv(batch))
-            old_lp = old.get(id(batch), logprobs.detach())
-            ref_lp = None
-            if cfg.kl_coef:
-                with torch.no_grad():
-                    ref_lp = reference(batch, temperature, attention, ref_cache.kv(batch))[0]
-                    ref_cache.done(batch)
-            if _is_dummy(batch):  # gradients of zero, collectives as on the other ranks
-                (logprobs.sum() * 0.0).backward()
-                continue
-            mismatch.add(old_lp, batch.rollout_logprobs, _weights(batch))
-            loss, metrics = _loss(batch, logprobs, old_lp, entropy, ref_lp, advantages, cfg, sums)
-            (loss * (batch.model_tokens * scale / max(total, 1))).backward()
-            cache.done(batch)  # a split tree's last group: its prompt context's backward
-            metrics.pop("tokens")
-            metrics["loss"] = float(loss.detach())
-            _add(sums, {k: v * batch.model_tokens for k, v in metrics.items()})
-            tokens += batch.model_tokens
-            forward += _forward_tokens(batch) * (2 if id(batch) in old else 1)
+            self.micro_batch(batch, total, old, (cache, ref_cache), done)
         cache.finish()  # the contexts run up front (distributed) go back
         ref_cache.finish()
-        forward += cache.tokens
-        grad_norm = optimizer.clip_and_step(cfg.grad_clip)
-        skipped += not math.isfinite(grad_norm)  # a NaN/inf gradient: the step was dropped
-        optimizer.zero_grad()
-    out = {k: v / max(tokens, 1) for k, v in sums.items()}
-    out.update(mismatch.metrics())
-    out.update(
-        tokens=float(tokens),
-        grad_norm=grad_norm,
-        optimizer_steps=float(len(plans)),
-        skipped_updates=float(skipped),
-        forward_tokens=float(forward),
-    )
-    return out
+        done.forward += cache.tokens
+        done.grad_norm = self.optimizer.clip_and_step(cfg.grad_clip)
+        done.skipped += not math.isfinite(done.grad_norm)  # a NaN/inf gradient: the step was dropped
+        self.optimizer.zero_grad()
 
+    def micro_batch(self, batch: Batch, total: int, old: dict, caches, done: _Totals) -> None:
+        cache, ref_cache = caches
+        logprobs, entropy = self.scorer(batch, self.temperature, self.attention, cache.kv(batch))
+        old_lp = old.get(id(batch), logprobs.detach())
+        ref_lp = None
+        if self.cfg.kl_coef:
+            with torch.no_grad():
+                ref_lp = self.reference(batch, self.temperature, self.attention, ref_cache.kv(batch))[0]
+                ref_cache.done(batch)
+        if batch.dummy:  # gradients of zero, collectives as on the other ranks
+            (logprobs.sum() * 0.0).backward()
+            return
+        done.mismatch.add(old_lp, batch.rollout_logprobs, batch.copy_counts)
+        loss, metrics = self.loss(batch, logprobs, old_lp, entropy, ref_lp, done)
+        (loss * (batch.model_tokens / max(total, 1))).backward()  # FSDP2 sums over ranks
+        cache.done(batch)  # a split tree's last group: its prompt context's backward
+        metrics.pop("tokens")
+        metrics["loss"] = float(loss.detach())
+        done.add({key: v * batch.model_tokens for key, v in metrics.items()})
+        done.tokens += batch.model_tokens
+        done.forward += batch.tokens * (2 if id(batch) in old else 1)
 
-def _add(totals: dict[str, float], values: dict[str, float]) -> None:
-    for key, value in values.items():
-        totals[key] = totals.get(key, 0.0) + value
+    def loss(self, batch: Batch, logprobs, old_lp, entropy, ref_lp, done: _Totals):
+        """The micro-batch's token-mean loss and metrics (the importance weights' sum into
+        ``done``); with ``ref_lp`` (the reference policy's log-probs) the KL penalty too."""
+        cfg = self.cfg
+        weights = (
+            is_weights(old_lp, batch.rollout_logprobs, cfg.rollout_is_cap) if cfg.rollout_is_cap else None
+        )
+        if weights is not None:
+            done.add({"is_weight": float((weights * batch.copy_counts).sum())})
+        loss, metrics = batch.policy_loss(logprobs, old_lp, entropy, weights, cfg)
+        if ref_lp is not None:
+            kl = batch.token_mean(kl_k3(logprobs, ref_lp))
+            loss = loss + cfg.kl_coef * kl
+            metrics["kl"] = float(kl.detach())
+        return loss, metrics
