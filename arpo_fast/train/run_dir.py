@@ -50,7 +50,8 @@ def _refuse(out: Path, what: str) -> ValueError:
 
 def check_only_ours(out: Path) -> None:
     """Raise ValueError naming the first symbolic link anywhere in ``out``, or the first entry at
-    its top that this project does not write; reads only."""
+    its top that this project does not write; reads only. Inside ``wandb/`` (W&B's own files, with
+    its ``latest-run`` link) the run itself never writes, so only that folder itself is checked."""
     for entry in sorted(out.iterdir()):
         if entry.is_symlink():
             raise _refuse(out, f"{entry.name} is a symbolic link; a run writes only into files of its own")
@@ -61,6 +62,8 @@ def check_only_ours(out: Path) -> None:
                 "its own: move it away",
             )
     for root, dirs, files in os.walk(out):  # links are listed, never followed
+        if Path(root) == out and "wandb" in dirs:
+            dirs.remove("wandb")
         for name in dirs + files:
             path = Path(root) / name
             if path.is_symlink():
