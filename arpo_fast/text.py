@@ -38,7 +38,7 @@ def _decoder_types(tokenizer: Any) -> set[str]:
     """The ``type`` names in a fast tokenizer's decoder (a Sequence lists several), or empty."""
     decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
     try:
-        spec = json.loads(decoder.__getstate__())
+        spec = json.loads(decoder.__getstate__())  # type: ignore[union-attr,arg-type]  # None raises: caught
     except Exception:  # no fast decoder: fall back to per-token decoding
         return set()
     found: set[str] = set()

@@ -158,7 +158,7 @@ class StopDetector:
             eos = getattr(tokenizer, "eos_token_id", None)
             eos_token_ids = [] if eos is None else [eos]
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
-        self._tool_of = {config.close_tag(n): n for n in config.tool_names}
+        self._tool_of: dict[str, Optional[str]] = {config.close_tag(n): n for n in config.tool_names}
         if config.stop_at_answer:
             self._tool_of[config.close_tag(config.answer_tag)] = None
         self._strings = StopStrings(token_bytes or TokenBytes(tokenizer), self._tool_of)
@@ -246,7 +246,7 @@ class TrajectoryProtocol:
             return Event("eos")
         stop_len = len(self.protocol.config.close_tag(name or self.protocol.config.answer_tag))
         trailing = text[start + stop_len :]
-        if kind == "answer":
+        if kind == "answer" or name is None:  # a tool call's stop always names its tool
             return Event("answer", trailing=trailing)
         if self.calls >= self.protocol.config.max_calls:
             # past the limit the call is not run; the reference appends EOS and ends the trajectory

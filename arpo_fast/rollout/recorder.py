@@ -71,7 +71,7 @@ class TreeRecorder:
         for t in trajectories:
             t.path = [numbers.setdefault(u, len(numbers)) for u in t.path]
             t.parent = None if t.parent is None else new_index[t.parent]
-        segments = [tree.segments[old] for old in sorted(numbers, key=numbers.get)]
+        segments = [tree.segments[old] for old in sorted(numbers, key=lambda u: numbers[u])]
         for s in segments:
             s.parent = None if s.parent is None else numbers[s.parent]
         tree.segments, tree.trajectories, tree.stats = segments, trajectories, stats

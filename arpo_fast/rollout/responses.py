@@ -49,7 +49,7 @@ def assemble_tree(
             key = ("own", i) if node is None else node
             if key in index and index[key] in path:
                 raise ValueError(f"node {node} appears twice in the path of trajectory {i}")
-            n = len(r.response_ids) if node is None else _size(node_tokens, node, i)
+            n = len(r.response_ids) if node is None or node_tokens is None else _size(node_tokens, node, i)
             if key in index:
                 _check_shared(
                     responses, tree.segments[index[key]], (holder[index[key]], i), node, path, offset

@@ -48,7 +48,7 @@ def choose(config: PythonToolConfig, execute: Execute, announce: bool = True) ->
 
 def _choose(config: PythonToolConfig, execute: Execute) -> tuple[Isolation, Callable[[], None]]:
     groups, groups_why = sandbox.run_cgroups()
-    reasons = []
+    reasons: list[str] = []
     for mode in sandbox.candidates(config.sandbox):
         why = sandbox.why_not(mode, config.python)
         if why is None:

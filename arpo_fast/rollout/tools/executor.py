@@ -90,7 +90,8 @@ class ToolExecutor:
     def sandboxes(self) -> dict[str, str]:
         """How each tool that has a sandbox isolates its runs (``{"python": "bwrap"}``), for the
         run's log and summary."""
-        return {name: t.mode for name, t in self.tools.items() if isinstance(getattr(t, "mode", None), str)}
+        modes = {name: getattr(t, "mode", None) for name, t in self.tools.items()}
+        return {name: mode for name, mode in modes.items() if isinstance(mode, str)}
 
     def run(self, name: str, query: str) -> ToolResult:
         """Submit and wait (for scripts and tests)."""

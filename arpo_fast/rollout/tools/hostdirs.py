@@ -75,7 +75,7 @@ def find(root: str = "/", max_folders: int = MAX_FOLDERS) -> tuple[tuple[str, ..
 
 
 def _sub_folders(folder: str) -> list[tuple[str, os.stat_result]]:
-    out = []
+    out: list[tuple[str, os.stat_result]] = []
     try:
         with os.scandir(folder) as it:
             entries = list(it)

@@ -74,7 +74,7 @@ class HttpSearch:
         with self._lock:
             cached = self._cache.get(key)
         from_cache = cached is not None
-        if not from_cache:
+        if cached is None:
             try:
                 cached = self._fetch(query)
             except Exception as exc:  # every failure becomes a result the model can read

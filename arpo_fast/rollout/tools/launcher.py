@@ -55,7 +55,7 @@ class Libc:
         self("prctl", option, self.ct.c_ulong(value), 0, 0, 0)
 
     def seccomp(self, program: bytes):
-        class Fprog(self.ct.Structure):
+        class Fprog(self.ct.Structure):  # type: ignore[name-defined]  # ctypes, loaded after the fork
             _fields_ = [("len", self.ct.c_ushort), ("filter", self.ct.c_char_p)]
 
         prog = Fprog(len(program) // 8, program)

@@ -330,7 +330,7 @@ class _Held:
             sweep_files(self.uid, self.iso.shared_dirs)
         self.orphans.reap(wait_s=1.0)
         self.orphans.close()
-        if self.uid is not None:
+        if self.uid is not None and self.iso.uids is not None:
             self.iso.uids.release(self.uid, clean)
         if self.workdir is not None:
             remove_tree(self.workdir)

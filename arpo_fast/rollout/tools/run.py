@@ -67,13 +67,15 @@ class Run:
         finally:
             self.orphans.watch(group_members(proc.pid) if self.orphans.active else ())
             kill_group(proc)
-            proc.stdout.close()
-            proc.stderr.close()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
         return proc.wait()
 
     def _drain(self, proc: subprocess.Popen, deadline: float) -> None:
         keep = self.config.max_output_chars * 4 + 4  # enough bytes for the shown characters
         with selectors.DefaultSelector() as sel:
+            assert proc.stdout is not None and proc.stderr is not None  # both are pipes
             sel.register(proc.stdout, selectors.EVENT_READ, "out")
             sel.register(proc.stderr, selectors.EVENT_READ, "err")
             if self.info_fd is not None:
@@ -117,7 +119,7 @@ class Run:
             pid = None
         if isinstance(pid, int):
             self.orphans.watch([pid])
-        if pid is not None or not chunk or len(self._info) >= 4096:
+        if (pid is not None or not chunk or len(self._info) >= 4096) and self.info_fd is not None:
             sel.unregister(self.info_fd)
 
     def _take_stderr(self, chunk: bytes) -> None:
@@ -194,7 +196,7 @@ def clip_lines(text: str, budget: int) -> str:
     return "\n".join(lines)[-budget:] if budget > 0 else ""
 
 
-def error_text(stderr_tail: bytes, rc: int, cfg, over_memory: bool, process_mb: int) -> str:
+def error_text(stderr_tail: bytes | bytearray, rc: int, cfg, over_memory: bool, process_mb: int) -> str:
     """The last ``error_lines`` lines of stderr, plus what stopped the program and a hint when a
     limit was the cause."""
     err = bytes(stderr_tail).decode("utf-8", "replace").rstrip()

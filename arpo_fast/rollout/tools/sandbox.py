@@ -110,7 +110,7 @@ def _userns_allowed() -> bool:
     return True
 
 
-_CGROUPS: dict[str, tuple] = {}
+_CGROUPS: dict[int, tuple] = {}
 
 
 def run_cgroups() -> tuple[Optional[cgroups.CgroupParent], str]:

@@ -206,10 +206,10 @@ class BM25Search:
         del texts
         retriever = self._bm25s.BM25(k1=c.k1, b=c.b, method=c.method)
         retriever.index(tokens, show_progress=False)
-        spans = np.asarray(spans, dtype=np.int64)
-        self._save(retriever, spans, manifest)
-        log.info("built the search index of %d documents in %.1f s", len(spans), time.monotonic() - started)
-        return retriever, spans
+        table = np.asarray(spans, dtype=np.int64)
+        self._save(retriever, table, manifest)
+        log.info("built the search index of %d documents in %.1f s", len(table), time.monotonic() - started)
+        return retriever, table
 
     def _save(self, retriever, spans: np.ndarray, manifest: dict) -> None:
         """Write the index into a new folder of ours, then put it in place of a missing, empty or
@@ -330,6 +330,8 @@ def _swap_in(new: str, folder: str) -> None:
         os.rename(new, folder)  # rename(2) replaces an empty folder
         return
     ours = _our_files(folder)
+    if ours is None:  # its marker went unreadable since the state was read
+        raise OSError(f"{folder}: cannot read which of its files are ours")
     old = tempfile.mkdtemp(prefix=".arpo_bm25s_old_", dir=os.path.dirname(os.path.abspath(folder)))
     os.rename(folder, old + "/index")
     try:
