@@ -375,7 +375,9 @@ def test_preemption_in_a_small_pool_changes_no_trajectory(tok, warm_model, monke
     for blocks, policy in ((512, "raise"), (14, "preempt")):
         engine = Engine(model, tokenizer=tok, num_blocks=blocks, block_size=8, on_pool_exhausted=policy)
         with torch.no_grad():
-            out = arpo_rollout(engine, protocol, prompts, cfg, executor=Tools(), seed=5)
+            out = arpo_rollout(
+                engine, protocol, prompts, cfg, executor=Tools(), seed=6
+            )  # a seed that branches
         trees.append([(t.kind, t.parent, t.response_ids, t.path) for t in out.trajectories])
         assert not engine.live()
     assert engine.stats["preemptions"] > 0
