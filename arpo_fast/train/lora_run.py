@@ -54,7 +54,10 @@ def check(cfg: TrainConfig, distributed: bool, checkpoint: Optional[Path]) -> No
     if cfg.lora_rank:
         from arpo_fast.train.lora import import_peft
 
-        import_peft()
+        try:
+            import_peft()
+        except ImportError as exc:
+            raise ValueError(f"--lora-rank: {exc}") from None
     if checkpoint is not None and is_lora_checkpoint(checkpoint) != bool(cfg.lora_rank):
         what = "a LoRA adapter" if cfg.lora_rank == 0 else "a full model, no LoRA adapter"
         raise ValueError(f"--lora-rank {cfg.lora_rank}: the checkpoint {checkpoint} holds {what}")
@@ -76,7 +79,10 @@ def attach(model: torch.nn.Module, cfg: TrainConfig, checkpoint: Optional[Path])
     from arpo_fast.train.lora import add_lora
     from arpo_fast.train.lora_files import load_adapter
 
-    add_lora(model, lora, seed=cfg.seed)
+    try:
+        add_lora(model, lora, seed=cfg.seed)
+    except ValueError as exc:  # a target the model lacks
+        raise ValueError(f"--lora-targets: {exc}") from None
     if checkpoint is not None:
         try:
             load_adapter(model, Path(checkpoint) / ADAPTER_DIR)
