@@ -18,6 +18,7 @@ from arpo_fast.rollout.rewards import reward_names
 from arpo_fast.rollout.tools import check_tool_settings, create_tool, tool_names
 from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor
 from arpo_fast.rollout.tools.validate import close_match, load_json, shown
+from arpo_fast.train import lora_run
 from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.demo import is_demo
 
@@ -38,8 +39,8 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
 def check_model_source(cfg: TrainConfig, resuming: bool) -> None:
     """Fail at once, naming the flag, on a ``--model`` or ``--tokenizer`` that cannot be what it
     should be (checked before anything slow or written). A resumed run loads its checkpoint's, and
-    ``--model`` again only as the KL reference (``--kl-coef``)."""
-    if resuming and not cfg.update.kl_coef:
+    ``--model`` again only as the KL reference (``--kl-coef``) or as a LoRA run's base."""
+    if resuming and not cfg.update.kl_coef and not cfg.lora_rank:
         return
     if is_demo(cfg.model):
         if cfg.tokenizer and not resuming:
@@ -91,7 +92,7 @@ def load_tokenizer(cfg: TrainConfig, checkpoint: Optional[Path]) -> tuple[object
 
         tokenizer = demo_tokenizer()
         return tokenizer, demo_config(tokenizer).max_position_embeddings
-    path = checkpoint / "model" if checkpoint is not None else Path(cfg.model)
+    path = Path(cfg.model) if checkpoint is None else _checkpoint_model(checkpoint, cfg)
     config = _loaded(f"--model {path} (its config.json)", lambda: AutoConfig.from_pretrained(path))
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED_MODEL_TYPES:
@@ -99,8 +100,10 @@ def load_tokenizer(cfg: TrainConfig, checkpoint: Optional[Path]) -> tuple[object
             f"--model {path}: model type {kind!r} is not one the engine runs "
             f"({', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    if checkpoint is not None:  # beside the model; in tokenizer/ in checkpoints written before
+    if checkpoint is not None:  # beside the model (the adapter); in tokenizer/ in checkpoints written before
         folder = path if (path / "tokenizer_config.json").exists() else checkpoint / "tokenizer"
+        if lora_run.is_lora_checkpoint(checkpoint):
+            folder = checkpoint / lora_run.ADAPTER_DIR
         tokenizer = _loaded(f"the checkpoint's tokenizer {folder}", lambda: _saved_tokenizer(folder))
     else:
         from transformers import AutoTokenizer
@@ -111,10 +114,26 @@ def load_tokenizer(cfg: TrainConfig, checkpoint: Optional[Path]) -> tuple[object
     return tokenizer, getattr(config, "max_position_embeddings", None)
 
 
+def _checkpoint_model(checkpoint: Path, cfg: TrainConfig) -> Path:
+    """The folder of a checkpoint's model: its ``model/``, or a LoRA checkpoint's base."""
+    if lora_run.is_lora_checkpoint(checkpoint):
+        return lora_run.base_folder(checkpoint, cfg)
+    return checkpoint / "model"
+
+
 def load_model(cfg: TrainConfig, checkpoint: Optional[Path], device, dtype, tokenizer, verbose: bool = True):
     """The policy for ``tokenizer`` (:func:`load_tokenizer`'s): from the checkpoint when resuming,
     else the demo (warm-started) or ``--model`` (its folders checked by :func:`check_model_source`
-    and ``checkpoint.validate_checkpoint``)."""
+    and ``checkpoint.validate_checkpoint``). A LoRA checkpoint gives its base, without adapters
+    (``lora_run.attach`` adds them): the checkpoint's ``base/``, or ``--model``."""
+    if checkpoint is not None and lora_run.is_lora_checkpoint(checkpoint):
+        folder = lora_run.base_folder(checkpoint, cfg)
+        if folder.parent != Path(checkpoint):
+            checkpoint = None  # the base is --model's, loaded below
+        else:
+            from arpo_fast.train.checkpoint import load_model as load_checkpoint_model
+
+            return load_checkpoint_model(checkpoint, device, dtype, folder.name)
     if checkpoint is None and is_demo(cfg.model):
         from arpo_fast.train.demo import demo_model, move_model, warm_start
 

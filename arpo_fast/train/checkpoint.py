@@ -7,6 +7,10 @@ size) beside ``trainer/``, the sharded fp32 masters and AdamW state written by
 ``torch.distributed.checkpoint`` (each rank its shards; a resume with another number of ranks
 reshards them).
 
+A LoRA run's checkpoint (``lora_run.py``) holds ``adapter/`` (the adapter in PEFT's format and the
+tokenizer) in place of ``model/``, ``base/`` for the demo's base, and ``merged/`` with
+``--save-merged``; its base is otherwise ``--model``'s.
+
 Checkpoints written before the tokenizer moved beside the model keep it in ``tokenizer/``; they
 still resume. A resumed run loads the tokenizer as the class it was saved as (``build.py``).
 
@@ -173,10 +177,7 @@ def validate_checkpoint(path: Path, distributed: bool = False) -> dict:
             f"the checkpoint {path} was written by a one-process run: resume it with "
             "python -m arpo_fast.train"
         )
-    tokenizer = "model/tokenizer_config.json"
-    if not (Path(path) / tokenizer).exists() and (Path(path) / "tokenizer").is_dir():
-        tokenizer = "tokenizer"  # written before the tokenizer moved beside the model
-    parts = [("model/config.json", "the model's config"), (tokenizer, "the tokenizer")]
+    parts = _required_parts(Path(path))
     if state.get("sharded"):
         parts.append(("trainer/.metadata", "the sharded trainer state"))
     for part, what in parts:
@@ -185,13 +186,25 @@ def validate_checkpoint(path: Path, distributed: bool = False) -> dict:
                 f"the checkpoint {path} is incomplete: {what} ({part}) is missing. "
                 "It was left untouched, and so was the run's metrics.jsonl"
             )
-    weights = Path(path) / "model"
-    if not any(weights.glob("*.safetensors")) and not any(weights.glob("*.bin")):
+    weights = Path(path) / ("base" if (Path(path) / "adapter").is_dir() else "model")
+    if weights.is_dir() and not any(weights.glob("*.safetensors")) and not any(weights.glob("*.bin")):
         raise CheckpointError(
-            f"the checkpoint {path} is incomplete: model/ holds no weights. It was "
+            f"the checkpoint {path} is incomplete: {weights.name}/ holds no weights. It was "
             "left untouched, and so was the run's metrics.jsonl"
         )
     return state
+
+
+def _required_parts(path: Path) -> list[tuple[str, str]]:
+    """(file, what it is) that the checkpoint ``path`` must hold besides its trainer state."""
+    if (path / "adapter").is_dir():  # a LoRA run's (``lora_run.py``)
+        from arpo_fast.train.lora_run import required_parts
+
+        return required_parts(path)
+    tokenizer = "model/tokenizer_config.json"
+    if not (path / tokenizer).exists() and (path / "tokenizer").is_dir():
+        tokenizer = "tokenizer"  # written before the tokenizer moved beside the model
+    return [("model/config.json", "the model's config"), (tokenizer, "the tokenizer")]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -230,17 +243,17 @@ def load_trainer_state(path: Path) -> dict:
     return state
 
 
-def load_model(path: Path, device, dtype):
-    """The checkpoint's model, every weight read and matched to the model's config: a damaged,
-    truncated or foreign weights file raises :class:`CheckpointError`. (Its tokenizer is read
-    before, by ``build.load_tokenizer``.)"""
+def load_model(path: Path, device, dtype, folder: str = "model"):
+    """The checkpoint's model (in ``folder``: a LoRA checkpoint's base is in ``base``), every weight
+    read and matched to the model's config: a damaged, truncated or foreign weights file raises
+    :class:`CheckpointError`. (Its tokenizer is read before, by ``build.load_tokenizer``.)"""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     try:
         with no_progress_bars():
             model, info = AutoModelForCausalLM.from_pretrained(
-                str(path / "model"), dtype=dtype, output_loading_info=True
+                str(path / folder), dtype=dtype, output_loading_info=True
             )
     except Exception as exc:  # noqa: BLE001 - safetensors, torch and transformers raise their own types
         raise _unusable(path, "its model", exc) from None

@@ -93,15 +93,18 @@ class Checkpointer:
 
     ``dist``: the run's ``distributed.Dist`` (None: one process); ``keep``: complete checkpoints
     kept; ``saved_step``: the step of the checkpoint the run resumed from (saving it again is
-    skipped)."""
+    skipped); ``lora``: a LoRA run's ``lora_run.files`` (the adapter is saved, not the model)."""
 
-    def __init__(self, out, dist=None, *, keep: int = 1, async_save: bool = False, saved_step=None):
+    def __init__(
+        self, out, dist=None, *, keep: int = 1, async_save: bool = False, saved_step=None, lora=None
+    ):
         if keep < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
         self.out, self.dist, self.keep = Path(out), dist, keep
         self.async_save = async_save and dist is not None
         self.saved_step: Optional[int] = saved_step
         self._pending = None
+        self.lora: Optional[dict] = lora
 
     @property
     def main(self) -> bool:
@@ -145,8 +148,13 @@ class Checkpointer:
         os.mkdir(tmp)
         (tmp / MARKER).write_text(f"written by arpo_fast after step {step}; removed with its run\n")
 
-    @staticmethod
-    def _write_model(tmp: Path, model, tokenizer) -> None:
+    def _write_model(self, tmp: Path, model, tokenizer) -> None:
+        if self.lora is not None:
+            from arpo_fast.train.lora_run import write
+
+            with no_progress_bars():
+                write(tmp, model, tokenizer, **self.lora)
+            return
         with no_progress_bars():
             model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")

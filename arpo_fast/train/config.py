@@ -23,10 +23,16 @@ from typing import Optional
 from arpo_fast.rollout.config import ARPOConfig
 from arpo_fast.settings import require_counts, require_non_negative, setting
 from arpo_fast.train.demo import DEMO, is_demo, threads
+from arpo_fast.train.demo import LORA_LR as DEMO_LORA_LR
 from arpo_fast.train.demo import LR as DEMO_LR
 from arpo_fast.train.update_config import UpdateConfig
 
 REFERENCE_LR = 1e-6
+LORA_LR = 1e-5
+"""The learning rate of LoRA adapters on a model of one's own (auto): LoRA is commonly tuned at
+about 10x the rate of full-weight training, here 10x the reference's."""
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Every linear layer of attention and MLP (``lora.DEFAULT_TARGETS``; peft is not imported here)."""
 REPORT_TARGETS = ("tensorboard", "wandb")
 
 
@@ -184,9 +190,31 @@ class TrainConfig:
     lr: Optional[float] = setting(
         None,
         "AdamW learning rate (auto: the reference's 1e-6, or the demo's 1e-4 with "
-        "--model demo: a 0.6M-parameter model barely moves at 1e-6).",
+        "--model demo: a 0.6M-parameter model barely moves at 1e-6; with lora_rank 10x those).",
     )
     weight_decay: float = setting(0.01, "AdamW's decoupled weight decay (the reference's: 0.01).")
+    # --- LoRA (lora.py): a frozen base with small trained adapters
+    lora_rank: int = setting(
+        0,
+        "Train LoRA adapters of this rank on a frozen base (pip install 'arpo_fast[lora]'); 0: "
+        "train every weight. The engine applies the live adapters in the rollout, and the KL "
+        "reference is the base (the adapters switched off), with no second copy.",
+    )
+    lora_alpha: Optional[float] = setting(
+        None, "The adapters' output is scaled by lora_alpha / lora_rank (auto: the rank, a scale of 1)."
+    )
+    lora_dropout: float = setting(
+        0.0, "Dropout on the adapters' input in the update's forward (never in the rollout); in [0, 1)."
+    )
+    lora_targets: str = setting(
+        ",".join(LORA_TARGETS),
+        "Comma-separated projections that get adapters (default: every linear layer of attention and MLP).",
+    )
+    save_merged: bool = setting(
+        False,
+        "With lora_rank: each checkpoint also holds merged/, the base with the adapters merged in, "
+        "a plain model that AutoModelForCausalLM loads (the size of the base).",
+    )
 
     def __post_init__(self):
         if not (math.isfinite(self.dist_timeout_s) and self.dist_timeout_s >= 0):
@@ -238,11 +266,33 @@ class TrainConfig:
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        self._check_lora()
         if not self.reward_key.strip():
             raise ValueError("reward_key must name a data column, e.g. data_source")
         if self.resume is not False and not self.out:
             raise ValueError("resume needs --out, the directory of the run to continue")
         self._resolve_auto()
+
+    def _check_lora(self) -> None:
+        """The LoRA settings, each error naming its flag (``lora.LoraSettings`` checks them again)."""
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be an integer >= 0 (0: off), got {self.lora_rank!r}")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"lora_alpha must be > 0 (or auto), got {self.lora_alpha}")
+        if not (math.isfinite(self.lora_dropout) and 0 <= self.lora_dropout < 1):
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        targets = [t.strip() for t in self.lora_targets.split(",")]
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(
+                f"lora_targets has an unknown projection {unknown[0]!r}; choose from {','.join(LORA_TARGETS)}"
+            )
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"lora_targets names a projection twice: {self.lora_targets!r}")
+        if self.save_merged and not self.lora_rank:
+            raise ValueError(
+                "save_merged needs --lora-rank (without LoRA the checkpoint is the model itself)"
+            )
 
     def _resolve_auto(self) -> None:
         """The one place where ``auto`` (None) settings get their value for this job; the names of
@@ -252,7 +302,10 @@ class TrainConfig:
         size and every held-out prompt."""
         self.auto_settings = frozenset(f.name for f in fields(self) if getattr(self, f.name) is None)
         if self.lr is None:
-            self.lr = DEMO_LR if is_demo(self.model) else REFERENCE_LR
+            if self.lora_rank:
+                self.lr = DEMO_LORA_LR if is_demo(self.model) else LORA_LR
+            else:
+                self.lr = DEMO_LR if is_demo(self.model) else REFERENCE_LR
         if self.eval_data is None:
             self.eval_data = DEMO if is_demo(self.data) else "none"
         if self.cpu_threads is None and is_demo(self.model) and "OMP_NUM_THREADS" not in os.environ:

@@ -53,6 +53,8 @@ SIZES = {"heldout": 128, "train": 1024, "warm": 4096}
 LR = 1e-4
 """The demo's learning rate (``TrainConfig.lr`` resolves to it for ``--model demo`` only): a
 0.6M-parameter model barely moves at the reference's 1e-6."""
+LORA_LR = 1e-3
+"""The demo's learning rate with ``--lora-rank`` (10x ``LR``, as LoRA is commonly tuned)."""
 
 
 TOOL_THOUGHT = "{a} * {b} is too big for my head; run it."

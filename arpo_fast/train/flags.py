@@ -28,6 +28,7 @@ SECTIONS = {  # title: what the section is about
     "tools": "what the model may call, and how often",
     "rewards": "how each trajectory is scored",
     "update": "the clipped policy-gradient update and its batches",
+    "LoRA": "train small adapters on a frozen base instead of every weight",
     "distributed": "runs under torchrun",
     "evaluation": "held-out prompts, evaluated at step 0, every --eval-every steps and at the end",
     "output": "the run folder, checkpoints, resuming, reporting",
@@ -40,6 +41,7 @@ _NAMED = {
     "tools": ("tools", "tool_settings", "max_calls", "tool_workers", "stop_at_answer"),
     "rewards": ("reward", "reward_by_source", "reward_key"),
     "update": ("advantage", "lr", "weight_decay"),
+    "LoRA": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "save_merged"),
     "distributed": ("dist_timeout_s", "setup_timeout_s", "rollout_timeout_s", "update_timeout_s"),
     "evaluation": ("eval_data", "eval_every", "eval_limit", "eval_samples", "eval_temperature"),
     "output": ("out", "resume", "save_every", "keep_checkpoints", "async_save", "report_to", "plot_every"),
@@ -82,6 +84,9 @@ VERL = {
     "micro_batch_tokens": "actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
     "kl_coef": "actor_rollout_ref.actor.kl_loss_coef",
     "gradient_checkpointing": "actor_rollout_ref.model.enable_gradient_checkpointing",
+    "lora_rank": "actor_rollout_ref.model.lora_rank",
+    "lora_alpha": "actor_rollout_ref.model.lora_alpha",
+    "lora_targets": "actor_rollout_ref.model.target_modules",
     "eval_data": "data.val_files",
     "eval_every": "trainer.test_freq",
     "eval_samples": "actor_rollout_ref.rollout.val_kwargs.n",
@@ -105,7 +110,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 JSON_SETTINGS = ("tool_settings", "reward_by_source")
 """Settings holding a JSON object: a YAML file may write them as a mapping."""
-LIST_SETTINGS = ("tools", "report_to")
+LIST_SETTINGS = ("tools", "report_to", "lora_targets")
 """Comma-separated settings: a YAML file may write them as a list."""
 AUTO = "auto"
 

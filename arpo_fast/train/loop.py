@@ -43,7 +43,7 @@ from arpo_fast.rollout.rollout_tree import RolloutTree
 from arpo_fast.rollout.tools.executor import ToolExecutor
 from arpo_fast.rollout.tree import arpo_rollout
 from arpo_fast.seeds import child_seed
-from arpo_fast.train import build, distributed, interrupts, metrics, report, run_dir
+from arpo_fast.train import build, distributed, interrupts, lora_run, metrics, report, run_dir
 from arpo_fast.train.checkpoint import (
     CheckpointError,
     find_checkpoint,
@@ -134,6 +134,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
             run_dir.check_shared(Path(cfg.out), d)
     with _agreed(d):  # the folder, the model's source and the data, before any weights load
         checkpoint, state = run_dir.check_out(cfg, d is not None)
+        lora_run.check(cfg, d is not None, checkpoint)
         build.check_model_source(cfg, resuming=checkpoint is not None)
         device, dtype = build.resolve_device(cfg)
         device = d.device if d else device
@@ -147,14 +148,15 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         torch.manual_seed(cfg.seed)
         if model is None:  # a checkpoint's weights are each read and checked before anything is written
             model = build.load_model(cfg, checkpoint, device, dtype, tokenizer, verbose=d is None or d.main)
+        lora_run.attach(model, cfg, checkpoint)  # before the optimizer and the engine: both use them
         starting = None
-        if cfg.update.kl_coef:  # the policy the run started from: a resumed run loads it again
+        if cfg.update.kl_coef and not cfg.lora_rank:  # the starting policy: a resume loads it again
             starting = (
                 model
                 if checkpoint is None
                 else build.load_model(cfg, None, device, dtype, tokenizer, verbose=False)
             )
-    reference = None
+    reference = lora_run.reference(model, cfg)  # LoRA's: the adapters switched off
     if starting is not None:
         reference = distributed.shard(starting, d, dtype) if d else copy.deepcopy(starting)
         reference.requires_grad_(False)
@@ -196,7 +198,7 @@ def _optimizer(cfg: TrainConfig, model, d, checkpoint: Optional[Path], state: Op
         optimizer = MasterWeights(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if state is not None:
             load_optimizer_state(checkpoint, optimizer, state)
-        return optimizer, model
+        return optimizer, lora_run.scorer(model, cfg)
     optimizer = distributed.ShardedPolicy(model, d, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state is not None:
         with _agreed(d):
@@ -299,7 +301,12 @@ def _checkpointer(run: Run) -> Checkpointer:
     cfg = run.cfg
     saved = run.start if run.resumed_from is not None else None
     return Checkpointer(
-        cfg.out, run.dist, keep=cfg.keep_checkpoints, async_save=cfg.async_save, saved_step=saved
+        cfg.out,
+        run.dist,
+        keep=cfg.keep_checkpoints,
+        async_save=cfg.async_save,
+        saved_step=saved,
+        lora=lora_run.files(cfg),
     )
 
 

@@ -3,6 +3,7 @@
 - :func:`save_adapter` writes ``adapter_config.json`` and ``adapter_model.safetensors`` (fp32), the
   files ``PeftModel.from_pretrained(base, DIR)`` loads; :func:`load_adapter` reads them back into a
   model's adapters in place (the same tensors, so an engine and its CUDA graphs keep working).
+- :func:`save_base` writes the base model alone, as ``transformers`` saves it.
 - :func:`save_merged` writes a plain ``transformers`` model (``AutoModelForCausalLM.from_pretrained``
   loads it) whose projections are W + scale * B A, computed in fp32 and rounded once to the base
   dtype. The live model is not touched: the merged weights are built one projection at a time and
@@ -133,12 +134,13 @@ def merged_weight(layer: torch.nn.Module) -> torch.Tensor:
         return (base.weight.float() + (b.float() @ a.float()) * scale).to(base.weight.dtype)
 
 
-def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the model with its adapters merged, under the plain ``transformers`` names:
-    merged projections on the CPU, every other tensor the live one (not copied)."""
+def merged_state_dict(model: torch.nn.Module, merge: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict of the model with its adapters merged (``merge``; else the base model's own),
+    under the plain ``transformers`` names: merged projections on the CPU, every other tensor the
+    live one (not copied)."""
     layers = dict(lora_layers(model))
     for name, layer in layers.items():
-        if layer.lora_B[ADAPTER].bias is not None:
+        if merge and layer.lora_B[ADAPTER].bias is not None:
             raise ValueError(f"save_merged: {name} has an adapter bias, which merging does not support")
     out = {}
     for key, t in model.state_dict().items():
@@ -147,8 +149,9 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             out[key] = t
         elif rest.startswith("base_layer."):  # the adapters' own tensors are left out
             out[f"{owner}.{rest[len('base_layer.') :]}"] = t
-    for name, layer in layers.items():
-        out[f"{name}.weight"] = merged_weight(layer).cpu()
+    if merge:
+        for name, layer in layers.items():
+            out[f"{name}.weight"] = merged_weight(layer).cpu()
     return out
 
 
@@ -162,13 +165,14 @@ def _owner(key: str, layers: dict) -> tuple[str | None, str]:
     return None, key
 
 
-def save_merged(model: torch.nn.Module, directory) -> Path:
+def save_merged(model: torch.nn.Module, directory, merge: bool = True) -> Path:
     """Write ``model`` with its adapters merged as a plain ``transformers`` model (config, generation
     config and safetensors weights, in the base's dtype) into ``directory``; returns the folder.
-    ``model`` itself is left as it is."""
+    ``merge=False`` writes the base model (the adapters left out; :func:`save_base`). ``model``
+    itself is left as it is."""
     _adapter_config(model)
-    state = merged_state_dict(model)
-    path = _new_folder(directory, "save_merged")
+    state = merged_state_dict(model, merge)
+    path = _new_folder(directory, "save_merged" if merge else "save_base")
     live = model.config
     model.config = copy.deepcopy(live)  # save_pretrained records the class and dtype in it
     try:
@@ -176,3 +180,10 @@ def save_merged(model: torch.nn.Module, directory) -> Path:
     finally:
         model.config = live
     return path
+
+
+def save_base(model: torch.nn.Module, directory) -> Path:
+    """Write the frozen base of ``model`` (its adapters left out) as a plain ``transformers`` model
+    into ``directory``: what ``add_lora`` was given, for a base that exists nowhere else (the
+    demo's, after its warm start)."""
+    return save_merged(model, directory, merge=False)
