@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from arpo_fast.settings import require_counts, setting
 
@@ -36,9 +37,12 @@ class ARPOConfig:
         "distribution entropy) or 'reference' (decide at each call from the "
         "segment before it, entropy over the top 10 tokens; see docs/training.md).",
     )
-    max_response_tokens: int = setting(
-        4096, "Tokens after the prompt, tool results included; a longer trajectory ends as ``length``."
+    max_response_tokens: Optional[int] = setting(
+        4096,
+        "Tokens after the prompt, tool results included; a longer trajectory ends as ``length`` "
+        "(auto: the reference's 4096 tokens, or the demo's 64 with --model demo).",
     )
+    """None (``auto``) only inside the trainer's config, which resolves it per job."""
 
     def __post_init__(self):
         if not 1 <= self.initial <= self.rollouts:
@@ -47,7 +51,9 @@ class ARPOConfig:
             )
         if self.branches < 2:
             raise ValueError(f"branches must be >= 2 (a branch point makes Z paths), got {self.branches}")
-        require_counts(self, "entropy_tokens", "max_response_tokens")
+        require_counts(self, "entropy_tokens")
+        if self.max_response_tokens is not None:
+            require_counts(self, "max_response_tokens")
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if not math.isfinite(self.entropy_weight):

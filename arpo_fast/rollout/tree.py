@@ -97,6 +97,8 @@ class _TreeRollout:
         self.engine, self.protocol, self.executor = engine, protocol, executor
         self.config, self.sampling, self.seed = config, sampling, seed
         self.prompt_seeds = prompt_seeds
+        if config.max_response_tokens is None:
+            raise ValueError("arpo_rollout: config.max_response_tokens is auto; give a token count")
         self.reference = config.arpo_semantics == "reference"
         self.log_v = math.log(max(int(engine.vocab_size), 2))
         self.record = TreeRecorder([])
