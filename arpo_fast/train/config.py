@@ -184,7 +184,8 @@ class TrainConfig:
     )
     # --- update (the clipped loss and batching are in `update`)
     update: UpdateConfig = setting(
-        factory=UpdateConfig, help="The clipped update (flags --clip-low ... --micro-batch-tokens)."
+        factory=lambda: UpdateConfig(loss_agg=None),
+        help="The clipped update (flags --clip-low ... --micro-batch-tokens).",
     )
     advantage: str = setting(
         "soft", "'soft' (GRPO on the leaves, the reference's default) or 'hard' (shared tokens get the mean)."
@@ -269,6 +270,9 @@ class TrainConfig:
         if self.rollout.max_response_tokens is None:
             response = DEMO_RESPONSE if demo else REFERENCE_RESPONSE
             self.rollout = dataclasses.replace(self.rollout, max_response_tokens=response)
+        if self.update.loss_agg is None:
+            agg = "dynamic-bsz" if self.rollout.arpo_semantics == "reference" else "token-mean"
+            self.update = dataclasses.replace(self.update, loss_agg=agg)
         if self.eval_data is None:
             self.eval_data = DEMO if is_demo(self.data) else "none"
         if self.cpu_threads is None and is_demo(self.model) and "OMP_NUM_THREADS" not in os.environ:
