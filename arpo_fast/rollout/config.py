@@ -37,6 +37,14 @@ class ARPOConfig:
         "distribution entropy) or 'reference' (decide at each call from the "
         "segment before it, entropy over the top 10 tokens; see docs/training.md).",
     )
+    branch_budget: Optional[str] = setting(
+        None,
+        "How a prompt's M - N branch slots are shared: 'split' among the initial trajectories in "
+        "advance (a copy shares its source's), or 'pooled' (the reference's: one pool that copies "
+        "and fills draw on too, granted in (call number, creation order) order; "
+        "--arpo-semantics reference only). Auto: split, or pooled with --arpo-semantics "
+        "reference. Both give the same tree whatever the tool latency (see docs/training.md).",
+    )
     max_response_tokens: Optional[int] = setting(
         4096,
         "Tokens after the prompt, tool results included; a longer trajectory ends as ``length`` "
@@ -62,3 +70,17 @@ class ARPOConfig:
             raise ValueError(f"entropy_reduce must be 'sum' or 'mean', got {self.entropy_reduce!r}")
         if self.arpo_semantics not in ("ours", "reference"):
             raise ValueError(f"arpo_semantics must be 'ours' or 'reference', got {self.arpo_semantics!r}")
+        if self.branch_budget not in (None, "split", "pooled"):
+            raise ValueError(f"branch_budget must be 'split' or 'pooled', got {self.branch_budget!r}")
+        if self.branch_budget == "pooled" and self.arpo_semantics != "reference":
+            raise ValueError(
+                "branch_budget pooled needs arpo_semantics reference (which decides at the call, "
+                "before the result: ours decides while decoding, where waiting for slots would stall it)"
+            )
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the branch budget is one pool per prompt (``branch_budget``, auto resolved)."""
+        if self.branch_budget is None:
+            return self.arpo_semantics == "reference"
+        return self.branch_budget == "pooled"

@@ -270,6 +270,9 @@ class TrainConfig:
         if self.rollout.max_response_tokens is None:
             response = DEMO_RESPONSE if demo else REFERENCE_RESPONSE
             self.rollout = dataclasses.replace(self.rollout, max_response_tokens=response)
+        if self.rollout.branch_budget is None:
+            pooled = "pooled" if self.rollout.pooled else "split"
+            self.rollout = dataclasses.replace(self.rollout, branch_budget=pooled)
         if self.update.loss_agg is None:
             agg = "dynamic-bsz" if self.rollout.arpo_semantics == "reference" else "token-mean"
             self.update = dataclasses.replace(self.update, loss_agg=agg)

@@ -99,6 +99,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "bf16", "fp16", "fp32"),
     "entropy_reduce": ("sum", "mean"),
     "arpo_semantics": ("ours", "reference"),
+    "branch_budget": ("split", "pooled"),
     "attn_implementation": IMPLEMENTATIONS,
     "loss_agg": LOSS_AGG,
     "gradient_checkpointing": ("auto", "true", "false"),
