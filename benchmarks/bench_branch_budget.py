@@ -146,9 +146,10 @@ def reference_rounds(calls: int, prompts: int, branches: int, seed: int = 0) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="100 prompts")
+    parser.add_argument("--prompts", type=int, default=500)
     args = parser.parse_args()
-    prompts = 100 if args.quick else 1000
+    prompts = 100 if args.quick else args.prompts
     tok = demo_tokenizer()
     rows = {
         "ours, split": lambda c, z: ours(tok, c, prompts, z),
