@@ -25,7 +25,8 @@ advantages (:func:`weighted_advantages`): a token shared by several trajectories
 ``shared_policy_loss``, then still weighs each copy by its own trajectory's u_t, and the packed and
 per-trajectory layouts give the same loss. The update divides the sum by Z (:func:`denominator`).
 The entropy bonus and the KL penalty stay token-means (verl aggregates them by the mode too; both
-are off by default, as in the reference).
+are off by default, as in the reference). The logged ``loss`` is the token-mean of the weighted
+token losses (sum of u_t l over the model-written tokens), the objective itself for token-mean only.
 """
 
 from __future__ import annotations
