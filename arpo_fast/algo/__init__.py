@@ -1,7 +1,8 @@
 """ARPO's learning signal, in plain torch: GRPO group advantages, their attribution to the tokens of a
 rollout tree (``"soft"``, plain GRPO and ARPO's default, or ``"hard"``, where a shared prefix gets the
 mean advantage of the trajectories through it), the clipped policy loss with dual clip,
-token-mean over model-written tokens, and the k3 estimate of the KL to a reference policy. Of the
+token-mean over model-written tokens (or verl's other aggregations: ``aggregation``), and the k3
+estimate of the KL to a reference policy. Of the
 rest of the package only the rollout's record (``rollout.rollout_tree``) is imported.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from arpo_fast.settings import require_counts, setting
 
@@ -36,9 +37,20 @@ class ARPOConfig:
         "distribution entropy) or 'reference' (decide at each call from the "
         "segment before it, entropy over the top 10 tokens; see docs/training.md).",
     )
-    max_response_tokens: int = setting(
-        4096, "Tokens after the prompt, tool results included; a longer trajectory ends as ``length``."
+    branch_budget: Optional[str] = setting(
+        None,
+        "How a prompt's M - N branch slots are shared: 'split' among the initial trajectories in "
+        "advance (a copy shares its source's), or 'pooled' (the reference's: one pool that copies "
+        "and fills draw on too, granted in (call number, creation order) order; "
+        "--arpo-semantics reference only). Auto: split, or pooled with --arpo-semantics "
+        "reference. Both give the same tree whatever the tool latency (see docs/training.md).",
     )
+    max_response_tokens: Optional[int] = setting(
+        4096,
+        "Tokens after the prompt, tool results included; a longer trajectory ends as ``length`` "
+        "(auto: the reference's 4096 tokens, or the demo's 64 with --model demo).",
+    )
+    """None (``auto``) only inside the trainer's config, which resolves it per job."""
 
     def __post_init__(self):
         if not 1 <= self.initial <= self.rollouts:
@@ -47,7 +59,9 @@ class ARPOConfig:
             )
         if self.branches < 2:
             raise ValueError(f"branches must be >= 2 (a branch point makes Z paths), got {self.branches}")
-        require_counts(self, "entropy_tokens", "max_response_tokens")
+        require_counts(self, "entropy_tokens")
+        if self.max_response_tokens is not None:
+            require_counts(self, "max_response_tokens")
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if not math.isfinite(self.entropy_weight):
@@ -56,3 +70,17 @@ class ARPOConfig:
             raise ValueError(f"entropy_reduce must be 'sum' or 'mean', got {self.entropy_reduce!r}")
         if self.arpo_semantics not in ("ours", "reference"):
             raise ValueError(f"arpo_semantics must be 'ours' or 'reference', got {self.arpo_semantics!r}")
+        if self.branch_budget not in (None, "split", "pooled"):
+            raise ValueError(f"branch_budget must be 'split' or 'pooled', got {self.branch_budget!r}")
+        if self.branch_budget == "pooled" and self.arpo_semantics != "reference":
+            raise ValueError(
+                "branch_budget pooled needs arpo_semantics reference (which decides at the call, "
+                "before the result: ours decides while decoding, where waiting for slots would stall it)"
+            )
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the branch budget is one pool per prompt (``branch_budget``, auto resolved)."""
+        if self.branch_budget is None:
+            return self.arpo_semantics == "reference"
+        return self.branch_budget == "pooled"

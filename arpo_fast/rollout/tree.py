@@ -22,12 +22,15 @@ segment covers its first k tokens, and the decision is taken at each call from t
 ends there (H_init is a trajectory's first segment, so its first call is a coin flip at
 ``threshold``); the copies still fork after the call's result.
 
-Budget: the M - N branch slots of a prompt are split among its initial trajectories in advance
-(the first ones get one more when they do not divide evenly), and at a branch point a trajectory's
-remaining slots are split among the paths it becomes. A trajectory never waits for, or races, any
-other for a slot, so a tree is a function of (seed, prompt, tool outputs), never of which tool
-answered first. When every trajectory of a prompt has finished, unused slots start fresh
-trajectories, all at once.
+Budget (``branch_budget``): ``split`` divides the M - N branch slots of a prompt among its initial
+trajectories in advance (the first ones get one more when they do not divide evenly), and a
+trajectory that branches splits what it has left among the paths it becomes: no trajectory waits
+for, or races, another for a slot; unused slots start fresh trajectories, all at once, when the
+prompt's have finished. ``pooled`` (the default of ``arpo_semantics="reference"``) is the
+reference's: one pool per prompt that copies and fills (one at a time) draw on too, granted in
+(call number, creation order) order (``budget.py``). Either way a tree is a function of (seed,
+prompt, tool outputs), never of which tool answered first. The reference's rule draws once per
+copy, ours once for all Z - 1.
 
 Every draw is a function of (rollout seed, prompt, trajectory, position): the same seed gives the
 same trajectories whatever order the tools finish in, up to the model's own float arithmetic.
@@ -38,49 +41,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from arpo_fast.engine.params import SamplingParams
+from arpo_fast.rollout.budget import BranchPool
 from arpo_fast.rollout.config import ARPOConfig
 from arpo_fast.rollout.engine_api import RolloutEngine
-from arpo_fast.rollout.protocol import Protocol, TrajectoryProtocol
+from arpo_fast.rollout.live import LiveTrajectory as _Live
+from arpo_fast.rollout.live import Window as _Window
+from arpo_fast.rollout.live import split_slots as _split
+from arpo_fast.rollout.live import uniform as _uniform
+from arpo_fast.rollout.protocol import Protocol
 from arpo_fast.rollout.recorder import TreeRecorder
 from arpo_fast.rollout.rollout_tree import RolloutTree
-from arpo_fast.seeds import MAX_SEED, child_seed
-
-
-@dataclass
-class _Window:
-    """Entropies of up to k tokens from response index ``at`` on; ``value`` once it is closed."""
-
-    at: int
-    entropies: list[float] = field(default_factory=list)
-
-
-@dataclass
-class _Live:
-    seq: int
-    key: int  # for this trajectory's branch draws
-    protocol: TrajectoryProtocol
-    share: int  # branch slots this trajectory may still use
-    h_init: Optional[float] = None
-    window: Optional[_Window] = None  # the entropies being measured now
-    fork_protocol: Optional[TrajectoryProtocol] = None  # the protocol state at the fork point
-    segment_h: Optional[float] = None  # reference rule: H of the segment the next call ends
-    pending: int = 0  # copies decided at a call, forked when its result is in
-    copies: int = 0
-
-
-def _uniform(key: int, index: int) -> float:
-    return child_seed(key, index) / (MAX_SEED + 1)
-
-
-def _split(total: int, parts: int) -> list[int]:
-    """``total`` slots over ``parts`` holders, the first ones getting one more when it does not divide."""
-    return [total // parts + (j < total % parts) for j in range(parts)]
+from arpo_fast.seeds import child_seed
 
 
 class _TreeRollout:
@@ -97,7 +73,11 @@ class _TreeRollout:
         self.engine, self.protocol, self.executor = engine, protocol, executor
         self.config, self.sampling, self.seed = config, sampling, seed
         self.prompt_seeds = prompt_seeds
+        if config.max_response_tokens is None:
+            raise ValueError("arpo_rollout: config.max_response_tokens is auto; give a token count")
         self.reference = config.arpo_semantics == "reference"
+        self.pooled = config.pooled
+        self.pool = BranchPool(0)
         self.log_v = math.log(max(int(engine.vocab_size), 2))
         self.record = TreeRecorder([])
         self.names: list[tuple[int, ...]] = []  # (start index, copy index, copy index, ...)
@@ -106,6 +86,7 @@ class _TreeRollout:
         self.waiting: dict[int, Future] = {}  # identical calls may share one future
         self.created: list[int] = []
         self.open: list[int] = []
+        self.granted: list[int] = []
         self.stats = dict.fromkeys(
             ("branch_points", "branch_copies", "fills", "tool_calls", "model_tokens", "tool_tokens", "steps"),
             0,
@@ -122,8 +103,11 @@ class _TreeRollout:
                 f"arpo_rollout: {len(self.prompt_seeds)} prompt seeds for {len(prompts)} prompts"
             )
         self.created, self.open = [0] * len(prompts), [0] * len(prompts)
+        self.granted = [0] * len(prompts)  # pooled: slots granted to copies not forked yet
         cfg = self.config
         shares = _split(cfg.rollouts - cfg.initial, cfg.initial)
+        if self.pooled:  # one pool per prompt: no shares
+            self.pool, shares = BranchPool(len(prompts)), [0] * cfg.initial
         for p in range(len(prompts)):
             self._start(p, shares, "initial")
         while self.active or self.waiting:
@@ -152,21 +136,28 @@ class _TreeRollout:
             self.open[p] += 1
             seq = self.engine.add(self.prompts[p], key)
             i = self.record.start(p, kind)
-            self.live[i] = _Live(seq, key, self.protocol.new_trajectory(), share, window=_Window(0))
+            live = _Live(seq, key, self.protocol.new_trajectory(), share, window=_Window(0))
+            live.order = self.created[p] - 1
+            self.live[i] = live
             self.active[i] = None
+            if self.pooled:
+                self.pool.join(p, i, (1, live.order))
         if kind == "fill":
             self.stats["fills"] += len(shares)
 
     def _finish(self, i: int, reason: str) -> None:
         live = self.live.pop(i)
+        p = self._prompt(i)
         self.record.end(i, reason, live.protocol.calls)
         self.active.pop(i, None)
         self.engine.free(live.seq)
-        p = self.record.tree.trajectories[i].prompt_index
         self.open[p] -= 1
         left = self.config.rollouts - self.created[p]
-        if self.open[p] == 0 and left > 0:
-            self._start(p, [0] * left, "fill")
+        if self.open[p] == 0 and left > 0:  # pooled: one at a time, each free to branch
+            self._start(p, [0] * (1 if self.pooled else left), "fill")
+        if self.pooled:
+            self.pool.leave(p, i)
+            self._grant(p)
 
     # ------------------------------------------------------------------ decoding
     def _step(self) -> None:
@@ -251,11 +242,22 @@ class _TreeRollout:
             live.fork_protocol = live.protocol.fork()
         if self.reference:  # measure the next segment; fork the copies decided at the call
             live.window = _Window(self.record.lengths[i])
-            if live.pending:
-                self._branch(i, live.pending, self.record.lengths[i])
-        elif live.share > 0:  # measure the k tokens after the result, then decide
+            live.stalled = self.pooled and self.pool.waiting(self._prompt(i), i)
+            if not live.stalled:  # else resumed when its request is granted
+                self._resume(i)
+            return
+        if live.share > 0:  # measure the k tokens after the result, then decide
             live.window = _Window(self.record.lengths[i])
         self.active[i] = None
+
+    def _resume(self, i: int) -> None:
+        """Fork the copies decided at the call whose result just came in, and decode on."""
+        if self.live[i].pending:
+            self._branch(i, self.live[i].pending, self.record.lengths[i])
+        self.active[i] = None
+
+    def _prompt(self, i: int) -> int:
+        return self.record.tree.trajectories[i].prompt_index
 
     # ------------------------------------------------------------------ branching
     def _reduce(self, entropies: list[float]) -> float:
@@ -273,18 +275,22 @@ class _TreeRollout:
         else:
             self._decide(i, value, window.at)
 
-    def _wants_branch(self, live: _Live, h_t: float, at: int) -> int:
-        """How many copies the branch rule makes at response index ``at`` (0: none)."""
+    def _wants_branch(self, live: _Live, h_t: float, at: int, slots: int) -> int:
+        """How many copies the branch rule makes at response index ``at`` (0: none) with ``slots``
+        left. Ours: one draw for all Z - 1 copies (the paper's rule). The reference's: one draw
+        per copy, as many draws as there are copies it may still make, min(Z - 1, slots)."""
         cfg = self.config
         d_h = (h_t - live.h_init) / self.log_v
-        u = _uniform(live.key, at)
-        if min(max(u - cfg.entropy_weight * d_h, 0.0), 1.0) > cfg.threshold:
-            return 0
-        return min(cfg.branches - 1, live.share)
+        draws = min(cfg.branches - 1, slots) if self.reference else 1
+        wins = 0
+        for j in range(draws):  # draw 0 is the one of ours: Z = 2 draws alike under both rules
+            u = _uniform(live.key, at) if j == 0 else _uniform(child_seed(live.key, at), j)
+            wins += min(max(u - cfg.entropy_weight * d_h, 0.0), 1.0) <= cfg.threshold
+        return min(cfg.branches - 1, slots) if wins and not self.reference else wins
 
     def _decide(self, i: int, h_t: float, at: int) -> None:
         """The default rule: decide from the k tokens after the result that ends at ``at``."""
-        n = self._wants_branch(self.live[i], h_t, at)
+        n = self._wants_branch(self.live[i], h_t, at, self.live[i].share)
         if n > 0:
             self._branch(i, n, at)
 
@@ -294,22 +300,49 @@ class _TreeRollout:
         if live.window is not None:  # a segment shorter than k tokens ended at this call
             self._close_window(i)
         h_t, live.segment_h = live.segment_h, None
-        if h_t is None:
+        if h_t is not None and live.h_init is None:  # the first segment is the baseline: its
+            live.h_init = h_t  # call is a coin flip
+        at, p = self.record.lengths[i], self._prompt(i)
+        if not self.pooled:
+            if h_t is not None and live.share > 0:
+                live.pending = self._wants_branch(live, h_t, at, live.share)
             return
-        if live.h_init is None:  # the first segment is the baseline: its call is a coin flip
-            live.h_init = h_t
-        if live.share > 0:
-            live.pending = self._wants_branch(live, h_t, self.record.lengths[i])
+        # slots only ever shrink (a grant whose copies found no room is not granted again: fills
+        # take it), so a request that wins nothing now would win nothing when granted
+        if h_t is None or self._wants_branch(live, h_t, at, self._slots(p)) == 0:
+            self.pool.settle(p, i, live.protocol.calls)
+            return
+        live.request = (h_t, at)
+        self.pool.ask(p, i, live.protocol.calls)
+        self._grant(p)
+
+    def _slots(self, p: int) -> int:
+        """Pooled: the slots of prompt ``p`` neither used nor granted."""
+        return self.config.rollouts - self.created[p] - self.granted[p]
+
+    def _grant(self, p: int) -> None:
+        """Grant prompt ``p``'s requests that are due (``budget.BranchPool``), in key order."""
+        while (i := self.pool.next_grant(p)) is not None:
+            live = self.live[i]
+            (h_t, at), live.request = live.request, None
+            live.pending = self._wants_branch(live, h_t, at, self._slots(p))
+            self.granted[p] += live.pending
+            self.pool.settle(p, i, live.protocol.calls)
+            if live.stalled:
+                live.stalled = False
+                self._resume(i)
 
     def _branch(self, i: int, n: int, at: int) -> None:
         """Fork ``n`` copies of trajectory ``i`` at response index ``at`` (right after a tool
         result); the slots it has left are split between it and its copies."""
         live = self.live[i]
         live.pending = 0
-        p = self.record.tree.trajectories[i].prompt_index
+        p = self._prompt(i)
+        if self.pooled:
+            self.granted[p] -= n
         children = self.engine.fork(live.seq, n, at=len(self.prompts[p]) + at)
         copies = self.record.branch(i, at, n)
-        shares = _split(live.share - n, n + 1)
+        shares = [0] * (n + 1) if self.pooled else _split(live.share - n, n + 1)
         live.share = shares[0]
         self.stats["branch_points"] += 1
         self.stats["branch_copies"] += n
@@ -322,9 +355,12 @@ class _TreeRollout:
                 copy = _Live(seq, key, live.fork_protocol.fork(), share, window=_Window(at))
             else:  # a copy keeps its source's baseline
                 copy = _Live(seq, key, live.fork_protocol.fork(), share, h_init=live.h_init)
+            copy.order = self.created[p]
+            self.created[p] += 1
             self.live[c] = copy
             self.active[c] = None
-        self.created[p] += n
+            if self.pooled:  # its next decision is at its next call
+                self.pool.join(p, c, (copy.protocol.calls + 1, copy.order))
         self.open[p] += n
 
 

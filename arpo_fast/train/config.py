@@ -25,6 +25,8 @@ from arpo_fast.settings import require_counts, require_non_negative, setting
 from arpo_fast.train.demo import DEMO, is_demo, threads
 from arpo_fast.train.demo import LORA_LR as DEMO_LORA_LR
 from arpo_fast.train.demo import LR as DEMO_LR
+from arpo_fast.train.demo import PROMPTS_PER_STEP as DEMO_PROMPTS
+from arpo_fast.train.demo import RESPONSE_TOKENS as DEMO_RESPONSE
 from arpo_fast.train.update_config import UpdateConfig
 
 REFERENCE_LR = 1e-6
@@ -33,6 +35,10 @@ LORA_LR = 1e-5
 about 10x the rate of full-weight training, here 10x the reference's."""
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """Every linear layer of attention and MLP (``lora.DEFAULT_TARGETS``; peft is not imported here)."""
+REFERENCE_PROMPTS = 128
+"""The reference's prompts per step (its 7B reasoning script's ``data.train_batch_size``)."""
+REFERENCE_RESPONSE = 4096
+"""The reference's response length (the same script's ``data.max_response_length``)."""
 REPORT_TARGETS = ("tensorboard", "wandb")
 
 
@@ -91,8 +97,10 @@ class TrainConfig:
     )
     # --- the run
     steps: int = setting(30, "Training steps (each: rollout, reward, advantage, update).")
-    prompts_per_step: int = setting(
-        8, "Prompts rolled out per step; each becomes a tree of --rollouts trajectories."
+    prompts_per_step: Optional[int] = setting(
+        None,
+        "Prompts rolled out per step; each becomes a tree of --rollouts trajectories (auto: the "
+        "reference's 128, or the demo's 8 with --model demo).",
     )
     seed: int = setting(0, "Seeds the data order, the model's initialisation (demo) and every sampling draw.")
     device: str = setting("auto", "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
@@ -169,8 +177,8 @@ class TrainConfig:
     )
     # --- rollout (the tree's own settings are in `rollout`)
     rollout: ARPOConfig = setting(
-        factory=lambda: ARPOConfig(max_response_tokens=64),
-        help="The tree rollout (flags --rollouts ... --max-response-tokens; the demo's responses are short).",
+        factory=lambda: ARPOConfig(max_response_tokens=None),
+        help="The tree rollout (flags --rollouts ... --max-response-tokens).",
     )
     temperature: float = setting(
         1.0, "Sampling temperature of the rollout (and of the log-probs the update uses); > 0."
@@ -182,7 +190,8 @@ class TrainConfig:
     )
     # --- update (the clipped loss and batching are in `update`)
     update: UpdateConfig = setting(
-        factory=UpdateConfig, help="The clipped update (flags --clip-low ... --micro-batch-tokens)."
+        factory=lambda: UpdateConfig(loss_agg=None),
+        help="The clipped update (flags --clip-low ... --micro-batch-tokens).",
     )
     advantage: str = setting(
         "soft", "'soft' (GRPO on the leaves, the reference's default) or 'hard' (shared tokens get the mean)."
@@ -225,7 +234,7 @@ class TrainConfig:
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         self.resume = _resume_mode(self.resume)
-        require_counts(self, "steps", "prompts_per_step", "tool_workers")
+        require_counts(self, "steps", "tool_workers")
         require_non_negative(
             self,
             "demo_warm_start",
@@ -237,7 +246,7 @@ class TrainConfig:
             "eval_samples",
             "plot_every",
         )
-        for name in ("eval_limit", "kv_memory_mb", "cpu_threads"):
+        for name in ("eval_limit", "kv_memory_mb", "cpu_threads", "prompts_per_step"):
             if getattr(self, name) is not None:
                 require_counts(self, name)
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
@@ -296,16 +305,30 @@ class TrainConfig:
 
     def _resolve_auto(self) -> None:
         """The one place where ``auto`` (None) settings get their value for this job; the names of
-        those that did are kept in ``auto_settings``. The demo's learning rate, held-out set and
-        thread count are never inherited by a run on a model or data of its own. ``tokenizer``,
-        ``kv_memory_mb`` and ``eval_limit`` stay None: the model's tokenizer, the engine's pool
-        size and every held-out prompt."""
-        self.auto_settings = frozenset(f.name for f in fields(self) if getattr(self, f.name) is None)
+        those that did are kept in ``auto_settings`` (flag-level names, the fields of ``rollout``
+        and ``update`` included). A real model gets the job settings of the reference's 7B
+        reasoning script (prompts per step, response length, learning rate); the demo its own,
+        never inherited by a run on a model or data of its own (nor are its held-out set and
+        thread count). ``tokenizer``, ``kv_memory_mb`` and ``eval_limit`` stay None: the model's
+        tokenizer, the engine's pool size and every held-out prompt."""
+        self.auto_settings = frozenset(name for name, value in self.flat().items() if value is None)
+        demo = is_demo(self.model)
         if self.lr is None:
             if self.lora_rank:
-                self.lr = DEMO_LORA_LR if is_demo(self.model) else LORA_LR
+                self.lr = DEMO_LORA_LR if demo else LORA_LR
             else:
-                self.lr = DEMO_LR if is_demo(self.model) else REFERENCE_LR
+                self.lr = DEMO_LR if demo else REFERENCE_LR
+        if self.prompts_per_step is None:
+            self.prompts_per_step = DEMO_PROMPTS if demo else REFERENCE_PROMPTS
+        if self.rollout.max_response_tokens is None:
+            response = DEMO_RESPONSE if demo else REFERENCE_RESPONSE
+            self.rollout = dataclasses.replace(self.rollout, max_response_tokens=response)
+        if self.rollout.branch_budget is None:
+            pooled = "pooled" if self.rollout.pooled else "split"
+            self.rollout = dataclasses.replace(self.rollout, branch_budget=pooled)
+        if self.update.loss_agg is None:
+            agg = "dynamic-bsz" if self.rollout.arpo_semantics == "reference" else "token-mean"
+            self.update = dataclasses.replace(self.update, loss_agg=agg)
         if self.eval_data is None:
             self.eval_data = DEMO if is_demo(self.data) else "none"
         if self.cpu_threads is None and is_demo(self.model) and "OMP_NUM_THREADS" not in os.environ:
@@ -322,10 +345,10 @@ class TrainConfig:
         for key, value in settings.items():
             group = next((g for g, c in GROUPS.items() if key in names_of(c)), None)
             (groups[group] if group else top)[key] = value
-        defaults = cls(out="-")
+        factories = {f.name: f.default_factory for f in fields(cls) if f.name in GROUPS}
         for group, sub in groups.items():
-            if sub:
-                top[group] = dataclasses.replace(getattr(defaults, group), **sub)
+            if sub:  # over the unresolved defaults: auto settings stay auto
+                top[group] = dataclasses.replace(factories[group](), **sub)
         return cls(**top)
 
     def flat(self) -> dict:

@@ -21,8 +21,9 @@ is only a model, a tokenizer, data and default settings; the trainer runs it as 
   evaluations the accuracy.
 * **Splits.** The warm-start, training and held-out problems are disjoint (``demo_splits``); the
   128 held-out ones are evaluated at step 0 and every few steps.
-* **Settings.** The demo's steps, prompts per step and response length are ``TrainConfig``'s
-  defaults; its learning rate ``LR`` applies to ``--model demo`` only. Everything else is the
+* **Settings.** The demo's steps are ``TrainConfig``'s default; its learning rate ``LR``, prompts
+  per step ``PROMPTS_PER_STEP`` and response length ``RESPONSE_TOKENS`` apply to ``--model demo``
+  only (a real model gets the reference's). Everything else is the
   reference's (16 trajectories per prompt, 8 started, 2 paths per branch, tau 0.5, beta 0.2,
   temperature 1, clip 0.2/0.2, dual clip 3).
 """
@@ -55,6 +56,11 @@ LR = 1e-4
 0.6M-parameter model barely moves at the reference's 1e-6."""
 LORA_LR = 1e-3
 """The demo's learning rate with ``--lora-rank`` (10x ``LR``, as LoRA is commonly tuned)."""
+PROMPTS_PER_STEP = 8
+"""The demo's prompts per step (``--prompts-per-step auto`` with ``--model demo``)."""
+RESPONSE_TOKENS = 64
+"""The demo's response length (``--max-response-tokens auto`` with ``--model demo``): its solutions
+are short."""
 
 
 TOOL_THOUGHT = "{a} * {b} is too big for my head; run it."

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from arpo_fast.settings import help_of
 from arpo_fast.train.config import GROUPS, TrainConfig
-from arpo_fast.train.update_config import IMPLEMENTATIONS
+from arpo_fast.train.update_config import IMPLEMENTATIONS, LOSS_AGG
 
 SECTIONS = {  # title: what the section is about
     "data": "the training prompts, how many a step takes, how many steps",
@@ -83,6 +83,7 @@ VERL = {
     "mini_batch_prompts": "actor_rollout_ref.actor.ppo_mini_batch_size",
     "micro_batch_tokens": "actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
     "kl_coef": "actor_rollout_ref.actor.kl_loss_coef",
+    "loss_agg": "actor_rollout_ref.actor.loss_agg_mode",
     "gradient_checkpointing": "actor_rollout_ref.model.enable_gradient_checkpointing",
     "lora_rank": "actor_rollout_ref.model.lora_rank",
     "lora_alpha": "actor_rollout_ref.model.lora_alpha",
@@ -103,7 +104,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "bf16", "fp16", "fp32"),
     "entropy_reduce": ("sum", "mean"),
     "arpo_semantics": ("ours", "reference"),
+    "branch_budget": ("split", "pooled"),
     "attn_implementation": IMPLEMENTATIONS,
+    "loss_agg": LOSS_AGG,
     "gradient_checkpointing": ("auto", "true", "false"),
     "report_to": ("none", "tensorboard", "wandb"),
     "resume": ("true", "false", "auto"),

@@ -20,7 +20,9 @@ A micro-batch runs the model's decoder once (each layer's activations checkpoint
 through the LM head, inside ``logprob_entropy``, which never holds [tokens, vocab] logits whole.
 The loss is the token mean over the model-written tokens of a whole mini-batch, every copy of a
 shared token counted: each micro-batch's token-mean loss is weighted by its share of those tokens
-before ``backward``, and the gradients add up in fp32 (``optim.MasterWeights``).
+before ``backward``, and the gradients add up in fp32 (``optim.MasterWeights``). Other
+``loss_agg`` modes weight each trajectory's tokens through its advantages and divide by the
+mini-batch's trajectories instead (``algo.aggregation``).
 
 The ratio's denominator ("old" log-probs) is the policy that rolled out, recomputed by the trainer
 before the first optimizer step. The rollout's own log-probs (from the sampler, possibly in bf16
@@ -40,6 +42,7 @@ from typing import Optional
 import torch
 
 from arpo_fast.algo import kl_k3
+from arpo_fast.algo.aggregation import denominator, weighted_advantages
 from arpo_fast.rollout.rollout_tree import RolloutTree
 from arpo_fast.train.activation_checkpoint import activation_checkpointing
 from arpo_fast.train.attention import attention_implementation, check_model
@@ -194,8 +197,10 @@ def update(
         for m in (scorer, reference) if reference is not None else (scorer,):
             m.vocab_limit = data.vocab_limit
     rows = cfg.packed_update or attention == "flash_attention_2"  # padding-free rows
-    plans = [_plan(data, group, cfg, rows, device) for group in data.groups(cfg.mini_batch_prompts)]
-    totals = [sum(b.model_tokens for b in plan) for plan in plans]
+    groups = data.groups(cfg.mini_batch_prompts)
+    plans = [_plan(data, group, cfg, rows, device) for group in groups]
+    mode = cfg.loss_agg or "token-mean"  # the loss's divisor Z (algo.aggregation)
+    totals = [denominator(mode, sum(b.model_tokens for b in p), len(g)) for p, g in zip(plans, groups)]
     lockstep = None
     if dist is not None:
         stand_in = TreeBatch.stand_in if rows else PaddedBatch.stand_in
@@ -222,15 +227,15 @@ def _plan(data: UpdateData, group: list[int], cfg: UpdateConfig, rows: bool, dev
     """The micro-batches of one mini-batch (trajectories ``group``) on ``device``: padding-free
     ``rows`` (trees when ``cfg.packed_update``, with split trees' groups one after another, so that
     their prompt context runs once), else padded rows."""
+    mode, budget = cfg.loss_agg or "token-mean", cfg.micro_batch_tokens
+    advantages = weighted_advantages(data.record, data.advantages, group, mode, budget)
     if rows:
-        packed = pack_trees(
-            data.record, data.advantages, group, cfg.micro_batch_tokens, share=cfg.packed_update
-        )
+        packed = pack_trees(data.record, advantages, group, cfg.micro_batch_tokens, share=cfg.packed_update)
         return context_order([b.to(device) for b in packed])
     trajectories = data.record.trajectories
     lengths = [len(trajectories[i].prompt_ids) + trajectories[i].response_length for i in group]
     return [
-        pack(trajectories, [group[j] for j in g], data.pad_id, device, data.advantages)
+        pack(trajectories, [group[j] for j in g], data.pad_id, device, advantages)
         for g in micro_batches(lengths, cfg.micro_batch_tokens)
     ]
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Optional
 
 from arpo_fast.settings import require_counts, require_non_negative, setting
 
 IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "flash_attention_2")
 CHECKPOINTING = ("auto", "true", "false")
+LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dynamic-bsz")
+"""``algo.aggregation.LOSS_AGG``, named here so that the config needs no torch."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,14 @@ class UpdateConfig:
         "the row, a split tree's shared branches included, its prompt "
         "run once apart; per trajectory: padded).",
     )
+    loss_agg: Optional[str] = setting(
+        "token-mean",
+        "How a mini-batch's token losses add up (verl's names): token-mean (every model-written "
+        "token weighs the same), seq-mean-token-mean, seq-mean-token-sum, or dynamic-bsz (the "
+        "reference's: each micro-batch's token-mean weighted by its share of the sequences; "
+        "see docs/training.md). Auto: token-mean, or dynamic-bsz with --arpo-semantics reference.",
+    )
+    """None (``auto``) only inside the trainer's config, which resolves it per job."""
     kl_coef: float = setting(
         0.0,
         "Weight of the KL penalty to a frozen copy of the starting policy (k3 "
@@ -94,6 +105,8 @@ class UpdateConfig:
                 f"{self.attn_implementation!r}"
             )
         resolve_checkpointing(self.gradient_checkpointing, "cpu")  # checks the value
+        if self.loss_agg is not None and self.loss_agg not in LOSS_AGG:
+            raise ValueError(f"loss_agg must be one of {', '.join(LOSS_AGG)}, got {self.loss_agg!r}")
 
     def resolved(self, device) -> tuple[str, bool]:
         """(attention implementation, activation checkpointing) on ``device``."""
