@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from arpo_fast.settings import help_of
-from arpo_fast.train.update_config import IMPLEMENTATIONS
 from arpo_fast.train.config import GROUPS, TrainConfig
+from arpo_fast.train.update_config import IMPLEMENTATIONS, OLD_LOGPROBS
 
 SECTIONS = {  # title: what the section is about
     "data": "the training prompts, how many a step takes, how many steps",
@@ -100,6 +100,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "arpo_semantics": ("ours", "reference"),
     "attn_implementation": IMPLEMENTATIONS,
     "gradient_checkpointing": ("auto", "true", "false"),
+    "old_logprobs": OLD_LOGPROBS,
     "report_to": ("none", "tensorboard", "wandb"),
     "resume": ("true", "false", "auto"),
 }

@@ -11,6 +11,7 @@ from arpo_fast.settings import require_counts, require_non_negative, setting
 
 IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "flash_attention_2")
 CHECKPOINTING = ("auto", "true", "false")
+OLD_LOGPROBS = ("recompute", "rollout")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,12 @@ class UpdateConfig:
         "Weight each token's loss by min(exp(old - rollout log-prob), "
         "this): truncated importance sampling for the rollout/trainer "
         "mismatch (0: off).",
+    )
+    old_logprobs: str = setting(
+        "recompute",
+        "The ratio's old policy: recompute (the trainer's log-probs of the rollout policy, a "
+        "forward pass over the mini-batches after the first; the reference) or rollout (the "
+        "sampler's own log-probs, stored with the rollout: no extra pass).",
     )
     packed_update: bool = setting(
         True,
@@ -94,6 +101,13 @@ class UpdateConfig:
                 f"{self.attn_implementation!r}"
             )
         resolve_checkpointing(self.gradient_checkpointing, "cpu")  # checks the value
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(f"old_logprobs must be recompute or rollout, got {self.old_logprobs!r}")
+        if self.old_logprobs == "rollout" and self.rollout_is_cap:
+            raise ValueError(
+                "rollout_is_cap weights recomputed old log-probs toward the rollout's; with "
+                "old_logprobs rollout the ratio is already against the rollout's: set one of them"
+            )
 
     def resolved(self, device) -> tuple[str, bool]:
         """(attention implementation, activation checkpointing) on ``device``."""
