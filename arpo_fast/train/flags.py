@@ -41,7 +41,7 @@ _NAMED = {
     "rewards": ("reward", "reward_by_source", "reward_key"),
     "update": ("advantage", "lr", "weight_decay"),
     "distributed": ("dist_timeout_s", "setup_timeout_s", "rollout_timeout_s", "update_timeout_s"),
-    "evaluation": ("eval_data", "eval_every", "eval_limit", "eval_samples", "eval_temperature"),
+    "evaluation": ("eval_data", "eval_every", "eval_limit", "eval_samples", "eval_temperature", "test_data"),
     "output": ("out", "resume", "save_every", "keep_checkpoints", "async_save", "report_to", "plot_every"),
 }
 _GROUP_SECTION = {"rollout": "rollout (ARPO)", "update": "update"}

@@ -53,7 +53,7 @@ from arpo_fast.train.checkpoint import (
 from arpo_fast.train.checkpoint_save import Checkpointer
 from arpo_fast.train.cli import parse_config
 from arpo_fast.train.config import TrainConfig
-from arpo_fast.train.data import prepare, step_batch
+from arpo_fast.train.data import prepare, step_batch, test_examples
 from arpo_fast.train.distributed import AgreedError, describe_error
 from arpo_fast.train.distributed import agreed as _agreed
 from arpo_fast.train.eval import evaluate
@@ -104,6 +104,8 @@ class Run:
     """What ``summary.json`` holds, once ``fit`` has written it (rank 0)."""
     resumed_from: Optional[Path] = None
     """The checkpoint the run continues from (None: a fresh start)."""
+    test_examples: list = field(default_factory=list)
+    """Evaluated once, after the last step (``--test-data``)."""
 
     @property
     def main(self) -> bool:
@@ -143,6 +145,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         else:
             context = getattr(model.config, "max_position_embeddings", None)
         examples, eval_examples = prepare(cfg, tokenizer, context)
+        tests = test_examples(cfg, tokenizer, context)
     with _agreed(d):
         torch.manual_seed(cfg.seed)
         if model is None:  # a checkpoint's weights are each read and checked before anything is written
@@ -186,6 +189,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         eval_examples,
         started,
         resumed_from=checkpoint,
+        test_examples=tests,
     )
 
 
@@ -280,19 +284,20 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> list[dict]:
     return fit(setup(cfg, model, tokenizer))
 
 
-def _evaluate(run: Run, step: int, reporter: Optional[report.Reporter]) -> None:
-    """A held-out evaluation (``eval.py``); under torchrun each rank takes its share of the
-    examples and rank 0 reports the whole."""
-    if not run.eval_examples:
+def _evaluate(run: Run, step: int, reporter: Optional[report.Reporter], split: str = "eval") -> None:
+    """A held-out (``eval``) or the final ``test`` evaluation (``eval.py``); under torchrun each
+    rank takes its share of the examples and rank 0 reports the whole."""
+    examples = run.test_examples if split == "test" else run.eval_examples
+    if not examples:
         return
     d = run.dist
-    mine = d.mine(len(run.eval_examples)) if d else list(range(len(run.eval_examples)))
-    row = evaluate(run, [run.eval_examples[i] for i in mine], step, score, positions=mine)
+    mine = d.mine(len(examples)) if d else list(range(len(examples)))
+    row = evaluate(run, [examples[i] for i in mine], step, score, positions=mine, split=split)
     if d is not None:
         d.barrier(group=d.rollout_group)  # the slowest rank's evaluation is waited for here
         row = metrics.eval_row(row, d)
     if reporter is not None:
-        reporter.evaluation(row)
+        (reporter.test if split == "test" else reporter.evaluation)(row)
 
 
 def _checkpointer(run: Run) -> Checkpointer:
@@ -344,6 +349,8 @@ def fit(run: Run) -> list[dict]:
                 saver.save(step + 1, run.model, run.tokenizer, run.optimizer, dataclasses.asdict(cfg))
         if stopped is not None:  # the last complete step, unless it was just saved
             saver.save(stopped, run.model, run.tokenizer, run.optimizer, dataclasses.asdict(cfg))
+        else:  # the finished run, once: the test problems chose nothing
+            _evaluate(run, cfg.steps, reporter, split="test")
         saver.wait()
     finally:
         if run.executor is not None:
@@ -391,9 +398,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     distributed.close(run.dist)
     if rank == 0:
         s = run.summary
-        if s["final_accuracy"] is not None:
-            start = "" if s["warm_start_accuracy"] is None else f"{s['warm_start_accuracy']:.2f} -> "
-            print(f"held-out accuracy {start}{s['final_accuracy']:.2f}", flush=True)
+        for line in report.closing_lines(s):
+            print(line, flush=True)
         print(
             f"{s['steps']} steps in {s['wall_s']:.0f}s; checkpoint, metrics.jsonl, metrics.png and "
             f"summary.json in {cfg.out}",
