@@ -89,3 +89,22 @@ def evaluate(
         row[f"{split}/tool_calls@{k}"] = sum(t.tool_calls for t in trajs) / max(len(trajs), 1)
     row[f"{split}/s"] = round(time.perf_counter() - t0, 3)
     return row
+
+
+def evaluate_run(run, step: int, reporter, score, split: str = "eval") -> None:
+    """A held-out (``eval``) or the final ``test`` evaluation of a training run (``loop.Run``) to its
+    ``reporter`` (``report.Reporter``, or None on ranks but the first); under torchrun each rank
+    takes its share of the examples and rank 0 reports the whole."""
+    from arpo_fast.train import metrics
+
+    examples = run.test_examples if split == "test" else run.eval_examples
+    if not examples:
+        return
+    d = run.dist
+    mine = d.mine(len(examples)) if d else list(range(len(examples)))
+    row = evaluate(run, [examples[i] for i in mine], step, score, positions=mine, split=split)
+    if d is not None:
+        d.barrier(group=d.rollout_group)  # the slowest rank's evaluation is waited for here
+        row = metrics.eval_row(row, d)
+    if reporter is not None:
+        (reporter.test if split == "test" else reporter.evaluation)(row)

@@ -56,7 +56,7 @@ from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.data import prepare, step_batch, test_examples
 from arpo_fast.train.distributed import AgreedError, describe_error
 from arpo_fast.train.distributed import agreed as _agreed
-from arpo_fast.train.eval import evaluate
+from arpo_fast.train.eval import evaluate_run
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.update import UpdateData, numbered_mini_batches, update
 
@@ -284,22 +284,6 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> list[dict]:
     return fit(setup(cfg, model, tokenizer))
 
 
-def _evaluate(run: Run, step: int, reporter: Optional[report.Reporter], split: str = "eval") -> None:
-    """A held-out (``eval``) or the final ``test`` evaluation (``eval.py``); under torchrun each
-    rank takes its share of the examples and rank 0 reports the whole."""
-    examples = run.test_examples if split == "test" else run.eval_examples
-    if not examples:
-        return
-    d = run.dist
-    mine = d.mine(len(examples)) if d else list(range(len(examples)))
-    row = evaluate(run, [examples[i] for i in mine], step, score, positions=mine, split=split)
-    if d is not None:
-        d.barrier(group=d.rollout_group)  # the slowest rank's evaluation is waited for here
-        row = metrics.eval_row(row, d)
-    if reporter is not None:
-        (reporter.test if split == "test" else reporter.evaluation)(row)
-
-
 def _checkpointer(run: Run) -> Checkpointer:
     cfg = run.cfg
     saved = run.start if run.resumed_from is not None else None
@@ -334,7 +318,7 @@ def fit(run: Run) -> list[dict]:
     interrupts.begin_training()
     try:
         if run.start == 0:
-            _evaluate(run, 0, reporter)
+            evaluate_run(run, 0, reporter, score)
         for step in range(run.start, cfg.steps):
             row = _train_step_or_stop(run, step)
             if row is None:
@@ -344,13 +328,13 @@ def fit(run: Run) -> list[dict]:
             if reporter is not None:
                 reporter.step(row)
             if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-                _evaluate(run, step + 1, reporter)
+                evaluate_run(run, step + 1, reporter, score)
             if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 saver.save(step + 1, run.model, run.tokenizer, run.optimizer, dataclasses.asdict(cfg))
         if stopped is not None:  # the last complete step, unless it was just saved
             saver.save(stopped, run.model, run.tokenizer, run.optimizer, dataclasses.asdict(cfg))
         else:  # the finished run, once: the test problems chose nothing
-            _evaluate(run, cfg.steps, reporter, split="test")
+            evaluate_run(run, cfg.steps, reporter, score, split="test")
         saver.wait()
     finally:
         if run.executor is not None:
