@@ -2,8 +2,7 @@
 ARPO with the sampler's (``--old-logprobs rollout``), and plain GRPO (``--initial 16``: all 16
 trajectories started, nothing branches). Per seed the demo model is warm-started once and each arm
 trains a copy of it in this process (``loop.train(cfg, model, tokenizer)``): the same run as
-``python -m arpo_fast.train --seed S --mini-batch-prompts 2`` with the arm's flags, less two of the
-three warm starts.
+``python -m arpo_fast.train --seed S`` with the arm's flags, less two of the three warm starts.
 
     OMP_NUM_THREADS=1 python benchmarks/demo_seeds.py OUTDIR --seeds 0 1 2
     python benchmarks/demo_seeds.py OUTDIR --table        # mean and spread of the finished runs
@@ -20,14 +19,10 @@ import json
 import statistics
 from pathlib import Path
 
-MINI_BATCH = dict(mini_batch_prompts=2)
-"""Every arm takes the demo's 8 prompts in 4 mini-batches: in the demo's one mini-batch the two
-kinds of old log-probs are the same computation (the first mini-batch's forward is the rollout
-policy's), and nothing is clipped."""
 ARMS = {
-    "arpo-recompute": dict(old_logprobs="recompute", **MINI_BATCH),
-    "arpo-rollout": dict(old_logprobs="rollout", **MINI_BATCH),
-    "grpo-recompute": dict(old_logprobs="recompute", initial=16, **MINI_BATCH),
+    "arpo-recompute": dict(old_logprobs="recompute"),
+    "arpo-rollout": dict(old_logprobs="rollout"),
+    "grpo-recompute": dict(old_logprobs="recompute", initial=16),
 }
 
 

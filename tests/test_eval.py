@@ -276,3 +276,12 @@ def test_the_demo_evaluates_greedy_and_sampled_with_a_test_split_apart():
     pairs = [p for split in splits.values() for p in split]
     assert len(set(pairs)) == len(pairs)
     assert splits["test"] == demo_splits()["test"] and splits["test"] != demo_splits(1)["test"]
+
+
+def test_the_demo_takes_several_optimizer_steps_per_step():
+    """The demo's 8 prompts a step go in mini-batches of 2 (4 optimizer steps, as the reference's
+    128 go in 8 of 16); a model of one's own keeps the reference's 16, and a value given stays."""
+    assert TrainConfig.from_flat().update.mini_batch_prompts == 2
+    assert TrainConfig.from_flat(model="some/dir").update.mini_batch_prompts == 16
+    assert TrainConfig.from_flat(mini_batch_prompts=8).update.mini_batch_prompts == 8
+    assert TrainConfig.from_flat(model="some/dir", clip_low=0.1).update.mini_batch_prompts == 16

@@ -24,9 +24,11 @@ from arpo_fast.rollout.config import ARPOConfig
 from arpo_fast.settings import require_counts, require_non_negative, setting
 from arpo_fast.train.demo import DEMO, is_demo, threads
 from arpo_fast.train.demo import LR as DEMO_LR
+from arpo_fast.train.demo import MINI_BATCH_PROMPTS as DEMO_MINI_BATCH
 from arpo_fast.train.update_config import UpdateConfig
 
 REFERENCE_LR = 1e-6
+REFERENCE_MINI_BATCH = 16
 DEMO_EVAL_SAMPLES = 4
 """Sampled answers per held-out problem of the demo: its sampled accuracy over 4 x 128 answers."""
 REPORT_TARGETS = ("tensorboard", "wandb")
@@ -189,7 +191,8 @@ class TrainConfig:
     )
     # --- update (the clipped loss and batching are in `update`)
     update: UpdateConfig = setting(
-        factory=UpdateConfig, help="The clipped update (flags --clip-low ... --micro-batch-tokens)."
+        factory=lambda: UpdateConfig(mini_batch_prompts=None),
+        help="The clipped update (flags --clip-low ... --micro-batch-tokens).",
     )
     advantage: str = setting(
         "soft", "'soft' (GRPO on the leaves, the reference's default) or 'hard' (shared tokens get the mean)."
@@ -277,6 +280,10 @@ class TrainConfig:
             self.eval_samples = DEMO_EVAL_SAMPLES if is_demo(self.data) else 0
         if self.eval_temperature is None:
             self.eval_temperature = self.temperature
+        if self.update.mini_batch_prompts is None:
+            self.auto_settings |= {"mini_batch_prompts"}
+            per = DEMO_MINI_BATCH if is_demo(self.model) else REFERENCE_MINI_BATCH
+            self.update = dataclasses.replace(self.update, mini_batch_prompts=per)
         if self.cpu_threads is None and is_demo(self.model) and "OMP_NUM_THREADS" not in os.environ:
             self.cpu_threads = threads()
         if self.out is None:
@@ -291,10 +298,9 @@ class TrainConfig:
         for key, value in settings.items():
             group = next((g for g, c in GROUPS.items() if key in names_of(c)), None)
             (groups[group] if group else top)[key] = value
-        defaults = cls(out="-")
         for group, sub in groups.items():
-            if sub:
-                top[group] = dataclasses.replace(getattr(defaults, group), **sub)
+            if sub:  # onto the unresolved defaults: auto settings then resolve for this job
+                top[group] = dataclasses.replace(_group_default(group), **sub)
         return cls(**top)
 
     def flat(self) -> dict:
@@ -317,6 +323,11 @@ class TrainConfig:
 
 GROUPS = {"rollout": ARPOConfig, "update": UpdateConfig}
 """The fields of TrainConfig that hold settings classes of their own, flattened into flags."""
+
+
+def _group_default(group: str):
+    """The settings class ``group`` of a TrainConfig before any auto setting resolves."""
+    return next(f for f in fields(TrainConfig) if f.name == group).default_factory()
 
 
 def names_of(cls) -> set[str]:

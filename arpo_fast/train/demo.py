@@ -24,11 +24,8 @@ is only a model, a tokenizer, data and default settings; the trainer runs it as 
   They chose the demo's learning rate and warm-start mix, so they are a validation set: the 128
   test problems, drawn with a seed of their own, are evaluated once, after the last step.
 * **Settings.** The demo's steps, prompts per step and response length are ``TrainConfig``'s
-  defaults; its learning rate ``LR`` applies to ``--model demo`` only. Its 8 prompts a step fit
-  one mini-batch of the reference's 16: one optimizer step a step, so the ratio stays 1 and nothing
-  is clipped. Mini-batches of 2 (4 optimizer steps, the reference's shape) learn faster but stop
-  lower at this learning rate (seed 0: 0.80 held-out greedy accuracy against 0.98:
-  benchmarks/RESULTS.md), like a 4x higher learning rate does. Everything else is the
+  defaults; its learning rate ``LR`` and mini-batches of ``MINI_BATCH_PROMPTS`` prompts apply to
+  ``--model demo`` only. Everything else is the
   reference's (16 trajectories per prompt, 8 started, 2 paths per branch, tau 0.5, beta 0.2,
   temperature 1, clip 0.2/0.2, dual clip 3).
 """
@@ -59,6 +56,9 @@ SIZES = {"heldout": 128, "train": 1024, "warm": 4096}
 TEST_SIZE = 128
 """Problems of the ``test`` split: drawn with a seed of their own after the others, disjoint from
 them, and evaluated once at the end of a run (the held-out ones chose the demo's settings)."""
+MINI_BATCH_PROMPTS = 2
+"""The demo's prompts per optimizer step: 4 steps of its 8 prompts, the reference's shape (128
+prompts in 8 steps of 16) at the demo's size, so that the ratio and its clip come into play."""
 LR = 1e-4
 """The demo's learning rate (``TrainConfig.lr`` resolves to it for ``--model demo`` only): a
 0.6M-parameter model barely moves at the reference's 1e-6."""

@@ -74,6 +74,8 @@ class UpdateData:
     def groups(self, prompts_per_batch: int) -> list[list[int]]:
         if self.mini_batches is not None:
             return self.mini_batches
+        if prompts_per_batch is None:  # UpdateConfig's auto: TrainConfig resolves it for a job
+            raise ValueError("mini_batch_prompts is auto: give a number of prompts")
         return mini_batches([t.prompt_index for t in self.record.trajectories], prompts_per_batch)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Optional
 
 from arpo_fast.settings import require_counts, require_non_negative, setting
 
@@ -30,10 +31,10 @@ class UpdateConfig:
     )
     entropy_coef: float = setting(0.0, "Weight of the entropy bonus (the reference: 0).")
     grad_clip: float = setting(1.0, "Clip the gradient's global norm to this (0: no clipping).")
-    mini_batch_prompts: int = setting(
+    mini_batch_prompts: Optional[int] = setting(
         16,
-        "Prompts per optimizer step (the reference: 16); a step of "
-        "--prompts-per-step prompts takes ceil(prompts / this) steps.",
+        "Prompts per optimizer step; a step of --prompts-per-step prompts takes ceil(prompts / "
+        "this) steps (auto: the reference's 16, or 2 with --model demo: 4 steps of its 8 prompts).",
     )
     micro_batch_tokens: int = setting(
         16384,
@@ -94,7 +95,9 @@ class UpdateConfig:
             raise ValueError(f"clip_low must be < 1, got {self.clip_low}")
         if self.dual_clip and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (or 0 for off), got {self.dual_clip}")
-        require_counts(self, "mini_batch_prompts", "micro_batch_tokens")
+        require_counts(self, "micro_batch_tokens")
+        if self.mini_batch_prompts is not None:  # None: auto, which the trainer's config resolves
+            require_counts(self, "mini_batch_prompts")
         if self.attn_implementation not in IMPLEMENTATIONS:
             raise ValueError(
                 f"attn_implementation must be one of {', '.join(IMPLEMENTATIONS)}, got "
