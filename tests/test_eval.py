@@ -119,7 +119,7 @@ def test_eval_numbers_on_a_scripted_model():
     assert row["eval/tool_calls"] == 0.25
     assert row["eval/reward"] == pytest.approx((1 + 1 + 0 - 1) / 4)
     assert row[f"eval/pass@{K}"] == 0.75  # prompts 1, 2 and 3 have a right sample
-    assert row[f"eval/mean@{K}"] == 6 / 16  # 0 + 1 + 2 + 3 right samples of 16
+    assert row["eval/sampled_accuracy"] == 6 / 16  # 0 + 1 + 2 + 3 right samples of 16: pass@1
     assert row[f"eval/tool_calls@{K}"] == 0
     result = len(tok.encode(" <result>\n2\n</result>"))
     written = [sum(len(tok.encode(s)) for s in plan) for _, plan in GREEDY]
@@ -139,6 +139,7 @@ def test_a_run_evaluates_at_step_0_and_at_the_end_and_leaves_its_summary_and_plo
         demo_warm_start=0,
         tools="",
         eval_every=1,
+        eval_samples=2,
     )
     history = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -149,6 +150,11 @@ def test_a_run_evaluates_at_step_0_and_at_the_end_and_leaves_its_summary_and_plo
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["warm_start_accuracy"] == evals[0]["eval/accuracy"]
     assert summary["final_accuracy"] == evals[-1]["eval/accuracy"] and summary["steps"] == 2
+    assert summary["final_sampled_accuracy"] == evals[-1]["eval/sampled_accuracy"]
+    assert summary["warm_start_sampled_accuracy"] == evals[0]["eval/sampled_accuracy"]
+    test = summary["test_accuracy"]  # once, after the last step, and never in metrics.jsonl
+    assert test["step"] == 2 and 0 <= test["greedy"] <= 1 and 0 <= test["sampled"] <= 1
+    assert not any(k.startswith("test/") for r in rows for k in r)
     assert summary["tool_calls_per_trajectory_first"] == history[0]["tool_calls_per_traj"]
     assert summary["tool_calls_per_trajectory_last"] == history[-1]["tool_calls_per_traj"]
     assert summary["checkpoint"] == str(tmp_path / "run" / "checkpoint") and summary["wall_s"] > 0
@@ -207,7 +213,8 @@ def test_report_to_tensorboard_writes_the_scalars(tmp_path):
 
 def test_the_demo_splits_share_no_problem():
     splits = demo_splits()
-    assert {k: len(v) for k, v in splits.items()} == {"heldout": 128, "train": 1024, "warm": 4096}
+    sizes = {"heldout": 128, "train": 1024, "warm": 4096, "test": 128}
+    assert {k: len(v) for k, v in splits.items()} == sizes
     sets = {k: set(v) for k, v in splits.items()}
     assert all(len(sets[k]) == len(splits[k]) for k in splits)
     assert not sets["heldout"] & sets["train"] and not sets["heldout"] & sets["warm"]
@@ -252,3 +259,29 @@ def test_a_progress_bar_on_a_terminal_and_one_line_per_step_otherwise(
     assert ("reward=0.5, calls=0.25, acc=0.75" in stderr.getvalue()) == terminal
     assert "eval @ step 2: accuracy 0.75" in out
     assert json.loads((tmp_path / "summary.json").read_text())["final_accuracy"] == 0.75
+
+
+def test_the_demo_evaluates_greedy_and_sampled_with_a_test_split_apart():
+    """The held-out set is the demo's validation set (it chose its settings): sampled answers are
+    evaluated beside the greedy one, at the rollout's temperature, and a test split of its own
+    seed, disjoint from every other split, is kept for the end. A data file gets neither."""
+    from arpo_fast.train.demo import SIZES, demo_splits
+
+    demo = TrainConfig.from_flat(temperature=0.8)
+    assert (demo.eval_samples, demo.eval_temperature, demo.test_data) == (4, 0.8, "demo")
+    other = TrainConfig.from_flat(data="rows.jsonl", model="some/dir")
+    assert (other.eval_samples, other.test_data) == (0, "none")
+    splits = demo_splits()
+    assert len(splits["test"]) == 128 and [len(splits[k]) for k in SIZES] == list(SIZES.values())
+    pairs = [p for split in splits.values() for p in split]
+    assert len(set(pairs)) == len(pairs)
+    assert splits["test"] == demo_splits()["test"] and splits["test"] != demo_splits(1)["test"]
+
+
+def test_the_demo_takes_several_optimizer_steps_per_step():
+    """The demo's 8 prompts a step go in mini-batches of 2 (4 optimizer steps, as the reference's
+    128 go in 8 of 16); a model of one's own keeps the reference's 16, and a value given stays."""
+    assert TrainConfig.from_flat().update.mini_batch_prompts == 2
+    assert TrainConfig.from_flat(model="some/dir").update.mini_batch_prompts == 16
+    assert TrainConfig.from_flat(mini_batch_prompts=8).update.mini_batch_prompts == 8
+    assert TrainConfig.from_flat(model="some/dir", clip_low=0.1).update.mini_batch_prompts == 16

@@ -25,11 +25,15 @@ from arpo_fast.settings import require_counts, require_non_negative, setting
 from arpo_fast.train.demo import DEMO, is_demo, threads
 from arpo_fast.train.demo import LORA_LR as DEMO_LORA_LR
 from arpo_fast.train.demo import LR as DEMO_LR
+from arpo_fast.train.demo import MINI_BATCH_PROMPTS as DEMO_MINI_BATCH
 from arpo_fast.train.demo import PROMPTS_PER_STEP as DEMO_PROMPTS
 from arpo_fast.train.demo import RESPONSE_TOKENS as DEMO_RESPONSE
 from arpo_fast.train.update_config import UpdateConfig
 
 REFERENCE_LR = 1e-6
+REFERENCE_MINI_BATCH = 16
+DEMO_EVAL_SAMPLES = 4
+"""Sampled answers per held-out problem of the demo: its sampled accuracy over 4 x 128 answers."""
 LORA_LR = 1e-5
 """The learning rate of LoRA adapters on a model of one's own (auto): LoRA is commonly tuned at
 about 10x the rate of full-weight training, here 10x the reference's."""
@@ -162,10 +166,21 @@ class TrainConfig:
         "Evaluate a fixed subset of this many held-out prompts, the same at every evaluation "
         "(auto: all of them).",
     )
-    eval_samples: int = setting(
-        0, "k sampled answers per held-out prompt for pass@k and mean@k (0: only greedy pass@1)."
+    eval_samples: Optional[int] = setting(
+        None,
+        "k sampled answers per held-out prompt, besides the greedy one: the sampled accuracy "
+        "(pass@1 of a sampled answer, the mean over the k) and pass@k (auto: 4 when --data is "
+        "demo, else 0: greedy pass@1 only).",
     )
-    eval_temperature: float = setting(1.0, "Sampling temperature of the pass@k/mean@k answers.")
+    eval_temperature: Optional[float] = setting(
+        None, "Sampling temperature of the sampled answers (auto: --temperature, the rollout's)."
+    )
+    test_data: Optional[str] = setting(
+        None,
+        "Test prompts, evaluated once, after the last step (greedy and sampled, summary.json's "
+        "test_accuracy), never during training: auto (the demo's test problems when --data is "
+        "demo, else none), 'none', 'demo' or a file.",
+    )
     report_to: str = setting(
         "none",
         "Also write the metrics (and the config, the learning rate) to: none, tensorboard "
@@ -190,7 +205,7 @@ class TrainConfig:
     )
     # --- update (the clipped loss and batching are in `update`)
     update: UpdateConfig = setting(
-        factory=lambda: UpdateConfig(loss_agg=None),
+        factory=lambda: UpdateConfig(loss_agg=None, mini_batch_prompts=None),
         help="The clipped update (flags --clip-low ... --micro-batch-tokens).",
     )
     advantage: str = setting(
@@ -243,9 +258,10 @@ class TrainConfig:
             "top_k",
             "weight_decay",
             "eval_every",
-            "eval_samples",
             "plot_every",
         )
+        if self.eval_samples is not None:
+            require_non_negative(self, "eval_samples")
         for name in ("eval_limit", "kv_memory_mb", "cpu_threads", "prompts_per_step"):
             if getattr(self, name) is not None:
                 require_counts(self, name)
@@ -258,7 +274,9 @@ class TrainConfig:
             )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (math.isfinite(self.eval_temperature) and self.eval_temperature > 0):
+        if self.eval_temperature is not None and not (
+            math.isfinite(self.eval_temperature) and self.eval_temperature > 0
+        ):
             raise ValueError(
                 f"eval_temperature must be > 0 (greedy pass@1 is always evaluated), "
                 f"got {self.eval_temperature}"
@@ -331,6 +349,16 @@ class TrainConfig:
             self.update = dataclasses.replace(self.update, loss_agg=agg)
         if self.eval_data is None:
             self.eval_data = DEMO if is_demo(self.data) else "none"
+        if self.test_data is None:
+            self.test_data = DEMO if is_demo(self.data) else "none"
+        if self.eval_samples is None:
+            self.eval_samples = DEMO_EVAL_SAMPLES if is_demo(self.data) else 0
+        if self.eval_temperature is None:
+            self.eval_temperature = self.temperature
+        if self.update.mini_batch_prompts is None:
+            self.auto_settings |= {"mini_batch_prompts"}
+            per = DEMO_MINI_BATCH if is_demo(self.model) else REFERENCE_MINI_BATCH
+            self.update = dataclasses.replace(self.update, mini_batch_prompts=per)
         if self.cpu_threads is None and is_demo(self.model) and "OMP_NUM_THREADS" not in os.environ:
             self.cpu_threads = threads()
         if self.out is None:
@@ -345,10 +373,9 @@ class TrainConfig:
         for key, value in settings.items():
             group = next((g for g, c in GROUPS.items() if key in names_of(c)), None)
             (groups[group] if group else top)[key] = value
-        factories = {f.name: f.default_factory for f in fields(cls) if f.name in GROUPS}
         for group, sub in groups.items():
-            if sub:  # over the unresolved defaults: auto settings stay auto
-                top[group] = dataclasses.replace(factories[group](), **sub)
+            if sub:  # onto the unresolved defaults: auto settings then resolve for this job
+                top[group] = dataclasses.replace(_group_default(group), **sub)
         return cls(**top)
 
     def flat(self) -> dict:
@@ -371,6 +398,11 @@ class TrainConfig:
 
 GROUPS = {"rollout": ARPOConfig, "update": UpdateConfig}
 """The fields of TrainConfig that hold settings classes of their own, flattened into flags."""
+
+
+def _group_default(group: str):
+    """The settings class ``group`` of a TrainConfig before any auto setting resolves."""
+    return next(f for f in fields(TrainConfig) if f.name == group).default_factory()
 
 
 def names_of(cls) -> set[str]:

@@ -286,6 +286,22 @@ def prepare(cfg, tokenizer, context: int | None) -> tuple[list[Example], list[Ex
     return examples, held_out
 
 
+def test_examples(cfg, tokenizer, context: int | None) -> list[Example]:
+    """The run's test examples (``--test-data``; the demo's ``test`` split for 'demo'), read and
+    checked as :func:`prepare` reads the held-out ones; none for 'none'."""
+    if cfg.test_data == "none":
+        return []
+    return load_examples(
+        cfg.test_data,
+        tokenizer,
+        None if context is None else context - 1,
+        demo_split="test",
+        rows=source_rows(cfg.test_data, "--test-data"),
+        reward_key=cfg.reward_key,
+        flag="--test-data",
+    )
+
+
 def _check_reward_sources(cfg, examples: list[Example]) -> None:
     """Every ``--reward-by-source`` entry should match some example: none matching is an error (the
     map would do nothing: a wrong --reward-key, or misspelt values), some not matching a warning."""

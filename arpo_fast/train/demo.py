@@ -19,11 +19,14 @@ is only a model, a tokenizer, data and default settings; the trainer runs it as 
   one time in three and is then nearly always right. What RL has to learn is that the tool pays;
   the steps show the tool calls per trajectory rising with the reward, and the held-out
   evaluations the accuracy.
-* **Splits.** The warm-start, training and held-out problems are disjoint (``demo_splits``); the
-  128 held-out ones are evaluated at step 0 and every few steps.
+* **Splits.** The warm-start, training, held-out and test problems are disjoint (``demo_splits``);
+  the 128 held-out ones (``eval``) are evaluated at step 0 and every few steps, greedy and sampled.
+  They chose the demo's learning rate and warm-start mix, so they are a validation set: the 128
+  test problems, drawn with a seed of their own, are evaluated once, after the last step.
 * **Settings.** The demo's steps are ``TrainConfig``'s default; its learning rate ``LR``, prompts
-  per step ``PROMPTS_PER_STEP`` and response length ``RESPONSE_TOKENS`` apply to ``--model demo``
-  only (a real model gets the reference's). Everything else is the
+  per step ``PROMPTS_PER_STEP``, response length ``RESPONSE_TOKENS`` and mini-batches of
+  ``MINI_BATCH_PROMPTS`` prompts apply to ``--model demo`` only (a real model gets the
+  reference's). Everything else is the
   reference's (16 trajectories per prompt, 8 started, 2 paths per branch, tau 0.5, beta 0.2,
   temperature 1, clip 0.2/0.2, dual clip 3).
 """
@@ -51,6 +54,12 @@ TOOL_FIRST = 0.6
 """Share of the warm start's steps, at its beginning, on solutions that all call python."""
 SIZES = {"heldout": 128, "train": 1024, "warm": 4096}
 """Problems per split; the splits never share a problem."""
+TEST_SIZE = 128
+"""Problems of the ``test`` split: drawn with a seed of their own after the others, disjoint from
+them, and evaluated once at the end of a run (the held-out ones chose the demo's settings)."""
+MINI_BATCH_PROMPTS = 2
+"""The demo's prompts per optimizer step: 4 steps of its 8 prompts, the reference's shape (128
+prompts in 8 steps of 16) at the demo's size, so that the ratio and its clip come into play."""
 LR = 1e-4
 """The demo's learning rate (``TrainConfig.lr`` resolves to it for ``--model demo`` only): a
 0.6M-parameter model barely moves at the reference's 1e-6."""
@@ -103,6 +112,13 @@ def demo_splits(seed: int = 0) -> dict[str, list[tuple[int, int]]]:
     out, start = {}, 0
     for name, n in SIZES.items():
         out[name], start = pairs[start : start + n], start + n
+    rng = random.Random(f"test-{seed}")  # another stream: the other splits stay as they were
+    out["test"] = []
+    while len(out["test"]) < TEST_SIZE:
+        pair = (rng.randint(100, 999), rng.randint(100, 999))
+        if pair not in seen:
+            seen.add(pair)
+            out["test"].append(pair)
     return out
 
 

@@ -1,11 +1,12 @@
 """Evaluation on held-out prompts, with the training run's own engine, tools and rewards.
 
 Greedy pass@1: one trajectory per prompt at temperature 0. With ``samples`` = k > 0 also k sampled
-trajectories per prompt at ``temperature``: pass@k (the best of the k, per prompt) and mean@k (the
-mean over all of them). Both go through the tree rollout with ``initial == rollouts``, so nothing
-branches: the same engine, protocol, tool executor, response length and call limit as training,
-and the same reward function; "correct" is the reward's correctness before any tool bonus (token F1
-for ``arpo_f1``: 0 or 1 for a one-word answer such as a number).
+trajectories per prompt at ``temperature`` (the rollout's by default): the sampled accuracy (pass@1
+of a sampled answer, the mean over all k x prompts of them: what the policy that trains gets right)
+and pass@k (the best of the k, per prompt). Both go through the tree rollout with ``initial ==
+rollouts``, so nothing branches: the same engine, protocol, tool executor, response length and call
+limit as training, and the same reward function; "correct" is the reward's correctness before any
+tool bonus (token F1 for ``arpo_f1``: 0 or 1 for a one-word answer such as a number).
 """
 
 from __future__ import annotations
@@ -49,13 +50,16 @@ def _rollout(run, examples: Sequence, k: int, temperature: float, seed: int, pos
     return rollout.trajectories
 
 
-def evaluate(run, examples: Sequence, step: int, score, positions: Optional[Sequence[int]] = None) -> dict:
+def evaluate(
+    run, examples: Sequence, step: int, score, positions: Optional[Sequence[int]] = None, split: str = "eval"
+) -> dict:
     """Evaluate ``run``'s model on ``examples`` (``data.Example``); ``score(trajectories, examples,
     tokenizer, rewards)`` is the training loop's reward function; ``positions``: each example's
     index in the whole held-out set (default: its index here), which seeds its draws. Returns one
     metrics row:
-    ``step`` and ``eval/...`` means over trajectories (``accuracy``, ``format_ok``, ``reward``,
-    ``tool_calls``, ``response_tokens``; ``pass@k`` and ``mean@k`` with samples)."""
+    ``step`` and ``<split>/...`` means over trajectories (``accuracy`` (greedy), ``format_ok``,
+    ``reward``, ``tool_calls``, ``response_tokens``; with samples ``sampled_accuracy``,
+    ``pass@k`` and ``tool_calls@k``)."""
     cfg = run.cfg
     t0 = time.perf_counter()
     positions = list(range(len(examples))) if positions is None else list(positions)
@@ -64,24 +68,43 @@ def evaluate(run, examples: Sequence, step: int, score, positions: Optional[Sequ
     n = max(len(trajs), 1)  # a rank's share of a small set may be empty
     row = {
         "step": step,
-        "eval/accuracy": sum(r.correctness for r in rewards) / n,
-        "eval/format_ok": sum(r.score > -1 for r in rewards) / n,
-        "eval/reward": sum(r.score for r in rewards) / n,
-        "eval/tool_calls": sum(t.tool_calls for t in trajs) / n,
-        "eval/response_tokens": sum(len(t.response_ids) for t in trajs) / n,
-        "eval/examples": len(trajs),
+        f"{split}/accuracy": sum(r.correctness for r in rewards) / n,
+        f"{split}/format_ok": sum(r.score > -1 for r in rewards) / n,
+        f"{split}/reward": sum(r.score for r in rewards) / n,
+        f"{split}/tool_calls": sum(t.tool_calls for t in trajs) / n,
+        f"{split}/response_tokens": sum(len(t.response_ids) for t in trajs) / n,
+        f"{split}/examples": len(trajs),
     }
     k = cfg.eval_samples
     if k:
-        trajs = _rollout(
-            run, examples, k, cfg.eval_temperature, child_seed(cfg.seed, EVAL_SEED_INDEX), positions
-        )
+        temperature = cfg.eval_temperature or cfg.temperature
+        seed = child_seed(cfg.seed, EVAL_SEED_INDEX)
+        trajs = _rollout(run, examples, k, temperature, seed, positions)
         correct = [r.correctness for r in score(trajs, examples, run.tokenizer, run.rewards)]
         best = [0.0] * len(examples)
         for t, c in zip(trajs, correct):
             best[t.prompt_index] = max(best[t.prompt_index], c)
-        row[f"eval/pass@{k}"] = sum(best) / n
-        row[f"eval/mean@{k}"] = sum(correct) / max(len(correct), 1)
-        row[f"eval/tool_calls@{k}"] = sum(t.tool_calls for t in trajs) / max(len(trajs), 1)
-    row["eval/s"] = round(time.perf_counter() - t0, 3)
+        row[f"{split}/sampled_accuracy"] = sum(correct) / max(len(correct), 1)
+        row[f"{split}/pass@{k}"] = sum(best) / n
+        row[f"{split}/tool_calls@{k}"] = sum(t.tool_calls for t in trajs) / max(len(trajs), 1)
+    row[f"{split}/s"] = round(time.perf_counter() - t0, 3)
     return row
+
+
+def evaluate_run(run, step: int, reporter, score, split: str = "eval") -> None:
+    """A held-out (``eval``) or the final ``test`` evaluation of a training run (``loop.Run``) to its
+    ``reporter`` (``report.Reporter``, or None on ranks but the first); under torchrun each rank
+    takes its share of the examples and rank 0 reports the whole."""
+    from arpo_fast.train import metrics
+
+    examples = run.test_examples if split == "test" else run.eval_examples
+    if not examples:
+        return
+    d = run.dist
+    mine = d.mine(len(examples)) if d else list(range(len(examples)))
+    row = evaluate(run, [examples[i] for i in mine], step, score, positions=mine, split=split)
+    if d is not None:
+        d.barrier(group=d.rollout_group)  # the slowest rank's evaluation is waited for here
+        row = metrics.eval_row(row, d)
+    if reporter is not None:
+        (reporter.test if split == "test" else reporter.evaluation)(row)

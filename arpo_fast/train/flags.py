@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from arpo_fast.settings import help_of
 from arpo_fast.train.config import GROUPS, TrainConfig
-from arpo_fast.train.update_config import IMPLEMENTATIONS, LOSS_AGG
+from arpo_fast.train.update_config import IMPLEMENTATIONS, LOSS_AGG, OLD_LOGPROBS
 
 SECTIONS = {  # title: what the section is about
     "data": "the training prompts, how many a step takes, how many steps",
@@ -43,7 +43,7 @@ _NAMED = {
     "update": ("advantage", "lr", "weight_decay"),
     "LoRA": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "save_merged"),
     "distributed": ("dist_timeout_s", "setup_timeout_s", "rollout_timeout_s", "update_timeout_s"),
-    "evaluation": ("eval_data", "eval_every", "eval_limit", "eval_samples", "eval_temperature"),
+    "evaluation": ("eval_data", "eval_every", "eval_limit", "eval_samples", "eval_temperature", "test_data"),
     "output": ("out", "resume", "save_every", "keep_checkpoints", "async_save", "report_to", "plot_every"),
 }
 _GROUP_SECTION = {"rollout": "rollout (ARPO)", "update": "update"}
@@ -108,6 +108,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "attn_implementation": IMPLEMENTATIONS,
     "loss_agg": LOSS_AGG,
     "gradient_checkpointing": ("auto", "true", "false"),
+    "old_logprobs": OLD_LOGPROBS,
     "report_to": ("none", "tensorboard", "wandb"),
     "resume": ("true", "false", "auto"),
 }

@@ -53,10 +53,10 @@ from arpo_fast.train.checkpoint import (
 from arpo_fast.train.checkpoint_save import Checkpointer
 from arpo_fast.train.cli import parse_config
 from arpo_fast.train.config import TrainConfig
-from arpo_fast.train.data import prepare, step_batch
+from arpo_fast.train.data import prepare, step_batch, test_examples
 from arpo_fast.train.distributed import AgreedError, describe_error
 from arpo_fast.train.distributed import agreed as _agreed
-from arpo_fast.train.eval import evaluate
+from arpo_fast.train.eval import evaluate_run
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.update import UpdateData, numbered_mini_batches, update
 
@@ -104,6 +104,8 @@ class Run:
     """What ``summary.json`` holds, once ``fit`` has written it (rank 0)."""
     resumed_from: Optional[Path] = None
     """The checkpoint the run continues from (None: a fresh start)."""
+    test_examples: list = field(default_factory=list)
+    """Evaluated once, after the last step (``--test-data``)."""
 
     @property
     def main(self) -> bool:
@@ -144,6 +146,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         else:
             context = getattr(model.config, "max_position_embeddings", None)
         examples, eval_examples = prepare(cfg, tokenizer, context)
+        tests = test_examples(cfg, tokenizer, context)
     with _agreed(d):
         torch.manual_seed(cfg.seed)
         if model is None:  # a checkpoint's weights are each read and checked before anything is written
@@ -188,6 +191,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         eval_examples,
         started,
         resumed_from=checkpoint,
+        test_examples=tests,
     )
 
 
@@ -282,21 +286,6 @@ def train(cfg: TrainConfig, model=None, tokenizer=None) -> list[dict]:
     return fit(setup(cfg, model, tokenizer))
 
 
-def _evaluate(run: Run, step: int, reporter: Optional[report.Reporter]) -> None:
-    """A held-out evaluation (``eval.py``); under torchrun each rank takes its share of the
-    examples and rank 0 reports the whole."""
-    if not run.eval_examples:
-        return
-    d = run.dist
-    mine = d.mine(len(run.eval_examples)) if d else list(range(len(run.eval_examples)))
-    row = evaluate(run, [run.eval_examples[i] for i in mine], step, score, positions=mine)
-    if d is not None:
-        d.barrier(group=d.rollout_group)  # the slowest rank's evaluation is waited for here
-        row = metrics.eval_row(row, d)
-    if reporter is not None:
-        reporter.evaluation(row)
-
-
 def _checkpointer(run: Run) -> Checkpointer:
     cfg = run.cfg
     saved = run.start if run.resumed_from is not None else None
@@ -336,7 +325,7 @@ def fit(run: Run) -> list[dict]:
     interrupts.begin_training()
     try:
         if run.start == 0:
-            _evaluate(run, 0, reporter)
+            evaluate_run(run, 0, reporter, score)
         for step in range(run.start, cfg.steps):
             row = _train_step_or_stop(run, step)
             if row is None:
@@ -346,11 +335,13 @@ def fit(run: Run) -> list[dict]:
             if reporter is not None:
                 reporter.step(row)
             if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-                _evaluate(run, step + 1, reporter)
+                evaluate_run(run, step + 1, reporter, score)
             if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 saver.save(step + 1, run.model, run.tokenizer, run.optimizer, dataclasses.asdict(cfg))
         if stopped is not None:  # the last complete step, unless it was just saved
             saver.save(stopped, run.model, run.tokenizer, run.optimizer, dataclasses.asdict(cfg))
+        else:  # the finished run, once: the test problems chose nothing
+            evaluate_run(run, cfg.steps, reporter, score, split="test")
         saver.wait()
     finally:
         if run.executor is not None:
@@ -398,9 +389,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     distributed.close(run.dist)
     if rank == 0:
         s = run.summary
-        if s["final_accuracy"] is not None:
-            start = "" if s["warm_start_accuracy"] is None else f"{s['warm_start_accuracy']:.2f} -> "
-            print(f"held-out accuracy {start}{s['final_accuracy']:.2f}", flush=True)
+        for line in report.closing_lines(s):
+            print(line, flush=True)
         print(
             f"{s['steps']} steps in {s['wall_s']:.0f}s; checkpoint, metrics.jsonl, metrics.png and "
             f"summary.json in {cfg.out}",

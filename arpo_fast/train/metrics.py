@@ -89,14 +89,17 @@ def _reduce(sums: dict, update: dict, times: dict, dist) -> tuple[dict, dict, di
 
 
 def eval_row(row: dict, dist) -> dict:
-    """An evaluation row (``eval.evaluate``) of this rank's share of the examples, made the row of
-    all of them: means weighted by each rank's examples, the time of the slowest rank."""
-    keys = sorted(k for k in row if k not in ("step", "eval/examples", "eval/s"))
-    n = row["eval/examples"]
+    """An evaluation row (``eval.evaluate``, of any split) of this rank's share of the examples,
+    made the row of all of them: means weighted by each rank's examples, the time of the slowest
+    rank."""
+    split = next(k for k in row if k.endswith("/examples")).split("/")[0]
+    count, seconds = f"{split}/examples", f"{split}/s"
+    keys = sorted(k for k in row if k not in ("step", count, seconds))
+    n = row[count]
     totals = dist.sum([n] + [row[k] * n for k in keys])
     out = {"step": row["step"], **{k: v / max(totals[0], 1) for k, v in zip(keys, totals[1:])}}
-    out["eval/examples"] = int(totals[0])
-    out["eval/s"] = round(dist.max([row["eval/s"]])[0], 3)
+    out[count] = int(totals[0])
+    out[seconds] = round(dist.max([row[seconds]])[0], 3)
     return out
 
 

@@ -3,11 +3,14 @@
 * ``config.yaml``: the run's settings (``run_config.py``), written when training starts.
 * ``metrics.jsonl``: one row per training step, and one row per evaluation whose keys start with
   ``eval/`` (``step`` is the number of steps trained before it: 0 is the starting model).
-* ``metrics.png``: reward, held-out accuracy, tool calls per trajectory, branch points, shared
-  tokens and format rate against the step, redrawn every ``--plot-every`` steps, after each
-  evaluation and at the end (from ``metrics.jsonl``, so a resumed run draws its whole history).
-* ``summary.json``: the accuracy at step 0 and at the end, the tool calls per trajectory at the
-  first and last step, steps, wall seconds, the checkpoint's path and each tool's sandbox mode.
+* ``metrics.png``: reward, held-out accuracy (greedy and sampled), tool calls per trajectory,
+  branch points, shared tokens and format rate against the step, redrawn every ``--plot-every``
+  steps, after each evaluation and at the end (from ``metrics.jsonl``, so a resumed run draws its
+  whole history).
+* ``summary.json``: the held-out accuracy at step 0 and at the end, greedy and sampled; the test
+  accuracy after the last step (``test_accuracy``: greedy and sampled); the tool calls per
+  trajectory at the first and last step, steps, wall seconds, the checkpoint's path and each
+  tool's sandbox mode.
 * The console: a progress bar over steps with the latest reward, accuracy and tool-call rate when
   stderr is a terminal, one line per step otherwise; one line per evaluation either way.
 * ``--report-to tensorboard,wandb``: every number also goes there (``trackers.py``).
@@ -62,7 +65,11 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
 
 PANELS = (  # title, y-axis label, [(metrics key, label)]
     ("reward (training rollouts)", "per trajectory", [("reward", "mean reward"), ("correct", "correct")]),
-    ("held-out accuracy", "share of prompts", [("eval/accuracy", "greedy pass@1")]),
+    (
+        "held-out accuracy",
+        "share of answers",
+        [("eval/accuracy", "greedy"), ("eval/sampled_accuracy", "sampled (pass@1, mean of k)")],
+    ),
     (
         "tool calls per trajectory",
         "calls",
@@ -90,7 +97,7 @@ def figure(title: str, rows: list[dict]):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 7), layout="constrained")
-    sampled = sorted({k for r in rows for k in r if k.startswith(("eval/pass@", "eval/mean@"))})
+    sampled = sorted({k for r in rows for k in r if k.startswith("eval/pass@")})
     for i, (title, ylabel, series) in enumerate(PANELS):
         ax = fig.add_subplot(2, 3, i + 1)
         if title == "held-out accuracy":
@@ -118,6 +125,8 @@ def summary(rows: list[dict], wall_s: float, checkpoint: Optional[Path]) -> dict
     return {
         "warm_start_accuracy": start["eval/accuracy"] if start else None,
         "final_accuracy": evals[-1]["eval/accuracy"] if evals else None,
+        "warm_start_sampled_accuracy": start.get("eval/sampled_accuracy") if start else None,
+        "final_sampled_accuracy": evals[-1].get("eval/sampled_accuracy") if evals else None,
         "final_eval_step": evals[-1]["step"] if evals else None,
         "steps": steps[-1]["step"] if steps else 0,
         "wall_s": round(wall_s, 1),
@@ -127,16 +136,43 @@ def summary(rows: list[dict], wall_s: float, checkpoint: Optional[Path]) -> dict
     }
 
 
+def test_accuracy(row: dict) -> dict:
+    """summary.json's ``test_accuracy`` from the test evaluation's row."""
+    return {"greedy": row["test/accuracy"], "sampled": row.get("test/sampled_accuracy"), "step": row["step"]}
+
+
 def eval_line(row: dict) -> str:
+    """One evaluation (held-out ``eval/...`` or ``test/...`` keys) as a line of the log."""
+    split = "test" if "test/accuracy" in row else "eval"
+    where = "test" if split == "test" else "held-out"
     extra = "".join(
-        f"  {k[len('eval/') :]} {v:.2f}" for k, v in row.items() if k.startswith(("eval/pass@", "eval/mean@"))
+        f"  {k[len(split) + 1 :]} {v:.2f}"
+        for k, v in row.items()
+        if k.startswith((f"{split}/sampled", f"{split}/pass@"))
     )
     return (
-        f"eval @ step {row['step']}: accuracy {row['eval/accuracy']:.2f}{extra}  format "
-        f"{row['eval/format_ok']:.2f}  tool calls/answer {row['eval/tool_calls']:.2f}  "
-        f"response {row['eval/response_tokens']:.1f} tokens  ({row['eval/examples']} held-out, "
-        f"{row['eval/s']:.1f}s)"
+        f"{split} @ step {row['step']}: accuracy {row[f'{split}/accuracy']:.2f}{extra}  format "
+        f"{row[f'{split}/format_ok']:.2f}  tool calls/answer {row[f'{split}/tool_calls']:.2f}  "
+        f"response {row[f'{split}/response_tokens']:.1f} tokens  ({row[f'{split}/examples']} {where}, "
+        f"{row[f'{split}/s']:.1f}s)"
     )
+
+
+def closing_lines(s: dict) -> list[str]:
+    """The accuracies of a finished run (``summary.json``'s ``s``), as the console's last lines."""
+    lines = []
+    for kind, first, last in (
+        ("greedy", "warm_start_accuracy", "final_accuracy"),
+        ("sampled", "warm_start_sampled_accuracy", "final_sampled_accuracy"),
+    ):
+        if s.get(last) is not None:
+            start = "" if s.get(first) is None else f"{s[first]:.2f} -> "
+            lines.append(f"held-out accuracy ({kind}) {start}{s[last]:.2f}")
+    test = s.get("test_accuracy")
+    if test:
+        sampled = "" if test["sampled"] is None else f", sampled {test['sampled']:.2f}"
+        lines.append(f"test accuracy: greedy {test['greedy']:.2f}{sampled}")
+    return lines
 
 
 class Reporter:
@@ -150,6 +186,7 @@ class Reporter:
         run_config.save(cfg)
         self.trackers = trackers.open_trackers(cfg, run_config.render(cfg), resumed=start > 0)
         self.bar = None
+        self.tested: Optional[dict] = None
         self.latest: dict[str, float] = {}
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -196,6 +233,12 @@ class Reporter:
             self.bar.set_postfix(self.latest, refresh=True)
         plot(self.out, read_rows(self.out))
 
+    def test(self, row: dict) -> None:
+        """The test evaluation after the last step: shown, and kept for ``summary.json`` (not in
+        ``metrics.jsonl``, whose evaluations are the held-out set's)."""
+        self.tested = test_accuracy(row)
+        self._say(eval_line(row))
+
     def close(self, checkpoint: Optional[Path], extra: Optional[dict] = None) -> dict:
         """Draw the plot, write ``summary.json`` (and return it), with the fields of ``extra`` added;
         close the bar and the trackers."""
@@ -206,5 +249,6 @@ class Reporter:
         rows = read_rows(self.out)
         plot(self.out, rows)
         result = {**summary(rows, time.perf_counter() - self.started, checkpoint), **(extra or {})}
+        result["test_accuracy"] = self.tested
         (self.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return result

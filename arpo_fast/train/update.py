@@ -24,11 +24,16 @@ before ``backward``, and the gradients add up in fp32 (``optim.MasterWeights``).
 ``loss_agg`` modes weight each trajectory's tokens through its advantages and divide by the
 mini-batch's trajectories instead (``algo.aggregation``).
 
-The ratio's denominator ("old" log-probs) is the policy that rolled out, recomputed by the trainer
-before the first optimizer step. The rollout's own log-probs (from the sampler, possibly in bf16
-and other kernels) are compared with those each step (``logprob_mismatch_*``), and with
-``rollout_is_cap`` each token's loss is weighted by the truncated importance ratio
-min(exp(old - rollout), cap) that corrects for their difference.
+The ratio's denominator ("old" log-probs) is the policy that rolled out. With ``old_logprobs``
+``recompute`` (the reference's way) the trainer computes it: the first mini-batch's forward is
+under that policy still, and the later mini-batches get a no-grad forward before the first
+optimizer step. The rollout's own log-probs (from the sampler, possibly in bf16 and other kernels)
+are compared with those each step (``logprob_mismatch_*``), and with ``rollout_is_cap`` each
+token's loss is weighted by the truncated importance ratio min(exp(old - rollout), cap) that
+corrects for their difference. With ``rollout`` the sampler's log-probs are the denominator, so
+the ratio is against the distribution that drew the tokens and that extra forward is skipped; the
+mismatch is then measured on the first mini-batch only (the one whose forward is still under the
+rollout policy).
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ class UpdateData:
     def groups(self, prompts_per_batch: int) -> list[list[int]]:
         if self.mini_batches is not None:
             return self.mini_batches
+        if prompts_per_batch is None:  # UpdateConfig's auto: TrainConfig resolves it for a job
+            raise ValueError("mini_batch_prompts is auto: give a number of prompts")
         return mini_batches([t.prompt_index for t in self.record.trajectories], prompts_per_batch)
 
 
@@ -130,6 +137,13 @@ def is_weights(old: torch.Tensor, rollout: torch.Tensor, cap: float) -> torch.Te
     has no log-prob of its own); detached."""
     log_w = (old.detach().float() - rollout).clamp(max=math.log(cap))
     return torch.where(torch.isfinite(rollout), log_w.exp(), torch.ones_like(log_w))
+
+
+def _sampler_old(rollout: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """The sampler's log-probs as the old policy's; where it drew no token (NaN: an EOS appended
+    after a call past the limit) the current policy's, detached, so that token's ratio is 1."""
+    rollout = rollout.to(logprobs.device)
+    return torch.where(torch.isfinite(rollout), rollout, logprobs.detach())
 
 
 @dataclass
@@ -281,8 +295,11 @@ class _Update:
 
     @torch.no_grad()
     def old_logprobs(self, plans: list[list[Batch]], done: _Totals) -> dict[int, torch.Tensor]:
-        """Later mini-batches see a moved policy: the rollout policy's log-probs of theirs, now."""
+        """Later mini-batches see a moved policy: the rollout policy's log-probs of theirs, now
+        (none with ``old_logprobs`` rollout: the sampler's stand in)."""
         old = {}
+        if self.cfg.old_logprobs == "rollout":
+            return old
         for k, plan in enumerate(plans[1:], 1):
             cache = self.cache(self.scorer, False, plan, k)
             for batch in plan:
@@ -299,7 +316,7 @@ class _Update:
         cache = self.cache(self.scorer, True, plan, k)
         ref_cache = self.cache(self.reference if cfg.kl_coef else None, False, plan, k)
         for batch in plan:
-            self.micro_batch(batch, total, old, (cache, ref_cache), done)
+            self.micro_batch(batch, total, old, (cache, ref_cache), done, first=k == 0)
         cache.finish()  # the contexts run up front (distributed) go back
         ref_cache.finish()
         done.forward += cache.tokens
@@ -307,10 +324,14 @@ class _Update:
         done.skipped += not math.isfinite(done.grad_norm)  # a NaN/inf gradient: the step was dropped
         self.optimizer.zero_grad()
 
-    def micro_batch(self, batch: Batch, total: int, old: dict, caches, done: _Totals) -> None:
+    def micro_batch(
+        self, batch: Batch, total: int, old: dict, caches, done: _Totals, first: bool = True
+    ) -> None:
         cache, ref_cache = caches
         logprobs, entropy = self.scorer(batch, self.temperature, self.attention, cache.kv(batch))
-        old_lp = old.get(id(batch), logprobs.detach())
+        trainer_old = old.get(id(batch), logprobs.detach())  # the rollout policy's, by the trainer
+        rollout = self.cfg.old_logprobs == "rollout"
+        old_lp = _sampler_old(batch.rollout_logprobs, logprobs) if rollout else trainer_old
         ref_lp = None
         if self.cfg.kl_coef:
             with torch.no_grad():
@@ -319,7 +340,8 @@ class _Update:
         if batch.dummy:  # gradients of zero, collectives as on the other ranks
             (logprobs.sum() * 0.0).backward()
             return
-        done.mismatch.add(old_lp, batch.rollout_logprobs, batch.copy_counts)
+        if first or not rollout:  # later mini-batches' trainer log-probs are a moved policy's
+            done.mismatch.add(trainer_old, batch.rollout_logprobs, batch.copy_counts)
         loss, metrics = self.loss(batch, logprobs, old_lp, entropy, ref_lp, done)
         (loss * (batch.model_tokens / max(total, 1))).backward()  # FSDP2 sums over ranks
         cache.done(batch)  # a split tree's last group: its prompt context's backward

@@ -14,6 +14,7 @@ IMPLEMENTATIONS = ("auto", "sdpa", "flex_attention", "flash_attention_2")
 CHECKPOINTING = ("auto", "true", "false")
 LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "dynamic-bsz")
 """``algo.aggregation.LOSS_AGG``, named here so that the config needs no torch."""
+OLD_LOGPROBS = ("recompute", "rollout")
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,10 @@ class UpdateConfig:
     )
     entropy_coef: float = setting(0.0, "Weight of the entropy bonus (the reference: 0).")
     grad_clip: float = setting(1.0, "Clip the gradient's global norm to this (0: no clipping).")
-    mini_batch_prompts: int = setting(
+    mini_batch_prompts: Optional[int] = setting(
         16,
-        "Prompts per optimizer step (the reference: 16); a step of "
-        "--prompts-per-step prompts takes ceil(prompts / this) steps.",
+        "Prompts per optimizer step; a step of --prompts-per-step prompts takes ceil(prompts / "
+        "this) steps (auto: the reference's 16, or 2 with --model demo: 4 steps of its 8 prompts).",
     )
     micro_batch_tokens: int = setting(
         16384,
@@ -62,6 +63,12 @@ class UpdateConfig:
         "Weight each token's loss by min(exp(old - rollout log-prob), "
         "this): truncated importance sampling for the rollout/trainer "
         "mismatch (0: off).",
+    )
+    old_logprobs: str = setting(
+        "recompute",
+        "The ratio's old policy: recompute (the trainer's log-probs of the rollout policy, a "
+        "forward pass over the mini-batches after the first; the reference) or rollout (the "
+        "sampler's own log-probs, stored with the rollout: no extra pass).",
     )
     packed_update: bool = setting(
         True,
@@ -98,7 +105,9 @@ class UpdateConfig:
             raise ValueError(f"clip_low must be < 1, got {self.clip_low}")
         if self.dual_clip and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1 (or 0 for off), got {self.dual_clip}")
-        require_counts(self, "mini_batch_prompts", "micro_batch_tokens")
+        require_counts(self, "micro_batch_tokens")
+        if self.mini_batch_prompts is not None:  # None: auto, which the trainer's config resolves
+            require_counts(self, "mini_batch_prompts")
         if self.attn_implementation not in IMPLEMENTATIONS:
             raise ValueError(
                 f"attn_implementation must be one of {', '.join(IMPLEMENTATIONS)}, got "
@@ -107,6 +116,13 @@ class UpdateConfig:
         resolve_checkpointing(self.gradient_checkpointing, "cpu")  # checks the value
         if self.loss_agg is not None and self.loss_agg not in LOSS_AGG:
             raise ValueError(f"loss_agg must be one of {', '.join(LOSS_AGG)}, got {self.loss_agg!r}")
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(f"old_logprobs must be recompute or rollout, got {self.old_logprobs!r}")
+        if self.old_logprobs == "rollout" and self.rollout_is_cap:
+            raise ValueError(
+                "rollout_is_cap weights recomputed old log-probs toward the rollout's; with "
+                "old_logprobs rollout the ratio is already against the rollout's: set one of them"
+            )
 
     def resolved(self, device) -> tuple[str, bool]:
         """(attention implementation, activation checkpointing) on ``device``."""
