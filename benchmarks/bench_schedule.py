@@ -2,6 +2,7 @@
 
     python benchmarks/bench_schedule.py            # 32 prompts x 16 trajectories (RESULTS.md)
     python benchmarks/bench_schedule.py --quick    # 8 prompts, under 3 minutes; prints "ratio X" last
+    python -m pytest benchmarks/bench_schedule.py --benchmark-only   # 2 prompts, latencies x 0.1
 
 Workload: ARPO trees (M/N/Z = 16/8/2, the default branch rule) on a tiny Qwen2 (3 layers, hidden
 128, the demo's tokenizer, random weights, fp32, one CPU thread). Every trajectory makes 1-4 calls,
@@ -33,6 +34,7 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -152,6 +154,7 @@ def run(schedule: str, engine, tok, prompts, config, workers: int, scale: float,
         "wall": wall,
         "engine_s": policy.busy_s,
         "engine_steps": policy.steps,
+        "forwards": policy.forwards,
         "tool_busy": _union(intervals, start) / wall,
         "in_flight": sum(b - a for a, b in intervals) / wall,
         "calls": len(intervals),
@@ -187,6 +190,29 @@ def quantile(values, q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
+def setup(n_prompts: int):
+    """Tokenizer, engine (a pool for every trajectory), prompts and tree settings."""
+    tok = demo_tokenizer()
+    model = tiny_model(len(tok), tok.eos_token_id).eval()
+    engine = Engine(model, tokenizer=tok, num_blocks=n_prompts * 16 * 48)
+    prompts = [tok.encode(f"Question {p}: look it up and compute it.\n") for p in range(n_prompts)]
+    return tok, engine, prompts, ARPOConfig(rollouts=16, initial=8, branches=2, max_response_tokens=1024)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    torch.set_num_threads(1)
+    return setup(2)
+
+
+@pytest.mark.parametrize("schedule", ["async", "rounds"])
+def test_schedule(benchmark, workload, schedule):
+    tok, engine, prompts, config = workload
+    benchmark.group = "ARPO rollout, 2 prompts x 16 trajectories, tool latencies x 0.1"
+    out = benchmark.pedantic(run, args=(schedule, engine, tok, prompts, config, 64, 0.1, 0), rounds=2)
+    assert len(out["trees"]) == 32
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -204,15 +230,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     n_prompts = args.prompts or (8 if args.quick else 32)
-    section = Section(
-        "Rollout schedule under realistic tool latency",
-        "",  # filled in below, from what was measured
-    )
-    tok = demo_tokenizer()
-    model = tiny_model(len(tok), tok.eos_token_id).eval()
-    engine = Engine(model, tokenizer=tok, num_blocks=n_prompts * 16 * 48)
-    prompts = [tok.encode(f"Question {p}: look it up and compute it.\n") for p in range(n_prompts)]
-    config = ARPOConfig(rollouts=16, initial=8, branches=2, max_response_tokens=1024)
+    section = Section("Rollout schedule under realistic tool latency", "")  # context: from the figures
+    tok, engine, prompts, config = setup(n_prompts)
     run("async", engine, tok, prompts[:1], config, args.tool_workers, 0.0, args.seed + 1)  # warm-up
     results = {
         s: run(s, engine, tok, prompts, config, args.tool_workers, args.latency_scale, args.seed)
@@ -222,9 +241,8 @@ def main() -> int:
     same = ours["trees"] == ref["trees"] and ours["nodes"] == ref["nodes"]
     report(section, results, same, float_gap(ours["floats"], ref["floats"]), n_prompts, args)
     emit(section, args)
-    ratio = ref["wall"] / ours["wall"]
     print(f"same trees: {'yes' if same else 'NO'}")
-    print(f"ratio {ratio:.2f}")
+    print(f"ratio {ref['wall'] / ours['wall']:.2f}")
     return 0 if same else 1
 
 
@@ -248,7 +266,7 @@ def report(section: Section, results: dict, same: bool, gap: float, n_prompts: i
         "engine busy",
         "tool busy",
         "calls in flight (mean)",
-        "engine steps",
+        "engine steps (forwards)",
         "prompts done by (s): p10",
         "p50",
         "p90",
@@ -263,7 +281,7 @@ def report(section: Section, results: dict, same: bool, gap: float, n_prompts: i
             f"{r['engine_s'] / r['wall']:.0%}",
             f"{r['tool_busy']:.0%}",
             f"{r['in_flight']:.1f}",
-            r["engine_steps"],
+            f"{r['engine_steps']} ({r['forwards']})",
             *(f"{quantile(done, q):.1f}" for q in (0.1, 0.5, 0.9)),
             f"{max(done):.1f}",
         )

@@ -135,9 +135,9 @@ class Section:
     machine: str = field(default_factory=machine)
     date: str = field(default_factory=lambda: datetime.date.today().isoformat())
 
-    def table(self, *columns: str, **formats: str) -> Table:
-        """A new table of this section (``formats``: per-column format strings)."""
-        t = Table(list(columns), formats=dict(formats))
+    def table(self, *columns: str, formats: Optional[dict[str, str]] = None) -> Table:
+        """A new table of this section (``formats``: format strings of float columns by name)."""
+        t = Table(list(columns), formats=dict(formats or {}))
         self.tables.append(t)
         return t
 
@@ -169,18 +169,34 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", type=Path, default=None, help="also write the tables as CSV here")
 
 
-def emit(section: Section, args: Optional[argparse.Namespace] = None) -> None:
-    """Print the section as markdown; write it where ``--json``/``--csv`` ask."""
-    print(section.markdown(), flush=True)
+def save(section: Section, args: Optional[argparse.Namespace]) -> None:
+    """Write the section where ``--json``/``--csv`` (:func:`add_output_args`) ask."""
     if args is not None and getattr(args, "json", None):
         args.json.write_text(json.dumps(section.to_json(), indent=1) + "\n")
     if args is not None and getattr(args, "csv", None):
         section.write_csv(args.csv)
 
 
+def emit(section: Section, args: Optional[argparse.Namespace] = None) -> None:
+    """Print the section as markdown and :func:`save` it."""
+    print(section.markdown(), flush=True)
+    save(section, args)
+
+
+class SectionError(ValueError):
+    """A file that is not a section saved by :func:`save`."""
+
+
+def load(path: Path) -> Section:
+    try:
+        return Section.from_json(json.loads(Path(path).read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise SectionError(f"{path}: not a benchmark section saved with --json ({exc})") from None
+
+
 def render(paths: Sequence[Path]) -> str:
     """Saved sections as ``RESULTS.md`` text, newest first (by date; the given order breaks ties)."""
-    sections = [Section.from_json(json.loads(Path(p).read_text())) for p in paths]
+    sections = [load(p) for p in paths]
     order = sorted(range(len(sections)), key=lambda i: (sections[i].date, -i), reverse=True)
     return "\n".join(sections[i].markdown() for i in order)
 
@@ -191,10 +207,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("render", help="sections from --json files, newest first")
     p.add_argument("paths", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    missing = [str(p) for p in args.paths if not p.is_file()]
-    if missing:
-        parser.error(f"no such file: {missing[0]}")
-    print(render(args.paths), end="")
+    for path in args.paths:
+        if not path.is_file():
+            parser.error(f"no such file: {path}")
+    try:
+        text = render(args.paths)
+    except SectionError as exc:
+        parser.error(str(exc))
+    print(text, end="")
     return 0
 
 

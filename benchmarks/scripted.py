@@ -127,7 +127,7 @@ class ScriptedPolicy:
         self.plain = _plain_tokens(tokenizer)
         self.seqs: dict[int, _Seq] = {}
         self.plans: dict[int, list[list[int]]] = {}
-        self.busy_s, self.steps, self.start = 0.0, 0, time.perf_counter()
+        self.busy_s, self.steps, self.forwards, self.start = 0.0, 0, 0, time.perf_counter()
         self.done_at = [0.0] * len(prompts)
 
     @property
@@ -198,6 +198,7 @@ class ScriptedPolicy:
         for rows in groups:
             if rows:
                 logits[rows] = self.engine.logits([seqs[i] for i in rows])
+                self.forwards += 1
         return logits
 
     def _next(self, s: _Seq) -> int:
