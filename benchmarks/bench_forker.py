@@ -114,24 +114,31 @@ def report(prefixes, batches, dense_max: int) -> Section:
 # -- pytest-benchmark entry points ---------------------------------------------------------------
 
 
-def _fork_case(benchmark, impl, prefix_tokens):
+def _fork_case(benchmark, impl, prefix_tokens, rounds):
+    # Fixed rounds, as fork_us takes them: every fork leaves a live child (freed at the end), and
+    # pytest-benchmark's own calibration would make hundreds of thousands of them.
     f = impl(prefix_tokens // BLOCK + 8, BLOCK)
     parent = f.new_sequence()
     f.append(parent, prefix_tokens)
-    benchmark(lambda: f.fork(parent, 1))
+    children = []
+    benchmark.group = f"fork one sequence of {prefix_tokens} tokens"
+    benchmark.pedantic(lambda: children.append(f.fork(parent, 1)), rounds=rounds, warmup_rounds=1)
+    for c in children:
+        f.free(c[0])
 
 
 def test_fork_native_16k(benchmark):
-    _fork_case(benchmark, arpo_fast.native().KVForker, 16384)
+    _fork_case(benchmark, arpo_fast.native().KVForker, 16384, 200)
 
 
 def test_fork_python_16k(benchmark):
-    _fork_case(benchmark, PyKVForker, 16384)
+    _fork_case(benchmark, PyKVForker, 16384, 50)
 
 
 def test_dense_clone_4k(benchmark):
     kv = torch.randn(QWEN7B_KV["layers"], 2, 4096, QWEN7B_KV["kv_heads"], QWEN7B_KV["head_dim"]).bfloat16()
-    benchmark(kv.clone)
+    benchmark.group = "dense clone of a 4096-token prefix's KV (Qwen2.5-7B layout, bf16)"
+    benchmark.pedantic(kv.clone, rounds=3, warmup_rounds=1)
 
 
 def _step_case(benchmark, impl, batch):
@@ -141,6 +148,7 @@ def _step_case(benchmark, impl, batch):
     for s in seqs:
         f.append(int(s), 4095)
     ones = np.ones(batch, dtype=np.int64)
+    benchmark.group = f"prepare_step, B sequences of 4k tokens (B = {batch})"
     benchmark.pedantic(f.prepare_step, args=(seqs, ones), rounds=reps, iterations=1)
 
 
