@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import Section, add_output_args, save  # noqa: E402 - after sys.path is set
+
 # Shortest first: a run cut short by a time limit loses the fewest rows.
 SECTIONS = [
     "gpu_forker",
@@ -51,6 +53,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on any machine")
     parser.add_argument("--only", nargs="*", default=None, help="run only these sections")
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
+    add_output_args(parser)
     args = parser.parse_args()
     if args.smoke:
         import torch
@@ -95,7 +98,9 @@ def main() -> int:
         emit(f"(section {name}: {time.perf_counter() - start:.1f} s)")
     missed = [r for r in rows if r.ok is False]
     emit("\n" + head + "\n" + markdown(rows))
-    emit(f"\n{len(rows)} rows, {len(missed)} targets missed, {failures} sections failed")
+    summary = f"{len(rows)} rows, {len(missed)} targets missed, {failures} sections failed"
+    emit("\n" + summary)
+    save(Section("GPU report", summary + ".", [report.table(rows)], machine=device_name()), args)
     return 1 if failures else 0
 
 
