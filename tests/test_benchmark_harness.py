@@ -98,3 +98,5 @@ def test_pytest_collects_the_benchmark_scripts_once_only_from_their_folder():
     assert "benchmarks/bench_schedule.py::test_schedule[async]" in ids
     assert len(ids) == len(set(ids))
     assert sum(i.startswith("benchmarks/bench_forker.py::") for i in ids) == 5
+    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):  # every script has an entry
+        assert any(i.startswith(f"benchmarks/{script.name}::") for i in ids), script.name
