@@ -1,7 +1,7 @@
 """The asynchronous tree rollout against the reference's synchronous rounds, under tool latency.
 
-    python benchmarks/bench_schedule.py            # 32 prompts x 16 trajectories (RESULTS.md)
-    python benchmarks/bench_schedule.py --quick    # 8 prompts, under 3 minutes; prints "ratio X" last
+    python benchmarks/bench_schedule.py            # 32 prompts x 16 trajectories
+    python benchmarks/bench_schedule.py --quick    # 8 prompts (RESULTS.md); prints "ratio X" last
     python -m pytest benchmarks/bench_schedule.py --benchmark-only   # 2 prompts, latencies x 0.1
 
 Workload: ARPO trees (M/N/Z = 16/8/2, the default branch rule) on a tiny Qwen2 (3 layers, hidden
