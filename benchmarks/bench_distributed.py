@@ -2,6 +2,7 @@
 
     python benchmarks/bench_distributed.py            # the table recorded in RESULTS.md
     python benchmarks/bench_distributed.py --quick    # fewer steps and prompts
+    python -m pytest benchmarks/bench_distributed.py --benchmark-only   # whole 3-step runs
     python benchmarks/bench_distributed.py --device cuda --procs 1   # on a GPU: the FSDP2 overhead
 
 Each configuration is a real run of the trainer (``python -m arpo_fast.train``, or the same under
@@ -22,7 +23,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from arpo_fast.train.report import read_rows, split_rows
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Section, add_output_args, emit  # noqa: E402 - after sys.path is set
+
+from arpo_fast.train.report import read_rows, split_rows  # noqa: E402
 
 
 def run(procs: int, args: list[str], out: Path) -> list[dict]:
@@ -50,6 +57,36 @@ def run(procs: int, args: list[str], out: Path) -> list[dict]:
     return split_rows(read_rows(out))[0]
 
 
+def trainer_args(steps: int, prompts: int, device: str) -> list[str]:
+    """The trainer's flags for every configuration. No warm start: the random model writes to the
+    length limit, so every configuration does the same work (a warm start run with another thread
+    count would give a slightly different model)."""
+    return [
+        *("--demo-warm-start", "0", "--tools", "", "--eval-data", "none"),
+        *("--steps", str(steps), "--prompts-per-step", str(prompts), "--rollouts", "8", "--initial", "4"),
+        *("--max-response-tokens", "64", "--mini-batch-prompts", "4", "--lr", "1e-4", "--device", device),
+    ]
+
+
+def step_seconds(rows: list[dict]) -> float:
+    """Mean step time (rollout + reward + update) of the rows."""
+    return statistics.mean(r["rollout_s"] + r["reward_s"] + r["update_s"] for r in rows)
+
+
+# -- pytest-benchmark entry point ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("procs", [0, 1, 2], ids=["python", "torchrun_x1", "torchrun_x2"])
+def test_training_run(benchmark, procs, tmp_path):
+    """A whole 3-step run of 4 prompts (process start-up included: pytest-benchmark times the call);
+    the steps' own mean time, as the script reports it, goes into extra_info."""
+    out = tmp_path / "run"
+    benchmark.group = "trainer, 3 steps of 4 prompts x 8 trajectories on the demo model, CPU"
+    rows = benchmark.pedantic(lambda: run(procs, trainer_args(3, 4, "cpu"), out), rounds=1)
+    benchmark.extra_info["step_s (steps 2-3)"] = step_seconds(rows[1:])
+    assert len(rows) == 3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -63,55 +100,46 @@ def main() -> None:
         default=None,
         help="torchrun process counts to compare with one plain process (default 1 2)",
     )
+    add_output_args(parser)
     a = parser.parse_args()
     steps, prompts = (3, 4) if a.quick else (5, 8)
     procs = a.procs if a.procs is not None else [1, 2]
-    # no warm start: the random model writes to the length limit, so every configuration does the
-    # same work (a warm start run with another thread count would give a slightly different model)
-    args = [
-        "--demo-warm-start",
-        "0",
-        "--tools",
-        "",
-        "--eval-data",
-        "none",
-        "--steps",
-        str(steps),
-        "--prompts-per-step",
-        str(prompts),
-        "--rollouts",
-        "8",
-        "--initial",
-        "4",
-        "--max-response-tokens",
-        "64",
-        "--mini-batch-prompts",
-        "4",
-        "--lr",
-        "1e-4",
-        "--device",
-        a.device,
-    ]
-    print(f"{steps} steps of {prompts} prompts x 8 trajectories (steps 2.. averaged), device {a.device}")
-    print(
-        f"{'run':<22}{'tokens':>8}{'step s':>9}{'rollout s':>11}{'update s':>10}{'refresh MB':>12}"
-        f"{'refresh s':>11}"
+    args = trainer_args(steps, prompts, a.device)
+    section = Section(
+        "Distributed training",
+        f"{steps} steps of {prompts} prompts x 8 trajectories on the demo model (no warm start, no tools, "
+        f"responses up to 64 tokens), one CPU thread per process, steps 2-{steps} averaged; device "
+        f"{a.device}.",
     )
+    t = section.table(
+        "run",
+        "tokens",
+        "step s",
+        "rollout s",
+        "update s",
+        "refresh MB",
+        "refresh s",
+        "speed vs one process",
+        formats={"tokens": "{:.0f}", "step s": "{:.3f}", "rollout s": "{:.3f}", "update s": "{:.3f}"},
+    )
+    t.formats.update({"refresh MB": "{:.2f}", "refresh s": "{:.4f}", "speed vs one process": "{:.2f}x"})
     base = None
     with tempfile.TemporaryDirectory() as tmp:
         for n in [0, *procs]:
             rows = run(n, args, Path(tmp) / f"p{n}")[1:]
-            step = statistics.mean(r["rollout_s"] + r["reward_s"] + r["update_s"] for r in rows)
-            name = "python (one process)" if n == 0 else f"torchrun x{n} (FSDP2)"
-            tokens = statistics.mean(r["response_tokens"] for r in rows)
-            print(
-                f"{name:<22}{tokens:>8.0f}{step:>9.3f}{statistics.mean(r['rollout_s'] for r in rows):>11.3f}"
-                f"{statistics.mean(r['update_s'] for r in rows):>10.3f}"
-                f"{statistics.mean(r.get('weight_refresh_mb', 0.0) for r in rows):>12.2f}"
-                f"{statistics.mean(r.get('weight_refresh_s', 0.0) for r in rows):>11.4f}"
-                + (f"   {base / step:.2f}x the one-process speed" if base else "")
-            )
+            step = step_seconds(rows)
             base = base or step
+            t.add(
+                "python (one process)" if n == 0 else f"torchrun x{n} (FSDP2)",
+                statistics.mean(r["response_tokens"] for r in rows),
+                step,
+                statistics.mean(r["rollout_s"] for r in rows),
+                statistics.mean(r["update_s"] for r in rows),
+                statistics.mean(r.get("weight_refresh_mb", 0.0) for r in rows),
+                statistics.mean(r.get("weight_refresh_s", 0.0) for r in rows),
+                base / step,
+            )
+    emit(section, a)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ branching workload (fork after a shared prefix against re-prefilling every branc
 
     python benchmarks/bench_engine.py            # prints the tables recorded in RESULTS.md
     python benchmarks/bench_engine.py --quick    # smaller sizes
+    python -m pytest benchmarks/bench_engine.py --benchmark-only   # the same peers, small sizes
 
 The workload functions are shared with ``gpu_engine.py`` (same code, GPU sizes). Peers run in the
 same process on the same model object: HF ``generate`` (greedy, its default dynamic cache), and for
@@ -14,17 +15,18 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
-from arpo_fast.engine import Engine, SamplingParams
-from arpo_fast.engine.random_model import random_causal_lm
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import Section, add_output_args, emit, timed  # noqa: E402 - after sys.path is set
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+from arpo_fast.engine import Engine, SamplingParams  # noqa: E402
+from arpo_fast.engine.random_model import random_causal_lm  # noqa: E402
 
 
 def tiny_model(hidden: int = 128, layers: int = 4, vocab: int = 1024, dtype=torch.float32, device="cpu"):
@@ -54,11 +56,8 @@ def engine_generate_tps(engine: Engine, prompts, new_tokens: int) -> float:
     engine.generate(
         [p[:8] for p in prompts[:2]], SamplingParams(temperature=0.0, max_new_tokens=2)
     )  # warm-up
-    _sync(engine.model.device)
-    t0 = time.perf_counter()
-    outs = engine.generate(prompts, params)
-    _sync(engine.model.device)
-    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0)
+    outs, seconds = timed(lambda: engine.generate(prompts, params))
+    return sum(len(o.token_ids) for o in outs) / seconds
 
 
 def hf_generate_tps(model, prompts, new_tokens: int) -> float:
@@ -70,11 +69,10 @@ def hf_generate_tps(model, prompts, new_tokens: int) -> float:
         model.generate(
             ids[:2, :8], max_new_tokens=2, **{**kw, "attention_mask": torch.ones_like(ids[:2, :8])}
         )
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-        _sync(device)
-    return (out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - t0)
+        out, seconds = timed(
+            lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        )
+    return (out.shape[1] - ids.shape[1]) * ids.shape[0] / seconds
 
 
 def branching(
@@ -98,30 +96,32 @@ def branching(
     """
     vocab = model.config.vocab_size
     texts = random_prompts(prompts, prefix, vocab, seed=1)
-    params = SamplingParams(temperature=1.0)
     result = {}
     for mode in ("fork", "reprefill"):
         # Eager steps in both modes: the comparison is about prefill work, and a first graph
         # capture (the default on CUDA) would be charged to whichever mode decodes first.
         engine = Engine(model, block_size=block_size, num_blocks=num_blocks, cuda_graphs=False)
-        _sync(engine.model.device)
-        t0 = time.perf_counter()
-        if mode == "fork":
-            roots = [engine.add(t, seed=i) for i, t in enumerate(texts)]
-            _in_chunks(roots, chunk, engine.logits)
-            seqs = [c for r in roots for c in engine.fork(r, branches, at=prefix)]
-        else:
-            seqs = [engine.add(t, seed=i) for i, t in enumerate(texts) for _ in range(branches)]
-        _in_chunks(seqs, chunk, lambda s, e=engine: e.step(s, params))
-        for _ in range(new_tokens - 1):
-            engine.step(seqs, params)
-        _sync(engine.model.device)
-        result[mode] = {"prefill_tokens": engine.stats["prefill_tokens"], "seconds": time.perf_counter() - t0}
-        del engine, seqs
+        work = lambda e=engine: _branch_rollout(e, mode, texts, branches, prefix, new_tokens, chunk)
+        _, seconds = timed(work)
+        result[mode] = {"prefill_tokens": engine.stats["prefill_tokens"], "seconds": seconds}
+        del engine, work  # the closure holds the engine too
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # give the pool back before the next engine sizes its own
     return result
+
+
+def _branch_rollout(engine, mode: str, texts, branches: int, prefix: int, new_tokens: int, chunk: int):
+    params = SamplingParams(temperature=1.0)
+    if mode == "fork":
+        roots = [engine.add(t, seed=i) for i, t in enumerate(texts)]
+        _in_chunks(roots, chunk, engine.logits)
+        seqs = [c for r in roots for c in engine.fork(r, branches, at=prefix)]
+    else:
+        seqs = [engine.add(t, seed=i) for i, t in enumerate(texts) for _ in range(branches)]
+    _in_chunks(seqs, chunk, lambda s: engine.step(s, params))
+    for _ in range(new_tokens - 1):
+        engine.step(seqs, params)
 
 
 def _in_chunks(seqs, chunk: int, fn) -> None:
@@ -130,11 +130,49 @@ def _in_chunks(seqs, chunk: int, fn) -> None:
         fn(seqs[i : i + chunk])
 
 
+# -- pytest-benchmark entry points ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return tiny_model()
+
+
+@pytest.mark.parametrize("peer", ["ours", "hf_generate"])
+def test_generate(benchmark, model, peer):
+    prompts = random_prompts(4, 32, model.config.vocab_size)
+    params = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
+    if peer == "ours":
+        engine = Engine(model, num_blocks=256)
+        fn = lambda: engine.generate(prompts, params)
+    else:
+        ids = torch.tensor(prompts)
+        kw = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+        mask = torch.ones_like(ids)
+        fn = lambda: model.generate(ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, **kw)
+    benchmark.group = "generate 4 x 32-token prompts, 16 new tokens, greedy, tiny Qwen2, CPU"
+    with torch.no_grad():
+        benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("mode", ["fork", "reprefill"])
+def test_branching(benchmark, model, mode):
+    texts = random_prompts(2, 128, model.config.vocab_size, seed=1)
+
+    def fresh_engine():  # a new engine per round, built outside the timed call (as in ``branching``)
+        return (Engine(model, num_blocks=256, cuda_graphs=False), mode, texts, 4, 128, 4, 0), {}
+
+    benchmark.group = "branching 2 prompts x 4 branches after 128 tokens, 4 new tokens"
+    benchmark.pedantic(_branch_rollout, setup=fresh_engine, rounds=5, warmup_rounds=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
+    add_output_args(parser)
     args = parser.parse_args()
     # One thread: on a small shared machine, intra-op threads cost more in syncs than they save
     # on these tiny matrices (both engines run under the same setting).
@@ -144,28 +182,28 @@ def main() -> None:
     prompts = random_prompts(batch, prompt_len, model.config.vocab_size)
     engine = Engine(model, num_blocks=1024)
     ours, peer = engine_generate_tps(engine, prompts, new), hf_generate_tps(model, prompts, new)
-    print(
-        f"model: Qwen2-shaped, hidden 128, 4 layers, vocab 1024, fp32, CPU, "
-        f"{torch.get_num_threads()} threads\n"
+    section = Section(
+        "Rollout engine",
+        "Qwen2-shaped model (hidden 128, 4 layers, vocab 1024), fp32, random weights, one thread; HF "
+        "`generate` (greedy, its default cache) on the same model object. Second table: ARPO "
+        "branching, forking a shared prefix's paged KV against prefilling every branch's prefix again.",
     )
-    print("| workload | ours (tokens/s) | HF generate (tokens/s) | ours / HF |\n|---|---|---|---|")
-    print(
-        f"| generate {batch} x {prompt_len}-token prompts, {new} new tokens, greedy | {ours:.0f} | "
-        f"{peer:.0f} | {ours / peer:.2f}x |"
-    )
+    t = section.table("workload", "arpo_fast (tokens/s)", "HF generate (tokens/s)", "arpo_fast / HF")
+    t.formats.update({"arpo_fast (tokens/s)": "{:.0f}", "HF generate (tokens/s)": "{:.0f}"})
+    t.formats["arpo_fast / HF"] = "{:.2f}x"
+    t.add(f"{batch} x {prompt_len}-token prompts, {new} new tokens, greedy", ours, peer, ours / peer)
     P, Z, L, T = (2, 4, 128, 4) if args.quick else (4, 8, 512, 8)
     branching(model, 2, 2, 16, 2)  # warm-up
     r = branching(model, P, Z, L, T)
-    print(
-        f"\n| branching: {P} prompts x {Z} branches after {L} tokens, {T} new tokens | prefill tokens "
-        "| wall s |\n|---|---|---|"
+    b = section.table(
+        f"branching: {P} prompts x {Z} branches after {L} tokens, {T} new tokens", "prefill tokens", "wall s"
     )
+    b.formats["wall s"] = "{:.3f}"
     for mode in ("fork", "reprefill"):
-        print(f"| {mode} | {r[mode]['prefill_tokens']} | {r[mode]['seconds']:.3f} |")
-    print(
-        f"\nfork computes {r['reprefill']['prefill_tokens'] / r['fork']['prefill_tokens']:.1f}x fewer "
-        f"prefill tokens and runs {r['reprefill']['seconds'] / r['fork']['seconds']:.2f}x faster"
-    )
+        b.add(mode, r[mode]["prefill_tokens"], r[mode]["seconds"])
+    tokens = r["reprefill"]["prefill_tokens"] / r["fork"]["prefill_tokens"]
+    b.add("reprefill / fork", f"{tokens:.1f}x", f"{r['reprefill']['seconds'] / r['fork']['seconds']:.2f}x")
+    emit(section, args)
 
 
 if __name__ == "__main__":

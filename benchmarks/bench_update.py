@@ -2,6 +2,7 @@
 
     python benchmarks/bench_update.py            # the figures recorded in RESULTS.md
     python benchmarks/bench_update.py --quick    # a short CPU run
+    python -m pytest benchmarks/bench_update.py --benchmark-only   # (2) at a small size
 
 1. Forward tokens on a synthetic ARPO step shaped like the reference's 7B reasoning runs: 128
    prompts of 1,536 tokens in mini-batches of 16, M/N/Z = 16/8/2, responses of 1-4k tokens with
@@ -28,17 +29,21 @@ import itertools
 import os
 import random
 import resource
-import statistics
 import subprocess
 import sys
-import time
+from pathlib import Path
 
+import pytest
 import torch
 
-from arpo_fast.rollout.responses import Response, assemble_tree
-from arpo_fast.train.packing import build_trees, split_tree
-from arpo_fast.train.padded import micro_batches
-from arpo_fast.train.update import UpdateConfig, mini_batches
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Section, add_output_args, emit, interleave, timed  # noqa: E402 - after sys.path is set
+
+from arpo_fast.rollout.responses import Response, assemble_tree  # noqa: E402
+from arpo_fast.train.packing import build_trees, split_tree  # noqa: E402
+from arpo_fast.train.padded import micro_batches  # noqa: E402
+from arpo_fast.train.update import UpdateConfig, mini_batches  # noqa: E402
 
 
 def arpo_workload(
@@ -174,9 +179,7 @@ def timed_update(model, trajs, node_tokens, adv, cfg: UpdateConfig) -> float:
 
     optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
     record = assemble_tree(trajs, node_tokens)
-    start = time.perf_counter()
-    update(model, optimizer, UpdateData(record, adv), cfg)
-    return time.perf_counter() - start
+    return timed(lambda: update(model, optimizer, UpdateData(record, adv), cfg))[1]
 
 
 def peak_rss(prompts: int, checkpointing: str, budget: int) -> float:
@@ -204,6 +207,19 @@ def _high_water_kib() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+# -- pytest-benchmark entry points ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["packed", "per_trajectory"])
+def test_update(benchmark, layout):
+    torch.set_num_threads(1)
+    model = small_model()
+    trajs, node_tokens, adv = shrunk_workload(1)
+    cfg = UpdateConfig(packed_update=layout == "packed", micro_batch_tokens=2048, mini_batch_prompts=1)
+    benchmark.group = "update, 1 prompt x 16 trajectories (prompt 192, responses 128-512), Qwen2 3.7M"
+    benchmark.pedantic(timed_update, args=(model, trajs, node_tokens, adv, cfg), rounds=3, warmup_rounds=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -212,74 +228,89 @@ def main() -> None:
     parser.add_argument(
         "--peak-rss", nargs=3, metavar=("PROMPTS", "CHECKPOINTING", "BUDGET"), help=argparse.SUPPRESS
     )  # one measurement, in the fresh process it runs in
+    add_output_args(parser)
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     if args.peak_rss:
         prompts, checkpointing, budget = args.peak_rss
         print(peak_rss(int(prompts), checkpointing, int(budget)))
         return
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
-
     prompts, repeats = (2, 1) if args.quick else (4, 5)
+    section = Section(
+        "Tree-packed update",
+        f"Update wall time: a Qwen2 of 3.7M parameters (hidden 256, 4 layers, vocab 2048, fp32) on "
+        f"the synthetic ARPO step shrunk 8-fold ({prompts} prompts of 192 tokens x 16 trajectories, "
+        f"responses 128-512), micro-batches of 2,048 tokens, one mini-batch, {repeats} interleaved "
+        "repeats after a warm-up (median, best). Peak memory of the packed update, each in a fresh "
+        "process (growth of the resident set's high-water mark). Forward tokens on the synthetic "
+        "step shaped like the reference's 7B reasoning runs (module docstring).",
+    )
+    ratio = update_rows(section, prompts, repeats)
+    emit(section, args)
+    print(f"packed/unpacked forward tokens at the default --micro-batch-tokens: ratio {ratio:.3f}")
+
+
+def update_rows(section: Section, prompts: int, repeats: int) -> float:
+    """The three tables of the module docstring; returns (1)'s ratio at the default budget."""
     budget = 2048
     model = small_model()
     trajs, node_tokens, adv = shrunk_workload(prompts)
     cfgs = {
-        packed: UpdateConfig(packed_update=packed, micro_batch_tokens=budget, mini_batch_prompts=prompts)
-        for packed in (True, False)
-    }
-    runs = {True: [], False: []}
-    for r in range(repeats + 1):  # interleaved, so that load from elsewhere hits both alike
-        for packed, cfg in cfgs.items():
-            seconds = timed_update(model, trajs, node_tokens, adv, cfg)
-            if r:  # the first round warms up
-                runs[packed].append(seconds)
-    times = {packed: statistics.median(r) for packed, r in runs.items()}
-    best = {packed: min(r) for packed, r in runs.items()}
-    shrunk = forward_tokens(trajs, node_tokens, cfgs[True])
-    print(
-        f"CPU update, Qwen2 {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-        f"{prompts} prompts "
-        f"x 16 trajectories (prompt 192, responses 128-512), micro-batches of {budget} tokens, median of "
-        f"{repeats} (best): packed {times[True]:.2f} s ({best[True]:.2f} s), per trajectory "
-        f"{times[False]:.2f} s ({best[False]:.2f} s): {times[True] / times[False]:.2f}x "
-        f"({best[True] / best[False]:.2f}x); forward tokens {shrunk['packed']} vs {shrunk['padded']} padded"
-    )
-
-    peak = {
-        c: float(
-            subprocess.run(
-                [sys.executable, __file__, "--peak-rss", str(prompts), c, str(budget)],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.split()[-1]
+        layout: UpdateConfig(
+            packed_update=layout == "packed", micro_batch_tokens=budget, mini_batch_prompts=prompts
         )
-        for c in ("false", "true")
+        for layout in ("packed", "per trajectory")
     }
-    print(
-        f"peak memory of the packed update (resident set growth, fresh process): checkpointing off "
-        f"{peak['false']:.0f} MiB, on {peak['true']:.0f} MiB"
+    times = interleave(
+        {name: (lambda c=cfg: timed_update(model, trajs, node_tokens, adv, c)) for name, cfg in cfgs.items()},
+        warmup=1,
+        reps=repeats,
     )
+    shrunk = forward_tokens(trajs, node_tokens, cfgs["packed"])
+    t = section.table("update", "median s", "best s", "forward tokens", formats={"median s": "{:.2f}"})
+    t.formats["best s"] = "{:.2f}"
+    t.add("packed", times["packed"].median, times["packed"].best, shrunk["packed"])
+    t.add("per trajectory", times["per trajectory"].median, times["per trajectory"].best, shrunk["padded"])
+    med, best = (
+        times["packed"].median / times["per trajectory"].median,
+        times["packed"].best / times["per trajectory"].best,
+    )
+    t.add(
+        "packed / per trajectory", f"{med:.2f}x", f"{best:.2f}x", f"{shrunk['packed'] / shrunk['padded']:.2f}"
+    )
+    memory = section.table("activation checkpointing", "peak memory of the packed update (MiB)")
+    for c in ("false", "true"):
+        cmd = [sys.executable, __file__, "--peak-rss", str(prompts), c, str(budget)]
+        peak = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+        memory.add("on" if c == "true" else "off", f"{peak:.0f}")
+    return forward_rows(section, 2 if prompts < 4 else 8)
 
-    steps = 2 if args.quick else 8
+
+def forward_rows(section: Section, steps: int) -> float:
     trajs, node_tokens, branch_points = arpo_workload(0, 16 * steps)
-    print(
-        f"synthetic ARPO step: {16 * steps} prompts x 16 trajectories, "
-        f"{branch_points / len(trajs) * 32:.1f} branch points per 32 trajectories"
+    t = section.table(
+        f"--micro-batch-tokens ({16 * steps} prompts x 16, {branch_points / len(trajs) * 32:.1f} "
+        "branch points per 32 trajectories)",
+        "unpacked (padded)",
+        "each tree once",
+        "packed (prompt contexts once)",
+        "packed / unpacked",
+        formats={"packed / unpacked": "{:.3f}"},
     )
     default = UpdateConfig()
-    for budget in sorted({default.micro_batch_tokens, 32768, 65536}, reverse=True):
+    for budget in sorted({default.micro_batch_tokens, 32768, 65536}):
         tokens = forward_tokens(trajs, node_tokens, UpdateConfig(micro_batch_tokens=budget))
-        print(
-            f"  micro-batches of {budget} tokens: unpacked {tokens['unpacked']} (padded {tokens['padded']}), "
-            f"each tree once {tokens['unique']}, packed (split trees' context included) {tokens['packed']}: "
-            f"{tokens['packed'] / tokens['unpacked']:.3f} of unpacked"
+        name = f"{budget} (default)" if budget == default.micro_batch_tokens else str(budget)
+        t.add(
+            name,
+            f"{tokens['unpacked']:,} ({tokens['padded']:,})",
+            f"{tokens['unique']:,}",
+            f"{tokens['packed']:,}",
+            tokens["packed"] / tokens["unpacked"],
         )
-    print(
-        f"packed/unpacked forward tokens at the default --micro-batch-tokens {budget}: "
-        f"ratio {tokens['packed'] / tokens['unpacked']:.3f}"
-    )
+        if budget == default.micro_batch_tokens:
+            ratio = tokens["packed"] / tokens["unpacked"]
+    return ratio
 
 
 if __name__ == "__main__":

@@ -18,7 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from arpo_fast.train.report import read_rows, split_rows
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Table  # noqa: E402 - after sys.path is set
+
+from arpo_fast.train.report import read_rows, split_rows  # noqa: E402
 
 
 def _rows(run: Path) -> tuple[list[dict], list[dict], dict]:
@@ -31,16 +35,12 @@ def _mean(rows, key):
 
 
 def table(runs: dict[str, Path]) -> str:
-    lines = ["| | ARPO | GRPO | ARPO / GRPO |", "|---|---|---|---|"]
+    t = Table(["", "ARPO", "GRPO", "ARPO / GRPO"])
     data = {name: _rows(path) for name, path in runs.items()}
     (a_steps, a_evals, a_sum), (g_steps, g_evals, g_sum) = data["ARPO"], data["GRPO"]
 
     def row(label, a, g, fmt="{:.1f}", ratio=True):
-        lines.append(
-            f"| {label} | {fmt.format(a)} | {fmt.format(g)} | {a / g:.2f} |"
-            if ratio and g
-            else f"| {label} | {fmt.format(a)} | {fmt.format(g)} | |"
-        )
+        t.add(label, fmt.format(a), fmt.format(g), f"{a / g:.2f}" if ratio and g else "")
 
     row("trajectories per step", _mean(a_steps, "trajectories"), _mean(g_steps, "trajectories"), "{:.0f}")
     row(
@@ -79,7 +79,7 @@ def table(runs: dict[str, Path]) -> str:
             False,
         )
     row("wall seconds (whole job)", a_sum["wall_s"], g_sum["wall_s"], "{:.0f}")
-    return "\n".join(lines)
+    return t.markdown()
 
 
 def main() -> None:

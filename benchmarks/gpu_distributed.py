@@ -14,11 +14,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from bench_distributed import run
+from harness import timed
 from report import Row
 
 SECTION = "distributed"
@@ -68,23 +68,24 @@ def rows(smoke: bool) -> list[Row]:
             )
         )
         out.append(Row(SECTION, case, "weight refresh s per step", refresh_s))
-        start = time.perf_counter()
         # a smoke run on the CPU: one step, a short warm start, no evaluation, PyTorch paths (not the
         # Triton interpreter)
         quick = ["--steps", "1", "--demo-warm-start", "20", "--eval-data", "none"] if smoke else []
         env = dict(os.environ, TRITON_INTERPRET="0") if device == "cpu" else None
-        job = subprocess.run(
-            [sys.executable, "-m", "arpo_fast.train", "--out", str(Path(tmp) / "job")] + quick,
-            capture_output=True,
-            text=True,
-            env=env,
+        job, seconds = timed(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "arpo_fast.train", "--out", str(Path(tmp) / "job")] + quick,
+                capture_output=True,
+                text=True,
+                env=env,
+            )
         )
         out.append(
             Row(
                 SECTION,
                 "python -m arpo_fast.train (the default job)",
                 "wall s",
-                time.perf_counter() - start,
+                seconds,
                 target="exits 0",
                 ok=job.returncode == 0,
             )

@@ -13,10 +13,12 @@ A section that fails prints its error and the report goes on with the next one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -24,16 +26,52 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# Shortest first: a run cut short by a time limit loses the fewest rows.
+from harness import Section, add_output_args, save  # noqa: E402 - after sys.path is set
+
+# The real-size step first, then the sections an earlier report left unfinished, then the rest.
 SECTIONS = [
-    "gpu_forker",
-    "gpu_sampling",
+    "gpu_step",
+    "gpu_update",
+    "gpu_distributed",
     "gpu_logprob_entropy",
     "gpu_engine",
+    "gpu_forker",
+    "gpu_sampling",
     "gpu_train",
-    "gpu_distributed",
-    "gpu_update",
 ]
+BUDGET_S = {
+    "gpu_step": 300,
+    "gpu_update": 120,
+    "gpu_distributed": 90,
+    "gpu_logprob_entropy": 60,
+    "gpu_engine": 90,
+}
+"""Seconds each section may take before it is stopped (its rows so far are kept), so one slow
+section cannot starve the rest; a section not named here gets 60 s. ``--budget-scale`` scales all."""
+
+
+class SectionTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_box(seconds: float):
+    """Raise :class:`SectionTimeout` in this (main) thread after ``seconds``; no box where there
+    is no SIGALRM or ``seconds`` is 0."""
+    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SectionTimeout(f"stopped after its {seconds:.0f} s time box")
+
+    before = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
 
 
 def device_name() -> str:
@@ -51,6 +89,10 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on any machine")
     parser.add_argument("--only", nargs="*", default=None, help="run only these sections")
     parser.add_argument("--out", type=Path, default=None, help="also write the report to this file")
+    parser.add_argument(
+        "--budget-scale", type=float, default=1.0, help="scale every section's time box (0: no boxes)"
+    )
+    add_output_args(parser)
     args = parser.parse_args()
     if args.smoke:
         import torch
@@ -70,7 +112,8 @@ def main() -> int:
 
     if args.out is not None:
         args.out.write_text("")
-    report.ON_ROW.append(lambda row: emit("row: " + markdown_line(row)))
+    made: list = []  # every row as it is made: a section stopped by its time box keeps them
+    report.ON_ROW.append(lambda row: (made.append(row), emit("row: " + markdown_line(row))))
     head = (
         f"# arpo_fast GPU report\n\ndevice: {device_name()}; torch {torch.__version__}; "
         f"triton {triton.__version__}; date {datetime.date.today()}; "
@@ -87,15 +130,23 @@ def main() -> int:
                 print(f"(section {name}: not present)")
                 continue
             raise
+        budget = BUDGET_S.get(name, 60) * args.budget_scale
+        made.clear()
         try:
-            rows.extend(module.rows(args.smoke))
+            with time_box(budget):
+                module.rows(args.smoke)
+        except SectionTimeout as exc:
+            emit(f"section {name}: {exc}; {len(made)} rows kept")
         except Exception:
             failures += 1
             emit(f"section {name} failed:\n{traceback.format_exc()}")
+        rows.extend(made)
         emit(f"(section {name}: {time.perf_counter() - start:.1f} s)")
     missed = [r for r in rows if r.ok is False]
     emit("\n" + head + "\n" + markdown(rows))
-    emit(f"\n{len(rows)} rows, {len(missed)} targets missed, {failures} sections failed")
+    summary = f"{len(rows)} rows, {len(missed)} targets missed, {failures} sections failed"
+    emit("\n" + summary)
+    save(Section("GPU report", summary + ".", [report.table(rows)], machine=device_name()), args)
     return 1 if failures else 0
 
 

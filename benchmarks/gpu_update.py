@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import gc
 import statistics
-import time
 
 import torch
+from harness import timed
 from report import Row
 
 SECTION = "update"
@@ -74,13 +74,8 @@ def _update(model, work, device, **settings) -> tuple[float, float, dict]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
-    start = time.perf_counter()
-    metrics = update(
-        model, optimizer, UpdateData(record, adv), UpdateConfig(mini_batch_prompts=16, **settings)
-    )
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    cfg = UpdateConfig(mini_batch_prompts=16, **settings)
+    metrics, seconds = timed(lambda: update(model, optimizer, UpdateData(record, adv), cfg))
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
     optimizer.remove_hooks()
     return seconds, peak, metrics

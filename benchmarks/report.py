@@ -1,16 +1,19 @@
-"""Shared pieces of the GPU report: one row type and the timing helpers every section uses."""
+"""The GPU report's rows: one row type every ``gpu_*.py`` section returns, its table, and the timing
+helpers the sections use (built on ``harness.py``)."""
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Table, measure  # noqa: E402 - after sys.path is set
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,34 +85,26 @@ def markdown_line(row: Row) -> str:
     return "| " + " | ".join(row.cells()) + " |"
 
 
+def table(rows: list[Row]) -> Table:
+    """The report's rows as a harness table (cells formatted as ``Row.cells`` does)."""
+    return Table(list(HEADER), [r.cells() for r in rows])
+
+
 def markdown(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += [markdown_line(r) for r in rows]
-    return "\n".join(lines)
+    return table(rows).markdown()
 
 
 def bench_us(fn: Callable[[], object], warmup: int = 5, reps: int = 50) -> float:
-    """Median wall time of ``fn`` in microseconds, synchronising the device around each call."""
-    cuda = torch.cuda.is_available()
-    if cuda:
+    """Median wall time of ``fn`` in microseconds: on CUDA triton's ``do_bench`` (which flushes the
+    L2 cache between calls), else ``harness.measure`` (device synchronised around each call)."""
+    if torch.cuda.is_available():
         try:
             import triton.testing
 
             return 1000.0 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
         except Exception:  # fall back to wall-clock timing below
             pass
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(times)
+    return measure(fn, warmup, reps).median_us
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
