@@ -266,7 +266,7 @@ def _update_data(run: Run, rollout: RolloutTree, advantages: list, mine: list[in
         [mine[t.prompt_index] // per for t in rollout.trajectories], math.ceil(cfg.prompts_per_step / per)
     )
     return UpdateData(
-        rollout, advantages, pad_id, cfg.temperature, mini_batches=groups, vocab_limit=run.engine.vocab_limit
+        rollout, advantages, pad_id, cfg.temperature, groups, run.engine.vocab_limit, positions=mine
     )
 
 
