@@ -224,12 +224,8 @@ def train_step(run: Run, step: int) -> dict:
     t3 = time.perf_counter()
     device = next(run.scorer.parameters()).device
     extra = {"attn_implementation": cfg.update.resolved(device)[0], "lr": _learning_rate(run.optimizer)}
-    if d is not None:
-        moved = run.optimizer.take_refresh_stats()
-        extra |= {
-            "weight_refresh_mb": round(moved["bytes"] / 2**20, 3),
-            "weight_refresh_s": round(moved["seconds"], 4),
-        }
+    if d is not None:  # the rollout copy catches up once, after the step's last optimizer step
+        extra |= run.optimizer.sync_rollout()
     times = {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2}
     return metrics.step_row(step + 1, metrics.rollout_sums(rollout, rewards), update_metrics, times, d, extra)
 
