@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from arpo_fast.settings import help_of
-from arpo_fast.train.update_config import IMPLEMENTATIONS
 from arpo_fast.train.config import GROUPS, TrainConfig
+from arpo_fast.train.update_config import IMPLEMENTATIONS
 
 SECTIONS = {  # title: what the section is about
     "data": "the training prompts, how many a step takes, how many steps",
