@@ -346,7 +346,8 @@ def fit(run: Run) -> list[dict]:
             run.executor.shutdown(wait=False)
         if reporter is not None:
             sandboxes = run.executor.sandboxes() if run.executor is not None else {}
-            run.summary = reporter.close(find_checkpoint(cfg.out), {"sandbox": sandboxes})
+            saves = {"checkpoint_s": round(saver.seconds, 3), "checkpoints": saver.saves}
+            run.summary = reporter.close(find_checkpoint(cfg.out), {"sandbox": sandboxes, **saves})
     if stopped is not None:
         raise interrupts.Interrupted(interrupts.stopping(), step=stopped, checkpoint=find_checkpoint(cfg.out))
     return history
