@@ -1,7 +1,7 @@
 """GPU report section: the distributed trainer's cost on one GPU, and the default job on CUDA.
 
 ``torchrun --nproc-per-node 1`` runs the FSDP2 path with a world of one (sharded fp32 masters, a
-full bf16 rollout copy refreshed after every optimizer step); ``python -m arpo_fast.train`` runs
+full bf16 rollout copy refreshed once a step); ``python -m arpo_fast.train`` runs
 the one-process path (the engine on the trained weights, fp32 masters beside them). Same demo
 settings, prompts and seeds; the first step is left out. Then ``python -m arpo_fast.train`` with
 no arguments, as a new user runs it, on CUDA in bf16.

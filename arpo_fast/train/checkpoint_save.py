@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -105,6 +106,7 @@ class Checkpointer:
         self.saved_step: Optional[int] = saved_step
         self._pending = None
         self.lora: Optional[dict] = lora
+        self.seconds, self.saves = 0.0, 0  # time spent in save() and wait(), and saves written
 
     @property
     def main(self) -> bool:
@@ -116,6 +118,14 @@ class Checkpointer:
         self.wait()
         if step == self.saved_step:
             return
+        started = time.perf_counter()
+        try:
+            self._save(step, model, tokenizer, optimizer, config)
+        finally:
+            self.seconds += time.perf_counter() - started
+        self.saves += 1
+
+    def _save(self, step: int, model, tokenizer, optimizer, config: dict) -> None:
         tmp = self.out / TMP
         self._together(lambda: self._begin(step) if self.main else None)
         self._together(lambda: self._write_model(tmp, model, tokenizer) if self.main else None)
@@ -138,8 +148,12 @@ class Checkpointer:
             return
         step, future = self._pending
         self._pending = None
-        self._together(future.result)
-        self._finish(step)
+        started = time.perf_counter()
+        try:
+            self._together(future.result)
+            self._finish(step)
+        finally:
+            self.seconds += time.perf_counter() - started
 
     def _begin(self, step: int) -> None:
         check_checkpoint_names(self.out)  # before anything is written: nothing of the user's is touched

@@ -9,8 +9,9 @@ parameters and AdamW state, compute in the rollout dtype (``MixedPrecisionPolicy
 reduced and accumulated in fp32. FSDP's division of the reduced gradients by the world size is off
 at the source (the update's loss is already the mean over every rank's tokens), so the gradient is
 the sum over ranks, as torchtitan does it. Each rank's engine runs on a full copy of the weights in the
-rollout dtype (:class:`ShardedPolicy.rollout_model`), refreshed in place from the shards after each
-optimizer step: the same storage every step, so captured CUDA graphs stay valid.
+rollout dtype (:class:`ShardedPolicy.rollout_model`), refreshed in place from the shards once a
+step, after its last optimizer step (``ShardedPolicy.sync_rollout``): the same storage every step,
+so captured CUDA graphs stay valid.
 
 A plain ``python -m arpo_fast.train`` does not come here: one process keeps the zero-copy path
 (the engine on the trained model's own bf16 weights, fp32 masters in ``optim.MasterWeights``).
@@ -266,7 +267,9 @@ class ShardedPolicy:
 
     ``scorer`` is the policy wrapped for the update (see ``batch.LogprobModel``), sharded in fp32:
     its parameters are the masters. ``step`` and ``zero_grad`` make it usable where the one-process
-    trainer uses ``optim.MasterWeights``; after each optimizer step the rollout copy is refreshed.
+    trainer uses ``optim.MasterWeights``. The rollout copy is refreshed by :meth:`sync_rollout`,
+    once a step before the next rollout: the mini-batches' optimizer steps in between change only
+    the shards (at 7B each refresh gathers ~15 GB).
     """
 
     def __init__(self, rollout_model: torch.nn.Module, d: Dist, *, lr: float, weight_decay: float):
@@ -276,20 +279,36 @@ class ShardedPolicy:
         self.optimizer = torch.optim.AdamW(self.scorer.parameters(), lr=lr, weight_decay=weight_decay)
         full = dict(rollout_model.named_parameters())
         self._pairs = [(s, full[name]) for name, s in self.policy.named_parameters()]
-        self.refresh_stats = {"bytes": 0.0, "seconds": 0.0}
+        self.refresh_stats = self._no_refresh()
+        self.stale = False  # an optimizer step since the last refresh
         self.refresh()
+        self.take_refresh_stats()  # the setup's refresh is no step's
 
     def clip_and_step(self, max_norm: float) -> float:
-        """Clip the global gradient norm, step AdamW on the shards and refresh the rollout copy;
-        returns the norm before clipping. A non-finite norm skips the step on every rank."""
+        """Clip the global gradient norm and step AdamW on the shards (the rollout copy waits for
+        :meth:`sync_rollout`); returns the norm before clipping. A non-finite norm skips the step
+        on every rank."""
         params = [p for p in self.scorer.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not math.isfinite(norm):
             return norm
         self.optimizer.step()
-        self.refresh()
+        self.stale = True
         return norm
+
+    def sync_rollout(self) -> dict:
+        """Refresh the rollout copy if an optimizer step changed the shards since the last refresh;
+        returns the metrics of the refreshes since the last call (MB received per rank, seconds,
+        how many)."""
+        if self.stale:
+            self.refresh()
+        moved = self.take_refresh_stats()
+        return {
+            "weight_refresh_mb": round(moved["bytes"] / 2**20, 3),
+            "weight_refresh_s": round(moved["seconds"], 4),
+            "weight_refreshes": moved["count"],
+        }
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -307,11 +326,17 @@ class ShardedPolicy:
             torch.cuda.synchronize(self.dist.device)
         self.refresh_stats["bytes"] += moved * (self.dist.world - 1) / self.dist.world
         self.refresh_stats["seconds"] += time.perf_counter() - start
+        self.refresh_stats["count"] += 1
+        self.stale = False
 
     def take_refresh_stats(self) -> dict:
-        """Bytes each rank received and seconds spent refreshing since the last call."""
-        stats, self.refresh_stats = self.refresh_stats, {"bytes": 0.0, "seconds": 0.0}
+        """Bytes each rank received, seconds spent and refreshes done since the last call."""
+        stats, self.refresh_stats = self.refresh_stats, self._no_refresh()
         return stats
+
+    @staticmethod
+    def _no_refresh() -> dict:
+        return {"bytes": 0.0, "seconds": 0.0, "count": 0}
 
     # -- checkpoints (torch.distributed.checkpoint: sharded, resharded on load) -------------------
     def state_dict(self) -> dict:
@@ -327,6 +352,7 @@ class ShardedPolicy:
             self.scorer, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
         self.refresh()
+        self.take_refresh_stats()
 
 
 def report_error(text: str, rank: int, ranked: bool) -> None:

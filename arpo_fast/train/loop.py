@@ -230,12 +230,8 @@ def train_step(run: Run, step: int) -> dict:
     t3 = time.perf_counter()
     device = next(run.scorer.parameters()).device
     extra = {"attn_implementation": cfg.update.resolved(device)[0], "lr": _learning_rate(run.optimizer)}
-    if d is not None:
-        moved = run.optimizer.take_refresh_stats()
-        extra |= {
-            "weight_refresh_mb": round(moved["bytes"] / 2**20, 3),
-            "weight_refresh_s": round(moved["seconds"], 4),
-        }
+    if d is not None:  # the rollout copy catches up once, after the step's last optimizer step
+        extra |= run.optimizer.sync_rollout()
     times = {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2}
     return metrics.step_row(step + 1, metrics.rollout_sums(rollout, rewards), update_metrics, times, d, extra)
 
@@ -272,7 +268,7 @@ def _update_data(run: Run, rollout: RolloutTree, advantages: list, mine: list[in
         [mine[t.prompt_index] // per for t in rollout.trajectories], math.ceil(cfg.prompts_per_step / per)
     )
     return UpdateData(
-        rollout, advantages, pad_id, cfg.temperature, mini_batches=groups, vocab_limit=run.engine.vocab_limit
+        rollout, advantages, pad_id, cfg.temperature, groups, run.engine.vocab_limit, positions=mine
     )
 
 
@@ -348,7 +344,8 @@ def fit(run: Run) -> list[dict]:
             run.executor.shutdown(wait=False)
         if reporter is not None:
             sandboxes = run.executor.sandboxes() if run.executor is not None else {}
-            run.summary = reporter.close(find_checkpoint(cfg.out), {"sandbox": sandboxes})
+            saves = {"checkpoint_s": round(saver.seconds, 3), "checkpoints": saver.saves}
+            run.summary = reporter.close(find_checkpoint(cfg.out), {"sandbox": sandboxes, **saves})
     if stopped is not None:
         raise interrupts.Interrupted(interrupts.stopping(), step=stopped, checkpoint=find_checkpoint(cfg.out))
     return history

@@ -13,9 +13,15 @@ from typing import Optional
 from arpo_fast.rollout.rollout_tree import RolloutTree
 
 # the update's metrics that are equal on every rank (or the largest one counts)
-SAME_ON_EVERY_RANK = ("grad_norm", "optimizer_steps", "skipped_updates")
-LARGEST = ("logprob_mismatch_max",)
-SUMMED = ("forward_tokens",)  # counts of each rank's own work
+SAME_ON_EVERY_RANK = (
+    "grad_norm",
+    "optimizer_steps",
+    "skipped_updates",
+    "update_balance",
+    "update_idle_ranks",
+)
+LARGEST = ("logprob_mismatch_max", "update_exchange_s")
+SUMMED = ("forward_tokens", "update_exchange_mb")  # counts of each rank's own work
 
 
 def rollout_sums(rollout: RolloutTree, rewards) -> dict[str, float]:

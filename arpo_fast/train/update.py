@@ -53,6 +53,7 @@ from arpo_fast.train.activation_checkpoint import activation_checkpointing
 from arpo_fast.train.attention import attention_implementation, check_model
 from arpo_fast.train.batch import Batch, LogprobModel
 from arpo_fast.train.contexts import ContextCache, context_order
+from arpo_fast.train.exchange import redistribute
 from arpo_fast.train.packing import pack_trees
 from arpo_fast.train.padded import PaddedBatch, micro_batches, pack
 from arpo_fast.train.tree_batch import TreeBatch
@@ -73,6 +74,9 @@ class UpdateData:
     vocab_limit: Optional[int] = None
     """The tokenizer's size where the LM head has rows past it (``Engine.vocab_limit``): log-probs
     and entropies are then over the ids below it, the distribution the rollout sampled from."""
+    positions: Optional[list[int]] = None
+    """Each of the record's prompts' place in the step (default: its index); a distributed update
+    splits mini-batches in this order (``balance.py``)."""
 
     def groups(self, prompts_per_batch: int) -> list[list[int]]:
         if self.mini_batches is not None:
@@ -191,14 +195,16 @@ def update(
 
     ``model``: the policy, or a ``batch.LogprobModel`` (sharded with FSDP2 in a distributed run).
     ``reference``: the frozen starting policy (the same kinds), needed when ``cfg.kl_coef`` > 0.
-    ``dist``: this rank of a distributed run (``distributed.Dist``): the token-mean's denominator is
-    then the count over every rank, and every rank runs the same number of micro-batches (give
-    ``data.mini_batches`` numbered the same on every rank).
+    ``dist``: this rank of a distributed run (``distributed.Dist``): each mini-batch's trajectories
+    are first spread over every rank by tokens (``balance.py``, ``exchange.py``; give
+    ``data.mini_batches`` numbered the same on every rank, and ``data.positions``), the token-mean's
+    denominator is the count over every rank, and every rank runs the same number of micro-batches.
 
     Returns the loss's metrics as token-weighted means over this process's tokens (``tokens``:
     their count, every copy of a shared token included), the rollout/trainer log-prob mismatch, the
     last gradient norm, the optimizer steps taken, how many were skipped for a non-finite gradient,
-    and the tokens that went through the model (``forward_tokens``)."""
+    the tokens that went through the model (``forward_tokens``), and in a distributed run the
+    split's metrics (``exchange.redistribute``)."""
     scorer = model if isinstance(model, LogprobModel) else LogprobModel(model)
     device = next(scorer.parameters()).device
     attention, checkpointing = cfg.resolved(device)
@@ -211,9 +217,12 @@ def update(
         for m in (scorer, reference) if reference is not None else (scorer,):
             m.vocab_limit = data.vocab_limit
     rows = cfg.packed_update or attention == "flash_attention_2"  # padding-free rows
-    groups = data.groups(cfg.mini_batch_prompts)
+    groups, spread = data.groups(cfg.mini_batch_prompts), {}
+    if dist is not None and dist.world > 1:  # every mini-batch over every rank (balance.py)
+        data, spread = redistribute(data, groups, cfg.packed_update, dist)
+        groups = data.mini_batches
     plans = [_plan(data, group, cfg, rows, device) for group in groups]
-    mode = cfg.loss_agg or "token-mean"  # the loss's divisor Z (algo.aggregation)
+    mode = cfg.loss_agg or "token-mean"  # the loss's divisor Z (algo.aggregation), summed over ranks
     totals = [denominator(mode, sum(b.model_tokens for b in p), len(g)) for p, g in zip(plans, groups)]
     lockstep = None
     if dist is not None:
@@ -234,7 +243,7 @@ def update(
         for m in (scorer, reference) if reference is not None else (scorer,):
             stack.enter_context(attention_implementation(m.policy, attention, packed=cfg.packed_update))
         stack.enter_context(activation_checkpointing(scorer.policy, checkpointing))
-        return run.all(plans, totals)
+        return run.all(plans, totals) | spread
 
 
 def _plan(data: UpdateData, group: list[int], cfg: UpdateConfig, rows: bool, device) -> list[Batch]:
