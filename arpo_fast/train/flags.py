@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from arpo_fast.settings import help_of
-from arpo_fast.train.update_config import IMPLEMENTATIONS
 from arpo_fast.train.config import GROUPS, TrainConfig
+from arpo_fast.train.update_config import IMPLEMENTATIONS
 
 SECTIONS = {  # title: what the section is about
     "data": "the training prompts, how many a step takes, how many steps",
@@ -28,6 +28,7 @@ SECTIONS = {  # title: what the section is about
     "tools": "what the model may call, and how often",
     "rewards": "how each trajectory is scored",
     "update": "the clipped policy-gradient update and its batches",
+    "memory": "the per-GPU memory plan, the KV pool and where the optimizer state lives",
     "distributed": "runs under torchrun",
     "evaluation": "held-out prompts, evaluated at step 0, every --eval-every steps and at the end",
     "output": "the run folder, checkpoints, resuming, reporting",
@@ -36,11 +37,18 @@ SECTIONS = {  # title: what the section is about
 _NAMED = {
     "data": ("data", "prompts_per_step", "steps", "seed"),
     "model": ("model", "tokenizer", "device", "dtype", "cpu_threads", "demo_warm_start"),
-    "rollout (ARPO)": ("temperature", "top_p", "top_k", "kv_memory_mb"),
+    "rollout (ARPO)": ("temperature", "top_p", "top_k"),
     "tools": ("tools", "tool_settings", "max_calls", "tool_workers", "stop_at_answer"),
     "rewards": ("reward", "reward_by_source", "reward_key"),
     "update": ("advantage", "lr", "weight_decay"),
-    "distributed": ("dist_timeout_s", "setup_timeout_s", "rollout_timeout_s", "update_timeout_s"),
+    "memory": ("plan_memory", "gpus", "gpu_memory_gib", "kv_memory_mb", "offload_optimizer"),
+    "distributed": (
+        "hsdp_replicas",
+        "dist_timeout_s",
+        "setup_timeout_s",
+        "rollout_timeout_s",
+        "update_timeout_s",
+    ),
     "evaluation": ("eval_data", "eval_every", "eval_limit", "eval_samples", "eval_temperature"),
     "output": ("out", "resume", "save_every", "keep_checkpoints", "async_save", "report_to", "plot_every"),
 }

@@ -43,7 +43,7 @@ from arpo_fast.rollout.rollout_tree import RolloutTree
 from arpo_fast.rollout.tools.executor import ToolExecutor
 from arpo_fast.rollout.tree import arpo_rollout
 from arpo_fast.seeds import child_seed
-from arpo_fast.train import build, distributed, interrupts, metrics, report, run_dir
+from arpo_fast.train import build, distributed, interrupts, metrics, plan_cli, report, run_dir
 from arpo_fast.train.checkpoint import (
     CheckpointError,
     find_checkpoint,
@@ -358,6 +358,12 @@ def fit(run: Run) -> list[dict]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_config(argv)
+    if cfg.plan_memory:  # from config.json alone: nothing loaded, nothing written
+        try:
+            return plan_cli.print_plan(cfg)
+        except ValueError as exc:
+            print(f"arpo_fast.train: error: {describe_error(exc)}", file=sys.stderr)
+            return 2
     ranked = distributed.launched_by_torchrun()
     rank = distributed.env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
