@@ -178,7 +178,9 @@ class TrainConfig:
     top_p: float = setting(1.0, "Nucleus sampling for the rollout (1: off).")
     top_k: int = setting(0, "Top-k sampling for the rollout (0: off).")
     kv_memory_mb: Optional[int] = setting(
-        None, "KV-cache pool size in MiB (auto: the engine's default share of free memory)."
+        None,
+        "KV-cache pool size in MiB (auto: on CUDA, what the rollout leaves once the trainer's state "
+        "is counted, AdamW's included, less 5% headroom; the pool is released during the update).",
     )
     # --- memory
     offload_optimizer: bool = setting(

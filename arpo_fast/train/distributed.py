@@ -276,6 +276,7 @@ class ShardedPolicy:
         self.optimizer = torch.optim.AdamW(self.scorer.parameters(), lr=lr, weight_decay=weight_decay)
         full = dict(rollout_model.named_parameters())
         self._pairs = [(s, full[name]) for name, s in self.policy.named_parameters()]
+        self._copy_bytes = [t.untyped_storage().nbytes() for _, t in self._pairs]
         self.refresh_stats = {"bytes": 0.0, "seconds": 0.0}
         self.refresh()
 
@@ -299,6 +300,9 @@ class ShardedPolicy:
         """Gather the shards in the rollout dtype and copy them into the rollout copy, in place."""
         start = time.perf_counter()
         moved = 0
+        for (_, target), nbytes in zip(self._pairs, self._copy_bytes):  # a released copy comes back
+            if target.untyped_storage().nbytes() == 0:
+                target.untyped_storage().resize_(nbytes)
         for shard, target in self._pairs:
             whole = shard.detach().to(target.dtype).full_tensor()
             target.copy_(whole)
@@ -307,6 +311,17 @@ class ShardedPolicy:
             torch.cuda.synchronize(self.dist.device)
         self.refresh_stats["bytes"] += moved * (self.dist.world - 1) / self.dist.world
         self.refresh_stats["seconds"] += time.perf_counter() - start
+
+    @property
+    def rollout_copy_released(self) -> bool:
+        return any(t.untyped_storage().nbytes() == 0 for _, t in self._pairs)
+
+    def release_rollout_copy(self) -> None:
+        """Free the rollout copy's storage (the update does not read it); the next
+        :meth:`refresh` allocates and fills it again, at new addresses (the engine's captured
+        graphs are then captured again: ``Engine.reacquire``)."""
+        for _, target in self._pairs:
+            target.untyped_storage().resize_(0)
 
     def take_refresh_stats(self) -> dict:
         """Bytes each rank received and seconds spent refreshing since the last call."""

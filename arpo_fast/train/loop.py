@@ -43,7 +43,7 @@ from arpo_fast.rollout.rollout_tree import RolloutTree
 from arpo_fast.rollout.tools.executor import ToolExecutor
 from arpo_fast.rollout.tree import arpo_rollout
 from arpo_fast.seeds import child_seed
-from arpo_fast.train import build, distributed, interrupts, metrics, plan_cli, report, run_dir
+from arpo_fast.train import build, distributed, interrupts, metrics, plan_cli, report, residency, run_dir
 from arpo_fast.train.checkpoint import (
     CheckpointError,
     find_checkpoint,
@@ -104,6 +104,8 @@ class Run:
     """What ``summary.json`` holds, once ``fit`` has written it (rank 0)."""
     resumed_from: Optional[Path] = None
     """The checkpoint the run continues from (None: a fresh start)."""
+    residency: Optional[residency.Residency] = None
+    """Moves the KV pool, the optimizer state and the rollout copy between the step's phases."""
 
     @property
     def main(self) -> bool:
@@ -165,8 +167,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     if state is not None:
         log.info("resumed from %s after step %d", checkpoint, start)
     log.info("update: %s", update_plan)
-    kv = {"kv_memory": cfg.kv_memory_mb << 20} if cfg.kv_memory_mb else {}
-    engine = Engine(model, tokenizer=tokenizer, on_pool_exhausted="preempt", **kv)
+    engine, memory = residency.build_engine(cfg, model, tokenizer, optimizer, d.world if d else 1, device)
     executor = build.tool_executor(cfg, settings)
     protocol = build.protocol_for(cfg, tokenizer, executor, engine.eos_token_ids)
     return Run(
@@ -186,6 +187,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         eval_examples,
         started,
         resumed_from=checkpoint,
+        residency=memory,
     )
 
 
@@ -212,6 +214,7 @@ def train_step(run: Run, step: int) -> dict:
     batch = [run.examples[order[j]] for j in mine]
     interrupts.enter_rollout(d)  # a signal from here to leave_rollout abandons the step at once
     t0 = time.perf_counter()
+    run.residency.rollout()
     rollout = _roll_out(run, step, [e.prompt_ids for e in batch], mine)
     t1 = time.perf_counter()
     rewards = score(rollout.trajectories, batch, run.tokenizer, run.rewards)
@@ -220,6 +223,7 @@ def train_step(run: Run, step: int) -> dict:
     t2 = time.perf_counter()
     interrupts.leave_rollout(d)  # every rank waits here for the slowest rollout, and stops if any does
     data = _update_data(run, rollout, advantages, mine)
+    run.residency.update()
     update_metrics = update(run.scorer, run.optimizer, data, cfg.update, reference=run.reference, dist=d)
     t3 = time.perf_counter()
     device = next(run.scorer.parameters()).device
@@ -286,6 +290,7 @@ def _evaluate(run: Run, step: int, reporter: Optional[report.Reporter]) -> None:
     if not run.eval_examples:
         return
     d = run.dist
+    run.residency.rollout()
     mine = d.mine(len(run.eval_examples)) if d else list(range(len(run.eval_examples)))
     row = evaluate(run, [run.eval_examples[i] for i in mine], step, score, positions=mine)
     if d is not None:
@@ -341,8 +346,10 @@ def fit(run: Run) -> list[dict]:
             if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 _evaluate(run, step + 1, reporter)
             if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                run.residency.checkpoint()
                 saver.save(step + 1, run.model, run.tokenizer, run.optimizer, dataclasses.asdict(cfg))
         if stopped is not None:  # the last complete step, unless it was just saved
+            run.residency.checkpoint()
             saver.save(stopped, run.model, run.tokenizer, run.optimizer, dataclasses.asdict(cfg))
         saver.wait()
     finally:
