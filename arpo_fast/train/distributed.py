@@ -70,10 +70,25 @@ class Dist:
     rollout_group: object = None
     save_group: object = None
     timeouts: Timeouts = field(default_factory=Timeouts)
+    replicas: int = 1
+    """HSDP: the ranks form this many groups, each holding the whole state sharded over it."""
+    _mesh: object = None
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def mesh(self):
+        """FSDP2's device mesh: None (1-D over every rank) without HSDP, else (replicate, shard) of
+        (replicas, world / replicas): ranks r*S .. r*S + S - 1 shard one replica (a node, with
+        consecutive ranks per node), and gradients are summed across the replicas too."""
+        if self.replicas > 1 and self._mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            shape = (self.replicas, self.world // self.replicas)
+            self._mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=("replicate", "shard"))
+        return self._mesh
 
     def _reduce(self, values: Sequence[float], op, group=None) -> list[float]:
         device = self._comm_device if group is None else torch.device("cpu")
@@ -142,11 +157,16 @@ def _seconds(s: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=s)
 
 
-def init(device: str, timeouts: Optional[Timeouts] = None, async_save: bool = False) -> Optional[Dist]:
+def init(
+    device: str, timeouts: Optional[Timeouts] = None, async_save: bool = False, replicas: int = 1
+) -> Optional[Dist]:
     """Join the process group when started by ``torchrun`` (None otherwise). ``device``: the
     ``--device`` setting; under torchrun a CUDA run uses ``cuda:LOCAL_RANK``. A rank that waits
-    longer than ``timeouts`` allow fails, so a rank that hangs cannot hold the others forever."""
+    longer than ``timeouts`` allow fails, so a rank that hangs cannot hold the others forever.
+    ``replicas``: ``--hsdp-replicas``, which must divide the number of processes."""
     if not launched_by_torchrun():
+        if replicas > 1:
+            raise ValueError(f"--hsdp-replicas {replicas} needs torchrun (one process has no replicas)")
         return None
     timeouts = timeouts or Timeouts()
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -166,7 +186,9 @@ def init(device: str, timeouts: Optional[Timeouts] = None, async_save: bool = Fa
     setup = dist.new_group(backend="gloo", timeout=_seconds(timeouts.setup))
     rollout = dist.new_group(backend="gloo", timeout=_seconds(timeouts.rollout))
     save = dist.new_group(backend="gloo", timeout=_seconds(timeouts.setup)) if async_save else None
-    return Dist(rank, world, local, dev, setup, rollout, save, timeouts)
+    if world % replicas:  # every rank finds it: rank 0 says it once
+        raise AgreedError(f"--hsdp-replicas {replicas} must divide the number of processes ({world})")
+    return Dist(rank, world, local, dev, setup, rollout, save, timeouts, replicas)
 
 
 class AgreedError(ValueError):
@@ -240,8 +262,8 @@ def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype) -> torch.nn.Modul
     scorer = LogprobModel(policy)
     mp = MixedPrecisionPolicy(param_dtype=None if compute == dtype else compute, reduce_dtype=torch.float32)
     for layer in decoder_layers(policy):
-        _sum_gradients(fully_shard(layer, mp_policy=mp))
-    _sum_gradients(fully_shard(scorer, mp_policy=mp))
+        _sum_gradients(fully_shard(layer, mesh=d.mesh, mp_policy=mp))
+    _sum_gradients(fully_shard(scorer, mesh=d.mesh, mp_policy=mp))
     scorer.to_empty(device=d.device)
     full = dict(model.named_parameters())
     with torch.no_grad():

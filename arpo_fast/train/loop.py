@@ -123,7 +123,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     if model is not None and cfg.resume is not False:
         raise ValueError("setup: resume loads the checkpoint's model; do not pass one")
     started = time.perf_counter()
-    d = distributed.init(cfg.device, distributed.Timeouts.of(cfg), cfg.async_save)
+    d = distributed.init(cfg.device, distributed.Timeouts.of(cfg), cfg.async_save, cfg.hsdp_replicas)
     if d is not None:  # rank 0's --out for all: the default one is stamped with each rank's clock
         cfg.out = d.broadcast(cfg.out, group=d.setup_group)
     build.set_threads(cfg, verbose=d is None or d.main)
@@ -366,11 +366,7 @@ def fit(run: Run) -> list[dict]:
 def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_config(argv)
     if cfg.plan_memory:  # from config.json alone: nothing loaded, nothing written
-        try:
-            return plan_cli.print_plan(cfg)
-        except ValueError as exc:
-            print(f"arpo_fast.train: error: {describe_error(exc)}", file=sys.stderr)
-            return 2
+        return plan_cli.main(cfg)
     ranked = distributed.launched_by_torchrun()
     rank = distributed.env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.demo import is_demo
@@ -52,9 +53,12 @@ def plan_settings(cfg: TrainConfig, world: int | None = None) -> PlanSettings:
     )
 
 
-def print_plan(cfg: TrainConfig) -> int:
-    """Print the plan; 0 when it fits, 0 too when it does not (the table says so): the command
-    answers a question, it does not fail. A model folder without a readable config.json raises
-    ValueError naming ``--model``."""
-    print(format_plan(plan_memory(model_shape(cfg), plan_settings(cfg))), flush=True)
+def main(cfg: TrainConfig) -> int:
+    """Print the plan and return 0, whether it fits or not (the table says): the command answers a
+    question. A bad setting (a model folder without a readable config.json) is one line and 2."""
+    try:
+        print(format_plan(plan_memory(model_shape(cfg), plan_settings(cfg))), flush=True)
+    except ValueError as exc:
+        print(f"arpo_fast.train: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     return 0
