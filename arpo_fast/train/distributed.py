@@ -10,7 +10,8 @@ reduced and accumulated in fp32. FSDP's division of the reduced gradients by the
 at the source (the update's loss is already the mean over every rank's tokens), so the gradient is
 the sum over ranks, as torchtitan does it. Each rank's engine runs on a full copy of the weights in the
 rollout dtype (:class:`ShardedPolicy.rollout_model`), refreshed in place from the shards after each
-optimizer step: the same storage every step, so captured CUDA graphs stay valid.
+optimizer step; its storage may be freed during the update (``release_rollout_copy``) and is
+allocated again by the next refresh (the engine then recaptures its CUDA graphs if it moved).
 
 A plain ``python -m arpo_fast.train`` does not come here: one process keeps the zero-copy path
 (the engine on the trained model's own bf16 weights, fp32 masters in ``optim.MasterWeights``).
