@@ -343,8 +343,9 @@ class ShardedPolicy:
         """Free the rollout copy's storage (the update does not read it); the next
         :meth:`refresh` allocates and fills it again, at new addresses (the engine's captured
         graphs are then captured again: ``Engine.reacquire``)."""
-        for _, target in self._pairs:
-            target.untyped_storage().resize_(0)
+        for _, target in self._pairs:  # weights read from a file's memory map stay: not resizable
+            if target.untyped_storage().resizable():
+                target.untyped_storage().resize_(0)
 
     def take_refresh_stats(self) -> dict:
         """Bytes each rank received and seconds spent refreshing since the last call."""

@@ -65,7 +65,7 @@ class StorageOffload:
         for t in tensors:
             local = _local(t)
             storage = local.untyped_storage()
-            if storage.nbytes() == 0 or storage.data_ptr() in seen:
+            if storage.nbytes() == 0 or storage.data_ptr() in seen or not storage.resizable():
                 continue
             seen.add(storage.data_ptr())
             device = local.device
