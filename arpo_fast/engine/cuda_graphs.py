@@ -6,8 +6,11 @@ the fused sampler) over static input buffers; a step copies its inputs into them
 
 Padding rows read and write a reserved "trash" block (block 0 of the pool, held by the engine for
 the cache's lifetime), so they never touch a real sequence's KV. Graphs see the model's parameters
-by address: in-place optimizer steps are picked up, replacing a parameter tensor is not (rebuild
-the engine then). Only plain sampling (no top-k/top-p) is captured; other steps run eagerly.
+and the KV pool by address: in-place optimizer steps are picked up; when the pool is released and
+taken back (``Engine.release``/``reacquire``) or a weight's storage is rebuilt, the graphs are
+captured again if anything moved (``drop_if_moved``); replacing a parameter tensor object is not
+picked up (rebuild the engine then). Only plain sampling (no top-k/top-p) is captured; other
+steps run eagerly.
 
 This path needs CUDA and is on by default for CUDA models (``EngineConfig.cuda_graphs``); the eager
 path is the one the CPU test suite checks, and a GPU test compares the two.
@@ -47,6 +50,8 @@ class DecodeGraphs:
         self.seed = torch.zeros(M, dtype=torch.int64, device=dev)
         self.pos = torch.zeros(M, dtype=torch.int64, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
+        self.captured_at: tuple[int, ...] = ()
+        self.captures = 0
         self.sizes = batch_sizes(max_batch)
         self.replays = 0
 
@@ -84,6 +89,21 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[bs] = (graph, out, logits)
         torch.cuda.synchronize()
+        self.captured_at = self.addresses()
+        self.captures += 1
+
+    def addresses(self) -> tuple[int, ...]:
+        """Where the KV pool and every weight live: a graph reads them there."""
+        return (self.cache.kv.data_ptr(), *(p.data_ptr() for p in self.model.hf.parameters()))
+
+    def drop_if_moved(self) -> bool:
+        """Drop the captured graphs if the pool or a weight has moved since their capture (a pool
+        released and taken back, a weight copy rebuilt); the next plain decode step captures them
+        again. Returns whether they were dropped."""
+        if not self.graphs or self.addresses() == self.captured_at:
+            return False
+        self.graphs = {}
+        return True
 
     def fits(self, B: int, width: int) -> bool:
         return 0 < B <= self.max_batch and width <= self.max_width

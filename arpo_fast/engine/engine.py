@@ -145,6 +145,8 @@ class Engine:
     # ------------------------------------------------------------------ low-level API
     def add(self, prompt_ids: Sequence[int], seed: int = 0) -> int:
         """Start a sequence holding ``prompt_ids`` (pending until the next step); returns its id."""
+        if self.released:
+            raise RuntimeError("add: the KV pool is released; reacquire() it first")
         ids = self._check_tokens(prompt_ids, "add")
         if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             raise ValueError(f"add: seed must be an int in [0, 2^63), got {seed!r}")
@@ -217,6 +219,27 @@ class Engine:
     @property
     def free_blocks(self) -> int:
         return self.cache.free_blocks()
+
+    # ------------------------------------------------------------------ the pool's memory
+    @property
+    def released(self) -> bool:
+        return self.cache.released
+
+    def release(self) -> None:
+        """Give the KV pool's memory back to torch's allocator between rollouts (the trainer's
+        update reuses it) until :meth:`reacquire`. Every sequence must be freed first: their KV
+        would be lost."""
+        if self._seqs:
+            raise RuntimeError(f"release: {len(self._seqs)} sequences still hold KV; free them first")
+        self.cache.release()
+
+    def reacquire(self) -> None:
+        """Take the KV pool's memory back. Captured decode graphs read the pool and the weights by
+        address: if either moved, they are captured again at the next plain decode step."""
+        self.cache.reacquire()
+        graphs = self.runner.graphs
+        if graphs is not None:
+            graphs.drop_if_moved()
 
     # ------------------------------------------------------------------ steps
     def _states(self, seqs: Sequence[int], what: str) -> list[SeqState]:

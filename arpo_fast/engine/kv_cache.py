@@ -73,6 +73,23 @@ class PagedKVCache:
     def device(self) -> torch.device:
         return self.kv.device
 
+    @property
+    def released(self) -> bool:
+        return self.kv.untyped_storage().nbytes() == 0
+
+    def release(self) -> None:
+        """Give the pool's memory back to torch's allocator (the ``kv`` tensor stays, with no
+        storage), so that other work can use it until :meth:`reacquire`. Idempotent."""
+        if not self.released:
+            self.kv.untyped_storage().resize_(0)
+
+    def reacquire(self) -> None:
+        """Take the pool's memory back, zeroed (a released pool's bytes are gone; zeros keep a
+        masked attention read of an unwritten slot finite). Its address may differ from before."""
+        if self.released:
+            self.kv.untyped_storage().resize_(self.kv.numel() * self.kv.element_size())
+            self.kv.zero_()
+
     def k(self, layer: int) -> torch.Tensor:
         return self.kv[layer, 0]
 

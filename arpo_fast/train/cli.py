@@ -71,8 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag in flags:
         group = sections.get(flag.section) or parser
+        # a true/false flag given alone means true (--plan-memory)
+        alone = {"nargs": "?", "const": True} if flag.kind is bool and not flag.auto else {}
         group.add_argument(
-            flag.option, dest=flag.name, type=_type(flag), metavar=_metavar(flag), help=help_text(flag, names)
+            flag.option,
+            dest=flag.name,
+            type=_type(flag),
+            metavar=_metavar(flag),
+            help=help_text(flag, names),
+            **alone,
         )
     return parser
 

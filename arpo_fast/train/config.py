@@ -127,6 +127,12 @@ class TrainConfig:
         "Under torchrun: seconds the first rank done with a step's rollout (or an evaluation) may "
         "wait for the last; slow tools run there.",
     )
+    hsdp_replicas: int = setting(
+        1,
+        "Under torchrun: R replicas of the sharded weights (HSDP): the W ranks form R groups of "
+        "W / R, each shards the weights, and gradients are summed across groups too. With a group "
+        "per node, the per-micro-batch gathers stay on the node's links (1: shard over all ranks).",
+    )
     update_timeout_s: float = setting(
         600.0,
         "Under torchrun: seconds a collective of the update may wait before the run fails (a "
@@ -201,7 +207,30 @@ class TrainConfig:
     top_p: float = setting(1.0, "Nucleus sampling for the rollout (1: off).")
     top_k: int = setting(0, "Top-k sampling for the rollout (0: off).")
     kv_memory_mb: Optional[int] = setting(
-        None, "KV-cache pool size in MiB (auto: the engine's default share of free memory)."
+        None,
+        "KV-cache pool size in MiB (auto: on CUDA, what the rollout leaves once the trainer's state "
+        "is counted, AdamW's included, less 5% headroom; the pool is released during the update).",
+    )
+    # --- memory
+    offload_optimizer: bool = setting(
+        False,
+        "Keep the fp32 master weights and AdamW state in CPU memory during the rollout and the "
+        "evaluations, on the GPU only for the update: their 12 bytes a trained parameter (per "
+        "rank: / the ranks sharing them) go to the KV pool.",
+    )
+    plan_memory: bool = setting(
+        False,
+        "Print this run's memory plan per GPU (weights, shards, optimizer, activations at "
+        "micro_batch_tokens, the KV pool, what is free) from --model's config.json alone, without "
+        "a GPU and without loading weights, and exit.",
+    )
+    gpus: Optional[int] = setting(
+        None, "GPUs the memory plan is for (auto: WORLD_SIZE under torchrun, else 1)."
+    )
+    gpu_memory_gib: Optional[float] = setting(
+        None,
+        "Memory of one GPU in GiB for the memory plan (auto: this machine's first GPU, else 79.6, "
+        'an "80 GB" H100; a "141 GB" H200 has 140.4).',
     )
     # --- update (the clipped loss and batching are in `update`)
     update: UpdateConfig = setting(
@@ -262,7 +291,12 @@ class TrainConfig:
         )
         if self.eval_samples is not None:
             require_non_negative(self, "eval_samples")
-        for name in ("eval_limit", "kv_memory_mb", "cpu_threads", "prompts_per_step"):
+        require_counts(self, "hsdp_replicas")
+        if self.gpu_memory_gib is not None and not (
+            math.isfinite(self.gpu_memory_gib) and self.gpu_memory_gib > 0
+        ):
+            raise ValueError(f"gpu_memory_gib must be > 0 (or auto), got {self.gpu_memory_gib}")
+        for name in ("eval_limit", "kv_memory_mb", "cpu_threads", "gpus", "prompts_per_step"):
             if getattr(self, name) is not None:
                 require_counts(self, name)
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):

@@ -10,8 +10,9 @@ reduced and accumulated in fp32. FSDP's division of the reduced gradients by the
 at the source (the update's loss is already the mean over every rank's tokens), so the gradient is
 the sum over ranks, as torchtitan does it. Each rank's engine runs on a full copy of the weights in the
 rollout dtype (:class:`ShardedPolicy.rollout_model`), refreshed in place from the shards once a
-step, after its last optimizer step (``ShardedPolicy.sync_rollout``): the same storage every step,
-so captured CUDA graphs stay valid.
+step, after its last optimizer step (``ShardedPolicy.sync_rollout``); its storage may be freed
+during the update (``release_rollout_copy``) and is allocated again by that refresh (the engine
+then recaptures its CUDA graphs if it moved).
 
 A plain ``python -m arpo_fast.train`` does not come here: one process keeps the zero-copy path
 (the engine on the trained model's own bf16 weights, fp32 masters in ``optim.MasterWeights``).
@@ -71,10 +72,25 @@ class Dist:
     rollout_group: object = None
     save_group: object = None
     timeouts: Timeouts = field(default_factory=Timeouts)
+    replicas: int = 1
+    """HSDP: the ranks form this many groups, each holding the whole state sharded over it."""
+    _mesh: object = None
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def mesh(self):
+        """FSDP2's device mesh: None (1-D over every rank) without HSDP, else (replicate, shard) of
+        (replicas, world / replicas): ranks r*S .. r*S + S - 1 shard one replica (a node, with
+        consecutive ranks per node), and gradients are summed across the replicas too."""
+        if self.replicas > 1 and self._mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            shape = (self.replicas, self.world // self.replicas)
+            self._mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=("replicate", "shard"))
+        return self._mesh
 
     def _reduce(self, values: Sequence[float], op, group=None) -> list[float]:
         device = self._comm_device if group is None else torch.device("cpu")
@@ -143,11 +159,16 @@ def _seconds(s: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=s)
 
 
-def init(device: str, timeouts: Optional[Timeouts] = None, async_save: bool = False) -> Optional[Dist]:
+def init(
+    device: str, timeouts: Optional[Timeouts] = None, async_save: bool = False, replicas: int = 1
+) -> Optional[Dist]:
     """Join the process group when started by ``torchrun`` (None otherwise). ``device``: the
     ``--device`` setting; under torchrun a CUDA run uses ``cuda:LOCAL_RANK``. A rank that waits
-    longer than ``timeouts`` allow fails, so a rank that hangs cannot hold the others forever."""
+    longer than ``timeouts`` allow fails, so a rank that hangs cannot hold the others forever.
+    ``replicas``: ``--hsdp-replicas``, which must divide the number of processes."""
     if not launched_by_torchrun():
+        if replicas > 1:
+            raise ValueError(f"--hsdp-replicas {replicas} needs torchrun (one process has no replicas)")
         return None
     timeouts = timeouts or Timeouts()
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -167,7 +188,9 @@ def init(device: str, timeouts: Optional[Timeouts] = None, async_save: bool = Fa
     setup = dist.new_group(backend="gloo", timeout=_seconds(timeouts.setup))
     rollout = dist.new_group(backend="gloo", timeout=_seconds(timeouts.rollout))
     save = dist.new_group(backend="gloo", timeout=_seconds(timeouts.setup)) if async_save else None
-    return Dist(rank, world, local, dev, setup, rollout, save, timeouts)
+    if world % replicas:  # every rank finds it: rank 0 says it once
+        raise AgreedError(f"--hsdp-replicas {replicas} must divide the number of processes ({world})")
+    return Dist(rank, world, local, dev, setup, rollout, save, timeouts, replicas)
 
 
 class AgreedError(ValueError):
@@ -241,8 +264,8 @@ def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype) -> torch.nn.Modul
     scorer = LogprobModel(policy)
     mp = MixedPrecisionPolicy(param_dtype=None if compute == dtype else compute, reduce_dtype=torch.float32)
     for layer in decoder_layers(policy):
-        _sum_gradients(fully_shard(layer, mp_policy=mp))
-    _sum_gradients(fully_shard(scorer, mp_policy=mp))
+        _sum_gradients(fully_shard(layer, mesh=d.mesh, mp_policy=mp))
+    _sum_gradients(fully_shard(scorer, mesh=d.mesh, mp_policy=mp))
     scorer.to_empty(device=d.device)
     full = dict(model.named_parameters())
     with torch.no_grad():
@@ -279,6 +302,7 @@ class ShardedPolicy:
         self.optimizer = torch.optim.AdamW(self.scorer.parameters(), lr=lr, weight_decay=weight_decay)
         full = dict(rollout_model.named_parameters())
         self._pairs = [(s, full[name]) for name, s in self.policy.named_parameters()]
+        self._copy_bytes = [t.untyped_storage().nbytes() for _, t in self._pairs]
         self.refresh_stats = self._no_refresh()
         self.stale = False  # an optimizer step since the last refresh
         self.refresh()
@@ -301,7 +325,7 @@ class ShardedPolicy:
         """Refresh the rollout copy if an optimizer step changed the shards since the last refresh;
         returns the metrics of the refreshes since the last call (MB received per rank, seconds,
         how many)."""
-        if self.stale:
+        if self.stale or self.rollout_copy_released:
             self.refresh()
         moved = self.take_refresh_stats()
         return {
@@ -318,6 +342,9 @@ class ShardedPolicy:
         """Gather the shards in the rollout dtype and copy them into the rollout copy, in place."""
         start = time.perf_counter()
         moved = 0
+        for (_, target), nbytes in zip(self._pairs, self._copy_bytes):  # a released copy comes back
+            if target.untyped_storage().nbytes() == 0:
+                target.untyped_storage().resize_(nbytes)
         for shard, target in self._pairs:
             whole = shard.detach().to(target.dtype).full_tensor()
             target.copy_(whole)
@@ -328,6 +355,18 @@ class ShardedPolicy:
         self.refresh_stats["seconds"] += time.perf_counter() - start
         self.refresh_stats["count"] += 1
         self.stale = False
+
+    @property
+    def rollout_copy_released(self) -> bool:
+        return any(t.untyped_storage().nbytes() == 0 for _, t in self._pairs)
+
+    def release_rollout_copy(self) -> None:
+        """Free the rollout copy's storage (the update does not read it); the next
+        :meth:`refresh` allocates and fills it again, at new addresses (the engine's captured
+        graphs are then captured again: ``Engine.reacquire``)."""
+        for _, target in self._pairs:  # weights read from a file's memory map stay: not resizable
+            if target.untyped_storage().resizable():
+                target.untyped_storage().resize_(0)
 
     def take_refresh_stats(self) -> dict:
         """Bytes each rank received, seconds spent and refreshes done since the last call."""

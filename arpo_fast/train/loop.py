@@ -43,7 +43,17 @@ from arpo_fast.rollout.rollout_tree import RolloutTree
 from arpo_fast.rollout.tools.executor import ToolExecutor
 from arpo_fast.rollout.tree import arpo_rollout
 from arpo_fast.seeds import child_seed
-from arpo_fast.train import build, distributed, interrupts, lora_run, metrics, report, run_dir
+from arpo_fast.train import (
+    build,
+    distributed,
+    interrupts,
+    lora_run,
+    metrics,
+    plan_cli,
+    report,
+    residency,
+    run_dir,
+)
 from arpo_fast.train.checkpoint import (
     CheckpointError,
     find_checkpoint,
@@ -106,6 +116,8 @@ class Run:
     """The checkpoint the run continues from (None: a fresh start)."""
     test_examples: list = field(default_factory=list)
     """Evaluated once, after the last step (``--test-data``)."""
+    residency: Optional[residency.Residency] = None
+    """Moves the KV pool, the optimizer state and the rollout copy between the step's phases."""
 
     @property
     def main(self) -> bool:
@@ -123,7 +135,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     if model is not None and cfg.resume is not False:
         raise ValueError("setup: resume loads the checkpoint's model; do not pass one")
     started = time.perf_counter()
-    d = distributed.init(cfg.device, distributed.Timeouts.of(cfg), cfg.async_save)
+    d = distributed.init(cfg.device, distributed.Timeouts.of(cfg), cfg.async_save, cfg.hsdp_replicas)
     if d is not None:  # rank 0's --out for all: the default one is stamped with each rank's clock
         cfg.out = d.broadcast(cfg.out, group=d.setup_group)
     build.set_threads(cfg, verbose=d is None or d.main)
@@ -170,8 +182,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
     if state is not None:
         log.info("resumed from %s after step %d", checkpoint, start)
     log.info("update: %s", update_plan)
-    kv = {"kv_memory": cfg.kv_memory_mb << 20} if cfg.kv_memory_mb else {}
-    engine = Engine(model, tokenizer=tokenizer, on_pool_exhausted="preempt", **kv)
+    engine, memory = residency.build_engine(cfg, model, tokenizer, optimizer, d.world if d else 1, device)
     executor = build.tool_executor(cfg, settings)
     protocol = build.protocol_for(cfg, tokenizer, executor, engine.eos_token_ids)
     return Run(
@@ -192,6 +203,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         started,
         resumed_from=checkpoint,
         test_examples=tests,
+        residency=memory,
     )
 
 
@@ -218,6 +230,7 @@ def train_step(run: Run, step: int) -> dict:
     batch = [run.examples[order[j]] for j in mine]
     interrupts.enter_rollout(d)  # a signal from here to leave_rollout abandons the step at once
     t0 = time.perf_counter()
+    run.residency.rollout()
     rollout = _roll_out(run, step, [e.prompt_ids for e in batch], mine)
     t1 = time.perf_counter()
     rewards = score(rollout.trajectories, batch, run.tokenizer, run.rewards)
@@ -226,6 +239,7 @@ def train_step(run: Run, step: int) -> dict:
     t2 = time.perf_counter()
     interrupts.leave_rollout(d)  # every rank waits here for the slowest rollout, and stops if any does
     data = _update_data(run, rollout, advantages, mine)
+    run.residency.update()
     update_metrics = update(run.scorer, run.optimizer, data, cfg.update, reference=run.reference, dist=d)
     t3 = time.perf_counter()
     device = next(run.scorer.parameters()).device
@@ -333,8 +347,10 @@ def fit(run: Run) -> list[dict]:
             if step + 1 == cfg.steps or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 evaluate_run(run, step + 1, reporter, score)
             if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                run.residency.checkpoint()
                 saver.save(step + 1, run.model, run.tokenizer, run.optimizer, dataclasses.asdict(cfg))
         if stopped is not None:  # the last complete step, unless it was just saved
+            run.residency.checkpoint()
             saver.save(stopped, run.model, run.tokenizer, run.optimizer, dataclasses.asdict(cfg))
         else:  # the finished run, once: the test problems chose nothing
             evaluate_run(run, cfg.steps, reporter, score, split="test")
@@ -353,6 +369,8 @@ def fit(run: Run) -> list[dict]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_config(argv)
+    if cfg.plan_memory:  # from config.json alone: nothing loaded, nothing written
+        return plan_cli.main(cfg)
     ranked = distributed.launched_by_torchrun()
     rank = distributed.env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")

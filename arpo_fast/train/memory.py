@@ -138,6 +138,8 @@ class PlanSettings:
 
     world: int = 1
     """GPUs (ranks) the run uses."""
+    replicas: int = 1
+    """HSDP replicas (``--hsdp-replicas``): the trained state is sharded over world / replicas ranks."""
     gpu_gib: float = 80.0
     """Memory of one GPU in GiB (an "80 GB" H100 has 79.6 GiB, a "141 GB" H200 140.4)."""
     micro_batch_tokens: int = 16384
@@ -197,7 +199,8 @@ def plan_memory(shape: ModelShape, s: PlanSettings) -> MemoryPlan:
     p, w, plan = shape.params, s.world, MemoryPlan(shape, s)
     lora = s.lora_rank > 0
     trained = shape.lora_params(s.lora_rank, s.lora_targets) if lora else p
-    shard = trained / w if w > 1 else trained
+    n = w // max(1, s.replicas)  # the ranks one copy of the trainer's state is sharded over
+    shard = trained / n
     if w > 1:
         plan.add("engine's weights, bf16", 2 * p, 0, "2 B x P on every rank; released in the update")
     else:
@@ -205,13 +208,15 @@ def plan_memory(shape: ModelShape, s: PlanSettings) -> MemoryPlan:
     if lora:
         plan.add("LoRA adapters, fp32", 4 * shard, 4 * shard, "4 B x adapter parameters")
     else:
-        where = "per rank: 4 B x P / W" if w > 1 else "4 B x P"
+        where = "per rank: 4 B x P / shards" if w > 1 else "4 B x P"
         plan.add("fp32 master weights", 0 if s.offload_optimizer else 4 * shard, 4 * shard, where)
-    plan.add("AdamW state, fp32", 0 if s.offload_optimizer else 8 * shard, 8 * shard, "8 B x trained / W")
-    plan.add("gradients, fp32", 0, 4 * shard, "4 B x trained / W; freed after the step")
+    plan.add(
+        "AdamW state, fp32", 0 if s.offload_optimizer else 8 * shard, 8 * shard, "8 B x trained / shards"
+    )
+    plan.add("gradients, fp32", 0, 4 * shard, "4 B x trained / shards; freed after the step")
     if s.kl_reference and not lora:
-        ref = 2 * p / w
-        plan.add("KL reference model, bf16", ref, ref, "2 B x P / W (adapters off with LoRA: none)")
+        ref = 2 * p / n
+        plan.add("KL reference model, bf16", ref, ref, "2 B x P / shards (adapters off with LoRA: none)")
     if w > 1:
         gathered = 2 * (2 * shape.layer_params) + 2 * shape.root_params
         plan.add("FSDP2 gathered parameters", 0, gathered, "bf16: two layers (prefetch) and the root")
@@ -239,8 +244,9 @@ def format_plan(plan: MemoryPlan) -> str:
     s, shape = plan.settings, plan.shape
     mode = f"LoRA rank {s.lora_rank}" if s.lora_rank else "full weights"
     lines = [
-        f"memory plan per GPU: {shape.params / 1e9:.2f} B parameters, {mode}, {s.world} GPU(s) of "
-        f"{s.gpu_gib:g} GiB, micro-batches of {s.micro_batch_tokens} tokens, activation checkpointing "
+        f"memory plan per GPU: {_count(shape.params)} parameters, {mode}, {s.world} GPU(s) of "
+        f"{s.gpu_gib:g} GiB{_sharding(s)}, micro-batches of {s.micro_batch_tokens} tokens, "
+        "activation checkpointing "
         f"{'on' if s.checkpointing else 'off'}"
         + (", optimizer offloaded during the rollout" if s.offload_optimizer else ""),
         "",
@@ -256,7 +262,7 @@ def format_plan(plan: MemoryPlan) -> str:
     kv_share = max(plan.kv_pool_gib, 0.0)
     lines.append(
         f"| **KV pool** | **{kv_share:.1f}** | released | {plan.kv_tokens:,} tokens at "
-        f"{shape.kv_bytes_per_token() // 1024} KiB a token |"
+        f"{shape.kv_bytes_per_token() / 1024:g} KiB a token |"
     )
     lines.append(f"| **free** | 0.0 | **{plan.update_free_gib:.1f}** | |")
     verdict = "fits" if plan.fits else "does NOT fit"
@@ -266,3 +272,15 @@ def format_plan(plan: MemoryPlan) -> str:
         f"{plan.update_free_gib:.1f} GiB spare during the update",
     ]
     return "\n".join(lines)
+
+
+def _sharding(s: PlanSettings) -> str:
+    if s.world == 1:
+        return ""
+    if s.replicas > 1:
+        return f" (HSDP: {s.replicas} replicas sharded over {s.world // s.replicas})"
+    return f" (sharded over {s.world})"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"

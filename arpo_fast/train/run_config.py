@@ -25,7 +25,7 @@ from arpo_fast.train.flags import JSON_SETTINGS, SECTIONS, Flag, all_flags, by_n
 FILE = "config.yaml"
 HEADER = "# arpo_fast run settings"
 """The first line of every config.yaml this project writes (only such a file is ever replaced)."""
-NOT_SAVED = ("out", "resume")
+NOT_SAVED = ("out", "resume", "plan_memory", "gpus", "gpu_memory_gib")
 
 
 def read(path, where: str, *, legacy: bool = False) -> dict[str, Any]:
