@@ -28,6 +28,7 @@ import argparse
 import random
 from concurrent.futures import Future
 
+import pytest
 import torch
 
 from arpo_fast.engine.runner import StepOutput
@@ -170,6 +171,20 @@ def main() -> None:
                 assert c["trajectories"] == 16, f"{name}: {c['trajectories']} trajectories per prompt"
                 cells.append(f"{c['branch points']:.2f} ({c['of copies']:.2f}, {c['of fills']:.2f})")
             print(f"| {z} | {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+# -- pytest-benchmark entry point ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", ["split", "pooled"])
+def test_branch_budget(benchmark, budget):
+    """The rollout of 20 prompts x 16 trajectories with 2 calls each under each branch budget (the
+    reference's rule for pooled), on the scripted engine; the branch points go into extra_info."""
+    tok = demo_tokenizer()
+    rule = {"arpo_semantics": "reference"} if budget == "pooled" else {}
+    benchmark.group = "scripted ARPO rollout, 20 prompts x 16 trajectories, 2 calls each"
+    counts = benchmark.pedantic(lambda: ours(tok, 2, 20, 2, branch_budget=budget, **rule), rounds=1)
+    benchmark.extra_info.update(counts)
 
 
 if __name__ == "__main__":

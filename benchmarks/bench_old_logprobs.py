@@ -19,6 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -62,6 +63,20 @@ def main() -> None:
         f"({best['rollout']:.2f} s); best ratio {best['rollout'] / best['recompute']:.2f}, "
         f"ratio {median['rollout'] / median['recompute']:.2f}"
     )
+
+
+# -- pytest-benchmark entry point ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["recompute", "rollout"])
+def test_update_old_logprobs(benchmark, mode):
+    """One update of 2 prompts x 16 trajectories in 2 mini-batches with each kind of old log-probs;
+    compare the two with --benchmark-compare or in one run's table."""
+    model = small_model()
+    trajs, node_tokens, adv = shrunk_workload(2)
+    cfg = UpdateConfig(old_logprobs=mode, micro_batch_tokens=2048, mini_batch_prompts=1)
+    benchmark.group = "update, 2 prompts x 16 trajectories in 2 mini-batches, CPU"
+    benchmark.pedantic(lambda: timed_update(model, trajs, node_tokens, adv, cfg), rounds=2, warmup_rounds=1)
 
 
 if __name__ == "__main__":
