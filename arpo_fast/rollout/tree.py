@@ -72,9 +72,10 @@ class _TreeRollout:
     ):
         self.engine, self.protocol, self.executor = engine, protocol, executor
         self.config, self.sampling, self.seed = config, sampling, seed
-        self.prompt_seeds = prompt_seeds
+        self.given_seeds = prompt_seeds
         if config.max_response_tokens is None:
             raise ValueError("arpo_rollout: config.max_response_tokens is auto; give a token count")
+        self.limit: int = config.max_response_tokens
         self.reference = config.arpo_semantics == "reference"
         self.pooled = config.pooled
         self.pool = BranchPool(0)
@@ -96,9 +97,11 @@ class _TreeRollout:
     def run(self, prompts: Sequence[Sequence[int]]) -> RolloutTree:
         self.record = TreeRecorder(prompts)
         self.prompts = self.record.tree.prompts
-        if self.prompt_seeds is None:
-            self.prompt_seeds = [child_seed(self.seed, p) for p in range(len(prompts))]
-        elif len(self.prompt_seeds) != len(prompts):
+        seeds = self.given_seeds
+        self.prompt_seeds = (
+            [child_seed(self.seed, p) for p in range(len(prompts))] if seeds is None else seeds
+        )
+        if len(self.prompt_seeds) != len(prompts):
             raise ValueError(
                 f"arpo_rollout: {len(self.prompt_seeds)} prompt seeds for {len(prompts)} prompts"
             )
@@ -171,6 +174,7 @@ class _TreeRollout:
             measured = out.entropy
         self.stats["steps"] += 1
         tokens, ran = out.tokens.tolist(), out.ran.tolist()
+        assert measured is not None  # asked for: step returns the top-10 entropy
         logprobs, entropies, measured = (
             torch.stack([out.logprobs, out.entropy, measured]).float().cpu().tolist()
         )
@@ -189,7 +193,7 @@ class _TreeRollout:
             if len(window.entropies) >= self.config.entropy_tokens or event is not None:
                 self._close_window(i)
         if event is None:
-            if self.record.lengths[i] >= self.config.max_response_tokens:
+            if self.record.lengths[i] >= self.limit:
                 self._finish(i, "length")
         elif event.kind == "call":
             self._call(i, event.call)
@@ -201,12 +205,12 @@ class _TreeRollout:
     def _limit(self, i: int) -> None:
         """A call past the limit is not run; like the reference, end with EOS (model-written)."""
         eos = self.protocol.eos_token_id
-        if eos is not None and self.record.lengths[i] < self.config.max_response_tokens:
+        if eos is not None and self.record.lengths[i] < self.limit:
             self.record.append(i, [eos], 1, math.nan, math.nan)
         self._finish(i, "limit")
 
     def _call(self, i: int, call) -> None:
-        if self.record.lengths[i] >= self.config.max_response_tokens:
+        if self.record.lengths[i] >= self.limit:
             self._finish(i, "length")  # no room for the result: do not run the call
             return
         self.stats["tool_calls"] += 1
@@ -230,7 +234,7 @@ class _TreeRollout:
     def _append_result(self, i: int, text: str) -> None:
         live = self.live[i]
         ids = live.protocol.result_ids(text)
-        room = self.config.max_response_tokens - self.record.lengths[i]
+        room = self.limit - self.record.lengths[i]
         ids = ids[:room]
         self.record.append(i, ids, 0, 0.0, 0.0)
         self.stats["tool_tokens"] += len(ids)
@@ -267,6 +271,7 @@ class _TreeRollout:
     def _close_window(self, i: int) -> None:
         live = self.live[i]
         window, live.window = live.window, None
+        assert window is not None  # closed once, when it is full
         value = self._reduce(window.entropies)
         if self.reference:
             live.segment_h = value  # used at the call that ends this segment
@@ -280,6 +285,7 @@ class _TreeRollout:
         left. Ours: one draw for all Z - 1 copies (the paper's rule). The reference's: one draw
         per copy, as many draws as there are copies it may still make, min(Z - 1, slots)."""
         cfg = self.config
+        assert live.h_init is not None  # set by the trajectory's first window, before any call
         d_h = (h_t - live.h_init) / self.log_v
         draws = min(cfg.branches - 1, slots) if self.reference else 1
         wins = 0
@@ -324,6 +330,7 @@ class _TreeRollout:
         """Grant prompt ``p``'s requests that are due (``budget.BranchPool``), in key order."""
         while (i := self.pool.next_grant(p)) is not None:
             live = self.live[i]
+            assert live.request is not None  # the pool grants requests only
             (h_t, at), live.request = live.request, None
             live.pending = self._wants_branch(live, h_t, at, self._slots(p))
             self.granted[p] += live.pending
@@ -351,6 +358,7 @@ class _TreeRollout:
             self.names.append(self.names[i] + (live.copies,))
             # keys take hash indices from 2^40 up, branch draws (_uniform) positions below that
             key = child_seed(live.key, (1 << 40) + live.copies)
+            assert live.fork_protocol is not None  # kept at the call that decided the branch
             if self.reference:  # a copy's baseline is its own first segment after the fork
                 copy = _Live(seq, key, live.fork_protocol.fork(), share, window=_Window(at))
             else:  # a copy keeps its source's baseline
