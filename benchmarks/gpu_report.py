@@ -40,14 +40,17 @@ SECTIONS = [
     "gpu_train",
 ]
 BUDGET_S = {
-    "gpu_step": 300,
-    "gpu_update": 120,
-    "gpu_distributed": 90,
-    "gpu_logprob_entropy": 60,
-    "gpu_engine": 90,
+    "gpu_step": 240,
+    "gpu_update": 90,
+    "gpu_distributed": 60,
+    "gpu_logprob_entropy": 45,
+    "gpu_engine": 60,
 }
 """Seconds each section may take before it is stopped (its rows so far are kept), so one slow
-section cannot starve the rest; a section not named here gets 60 s. ``--budget-scale`` scales all."""
+section cannot starve the rest; a section not named here gets 60 s. ``--budget-scale`` scales all.
+The first five fit one 600 s device call after a minute of GPU tests:
+``GPU_TESTS_TIMEOUT=60 REPORT_ARGS="--only gpu_step gpu_update gpu_distributed gpu_logprob_entropy
+gpu_engine" bash benchmarks/gpu_check.sh OUTDIR``."""
 
 
 class SectionTimeout(Exception):
