@@ -185,7 +185,7 @@ class TrainConfig:
         None,
         "Test prompts, evaluated once, after the last step (greedy and sampled, summary.json's "
         "test_accuracy), never during training: auto (the demo's test problems when --data is "
-        "demo, else none), 'none', 'demo' or a file.",
+        "demo and --eval-data is not none, else none), 'none', 'demo' or a file.",
     )
     report_to: str = setting(
         "none",
@@ -383,8 +383,8 @@ class TrainConfig:
             self.update = dataclasses.replace(self.update, loss_agg=agg)
         if self.eval_data is None:
             self.eval_data = DEMO if is_demo(self.data) else "none"
-        if self.test_data is None:
-            self.test_data = DEMO if is_demo(self.data) else "none"
+        if self.test_data is None:  # with the held-out evaluation: a run without one has no test
+            self.test_data = DEMO if is_demo(self.data) and self.eval_data != "none" else "none"
         if self.eval_samples is None:
             self.eval_samples = DEMO_EVAL_SAMPLES if is_demo(self.data) else 0
         if self.eval_temperature is None:
