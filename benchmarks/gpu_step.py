@@ -26,12 +26,12 @@ import gc
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import sync, timed  # noqa: E402 - the benchmarks' timing, beside this file
 from report import Row  # noqa: E402 - the report's row type, beside this file
 
 SECTION = "step"
@@ -83,11 +83,6 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _release() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -99,7 +94,7 @@ def _non_embedding_params(model) -> int:
     return sum(p.numel() for p in model.parameters()) - emb.numel()
 
 
-def _steps(run, loop, count: int, device: str) -> tuple[list[dict], list[int], list]:
+def _steps(run, loop, count: int) -> tuple[list[dict], list[int], list]:
     """``count`` training steps; each one's row, the graphs compiled during it, and the update's
     inputs of the last one (captured as ``loop.update`` is called)."""
     captured: list = []
@@ -115,24 +110,21 @@ def _steps(run, loop, count: int, device: str) -> tuple[list[dict], list[int], l
         for step in range(count):
             before = _compiled_graphs()
             rows.append(loop.train_step(run, step))
-            _sync(device)
+            sync()
             compiled.append(_compiled_graphs() - before)
     finally:
         loop.update = real_update
     return rows, compiled, captured
 
 
-def _timed_update(captured, device: str, **changes) -> tuple[float, dict]:
+def _timed_update(captured, **changes) -> tuple[float, dict]:
     """Seconds of one more update on the captured inputs with ``changes`` to its settings."""
     from arpo_fast.train.update import update
 
     model, optimizer, data, cfg, kw = captured
     cfg = dataclasses.replace(cfg, **changes)
-    _sync(device)
-    t0 = time.perf_counter()
-    out = update(model, optimizer, data, cfg, **kw)
-    _sync(device)
-    return time.perf_counter() - t0, out
+    out, seconds = timed(lambda: update(model, optimizer, data, cfg, **kw))
+    return seconds, out
 
 
 def step_rows(smoke: bool, device: str) -> list[Row]:
@@ -164,9 +156,9 @@ def step_rows(smoke: bool, device: str) -> list[Row]:
             save_every=0,
         )
         run = loop.setup(cfg, model, tok)
-        history, compiled, captured = _steps(run, loop, 3, device)
+        history, compiled, captured = _steps(run, loop, 3)
         rows = _step_table(history, compiled, n_params, device, smoke, prompts, trajs)
-        rows += _layout_rows(captured, device, smoke)
+        rows += _layout_rows(captured, smoke)
     del run, model
     _release()
     return rows
@@ -200,13 +192,13 @@ def _step_table(history, compiled, n_params, device, smoke, prompts, trajs) -> l
     return out
 
 
-def _layout_rows(captured, device: str, smoke: bool) -> list[Row]:
+def _layout_rows(captured, smoke: bool) -> list[Row]:
     """The packed update against the per-trajectory one, and the sampler's log-probs as the old
     policy against the recomputed ones, each on the last step's trajectories."""
     cfg = captured[3]
     case = "last step's trajectories"
-    packed_s, packed = _timed_update(captured, device, packed_update=True)
-    padded_s, padded = _timed_update(captured, device, packed_update=False)
+    packed_s, packed = _timed_update(captured, packed_update=True)
+    padded_s, padded = _timed_update(captured, packed_update=False)
     rows = [
         Row(
             SECTION,
@@ -222,8 +214,8 @@ def _layout_rows(captured, device: str, smoke: bool) -> list[Row]:
         Row(SECTION, case, "per-trajectory forward tokens", padded.get("forward_tokens", float("nan"))),
     ]
     if any(f.name == "old_logprobs" for f in dataclasses.fields(cfg)):
-        rollout_s, _ = _timed_update(captured, device, old_logprobs="rollout")
-        recompute_s, _ = _timed_update(captured, device, old_logprobs="recompute")
+        rollout_s, _ = _timed_update(captured, old_logprobs="rollout")
+        recompute_s, _ = _timed_update(captured, old_logprobs="recompute")
         rows.append(
             Row(
                 SECTION,
@@ -243,12 +235,8 @@ def _bandwidth(device: str) -> float:
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        dst.copy_(src)
-    _sync(device)
-    return 2 * n * 10 / (time.perf_counter() - t0)
+    _, seconds = timed(lambda: [dst.copy_(src) for _ in range(10)])
+    return 2 * n * 10 / seconds
 
 
 def decode_rows(smoke: bool, device: str) -> list[Row]:
@@ -267,11 +255,7 @@ def decode_rows(smoke: bool, device: str) -> list[Row]:
         prompts = [[3 + (7 * i + j) % 900 for j in range(128)] for i in range(batch)]
         params = SamplingParams(temperature=0.0, max_new_tokens=new, ignore_eos=True)
         engine.generate([p[:8] for p in prompts], SamplingParams(temperature=0.0, max_new_tokens=2))
-        _sync(device)
-        t0 = time.perf_counter()
-        engine.generate(prompts, params)
-        _sync(device)
-        per_step = (time.perf_counter() - t0) / new
+        per_step = timed(lambda e=engine: e.generate(prompts, params))[1] / new
         rows.append(
             Row(
                 SECTION,
