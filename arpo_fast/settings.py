@@ -8,6 +8,15 @@ import math
 from collections.abc import Callable
 from typing import Any, Optional
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def bool_of(text: str) -> Optional[bool]:
+    """The boolean a setting's text spells (``TRUE_WORDS``/``FALSE_WORDS``, any case), or None."""
+    word = text.lower()
+    return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
+
 
 def setting(
     default: Any = dataclasses.MISSING, help: str = "", *, factory: Optional[Callable[[], Any]] = None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 from arpo_fast.rollout.config import ARPOConfig
-from arpo_fast.settings import require_counts, require_non_negative, setting
+from arpo_fast.settings import bool_of, require_counts, require_non_negative, setting
 from arpo_fast.train.demo import DEMO, is_demo, threads
 from arpo_fast.train.demo import LORA_LR as DEMO_LORA_LR
 from arpo_fast.train.demo import LR as DEMO_LR
@@ -447,9 +447,9 @@ def _resume_mode(value) -> Optional[bool]:
     """``resume``: True, False or None (auto), from a bool, None or their spellings."""
     if value is None or isinstance(value, bool):
         return value
-    text = str(value).lower()
-    if text == "auto":
+    spelled = bool_of(str(value))
+    if spelled is not None:
+        return spelled
+    if str(value).lower() == "auto":
         return None
-    if text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return text in ("1", "true", "yes", "on")
     raise ValueError(f"resume: expected true, false or auto, got {value!r}")

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from arpo_fast.settings import help_of
+from arpo_fast.settings import bool_of, help_of
 from arpo_fast.train.config import GROUPS, TrainConfig
 from arpo_fast.train.update_config import IMPLEMENTATIONS, LOSS_AGG, OLD_LOGPROBS
 
@@ -148,11 +148,10 @@ class Flag:
         if self.auto and text == AUTO:
             return None
         if self.kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"expected true or false, got {text!r}")
+            value = bool_of(text)
+            if value is None:
+                raise ValueError(f"expected true or false, got {text!r}")
+            return value
         if self.kind in (int, float):
             try:
                 return self.kind(text)
