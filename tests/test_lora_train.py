@@ -82,9 +82,8 @@ def test_lora_settings_and_their_auto_learning_rate():
     assert TrainConfig.from_flat(out="-").lr == 1e-4  # without LoRA: unchanged
 
 
-def test_lora_under_torchrun_or_without_peft_is_refused_in_one_line(monkeypatch):
-    with pytest.raises(ValueError, match=r"^--lora-rank: not supported under torchrun yet"):
-        check(_cfg("-"), True, None)
+def test_lora_without_peft_is_refused_in_one_line(monkeypatch):
+    check(_cfg("-"), True, None)  # torchrun: supported (tests/test_lora_distributed.py)
     monkeypatch.setitem(__import__("sys").modules, "peft", None)  # as if not installed
     with pytest.raises(ValueError, match=r"^--lora-rank: LoRA needs peft: pip install 'arpo_fast\[lora\]'"):
         check(_cfg("-"), False, None)

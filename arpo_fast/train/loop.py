@@ -215,7 +215,8 @@ def _optimizer(cfg: TrainConfig, model, d, checkpoint: Optional[Path], state: Op
         if state is not None:
             load_optimizer_state(checkpoint, optimizer, state)
         return optimizer, lora_run.scorer(model, cfg)
-    optimizer = distributed.ShardedPolicy(model, d, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lora = lora_run.settings(cfg)
+    optimizer = distributed.ShardedPolicy(model, d, lr=cfg.lr, weight_decay=cfg.weight_decay, lora=lora)
     if state is not None:
         with _agreed(d):
             load_sharded_state(checkpoint, optimizer, group=d.setup_group)

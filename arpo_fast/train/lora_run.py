@@ -11,8 +11,11 @@
   while a run on ``--model DIR`` loads its base from there again; ``merged/`` (``--save-merged``)
   the base with the adapter merged in, a plain model. The trainer state is as in a full run.
 
-Under torchrun a LoRA run is refused (:func:`check`): ``distributed.ShardedPolicy`` shards and
-refreshes every weight of the policy, and has no path for a frozen base with trained adapters yet.
+Under torchrun (``distributed.ShardedPolicy`` with ``lora``) FSDP2 shards the frozen base and the
+adapters, AdamW steps the adapter shards, and each rank's rollout copy gets the gathered adapters
+once a step; its base never changes and stays whole on every rank, so the KL reference runs on it
+with no communication. Rank 0 writes ``adapter/`` (from its rollout copy), DCP the adapters' fp32
+shards and AdamW state (not the base).
 """
 
 from __future__ import annotations
@@ -44,13 +47,8 @@ def is_lora_checkpoint(path: Path) -> bool:
 
 
 def check(cfg: TrainConfig, distributed: bool, checkpoint: Optional[Path]) -> None:
-    """Fail before anything loads, naming the flag: LoRA under torchrun, peft missing, or a
-    checkpoint to resume that was written with LoRA where this run has none (or the reverse)."""
-    if cfg.lora_rank and distributed:
-        raise ValueError(
-            "--lora-rank: not supported under torchrun yet (the sharded update trains every weight); "
-            "run LoRA in one process: python -m arpo_fast.train"
-        )
+    """Fail before anything loads, naming the flag: peft missing, or a checkpoint to resume that
+    was written with LoRA where this run has none (or the reverse)."""
     if cfg.lora_rank:
         from arpo_fast.train.lora import import_peft
 

@@ -92,7 +92,8 @@ def optimizer_tensors(optimizer: Optimizer) -> list[torch.Tensor]:
     if isinstance(optimizer, MasterWeights):
         masters, inner = [optimizer.master[i] for i in optimizer.copied], optimizer.inner
     else:
-        masters, inner = list(optimizer.scorer.parameters()), optimizer.optimizer
+        masters = [p for p in optimizer.scorer.parameters() if p.requires_grad]  # LoRA: not the base
+        inner = optimizer.optimizer
     state = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     return masters + state
 
