@@ -142,3 +142,48 @@ def test_the_printed_plan_names_every_row_and_its_verdict():
     assert text.splitlines()[-1].startswith("fits: KV pool")
     text = format_plan(plan_memory(QWEN25_7B, PlanSettings(world=1, gpu_gib=79.6)))
     assert text.splitlines()[-1].startswith("does NOT fit")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("arch,kw", SHAPES[:1] + SHAPES[3:])
+def test_lora_activation_bytes_are_what_autograd_saves(arch, kw, dropout):
+    """What adapters (peft, fp32) add to a layer's saved tensors, to within 1%."""
+    from arpo_fast.train.lora import LoraSettings, add_lora
+
+    peft = pytest.importorskip("peft")
+    assert peft
+    rank, targets = 8, ("q_proj", "v_proj", "o_proj", "down_proj")
+
+    def per_layer(lora: bool) -> float:
+        two, three = [], []
+        for n, out in ((2, two), (3, three)):
+            model = _model(arch, n, **kw)
+            if lora:
+                add_lora(model, LoraSettings(rank, dropout=dropout, targets=targets), seed=0)
+                model.train()  # dropout acts, as in the update's gradient forwards
+            out.append(_saved_bytes_per_token(model))
+        return three[0] - two[0]
+
+    shape = ModelShape.from_config(_model(arch, 1, **kw).config)
+    counted = per_layer(True) - per_layer(False)
+    want = shape.lora_activation_bytes(rank, targets, 4 if dropout else 0)  # the CPU's float mask
+    assert abs(want - counted) <= 0.01 * counted
+
+
+@pytest.mark.parametrize("shape", [QWEN25_7B, QWEN3_14B])
+def test_lora_rank_64_on_one_80gb_gpu_counts_the_base_at_2_bytes(shape):
+    settings = PlanSettings(world=1, gpu_gib=79.6, lora_rank=64, kl_reference=True)
+    plan = plan_memory(shape, settings)
+    rows = {r[0]: r[1:3] for r in plan.rows}
+    assert rows["frozen base weights, bf16"] == (2 * shape.params / GIB,) * 2
+    adapters = shape.lora_params(64)
+    assert rows["LoRA adapters, fp32"] == (4 * adapters / GIB,) * 2
+    assert rows["AdamW state, fp32"] == (8 * adapters / GIB,) * 2
+    assert rows["gradients, fp32"] == (0, 4 * adapters / GIB)
+    assert rows["KL reference"] == (0, 0) and "fp32 master weights" not in rows
+    assert plan.fits and plan.kv_pool_gib >= 40
+    # under torchrun the base stays whole beside its shards, and the adapters' state is sharded
+    two = {r[0]: r[1:3] for r in plan_memory(shape, PlanSettings(world=2, lora_rank=64)).rows}
+    assert two["frozen base weights, bf16"] == rows["frozen base weights, bf16"]
+    assert two["frozen base shards, bf16"] == (shape.params / GIB,) * 2
+    assert two["AdamW state, fp32"] == (4 * adapters / GIB,) * 2

@@ -21,6 +21,16 @@ QWEN3_14B = {  # Qwen3-14B's config.json, the fields the plan reads
     "intermediate_size": 17408,
     "tie_word_embeddings": False,
 }
+QWEN25_7B = {  # Qwen2.5-7B's config.json, the fields the plan reads
+    "model_type": "qwen2",
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "intermediate_size": 18944,
+    "tie_word_embeddings": False,
+}
 
 
 def _plan(*args, cwd=None):
@@ -75,3 +85,25 @@ def test_bad_input_is_one_line(args, message):
     proc = _plan(*args)
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "name,config,params", [("qwen2.5-7b", QWEN25_7B, 7.62), ("qwen3-14b", QWEN3_14B, 14.77)]
+)
+def test_lora_rank_64_fits_one_80gb_gpu_at_the_reference_settings(tmp_path, name, config, params):
+    """The reference's settings are the defaults (128 prompts x 16 trajectories, 16,384-token
+    micro-batches); the frozen base is 2 B a parameter, the adapters alone train."""
+    model = tmp_path / name
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    args = ("--model", str(model), "--gpu-memory-gib", "79.6", "--lora-rank", "64", "--kl-coef", "0.01")
+    proc = _plan(*args)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"{params:.2f} B parameters, LoRA rank 64, 1 GPU(s)" in out
+    assert _gib(out, "frozen base weights, bf16", 0) == _gib(out, "frozen base weights, bf16", 1)
+    assert _gib(out, "frozen base weights, bf16", 1) == pytest.approx(2 * params * 1e9 / 2**30, abs=0.1)
+    assert _gib(out, "LoRA adapters, fp32", 1) < 1.5 and _gib(out, "KL reference", 1) == 0
+    assert "fp32 master weights" not in out
+    assert _gib(out, "**KV pool**", 0) >= 40 and _gib(out, "**free**", 1) >= 20
+    assert out.splitlines()[-1].startswith("fits: KV pool")

@@ -12,6 +12,12 @@ A step has two phases that never overlap in time, and the plan sizes each:
   shards; the copy is written again from them once per step, before the next rollout). In one
   process the engine's weights are the trained model itself and stay.
 
+With ``--lora-rank`` the base is frozen in bf16 (no gradients, no optimizer state) and only the
+adapters (r (in + out) parameters per targeted projection and layer) have fp32 weights, gradients
+and AdamW state; the KL reference is the base with the adapters switched off, no copy. Under
+torchrun the rollout copy's base stays through the update (it never changes: a refresh moves the
+adapters only), beside FSDP2's shards of it.
+
 Every figure is a formula of the model's shape, named on its row. The activation bytes per token
 and layer were counted on transformers' Qwen2/Llama/Qwen3 decoder layers (5.x) with autograd's
 saved-tensor hooks (``tests/test_memory.py`` recounts them on models of other shapes): in a 2-byte
@@ -119,6 +125,14 @@ class ModelShape:
         shapes = self.linear_shapes()
         return self.layers * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
 
+    def lora_activation_bytes(self, rank: int, targets: tuple[str, ...], mask_bytes: int = 0) -> int:
+        """Bytes LoRA adds to what autograd saves per token in one layer: ``peft`` casts each
+        target's input to fp32 for its adapter, and A's and B's matmuls save their fp32 inputs
+        (4 B x in, 4 B x r). With dropout its mask adds ``mask_bytes`` B x in: 1 on CUDA (a bool
+        mask), 4 on the CPU (a float one)."""
+        shapes = self.linear_shapes()
+        return sum((4 + mask_bytes) * shapes[t][0] + 4 * rank for t in targets)
+
     def kv_bytes_per_token(self, itemsize: int = 2) -> int:
         return 2 * self.layers * self.kv_width * itemsize
 
@@ -148,6 +162,8 @@ class PlanSettings:
     """Sequences one rank decodes at once (prompts per rank x trajectories per prompt)."""
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_dropout: bool = False
+    """``--lora-dropout`` > 0: the update's forwards keep each adapter's dropout mask."""
     offload_optimizer: bool = False
     kl_reference: bool = False
     context_gib: float = 0.75
@@ -201,29 +217,57 @@ def plan_memory(shape: ModelShape, s: PlanSettings) -> MemoryPlan:
     trained = shape.lora_params(s.lora_rank, s.lora_targets) if lora else p
     n = w // max(1, s.replicas)  # the ranks one copy of the trainer's state is sharded over
     shard = trained / n
-    if w > 1:
+    if lora:
+        _lora_weights(plan, trained, n)
+    elif w > 1:
         plan.add("engine's weights, bf16", 2 * p, 0, "2 B x P on every rank; released in the update")
     else:
         plan.add("model weights, bf16", 2 * p, 2 * p, "2 B x P, the engine's and the update's")
-    if lora:
-        plan.add("LoRA adapters, fp32", 4 * shard, 4 * shard, "4 B x adapter parameters")
-    else:
+    if not lora:
         where = "per rank: 4 B x P / shards" if w > 1 else "4 B x P"
         plan.add("fp32 master weights", 0 if s.offload_optimizer else 4 * shard, 4 * shard, where)
     plan.add(
         "AdamW state, fp32", 0 if s.offload_optimizer else 8 * shard, 8 * shard, "8 B x trained / shards"
     )
     plan.add("gradients, fp32", 0, 4 * shard, "4 B x trained / shards; freed after the step")
-    if s.kl_reference and not lora:
-        ref = 2 * p / n
-        plan.add("KL reference model, bf16", ref, ref, "2 B x P / shards (adapters off with LoRA: none)")
+    if s.kl_reference:
+        ref = 0 if lora else 2 * p / n
+        what, how = (
+            ("KL reference", "the base, adapters off: no copy")
+            if lora
+            else ("KL reference model, bf16", "2 B x P / shards")
+        )
+        plan.add(what, ref, ref, how)
     if w > 1:
         gathered = 2 * (2 * shape.layer_params) + 2 * shape.root_params
+        gathered += 2 * 4 * trained / shape.layers if lora else 0
         plan.add("FSDP2 gathered parameters", 0, gathered, "bf16: two layers (prefetch) and the root")
-        unsharded = 4 * (shape.layer_params + shape.root_params) if not lora else 0
+        unsharded = 4 * trained / shape.layers if lora else 4 * (shape.layer_params + shape.root_params)
         plan.add("unsharded gradients", 0, unsharded, "fp32 before reduce-scatter: a layer and the root")
+    _activations(plan)
+    return plan
+
+
+def _lora_weights(plan: MemoryPlan, adapters: int, n: int) -> None:
+    """A LoRA run's weights: the frozen base (bf16, no gradients, no optimizer state), and the
+    adapters, trained in fp32 (one process: the engine runs on them; under torchrun the rollout
+    copy has them whole, the base too through the update, and FSDP2 holds both sharded)."""
+    p, w = plan.shape.params, plan.settings.world
+    plan.add("frozen base weights, bf16", 2 * p, 2 * p, "2 B x P; no gradients, no optimizer state")
+    if w > 1:
+        plan.add("frozen base shards, bf16", 2 * p / n, 2 * p / n, "2 B x P / shards (FSDP2's)")
+    both = 4 * adapters + (4 * adapters / n if w > 1 else 0)
+    how = f"4 B x {_count(adapters)}: r (in + out) a target and layer" + (", + shards" if w > 1 else "")
+    plan.add("LoRA adapters, fp32", both, both, how)
+
+
+def _activations(plan: MemoryPlan) -> None:
+    shape, s = plan.shape, plan.settings
     t = s.micro_batch_tokens
     per_layer = shape.layer_activation_bytes()
+    if s.lora_rank:
+        mask = 1 if s.lora_dropout else 0  # CUDA's dropout keeps a bool mask
+        per_layer += shape.lora_activation_bytes(s.lora_rank, s.lora_targets, mask)
     if s.checkpointing:
         acts = t * (shape.layers * 2 * shape.hidden + per_layer)
         how = f"{t} tokens x (L x 2H + one layer recomputed)"
@@ -236,7 +280,6 @@ def plan_memory(shape: ModelShape, s: PlanSettings) -> MemoryPlan:
     plan.add(
         "decode workspace", s.rollout_sequences * shape.vocab * 6, 0, "logits of every sequence, bf16 + fp32"
     )
-    return plan
 
 
 def format_plan(plan: MemoryPlan) -> str:

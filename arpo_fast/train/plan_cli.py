@@ -50,6 +50,9 @@ def plan_settings(cfg: TrainConfig, world: int | None = None) -> PlanSettings:
         rollout_sequences=math.ceil(cfg.prompts_per_step / world) * cfg.rollout.rollouts,
         offload_optimizer=cfg.offload_optimizer,
         kl_reference=cfg.update.kl_coef > 0,
+        lora_rank=cfg.lora_rank,
+        lora_targets=tuple(t.strip() for t in cfg.lora_targets.split(",")),
+        lora_dropout=cfg.lora_dropout > 0,
     )
 
 
