@@ -162,6 +162,46 @@ def test_resume_restores_adapters_and_optimizer_exactly(tmp_path, length_data, s
     assert (find_checkpoint(tmp_path / "b") / "base").is_dir() == (source == "demo")
 
 
+def test_resume_with_dropout_draws_the_masks_of_an_uninterrupted_run(tmp_path, length_data):
+    """The masks come from (seed, step, rank), not from torch's global generator: 2 steps equal
+    1 step and a resumed one, and they differ from the same run without dropout."""
+    kw = dict(data=length_data, reward="test_length", lr=1e-2, lora_dropout=0.3)
+    whole = train(_cfg(tmp_path / "a", **kw))
+    train(_cfg(tmp_path / "b", steps=1, **kw))
+    torch.rand(7)  # the global generator's state is not what decides the masks
+    train(_cfg(tmp_path / "b", resume=True, **kw))
+    train(_cfg(tmp_path / "c", **(kw | dict(lora_dropout=0.0))))
+    assert all(m["grad_norm"] > 0 for m in whole)
+    (wa, sa), (wb, sb) = _adapter_and_optimizer(tmp_path / "a"), _adapter_and_optimizer(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    for i in sa:
+        assert all(torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])) for k in sa[i])
+    wc, _ = _adapter_and_optimizer(tmp_path / "c")
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa if "lora_B" in k)  # the dropout did act
+
+
+def test_seeded_dropout_masks_follow_the_seed_and_leave_the_global_generator(tmp_path):
+    run = setup(_cfg(tmp_path / "run", lora_dropout=0.5))
+    with torch.no_grad():
+        for _, p in adapter_parameters(run.model):
+            p.add_(torch.randn_like(p))
+    ids = torch.tensor([[1, 5, 9, 17, 3, 41]])
+
+    class Logits:
+        def run(self, policy, *args):
+            return policy(ids).logits
+
+    def two_forwards(seed):
+        run.scorer.seed_dropout(seed)
+        return [run.scorer(Logits(), 1.0).detach() for _ in range(2)]
+
+    state = torch.get_rng_state()
+    first, again, other = two_forwards(11), two_forwards(11), two_forwards(12)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert not torch.allclose(first[0], first[1]) and not torch.allclose(first[0], other[0])
+
+
 def test_checkpoint_loads_in_peft_and_transformers(tmp_path, length_data):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -241,6 +241,7 @@ def train_step(run: Run, step: int) -> dict:
     interrupts.leave_rollout(d)  # every rank waits here for the slowest rollout, and stops if any does
     data = _update_data(run, rollout, advantages, mine)
     run.residency.update()
+    lora_run.seed_dropout(run.scorer, cfg, step, d.rank if d else 0)  # masks a resume draws again
     update_metrics = update(run.scorer, run.optimizer, data, cfg.update, reference=run.reference, dist=d)
     t3 = time.perf_counter()
     device = next(run.scorer.parameters()).device

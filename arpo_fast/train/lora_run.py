@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from arpo_fast.seeds import child_seed
 from arpo_fast.train.batch import LogprobModel
 from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.demo import is_demo
@@ -88,23 +89,52 @@ def attach(model: torch.nn.Module, cfg: TrainConfig, checkpoint: Optional[Path])
             raise CheckpointError(f"cannot resume from {checkpoint}: {exc}") from None
 
 
+DROPOUT_STREAM = 1 << 40
+"""The child index of a step's seed that the dropout masks are drawn from (the rollout's prompts
+use the small indices)."""
+
+
 class AdapterPolicy(LogprobModel):
     """The LoRA policy as the update runs it: the adapters' dropout (``--lora-dropout``) acts in the
     forwards that build gradients only. Each forward sets the dropout modules' mode and leaves it
     so: a checkpointed layer (``--gradient-checkpointing``) recomputes its forward during backward,
     after this call has returned, and must draw the same masks (torch restores the RNG state for
-    it). The rollout never applies dropout, whatever the mode."""
+    it). The rollout never applies dropout, whatever the mode.
+
+    After :meth:`seed_dropout` the masks are a function of (seed, gradient forwards since): each
+    such forward runs on torch's generators forked and seeded from them, and the global ones are
+    left as they were. :func:`seed_dropout` seeds from (``--seed``, step, rank), so a resumed run
+    draws the masks an uninterrupted one draws, with no RNG state in the checkpoint."""
 
     def __init__(self, policy: torch.nn.Module, vocab_limit: Optional[int] = None):
         from arpo_fast.train.lora import lora_layers
 
         super().__init__(policy, vocab_limit)
         self.dropout = [m for _, layer in lora_layers(policy) for m in layer.lora_dropout.values()]
+        self.dropout_seed: Optional[int] = None
+        self.dropout_draws = 0
+
+    def seed_dropout(self, seed: int) -> None:
+        self.dropout_seed, self.dropout_draws = seed, 0
 
     def forward(self, batch, temperature: float, attention: str = "sdpa", context=None):
+        grad = torch.is_grad_enabled()
         for m in self.dropout:
-            m.train(torch.is_grad_enabled())
-        return super().forward(batch, temperature, attention, context)
+            m.train(grad)
+        if not grad or self.dropout_seed is None or not any(getattr(m, "p", 0) for m in self.dropout):
+            return super().forward(batch, temperature, attention, context)
+        seed = child_seed(self.dropout_seed, self.dropout_draws)
+        self.dropout_draws += 1
+        device = next(self.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return super().forward(batch, temperature, attention, context)
+
+
+def seed_dropout(scorer: torch.nn.Module, cfg: TrainConfig, step: int, rank: int) -> None:
+    """Before step ``step``'s update (0-based): its dropout masks from (``--seed``, step, rank)."""
+    if isinstance(scorer, AdapterPolicy) and cfg.lora_dropout:
+        scorer.seed_dropout(child_seed(child_seed(child_seed(cfg.seed, step), DROPOUT_STREAM), rank))
 
 
 class BaseReference(LogprobModel):
