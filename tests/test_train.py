@@ -560,18 +560,18 @@ def test_the_kl_penalty_to_the_starting_policy(tok, tmp_path):
     import copy
 
     model = demo_model(tok, seed=1).eval()
-    reference = copy.deepcopy(model)
+    kl_model = copy.deepcopy(model)
     tree = assemble_tree(_trajectories(tok))
     trajs = tree.trajectories
     adv = [torch.zeros(len(t.response_ids)) for t in trajs]
     optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
     cfg = UpdateConfig(kl_coef=0.5)
     data = UpdateData(tree, adv, tok.pad_token_id)
-    assert update(model, optimizer, data, cfg, reference=reference)["kl"] == 0.0
+    assert update(model, optimizer, data, cfg, kl_model=kl_model)["kl"] == 0.0
     with torch.no_grad():
-        for p in reference.parameters():
+        for p in kl_model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    m = update(model, optimizer, data, cfg, reference=reference)
+    m = update(model, optimizer, data, cfg, kl_model=kl_model)
     assert m["kl"] > 0 and m["loss"] == pytest.approx(0.5 * m["kl"], rel=1e-5)  # advantages are zero
     with pytest.raises(ValueError, match="needs the reference policy"):
         update(model, optimizer, data, cfg)

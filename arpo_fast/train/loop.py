@@ -89,7 +89,7 @@ def train_step(run: Run, step: int) -> dict:
     interrupts.leave_rollout(d)  # every rank waits here for the slowest rollout, and stops if any does
     data = _update_data(run, rollout, advantages, mine)
     run.residency.update()
-    update_metrics = update(run.scorer, run.optimizer, data, cfg.update, reference=run.reference, dist=d)
+    update_metrics = update(run.scorer, run.optimizer, data, cfg.update, kl_model=run.kl_model, dist=d)
     t3 = time.perf_counter()
     device = next(run.scorer.parameters()).device
     extra = {"attn_implementation": cfg.update.resolved(device)[0], "lr": _learning_rate(run.optimizer)}

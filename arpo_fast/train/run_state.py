@@ -46,8 +46,8 @@ class Run:
     rewards: RewardConfig
     start: int
     dist: Optional[distributed.Dist] = None
-    reference: Optional[torch.nn.Module] = None
-    """The frozen starting policy, held only for ``--kl-coef`` > 0."""
+    kl_model: Optional[torch.nn.Module] = None
+    """The frozen starting policy the KL penalty is taken against, held only for ``--kl-coef`` > 0."""
     eval_examples: list = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     summary: Optional[dict] = None
@@ -111,10 +111,10 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
                 if checkpoint is None
                 else build.load_model(cfg, None, device, dtype, tokenizer, verbose=False)
             )
-    reference = lora_run.reference(model, cfg)  # LoRA's: the adapters switched off
+    kl_model = lora_run.kl_model(model, cfg)  # LoRA's: the adapters switched off
     if starting is not None:
-        reference = distributed.shard(starting, d, dtype) if d else copy.deepcopy(starting)
-        reference.requires_grad_(False)
+        kl_model = distributed.shard(starting, d, dtype) if d else copy.deepcopy(starting)
+        kl_model.requires_grad_(False)
     optimizer, scorer = _optimizer(cfg, model, d, checkpoint, state)
     if d is None or d.main:  # everything of a resumed run is loaded: now the folder may change
         run_dir.prepare_out(cfg, state)
@@ -138,7 +138,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         rewards,
         start,
         d,
-        reference,
+        kl_model,
         eval_examples,
         started,
         resumed_from=checkpoint,
