@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import small_config
 from safetensors.torch import load_file
 
 from arpo_fast.rollout import RewardResult, register_reward
@@ -41,19 +42,7 @@ def length_data(tmp_path):
 
 
 def _cfg(out, **kw):
-    base = dict(
-        out=str(out),
-        steps=2,
-        prompts_per_step=2,
-        rollouts=4,
-        initial=2,
-        max_response_tokens=16,
-        demo_warm_start=0,
-        tools="",
-        eval_data="none",
-        lora_rank=4,
-    )
-    return TrainConfig.from_flat(**(base | kw))
+    return small_config(out, **({"lora_rank": 4} | kw))
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import small_config
 
 from arpo_fast.rollout import RewardResult, register_reward
 from arpo_fast.rollout.responses import Response, assemble_tree
 from arpo_fast.train import report
 from arpo_fast.train.checkpoint import CheckpointError, find_checkpoint, load_trainer_state
 from arpo_fast.train.cli import build_parser, parse_config
-from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.data import encode_prompt, load_examples, read_rows, step_batch
 from arpo_fast.train.demo import demo_model, demo_tokenizer
 from arpo_fast.train.loop import main, train
@@ -30,19 +30,8 @@ def _torch_paths(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
-def _small(tmp_path, **kw):
-    base = dict(
-        out=str(tmp_path / "run"),
-        steps=2,
-        prompts_per_step=2,
-        rollouts=4,
-        initial=2,
-        max_response_tokens=24,
-        demo_warm_start=0,
-        tools="",
-    )
-    base.update(kw)
-    return TrainConfig.from_flat(**base)
+def _small(tmp_path, **kw):  # longer responses; the demo's held-out evaluation (auto)
+    return small_config(**({"out": tmp_path / "run", "max_response_tokens": 24, "eval_data": None} | kw))
 
 
 def test_demo_trains_end_to_end_with_tools_and_branches(tmp_path):

@@ -322,17 +322,22 @@ class ShardedPolicy:
         return norm
 
     def sync_rollout(self) -> dict:
-        """Refresh the rollout copy if an optimizer step changed the shards since the last refresh;
-        returns the metrics of the refreshes since the last call (MB received per rank, seconds,
-        how many)."""
-        if self.stale or self.rollout_copy_released:
-            self.refresh()
+        """Bring the rollout copy up to date (:meth:`catch_up_rollout_copy`); returns the metrics of
+        the refreshes since the last call (MB received per rank, seconds, how many)."""
+        self.catch_up_rollout_copy()
         moved = self.take_refresh_stats()
         return {
             "weight_refresh_mb": round(moved["bytes"] / 2**20, 3),
             "weight_refresh_s": round(moved["seconds"], 4),
             "weight_refreshes": moved["count"],
         }
+
+    def catch_up_rollout_copy(self) -> None:
+        """Refresh the rollout copy if an optimizer step changed the shards since the last refresh
+        or the update freed it: the one entry point of a step's refresh (the step's metrics and the
+        residency's phases call it; the refreshes are counted for :meth:`sync_rollout`)."""
+        if self.stale or self.rollout_copy_released:
+            self.refresh()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -135,8 +135,8 @@ class Residency:
         self.moved = StorageOffload()
 
     def _copy_back(self) -> None:
-        if self.sharded and self.optimizer.rollout_copy_released:
-            self.optimizer.refresh()  # gathered from the shards, into storage allocated again
+        if self.sharded:  # gathered from the shards, into storage allocated again if it was freed
+            self.optimizer.catch_up_rollout_copy()
 
     def offload_optimizer(self) -> None:
         if self.offload:
