@@ -76,16 +76,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         raise ValueError("setup: resume loads the checkpoint's model; do not pass one")
     started = time.perf_counter()
     d = distributed.init(cfg.device, distributed.Timeouts.of(cfg), cfg.async_save, cfg.hsdp_replicas)
-    if d is not None:  # rank 0's --out for all: the default one is stamped with each rank's clock
-        cfg.out = d.broadcast(cfg.out, group=d.setup_group)
-    build.set_threads(cfg, verbose=d is None or d.main)
-    with _agreed(d):  # names and JSON settings fail here, before anything reads --out
-        rewards = build.reward_config(cfg)
-        settings = build.tool_settings(cfg)
-        report.check(cfg)
-    if d is not None:
-        with _agreed(d):  # before anything reads --out: every rank must see the same folder
-            run_dir.check_shared(Path(cfg.out), d)
+    rewards, settings = _check_names(cfg, d)
     with _agreed(d):  # the folder, the model's source and the data, before any weights load
         checkpoint, state = run_dir.check_out(cfg, d is not None)
         lora_run.check(cfg, d is not None, checkpoint)
@@ -99,22 +90,7 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
             context = getattr(model.config, "max_position_embeddings", None)
         examples, eval_examples = prepare(cfg, tokenizer, context)
         tests = test_examples(cfg, tokenizer, context)
-    with _agreed(d):
-        torch.manual_seed(cfg.seed)
-        if model is None:  # a checkpoint's weights are each read and checked before anything is written
-            model = build.load_model(cfg, checkpoint, device, dtype, tokenizer, verbose=d is None or d.main)
-        lora_run.attach(model, cfg, checkpoint)  # before the optimizer and the engine: both use them
-        starting = None
-        if cfg.update.kl_coef and not cfg.lora_rank:  # the starting policy: a resume loads it again
-            starting = (
-                model
-                if checkpoint is None
-                else build.load_model(cfg, None, device, dtype, tokenizer, verbose=False)
-            )
-    kl_model = lora_run.kl_model(model, cfg)  # LoRA's: the adapters switched off
-    if starting is not None:
-        kl_model = distributed.shard(starting, d, dtype) if d else copy.deepcopy(starting)
-        kl_model.requires_grad_(False)
+    model, kl_model = _models(cfg, d, model, tokenizer, checkpoint, device, dtype)
     optimizer, scorer = _optimizer(cfg, model, d, checkpoint, state)
     if d is None or d.main:  # everything of a resumed run is loaded: now the folder may change
         run_dir.prepare_out(cfg, state)
@@ -145,6 +121,44 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         test_examples=tests,
         residency=memory,
     )
+
+
+def _check_names(cfg: TrainConfig, d) -> tuple:
+    """(rewards, tool settings): the names and JSON settings checked, and under torchrun the run
+    folder agreed on, before anything reads ``--out``."""
+    if d is not None:  # rank 0's --out for all: the default one is stamped with each rank's clock
+        cfg.out = d.broadcast(cfg.out, group=d.setup_group)
+    build.set_threads(cfg, verbose=d is None or d.main)
+    with _agreed(d):
+        rewards = build.reward_config(cfg)
+        settings = build.tool_settings(cfg)
+        report.check(cfg)
+    if d is not None:
+        with _agreed(d):  # every rank must see the same folder
+            run_dir.check_shared(Path(cfg.out), d)
+    return rewards, settings
+
+
+def _models(cfg: TrainConfig, d, model, tokenizer, checkpoint: Optional[Path], device, dtype) -> tuple:
+    """(model, kl_model): the trained model (loaded unless given, LoRA's adapters attached) and the
+    frozen policy the KL penalty is taken against (None without ``--kl-coef``)."""
+    with _agreed(d):
+        torch.manual_seed(cfg.seed)
+        if model is None:  # a checkpoint's weights are each read and checked before anything is written
+            model = build.load_model(cfg, checkpoint, device, dtype, tokenizer, verbose=d is None or d.main)
+        lora_run.attach(model, cfg, checkpoint)  # before the optimizer and the engine: both use them
+        starting = None
+        if cfg.update.kl_coef and not cfg.lora_rank:  # the starting policy: a resume loads it again
+            starting = (
+                model
+                if checkpoint is None
+                else build.load_model(cfg, None, device, dtype, tokenizer, verbose=False)
+            )
+    kl_model = lora_run.kl_model(model, cfg)  # LoRA's: the adapters switched off
+    if starting is not None:
+        kl_model = distributed.shard(starting, d, dtype) if d else copy.deepcopy(starting)
+        kl_model.requires_grad_(False)
+    return model, kl_model
 
 
 def _optimizer(cfg: TrainConfig, model, d, checkpoint: Optional[Path], state: Optional[dict]):
