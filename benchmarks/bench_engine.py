@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Section, add_output_args, emit, timed  # noqa: E402 - after sys.path is set
 
-from arpo_fast.engine import Engine, SamplingParams  # noqa: E402
-from arpo_fast.engine.random_model import random_causal_lm  # noqa: E402
+from arpo_fast.engine import Engine, SamplingParams  # noqa: E402 - after sys.path is set
+from arpo_fast.engine.random_model import random_causal_lm  # noqa: E402 - after sys.path is set
 
 
 def tiny_model(hidden: int = 128, layers: int = 4, vocab: int = 1024, dtype=torch.float32, device="cpu"):

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Section, add_output_args, emit, measure  # noqa: E402 - after sys.path is set
 
-import arpo_fast  # noqa: E402
-from arpo_fast.engine.forker_ref import PyKVForker  # noqa: E402
+import arpo_fast  # noqa: E402 - after sys.path is set
+from arpo_fast.engine.forker_ref import PyKVForker  # noqa: E402 - after sys.path is set
 
 BLOCK = 16
 QWEN7B_KV = dict(layers=28, kv_heads=4, head_dim=128)

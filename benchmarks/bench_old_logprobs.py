@@ -23,9 +23,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_update import shrunk_workload, small_model, timed_update  # noqa: E402
+from bench_update import shrunk_workload, small_model, timed_update  # noqa: E402 - after sys.path is set
 
-from arpo_fast.train.update_config import UpdateConfig  # noqa: E402
+from arpo_fast.train.update_config import UpdateConfig  # noqa: E402 - after sys.path is set
 
 
 def main() -> None:

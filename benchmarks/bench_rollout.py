@@ -27,14 +27,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from calculator import Calculator  # noqa: E402 - after sys.path is set
-from harness import Section, add_output_args, emit, timed  # noqa: E402
+from harness import Section, add_output_args, emit, timed  # noqa: E402 - after sys.path is set
 
-from arpo_fast.engine import Engine  # noqa: E402
-from arpo_fast.rollout import Protocol  # noqa: E402
-from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor  # noqa: E402
-from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout  # noqa: E402
-from arpo_fast.seeds import child_seed  # noqa: E402
-from arpo_fast.train.demo import demo_model, demo_problems, demo_tokenizer, warm_start  # noqa: E402
+from arpo_fast.engine import Engine  # noqa: E402 - after sys.path is set
+from arpo_fast.rollout import Protocol  # noqa: E402 - after sys.path is set
+from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor  # noqa: E402 - after sys.path is set
+from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout  # noqa: E402 - after sys.path is set
+from arpo_fast.seeds import child_seed  # noqa: E402 - after sys.path is set
+from arpo_fast.train.demo import demo_model, demo_problems, demo_tokenizer, warm_start  # noqa: E402 - after sys.path is set
 
 
 def latency(query: str) -> float:

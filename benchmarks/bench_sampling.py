@@ -27,7 +27,7 @@ except ImportError:  # a source checkout that was never pip-installed
     from arpo_fast.kernels import sample_ref
 
 from gpu_sampling import exp_race, torch_eager, torch_top_k_top_p  # noqa: E402 - after sys.path is set
-from harness import Section, add_output_args, emit, interleave  # noqa: E402
+from harness import Section, add_output_args, emit, interleave  # noqa: E402 - after sys.path is set
 
 V = 32000
 

@@ -40,14 +40,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Section, add_output_args, emit  # noqa: E402 - after sys.path is set
-from scripted import LATENCY, ScriptedPolicy, SleepingTool  # noqa: E402
+from scripted import LATENCY, ScriptedPolicy, SleepingTool  # noqa: E402 - after sys.path is set
 
-from arpo_fast.engine import Engine  # noqa: E402
-from arpo_fast.engine.random_model import random_causal_lm  # noqa: E402
-from arpo_fast.rollout import Protocol, ProtocolConfig  # noqa: E402
-from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor  # noqa: E402
-from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout  # noqa: E402
-from arpo_fast.train.demo import demo_tokenizer  # noqa: E402
+from arpo_fast.engine import Engine  # noqa: E402 - after sys.path is set
+from arpo_fast.engine.random_model import random_causal_lm  # noqa: E402 - after sys.path is set
+from arpo_fast.rollout import Protocol, ProtocolConfig  # noqa: E402 - after sys.path is set
+from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor  # noqa: E402 - after sys.path is set
+from arpo_fast.rollout.tree import ARPOConfig, arpo_rollout  # noqa: E402 - after sys.path is set
+from arpo_fast.train.demo import demo_tokenizer  # noqa: E402 - after sys.path is set
 
 
 def tree_rollout(engine, protocol, prompts, config, executor, seed):

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Section, add_output_args, emit, timed  # noqa: E402 - after sys.path is set
 
-from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor  # noqa: E402
-from arpo_fast.rollout.tools.python_tool import PythonTool, PythonToolConfig  # noqa: E402
-from arpo_fast.rollout.tools.search import BM25Search, SearchConfig  # noqa: E402
+from arpo_fast.rollout.tools.executor import ExecutorConfig, ToolExecutor  # noqa: E402 - after sys.path is set
+from arpo_fast.rollout.tools.python_tool import PythonTool, PythonToolConfig  # noqa: E402 - after sys.path is set
+from arpo_fast.rollout.tools.search import BM25Search, SearchConfig  # noqa: E402 - after sys.path is set
 
 CODE = "import math\nprint(sum(math.isqrt(i) for i in range(10000)))"
 

@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Section, add_output_args, emit, interleave, timed  # noqa: E402 - after sys.path is set
 
-from arpo_fast.rollout.responses import Response, assemble_tree  # noqa: E402
-from arpo_fast.train.packing import build_trees, split_tree  # noqa: E402
-from arpo_fast.train.padded import micro_batches  # noqa: E402
-from arpo_fast.train.update import UpdateConfig, mini_batches  # noqa: E402
+from arpo_fast.rollout.responses import Response, assemble_tree  # noqa: E402 - after sys.path is set
+from arpo_fast.train.packing import build_trees, split_tree  # noqa: E402 - after sys.path is set
+from arpo_fast.train.padded import micro_batches  # noqa: E402 - after sys.path is set
+from arpo_fast.train.update import UpdateConfig, mini_batches  # noqa: E402 - after sys.path is set
 
 
 def arpo_workload(

@@ -28,10 +28,10 @@ class Calculator:
         try:  # what the model wrote is not always arithmetic
             text = str(
                 eval(
-                    body[len("print(") : -1] if body.startswith("print(") else body,  # noqa: S307
+                    body[len("print(") : -1] if body.startswith("print(") else body,  # noqa: S307 - arithmetic only: no builtins reach it
                     {"__builtins__": {}},
                 )
             )
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any error is the answer, as python's would be
             text = type(exc).__name__
         return ToolResult(text + self.end)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Table  # noqa: E402 - after sys.path is set
 
-from arpo_fast.train.report import read_rows, split_rows  # noqa: E402
+from arpo_fast.train.report import read_rows, split_rows  # noqa: E402 - after sys.path is set
 
 
 def _rows(run: Path) -> tuple[list[dict], list[dict], dict]:

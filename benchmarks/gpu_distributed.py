@@ -68,28 +68,32 @@ def rows(smoke: bool) -> list[Row]:
             )
         )
         out.append(Row(SECTION, case, "weight refresh s per step", refresh_s))
-        # a smoke run on the CPU: one step, a short warm start, no evaluation, PyTorch paths (not the
-        # Triton interpreter)
-        quick = ["--steps", "1", "--demo-warm-start", "20", "--eval-data", "none"] if smoke else []
-        env = dict(os.environ, TRITON_INTERPRET="0") if device == "cpu" else None
-        job, seconds = timed(
-            lambda: subprocess.run(
-                [sys.executable, "-m", "arpo_fast.train", "--out", str(Path(tmp) / "job")] + quick,
-                capture_output=True,
-                text=True,
-                env=env,
-            )
-        )
-        out.append(
-            Row(
-                SECTION,
-                "python -m arpo_fast.train (the default job)",
-                "wall s",
-                seconds,
-                target="exits 0",
-                ok=job.returncode == 0,
-            )
-        )
-        if job.returncode != 0:
-            print(job.stderr[-2000:], flush=True)
+        out.append(_default_job(Path(tmp) / "job", smoke, device))
     return out
+
+
+def _default_job(folder: Path, smoke: bool, device: str) -> Row:
+    """``python -m arpo_fast.train`` without flags (the built-in job) in ``folder``: its wall time."""
+    # a smoke run on the CPU: one step, a short warm start, no evaluation, PyTorch paths (not the
+    # Triton interpreter)
+    quick = ["--steps", "1", "--demo-warm-start", "20", "--eval-data", "none"] if smoke else []
+    env = dict(os.environ, TRITON_INTERPRET="0") if device == "cpu" else None
+    job, seconds = timed(
+        lambda: subprocess.run(
+            [sys.executable, "-m", "arpo_fast.train", "--out", str(folder)] + quick,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+    )
+    row = Row(
+        SECTION,
+        "python -m arpo_fast.train (the default job)",
+        "wall s",
+        seconds,
+        target="exits 0",
+        ok=job.returncode == 0,
+    )
+    if job.returncode != 0:
+        print(job.stderr[-2000:], flush=True)
+    return row

@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import gc
-
 import torch
 from accuracy import max_rel_err
 from bench_engine import (
@@ -25,6 +23,7 @@ from bench_engine import (
     random_prompts,
     tiny_model,
 )
+from harness import release
 from report import Row, bench_us, copy_bandwidth_gbs
 
 from arpo_fast.engine import Engine
@@ -53,12 +52,6 @@ def qwen25_05b(device: str):
         tie_word_embeddings=True,
         use_sliding_window=False,
     )
-
-
-def _release() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _logit_error(model, device) -> float:
@@ -116,9 +109,9 @@ def decode_rows(smoke: bool, device: str) -> list[Row]:
             )
         )
         del engine
-        _release()
+        release()
     del model
-    _release()
+    release()
     return rows
 
 
@@ -156,7 +149,7 @@ def attention_rows(smoke: bool, device: str) -> list[Row]:
             )
         )
         del args
-        _release()
+        release()
     return rows
 
 
@@ -166,7 +159,7 @@ def branching_rows(smoke: bool, device: str) -> list[Row]:
     branching(model, 2, 2, 16, 2)  # warm-up (compiles the kernels)
     r = branching(model, P, Z, L, T, chunk=chunk)
     del model
-    _release()
+    release()
     case = f"branching {P} prompts x {Z} branches after {L} tokens, {T} new"
     fork, re = r["fork"], r["reprefill"]
     return [

@@ -85,7 +85,7 @@ def device_name() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -96,7 +96,11 @@ def main() -> int:
         "--budget-scale", type=float, default=1.0, help="scale every section's time box (0: no boxes)"
     )
     add_output_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = _parser().parse_args()
     if args.smoke:
         import torch
 

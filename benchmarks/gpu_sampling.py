@@ -133,46 +133,62 @@ def _speed_rows(k, B, V, dtype, device, bw_gbs, compiled, smoke) -> list[Row]:
     rows.append(Row(SECTION, case, "floor us (B*V*bytes / copy bandwidth)", floor))
     rows.append(Row(SECTION, case, "% of floor (eager)", 100 * floor / ours))
     if device == "cuda":
-        graph = _graph_us(lambda: k.sample(logits, temps, seeds, pos))
-        small, large = B <= 16, B >= 256
-        rows.append(
-            Row(
-                SECTION,
-                case,
-                "us CUDA graph",
-                graph,
-                "PyTorch eager",
-                peers["PyTorch eager"],
-                "<= 15 us" if small else "",
-                (graph <= 15.0) if small else None,
-            )
-        )
-        pct = 100 * floor / graph
-        rows.append(
-            Row(
-                SECTION,
-                case,
-                "% of floor (CUDA graph)",
-                pct,
-                "",
-                None,
-                ">= 70%" if large else "",
-                (pct >= 70.0) if large else None,
-            )
-        )
-        if large:
-            # Inside an engine's decode graph the sampler shares the graph's launch: 20 calls in
-            # one graph, over 4 logits buffers in turn (each evicted from L2 by the next three).
-            bufs = [logits] + [torch.randn_like(logits) for _ in range(3)]
-            many = _graph_us(lambda: [k.sample(bufs[i % 4], temps, seeds, pos) for i in range(20)]) / 20
-            rows.append(
-                Row(SECTION, case, "us per call, 20 calls in one CUDA graph", many, "floor us", floor)
-            )
-            del bufs
-        # The streaming pass alone: what the finish step (one row each) adds is the difference.
-        stats = _graph_us(lambda: k.sampling._launch(logits, temps, seeds, pos, None, finish=False))
-        rows.append(Row(SECTION, case, "us CUDA graph, streaming pass alone", stats, "floor us", floor))
+        rows += _graph_rows(k, case, (logits, temps, seeds, pos), floor, peers["PyTorch eager"])
+    rows += _truncation_rows(k, case, (logits, temps, seeds, pos), device, fails, kw)
+    return rows
 
+
+def _graph_rows(k, case: str, inputs, floor: float, eager: float) -> list[Row]:
+    """The sampler in CUDA graphs: alone, 20 calls in one graph (large B), the streaming pass."""
+    logits, temps, seeds, pos = inputs
+    B = logits.shape[0]
+    rows = []
+    graph = _graph_us(lambda: k.sample(logits, temps, seeds, pos))
+    small, large = B <= 16, B >= 256
+    rows.append(
+        Row(
+            SECTION,
+            case,
+            "us CUDA graph",
+            graph,
+            "PyTorch eager",
+            eager,
+            "<= 15 us" if small else "",
+            (graph <= 15.0) if small else None,
+        )
+    )
+    pct = 100 * floor / graph
+    rows.append(
+        Row(
+            SECTION,
+            case,
+            "% of floor (CUDA graph)",
+            pct,
+            "",
+            None,
+            ">= 70%" if large else "",
+            (pct >= 70.0) if large else None,
+        )
+    )
+    if large:
+        # Inside an engine's decode graph the sampler shares the graph's launch: 20 calls in
+        # one graph, over 4 logits buffers in turn (each evicted from L2 by the next three).
+        bufs = [logits] + [torch.randn_like(logits) for _ in range(3)]
+        many = _graph_us(lambda: [k.sample(bufs[i % 4], temps, seeds, pos) for i in range(20)]) / 20
+        rows.append(Row(SECTION, case, "us per call, 20 calls in one CUDA graph", many, "floor us", floor))
+        del bufs
+    # The streaming pass alone: what the finish step (one row each) adds is the difference.
+    stats = _graph_us(lambda: k.sampling._launch(logits, temps, seeds, pos, None, finish=False))
+    rows.append(Row(SECTION, case, "us CUDA graph, streaming pass alone", stats, "floor us", floor))
+
+    return rows
+
+
+def _truncation_rows(k, case: str, inputs, device: str, fails: dict, kw: dict) -> list[Row]:
+    """Top-k/top-p and top-p alone against PyTorch's sort, eager (and in a CUDA graph at B <= 16)."""
+    logits, temps, seeds, pos = inputs
+    B = logits.shape[0]
+    rows = []
     topkp = bench_us(lambda: k.sample(logits, temps, seeds, pos, top_k=TOP_K, top_p=TOP_P), **kw)
     peer = _try_us("PyTorch top-k/top-p", lambda: torch_top_k_top_p(logits, temps, TOP_K, TOP_P), fails, **kw)
     rows.append(
@@ -233,7 +249,12 @@ def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
 
     rows, stats_us, whole_us = [], {}, {}
     case = f"tuning B={B} V={V} bf16"
-    metric = "us CUDA graph (ratio: fraction of floor)"
+
+    def row(label: str, us: float) -> Row:
+        return Row(
+            SECTION, f"{case}: {label}", "us CUDA graph (ratio: fraction of floor)", us, "floor us", floor
+        )
+
     for chunk, warps, loop, stages, persistent in STREAM:
         config = LaunchConfig(
             chunk, warps, loop=loop, stages=stages, fused=not persistent, persistent=persistent
@@ -241,14 +262,7 @@ def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
         stats_us[config] = timed(config, False)
         how = f", {persistent} persistent programs per SM" if persistent else f" x {loop} chunks"
         rows.append(
-            Row(
-                SECTION,
-                f"{case}: streaming pass, chunk {chunk}, {warps} warps{how}, {stages} stages",
-                metric,
-                stats_us[config],
-                "floor us",
-                floor,
-            )
+            row(f"streaming pass, chunk {chunk}, {warps} warps{how}, {stages} stages", stats_us[config])
         )
     best = min(stats_us, key=stats_us.get)
     for fused, warps, run in FINISH:
@@ -257,16 +271,7 @@ def _tuning_rows(k, B, V, device, bw_gbs) -> list[Row]:
         config = best._replace(fused=fused, finish_warps=warps, run=run)
         whole_us[config] = timed(config, True)
         how = "finish fused" if fused else f"finish kernel of {warps} warps"
-        rows.append(
-            Row(
-                SECTION,
-                f"{case}: whole sampler, {tuple(config)}: {how}, runs of {run}",
-                metric,
-                whole_us[config],
-                "floor us",
-                floor,
-            )
-        )
+        rows.append(row(f"whole sampler, {tuple(config)}: {how}, runs of {run}", whole_us[config]))
     best = min(whole_us, key=whole_us.get)
     rows.append(
         Row(

@@ -22,7 +22,6 @@ time to read every weight once at the bandwidth measured here.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import sync, timed  # noqa: E402 - the benchmarks' timing, beside this file
+from harness import release, sync, timed  # noqa: E402 - the benchmarks' timing, beside this file
 from report import Row  # noqa: E402 - the report's row type, beside this file
 
 SECTION = "step"
@@ -81,12 +80,6 @@ def _compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
-
-
-def _release() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _non_embedding_params(model) -> int:
@@ -160,7 +153,7 @@ def step_rows(smoke: bool, device: str) -> list[Row]:
         rows = _step_table(history, compiled, n_params, device, smoke, prompts, trajs)
         rows += _layout_rows(captured, smoke)
     del run, model
-    _release()
+    release()
     return rows
 
 
@@ -269,7 +262,7 @@ def decode_rows(smoke: bool, device: str) -> list[Row]:
             )
         )
         del engine
-        _release()
+        release()
     return rows
 
 

@@ -81,6 +81,51 @@ def _update(model, work, device, **settings) -> tuple[float, float, dict]:
     return seconds, peak, metrics
 
 
+def _timed_updates(model, work, device, case: str, repeats: int) -> tuple[dict, dict, list[Row]]:
+    """(seconds of each timed update by layout, the last update's metrics by layout, the first
+    (compiling) update's rows); True: packed, False: per trajectory."""
+    times, runs, first = {True: [], False: []}, {}, []
+    for r in range(repeats + 1):  # the first round warms up (and compiles flex_attention)
+        for packed in (True, False):
+            seconds, _, runs[packed] = _update(model, work, device, packed_update=packed)
+            if r:
+                times[packed].append(seconds)
+            else:  # printed at once: a run cut short still shows how long the first update took
+                first.append(
+                    Row(
+                        SECTION,
+                        case,
+                        f"first update s ({'packed' if packed else 'per trajectory'}, compiles)",
+                        seconds,
+                    )
+                )
+    return times, runs, first
+
+
+def _memory_rows(model, work, device, case: str) -> list[Row]:
+    """Peak memory of the update with activation checkpointing on and off, and at larger
+    micro-batches."""
+    out = []
+    _, on, _ = _update(model, work, device, gradient_checkpointing="true")
+    _, off, _ = _update(model, work, device, gradient_checkpointing="false")
+    out.append(
+        Row(
+            SECTION,
+            case + ", 16384-token micro-batches",
+            "peak memory GB (checkpointing on)",
+            on,
+            "checkpointing off",
+            off,
+        )
+    )
+    for budget in (32768, 65536):  # memory only: a new row length may compile flex_attention again
+        _, peak, m = _update(model, work, device, micro_batch_tokens=budget)
+        larger = case + f", {budget}-token micro-batches, checkpointing on"
+        out.append(Row(SECTION, larger, "peak memory GB", peak))
+        out.append(Row(SECTION, larger, "forward tokens", m["forward_tokens"]))
+    return out
+
+
 def rows(smoke: bool) -> list[Row]:
     from bench_update import arpo_workload
 
@@ -98,21 +143,7 @@ def rows(smoke: bool) -> list[Row]:
         f"{'tiny' if smoke else 'Qwen2.5-0.5B shapes'}, {attention[True]} vs {attention[False]}, "
         f"2 prompts x 16 trajectories"
     )
-    times, runs, first = {True: [], False: []}, {}, []
-    for r in range(repeats + 1):  # the first round warms up (and compiles flex_attention)
-        for packed in (True, False):
-            seconds, _, runs[packed] = _update(model, work, device, packed_update=packed)
-            if r:
-                times[packed].append(seconds)
-            else:  # printed at once: a run cut short still shows how long the first update took
-                first.append(
-                    Row(
-                        SECTION,
-                        case,
-                        f"first update s ({'packed' if packed else 'per trajectory'}, compiles)",
-                        seconds,
-                    )
-                )
+    times, runs, first = _timed_updates(model, work, device, case, repeats)
     packed, plain = (statistics.median(times[p]) for p in (True, False))
     out = first + [
         Row(
@@ -143,21 +174,5 @@ def rows(smoke: bool) -> list[Row]:
         ),
     ]
     if device.type == "cuda":
-        _, on, _ = _update(model, work, device, gradient_checkpointing="true")
-        _, off, _ = _update(model, work, device, gradient_checkpointing="false")
-        out.append(
-            Row(
-                SECTION,
-                case + ", 16384-token micro-batches",
-                "peak memory GB (checkpointing on)",
-                on,
-                "checkpointing off",
-                off,
-            )
-        )
-        for budget in (32768, 65536):  # memory only: a new row length may compile flex_attention again
-            _, peak, m = _update(model, work, device, micro_batch_tokens=budget)
-            larger = case + f", {budget}-token micro-batches, checkpointing on"
-            out.append(Row(SECTION, larger, "peak memory GB", peak))
-            out.append(Row(SECTION, larger, "forward tokens", m["forward_tokens"]))
+        out += _memory_rows(model, work, device, case)
     return out

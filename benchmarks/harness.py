@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import gc
 import json
 import os
 import platform
@@ -37,6 +38,14 @@ def sync() -> None:
     """Wait for the device's queued work (a no-op without CUDA)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def release() -> None:
+    """Free what the last measurement left (collected objects, the CUDA allocator's cached blocks),
+    so that the next one starts from the same memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @dataclass

@@ -153,17 +153,22 @@ def rotary_kv_write(
     _check(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
     if not use_triton(q):
         return rotary_kv_write_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
-    N, H, D = q.shape
-    HK = k.shape[1]
-    page = k_cache.shape[1]
     for t in (q, k, v, cos, sin, k_cache, v_cache):
         if t.stride(-1) != 1:
             raise ValueError("the last dim of every tensor must be contiguous")
     if cos.stride() != sin.stride():
         raise ValueError("cos and sin must share strides")
     out = torch.empty_like(q)
-    if N == 0:
-        return out
+    if q.shape[0] > 0:
+        _launch(q, k, v, cos, sin, out, k_cache, v_cache, slot_mapping)
+    return out
+
+
+def _launch(q, k, v, cos, sin, out, k_cache, v_cache, slot_mapping) -> None:
+    """The kernel over the N tokens, one program each, on checked tensors."""
+    N, H, D = q.shape
+    HK = k.shape[1]
+    page = k_cache.shape[1]
     half = D // 2
     _rotary_kv_write_kernel[(N,)](
         q,
@@ -194,4 +199,3 @@ def rotary_kv_write(
         PAGE=page,
         num_warps=1 if H * D <= 2048 else 4,
     )
-    return out

@@ -214,7 +214,6 @@ def _run_kernels(
 ) -> None:
     """The launches of ``_launch`` for B in [1, _MAX_GRID_ROWS] rows; temp and seed are
     ``row_arg`` pairs, pos_t an int64 [B] tensor or None. Writes ``out`` when ``finish``."""
-    (temp_t, temp_s), (seed_t, seed_s) = temp, seed
     B, V = logits.shape
     dev = logits.device
     chunk, run, W = config.chunk, config.run, config.warps
@@ -227,54 +226,14 @@ def _run_kernels(
     buf = torch.empty((4 + runs) * B * nc, dtype=torch.float32, device=dev)
     rec, c = buf[: 4 * B * nc], buf[4 * B * nc :]
     fused = finish and config.fused
+    args, flags = _kernel_args(logits, temp, seed, pos_t, lo, rec, c, nc)
     dummy = rec  # stands in for absent optional pointers; never read
-    args = (
-        logits,
-        logits.stride(0),
-        logits.stride(1),
-        temp_t if temp_t is not None else dummy,
-        0.0 if temp_t is not None else float(temp_s),
-        lo if lo is not None else dummy,
-        seed_t if seed_t is not None else dummy,
-        0 if seed_t is not None else int(seed_s),
-        pos_t if pos_t is not None else dummy,
-        rec,
-        c,
-    )
-    flags = dict(
-        BLOCK_NC=max(16, next_power_of_2(nc)),
-        PER_ROW_TEMP=temp_t is not None,
-        HAS_LO=lo is not None,
-        PER_ROW_SEED=seed_t is not None,
-        HAS_POS=pos_t is not None,
-    )
     # maxnreg: the finish step inside the fused kernel would take it to 79 registers on sm_90;
     # capped at 64 one-warp programs fill the 32 blocks an SM can hold (no spills with triton 3.6;
     # with triton 3.9 the fused kernel spills a few dozen bytes).
     ncf = V // chunk  # full chunks per row
     if config.persistent and W <= ncf and B * ncf < 2**31:
-        steps = cdiv(B * ncf, W)
-        per_program = cdiv(steps, min(steps, config.persistent * _sm_count(dev)))
-        _sample_persistent_kernel[(cdiv(steps, per_program),)](
-            *args[:6],
-            rec,
-            c,
-            B,
-            V,
-            nc,
-            ncf,
-            per_program,
-            steps,
-            RUNS=runs,
-            G=run // inner,
-            I=inner,
-            W=W,
-            PER_ROW_TEMP=flags["PER_ROW_TEMP"],
-            HAS_LO=flags["HAS_LO"],
-            STAGES=config.stages,
-            num_warps=W,
-            maxnreg=64,
-        )
+        _launch_persistent(args, rec, c, (B, V, nc, ncf), config, inner, flags)
     else:  # (persistent programs need W <= ncf, and int32 chunk counts)
         _sample_kernel[(cdiv(nc, W * config.loop), B)](
             *args,
@@ -297,6 +256,64 @@ def _run_kernels(
         _sample_finish_kernel[(B,)](
             *args, *out, V, nc, RUNS=runs, RUN=run, **flags, num_warps=config.finish_warps
         )
+
+
+def _launch_persistent(args, rec, c, sizes, config: LaunchConfig, inner: int, flags: dict) -> None:
+    """The persistent streaming kernel: each program takes ``per_program`` of the B x ncf full
+    chunks in turn (``sizes``: B, V, nc, ncf), about ``config.persistent`` programs an SM."""
+    B, V, nc, ncf = sizes
+    run, W = config.run, config.warps
+    runs = config.chunk // run
+    steps = cdiv(B * ncf, W)
+    per_program = cdiv(steps, min(steps, config.persistent * _sm_count(rec.device)))
+    _sample_persistent_kernel[(cdiv(steps, per_program),)](
+        *args[:6],
+        rec,
+        c,
+        B,
+        V,
+        nc,
+        ncf,
+        per_program,
+        steps,
+        RUNS=runs,
+        G=run // inner,
+        I=inner,
+        W=W,
+        PER_ROW_TEMP=flags["PER_ROW_TEMP"],
+        HAS_LO=flags["HAS_LO"],
+        STAGES=config.stages,
+        num_warps=W,
+        maxnreg=64,
+    )
+
+
+def _kernel_args(logits, temp, seed, pos_t, lo, rec, c, nc: int) -> tuple[tuple, dict]:
+    """(args, flags): the arguments the three kernels share, in their order, and the constexpr
+    flags saying which optional ones are present (an absent pointer is ``rec``, never read)."""
+    (temp_t, temp_s), (seed_t, seed_s) = temp, seed
+    dummy = rec  # stands in for absent optional pointers; never read
+    args = (
+        logits,
+        logits.stride(0),
+        logits.stride(1),
+        temp_t if temp_t is not None else dummy,
+        0.0 if temp_t is not None else float(temp_s),
+        lo if lo is not None else dummy,
+        seed_t if seed_t is not None else dummy,
+        0 if seed_t is not None else int(seed_s),
+        pos_t if pos_t is not None else dummy,
+        rec,
+        c,
+    )
+    flags = dict(
+        BLOCK_NC=max(16, next_power_of_2(nc)),
+        PER_ROW_TEMP=temp_t is not None,
+        HAS_LO=lo is not None,
+        PER_ROW_SEED=seed_t is not None,
+        HAS_POS=pos_t is not None,
+    )
+    return args, flags
 
 
 # ----------------------------------------------------------------------------------------------

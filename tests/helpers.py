@@ -1,5 +1,6 @@
 """Helpers shared by the test files: the tolerance rule and the sampler's float64 oracle, random
-logits, tiny random models with their Hugging Face peers, and a python-tool double.
+logits, tiny random models with their Hugging Face peers, a python-tool double, and small trainer
+configs.
 
 What a benchmark also needs (relative errors, the tool double) lives in ``benchmarks/``, which runs
 as scripts and cannot import ``tests/``; it is imported from there.
@@ -222,6 +223,26 @@ TINY_RUN = [  # a run of seconds: no warm start, no tools, two-trajectory trees 
     "--prompts-per-step", "1", "--rollouts", "2", "--initial", "1", "--max-response-tokens", "8",
     "--demo-warm-start", "0", "--tools", "", "--eval-data", "none",
 ]  # fmt: skip
+
+
+SMALL_RUN = dict(  # a CPU run of seconds: no warm start, no tools, no held-out evaluation
+    steps=2,
+    prompts_per_step=2,
+    rollouts=4,
+    initial=2,
+    max_response_tokens=16,
+    demo_warm_start=0,
+    tools="",
+    eval_data="none",
+)
+
+
+def small_config(out, **settings):
+    """A ``TrainConfig`` of the demo run in folder ``out``: ``SMALL_RUN`` with ``settings``
+    (flag-level names, ``TrainConfig.from_flat``'s) over it."""
+    from arpo_fast.train.config import TrainConfig
+
+    return TrainConfig.from_flat(**(SMALL_RUN | {"out": str(out)} | settings))
 
 
 def run_trainer(*args, env=None, timeout=300):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import small_config
 
 from arpo_fast.train.checkpoint import (
     complete_checkpoints,
@@ -24,7 +25,6 @@ from arpo_fast.train.checkpoint import (
     validate_checkpoint,
 )
 from arpo_fast.train.checkpoint_save import Checkpointer
-from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.demo import demo_model, demo_tokenizer
 from arpo_fast.train.loop import main, train
 from arpo_fast.train.optim import MasterWeights
@@ -146,19 +146,10 @@ def test_older_checkpoints_are_kept_as_asked(tmp_path, parts):
     assert _names(out) == ["checkpoint"]
 
 
-def _small(out, **kw):
-    base = dict(
-        out=str(out),
-        steps=2,
-        prompts_per_step=1,
-        rollouts=2,
-        initial=1,
-        max_response_tokens=8,
-        demo_warm_start=0,
-        tools="",
-        eval_data="none",
+def _small(out, **kw):  # one two-trajectory tree of short responses per step
+    return small_config(
+        out, **({"prompts_per_step": 1, "rollouts": 2, "initial": 1, "max_response_tokens": 8} | kw)
     )
-    return TrainConfig.from_flat(**(base | kw))
 
 
 @pytest.fixture(scope="module")

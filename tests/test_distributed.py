@@ -175,7 +175,7 @@ def test_two_processes_train_the_same_weights_as_one(runs):
         assert b["weight_refresh_mb"] > 0  # the rollout copies were refreshed from the shards
         assert b["weight_refreshes"] == 1  # once a step, after its last optimizer step
         assert b["grad_norm"] > 0 and b["skipped_updates"] == 0  # the weights did move
-        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7)  # the sharded reference copy
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-7)  # the sharded KL model copy
     # the evaluations (each rank greedy on its share of the held-out prompts) agree as well
     ea, eb = _evals(runs / "one"), _evals(runs / "two")
     assert sorted(ea) == sorted(eb) == [0, 2]

@@ -1,4 +1,4 @@
-"""A LoRA run of the trainer (arpo_fast/train/lora_run.py): the flags, what trains, the KL reference,
+"""A LoRA run of the trainer (arpo_fast/train/lora_run.py): the flags, what trains, the KL model,
 checkpoints that PEFT and transformers load, and a resume that restores adapters and optimizer
 exactly (the demo model, CPU, PyTorch paths)."""
 
@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import small_config
 from safetensors.torch import load_file
 
 from arpo_fast.rollout import RewardResult, register_reward
@@ -15,7 +16,7 @@ from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.demo import demo_model, demo_tokenizer
 from arpo_fast.train.loop import setup, train
 from arpo_fast.train.lora import adapter_parameters
-from arpo_fast.train.lora_run import BaseReference, check
+from arpo_fast.train.lora_run import BaseKLModel, check
 
 peft = pytest.importorskip("peft")
 
@@ -41,19 +42,7 @@ def length_data(tmp_path):
 
 
 def _cfg(out, **kw):
-    base = dict(
-        out=str(out),
-        steps=2,
-        prompts_per_step=2,
-        rollouts=4,
-        initial=2,
-        max_response_tokens=16,
-        demo_warm_start=0,
-        tools="",
-        eval_data="none",
-        lora_rank=4,
-    )
-    return TrainConfig.from_flat(**(base | kw))
+    return small_config(out, **({"lora_rank": 4} | kw))
 
 
 @pytest.mark.parametrize(
@@ -89,13 +78,13 @@ def test_lora_without_peft_is_refused_in_one_line(monkeypatch):
         check(_cfg("-"), False, None)
 
 
-def test_setup_trains_the_adapters_only_and_the_reference_is_the_base(tmp_path):
+def test_setup_trains_the_adapters_only_and_the_kl_model_is_the_base(tmp_path):
     run = setup(_cfg(tmp_path / "run", kl_coef=0.1))
     adapters = {id(p) for _, p in adapter_parameters(run.model)}
     assert adapters and {id(p) for p in run.optimizer.params} == adapters
     assert all(not p.requires_grad for n, p in run.model.named_parameters() if id(p) not in adapters)
-    assert isinstance(run.reference, BaseReference) and run.reference.policy is run.model  # no copy
-    with torch.no_grad():  # adapters moved off zero: the reference still runs the base
+    assert isinstance(run.kl_model, BaseKLModel) and run.kl_model.policy is run.model  # no copy
+    with torch.no_grad():  # adapters moved off zero: the KL model still runs the base
         for _, p in adapter_parameters(run.model):
             p.add_(torch.randn_like(p) * 0.5)
     base = demo_model(demo_tokenizer(), seed=0).eval()
@@ -106,7 +95,7 @@ def test_setup_trains_the_adapters_only_and_the_reference_is_the_base(tmp_path):
             return policy(ids).logits
 
     with torch.no_grad():
-        ref = run.reference(Logits(), 1.0)
+        ref = run.kl_model(Logits(), 1.0)
         policy = run.scorer(Logits(), 1.0)
         want = base(ids).logits
     assert torch.allclose(ref, want, atol=1e-6) and not torch.allclose(policy, want, atol=1e-3)

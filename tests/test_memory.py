@@ -172,7 +172,7 @@ def test_lora_activation_bytes_are_what_autograd_saves(arch, kw, dropout):
 
 @pytest.mark.parametrize("shape", [QWEN25_7B, QWEN3_14B])
 def test_lora_rank_64_on_one_80gb_gpu_counts_the_base_at_2_bytes(shape):
-    settings = PlanSettings(world=1, gpu_gib=79.6, lora_rank=64, kl_reference=True)
+    settings = PlanSettings(world=1, gpu_gib=79.6, lora_rank=64, kl_penalty=True)
     plan = plan_memory(shape, settings)
     rows = {r[0]: r[1:3] for r in plan.rows}
     assert rows["frozen base weights, bf16"] == (2 * shape.params / GIB,) * 2

@@ -136,7 +136,7 @@ class _Recorder(torch.optim.SGD):
         return super().step(closure)
 
 
-def _run(model, tree, adv, lr=0.0, dist=None, reference=None, **cfg):
+def _run(model, tree, adv, lr=0.0, dist=None, kl_model=None, **cfg):
     """One update of a copy of ``model``: (metrics, each step's gradients, the updated copy)."""
     model = copy.deepcopy(model)
     recorder = []
@@ -149,7 +149,7 @@ def _run(model, tree, adv, lr=0.0, dist=None, reference=None, **cfg):
         UpdateData(tree, adv),
         UpdateConfig(**cfg),
         dist=dist,
-        reference=copy.deepcopy(reference),
+        kl_model=copy.deepcopy(kl_model),
     )
     return metrics, recorder[0].grads, model
 
@@ -227,10 +227,10 @@ def test_packed_update_equals_per_trajectory_update(kind, mode, settings):
     cfg = dict(clip_low=0.02, clip_high=0.03, dual_clip=1.05, grad_clip=0.0, lr=0.2)
     cfg.update(settings)
     lr = cfg.pop("lr")
-    reference = tiny_model(kind, seed=33) if cfg.get("kl_coef") else None  # the KL's other policy
-    packed, g_packed, m_packed = _run(model, tree, adv, lr=lr, reference=reference, **cfg)
-    plain, g_plain, m_plain = _run(model, tree, adv, lr=lr, reference=reference, packed_update=False, **cfg)
-    assert ("kl" in plain) == bool(reference) and plain.get("kl", 1.0) > 0
+    kl_model = tiny_model(kind, seed=33) if cfg.get("kl_coef") else None  # the KL's other policy
+    packed, g_packed, m_packed = _run(model, tree, adv, lr=lr, kl_model=kl_model, **cfg)
+    plain, g_plain, m_plain = _run(model, tree, adv, lr=lr, kl_model=kl_model, packed_update=False, **cfg)
+    assert ("kl" in plain) == bool(kl_model) and plain.get("kl", 1.0) > 0
     assert packed["optimizer_steps"] == plain["optimizer_steps"] == math.ceil(3 / cfg["mini_batch_prompts"])
     assert packed["forward_tokens"] < plain["forward_tokens"]
     for key in plain:
@@ -278,9 +278,9 @@ def test_stand_in_micro_batches_change_nothing(packed_update, budget):
     tree = random_rollout(seed=26)
     adv = _advantages(tree, "soft", seed=27)
     cfg = dict(mini_batch_prompts=2, packed_update=packed_update, micro_batch_tokens=budget, kl_coef=0.1)
-    reference = tiny_model("qwen2", seed=5)
-    alone, g1, _ = _run(model, tree, adv, lr=0.2, reference=reference, **cfg)
-    padded, g2, _ = _run(model, tree, adv, lr=0.2, dist=_OneRankOfMany(), reference=reference, **cfg)
+    kl_model = tiny_model("qwen2", seed=5)
+    alone, g1, _ = _run(model, tree, adv, lr=0.2, kl_model=kl_model, **cfg)
+    padded, g2, _ = _run(model, tree, adv, lr=0.2, dist=_OneRankOfMany(), kl_model=kl_model, **cfg)
     assert padded == pytest.approx(alone)
     for a, b in zip(g1[-1], g2[-1]):
         torch.testing.assert_close(a, b)

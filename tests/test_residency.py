@@ -4,10 +4,10 @@ released during the update, and the pool sized after the optimizer."""
 
 import pytest
 import torch
+from helpers import small_config
 from safetensors.torch import load_file
 
 from arpo_fast.rollout import RewardResult, register_reward
-from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.loop import setup, train
 from arpo_fast.train.memory import PlanSettings
 from arpo_fast.train.optim import MasterWeights
@@ -59,21 +59,12 @@ def test_optimizer_tensors_are_the_masters_and_adamw_state_not_the_model():
 
 
 def _cfg(out, **kw):
-    base = dict(
-        out=str(out),
-        steps=2,
-        prompts_per_step=2,
-        rollouts=4,
-        initial=2,
-        max_response_tokens=16,
-        demo_warm_start=0,
-        tools="",
-        eval_data="none",
-        dtype="bf16",  # fp32 masters distinct from the model's weights
-        lr=1e-3,
-        reward="length_mod_5",  # varies for an untrained model: the weights move
-    )
-    return TrainConfig.from_flat(**(base | kw))
+    settings = {
+        "dtype": "bf16",  # fp32 masters distinct from the model's weights
+        "lr": 1e-3,
+        "reward": "length_mod_5",  # varies for an untrained model: the weights move
+    }
+    return small_config(out, **(settings | kw))
 
 
 def test_training_with_the_optimizer_offloaded_equals_training_without(tmp_path, monkeypatch):

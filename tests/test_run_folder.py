@@ -7,14 +7,13 @@ import json
 import shutil
 
 import pytest
-from helpers import TINY_RUN, run_trainer
+from helpers import TINY_RUN, run_trainer, small_config
 
 from arpo_fast.rollout import RewardResult, register_reward
 from arpo_fast.train import report
 from arpo_fast.train.build import reward_config
 from arpo_fast.train.checkpoint import find_checkpoint
 from arpo_fast.train.cli import parse_config
-from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.data import prepare
 from arpo_fast.train.loop import train
 
@@ -24,19 +23,9 @@ def _torch_paths(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
-def _tiny(tmp_path, **kw):
-    base = dict(
-        out=str(tmp_path / "run"),
-        steps=1,
-        prompts_per_step=1,
-        rollouts=2,
-        initial=1,
-        max_response_tokens=8,
-        demo_warm_start=0,
-        tools="",
-        eval_data="none",
-    )
-    return TrainConfig.from_flat(**(base | kw))
+def _tiny(tmp_path, **kw):  # one step of one two-trajectory tree of short responses
+    settings = {"steps": 1, "prompts_per_step": 1, "rollouts": 2, "initial": 1, "max_response_tokens": 8}
+    return small_config(**({"out": tmp_path / "run"} | settings | kw))
 
 
 def test_a_run_without_held_out_prompts_draws_its_curves_and_logs_the_learning_rate(tmp_path):

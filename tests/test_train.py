@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import small_config
 
 from arpo_fast.rollout import RewardResult, register_reward
 from arpo_fast.rollout.responses import Response, assemble_tree
 from arpo_fast.train import report
 from arpo_fast.train.checkpoint import CheckpointError, find_checkpoint, load_trainer_state
 from arpo_fast.train.cli import build_parser, parse_config
-from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.data import encode_prompt, load_examples, read_rows, step_batch
 from arpo_fast.train.demo import demo_model, demo_tokenizer
 from arpo_fast.train.loop import main, train
@@ -30,19 +30,8 @@ def _torch_paths(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
-def _small(tmp_path, **kw):
-    base = dict(
-        out=str(tmp_path / "run"),
-        steps=2,
-        prompts_per_step=2,
-        rollouts=4,
-        initial=2,
-        max_response_tokens=24,
-        demo_warm_start=0,
-        tools="",
-    )
-    base.update(kw)
-    return TrainConfig.from_flat(**base)
+def _small(tmp_path, **kw):  # longer responses; the demo's held-out evaluation (auto)
+    return small_config(**({"out": tmp_path / "run", "max_response_tokens": 24, "eval_data": None} | kw))
 
 
 def test_demo_trains_end_to_end_with_tools_and_branches(tmp_path):
@@ -560,18 +549,18 @@ def test_the_kl_penalty_to_the_starting_policy(tok, tmp_path):
     import copy
 
     model = demo_model(tok, seed=1).eval()
-    reference = copy.deepcopy(model)
+    kl_model = copy.deepcopy(model)
     tree = assemble_tree(_trajectories(tok))
     trajs = tree.trajectories
     adv = [torch.zeros(len(t.response_ids)) for t in trajs]
     optimizer = MasterWeights(model.parameters(), lambda ps: torch.optim.SGD(ps, lr=0.0))
     cfg = UpdateConfig(kl_coef=0.5)
     data = UpdateData(tree, adv, tok.pad_token_id)
-    assert update(model, optimizer, data, cfg, reference=reference)["kl"] == 0.0
+    assert update(model, optimizer, data, cfg, kl_model=kl_model)["kl"] == 0.0
     with torch.no_grad():
-        for p in reference.parameters():
+        for p in kl_model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    m = update(model, optimizer, data, cfg, reference=reference)
+    m = update(model, optimizer, data, cfg, kl_model=kl_model)
     assert m["kl"] > 0 and m["loss"] == pytest.approx(0.5 * m["kl"], rel=1e-5)  # advantages are zero
     with pytest.raises(ValueError, match="needs the reference policy"):
         update(model, optimizer, data, cfg)

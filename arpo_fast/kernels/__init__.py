@@ -37,15 +37,15 @@ _folder = _source_folder()
 if _folder is not None:
     __path__.append(str(_folder))  # noqa: F821 - a package's __path__ is set by the import system
 
-from .kv_write import rotary_kv_write, rotary_kv_write_ref  # noqa: E402
-from .logprob_entropy import logprob_entropy, logprob_entropy_ref  # noqa: E402
-from .paged_attention import (  # noqa: E402
+from .kv_write import rotary_kv_write, rotary_kv_write_ref  # noqa: E402 - after __path__ holds the kernels' folder
+from .logprob_entropy import logprob_entropy, logprob_entropy_ref  # noqa: E402 - after __path__ holds the kernels' folder
+from .paged_attention import (  # noqa: E402 - after __path__ holds the kernels' folder
     paged_attention_decode,
     paged_attention_decode_ref,
     paged_attention_extend,
     paged_attention_extend_ref,
 )
-from .sampling import SampleOutput, sample, sample_ref  # noqa: E402
+from .sampling import SampleOutput, sample, sample_ref  # noqa: E402 - after __path__ holds the kernels' folder
 
 __all__ = [
     "SampleOutput",

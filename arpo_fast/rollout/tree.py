@@ -76,7 +76,9 @@ class _TreeRollout:
         if config.max_response_tokens is None:
             raise ValueError("arpo_rollout: config.max_response_tokens is auto; give a token count")
         self.limit: int = config.max_response_tokens
-        self.reference = config.arpo_semantics == "reference"
+        # --arpo-semantics reference: the reference implementation's branching rule (top-10 entropy,
+        # the decision at the call from the segment before it, one draw per copy)
+        self.reference_rule = config.arpo_semantics == "reference"
         self.pooled = config.pooled
         self.pool = BranchPool(0)
         self.log_v = math.log(max(int(engine.vocab_size), 2))
@@ -165,7 +167,7 @@ class _TreeRollout:
     # ------------------------------------------------------------------ decoding
     def _step(self) -> None:
         rows = list(self.active)
-        if self.reference:  # the top-10 entropy, only for rows measuring a segment's first k tokens
+        if self.reference_rule:  # the top-10 entropy, only for rows measuring a segment's first k tokens
             wanted = [self.live[i].window is not None for i in rows]
             out = self.engine.step([self.live[i].seq for i in rows], self.sampling, top_entropy=wanted)
             measured = out.top_entropy
@@ -215,7 +217,7 @@ class _TreeRollout:
             return
         self.stats["tool_calls"] += 1
         del self.active[i]
-        if self.reference:
+        if self.reference_rule:
             self._decide_at_call(i)
         if call.ok and self.executor is not None:
             future = self.executor.submit(call.name, call.body)
@@ -242,9 +244,9 @@ class _TreeRollout:
             self._finish(i, "length")
             return
         self.engine.extend(live.seq, ids)
-        if self.reference or live.share > 0:  # the state the copies of a branch here start from
+        if self.reference_rule or live.share > 0:  # the state the copies of a branch here start from
             live.fork_protocol = live.protocol.fork()
-        if self.reference:  # measure the next segment; fork the copies decided at the call
+        if self.reference_rule:  # measure the next segment; fork the copies decided at the call
             live.window = _Window(self.record.lengths[i])
             live.stalled = self.pooled and self.pool.waiting(self._prompt(i), i)
             if not live.stalled:  # else resumed when its request is granted
@@ -273,7 +275,7 @@ class _TreeRollout:
         window, live.window = live.window, None
         assert window is not None  # closed once, when it is full
         value = self._reduce(window.entropies)
-        if self.reference:
+        if self.reference_rule:
             live.segment_h = value  # used at the call that ends this segment
         elif live.h_init is None:
             live.h_init = value
@@ -287,12 +289,12 @@ class _TreeRollout:
         cfg = self.config
         assert live.h_init is not None  # set by the trajectory's first window, before any call
         d_h = (h_t - live.h_init) / self.log_v
-        draws = min(cfg.branches - 1, slots) if self.reference else 1
+        draws = min(cfg.branches - 1, slots) if self.reference_rule else 1
         wins = 0
         for j in range(draws):  # draw 0 is the one of ours: Z = 2 draws alike under both rules
             u = _uniform(live.key, at) if j == 0 else _uniform(child_seed(live.key, at), j)
             wins += min(max(u - cfg.entropy_weight * d_h, 0.0), 1.0) <= cfg.threshold
-        return min(cfg.branches - 1, slots) if wins and not self.reference else wins
+        return min(cfg.branches - 1, slots) if wins and not self.reference_rule else wins
 
     def _decide(self, i: int, h_t: float, at: int) -> None:
         """The default rule: decide from the k tokens after the result that ends at ``at``."""
@@ -359,7 +361,7 @@ class _TreeRollout:
             # keys take hash indices from 2^40 up, branch draws (_uniform) positions below that
             key = child_seed(live.key, (1 << 40) + live.copies)
             assert live.fork_protocol is not None  # kept at the call that decided the branch
-            if self.reference:  # a copy's baseline is its own first segment after the fork
+            if self.reference_rule:  # a copy's baseline is its own first segment after the fork
                 copy = _Live(seq, key, live.fork_protocol.fork(), share, window=_Window(at))
             else:  # a copy keeps its source's baseline
                 copy = _Live(seq, key, live.fork_protocol.fork(), share, h_init=live.h_init)

@@ -288,7 +288,7 @@ def load_optimizer_state(path: Path, optimizer, state: dict) -> None:
 
 def load_sharded_state(checkpoint: Path, policy, group=None) -> None:
     """Read a distributed checkpoint's masters and AdamW state into ``policy`` (a
-    ``distributed.ShardedPolicy``), resharded for this run's ranks. Every rank raises
+    ``sharded_policy.ShardedPolicy``), resharded for this run's ranks. Every rank raises
     :class:`CheckpointError` if any rank cannot read its part."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException

@@ -6,44 +6,22 @@ defaults are the built-in demo's (see ``demo.py``), with the reference's algorit
 command line is built from these fields in ``cli.py``; ``run_config.py`` reads and writes them as
 YAML (``--config FILE``, the run folder's ``config.yaml``).
 
-A setting whose default depends on the job is ``None`` here, shown and written as ``auto``, and
-resolved in one place, :meth:`TrainConfig._resolve_auto`.
+A config checks its settings when it is built (``config_checks.py``). A setting whose default
+depends on the job is ``None`` here, shown and written as ``auto``, and resolved in one place,
+:func:`arpo_fast.train.config_auto.resolve_auto`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import re
-import time
 from dataclasses import dataclass, fields
 from typing import Optional
 
 from arpo_fast.rollout.config import ARPOConfig
-from arpo_fast.settings import bool_of, require_counts, require_non_negative, setting
-from arpo_fast.train.demo import DEMO, is_demo, threads
-from arpo_fast.train.demo import LORA_LR as DEMO_LORA_LR
-from arpo_fast.train.demo import LR as DEMO_LR
-from arpo_fast.train.demo import MINI_BATCH_PROMPTS as DEMO_MINI_BATCH
-from arpo_fast.train.demo import PROMPTS_PER_STEP as DEMO_PROMPTS
-from arpo_fast.train.demo import RESPONSE_TOKENS as DEMO_RESPONSE
+from arpo_fast.settings import setting
+from arpo_fast.train.config_auto import resolve_auto
+from arpo_fast.train.config_checks import LORA_TARGETS, check
 from arpo_fast.train.update_config import UpdateConfig
-
-REFERENCE_LR = 1e-6
-REFERENCE_MINI_BATCH = 16
-DEMO_EVAL_SAMPLES = 4
-"""Sampled answers per held-out problem of the demo: its sampled accuracy over 4 x 128 answers."""
-LORA_LR = 1e-5
-"""The learning rate of LoRA adapters on a model of one's own (auto): LoRA is commonly tuned at
-about 10x the rate of full-weight training, here 10x the reference's."""
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""Every linear layer of attention and MLP (``lora.DEFAULT_TARGETS``; peft is not imported here)."""
-REFERENCE_PROMPTS = 128
-"""The reference's prompts per step (its 7B reasoning script's ``data.train_batch_size``)."""
-REFERENCE_RESPONSE = 4096
-"""The reference's response length (the same script's ``data.max_response_length``)."""
-REPORT_TARGETS = ("tensorboard", "wandb")
 
 
 @dataclass
@@ -270,133 +248,8 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        if not (math.isfinite(self.dist_timeout_s) and self.dist_timeout_s >= 0):
-            raise ValueError(f"dist_timeout_s must be >= 0, got {self.dist_timeout_s}")
-        for name in ("setup_timeout_s", "rollout_timeout_s", "update_timeout_s"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        self.resume = _resume_mode(self.resume)
-        require_counts(self, "steps", "tool_workers")
-        require_non_negative(
-            self,
-            "demo_warm_start",
-            "max_calls",
-            "save_every",
-            "top_k",
-            "weight_decay",
-            "eval_every",
-            "plot_every",
-        )
-        if self.eval_samples is not None:
-            require_non_negative(self, "eval_samples")
-        require_counts(self, "hsdp_replicas")
-        if self.gpu_memory_gib is not None and not (
-            math.isfinite(self.gpu_memory_gib) and self.gpu_memory_gib > 0
-        ):
-            raise ValueError(f"gpu_memory_gib must be > 0 (or auto), got {self.gpu_memory_gib}")
-        for name in ("eval_limit", "kv_memory_mb", "cpu_threads", "gpus", "prompts_per_step"):
-            if getattr(self, name) is not None:
-                require_counts(self, name)
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be > 0 (or auto), got {self.lr}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(
-                f"temperature must be > 0 (the update needs the sampled distribution's "
-                f"log-probs), got {self.temperature}"
-            )
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.eval_temperature is not None and not (
-            math.isfinite(self.eval_temperature) and self.eval_temperature > 0
-        ):
-            raise ValueError(
-                f"eval_temperature must be > 0 (greedy pass@1 is always evaluated), "
-                f"got {self.eval_temperature}"
-            )
-        unknown = [t for t in self.report_targets if t not in REPORT_TARGETS]
-        if unknown or not self.report_to.strip():
-            raise ValueError(
-                f"report_to must be none or a comma-separated list of {', '.join(REPORT_TARGETS)}, "
-                f"got {self.report_to!r}"
-            )
-        if self.advantage not in ("soft", "hard"):
-            raise ValueError(f"advantage must be 'soft' or 'hard', got {self.advantage!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
-        self._check_lora()
-        if not self.reward_key.strip():
-            raise ValueError("reward_key must name a data column, e.g. data_source")
-        if self.resume is not False and not self.out:
-            raise ValueError("resume needs --out, the directory of the run to continue")
-        self._resolve_auto()
-
-    def _check_lora(self) -> None:
-        """The LoRA settings, each error naming its flag (``lora.LoraSettings`` checks them again)."""
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be an integer >= 0 (0: off), got {self.lora_rank!r}")
-        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise ValueError(f"lora_alpha must be > 0 (or auto), got {self.lora_alpha}")
-        if not (math.isfinite(self.lora_dropout) and 0 <= self.lora_dropout < 1):
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        targets = [t.strip() for t in self.lora_targets.split(",")]
-        unknown = [t for t in targets if t not in LORA_TARGETS]
-        if unknown:
-            raise ValueError(
-                f"lora_targets has an unknown projection {unknown[0]!r}; choose from {','.join(LORA_TARGETS)}"
-            )
-        if len(set(targets)) != len(targets):
-            raise ValueError(f"lora_targets names a projection twice: {self.lora_targets!r}")
-        if self.save_merged and not self.lora_rank:
-            raise ValueError(
-                "save_merged needs --lora-rank (without LoRA the checkpoint is the model itself)"
-            )
-
-    def _resolve_auto(self) -> None:
-        """The one place where ``auto`` (None) settings get their value for this job; the names of
-        those that did are kept in ``auto_settings`` (flag-level names, the fields of ``rollout``
-        and ``update`` included). A real model gets the job settings of the reference's 7B
-        reasoning script (prompts per step, response length, learning rate); the demo its own,
-        never inherited by a run on a model or data of its own (nor are its held-out set and
-        thread count). ``tokenizer``, ``kv_memory_mb`` and ``eval_limit`` stay None: the model's
-        tokenizer, the engine's pool size and every held-out prompt."""
-        self.auto_settings = frozenset(name for name, value in self.flat().items() if value is None)
-        demo = is_demo(self.model)
-        if self.lr is None:
-            if self.lora_rank:
-                self.lr = DEMO_LORA_LR if demo else LORA_LR
-            else:
-                self.lr = DEMO_LR if demo else REFERENCE_LR
-        if self.prompts_per_step is None:
-            self.prompts_per_step = DEMO_PROMPTS if demo else REFERENCE_PROMPTS
-        if self.rollout.max_response_tokens is None:
-            response = DEMO_RESPONSE if demo else REFERENCE_RESPONSE
-            self.rollout = dataclasses.replace(self.rollout, max_response_tokens=response)
-        if self.rollout.branch_budget is None:
-            pooled = "pooled" if self.rollout.pooled else "split"
-            self.rollout = dataclasses.replace(self.rollout, branch_budget=pooled)
-        if self.update.loss_agg is None:
-            agg = "dynamic-bsz" if self.rollout.arpo_semantics == "reference" else "token-mean"
-            self.update = dataclasses.replace(self.update, loss_agg=agg)
-        if self.eval_data is None:
-            self.eval_data = DEMO if is_demo(self.data) else "none"
-        if self.test_data is None:  # with the held-out evaluation: a run without one has no test
-            self.test_data = DEMO if is_demo(self.data) and self.eval_data != "none" else "none"
-        if self.eval_samples is None:
-            self.eval_samples = DEMO_EVAL_SAMPLES if is_demo(self.data) else 0
-        if self.eval_temperature is None:
-            self.eval_temperature = self.temperature
-        if self.update.mini_batch_prompts is None:
-            self.auto_settings |= {"mini_batch_prompts"}
-            per = DEMO_MINI_BATCH if is_demo(self.model) else REFERENCE_MINI_BATCH
-            self.update = dataclasses.replace(self.update, mini_batch_prompts=per)
-        if self.cpu_threads is None and is_demo(self.model) and "OMP_NUM_THREADS" not in os.environ:
-            self.cpu_threads = threads()
-        if self.out is None:
-            self.out = time.strftime("runs/arpo-%Y%m%d-%H%M%S")
+        check(self)  # config_checks.py: each bad value's error names its setting
+        resolve_auto(self)  # config_auto.py: the job's values of the auto settings
 
     @classmethod
     def from_flat(cls, **settings) -> TrainConfig:
@@ -441,15 +294,3 @@ def _group_default(group: str):
 
 def names_of(cls) -> set[str]:
     return {f.name for f in fields(cls)}
-
-
-def _resume_mode(value) -> Optional[bool]:
-    """``resume``: True, False or None (auto), from a bool, None or their spellings."""
-    if value is None or isinstance(value, bool):
-        return value
-    spelled = bool_of(str(value))
-    if spelled is not None:
-        return spelled
-    if str(value).lower() == "auto":
-        return None
-    raise ValueError(f"resume: expected true, false or auto, got {value!r}")

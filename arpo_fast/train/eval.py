@@ -92,7 +92,7 @@ def evaluate(
 
 
 def evaluate_run(run, step: int, reporter, score, split: str = "eval") -> None:
-    """A held-out (``eval``) or the final ``test`` evaluation of a training run (``loop.Run``) to its
+    """A held-out (``eval``) or the final ``test`` evaluation of a training run (``run_state.Run``) to its
     ``reporter`` (``report.Reporter``, or None on ranks but the first); under torchrun each rank
     takes its share of the examples and rank 0 reports the whole."""
     from arpo_fast.train import metrics

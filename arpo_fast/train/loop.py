@@ -5,6 +5,8 @@ trajectories on the paged-KV engine (``rollout/tree.py``); score every trajector
 (``rollout/rewards.py``); turn rewards into GRPO advantages within each prompt's group and attribute
 them to tokens, soft or hard (``algo/advantages.py``); apply the clipped policy-gradient update,
 token-mean over the model-written tokens (``update.py``, ``algo/loss.py``); log; save a checkpoint.
+The run's state (model, engine, tools, optimizer) is a :class:`Run`, built once by ``setup``
+(``run_state.py``).
 Dropout stays off (the model is in eval mode), so the rollout and the update see the same policy.
 
 One process (``python -m arpo_fast.train``): the engine runs on the trained model's own weights,
@@ -20,7 +22,6 @@ evaluations (``eval.py``) and the run's plot and summary (``report.py``) show it
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -28,47 +29,39 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from arpo_fast.algo import group_advantages, tree_advantages
-from arpo_fast.engine import Engine, SamplingParams
-from arpo_fast.rollout import Protocol, RewardConfig, compute_reward
+from arpo_fast.engine import SamplingParams
+from arpo_fast.rollout import RewardConfig, compute_reward
 from arpo_fast.rollout.rewards import response_text
 from arpo_fast.rollout.rollout_tree import RolloutTree
-from arpo_fast.rollout.tools.executor import ToolExecutor
 from arpo_fast.rollout.tree import arpo_rollout
 from arpo_fast.seeds import child_seed
 from arpo_fast.train import (
-    build,
     distributed,
     interrupts,
     lora_run,
     metrics,
     plan_cli,
     report,
-    residency,
     run_dir,
+    sharded_policy,
 )
-from arpo_fast.train.checkpoint import (
-    CheckpointError,
-    find_checkpoint,
-    load_optimizer_state,
-    load_sharded_state,
-)
-from arpo_fast.train.checkpoint_save import Checkpointer
+from arpo_fast.train.checkpoint import CheckpointError, find_checkpoint
 from arpo_fast.train.cli import parse_config
 from arpo_fast.train.config import TrainConfig
-from arpo_fast.train.data import prepare, step_batch, test_examples
+from arpo_fast.train.data import step_batch
 from arpo_fast.train.distributed import AgreedError, describe_error
-from arpo_fast.train.distributed import agreed as _agreed
 from arpo_fast.train.eval import evaluate_run
 from arpo_fast.train.optim import MasterWeights
+from arpo_fast.train.run_state import Run, checkpointer, setup
 from arpo_fast.train.update import UpdateData, numbered_mini_batches, update
+
+__all__ = ["Run", "fit", "main", "score", "setup", "train", "train_step"]
 
 log = logging.getLogger("arpo_fast.train")
 
@@ -85,142 +78,6 @@ def score(trajectories, examples, tokenizer, rewards: RewardConfig) -> list:
         )
         for t in trajectories
     ]
-
-
-@dataclass
-class Run:
-    """Everything a training step uses, built once by :func:`setup`."""
-
-    cfg: TrainConfig
-    model: torch.nn.Module
-    """The weights the engine runs on (and the checkpoint saves)."""
-    tokenizer: PreTrainedTokenizerBase
-    optimizer: Union[MasterWeights, distributed.ShardedPolicy]
-    """The fp32 masters and AdamW: ``MasterWeights`` in one process, sharded under torchrun."""
-    scorer: torch.nn.Module
-    """What the update runs: the model itself, or its FSDP2-sharded copy."""
-    engine: Engine
-    protocol: Protocol
-    executor: Optional[ToolExecutor]
-    examples: list
-    rewards: RewardConfig
-    start: int
-    dist: Optional[distributed.Dist] = None
-    reference: Optional[torch.nn.Module] = None
-    """The frozen starting policy, held only for ``--kl-coef`` > 0."""
-    eval_examples: list = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
-    summary: Optional[dict] = None
-    """What ``summary.json`` holds, once ``fit`` has written it (rank 0)."""
-    resumed_from: Optional[Path] = None
-    """The checkpoint the run continues from (None: a fresh start)."""
-    test_examples: list = field(default_factory=list)
-    """Evaluated once, after the last step (``--test-data``)."""
-    residency: Optional[residency.Residency] = None
-    """Moves the KV pool, the optimizer state and the rollout copy between the step's phases."""
-
-    @property
-    def main(self) -> bool:
-        """Whether this process prints, writes metrics and writes checkpoints."""
-        return self.dist is None or self.dist.main
-
-
-def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
-    """Check the settings, load (or resume) the model, and build the engine, tools and optimizer.
-    ``model`` and ``tokenizer``: train these instead of loading ``cfg.model`` (not with resume).
-    Under torchrun every rank calls this; a setting that fails on any rank fails on all of them,
-    with its message, before anything is written."""
-    if (model is None) != (tokenizer is None):
-        raise ValueError("setup: pass both model and tokenizer, or neither")
-    if model is not None and cfg.resume is not False:
-        raise ValueError("setup: resume loads the checkpoint's model; do not pass one")
-    started = time.perf_counter()
-    d = distributed.init(cfg.device, distributed.Timeouts.of(cfg), cfg.async_save, cfg.hsdp_replicas)
-    if d is not None:  # rank 0's --out for all: the default one is stamped with each rank's clock
-        cfg.out = d.broadcast(cfg.out, group=d.setup_group)
-    build.set_threads(cfg, verbose=d is None or d.main)
-    with _agreed(d):  # names and JSON settings fail here, before anything reads --out
-        rewards = build.reward_config(cfg)
-        settings = build.tool_settings(cfg)
-        report.check(cfg)
-    if d is not None:
-        with _agreed(d):  # before anything reads --out: every rank must see the same folder
-            run_dir.check_shared(Path(cfg.out), d)
-    with _agreed(d):  # the folder, the model's source and the data, before any weights load
-        checkpoint, state = run_dir.check_out(cfg, d is not None)
-        lora_run.check(cfg, d is not None, checkpoint)
-        build.check_model_source(cfg, resuming=checkpoint is not None)
-        device, dtype = build.resolve_device(cfg)
-        device = d.device if d else device
-        update_plan = cfg.update.describe(device)  # e.g. flash_attention_2 without flash-attn fails here
-        if model is None:
-            tokenizer, context = build.load_tokenizer(cfg, checkpoint)  # config.json and tokenizer only
-        else:
-            context = getattr(model.config, "max_position_embeddings", None)
-        examples, eval_examples = prepare(cfg, tokenizer, context)
-        tests = test_examples(cfg, tokenizer, context)
-    with _agreed(d):
-        torch.manual_seed(cfg.seed)
-        if model is None:  # a checkpoint's weights are each read and checked before anything is written
-            model = build.load_model(cfg, checkpoint, device, dtype, tokenizer, verbose=d is None or d.main)
-        lora_run.attach(model, cfg, checkpoint)  # before the optimizer and the engine: both use them
-        starting = None
-        if cfg.update.kl_coef and not cfg.lora_rank:  # the starting policy: a resume loads it again
-            starting = (
-                model
-                if checkpoint is None
-                else build.load_model(cfg, None, device, dtype, tokenizer, verbose=False)
-            )
-    reference = lora_run.reference(model, cfg)  # LoRA's: the adapters switched off
-    if starting is not None:
-        reference = distributed.shard(starting, d, dtype) if d else copy.deepcopy(starting)
-        reference.requires_grad_(False)
-    optimizer, scorer = _optimizer(cfg, model, d, checkpoint, state)
-    if d is None or d.main:  # everything of a resumed run is loaded: now the folder may change
-        run_dir.prepare_out(cfg, state)
-    start = 0 if state is None else state["step"]
-    if state is not None:
-        log.info("resumed from %s after step %d", checkpoint, start)
-    log.info("update: %s", update_plan)
-    engine, memory = residency.build_engine(cfg, model, tokenizer, optimizer, d.world if d else 1, device)
-    executor = build.tool_executor(cfg, settings)
-    protocol = build.protocol_for(cfg, tokenizer, executor, engine.eos_token_ids)
-    return Run(
-        cfg,
-        model,
-        tokenizer,
-        optimizer,
-        scorer,
-        engine,
-        protocol,
-        executor,
-        examples,
-        rewards,
-        start,
-        d,
-        reference,
-        eval_examples,
-        started,
-        resumed_from=checkpoint,
-        test_examples=tests,
-        residency=memory,
-    )
-
-
-def _optimizer(cfg: TrainConfig, model, d, checkpoint: Optional[Path], state: Optional[dict]):
-    """(optimizer, scorer): fp32 masters around the model itself (one process) or its FSDP2-sharded
-    copy; a resumed run's state loaded and checked into it."""
-    if d is None:
-        optimizer = MasterWeights(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if state is not None:
-            load_optimizer_state(checkpoint, optimizer, state)
-        return optimizer, lora_run.scorer(model, cfg)
-    lora = lora_run.settings(cfg)
-    optimizer = distributed.ShardedPolicy(model, d, lr=cfg.lr, weight_decay=cfg.weight_decay, lora=lora)
-    if state is not None:
-        with _agreed(d):
-            load_sharded_state(checkpoint, optimizer, group=d.setup_group)
-    return optimizer, optimizer.scorer
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -242,7 +99,7 @@ def train_step(run: Run, step: int) -> dict:
     data = _update_data(run, rollout, advantages, mine)
     run.residency.update()
     lora_run.seed_dropout(run.scorer, cfg, step, d.rank if d else 0)  # masks a resume draws again
-    update_metrics = update(run.scorer, run.optimizer, data, cfg.update, reference=run.reference, dist=d)
+    update_metrics = update(run.scorer, run.optimizer, data, cfg.update, kl_model=run.kl_model, dist=d)
     t3 = time.perf_counter()
     device = next(run.scorer.parameters()).device
     extra = {"attn_implementation": cfg.update.resolved(device)[0], "lr": _learning_rate(run.optimizer)}
@@ -288,7 +145,7 @@ def _update_data(run: Run, rollout: RolloutTree, advantages: list, mine: list[in
     )
 
 
-def _learning_rate(optimizer: Union[MasterWeights, distributed.ShardedPolicy]) -> float:
+def _learning_rate(optimizer: Union[MasterWeights, sharded_policy.ShardedPolicy]) -> float:
     inner = optimizer.inner if isinstance(optimizer, MasterWeights) else optimizer.optimizer
     return inner.param_groups[0]["lr"]
 
@@ -296,19 +153,6 @@ def _learning_rate(optimizer: Union[MasterWeights, distributed.ShardedPolicy]) -
 def train(cfg: TrainConfig, model=None, tokenizer=None) -> list[dict]:
     """Set up (see :func:`setup`) and run the training loop; returns each step's metrics."""
     return fit(setup(cfg, model, tokenizer))
-
-
-def _checkpointer(run: Run) -> Checkpointer:
-    cfg = run.cfg
-    saved = run.start if run.resumed_from is not None else None
-    return Checkpointer(
-        cfg.out,
-        run.dist,
-        keep=cfg.keep_checkpoints,
-        async_save=cfg.async_save,
-        saved_step=saved,
-        lora=lora_run.files(cfg),
-    )
 
 
 def _train_step_or_stop(run: Run, step: int) -> Optional[dict]:
@@ -332,7 +176,7 @@ def fit(run: Run) -> list[dict]:
     cfg = run.cfg
     history = []
     reporter = report.Reporter(cfg, run.start, metrics.line, run.started) if run.main else None
-    saver = _checkpointer(run)
+    saver = checkpointer(run)
     stopped = None
     interrupts.begin_training()
     try:

@@ -5,13 +5,13 @@
   only, and the engine, built after, applies them in the rollout.
 - The update: :class:`AdapterPolicy` is the policy (the adapters' dropout acts in its forwards
   that build gradients, never in the rollout or the recomputed old log-probs), and
-  :class:`BaseReference` is the KL reference, the same model with its adapters switched off.
+  :class:`BaseKLModel` is the KL model, the same model with its adapters switched off.
 - Checkpoints (:func:`write`): ``adapter/`` holds the adapter in PEFT's format and the tokenizer;
   ``base/`` the demo's base (it exists nowhere else: it was built and warm-started in the run),
   while a run on ``--model DIR`` loads its base from there again; ``merged/`` (``--save-merged``)
   the base with the adapter merged in, a plain model. The trainer state is as in a full run.
 
-Under torchrun (``distributed.ShardedPolicy`` with ``lora``) FSDP2 shards the frozen base and the
+Under torchrun (``sharded_policy.ShardedPolicy`` with ``lora``) FSDP2 shards the frozen base and the
 adapters, AdamW steps the adapter shards, and each rank's rollout copy gets the gathered adapters
 once a step; its base never changes and stays whole on every rank, so the KL reference runs on it
 with no communication. Rank 0 writes ``adapter/`` (from its rollout copy), DCP the adapters' fp32
@@ -137,8 +137,8 @@ def seed_dropout(scorer: torch.nn.Module, cfg: TrainConfig, step: int, rank: int
         scorer.seed_dropout(child_seed(child_seed(child_seed(cfg.seed, step), DROPOUT_STREAM), rank))
 
 
-class BaseReference(LogprobModel):
-    """The KL reference of a LoRA run: the policy's own model with its adapters off (the frozen
+class BaseKLModel(LogprobModel):
+    """The KL model of a LoRA run: the policy's own model with its adapters off (the frozen
     base, the policy the run started from), no second copy of the weights."""
 
     def forward(self, batch, temperature: float, attention: str = "sdpa", context=None):
@@ -153,9 +153,9 @@ def scorer(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     return AdapterPolicy(model) if cfg.lora_rank else model
 
 
-def reference(model: torch.nn.Module, cfg: TrainConfig) -> Optional[BaseReference]:
-    """The KL reference of a LoRA run with ``--kl-coef`` (None otherwise)."""
-    return BaseReference(model) if cfg.lora_rank and cfg.update.kl_coef else None
+def kl_model(model: torch.nn.Module, cfg: TrainConfig) -> Optional[BaseKLModel]:
+    """The KL model of a LoRA run with ``--kl-coef`` (None otherwise)."""
+    return BaseKLModel(model) if cfg.lora_rank and cfg.update.kl_coef else None
 
 
 def files(cfg: TrainConfig) -> Optional[dict]:

@@ -165,7 +165,8 @@ class PlanSettings:
     lora_dropout: bool = False
     """``--lora-dropout`` > 0: the update's forwards keep each adapter's dropout mask."""
     offload_optimizer: bool = False
-    kl_reference: bool = False
+    kl_penalty: bool = False
+    """``--kl-coef`` > 0: the update also runs the KL reference policy."""
     context_gib: float = 0.75
     """The CUDA context and libraries (cuBLAS workspaces): not in torch's allocator."""
     headroom: float = 0.05
@@ -230,7 +231,7 @@ def plan_memory(shape: ModelShape, s: PlanSettings) -> MemoryPlan:
         "AdamW state, fp32", 0 if s.offload_optimizer else 8 * shard, 8 * shard, "8 B x trained / shards"
     )
     plan.add("gradients, fp32", 0, 4 * shard, "4 B x trained / shards; freed after the step")
-    if s.kl_reference:
+    if s.kl_penalty:
         ref = 0 if lora else 2 * p / n
         what, how = (
             ("KL reference", "the base, adapters off: no copy")

@@ -25,10 +25,10 @@ import torch
 
 from arpo_fast.engine import Engine
 from arpo_fast.train.config import TrainConfig
-from arpo_fast.train.distributed import ShardedPolicy
 from arpo_fast.train.memory import PlanSettings
 from arpo_fast.train.optim import MasterWeights
 from arpo_fast.train.plan_cli import plan_settings
+from arpo_fast.train.sharded_policy import ShardedPolicy
 
 Optimizer = Union[MasterWeights, ShardedPolicy]
 
@@ -136,8 +136,8 @@ class Residency:
         self.moved = StorageOffload()
 
     def _copy_back(self) -> None:
-        if self.sharded and self.optimizer.rollout_copy_released:
-            self.optimizer.refresh()  # gathered from the shards, into storage allocated again
+        if self.sharded:  # gathered from the shards, into storage allocated again if it was freed
+            self.optimizer.catch_up_rollout_copy()
 
     def offload_optimizer(self) -> None:
         if self.offload:

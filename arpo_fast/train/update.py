@@ -188,13 +188,14 @@ class _Totals:
 
 
 def update(
-    model, optimizer, data: UpdateData, cfg: UpdateConfig, *, reference=None, dist=None
+    model, optimizer, data: UpdateData, cfg: UpdateConfig, *, kl_model=None, dist=None
 ) -> dict[str, float]:
     """Clipped policy-gradient updates over ``data``: one step of ``optimizer``
     (``optim.MasterWeights``, or the sharded policy of a distributed run) per mini-batch.
 
     ``model``: the policy, or a ``batch.LogprobModel`` (sharded with FSDP2 in a distributed run).
-    ``reference``: the frozen starting policy (the same kinds), needed when ``cfg.kl_coef`` > 0.
+    ``kl_model``: the frozen policy the KL penalty is taken against (the same kinds), needed when
+    ``cfg.kl_coef`` > 0.
     ``dist``: this rank of a distributed run (``distributed.Dist``): each mini-batch's trajectories
     are first spread over every rank by tokens (``balance.py``, ``exchange.py``; give
     ``data.mini_batches`` numbered the same on every rank, and ``data.positions``), the token-mean's
@@ -209,12 +210,12 @@ def update(
     device = next(scorer.parameters()).device
     attention, checkpointing = cfg.resolved(device)
     check_model(scorer.policy, cfg.packed_update)
-    if cfg.kl_coef and reference is None:
-        raise ValueError("kl_coef > 0 needs the reference policy")
-    if reference is not None and not isinstance(reference, LogprobModel):
-        reference = LogprobModel(reference)
+    if cfg.kl_coef and kl_model is None:
+        raise ValueError("kl_coef > 0 needs the reference policy (kl_model)")
+    if kl_model is not None and not isinstance(kl_model, LogprobModel):
+        kl_model = LogprobModel(kl_model)
     if data.vocab_limit is not None:  # else each keeps its own (LogprobModel's default: None)
-        for m in (scorer, reference) if reference is not None else (scorer,):
+        for m in (scorer, kl_model) if kl_model is not None else (scorer,):
             m.vocab_limit = data.vocab_limit
     rows = cfg.packed_update or attention == "flash_attention_2"  # padding-free rows
     groups, spread = data.groups(cfg.mini_batch_prompts), {}
@@ -232,7 +233,7 @@ def update(
         )
     run = _Update(
         scorer=scorer,
-        reference=reference,
+        kl_model=kl_model,
         optimizer=optimizer,
         cfg=cfg,
         temperature=data.temperature,
@@ -240,7 +241,7 @@ def update(
         lockstep=lockstep,
     )
     with contextlib.ExitStack() as stack:
-        for m in (scorer, reference) if reference is not None else (scorer,):
+        for m in (scorer, kl_model) if kl_model is not None else (scorer,):
             stack.enter_context(attention_implementation(m.policy, attention, packed=cfg.packed_update))
         stack.enter_context(activation_checkpointing(scorer.policy, checkpointing))
         return run.all(plans, totals) | spread
@@ -281,7 +282,7 @@ class _Update:
     """One update's models and settings, and its passes over the mini-batches."""
 
     scorer: LogprobModel
-    reference: Optional[LogprobModel]
+    kl_model: Optional[LogprobModel]
     optimizer: object
     cfg: UpdateConfig
     temperature: float
@@ -323,11 +324,11 @@ class _Update:
         rank), then one optimizer step."""
         cfg = self.cfg
         cache = self.cache(self.scorer, True, plan, k)
-        ref_cache = self.cache(self.reference if cfg.kl_coef else None, False, plan, k)
+        kl_cache = self.cache(self.kl_model if cfg.kl_coef else None, False, plan, k)
         for batch in plan:
-            self.micro_batch(batch, total, old, (cache, ref_cache), done, first=k == 0)
+            self.micro_batch(batch, total, old, (cache, kl_cache), done, first=k == 0)
         cache.finish()  # the contexts run up front (distributed) go back
-        ref_cache.finish()
+        kl_cache.finish()
         done.forward += cache.tokens
         done.grad_norm = self.optimizer.clip_and_step(cfg.grad_clip)
         done.skipped += not math.isfinite(done.grad_norm)  # a NaN/inf gradient: the step was dropped
@@ -336,7 +337,7 @@ class _Update:
     def micro_batch(
         self, batch: Batch, total: int, old: dict, caches, done: _Totals, first: bool = True
     ) -> None:
-        cache, ref_cache = caches
+        cache, kl_cache = caches
         logprobs, entropy = self.scorer(batch, self.temperature, self.attention, cache.kv(batch))
         trainer_old = old.get(id(batch), logprobs.detach())  # the rollout policy's, by the trainer
         rollout = self.cfg.old_logprobs == "rollout"
@@ -344,8 +345,8 @@ class _Update:
         ref_lp = None
         if self.cfg.kl_coef:
             with torch.no_grad():
-                ref_lp = self.reference(batch, self.temperature, self.attention, ref_cache.kv(batch))[0]
-                ref_cache.done(batch)
+                ref_lp = self.kl_model(batch, self.temperature, self.attention, kl_cache.kv(batch))[0]
+                kl_cache.done(batch)
         if batch.dummy:  # gradients of zero, collectives as on the other ranks
             (logprobs.sum() * 0.0).backward()
             return
@@ -362,7 +363,7 @@ class _Update:
 
     def loss(self, batch: Batch, logprobs, old_lp, entropy, ref_lp, done: _Totals):
         """The micro-batch's token-mean loss and metrics (the importance weights' sum into
-        ``done``); with ``ref_lp`` (the reference policy's log-probs) the KL penalty too."""
+        ``done``); with ``ref_lp`` (the KL model's log-probs) the KL penalty too."""
         cfg = self.cfg
         weights = (
             is_weights(old_lp, batch.rollout_logprobs, cfg.rollout_is_cap) if cfg.rollout_is_cap else None

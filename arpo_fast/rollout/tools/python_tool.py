@@ -25,7 +25,7 @@ from arpo_fast.rollout.tools.base import ToolResult
 from arpo_fast.rollout.tools.cgroups import RunCgroup
 from arpo_fast.rollout.tools.fs import remove_tree
 from arpo_fast.rollout.tools.reap import Orphans
-from arpo_fast.rollout.tools.run import Run, bytes_fd, code_fd
+from arpo_fast.rollout.tools.run import ProgramRun, bytes_fd, code_fd
 from arpo_fast.rollout.tools.sandbox import Isolation, budget
 from arpo_fast.rollout.tools.uids import UidPoolExhausted, sweep_files, sweep_uid, tasks_of_uid
 
@@ -295,7 +295,7 @@ def execute(config: PythonToolConfig, iso: Isolation, code: str) -> ToolResult:
             held.group = iso.cgroups.create(config.memory_mb << 20, procs + SANDBOX_OVERHEAD_PROCESSES)
             cmd = held.group.wrap(cmd)
         passed = tuple(fd for name, fd in held.fds.items() if name != "info_read")
-        run = Run(config, cmd, _env(cwd), passed, process_mb, held.orphans, info_fd)
+        run = ProgramRun(config, cmd, _env(cwd), passed, process_mb, held.orphans, info_fd)
         rc = run.execute()
         return run.result(rc, over_memory=held.group is not None and held.group.oom_killed())
     finally:

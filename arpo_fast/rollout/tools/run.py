@@ -23,8 +23,9 @@ LINE_KEPT = 1024
 """Bytes kept of the start of each stderr line: an error line starts with what went wrong."""
 
 
-class Run:
-    """Start ``cmd``, collect its output within the caps and the deadline, build the result."""
+class ProgramRun:
+    """One execution of the python tool's program: start ``cmd``, collect its output within the caps
+    and the deadline, build the result."""
 
     def __init__(
         self,

@@ -171,8 +171,17 @@ def bwrap_command(
         cmd += ["--seccomp", str(seccomp_fd)]
     if info_fd is not None:
         cmd += ["--info-fd", str(info_fd)]
+    cmd += _mounts(python, extra_ro, tmp_bytes)
+    # the root and /dev are tmpfs without a size: nobody may write there
+    cmd += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", RUN_DIR]
+    return cmd
+
+
+def _mounts(python: str, extra_ro: tuple[str, ...], tmp_bytes: int) -> list[str]:
+    """bubblewrap's mounts: /proc, the capped /tmp, the minimal /dev, the top-level directories and
+    the read-only paths the interpreter needs, each with readable parents."""
     # /tmp first: an interpreter or venv that lives under /tmp is bound on top of it below
-    cmd += [
+    cmd = [
         "--proc",
         "/proc",
         "--perms",
@@ -209,8 +218,6 @@ def bwrap_command(
         if root not in made:
             cmd += ["--ro-bind", root, root]
             made.add(root)
-    # the root and /dev are tmpfs without a size: nobody may write there
-    cmd += ["--remount-ro", "/dev", "--remount-ro", "/", "--chdir", RUN_DIR]
     return cmd
 
 
