@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in flags:
         group = sections.get(flag.section) or parser
         # a true/false flag given alone means true (--plan-memory)
-        alone = {"nargs": "?", "const": True} if flag.kind is bool and not flag.auto else {}
+        alone: dict[str, Any] = {"nargs": "?", "const": True} if flag.kind is bool and not flag.auto else {}
         group.add_argument(
             flag.option,
             dest=flag.name,
@@ -149,6 +149,7 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     except (ValueError, CheckpointError) as exc:
         parser.error(_flag_message(str(exc), settings))
     if saved is not None and os.environ.get("RANK", "0") == "0":
+        assert cfg.out is not None, "resume reads the run folder --out"
         defaults = {f.name: f.default for f in all_flags()}
         print(resume_line(cfg.out, saved[1], saved[0], overrides, defaults), flush=True)
     return cfg

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Any, Optional
 
 from arpo_fast.rollout.config import ARPOConfig
 from arpo_fast.settings import setting
@@ -248,6 +248,7 @@ class TrainConfig:
     )
 
     def __post_init__(self):
+        self.auto_settings: frozenset[str] = frozenset()  # not a field: resolve_auto sets it
         check(self)  # config_checks.py: each bad value's error names its setting
         resolve_auto(self)  # config_auto.py: the job's values of the auto settings
 
@@ -256,13 +257,13 @@ class TrainConfig:
         """A config from flag-level names: the fields of ``rollout`` and ``update`` sit beside the
         others (``TrainConfig.from_flat(rollouts=4, clip_low=0.1, steps=2)``)."""
         groups: dict[str, dict] = {name: {} for name in GROUPS}
-        top = {}
+        top: dict[str, Any] = {}
         for key, value in settings.items():
             group = next((g for g, c in GROUPS.items() if key in names_of(c)), None)
             (groups[group] if group else top)[key] = value
         for group, sub in groups.items():
             if sub:  # onto the unresolved defaults: auto settings then resolve for this job
-                top[group] = dataclasses.replace(_group_default(group), **sub)
+                top[group] = dataclasses.replace(group_default(group), **sub)
         return cls(**top)
 
     def flat(self) -> dict:
@@ -287,9 +288,11 @@ GROUPS = {"rollout": ARPOConfig, "update": UpdateConfig}
 """The fields of TrainConfig that hold settings classes of their own, flattened into flags."""
 
 
-def _group_default(group: str):
+def group_default(group: str):
     """The settings class ``group`` of a TrainConfig before any auto setting resolves."""
-    return next(f for f in fields(TrainConfig) if f.name == group).default_factory()
+    factory = next(f for f in fields(TrainConfig) if f.name == group).default_factory
+    assert factory is not dataclasses.MISSING, f"TrainConfig.{group} has a default factory"
+    return factory()
 
 
 def names_of(cls) -> set[str]:

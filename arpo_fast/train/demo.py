@@ -103,7 +103,7 @@ def demo_splits(seed: int = 0) -> dict[str, list[tuple[int, int]]]:
     always uses seed 0, whatever the run's seed, so its held-out problems stay held out."""
     rng = random.Random(seed)
     seen: set[tuple[int, int]] = set()
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     while len(pairs) < sum(SIZES.values()):
         pair = (rng.randint(100, 999), rng.randint(100, 999))
         if pair not in seen:

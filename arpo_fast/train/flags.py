@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from arpo_fast.settings import bool_of, help_of
-from arpo_fast.train.config import GROUPS, TrainConfig
+from arpo_fast.train.config import GROUPS, TrainConfig, group_default
 from arpo_fast.train.update_config import IMPLEMENTATIONS, LOSS_AGG, OLD_LOGPROBS
 
 SECTIONS = {  # title: what the section is about
@@ -207,10 +207,10 @@ def _kind(hint: Any) -> tuple[type, bool]:
 def _defaults() -> dict[str, Any]:
     """Each flag's own default (not resolved for a job): ``TrainConfig``'s fields, and the fields of
     the ``rollout`` and ``update`` it builds by default."""
-    values = {}
+    values: dict[str, Any] = {}
     for f in dataclasses.fields(TrainConfig):
         if f.name in GROUPS:
-            values |= dataclasses.asdict(f.default_factory())
+            values |= dataclasses.asdict(group_default(f.name))
         else:
             values[f.name] = f.default
     return values

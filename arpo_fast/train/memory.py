@@ -31,8 +31,10 @@ Allocator fragmentation and the CUDA context are a fixed share (``headroom``) an
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 GIB = float(1 << 30)
 # Linear layers LoRA adapts by default: every projection of attention and the MLP.
@@ -57,7 +59,9 @@ class ModelShape:
     @classmethod
     def from_config(cls, config) -> ModelShape:
         """From a transformers config object or its ``config.json`` as a dict."""
-        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        get: Callable[..., Any] = (
+            config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        )
         kind = get("model_type", "")
         hidden, heads = get("hidden_size"), get("num_attention_heads")
         return cls(
@@ -190,7 +194,7 @@ class MemoryPlan:
         return s.gpu_gib * (1 - s.headroom) - s.context_gib
 
     def used(self, phase: int) -> float:
-        return sum(row[1 + phase] for row in self.rows)
+        return sum((row[1], row[2])[phase] for row in self.rows)
 
     @property
     def kv_pool_gib(self) -> float:
@@ -240,7 +244,7 @@ def plan_memory(shape: ModelShape, s: PlanSettings) -> MemoryPlan:
         )
         plan.add(what, ref, ref, how)
     if w > 1:
-        gathered = 2 * (2 * shape.layer_params) + 2 * shape.root_params
+        gathered: float = 2 * (2 * shape.layer_params) + 2 * shape.root_params
         gathered += 2 * 4 * trained / shape.layers if lora else 0
         plan.add("FSDP2 gathered parameters", 0, gathered, "bf16: two layers (prefetch) and the root")
         unsharded = 4 * trained / shape.layers if lora else 4 * (shape.layer_params + shape.root_params)

@@ -39,6 +39,7 @@ def plan_settings(cfg: TrainConfig, world: int | None = None) -> PlanSettings:
     """The plan's settings for this run on ``world`` GPUs (default: ``--gpus``, else WORLD_SIZE,
     else 1). Activation checkpointing is resolved as on CUDA: the plan is a GPU's."""
     world = world or cfg.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    assert cfg.prompts_per_step is not None, "resolve_auto gives --prompts-per-step its value"
     if world % cfg.hsdp_replicas:
         raise ValueError(f"--hsdp-replicas {cfg.hsdp_replicas} must divide the number of GPUs ({world})")
     return PlanSettings(

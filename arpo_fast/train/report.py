@@ -51,7 +51,8 @@ def read_rows(out: Path) -> list[dict]:
 
 def split_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """Metrics rows apart: (the training steps', the evaluations'), each in order."""
-    steps, evals = [], []
+    steps: list[dict] = []
+    evals: list[dict] = []
     for r in rows:
         (evals if "eval/accuracy" in r else steps).append(r)
     return steps, evals

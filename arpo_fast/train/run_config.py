@@ -131,6 +131,7 @@ def _ours(path: Path) -> bool:
 
 def save(cfg: TrainConfig) -> Path:
     """Write (or replace, whole) the run folder's config.yaml."""
+    assert cfg.out is not None, "resolve_auto gives --out its value"
     path = Path(cfg.out) / FILE
     check_writable(cfg.out)
     tmp = path.with_name(FILE + ".tmp")

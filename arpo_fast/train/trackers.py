@@ -13,6 +13,7 @@ import math
 import os
 import uuid
 from pathlib import Path
+from typing import Protocol
 
 HINTS = {
     "tensorboard": "pip install 'arpo_fast[tensorboard]'",
@@ -48,6 +49,14 @@ def _numbers(row: dict) -> dict[str, float]:
         for key, value in row.items()
         if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)
     }
+
+
+class Tracker(Protocol):
+    """What the report writes through: a metrics row at a time, then ``close``."""
+
+    def log(self, row: dict) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class TensorBoard:
@@ -87,10 +96,10 @@ class WandB:
         self.run.finish()
 
 
-def open_trackers(cfg, config_text: str, resumed: bool) -> list:
+def open_trackers(cfg, config_text: str, resumed: bool) -> list[Tracker]:
     """A tracker for each of ``cfg.report_targets``, writing into the run folder ``cfg.out``."""
     out = Path(cfg.out)
-    trackers = []
+    trackers: list[Tracker] = []
     for target in cfg.report_targets:
         if target == "tensorboard":
             trackers.append(TensorBoard(out, config_text))
