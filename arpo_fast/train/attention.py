@@ -26,6 +26,7 @@ update, flash_attention_2 (when flash-attn is installed, else sdpa) for the per-
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -54,9 +55,12 @@ def check_model(model, packed: bool) -> None:
 def attention_implementation(model, name: str, packed: bool):
     """The model's layers call attention function ``name`` (a resolved one) inside the block; for
     packed rows, ours in place of sdpa and flex_attention."""
-    function = None
+    function: Optional[Callable] = None
     if packed and name in ("sdpa", "flex_attention"):
-        own = {"sdpa": (PATH_SDPA, path_sdpa_attention), "flex_attention": (TREE_FLEX, tree_flex_attention)}
+        own: dict[str, tuple[str, Callable]] = {
+            "sdpa": (PATH_SDPA, path_sdpa_attention),
+            "flex_attention": (TREE_FLEX, tree_flex_attention),
+        }
         name, function = own[name]
     with attention_function(model, name, function):
         yield

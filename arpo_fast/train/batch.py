@@ -58,8 +58,6 @@ class Batch(Protocol):
         """Mean of per-predicted-token ``values`` over its model-written tokens, every copy counted."""
         ...
 
-    def to(self, device) -> Batch: ...
-
 
 class LogprobModel(torch.nn.Module):
     """The policy as the update uses it: ``forward(batch, temperature, attention, context)`` runs

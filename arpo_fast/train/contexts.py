@@ -93,6 +93,7 @@ class ContextCache:
         layers = sorted(run.keys)
         keys, values = [run.keys[i] for i in layers], [run.values[i] for i in layers]
         if trainable:  # leaves whose gradients add up over the groups, read back by the run's slots
+            assert run.slots is not None, "ContextRun(inject=True) has slots"
             keys = [k.detach().float().requires_grad_() for k in keys]
             values = [v.detach().float().requires_grad_() for v in values]
             for i, k, v in zip(layers, keys, values):

@@ -18,6 +18,7 @@ import dataclasses
 import pickle
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,7 +142,7 @@ def _exchange(payloads: list[list[_Prompt]], sends: list[bool], d) -> tuple[list
                 b"" if r == d.rank else pickle.dumps(p, pickle.HIGHEST_PROTOCOL)
                 for r, p in enumerate(payloads)
             ]
-        box = [None]
+        box: list[Any] = [None]
         tdist.scatter_object_list(box, blobs, src=src, group=d.rollout_group)
         if src == d.rank:
             parts.append(payloads[src])

@@ -14,8 +14,18 @@ gradients.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
+
+
+class StepsPolicy(Protocol):
+    """What the update steps once per mini-batch: :class:`MasterWeights` in one process,
+    ``sharded_policy.ShardedPolicy`` under torchrun."""
+
+    def clip_and_step(self, max_norm: float) -> float: ...
+
+    def zero_grad(self) -> None: ...
 
 
 class MasterWeights:

@@ -167,7 +167,8 @@ def split_tree(tree: Tree, budget: int, context: bool = True) -> list[_Piece]:
     for i in sorted(set(range(len(units))) - set(fits)):
         groups += _path_runs(tree, [p for _, p in tree.paths if p[1] in units[i]], budget, prompt)
     carried = PromptContext(_long(tree.prompt[:-1]), len(groups)) if shared else None
-    pieces, seen = [], set()
+    pieces: list[_Piece] = []
+    seen: set[int] = set()
     for nodes, size in groups:
         pieces.append(_Piece(tree, nodes, nodes - seen, size, carried))
         seen |= nodes
@@ -236,7 +237,7 @@ class _Row:
     """Accumulates one packed row: tokens as Python lists, predicted nodes as spans; converted to
     tensors once per row (``torch.tensor`` of a list is several times slower than numpy's)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.ids: list[int] = []
         self.pos: list[int] = []
         self.end: list[int] = []
@@ -323,6 +324,7 @@ def _lay_piece(row: _Row, piece: _Piece, advantages) -> None:
             row.ids.extend(tree.prompt[prompt_len - laid :])
             row.pos.extend(range(prompt_len - laid, prompt_len))
         else:
+            assert node.segment is not None, "only the prompt (node 0) has no segment"
             row.ids.extend(node.segment.token_ids)
             row.pos.extend(range(prompt_len + node.start, prompt_len + node.start + node.length))
         spans[u] = (a, len(row.ids))
@@ -364,6 +366,7 @@ def _predict(row: _Row, node: _Node, a: int, before: int, advantages) -> None:
     """The tokens of ``node`` (laid out from row index ``a``; ``before``: the row index of the token
     before its first one) as predictions, with their copies' advantages; ``_layout`` keeps the
     model-written ones."""
+    assert node.segment is not None, "the prompt (node 0) predicts none of its tokens"
     s, e = node.start, node.start + node.length
     row.nodes.append((a, e - s, before, node.first, s))
     row.mask.extend(node.segment.loss_mask)

@@ -90,7 +90,8 @@ def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Group indices so that each group's padded size (count x longest) stays within
     ``max_tokens`` (a longer sequence goes alone); similar lengths go together."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups, current = [], []
+    groups: list[list[int]] = []
+    current: list[int] = []
     for i in order:
         if current and (len(current) + 1) * lengths[current[0]] > max_tokens:
             groups.append(current)
@@ -108,7 +109,10 @@ def pack(
     width = max(len(s) for s in seqs)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     attn = torch.zeros((len(rows), width), dtype=torch.int64)
-    positions, targets, mask, rollout = [], [], [], []
+    positions: list[int] = []
+    targets: list[int] = []
+    mask: list[int] = []
+    rollout: list[float] = []
     for r, (i, seq) in enumerate(zip(rows, seqs)):
         t = trajectories[i]
         ids[r, : len(seq)] = torch.tensor(seq)

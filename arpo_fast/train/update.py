@@ -54,6 +54,7 @@ from arpo_fast.train.attention import attention_implementation, check_model
 from arpo_fast.train.batch import Batch, LogprobModel
 from arpo_fast.train.contexts import ContextCache, context_order
 from arpo_fast.train.exchange import redistribute
+from arpo_fast.train.optim import StepsPolicy
 from arpo_fast.train.packing import pack_trees
 from arpo_fast.train.padded import PaddedBatch, micro_batches, pack
 from arpo_fast.train.tree_batch import TreeBatch
@@ -78,7 +79,7 @@ class UpdateData:
     """Each of the record's prompts' place in the step (default: its index); a distributed update
     splits mini-batches in this order (``balance.py``)."""
 
-    def groups(self, prompts_per_batch: int) -> list[list[int]]:
+    def groups(self, prompts_per_batch: Optional[int]) -> list[list[int]]:
         if self.mini_batches is not None:
             return self.mini_batches
         if prompts_per_batch is None:  # UpdateConfig's auto: TrainConfig resolves it for a job
@@ -188,7 +189,7 @@ class _Totals:
 
 
 def update(
-    model, optimizer, data: UpdateData, cfg: UpdateConfig, *, kl_model=None, dist=None
+    model, optimizer: StepsPolicy, data: UpdateData, cfg: UpdateConfig, *, kl_model=None, dist=None
 ) -> dict[str, float]:
     """Clipped policy-gradient updates over ``data``: one step of ``optimizer``
     (``optim.MasterWeights``, or the sharded policy of a distributed run) per mini-batch.
@@ -221,6 +222,7 @@ def update(
     groups, spread = data.groups(cfg.mini_batch_prompts), {}
     if dist is not None and dist.world > 1:  # every mini-batch over every rank (balance.py)
         data, spread = redistribute(data, groups, cfg.packed_update, dist)
+        assert data.mini_batches is not None, "redistribute numbers the mini-batches it spreads"
         groups = data.mini_batches
     plans = [_plan(data, group, cfg, rows, device) for group in groups]
     mode = cfg.loss_agg or "token-mean"  # the loss's divisor Z (algo.aggregation), summed over ranks
@@ -283,7 +285,7 @@ class _Update:
 
     scorer: LogprobModel
     kl_model: Optional[LogprobModel]
-    optimizer: object
+    optimizer: StepsPolicy
     cfg: UpdateConfig
     temperature: float
     attention: str
@@ -307,7 +309,7 @@ class _Update:
     def old_logprobs(self, plans: list[list[Batch]], done: _Totals) -> dict[int, torch.Tensor]:
         """Later mini-batches see a moved policy: the rollout policy's log-probs of theirs, now
         (none with ``old_logprobs`` rollout: the sampler's stand in)."""
-        old = {}
+        old: dict[int, torch.Tensor] = {}
         if self.cfg.old_logprobs == "rollout":
             return old
         for k, plan in enumerate(plans[1:], 1):
@@ -344,6 +346,7 @@ class _Update:
         old_lp = _sampler_old(batch.rollout_logprobs, logprobs) if rollout else trainer_old
         ref_lp = None
         if self.cfg.kl_coef:
+            assert self.kl_model is not None, "update() checks that kl_coef > 0 comes with kl_model"
             with torch.no_grad():
                 ref_lp = self.kl_model(batch, self.temperature, self.attention, kl_cache.kv(batch))[0]
                 kl_cache.done(batch)
