@@ -37,7 +37,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -252,9 +252,11 @@ def load_model(path: Path, device, dtype, folder: str = "model"):
     path = Path(path)
     try:
         with no_progress_bars():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            # (model, info) with output_loading_info; transformers annotates the model alone
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
                 str(path / folder), dtype=dtype, output_loading_info=True
             )
+            model, info = loaded
     except Exception as exc:  # noqa: BLE001 - safetensors, torch and transformers raise their own types
         raise _unusable(path, "its model", exc) from None
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):

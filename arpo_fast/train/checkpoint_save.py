@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Optional
 
@@ -104,7 +105,7 @@ class Checkpointer:
         self.out, self.dist, self.keep = Path(out), dist, keep
         self.async_save = async_save and dist is not None
         self.saved_step: Optional[int] = saved_step
-        self._pending = None
+        self._pending: Optional[tuple[int, Future]] = None  # (step, DCP's save under way)
         self.lora: Optional[dict] = lora
         self.seconds, self.saves = 0.0, 0  # time spent in save() and wait(), and saves written
 
@@ -179,7 +180,11 @@ class Checkpointer:
         where = str(tmp / "trainer")
         if self.async_save:  # staged in memory here; written by DCP's thread on its own group
             group = self.dist.save_group
-            self._pending = (step, dcp.async_save(state, checkpoint_id=where, process_group=group))
+            saving = dcp.async_save(state, checkpoint_id=where, process_group=group)
+            # torch's default stager copies in this call, so what comes back is the write's future
+            # (an AsyncSaveResponse only with an asynchronous stager, which this does not ask for)
+            assert isinstance(saving, Future), f"dcp.async_save returned {type(saving).__name__}"
+            self._pending = (step, saving)
             return
         self._together(lambda: dcp.save(state, checkpoint_id=where, process_group=self.dist.setup_group))
         self._finish(step)

@@ -18,10 +18,14 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from arpo_fast.train.lora import ADAPTER, lora_layers
+from arpo_fast.train.lora import ADAPTER, LoraLayer, lora_layers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -124,7 +128,7 @@ def load_adapter(model: torch.nn.Module, directory) -> None:
             t.copy_(tensors[key])
 
 
-def merged_weight(layer: torch.nn.Module) -> torch.Tensor:
+def merged_weight(layer: LoraLayer) -> torch.Tensor:
     """W + scale * B A (and the merged bias, where B has one) of one LoRA layer, in fp32 then
     rounded once to W's dtype, on W's device: a new tensor, the layer unchanged."""
     base = layer.get_base_layer()
@@ -165,7 +169,7 @@ def _owner(key: str, layers: dict) -> tuple[str | None, str]:
     return None, key
 
 
-def save_merged(model: torch.nn.Module, directory, merge: bool = True) -> Path:
+def save_merged(model: PreTrainedModel, directory, merge: bool = True) -> Path:
     """Write ``model`` with its adapters merged as a plain ``transformers`` model (config, generation
     config and safetensors weights, in the base's dtype) into ``directory``; returns the folder.
     ``merge=False`` writes the base model (the adapters left out; :func:`save_base`). ``model``
@@ -182,7 +186,7 @@ def save_merged(model: torch.nn.Module, directory, merge: bool = True) -> Path:
     return path
 
 
-def save_base(model: torch.nn.Module, directory) -> Path:
+def save_base(model: PreTrainedModel, directory) -> Path:
     """Write the frozen base of ``model`` (its adapters left out) as a plain ``transformers`` model
     into ``directory``: what ``add_lora`` was given, for a base that exists nowhere else (the
     demo's, after its warm start)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -30,6 +30,9 @@ from arpo_fast.seeds import child_seed
 from arpo_fast.train.batch import LogprobModel
 from arpo_fast.train.config import TrainConfig
 from arpo_fast.train.demo import is_demo
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ADAPTER_DIR, BASE_DIR, MERGED_DIR = "adapter", "base", "merged"
 
@@ -165,7 +168,7 @@ def files(cfg: TrainConfig) -> Optional[dict]:
     return {"base": is_demo(cfg.model), "merged": cfg.save_merged}
 
 
-def write(folder: Path, model: torch.nn.Module, tokenizer, base: bool, merged: bool) -> None:
+def write(folder: Path, model: PreTrainedModel, tokenizer, base: bool, merged: bool) -> None:
     """The model part of a LoRA checkpoint in ``folder``: ``adapter/`` (PEFT's files and the
     tokenizer), ``base/`` with ``base``, ``merged/`` with ``merged`` (each a model and tokenizer
     that ``AutoModelForCausalLM``/``AutoTokenizer`` load)."""

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING, cast
 
 import torch
 
+from arpo_fast.train.batch import LogprobModel
 from arpo_fast.train.distributed import Dist
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
-def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype, lora=None) -> torch.nn.Module:
+
+def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype, lora=None) -> LogprobModel:
     """A copy of ``model`` wrapped for the update (``batch.LogprobModel``) and sharded with FSDP2:
     its trained parameters in ``dtype`` (fp32 masters for the trained policy, the model's own dtype
     for a frozen reference), computing in ``model``'s dtype, gradients reduced in fp32. Rank 0's
@@ -36,15 +41,16 @@ def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype, lora=None) -> tor
     policy, scorer = _meta_copy(model, lora)
     for param in policy.parameters():  # buffers (rotary frequencies) keep their own dtype
         param.data = param.data.to(dtype if param.requires_grad else compute)
-    cast = compute != dtype and lora is None
-    mp = MixedPrecisionPolicy(param_dtype=compute if cast else None, reduce_dtype=torch.float32)
+    cast_params = compute != dtype and lora is None
+    mp = MixedPrecisionPolicy(param_dtype=compute if cast_params else None, reduce_dtype=torch.float32)
     for layer in decoder_layers(policy):
         _sum_gradients(fully_shard(layer, mesh=d.mesh, mp_policy=mp))
     _sum_gradients(fully_shard(scorer, mesh=d.mesh, mp_policy=mp))
     scorer.to_empty(device=d.device)
     full = dict(model.named_parameters())
     with torch.no_grad():
-        for name, part in policy.named_parameters():  # src_data_rank=0: rank 0's values everywhere
+        for name, param in policy.named_parameters():  # src_data_rank=0: rank 0's values everywhere
+            part = cast("DTensor", param)  # fully_shard made each parameter a DTensor
             value = full[name].detach().to(part.dtype)
             part.copy_(distribute_tensor(value, part.device_mesh, part.placements))
         buffers = dict(model.named_buffers())
@@ -53,11 +59,9 @@ def shard(model: torch.nn.Module, d: Dist, dtype: torch.dtype, lora=None) -> tor
     return scorer
 
 
-def _meta_copy(model: torch.nn.Module, lora) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _meta_copy(model: torch.nn.Module, lora) -> tuple[torch.nn.Module, LogprobModel]:
     """(policy, scorer): ``model``'s architecture on the meta device (with ``lora``'s adapters), and
     the module the update calls (``lora_run.AdapterPolicy`` for LoRA, else ``LogprobModel``)."""
-    from arpo_fast.train.batch import LogprobModel
-
     with torch.device("meta"):
         policy = type(model)(model.config).train(model.training)
         if lora is None:
@@ -110,8 +114,8 @@ class ShardedPolicy:
         :meth:`sync_rollout`); returns the norm before clipping. A non-finite norm skips the step
         on every rank."""
         params = [p for p in self.scorer.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)  # a DTensor
         if not math.isfinite(norm):
             return norm
         self.optimizer.step()
@@ -148,8 +152,8 @@ class ShardedPolicy:
         for (_, target), nbytes in zip(self._pairs, self._copy_bytes):  # a released copy comes back
             if target.untyped_storage().nbytes() == 0:
                 target.untyped_storage().resize_(nbytes)
-        for shard, target in self._pairs if pairs is None else pairs:
-            whole = shard.detach().to(target.dtype).full_tensor()
+        for shard, target in self._pairs if pairs is None else pairs:  # each shard is a DTensor
+            whole = cast("DTensor", shard.detach().to(target.dtype)).full_tensor()
             target.copy_(whole)
             moved += whole.numel() * whole.element_size()
         if self.dist.device.type == "cuda":
