@@ -101,8 +101,7 @@ def evaluate_run(run, step: int, reporter, score, split: str = "eval") -> None:
     if not examples:
         return
     d = run.dist
-    if run.residency is not None:  # the KV pool and the rollout copy back in place
-        run.residency.rollout()
+    run.residency.rollout()  # the KV pool and the rollout copy back in place
     mine = d.mine(len(examples)) if d else list(range(len(examples)))
     row = evaluate(run, [examples[i] for i in mine], step, score, positions=mine, split=split)
     if d is not None:

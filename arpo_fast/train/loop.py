@@ -83,6 +83,7 @@ def score(trajectories, examples, tokenizer, rewards: RewardConfig) -> list:
 def train_step(run: Run, step: int) -> dict:
     """One step (0-based): rollout -> reward -> advantage -> update; returns its metrics."""
     cfg, d = run.cfg, run.dist
+    assert cfg.prompts_per_step is not None, "resolve_auto gives --prompts-per-step its value"
     order = step_batch(len(run.examples), cfg.prompts_per_step, step, cfg.seed)
     mine = d.mine(len(order)) if d else list(range(len(order)))  # positions in the step's prompts
     batch = [run.examples[order[j]] for j in mine]
@@ -104,6 +105,7 @@ def train_step(run: Run, step: int) -> dict:
     device = next(run.scorer.parameters()).device
     extra = {"attn_implementation": cfg.update.resolved(device)[0], "lr": _learning_rate(run.optimizer)}
     if d is not None:  # the rollout copy catches up once, after the step's last optimizer step
+        assert isinstance(run.optimizer, sharded_policy.ShardedPolicy), "torchrun: setup shards the policy"
         extra |= run.optimizer.sync_rollout()
     times = {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2}
     return metrics.step_row(step + 1, metrics.rollout_sums(rollout, rewards), update_metrics, times, d, extra)
@@ -136,9 +138,10 @@ def _update_data(run: Run, rollout: RolloutTree, advantages: list, mine: list[in
     same on every rank."""
     cfg = run.cfg
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    per = cfg.update.mini_batch_prompts
+    per, prompts = cfg.update.mini_batch_prompts, cfg.prompts_per_step
+    assert per is not None and prompts is not None, "resolve_auto gives both their values"
     groups = numbered_mini_batches(
-        [mine[t.prompt_index] // per for t in rollout.trajectories], math.ceil(cfg.prompts_per_step / per)
+        [mine[t.prompt_index] // per for t in rollout.trajectories], math.ceil(prompts / per)
     )
     return UpdateData(
         rollout, advantages, pad_id, cfg.temperature, groups, run.engine.vocab_limit, positions=mine
@@ -174,6 +177,7 @@ def fit(run: Run) -> list[dict]:
     ``save_every`` steps and after the last. Stopped by a signal (``interrupts.py``), it saves the
     last complete step and raises ``interrupts.Interrupted``."""
     cfg = run.cfg
+    assert cfg.out is not None, "resolve_auto gives --out its value"
     history = []
     reporter = report.Reporter(cfg, run.start, metrics.line, run.started) if run.main else None
     saver = checkpointer(run)
@@ -209,7 +213,9 @@ def fit(run: Run) -> list[dict]:
             saves = {"checkpoint_s": round(saver.seconds, 3), "checkpoints": saver.saves}
             run.summary = reporter.close(find_checkpoint(cfg.out), {"sandbox": sandboxes, **saves})
     if stopped is not None:
-        raise interrupts.Interrupted(interrupts.stopping(), step=stopped, checkpoint=find_checkpoint(cfg.out))
+        signum = interrupts.stopping()
+        assert signum is not None, "a step is abandoned only for a signal"
+        raise interrupts.Interrupted(signum, step=stopped, checkpoint=find_checkpoint(cfg.out))
     return history
 
 
@@ -222,6 +228,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     if rank == 0:
         print("config: " + json.dumps(dataclasses.asdict(cfg)), flush=True)
+    assert cfg.out is not None, "resolve_auto gives --out its value"
     out_is_new = rank == 0 and not os.path.lexists(cfg.out)
     run = None
     try:
@@ -250,6 +257,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     distributed.close(run.dist)
     if rank == 0:
         s = run.summary
+        assert s is not None, "fit writes the summary on rank 0"
         for line in report.closing_lines(s):
             print(line, flush=True)
         print(

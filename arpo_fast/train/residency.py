@@ -19,6 +19,7 @@ DTensors, the optimizer's state) as it is; only the bytes leave and come back.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Optional, Union
 
 import torch
@@ -46,7 +47,7 @@ class StorageOffload:
     """The storages of some tensors moved to CPU memory and back, in place: the tensors, and every
     view of the same storage, stay the objects they were; only their bytes leave the device."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._moved: list[tuple[torch.UntypedStorage, torch.device, torch.Tensor]] = []
 
     @property
@@ -58,10 +59,10 @@ class StorageOffload:
         return sum(cpu.numel() for _, _, cpu in self._moved)
 
     @torch.no_grad()
-    def offload(self, tensors) -> None:
+    def offload(self, tensors: Iterable[torch.Tensor]) -> None:
         """Copy each distinct storage of ``tensors`` into (pinned, on CUDA) CPU memory and free it
         on its device. Idempotent: storages already moved are skipped."""
-        seen = set()
+        seen: set[int] = set()
         for t in tensors:
             local = _local(t)
             storage = local.untyped_storage()
@@ -130,14 +131,18 @@ class Residency:
     """Moves the trainer's state between the phases of a step (see the module's docstring). Each
     call is idempotent, so a phase may be entered from any other."""
 
-    def __init__(self, optimizer: Optimizer, offload: bool, sharded: bool):
-        self.optimizer, self.offload, self.sharded = optimizer, offload, sharded
+    def __init__(self, optimizer: Optimizer, offload: bool):
+        self.optimizer, self.offload = optimizer, offload
         self.engine: Optional[Engine] = None
         self.moved = StorageOffload()
 
+    def _engine(self) -> Engine:
+        assert self.engine is not None, "build_engine gives the residency its engine before any phase"
+        return self.engine
+
     def _copy_back(self) -> None:
-        if self.sharded:  # gathered from the shards, into storage allocated again if it was freed
-            self.optimizer.catch_up_rollout_copy()
+        if isinstance(self.optimizer, ShardedPolicy):  # gathered from the shards, into storage
+            self.optimizer.catch_up_rollout_copy()  # allocated again if it was freed
 
     def offload_optimizer(self) -> None:
         if self.offload:
@@ -148,19 +153,20 @@ class Residency:
         self.moved.restore()  # the copy is gathered from the masters
         self._copy_back()
         self.offload_optimizer()
-        self.engine.reacquire()
+        self._engine().reacquire()
 
     def update(self) -> None:
         """Before the update, once the rollout's sequences are freed."""
-        self.engine.release()
-        if self.sharded:
+        self._engine().release()
+        if isinstance(self.optimizer, ShardedPolicy):
             self.optimizer.release_rollout_copy()
         self.moved.restore()
 
     def checkpoint(self) -> None:
         """Before a checkpoint is saved: the optimizer state and the model's weights."""
-        if not self.engine.live():  # an abandoned rollout may still hold sequences
-            self.engine.release()
+        engine = self._engine()
+        if not engine.live():  # an abandoned rollout may still hold sequences
+            engine.release()
         self.moved.restore()
         self._copy_back()
 
@@ -168,7 +174,7 @@ class Residency:
 def build_engine(cfg: TrainConfig, model, tokenizer, optimizer: Optimizer, world: int, device):
     """(engine, residency): the optimizer offloaded first when asked, then the engine with its KV
     pool sized from what is left."""
-    residency = Residency(optimizer, cfg.offload_optimizer, sharded=not isinstance(optimizer, MasterWeights))
+    residency = Residency(optimizer, cfg.offload_optimizer)
     residency.offload_optimizer()
     pending = 0 if cfg.offload_optimizer else pending_state_bytes(optimizer)
     settings = plan_settings(cfg, world)

@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -35,7 +35,7 @@ class Run:
     model: torch.nn.Module
     """The weights the engine runs on (and the checkpoint saves)."""
     tokenizer: PreTrainedTokenizerBase
-    optimizer: Union[MasterWeights, sharded_policy.ShardedPolicy]
+    optimizer: residency.Optimizer
     """The fp32 masters and AdamW: ``MasterWeights`` in one process, sharded under torchrun."""
     scorer: torch.nn.Module
     """What the update runs: the model itself, or its FSDP2-sharded copy."""
@@ -45,6 +45,8 @@ class Run:
     examples: list
     rewards: RewardConfig
     start: int
+    residency: residency.Residency
+    """Moves the KV pool, the optimizer state and the rollout copy between the step's phases."""
     dist: Optional[distributed.Dist] = None
     kl_model: Optional[torch.nn.Module] = None
     """The frozen starting policy the KL penalty is taken against, held only for ``--kl-coef`` > 0."""
@@ -56,8 +58,6 @@ class Run:
     """The checkpoint the run continues from (None: a fresh start)."""
     test_examples: list = field(default_factory=list)
     """Evaluated once, after the last step (``--test-data``)."""
-    residency: Optional[residency.Residency] = None
-    """Moves the KV pool, the optimizer state and the rollout copy between the step's phases."""
 
     @property
     def main(self) -> bool:
@@ -113,13 +113,13 @@ def setup(cfg: TrainConfig, model=None, tokenizer=None) -> Run:
         examples,
         rewards,
         start,
+        memory,
         d,
         kl_model,
         eval_examples,
         started,
         resumed_from=checkpoint,
         test_examples=tests,
-        residency=memory,
     )
 
 
@@ -133,6 +133,7 @@ def _check_names(cfg: TrainConfig, d) -> tuple:
         rewards = build.reward_config(cfg)
         settings = build.tool_settings(cfg)
         report.check(cfg)
+    assert cfg.out is not None, "resolve_auto gives --out its value"
     if d is not None:
         with _agreed(d):  # every rank must see the same folder
             run_dir.check_shared(Path(cfg.out), d)
@@ -154,27 +155,33 @@ def _models(cfg: TrainConfig, d, model, tokenizer, checkpoint: Optional[Path], d
                 if checkpoint is None
                 else build.load_model(cfg, None, device, dtype, tokenizer, verbose=False)
             )
-    kl_model = lora_run.kl_model(model, cfg)  # LoRA's: the adapters switched off
+    kl_model: Optional[torch.nn.Module] = lora_run.kl_model(model, cfg)  # LoRA's: the adapters off
     if starting is not None:
-        kl_model = sharded_policy.shard(starting, d, dtype) if d else copy.deepcopy(starting)
-        kl_model.requires_grad_(False)
+        frozen = sharded_policy.shard(starting, d, dtype) if d else copy.deepcopy(starting)
+        frozen.requires_grad_(False)
+        kl_model = frozen
     return model, kl_model
 
 
-def _optimizer(cfg: TrainConfig, model, d, checkpoint: Optional[Path], state: Optional[dict]):
+def _optimizer(
+    cfg: TrainConfig, model, d, checkpoint: Optional[Path], state: Optional[dict]
+) -> tuple[residency.Optimizer, torch.nn.Module]:
     """(optimizer, scorer): fp32 masters around the model itself (one process) or its FSDP2-sharded
     copy; a resumed run's state loaded and checked into it."""
+    assert cfg.lr is not None, "resolve_auto gives --lr its value"
     if d is None:
-        optimizer = MasterWeights(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        masters = MasterWeights(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if state is not None:
-            load_optimizer_state(checkpoint, optimizer, state)
-        return optimizer, lora_run.scorer(model, cfg)
+            assert checkpoint is not None, "a resumed run's state comes from its checkpoint"
+            load_optimizer_state(checkpoint, masters, state)
+        return masters, lora_run.scorer(model, cfg)
     lora = lora_run.settings(cfg)
-    optimizer = sharded_policy.ShardedPolicy(model, d, lr=cfg.lr, weight_decay=cfg.weight_decay, lora=lora)
+    policy = sharded_policy.ShardedPolicy(model, d, lr=cfg.lr, weight_decay=cfg.weight_decay, lora=lora)
     if state is not None:
+        assert checkpoint is not None, "a resumed run's state comes from its checkpoint"
         with _agreed(d):
-            load_sharded_state(checkpoint, optimizer, group=d.setup_group)
-    return optimizer, optimizer.scorer
+            load_sharded_state(checkpoint, policy, group=d.setup_group)
+    return policy, policy.scorer
 
 
 def checkpointer(run: Run) -> Checkpointer:
