@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from arpo_fast.engine.model import Batch
-from arpo_fast.kernels import sample
+from arpo_fast.kernels import SampleOutput, sample
 
 TRASH_BLOCK = 0
 
@@ -49,13 +49,13 @@ class DecodeGraphs:
         self.temp = torch.ones(M, dtype=torch.float32, device=dev)
         self.seed = torch.zeros(M, dtype=torch.int64, device=dev)
         self.pos = torch.zeros(M, dtype=torch.int64, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, SampleOutput, torch.Tensor]] = {}
         self.captured_at: tuple[int, ...] = ()
         self.captures = 0
         self.sizes = batch_sizes(max_batch)
         self.replays = 0
 
-    def _step(self, bs: int):
+    def _step(self, bs: int) -> tuple[SampleOutput, torch.Tensor]:
         batch = Batch(
             self.ids[:bs],
             self.positions[:bs],

@@ -328,7 +328,7 @@ def _vocab_limit(rows: int, tokenizer) -> int | None:
 
 
 def _eos_ids(model) -> frozenset:
-    ids = set()
+    ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
         eos = getattr(source, "eos_token_id", None)
         if eos is not None:

@@ -44,8 +44,14 @@ class PyKVForker:
             raise UnknownSequenceError(f"unknown sequence id {seq} (already freed)")
         return table
 
-    def _needs_cow(self, seq: int, n: int) -> bool:
+    def _live(self, seq: int) -> list[int]:
+        """The block table of ``seq``, already checked to be live by the caller."""
         table = self._tables[seq]
+        assert table is not None, f"sequence {seq} was checked live"
+        return table
+
+    def _needs_cow(self, seq: int, n: int) -> bool:
+        table = self._live(seq)
         return n > 0 and self._lengths[seq] % self.block_size != 0 and self._ref[table[-1]] > 1
 
     def _exhausted(self, needed: int, what: str) -> PoolExhaustedError:
@@ -69,7 +75,7 @@ class PyKVForker:
     def _grow(self, seq: int, n: int) -> None:
         if n == 0:
             return
-        table = self._tables[seq]
+        table = self._live(seq)
         if self._needs_cow(seq, n):
             src, dst = table[-1], self._allocate()
             self._ref[src] -= 1
@@ -164,7 +170,7 @@ class PyKVForker:
             raise ValueError(
                 f"prepare_step: seqs has {len(seqs)} entries but new_tokens has {len(new_tokens)}"
             )
-        needed, seen, cow = 0, set(), Counter()
+        needed, seen, cow = 0, set(), Counter[int]()
         for i, (seq, n) in enumerate(zip(seqs, new_tokens)):
             table = self._table(seq)
             if n < 0:
@@ -179,11 +185,11 @@ class PyKVForker:
         needed += sum(c - (c == self._ref[b]) for b, c in cow.items())
         if needed > len(self._free):
             raise self._exhausted(needed, f"a step of {len(seqs)} sequences and {sum(new_tokens)} new tokens")
-        slots = []
+        slots: list[int] = []
         for seq, n in zip(seqs, new_tokens):
             start = self._lengths[seq]
             self._grow(seq, n)
-            table = self._tables[seq]
+            table = self._live(seq)
             bs = self.block_size
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
         width = max([max(min_width, 0)] + [len(self._tables[s]) for s in seqs])
@@ -195,7 +201,7 @@ class PyKVForker:
         return StepMetadata(np.asarray(slots, dtype=np.int64), tables, lens, self.take_copies())
 
     def check_invariants(self) -> None:
-        counted = Counter()
+        counted = Counter[int]()
         for seq, table in enumerate(self._tables):
             if table is None:
                 continue

@@ -50,7 +50,7 @@ def generate(
     seqs, outs = [], [Completion() for _ in prompts]
     # stop strings are found incrementally, token by token, on the exact text of the new tokens
     token_bytes = TokenBytes(engine.tokenizer) if params.stop else None
-    stops = [StopStrings(token_bytes, params.stop) if params.stop else None for _ in prompts]
+    stops = [StopStrings(token_bytes, params.stop) if token_bytes is not None else None for _ in prompts]
     try:
         for p, seed in zip(prompts, seeds):
             seqs.append(engine.add(p, seed))
@@ -68,7 +68,9 @@ def generate(
 
 
 def _groups(lengths: list[int], budget: int) -> list[list[int]]:
-    groups, current, used = [], [], 0
+    groups: list[list[int]] = []
+    current: list[int] = []
+    used = 0
     for i, n in enumerate(lengths):
         if current and used + n > budget:
             groups.append(current)

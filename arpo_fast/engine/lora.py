@@ -22,7 +22,8 @@ its KL reference forward (``arpo_fast.train.lora.adapters_disabled``): the rollo
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import NamedTuple, Protocol, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -50,25 +51,46 @@ class LoraLinear:
         return (y + delta * self.scale).to(y.dtype)
 
 
+Projection = Callable[[torch.Tensor], torch.Tensor]
+"""A projection as the engine calls it: a plain ``nn.Linear`` or a :class:`LoraLinear`."""
+
+
 class LayerProjections(NamedTuple):
-    """One decoder layer's projections as the engine calls them: a plain ``nn.Linear`` or a
-    :class:`LoraLinear`."""
+    """One decoder layer's projections as the engine calls them."""
 
-    q: object
-    k: object
-    v: object
-    o: object
-    gate: object
-    up: object
-    down: object
+    q: Projection
+    k: Projection
+    v: Projection
+    o: Projection
+    gate: Projection
+    up: Projection
+    down: Projection
 
 
-def is_lora_layer(module: torch.nn.Module) -> bool:
+class LoraLayer(Protocol):
+    """What this project reads of a PEFT LoRA layer (``peft.tuners.lora.LoraLayer``), by adapter
+    name. Spelled out here: torch types every module attribute as ``Tensor | Module``."""
+
+    lora_A: Mapping[str, torch.nn.Linear]
+    lora_B: Mapping[str, torch.nn.Linear]
+    lora_dropout: Mapping[str, torch.nn.Module]
+    scaling: Mapping[str, float]
+    active_adapters: list[str]
+    disable_adapters: bool
+
+    def enable_adapters(self, enabled: bool) -> None: ...
+
+    def get_base_layer(self) -> torch.nn.Linear: ...
+
+    def train(self, mode: bool = True) -> torch.nn.Module: ...
+
+
+def is_lora_layer(module: torch.nn.Module) -> TypeGuard[LoraLayer]:
     """Whether ``module`` is a PEFT LoRA layer (it wraps a ``base_layer`` and holds ``lora_A``)."""
     return hasattr(module, "lora_A") and hasattr(module, "base_layer")
 
 
-def projection(module: torch.nn.Module, where: str):
+def projection(module: torch.nn.Module, where: str) -> Projection:
     """The callable the engine runs for the projection ``module`` (named ``where`` in messages):
     the module itself, or a :class:`LoraLinear` over a PEFT LoRA layer's live tensors."""
     if not is_lora_layer(module):

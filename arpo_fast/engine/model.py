@@ -15,6 +15,7 @@ only where they are needed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -55,25 +56,27 @@ class PagedModel:
     after the adapters are added: the projections are resolved here, once."""
 
     def __init__(self, hf_model: torch.nn.Module):
-        if hasattr(hf_model, "get_base_model"):  # a PeftModel: the transformers model inside it
-            hf_model = hf_model.get_base_model()
-        config = getattr(hf_model, "config", None)
-        model_type = getattr(config, "model_type", type(hf_model).__name__)
+        # transformers' modules are read by attribute name (torch types each as Tensor | Module)
+        model: Any = hf_model
+        if hasattr(model, "get_base_model"):  # a PeftModel: the transformers model inside it
+            model = model.get_base_model()
+        config: Any = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", type(model).__name__)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model type {model_type!r}: the engine supports "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} causal LMs from transformers"
             )
-        if not hasattr(hf_model, "lm_head") or not hasattr(hf_model, "model"):
+        if not hasattr(model, "lm_head") or not hasattr(model, "model"):
             raise ValueError(
-                f"expected a *ForCausalLM model with .model and .lm_head, got {type(hf_model).__name__}"
+                f"expected a *ForCausalLM model with .model and .lm_head, got {type(model).__name__}"
             )
-        self.hf = hf_model
-        self.inner = hf_model.model
-        self.layers = list(self.inner.layers)
+        self.hf: Any = model
+        self.inner: Any = model.model
+        self.layers: list[Any] = list(self.inner.layers)
         self._check_attention(config)
         self.projections = [layer_projections(layer, i) for i, layer in enumerate(self.layers)]
-        check_adapters_applied(hf_model, self.layers)
+        check_adapters_applied(model, self.layers)
         attn = self.layers[0].self_attn
         self.head_dim = int(
             getattr(attn, "head_dim", None)
@@ -84,9 +87,10 @@ class PagedModel:
         self.num_kv_heads = config.num_key_value_heads
         self.scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
         self.vocab_size = self.inner.embed_tokens.num_embeddings
-        self.rotary = getattr(self.inner, "rotary_emb", None) or getattr(attn, "rotary_emb", None)
-        if self.rotary is None:
+        rotary = getattr(self.inner, "rotary_emb", None) or getattr(attn, "rotary_emb", None)
+        if rotary is None:
             raise ValueError("the model has no rotary embedding module (model.model.rotary_emb)")
+        self.rotary: torch.nn.Module = rotary
         rope_type = str(getattr(self.rotary, "rope_type", "default"))
         if "dynamic" in rope_type or rope_type == "longrope":
             # Their frequencies depend on the longest position in the forward's batch, so a token's

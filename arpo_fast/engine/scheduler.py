@@ -20,6 +20,12 @@ from arpo_fast.errors import PoolExhaustedError
 T = TypeVar("T")
 
 
+def _kv(state: SeqState) -> int:
+    """The KV sequence of a state that holds one (reserved for its step, or a preemption victim)."""
+    assert state.kv is not None, "only sequences holding KV are stepped or preempted"
+    return state.kv
+
+
 class Scheduler:
     """Reserves KV slots for a step's sequences (``seqs``: every live sequence, by id, shared with
     the engine), preempting under the ``"preempt"`` policy, and commits or undoes the step."""
@@ -37,7 +43,7 @@ class Scheduler:
                 if s.kv is None:
                     s.kv = self.cache.new_sequence()
             try:
-                meta = self.cache.prepare_step([s.kv for s in running], [s.pending for s in running])
+                meta = self.cache.prepare_step([_kv(s) for s in running], [s.pending for s in running])
                 return running, meta
             except PoolExhaustedError:
                 if not preempt:
@@ -58,7 +64,7 @@ class Scheduler:
         return None
 
     def _preempt(self, state: SeqState) -> None:
-        self.cache.free(state.kv)
+        self.cache.free(_kv(state))
         state.kv, state.computed = None, 0
         self.stats["preemptions"] += 1
 
@@ -71,7 +77,7 @@ class Scheduler:
             result = compute()
         except BaseException:
             for s, computed in before:
-                self.cache.truncate(s.kv, computed)
+                self.cache.truncate(_kv(s), computed)
             raise
         for s in running:
             self.stats["prefill_tokens" if s.pending > 1 else "decode_tokens"] += s.pending

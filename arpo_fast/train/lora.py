@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
 
 import torch
 
-from arpo_fast.engine.lora import PROJECTIONS, is_lora_layer
+from arpo_fast.engine.lora import PROJECTIONS, LoraLayer, is_lora_layer
 
 DEFAULT_TARGETS = PROJECTIONS
 """Every linear layer of attention (q, k, v, o) and of the MLP (gate, up, down)."""
@@ -117,26 +116,9 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings, seed: int | None = 
     return model
 
 
-class LoraLayer(Protocol):
-    """What this package reads of a PEFT LoRA layer (``peft.tuners.lora.LoraLayer``), by adapter
-    name. Spelled out here: torch types every module attribute as ``Tensor | Module``."""
-
-    lora_A: Mapping[str, torch.nn.Linear]
-    lora_B: Mapping[str, torch.nn.Linear]
-    lora_dropout: Mapping[str, torch.nn.Module]
-    scaling: Mapping[str, float]
-    disable_adapters: bool
-
-    def enable_adapters(self, enabled: bool) -> None: ...
-
-    def get_base_layer(self) -> torch.nn.Linear: ...
-
-    def train(self, mode: bool = True) -> torch.nn.Module: ...
-
-
 def lora_layers(model: torch.nn.Module) -> list[tuple[str, LoraLayer]]:
     """The LoRA layers of ``model`` by qualified name (``model.layers.0.self_attn.q_proj``)."""
-    return [(name, cast(LoraLayer, m)) for name, m in model.named_modules() if is_lora_layer(m)]
+    return [(name, m) for name, m in model.named_modules() if is_lora_layer(m)]
 
 
 def adapter_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
