@@ -83,10 +83,10 @@ class PagedModel:
             or getattr(config, "head_dim", None)
             or config.hidden_size // config.num_attention_heads
         )
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads: int = config.num_attention_heads
+        self.num_kv_heads: int = config.num_key_value_heads
         self.scale = float(getattr(attn, "scaling", self.head_dim**-0.5))
-        self.vocab_size = self.inner.embed_tokens.num_embeddings
+        self.vocab_size: int = self.inner.embed_tokens.num_embeddings
         rotary = getattr(self.inner, "rotary_emb", None) or getattr(attn, "rotary_emb", None)
         if rotary is None:
             raise ValueError("the model has no rotary embedding module (model.model.rotary_emb)")
