@@ -247,7 +247,7 @@ class TrainConfig:
         "a plain model that AutoModelForCausalLM loads (the size of the base).",
     )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.auto_settings: frozenset[str] = frozenset()  # not a field: resolve_auto sets it
         check(self)  # config_checks.py: each bad value's error names its setting
         resolve_auto(self)  # config_auto.py: the job's values of the auto settings
