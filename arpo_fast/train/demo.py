@@ -87,7 +87,7 @@ def threads(load: float | None = None, cores: int | None = None) -> int:
     """Torch's intra-op threads for the demo model (``--cpu-threads auto``): the cores that other
     work leaves free (``cores`` less the 1-minute ``load`` average, read now by default), at least
     one. Its matrices (hidden 128) gain little from threads, and on a busy machine a thread that
-    waits for a core holds up every step: benchmarks/RESULTS.md, "Threads for the demo"."""
+    waits for a core holds up every step: benchmarks/RESULTS.md, "Training demo"."""
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if load is None:
