@@ -105,7 +105,9 @@ def test_setup_trains_the_adapters_only_and_the_kl_model_is_the_base(tmp_path):
     assert all(isinstance(p, LoraLinear) for layer in run.engine.model.projections for p in layer)
 
 
-def test_adapter_dropout_acts_in_gradient_forwards_only(tmp_path):
+def _dropout_run(tmp_path):
+    """(run, batch): a run with adapter dropout 0.5 and adapters moved off zero, and a batch whose
+    ``run`` gives the policy's logits on a fixed prompt."""
     run = setup(_cfg(tmp_path / "run", lora_dropout=0.5))
     with torch.no_grad():
         for _, p in adapter_parameters(run.model):
@@ -116,12 +118,17 @@ def test_adapter_dropout_acts_in_gradient_forwards_only(tmp_path):
         def run(self, policy, *args):
             return policy(ids).logits
 
+    return run, Logits()
+
+
+def test_adapter_dropout_acts_in_gradient_forwards_only(tmp_path):
+    run, batch = _dropout_run(tmp_path)
     with torch.no_grad():
-        plain = [run.scorer(Logits(), 1.0) for _ in range(2)]
-    dropped = [run.scorer(Logits(), 1.0).detach() for _ in range(2)]
+        plain = [run.scorer(batch, 1.0) for _ in range(2)]
+    dropped = [run.scorer(batch, 1.0).detach() for _ in range(2)]
     assert torch.equal(plain[0], plain[1]) and not torch.allclose(dropped[0], dropped[1])
     with torch.no_grad():
-        assert torch.equal(run.scorer(Logits(), 1.0), plain[0])  # the mode follows each call
+        assert torch.equal(run.scorer(batch, 1.0), plain[0])  # the mode follows each call
 
 
 def _adapter_and_optimizer(out):
@@ -170,19 +177,11 @@ def test_resume_with_dropout_draws_the_masks_of_an_uninterrupted_run(tmp_path, l
 
 
 def test_seeded_dropout_masks_follow_the_seed_and_leave_the_global_generator(tmp_path):
-    run = setup(_cfg(tmp_path / "run", lora_dropout=0.5))
-    with torch.no_grad():
-        for _, p in adapter_parameters(run.model):
-            p.add_(torch.randn_like(p))
-    ids = torch.tensor([[1, 5, 9, 17, 3, 41]])
-
-    class Logits:
-        def run(self, policy, *args):
-            return policy(ids).logits
+    run, batch = _dropout_run(tmp_path)
 
     def two_forwards(seed):
         run.scorer.seed_dropout(seed)
-        return [run.scorer(Logits(), 1.0).detach() for _ in range(2)]
+        return [run.scorer(batch, 1.0).detach() for _ in range(2)]
 
     state = torch.get_rng_state()
     first, again, other = two_forwards(11), two_forwards(11), two_forwards(12)
